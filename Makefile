@@ -1,0 +1,43 @@
+# vmd for Linux: build, test, install, demo.
+
+PREFIX ?= /usr/local
+DESTDIR ?=
+SBINDIR = $(DESTDIR)$(PREFIX)/sbin
+MANDIR = $(DESTDIR)$(PREFIX)/share/man
+CARGO ?= cargo
+
+.PHONY: all build test regress install demo bench setup clean
+
+all:
+	$(CARGO) build --release --workspace
+
+build:
+	$(CARGO) build --workspace
+
+# Install what the tests need (Debian packages, the _vmd user), then run
+# the unit tests and every regress suite.
+test: setup build
+	$(CARGO) test --workspace
+	$(MAKE) regress
+
+setup:
+	sh regress/setup
+
+regress: build
+	sh regress/run
+
+bench: all
+	sh regress/bench
+
+demo: all
+	./target/release/vmd -n -v -f examples/vm.conf
+
+install: all
+	install -d $(SBINDIR) $(MANDIR)/man5 $(MANDIR)/man8
+	install -m 0555 target/release/vmd target/release/vmctl $(SBINDIR)
+	install -m 0444 vm.conf.5 $(MANDIR)/man5
+	install -m 0444 vmctl.8 vmd/vmd.8 $(MANDIR)/man8
+	sh regress/setup --user-only
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,8 @@
+//! Code shared by vmd and vmctl: the vm.conf parser, size and name rules,
+//! disk formats and command-line option parsing.
+
+pub mod config;
+pub mod disk;
+pub mod getopt;
+pub mod name;
+pub mod size;
