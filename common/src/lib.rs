@@ -6,3 +6,4 @@ pub mod disk;
 pub mod getopt;
 pub mod name;
 pub mod size;
+pub mod status;
