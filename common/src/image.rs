@@ -23,7 +23,7 @@ pub const MAX_CHAIN_DEPTH: usize = 16;
 
 #[derive(Debug, Error)]
 pub enum ImageError {
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {}", path.display(), qcow2::io_message(source))]
     Io { path: PathBuf, source: io::Error },
     #[error("{}: {source}", path.display())]
     Qcow2 { path: PathBuf, source: qcow2::Error },

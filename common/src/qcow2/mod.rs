@@ -39,7 +39,7 @@ pub const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 
 #[derive(Debug, Error)]
 pub enum Error {
-    #[error("{0}")]
+    #[error("{}", io_message(.0))]
     Io(#[from] io::Error),
     #[error("not a qcow2 image (bad magic)")]
     BadMagic,
@@ -67,4 +67,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 fn corrupt<T>(what: impl Into<String>) -> Result<T> {
     Err(Error::Corrupt(what.into()))
+}
+
+/// An I/O error as strerror(3) words it, without Rust's "(os error N)".
+pub fn io_message(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) => nix::errno::Errno::from_raw(code).desc().to_string(),
+        None => e.to_string(),
+    }
 }
