@@ -122,7 +122,7 @@ pub fn open_file(path: &Path, writable: bool) -> io::Result<File> {
 
 enum Body {
     Raw(File),
-    Qcow2(Qcow2),
+    Qcow2(Box<Qcow2>),
 }
 
 /// An open image and, below it, its backing image.
@@ -172,7 +172,7 @@ impl Image {
                         source,
                     })?;
                     let size = q.size();
-                    (Body::Qcow2(q), size)
+                    (Body::Qcow2(Box::new(q)), size)
                 }
             };
             // A raw file never has a backing file; open_chain stops there.
@@ -215,12 +215,12 @@ impl Image {
                     cluster_bits,
                     backing,
                 };
-                Body::Qcow2(
-                    Qcow2::create(file, &options).map_err(|source| ImageError::Qcow2 {
+                Body::Qcow2(Box::new(Qcow2::create(file, &options).map_err(
+                    |source| ImageError::Qcow2 {
                         path: path.into(),
                         source,
-                    })?,
-                )
+                    },
+                )?))
             }
         };
         Ok(Image {

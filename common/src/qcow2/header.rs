@@ -316,7 +316,7 @@ pub(super) fn check_region(
     align: u64,
     file_len: u64,
 ) -> Result<()> {
-    if offset % align != 0 {
+    if !offset.is_multiple_of(align) {
         return corrupt(format!("{what} at unaligned offset {offset}"));
     }
     match offset.checked_add(len) {

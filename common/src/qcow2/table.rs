@@ -321,7 +321,7 @@ impl Qcow2 {
         if host == 0 {
             return Ok(Mapping::Unallocated);
         }
-        if host % self.cluster_size != 0 {
+        if !host.is_multiple_of(self.cluster_size) {
             return corrupt(format!("data cluster at unaligned offset {host}"));
         }
         if host >= self.file_len {
