@@ -4,6 +4,8 @@
 pub mod config;
 pub mod disk;
 pub mod getopt;
+pub mod image;
 pub mod name;
+pub mod qcow2;
 pub mod size;
 pub mod status;
