@@ -60,9 +60,18 @@ mod tests {
     fn formats_from_names_and_prefixes() {
         assert_eq!(DiskFormat::from_file_name("a.qcow2"), DiskFormat::Qcow2);
         assert_eq!(DiskFormat::from_file_name("a.img"), DiskFormat::Raw);
-        assert_eq!(DiskFormat::split_prefixed("qcow2:a.img"), (DiskFormat::Qcow2, "a.img"));
-        assert_eq!(DiskFormat::split_prefixed("raw:a.qcow2"), (DiskFormat::Raw, "a.qcow2"));
-        assert_eq!(DiskFormat::split_prefixed("b.qcow2"), (DiskFormat::Qcow2, "b.qcow2"));
+        assert_eq!(
+            DiskFormat::split_prefixed("qcow2:a.img"),
+            (DiskFormat::Qcow2, "a.img")
+        );
+        assert_eq!(
+            DiskFormat::split_prefixed("raw:a.qcow2"),
+            (DiskFormat::Raw, "a.qcow2")
+        );
+        assert_eq!(
+            DiskFormat::split_prefixed("b.qcow2"),
+            (DiskFormat::Qcow2, "b.qcow2")
+        );
         assert_eq!(DiskFormat::from_keyword("rotten"), None);
     }
 }

@@ -39,7 +39,13 @@ impl<'a> Getopt<'a> {
         shorts: &'static str,
         longs: &'static [(&'static str, bool)],
     ) -> Self {
-        Getopt { args, shorts, longs, index: 0, offset: 0 }
+        Getopt {
+            args,
+            shorts,
+            longs,
+            index: 0,
+            offset: 0,
+        }
     }
 
     /// The operands left after the options.
@@ -132,7 +138,17 @@ mod tests {
 
     #[test]
     fn clustered_and_separate_arguments() {
-        let a = args(&["-dv", "-fvm.conf", "-D", "x=1", "--initrd=/i", "--cmdline", "c", "op", "-n"]);
+        let a = args(&[
+            "-dv",
+            "-fvm.conf",
+            "-D",
+            "x=1",
+            "--initrd=/i",
+            "--cmdline",
+            "c",
+            "op",
+            "-n",
+        ]);
         let mut g = Getopt::new(&a, "dnvD:f:", &[("initrd", true), ("cmdline", true)]);
         let opts: Vec<_> = g.by_ref().collect::<Result<_, _>>().unwrap();
         assert_eq!(

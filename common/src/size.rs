@@ -15,11 +15,15 @@ pub enum SizeError {
 /// Parses `N[.F][unit]` with a unit of B, K, M, G, T, P or E in any case,
 /// each a power of 1024, as scan_scaled(3) does for non-negative numbers.
 pub fn parse(text: &str) -> Result<u64, SizeError> {
-    let digits_end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let digits_end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (whole, rest) = text.split_at(digits_end);
     let (fraction, rest) = match rest.strip_prefix('.') {
         Some(after) => {
-            let end = after.find(|c: char| !c.is_ascii_digit()).unwrap_or(after.len());
+            let end = after
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(after.len());
             after.split_at(end)
         }
         None => ("", rest),

@@ -49,8 +49,9 @@ pub struct VmInfo {
     pub owner_gid: Option<u32>,
 }
 
-pub const HEADER_FORMAT: [&str; 9] =
-    ["ID", "PID", "VCPUS", "MAXMEM", "CURMEM", "TTY", "OWNER", "STATE", "NAME"];
+pub const HEADER_FORMAT: [&str; 9] = [
+    "ID", "PID", "VCPUS", "MAXMEM", "CURMEM", "TTY", "OWNER", "STATE", "NAME",
+];
 
 fn row(out: &mut String, cols: [&str; 9]) {
     let [id, pid, vcpus, max, cur, tty, owner, state, name] = cols;
@@ -91,10 +92,29 @@ pub fn format_table(vms: &[VmInfo]) -> String {
         let max = size::format(vm.max_memory);
         let owner = owner_name(vm.owner_uid, vm.owner_gid);
         let active = vm.state.is_active();
-        let pid = vm.pid.filter(|_| active).map_or("-".to_string(), |p| p.to_string());
-        let cur = vm.cur_memory.filter(|_| active).map_or("-".to_string(), size::format);
+        let pid = vm
+            .pid
+            .filter(|_| active)
+            .map_or("-".to_string(), |p| p.to_string());
+        let cur = vm
+            .cur_memory
+            .filter(|_| active)
+            .map_or("-".to_string(), size::format);
         let tty = vm.tty.as_deref().filter(|_| active).map_or("-", tty_column);
-        row(&mut out, [&id, &pid, &vcpus, &max, &cur, tty, &owner, vm.state.as_str(), &vm.name]);
+        row(
+            &mut out,
+            [
+                &id,
+                &pid,
+                &vcpus,
+                &max,
+                &cur,
+                tty,
+                &owner,
+                vm.state.as_str(),
+                &vm.name,
+            ],
+        );
     }
     out
 }

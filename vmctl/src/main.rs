@@ -19,26 +19,82 @@ struct Command {
 }
 
 const COMMANDS: &[Command] = &[
-    Command { name: "console", usage: "id", run: not_built },
-    Command { name: "create", usage: create::USAGE, run: create::run },
-    Command { name: "load", usage: "filename", run: not_built },
-    Command { name: "log", usage: "[brief | verbose]", run: not_built },
-    Command { name: "pause", usage: "id", run: not_built },
-    Command { name: "receive", usage: "name", run: not_built },
-    Command { name: "reload", usage: "", run: not_built },
-    Command { name: "reset", usage: "[all | switches | vms]", run: not_built },
-    Command { name: "send", usage: "id", run: not_built },
-    Command { name: "show", usage: "[-r] [id]", run: not_built },
+    Command {
+        name: "console",
+        usage: "id",
+        run: not_built,
+    },
+    Command {
+        name: "create",
+        usage: create::USAGE,
+        run: create::run,
+    },
+    Command {
+        name: "load",
+        usage: "filename",
+        run: not_built,
+    },
+    Command {
+        name: "log",
+        usage: "[brief | verbose]",
+        run: not_built,
+    },
+    Command {
+        name: "pause",
+        usage: "id",
+        run: not_built,
+    },
+    Command {
+        name: "receive",
+        usage: "name",
+        run: not_built,
+    },
+    Command {
+        name: "reload",
+        usage: "",
+        run: not_built,
+    },
+    Command {
+        name: "reset",
+        usage: "[all | switches | vms]",
+        run: not_built,
+    },
+    Command {
+        name: "send",
+        usage: "id",
+        run: not_built,
+    },
+    Command {
+        name: "show",
+        usage: "[-r] [id]",
+        run: not_built,
+    },
     Command {
         name: "start",
         usage: "id | name [-cL] [-B device] [-b path] [-d disk] [-i count]\n\
                 \t\t[-m size] [-n switch] [-r path] [-t name]",
         run: not_built,
     },
-    Command { name: "status", usage: "[-r] [id]", run: not_built },
-    Command { name: "stop", usage: "[-fw] [id | -a]", run: not_built },
-    Command { name: "unpause", usage: "id", run: not_built },
-    Command { name: "wait", usage: "id", run: not_built },
+    Command {
+        name: "status",
+        usage: "[-r] [id]",
+        run: not_built,
+    },
+    Command {
+        name: "stop",
+        usage: "[-fw] [id | -a]",
+        run: not_built,
+    },
+    Command {
+        name: "unpause",
+        usage: "id",
+        run: not_built,
+    },
+    Command {
+        name: "wait",
+        usage: "id",
+        run: not_built,
+    },
 ];
 
 fn not_built(_: &Global, _: &[String]) -> ExitCode {
@@ -53,7 +109,10 @@ fn usage() -> ExitCode {
 
 /// Prints a command's own usage line and fails.
 pub fn command_usage(name: &str) -> ExitCode {
-    let usage = COMMANDS.iter().find(|c| c.name == name).map_or("", |c| c.usage);
+    let usage = COMMANDS
+        .iter()
+        .find(|c| c.name == name)
+        .map_or("", |c| c.usage);
     eprintln!("usage:\tvmctl [-v] {name} {usage}");
     ExitCode::FAILURE
 }
@@ -107,8 +166,14 @@ mod tests {
     fn prefix_matching() {
         assert_eq!(find_command("cr").map(|c| c.name), Ok("create"));
         assert_eq!(find_command("stop").map(|c| c.name), Ok("stop"));
-        assert_eq!(find_command("sta").err(), Some("ambiguous argument: sta".into()));
-        assert_eq!(find_command("re").err(), Some("ambiguous argument: re".into()));
+        assert_eq!(
+            find_command("sta").err(),
+            Some("ambiguous argument: sta".into())
+        );
+        assert_eq!(
+            find_command("re").err(),
+            Some("ambiguous argument: re".into())
+        );
         assert_eq!(find_command("x").err(), Some("unknown argument: x".into()));
     }
 }

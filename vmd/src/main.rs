@@ -54,7 +54,10 @@ fn parse_options(args: &[String]) -> Result<Options, String> {
 /// `vmd -n`: check the configuration file and report.
 fn check_config(opts: &Options) -> ExitCode {
     let required = opts.config.is_some();
-    let path = opts.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let path = opts
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     match config::load(&path, &opts.defines, required) {
         Ok(loaded) => {
             for line in &loaded.warnings {
