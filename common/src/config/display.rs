@@ -128,6 +128,7 @@ impl fmt::Display for Config {
         }
 
         for vm in &self.vms {
+            let vm = &self.resolved_vm(vm);
             match &vm.instance_of {
                 Some(parent) => {
                     writeln!(f, "\nvm {} instance {} {{", quote(parent), quote(&vm.name))?

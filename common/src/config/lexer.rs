@@ -181,6 +181,8 @@ pub struct Lexer {
     pub diags: Vec<String>,
     pub errors: usize,
     last_pos: Pos,
+    /// Where the token being read started.
+    token_pos: Pos,
 }
 
 fn is_alnum(c: u8) -> bool {
@@ -211,6 +213,7 @@ impl Lexer {
             diags: Vec::new(),
             errors: 0,
             last_pos: Pos { file: 0, line: 1 },
+            token_pos: Pos { file: 0, line: 1 },
         };
         for (name, value) in defines {
             lexer.define(name, value, true);
@@ -337,7 +340,7 @@ impl Lexer {
             return match self.igetc() {
                 Some(c) => Some(c),
                 None => {
-                    let pos = self.current_pos();
+                    let pos = self.token_pos;
                     self.error_at(pos, "reached end of file while parsing quoted string");
                     if self.pop_file() {
                         Some(q)
@@ -392,13 +395,14 @@ impl Lexer {
         }
     }
 
+    /// The end of input, placed on the last line of the file.
     fn eof(&mut self) -> Token {
         let pos = match self.stack.last() {
-            // The fake newline at the end already counted a line.
-            Some(src) => Pos {
-                file: src.file,
-                line: src.line.saturating_sub(1).max(1),
-            },
+            Some(src) => {
+                let newlines = src.data.iter().filter(|&&b| b == b'\n').count();
+                let partial = usize::from(src.data.last().is_some_and(|&b| b != b'\n'));
+                Pos { file: src.file, line: (newlines + partial).max(1) }
+            }
             None => self.last_pos,
         };
         Token { tok: Tok::Eof, pos }
@@ -417,6 +421,7 @@ impl Lexer {
                 c = self.lgetc(None);
             }
             let pos = self.current_pos();
+            self.token_pos = pos;
             if c == Some(b'#') {
                 while !matches!(c, Some(b'\n') | None) {
                     c = self.lgetc(None);

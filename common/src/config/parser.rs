@@ -208,7 +208,10 @@ impl Parser {
                 self.bump();
             }
             if self.pending_close > 0 {
+                // Recovery read this block's closing brace and the end of
+                // its line; give the line end back to whoever reads on.
                 self.pending_close -= 1;
+                self.ahead.push_front(Token { tok: Tok::Newline, pos: self.last });
                 return Ok(self.last);
             }
             match self.peek().tok {
@@ -571,7 +574,7 @@ impl Parser {
             } else if self.config.vm(parent).is_none() {
                 self.error(
                     *pos,
-                    &format!("vm \"{name}\" failed: parent vm \"{parent}\" is not defined before"),
+                    &format!("vm \"{name}\" failed: parent vm \"{parent}\" not defined"),
                 );
                 valid = false;
             }

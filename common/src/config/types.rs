@@ -58,6 +58,18 @@ impl Config {
     pub fn switch(&self, name: &str) -> Option<&SwitchConfig> {
         self.switches.iter().find(|sw| sw.name == name)
     }
+
+    /// A VM's effective settings: an instance's merged with its parent's
+    /// (itself resolved first); other VMs as configured.
+    pub fn resolved_vm(&self, vm: &VmConfig) -> VmConfig {
+        let parent = vm.instance_of.as_deref().and_then(|name| self.vm(name));
+        match parent {
+            // The parser only accepts a parent defined before its instance,
+            // so this recursion ends.
+            Some(parent) if parent.name != vm.name => vm.inherit_from(&self.resolved_vm(parent)),
+            _ => vm.clone(),
+        }
+    }
 }
 
 /// The global settings.
@@ -343,6 +355,43 @@ impl VmConfig {
         let mut all = self.interfaces.clone();
         all.resize(self.interface_total(), Interface::default());
         all
+    }
+
+    /// An instance's settings with what it leaves unset taken from its
+    /// parent, as vmd does for instances created by root: disks are never
+    /// inherited, interfaces beyond the instance's own come from the
+    /// parent, and instance permissions pass on only if the parent
+    /// allows instances of instances.
+    pub fn inherit_from(&self, parent: &VmConfig) -> VmConfig {
+        let mut vm = self.clone();
+        vm.boot = vm.boot.or_else(|| parent.boot.clone());
+        vm.boot_device = vm.boot_device.or(parent.boot_device);
+        vm.cdrom = vm.cdrom.or_else(|| parent.cdrom.clone());
+        vm.memory = vm.memory.or(parent.memory);
+        vm.interface_count = vm.interface_count.or(parent.interface_count);
+        if vm.interfaces.len() < parent.interfaces.len() {
+            vm.interfaces.extend_from_slice(&parent.interfaces[vm.interfaces.len()..]);
+        }
+        if vm.owner.uid == 0 && vm.owner.user.is_none() {
+            vm.owner.uid = parent.owner.uid;
+            vm.owner.user = parent.owner.user.clone();
+        }
+        if vm.owner.gid.is_none() {
+            vm.owner.gid = parent.owner.gid;
+            vm.owner.group = parent.owner.group.clone();
+        }
+        vm.allow_instance = if parent.allow_instance.instance {
+            parent.allow_instance.clone()
+        } else {
+            AllowInstance::default()
+        };
+        vm.initrd = vm.initrd.or_else(|| parent.initrd.clone());
+        vm.cmdline = vm.cmdline.or_else(|| parent.cmdline.clone());
+        vm.vcpus = vm.vcpus.or(parent.vcpus);
+        vm.backend = vm.backend.or(parent.backend);
+        vm.accel = vm.accel.or(parent.accel);
+        vm.shutdown_timeout = vm.shutdown_timeout.or(parent.shutdown_timeout);
+        vm
     }
 
     pub fn accel_or(&self, globals: &Globals) -> Accel {
