@@ -401,7 +401,10 @@ impl Lexer {
             Some(src) => {
                 let newlines = src.data.iter().filter(|&&b| b == b'\n').count();
                 let partial = usize::from(src.data.last().is_some_and(|&b| b != b'\n'));
-                Pos { file: src.file, line: (newlines + partial).max(1) }
+                Pos {
+                    file: src.file,
+                    line: (newlines + partial).max(1),
+                }
             }
             None => self.last_pos,
         };

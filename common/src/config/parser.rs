@@ -211,7 +211,10 @@ impl Parser {
                 // Recovery read this block's closing brace and the end of
                 // its line; give the line end back to whoever reads on.
                 self.pending_close -= 1;
-                self.ahead.push_front(Token { tok: Tok::Newline, pos: self.last });
+                self.ahead.push_front(Token {
+                    tok: Tok::Newline,
+                    pos: self.last,
+                });
                 return Ok(self.last);
             }
             match self.peek().tok {

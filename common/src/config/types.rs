@@ -370,7 +370,8 @@ impl VmConfig {
         vm.memory = vm.memory.or(parent.memory);
         vm.interface_count = vm.interface_count.or(parent.interface_count);
         if vm.interfaces.len() < parent.interfaces.len() {
-            vm.interfaces.extend_from_slice(&parent.interfaces[vm.interfaces.len()..]);
+            vm.interfaces
+                .extend_from_slice(&parent.interfaces[vm.interfaces.len()..]);
         }
         if vm.owner.uid == 0 && vm.owner.user.is_none() {
             vm.owner.uid = parent.owner.uid;
