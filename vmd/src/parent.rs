@@ -193,11 +193,9 @@ impl Parent {
             };
             match Signal::try_from(info.ssi_signo as i32) {
                 Ok(Signal::SIGCHLD) => self.reap(),
-                Ok(sig @ (Signal::SIGTERM | Signal::SIGINT)) => {
-                    if self.shutdown.is_none() {
-                        log_info!("received {}, shutting down", sig.as_str());
-                        self.begin_shutdown(ExitCode::SUCCESS);
-                    }
+                Ok(sig @ (Signal::SIGTERM | Signal::SIGINT)) if self.shutdown.is_none() => {
+                    log_info!("received {}, shutting down", sig.as_str());
+                    self.begin_shutdown(ExitCode::SUCCESS);
                 }
                 Ok(Signal::SIGHUP) => {
                     log_warn!("SIGHUP: reloading the configuration is not supported yet; ignored")

@@ -254,7 +254,8 @@ pub fn drop_privileges(
     Ok(())
 }
 
-/// Creates `root` if missing and refuses one that others could fill.
+/// Creates `root` if missing and refuses one that is not empty or that
+/// others could fill.
 fn check_empty_root(root: &Path) -> Result<(), ProcError> {
     let fail = |why: String| ProcError::Root {
         path: root.to_path_buf(),
@@ -275,6 +276,10 @@ fn check_empty_root(root: &Path) -> Result<(), ProcError> {
         return Err(fail(
             "must be owned by root and writable by root only".into(),
         ));
+    }
+    let mut entries = std::fs::read_dir(root).map_err(|e| fail(e.to_string()))?;
+    if entries.next().is_some() {
+        return Err(fail("must be empty".into()));
     }
     Ok(())
 }

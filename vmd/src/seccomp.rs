@@ -172,3 +172,34 @@ extern "C" fn sigsys_handler(
         libc::_exit(128 + libc::SIGSYS);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn names_refused_calls() {
+        assert_eq!(syscall_name(libc::SYS_execve), "execve");
+        assert_eq!(syscall_name(libc::SYS_openat), "openat");
+        assert_eq!(syscall_name(libc::SYS_ptrace), "ptrace");
+        assert_eq!(syscall_name(-1), "unknown");
+    }
+
+    #[test]
+    fn compiles_every_role_and_keeps_the_death_call_refused() {
+        assert!(compile(&[CHILD_SYSCALLS, crate::control::CONTROL_SYSCALLS]).is_ok());
+        assert!(compile(&[CHILD_SYSCALLS]).is_ok());
+        assert!(compile(&[CHILD_SYSCALLS, &[(DEATH_SYSCALL, "no")]]).is_err());
+    }
+
+    #[test]
+    fn every_allowed_call_has_a_reason() {
+        for (nr, why) in CHILD_SYSCALLS
+            .iter()
+            .chain(crate::control::CONTROL_SYSCALLS)
+        {
+            assert!(!why.is_empty(), "system call {nr} has no reason");
+        }
+    }
+}
