@@ -1,10 +1,12 @@
 //! Code shared by vmd and vmctl: the vm.conf parser, size and name rules,
-//! disk formats and command-line option parsing.
+//! disk formats and images, command-line option parsing, the message
+//! protocol and the status table.
 
 pub mod config;
 pub mod disk;
 pub mod getopt;
 pub mod image;
+pub mod imsg;
 pub mod name;
 pub mod qcow2;
 pub mod size;

@@ -1,8 +1,24 @@
 //! vmd(8): the virtual machine daemon.
+//!
+//! `vmd [-dnv] [-D macro=value] [-f file] [-s socket]` runs the parent;
+//! the parent re-executes this binary as `vmd -P ROLE ...` for each child
+//! (see proc.rs).
+
+mod control;
+mod log;
+mod parent;
+mod proc;
+mod seccomp;
+mod switch;
+#[cfg(target_arch = "x86_64")]
+mod syscall_names;
+#[cfg(feature = "test-triggers")]
+mod trigger;
 
 use common::config;
 use common::getopt::{Getopt, Opt};
-use std::path::PathBuf;
+use common::imsg::Role;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 const USAGE: &str = "usage: vmd [-dnv] [-D macro=value] [-f file] [-s socket]";
@@ -80,6 +96,9 @@ fn check_config(opts: &Options) -> ExitCode {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "-P") {
+        return child_main(&args);
+    }
     let opts = match parse_options(&args) {
         Ok(opts) => opts,
         Err(message) => {
@@ -93,7 +112,103 @@ fn main() -> ExitCode {
     if opts.check_only {
         return check_config(&opts);
     }
-    let _ = (opts.foreground, &opts.socket);
-    eprintln!("vmd: running the daemon is not built yet; only -n works");
-    ExitCode::FAILURE
+    run_daemon(opts)
+}
+
+/// `vmd -P ROLE [-v]... [-s socket]`: a child, started by the parent.
+fn child_main(args: &[String]) -> ExitCode {
+    let mut role = None;
+    let mut verbosity = 0u8;
+    let mut socket = PathBuf::from(DEFAULT_SOCKET);
+    for opt in Getopt::new(args, "P:vs:", &[]) {
+        match opt {
+            Ok(Opt::Short('P', Some(name))) => role = Role::from_name(&name),
+            Ok(Opt::Short('v', _)) => verbosity = verbosity.saturating_add(1),
+            Ok(Opt::Short('s', Some(path))) => socket = PathBuf::from(path),
+            _ => role = None,
+        }
+    }
+    match role {
+        Some(Role::Control) => control::control_main(verbosity, &socket),
+        Some(Role::Switch) => switch::switch_main(verbosity),
+        None => {
+            eprintln!("vmd: -P is for vmd's own children");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Checks what the daemon needs, picks where logs go, detaches unless
+/// -d, and runs the parent.
+fn run_daemon(opts: Options) -> ExitCode {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("vmd: need root privileges: run vmd as root (vmd -n checks a configuration without them)");
+        return ExitCode::FAILURE;
+    }
+    match nix::unistd::User::from_name(proc::VMD_USER) {
+        Ok(Some(_)) => {}
+        _ => {
+            eprintln!(
+                "vmd: user {user} does not exist; create it with \
+                 `useradd --system --user-group --no-create-home --home-dir {home} --shell /usr/sbin/nologin {user}` \
+                 (or `sh regress/setup --user-only` from the source tree)",
+                user = proc::VMD_USER,
+                home = proc::EMPTY_DIR,
+            );
+            return ExitCode::FAILURE;
+        }
+    }
+    let required = opts.config.is_some();
+    let path = opts
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    match config::load(&path, &opts.defines, required) {
+        Ok(loaded) => {
+            for line in &loaded.warnings {
+                eprintln!("{line}");
+            }
+        }
+        Err(errors) => {
+            for line in &errors {
+                eprintln!("{line}");
+            }
+            return ExitCode::FAILURE;
+        }
+    }
+    // The parent and the children chdir to /: keep the socket's path valid.
+    let socket = match std::path::absolute(&opts.socket) {
+        Ok(socket) => socket,
+        Err(e) => {
+            eprintln!("vmd: {}: {e}", opts.socket.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = proc::open_self_exe() {
+        eprintln!("vmd: {e}");
+        return ExitCode::FAILURE;
+    }
+    log::set_verbosity(opts.verbose);
+    if opts.foreground {
+        log::init_stderr();
+    } else {
+        if Path::new(log::SYSLOG_SOCKET).exists() {
+            log::init_syslog();
+        } else {
+            if let Err(e) = log::init_file(Path::new(log::LOG_FILE)) {
+                eprintln!("vmd: {}: {e}", log::LOG_FILE);
+                return ExitCode::FAILURE;
+            }
+            eprintln!(
+                "vmd: {} not found: logging to {}",
+                log::SYSLOG_SOCKET,
+                log::LOG_FILE
+            );
+        }
+        if let Err(e) = nix::unistd::daemon(false, false) {
+            eprintln!("vmd: cannot daemonize: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    parent::parent_main(parent::ParentOptions { socket })
 }

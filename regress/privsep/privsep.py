@@ -1,0 +1,417 @@
+#!/usr/bin/env python3
+"""regress/privsep: vmd's process model, checked from the outside.
+
+Runs as root. Each case starts its own vmd (-d, its own socket, its own
+log and an empty config in a temp dir), checks it through /proc and ps, and
+kills it and its children at the end, even on failure. The refused-call
+cases use a build with the `test-triggers` feature, made here into
+target/test-triggers so target/debug never contains the triggers.
+"""
+
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VMD = os.path.join(ROOT, "target", "debug", "vmd")
+TRIGGER_DIR = os.path.join(ROOT, "target", "test-triggers")
+TRIGGER_VMD = os.path.join(TRIGGER_DIR, "debug", "vmd")
+ROLES = ("control", "switch")
+# Signals the test-triggers build reads (src/trigger.rs).
+TRIGGERS = {"execve": 1, "open": 2, "socket": 3, "ptrace": 4}
+LOGGED_NAME = {"execve": "execve", "open": "openat", "socket": "socket", "ptrace": "ptrace"}
+
+passed = 0
+failed = 0
+
+
+class Failure(Exception):
+    pass
+
+
+class Skip(Exception):
+    pass
+
+
+def case(name, fn):
+    global passed, failed
+    try:
+        fn()
+    except Skip as e:
+        print(f"skip {name}: {e}")
+    except Failure as e:
+        failed += 1
+        print(f"FAIL {name}: {e}")
+    except Exception as e:  # a broken test is a failure too, never a pass
+        failed += 1
+        print(f"FAIL {name}: {type(e).__name__}: {e}")
+    else:
+        passed += 1
+        print(f"ok {name}")
+    sys.stdout.flush()
+
+
+def wait_for(what, check, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise Failure(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def status_of(pid):
+    """The fields of /proc/PID/status, or None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    if fields.get("State", "").startswith(("Z", "X")):
+        return None
+    return fields
+
+
+def children_of(pid):
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = status_of(entry)
+            if st and st.get("PPid") == str(pid):
+                pids.append(int(entry))
+    return pids
+
+
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class Vmd:
+    """A vmd in the foreground with its own socket, log and config."""
+
+    def __init__(self, binary=VMD, args=()):
+        self.dir = tempfile.mkdtemp(prefix="vmd-privsep-")
+        self.sock = os.path.join(self.dir, "vmd.sock")
+        self.log_path = os.path.join(self.dir, "vmd.log")
+        conf = os.path.join(self.dir, "vm.conf")
+        open(conf, "w").close()
+        self.known = set()
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [binary, "-d", *args, "-f", conf, "-s", self.sock],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+
+    def log(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def child(self, role):
+        """The pid of the role's child once its filter is in place."""
+        for pid in children_of(self.proc.pid):
+            st = status_of(pid)
+            if st and cmdline(pid) == f"vmd: {role}" and st.get("Seccomp") == "2":
+                self.known.add(pid)
+                return pid
+        return None
+
+    def ready(self):
+        pids = [wait_for(f"the {r} child", lambda r=r: self.child(r)) for r in ROLES]
+        wait_for("the control socket", lambda: os.path.exists(self.sock))
+        return pids
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def stop(self):
+        """Kills the parent and every child it ever had, whatever happened."""
+        pids = set(self.known)
+        if status_of(self.proc.pid):
+            pids.update(children_of(self.proc.pid))
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def check_child_dropped(role, pid, vmd_uid, vmd_gid):
+    st = status_of(pid)
+    if st is None:
+        raise Failure(f"{role} (pid {pid}) is gone")
+    if st["Uid"].split() != [str(vmd_uid)] * 4:
+        raise Failure(f"{role} uids are {st['Uid']}, want {vmd_uid} four times")
+    if st["Gid"].split() != [str(vmd_gid)] * 4:
+        raise Failure(f"{role} gids are {st['Gid']}, want {vmd_gid} four times")
+    if st["Groups"].split() not in ([str(vmd_gid)], []):
+        raise Failure(f"{role} groups are {st['Groups']!r}")
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        if int(st[cap], 16) != 0:
+            raise Failure(f"{role} {cap} is {st[cap]}")
+    if st.get("Seccomp") != "2":
+        raise Failure(f"{role} Seccomp is {st.get('Seccomp')}, want 2")
+    if st.get("NoNewPrivs") != "1":
+        raise Failure(f"{role} NoNewPrivs is {st.get('NoNewPrivs')}, want 1")
+    root = os.readlink(f"/proc/{pid}/root")
+    if root == "/":
+        raise Failure(f"{role} is not chrooted")
+
+
+def test_children_dropped():
+    user = pwd.getpwnam("_vmd")
+    with Vmd() as vmd:
+        for role, pid in zip(ROLES, vmd.ready()):
+            check_child_dropped(role, pid, user.pw_uid, user.pw_gid)
+        parent = status_of(vmd.proc.pid)
+        if parent["Uid"].split()[0] != "0":
+            raise Failure("the parent is not root")
+
+
+def test_ps_titles():
+    with Vmd() as vmd:
+        control, switch = vmd.ready()
+        out = subprocess.run(["ps", "-eo", "user,pid,args"], capture_output=True, text=True, check=True).stdout
+        lines = [l.split(None, 2) for l in out.splitlines() if "vmd:" in l]
+        want = {vmd.proc.pid: ("root", "vmd: parent"), control: ("_vmd", "vmd: control"),
+                switch: ("_vmd", "vmd: switch")}
+        for pid, (user, args) in want.items():
+            found = [l for l in lines if len(l) == 3 and l[1] == str(pid)]
+            if not found:
+                raise Failure(f"ps shows no 'vmd:' line for pid {pid}")
+            if (found[0][0], found[0][2].strip()) != (user, args):
+                raise Failure(f"ps shows {found[0]}, want {user} {args}")
+
+
+def test_control_socket():
+    with Vmd() as vmd:
+        vmd.ready()
+        st = os.stat(vmd.sock)
+        if not stat.S_ISSOCK(st.st_mode) or stat.S_IMODE(st.st_mode) != 0o660:
+            raise Failure(f"socket mode is {oct(st.st_mode)}, want a socket with 0660")
+        if (st.st_uid, st.st_gid) != (0, 0):
+            raise Failure(f"socket owner is {st.st_uid}:{st.st_gid}, want root:root")
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(vmd.sock)
+            if s.recv(16) != b"":
+                raise Failure("control did not close the connection")
+        if not vmd.alive():
+            raise Failure("vmd died after a connection")
+
+
+def test_second_vmd_refused():
+    with Vmd() as first:
+        first.ready()
+        second = subprocess.run([VMD, "-d", "-f", "/dev/null", "-s", first.sock],
+                                capture_output=True, text=True, timeout=15)
+        if second.returncode == 0 or "in use" not in second.stderr:
+            raise Failure(f"second vmd on the same socket: status {second.returncode}, {second.stderr!r}")
+        if not os.path.exists(first.sock) or not first.alive():
+            raise Failure("the second vmd disturbed the first")
+
+
+def test_control_restarted():
+    with Vmd() as vmd:
+        control, switch = vmd.ready()
+        os.kill(control, signal.SIGKILL)
+        new = wait_for("a new control", lambda: (p := vmd.child("control")) != control and p)
+        check_child_dropped("control", new, pwd.getpwnam("_vmd").pw_uid, pwd.getpwnam("_vmd").pw_gid)
+        if f"control (pid {control}) was killed by SIGKILL; restarting it" not in vmd.log():
+            raise Failure("the parent did not log the death and restart")
+        if vmd.child("switch") != switch or not vmd.alive():
+            raise Failure("switch or parent changed")
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(vmd.sock)
+
+
+def test_parent_sigkill():
+    with Vmd() as vmd:
+        pids = vmd.ready()
+        vmd.proc.kill()
+        vmd.proc.wait()
+        start = time.monotonic()
+        wait_for("every child to die", lambda: all(status_of(p) is None for p in pids), timeout=1.0)
+        if time.monotonic() - start > 1.0:
+            raise Failure("children outlived the parent by more than a second")
+
+
+def test_sigterm_shutdown():
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with Vmd() as vmd:
+            pids = vmd.ready()
+            vmd.proc.send_signal(sig)
+            code = vmd.proc.wait(10)
+            if code != 0:
+                raise Failure(f"vmd exited {code} after {sig.name}, want 0")
+            wait_for("every child to die", lambda: all(status_of(p) is None for p in pids), timeout=2.0)
+            if os.path.exists(vmd.sock):
+                raise Failure(f"the socket was left behind after {sig.name}")
+            if "terminating" not in vmd.log():
+                raise Failure("no 'terminating' line in the log")
+
+
+def test_refused_syscalls():
+    for role in ROLES:
+        for call, n in TRIGGERS.items():
+            case(f"refused_{call}_{role}", lambda role=role, call=call, n=n: refused_one(role, call, n))
+
+
+def refused_one(role, call, n):
+    with Vmd(TRIGGER_VMD) as vmd:
+        vmd.ready()
+        pid = vmd.child(role)
+        os.kill(pid, signal.SIGRTMIN + n)
+        name = LOGGED_NAME[call]
+        wait_for(f"a log line naming {name}",
+                 lambda: re.search(rf"^{role}: refused system call {name} \(\d+\)$", vmd.log(), re.M))
+        wait_for("the parent's note of the death",
+                 lambda: f"{role} (pid {pid}) was killed by a refused system call (SIGSYS); restarting it"
+                 in vmd.log())
+        if "was allowed to call" in vmd.log():
+            raise Failure(f"the filter let {call} through")
+        wait_for(f"a new {role}", lambda: (p := vmd.child(role)) not in (None, pid))
+        if not vmd.alive():
+            raise Failure("the daemon died")
+
+
+def test_runtime_verbosity():
+    with Vmd(TRIGGER_VMD) as vmd:
+        vmd.ready()
+        if "verbosity now" in vmd.log():
+            raise Failure("debug lines before -v")
+        os.kill(vmd.proc.pid, signal.SIGUSR1)
+        for role in ROLES:
+            wait_for(f"{role} at verbosity 1", lambda role=role: f"{role}: verbosity now 1" in vmd.log())
+        # A child started from now on gets the new level too.
+        control = vmd.child("control")
+        os.kill(control, signal.SIGKILL)
+        wait_for("the new control's debug line", lambda: re.search(r"control \(pid \d+\) ready", vmd.log()))
+
+
+def test_debug_build_has_no_triggers():
+    with open(VMD, "rb") as f:
+        if b"was allowed to call" in f.read():
+            raise Failure(f"{VMD} contains the test triggers")
+
+
+def test_not_root_refused():
+    nobody = ["setpriv", "--reuid=_vmd", "--regid=_vmd", "--clear-groups", "--"]
+    out = subprocess.run(nobody + [VMD, "-d", "-f", "/dev/null", "-s", "/tmp/never.sock"],
+                         capture_output=True, text=True, timeout=10)
+    if out.returncode == 0 or "need root privileges" not in out.stderr:
+        raise Failure(f"non-root vmd: status {out.returncode}, {out.stderr!r}")
+    out = subprocess.run(nobody + [VMD, "-n", "-f", "/dev/null"], capture_output=True, text=True, timeout=10)
+    if out.returncode != 0 or "configuration OK" not in out.stderr:
+        raise Failure(f"non-root vmd -n: status {out.returncode}, {out.stderr!r}")
+
+
+def test_daemonize():
+    if os.path.exists("/dev/log"):
+        raise Skip("/dev/log exists, so vmd logs to syslog, which this test cannot read")
+    tmp = tempfile.mkdtemp(prefix="vmd-privsep-")
+    sock = os.path.join(tmp, "vmd.sock")
+    logfile = "/var/log/vmd/vmd.log"
+    daemon_pid = None
+    try:
+        out = subprocess.run([VMD, "-f", "/dev/null", "-s", sock], capture_output=True, text=True, timeout=10)
+        if out.returncode != 0:
+            raise Failure(f"vmd exited {out.returncode}: {out.stderr!r}")
+        if f"logging to {logfile}" not in out.stderr:
+            raise Failure(f"vmd did not say where it logs: {out.stderr!r}")
+        pattern = re.compile(rf"vmd\[(\d+)\]: control: listening on {re.escape(sock)}$", re.M)
+
+        def started():
+            with open(logfile, errors="replace") as f:
+                m = pattern.search(f.read())
+            return m and int(m.group(1))
+        daemon_pid = wait_for(f"the daemon's lines in {logfile}", started)
+        st = status_of(daemon_pid)
+        if st is None or cmdline(daemon_pid) != "vmd: parent":
+            raise Failure(f"pid {daemon_pid} is not a running 'vmd: parent'")
+        if st["PPid"] == str(os.getpid()):
+            raise Failure("vmd did not detach")
+        if not all(wait_for(f"{r}", lambda r=r: [p for p in children_of(daemon_pid) if cmdline(p) == f"vmd: {r}"])
+                   for r in ROLES):
+            raise Failure("children missing")
+        os.kill(daemon_pid, signal.SIGTERM)
+        wait_for("the daemon to exit", lambda: status_of(daemon_pid) is None)
+        with open(logfile, errors="replace") as f:
+            if f"vmd[{daemon_pid}]: terminating" not in f.read():
+                raise Failure("no 'terminating' line in the log file")
+        daemon_pid = None
+    finally:
+        if daemon_pid is not None:
+            for pid in [daemon_pid] + children_of(daemon_pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build():
+    """Builds target/debug/vmd if missing and, always, the trigger build."""
+    if not os.path.exists(VMD):
+        subprocess.run(["cargo", "build", "-q", "-p", "vmd"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "-q", "-p", "vmd", "--features", "test-triggers",
+                    "--target-dir", TRIGGER_DIR], cwd=ROOT, check=True)
+
+
+def main():
+    global failed
+    if os.geteuid() != 0:
+        print("FAIL privsep: must run as root")
+        failed += 1
+    else:
+        try:
+            pwd.getpwnam("_vmd")
+        except KeyError:
+            print("FAIL privsep: user _vmd missing: run sh regress/setup --user-only")
+            failed += 1
+        else:
+            build()
+            case("children_dropped", test_children_dropped)
+            case("ps_titles", test_ps_titles)
+            case("control_socket", test_control_socket)
+            case("second_vmd_refused", test_second_vmd_refused)
+            case("control_restarted", test_control_restarted)
+            case("parent_sigkill", test_parent_sigkill)
+            case("sigterm_sigint_shutdown", test_sigterm_shutdown)
+            test_refused_syscalls()
+            case("runtime_verbosity", test_runtime_verbosity)
+            case("debug_build_has_no_triggers", test_debug_build_has_no_triggers)
+            case("not_root_refused", test_not_root_refused)
+            case("daemonize", test_daemonize)
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
