@@ -53,6 +53,8 @@ pub enum LogLevel {
 pub enum Role {
     Control,
     Switch,
+    /// One per running VM.
+    Vm,
 }
 
 impl Role {
@@ -60,6 +62,7 @@ impl Role {
         match self {
             Role::Control => "control",
             Role::Switch => "switch",
+            Role::Vm => "vm",
         }
     }
 
@@ -67,6 +70,7 @@ impl Role {
         match name {
             "control" => Some(Role::Control),
             "switch" => Some(Role::Switch),
+            "vm" => Some(Role::Vm),
             _ => None,
         }
     }
@@ -96,6 +100,68 @@ pub enum Message {
     /// this system call and the child is about to die of SIGSYS. `name`
     /// borrows a static string so the handler need not allocate.
     RefusedSyscall { nr: i64, name: Cow<'static, str> },
+
+    // --- VM processes (parent <-> vm) ---
+    /// parent -> vm, first thing: what to run. `fd_count` `VmFd` frames
+    /// follow, one descriptor each.
+    VmStart { params: Box<VmParams> },
+    /// parent -> vm: one descriptor of the start sequence (with the fd).
+    VmFd { kind: VmFdKind },
+    /// vm -> parent: QEMU runs the guest (`cont` done); its pid, for the
+    /// memory figure the parent reads from /proc.
+    VmRunning { qemu_pid: u32 },
+    /// vm -> parent: the console log reached its size cap; rotate it.
+    VmConsoleLogFull,
+    /// parent -> vm: the console log (with the fd) after a rotation
+    /// request, and its size (0 for a fresh file).
+    VmConsoleLog { size: u64 },
+    /// vm -> parent: QEMU reported the guest's shutdown (QMP SHUTDOWN
+    /// event: `guest-shutdown`, `guest-reset`, ...); the VM ends now.
+    VmShutdown { reason: String },
+}
+
+/// What a VM process runs: everything but the descriptors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmParams {
+    pub id: u32,
+    pub name: String,
+    /// Guest memory in bytes.
+    pub memory: u64,
+    pub vcpus: u32,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Hardware KVM (else QEMU's TCG).
+    pub kvm: bool,
+    /// The VM's own uid and gid (the VM process and QEMU run as them).
+    pub uid: u32,
+    pub gid: u32,
+    /// QEMU's supplementary groups (`kvm` with hardware KVM, else none).
+    pub qemu_groups: Vec<u32>,
+    /// The console log's size cap and its size when sent.
+    pub console_log_cap: u64,
+    pub console_log_size: u64,
+    /// How many `VmFd` frames follow.
+    pub fd_count: u32,
+}
+
+/// Which descriptor a `VmFd` frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmFdKind {
+    Kernel,
+    Initrd,
+    /// The pty: the master the VM process relays on, and a slave it keeps
+    /// open so the master never reads EIO.
+    PtyMaster,
+    PtySlave,
+    ConsoleLog,
+    /// One file of disk `disk`'s image chain, `layer` 0 the top; only the
+    /// top of a writable disk is writable.
+    Disk {
+        disk: u8,
+        layer: u8,
+        format: crate::disk::DiskFormat,
+        writable: bool,
+    },
 }
 
 impl Message {
@@ -107,6 +173,12 @@ impl Message {
             Message::Log { .. } => (2, "LOG"),
             Message::SetVerbosity { .. } => (3, "SET_VERBOSITY"),
             Message::RefusedSyscall { .. } => (4, "REFUSED_SYSCALL"),
+            Message::VmStart { .. } => (100, "VM_START"),
+            Message::VmFd { .. } => (101, "VM_FD"),
+            Message::VmRunning { .. } => (102, "VM_RUNNING"),
+            Message::VmConsoleLogFull => (103, "VM_CONSOLE_LOG_FULL"),
+            Message::VmConsoleLog { .. } => (104, "VM_CONSOLE_LOG"),
+            Message::VmShutdown { .. } => (105, "VM_SHUTDOWN"),
         }
     }
 }

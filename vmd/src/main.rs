@@ -14,6 +14,8 @@ mod switch;
 mod syscall_names;
 #[cfg(feature = "test-triggers")]
 mod trigger;
+mod vm;
+mod vmm;
 
 use common::config;
 use common::getopt::{Getopt, Opt};
@@ -131,6 +133,7 @@ fn child_main(args: &[String]) -> ExitCode {
     match role {
         Some(Role::Control) => control::control_main(verbosity, &socket),
         Some(Role::Switch) => switch::switch_main(verbosity),
+        Some(Role::Vm) => vm::vm_main(verbosity),
         None => {
             eprintln!("vmd: -P is for vmd's own children");
             ExitCode::FAILURE
@@ -163,11 +166,12 @@ fn run_daemon(opts: Options) -> ExitCode {
         .config
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
-    match config::load(&path, &opts.defines, required) {
+    let config = match config::load(&path, &opts.defines, required) {
         Ok(loaded) => {
             for line in &loaded.warnings {
                 eprintln!("{line}");
             }
+            loaded.config
         }
         Err(errors) => {
             for line in &errors {
@@ -175,7 +179,7 @@ fn run_daemon(opts: Options) -> ExitCode {
             }
             return ExitCode::FAILURE;
         }
-    }
+    };
     // The parent and the children chdir to /: keep the socket's path valid.
     let socket = match std::path::absolute(&opts.socket) {
         Ok(socket) => socket,
@@ -210,5 +214,5 @@ fn run_daemon(opts: Options) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    parent::parent_main(parent::ParentOptions { socket })
+    parent::parent_main(parent::ParentOptions { socket, config })
 }

@@ -7,6 +7,7 @@
 
 use crate::log::{self, log_debug, log_info, log_warn};
 use crate::proc;
+use crate::vmm::{self, Vmm};
 use common::imsg::{Channel, Frame, Message, Role};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -29,6 +30,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 pub struct ParentOptions {
     pub socket: PathBuf,
+    pub config: common::config::Config,
 }
 
 struct Child {
@@ -52,6 +54,8 @@ struct Parent {
     socket_bound: bool,
     /// Set once shutting down: the exit code and when to stop waiting.
     shutdown: Option<(ExitCode, Instant)>,
+    /// The running VMs' processes.
+    vmm: Vmm,
 }
 
 pub fn parent_main(opts: ParentOptions) -> ExitCode {
@@ -70,6 +74,7 @@ pub fn parent_main(opts: ParentOptions) -> ExitCode {
             parent.begin_shutdown(ExitCode::FAILURE);
         }
     }
+    parent.start_enabled_vms();
     parent.run()
 }
 
@@ -97,7 +102,12 @@ fn parent_init(opts: ParentOptions) -> Result<Parent, String> {
             Interest::READABLE,
         )
         .map_err(|e| format!("cannot register signals: {e}"))?;
+    let vm_registry = poll
+        .registry()
+        .try_clone()
+        .map_err(|e| format!("cannot share the event loop: {e}"))?;
     Ok(Parent {
+        vmm: Vmm::new(vm_registry),
         opts,
         poll,
         signals,
@@ -110,6 +120,24 @@ fn parent_init(opts: ParentOptions) -> Result<Parent, String> {
 }
 
 impl Parent {
+    /// Starts the enabled VMs of the configuration that name a kernel
+    /// (until the registry takes over: their ids are their positions).
+    fn start_enabled_vms(&mut self) {
+        let config = self.opts.config.clone();
+        for (i, vm) in config.vms.iter().enumerate() {
+            if !vm.enabled || vm.boot.is_none() {
+                continue;
+            }
+            let vm = config.resolved_vm(vm);
+            if let Err(e) =
+                self.vmm
+                    .start(i as u32 + 1, &vm, &config.globals, &vmm::Requester::root())
+            {
+                log_warn!("{}: {e}", vm.name);
+            }
+        }
+    }
+
     fn spawn(&mut self, role: Role) -> Result<(), String> {
         let mut args = vec!["-P".to_string(), role.name().to_string()];
         args.extend((0..log::verbosity()).map(|_| "-v".to_string()));
@@ -143,7 +171,7 @@ impl Parent {
         let mut events = Events::with_capacity(64);
         loop {
             if let Some((code, deadline)) = &self.shutdown {
-                if self.children.is_empty() {
+                if self.children.is_empty() && self.vmm.is_empty() {
                     self.cleanup();
                     log_info!("terminating");
                     return *code;
@@ -157,6 +185,7 @@ impl Parent {
                         );
                         let _ = kill(child.pid, Signal::SIGKILL);
                     }
+                    self.vmm.kill_all();
                     self.shutdown = Some((*code, Instant::now() + SHUTDOWN_GRACE));
                 }
             }
@@ -175,6 +204,7 @@ impl Parent {
             for event in events.iter() {
                 match event.token() {
                     SIGNALS => self.handle_signals(),
+                    token if Vmm::owns_token(token) => self.vmm.handle_event(token),
                     token => self.handle_child(token),
                 }
             }
@@ -314,6 +344,9 @@ impl Parent {
             };
             let Some(pid) = status.pid() else { continue };
             let Some(index) = self.children.iter().position(|c| c.pid == pid) else {
+                if let Some(ended) = self.vmm.reaped(pid, status) {
+                    log_debug!("vm {} (vm {}) stopped: {}", ended.name, ended.id, ended.why);
+                }
                 continue;
             };
             let mut child = self.children.remove(index);
@@ -390,6 +423,7 @@ impl Parent {
         for child in &self.children {
             let _ = kill(child.pid, Signal::SIGTERM);
         }
+        self.vmm.stop_all();
         self.shutdown = Some((code, Instant::now() + SHUTDOWN_GRACE));
     }
 
@@ -397,6 +431,7 @@ impl Parent {
         for child in &self.children {
             let _ = kill(child.pid, Signal::SIGKILL);
         }
+        self.vmm.kill_all();
         self.cleanup();
     }
 

@@ -197,27 +197,7 @@ pub fn drop_privileges(
 ) -> Result<(), ProcError> {
     // 1. While root: no capability can ever come back through exec or a
     //    uid change.
-    for cap in 0..64 {
-        // SAFETY: prctl with integer arguments. EINVAL past the last cap.
-        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
-        if rc != 0 && Errno::last() != Errno::EINVAL {
-            return Err(step("clearing the capability bounding set")(Errno::last()));
-        }
-    }
-    // SAFETY: prctl with integer arguments.
-    if unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL,
-            0,
-            0,
-            0,
-        )
-    } != 0
-    {
-        return Err(step("clearing the ambient capability set")(Errno::last()));
-    }
-    caps::clear(None, caps::CapSet::Inheritable).map_err(|e| ProcError::Caps(e.to_string()))?;
+    clear_capability_inheritance()?;
 
     // 2. Still root (CAP_SYS_CHROOT): an empty directory only root can write.
     check_empty_root(root)?;
@@ -251,6 +231,35 @@ pub fn drop_privileges(
     // 6. The filter, last: nothing above needs to be allowed by it.
     seccomp::install_sigsys_handler(report_fd).map_err(|e| ProcError::Filter(e.to_string()))?;
     seccompiler::apply_filter(filter).map_err(|e| ProcError::Filter(e.to_string()))?;
+    Ok(())
+}
+
+/// Clears the capability bounding, ambient and inheritable sets (needs
+/// CAP_SETPCAP): no process started from here on can gain a capability
+/// through exec. The VM process does this before it starts QEMU.
+pub fn clear_capability_inheritance() -> Result<(), ProcError> {
+    for cap in 0..64 {
+        // SAFETY: prctl with integer arguments. EINVAL past the last cap.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        if rc != 0 && Errno::last() != Errno::EINVAL {
+            return Err(step("clearing the capability bounding set")(Errno::last()));
+        }
+    }
+    // SAFETY: prctl with integer arguments.
+    if unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    } != 0
+    {
+        return Err(step("clearing the ambient capability set")(Errno::last()));
+    }
+    caps::clear(None, caps::CapSet::Inheritable).map_err(|e| ProcError::Caps(e.to_string()))?;
+
     Ok(())
 }
 

@@ -106,7 +106,12 @@ impl fmt::Display for Config {
             stagger.parallel, stagger.delay
         )?;
         writeln!(f, "accel {}", g.accel.keyword())?;
-        writeln!(f, "console log {}", quote(&g.console_log_dir))?;
+        writeln!(
+            f,
+            "console log {} size {}",
+            quote(&g.console_log_dir),
+            exact_size(g.console_log_size)
+        )?;
         writeln!(f, "shutdown timeout {}", g.shutdown_timeout)?;
         writeln!(f, "uid range {}-{}", g.uid_range.first, g.uid_range.last)?;
 
@@ -174,5 +179,15 @@ impl fmt::Display for Config {
             writeln!(f, "}}")?;
         }
         Ok(())
+    }
+}
+
+/// A size as `1.0M` when that reads back as the same number, else in bytes.
+fn exact_size(bytes: u64) -> String {
+    let scaled = crate::size::format(bytes);
+    if crate::size::parse(&scaled) == Ok(bytes) {
+        scaled
+    } else {
+        bytes.to_string()
     }
 }

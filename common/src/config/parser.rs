@@ -16,6 +16,7 @@ use super::lexer::{Kw, Lexer, Pos, Tok, Token};
 use super::types::*;
 use crate::disk::DiskFormat;
 use crate::name::{check_vm_name, NameError, VM_NAME_MAX};
+use crate::size;
 use std::collections::VecDeque;
 use std::path::Path;
 
@@ -415,6 +416,29 @@ impl Parser {
             self.error(pos, "console log directory name too long");
         } else {
             self.config.globals.console_log_dir = dir;
+        }
+        if self.peek().tok == Tok::Kw(Kw::Size) {
+            self.bump();
+            let token = self.peek().clone();
+            let bytes = match &token.tok {
+                Tok::Num(n) => u64::try_from(*n).ok(),
+                Tok::Str { text, .. } => size::parse(text).ok(),
+                _ => return Err(self.syntax_error()),
+            };
+            self.bump();
+            match bytes {
+                Some(bytes) if (MIN_CONSOLE_LOG_SIZE..=MAX_CONSOLE_LOG_SIZE).contains(&bytes) => {
+                    self.config.globals.console_log_size = bytes
+                }
+                _ => self.error(
+                    token.pos,
+                    &format!(
+                        "invalid console log size: must be {} to {}",
+                        size::format(MIN_CONSOLE_LOG_SIZE),
+                        size::format(MAX_CONSOLE_LOG_SIZE)
+                    ),
+                ),
+            }
         }
         Ok(())
     }

@@ -142,7 +142,7 @@ local inet6 prefix fd00:2::/56
 socket owner :root
 staggered start parallel 4 delay 5
 accel kvm
-console log "/tmp/consoles"
+console log "/tmp/consoles" size 64K
 shutdown timeout 90
 "#)
     .config
@@ -160,6 +160,7 @@ shutdown timeout 90
     );
     assert_eq!(g.accel, Accel::Kvm);
     assert_eq!(g.console_log_dir, "/tmp/consoles");
+    assert_eq!(g.console_log_size, 64 << 10);
     assert_eq!(g.shutdown_timeout, 90);
     assert_eq!(g.uid_range, DEFAULT_UID_RANGE);
 }
@@ -393,6 +394,10 @@ fn global_errors() {
     assert_eq!(
         one_error("console log \"rel\"\n"),
         "t.conf:1: console log directory must be an absolute path: rel"
+    );
+    assert_eq!(
+        one_error("console log \"/c\" size 100\n"),
+        "t.conf:1: invalid console log size: must be 1.0K to 1.0G"
     );
     assert_eq!(
         one_error("uid range 5-1\n"),

@@ -32,6 +32,11 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: u32 = 30;
 pub const MAX_SHUTDOWN_TIMEOUT: i64 = 86400;
 /// Where each VM's console output is also written.
 pub const DEFAULT_CONSOLE_LOG_DIR: &str = "/var/log/vmd";
+/// The size at which a console log is rotated unless configured.
+pub const DEFAULT_CONSOLE_LOG_SIZE: u64 = 1 << 20;
+/// The range `console log DIR size SIZE` accepts.
+pub const MIN_CONSOLE_LOG_SIZE: u64 = 1 << 10;
+pub const MAX_CONSOLE_LOG_SIZE: u64 = 1 << 30;
 /// Seconds between staggered start batches unless configured.
 pub const DEFAULT_STAGGERED_DELAY: u32 = 30;
 /// The uids vmd gives VM processes unless configured: 2048 uids from
@@ -89,6 +94,9 @@ pub struct Globals {
     pub accel: Accel,
     /// `console log` directory (Linux extension).
     pub console_log_dir: String,
+    /// `console log DIR size SIZE`: a log this large is rotated (one old
+    /// copy kept).
+    pub console_log_size: u64,
     /// `shutdown timeout` in seconds (Linux extension).
     pub shutdown_timeout: u32,
     /// `uid range` for VM processes (Linux extension).
@@ -108,6 +116,7 @@ impl Default for Globals {
             staggered_start: None,
             accel: Accel::Auto,
             console_log_dir: DEFAULT_CONSOLE_LOG_DIR.to_string(),
+            console_log_size: DEFAULT_CONSOLE_LOG_SIZE,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             uid_range: DEFAULT_UID_RANGE,
         }

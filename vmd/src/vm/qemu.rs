@@ -1,0 +1,423 @@
+//! The QEMU backend: QEMU's command line, starting it under the VM's uid,
+//! and its QMP monitor.
+//!
+//! QEMU never opens a user's file by name: disks come as descriptors in
+//! fdsets (`-add-fd`, `/dev/fdset/N`) with one explicit `-blockdev` node
+//! per file of a qcow2 chain, the kernel and initrd as memfds named by
+//! `/proc/self/fd/N`. QMP and the serial port are socketpairs
+//! (`-chardev socket,fd=N`). It starts paused (`-S`); the VM process sends
+//! `cont` once it has dropped its own privileges.
+//!
+//! QEMU inherits no seccomp filter (it is spawned before the VM process
+//! installs its own) and installs QEMU's own with `-sandbox on,...`.
+
+use common::disk::DiskFormat;
+use common::imsg::VmParams;
+use nix::errno::Errno;
+use nix::unistd::Pid;
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use thiserror::Error;
+
+/// The emulator (Debian `qemu-system-x86`).
+pub const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+
+/// The kernel command line when the VM sets none.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
+
+#[derive(Debug, Error)]
+pub enum QemuError {
+    #[error("cannot create a {what}: {err}")]
+    Create { what: &'static str, err: Errno },
+    #[error("cannot copy the {what} into memory: {err}")]
+    Copy {
+        what: &'static str,
+        err: std::io::Error,
+    },
+    #[error("cannot start {QEMU}: {0}")]
+    Fork(Errno),
+    #[error("a QEMU argument holds a NUL byte")]
+    Nul,
+}
+
+/// One file of a disk's chain as the VM process received it.
+pub struct DiskLayer {
+    pub disk: u8,
+    pub layer: u8,
+    pub format: DiskFormat,
+    pub writable: bool,
+    pub fd: OwnedFd,
+}
+
+/// What QEMU gets: every descriptor it inherits stays open here until it
+/// has started.
+pub struct QemuFiles {
+    pub kernel: OwnedFd,
+    pub initrd: Option<OwnedFd>,
+    pub disks: Vec<DiskLayer>,
+    /// QEMU's ends of the QMP and serial socketpairs.
+    pub qmp: OwnedFd,
+    pub serial: OwnedFd,
+}
+
+/// Copies a file into a new memfd (QEMU loads the kernel and initrd by
+/// name only; /proc/self/fd/N of a memfd is a name that needs no path).
+pub fn to_memfd(what: &'static str, file: OwnedFd) -> Result<OwnedFd, QemuError> {
+    let name = CString::new(what).map_err(|_| QemuError::Nul)?;
+    // SAFETY: memfd_create with a NUL-terminated name; returns a new fd.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(QemuError::Create {
+            what: "memfd",
+            err: Errno::last(),
+        });
+    }
+    // SAFETY: memfd_create just returned this descriptor; nothing else owns it.
+    let mut memfd =
+        std::fs::File::from(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    let mut source = std::fs::File::from(file);
+    std::io::copy(&mut source, &mut memfd).map_err(|err| QemuError::Copy { what, err })?;
+    Ok(OwnedFd::from(memfd))
+}
+
+/// QEMU's arguments (after argv[0]) for `params` with `files`.
+pub fn qemu_args(params: &VmParams, files: &QemuFiles) -> Vec<String> {
+    let mut args: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
+    push(&["-name", &params.name]);
+    push(&["-S", "-nodefaults", "-no-user-config", "-no-reboot"]);
+    push(&[
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    ]);
+    push(&["-display", "none"]);
+    if params.kvm {
+        push(&["-accel", "kvm", "-cpu", "host"]);
+    } else {
+        push(&["-accel", "tcg"]);
+    }
+    push(&["-m", &format!("{}M", params.memory >> 20)]);
+    push(&["-smp", &params.vcpus.to_string()]);
+    push(&[
+        "-chardev",
+        &format!("socket,id=qmp,fd={}", files.qmp.as_raw_fd()),
+        "-mon",
+        "chardev=qmp,mode=control",
+    ]);
+    push(&[
+        "-chardev",
+        &format!("socket,id=serial0,fd={}", files.serial.as_raw_fd()),
+        "-serial",
+        "chardev:serial0",
+    ]);
+    push(&["-kernel", &proc_fd(files.kernel.as_raw_fd())]);
+    if let Some(initrd) = &files.initrd {
+        push(&["-initrd", &proc_fd(initrd.as_raw_fd())]);
+    }
+    push(&["-append", &params.cmdline]);
+    args.extend(disk_args(&files.disks));
+    args
+}
+
+fn proc_fd(fd: RawFd) -> String {
+    format!("/proc/self/fd/{fd}")
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+/// `-add-fd` and `-blockdev` for every layer, bottom first (a node must
+/// exist before an overlay names it as backing), then one virtio-blk
+/// device per disk on its top node.
+pub fn disk_args(layers: &[DiskLayer]) -> Vec<String> {
+    let mut args = Vec::new();
+    let node = |disk: u8, layer: u8| format!("disk{disk}-{layer}");
+    let mut sorted: Vec<&DiskLayer> = layers.iter().collect();
+    sorted.sort_by_key(|l| (l.disk, std::cmp::Reverse(l.layer)));
+    for (set, l) in sorted.iter().enumerate() {
+        let set = set + 1;
+        let name = node(l.disk, l.layer);
+        let ro = on_off(!l.writable);
+        args.push("-add-fd".to_string());
+        args.push(format!("fd={},set={set}", l.fd.as_raw_fd()));
+        args.push("-blockdev".to_string());
+        args.push(format!(
+            "driver=file,node-name={name}-file,filename=/dev/fdset/{set},read-only={ro}"
+        ));
+        let below = layers
+            .iter()
+            .any(|b| b.disk == l.disk && b.layer == l.layer + 1);
+        args.push("-blockdev".to_string());
+        args.push(match l.format {
+            DiskFormat::Raw => {
+                format!("driver=raw,node-name={name},file={name}-file,read-only={ro}")
+            }
+            DiskFormat::Qcow2 => {
+                // Always name the backing node (or null): QEMU must not
+                // follow the name in the header.
+                let backing = if below {
+                    node(l.disk, l.layer + 1)
+                } else {
+                    "null".to_string()
+                };
+                format!(
+                    "driver=qcow2,node-name={name},file={name}-file,read-only={ro},backing={backing}"
+                )
+            }
+        });
+    }
+    let mut disks: Vec<u8> = layers.iter().map(|l| l.disk).collect();
+    disks.sort();
+    disks.dedup();
+    for disk in disks {
+        args.push("-device".to_string());
+        args.push(format!(
+            "virtio-blk-pci,drive={},id=vd{disk}",
+            node(disk, 0)
+        ));
+    }
+    args
+}
+
+/// Starts QEMU with `args` in a session of its own, under `params`' uid,
+/// gid and QEMU groups, with the descriptors in `keep` inherited under
+/// their own numbers, stdin and stdout on /dev/null and stderr on
+/// `stderr`. The caller has already cleared the capability bounding,
+/// ambient and inheritable sets (they pass through fork), so after
+/// setresuid QEMU holds no capability and cannot get one back.
+pub fn spawn(
+    params: &VmParams,
+    args: &[String],
+    keep: &[RawFd],
+    stderr: &OwnedFd,
+) -> Result<Pid, QemuError> {
+    let path = CString::new(QEMU).map_err(|_| QemuError::Nul)?;
+    let mut argv = vec![CString::new("qemu-system-x86_64").map_err(|_| QemuError::Nul)?];
+    for arg in args {
+        argv.push(CString::new(arg.as_str()).map_err(|_| QemuError::Nul)?);
+    }
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    let groups: Vec<libc::gid_t> = params.qemu_groups.clone();
+    let (uid, gid) = (params.uid, params.gid);
+    let devnull = nix::fcntl::open(
+        "/dev/null",
+        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|err| QemuError::Create {
+        what: "/dev/null descriptor",
+        err,
+    })?;
+    let me = std::process::id() as libc::pid_t;
+    let err_fd = stderr.as_raw_fd();
+
+    // SAFETY: the VM process is single-threaded; the child makes only raw
+    // system calls on data prepared above before it execs or _exits.
+    match unsafe { nix::unistd::fork() } {
+        Err(err) => {
+            let _ = nix::unistd::close(devnull);
+            Err(QemuError::Fork(err))
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            let _ = nix::unistd::close(devnull);
+            Ok(child)
+        }
+        Ok(nix::unistd::ForkResult::Child) => unsafe {
+            let fail = |msg: &[u8]| -> ! {
+                libc::write(err_fd, msg.as_ptr().cast(), msg.len());
+                libc::_exit(127)
+            };
+            if libc::setsid() < 0 {
+                fail(b"setsid failed\n");
+            }
+            libc::dup2(devnull, 0);
+            libc::dup2(devnull, 1);
+            libc::dup2(err_fd, 2);
+            for fd in keep {
+                libc::fcntl(*fd, libc::F_SETFD, 0);
+            }
+            // The drop, in the order that works (raw calls: this thread is
+            // the only one).
+            if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0 {
+                fail(b"setgroups failed\n");
+            }
+            if libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0 {
+                fail(b"setresgid failed\n");
+            }
+            if libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0 {
+                fail(b"setresuid failed\n");
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
+                || libc::getppid() != me
+            {
+                fail(b"the VM process went away\n");
+            }
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                fail(b"PR_SET_NO_NEW_PRIVS failed\n");
+            }
+            libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), envp.as_ptr());
+            fail(b"cannot execute /usr/bin/qemu-system-x86_64\n")
+        },
+    }
+}
+
+/// The QMP conversation: negotiate, then `cont`, then events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QmpState {
+    /// Waiting for QEMU's greeting.
+    Greeting,
+    /// `qmp_capabilities` sent.
+    Capabilities,
+    /// `cont` sent.
+    Cont,
+    /// The guest runs.
+    Running,
+}
+
+/// What one line from QMP means to the VM process.
+#[derive(Debug, PartialEq, Eq)]
+pub enum QmpReply {
+    /// Send this command next.
+    Send(&'static str),
+    /// The guest now runs.
+    Running,
+    /// The guest shut down (reason as QEMU names it); QEMU exits.
+    Shutdown(String),
+    /// A command failed.
+    Error(String),
+    Nothing,
+}
+
+/// Advances the conversation by one JSON line from QEMU.
+pub fn qmp_line(state: &mut QmpState, line: &str) -> QmpReply {
+    let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+        return QmpReply::Error(format!("unreadable QMP line: {line}"));
+    };
+    if let Some(event) = msg.get("event").and_then(|e| e.as_str()) {
+        if event == "SHUTDOWN" {
+            let reason = msg
+                .pointer("/data/reason")
+                .and_then(|r| r.as_str())
+                .unwrap_or("unknown");
+            return QmpReply::Shutdown(reason.to_string());
+        }
+        return QmpReply::Nothing;
+    }
+    if let Some(error) = msg.get("error") {
+        let desc = error
+            .get("desc")
+            .and_then(|d| d.as_str())
+            .unwrap_or("unknown error");
+        return QmpReply::Error(desc.to_string());
+    }
+    match *state {
+        QmpState::Greeting if msg.get("QMP").is_some() => {
+            *state = QmpState::Capabilities;
+            QmpReply::Send("qmp_capabilities")
+        }
+        QmpState::Capabilities if msg.get("return").is_some() => {
+            *state = QmpState::Cont;
+            QmpReply::Send("cont")
+        }
+        QmpState::Cont if msg.get("return").is_some() => {
+            *state = QmpState::Running;
+            QmpReply::Running
+        }
+        _ => QmpReply::Nothing,
+    }
+}
+
+/// A QMP command as one line.
+pub fn qmp_command(name: &str) -> String {
+    format!("{{\"execute\": \"{name}\"}}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(disk: u8, layer: u8, format: DiskFormat, writable: bool) -> DiskLayer {
+        let fd = nix::fcntl::open(
+            "/dev/null",
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .expect("open /dev/null");
+        DiskLayer {
+            disk,
+            layer,
+            format,
+            writable,
+            // SAFETY: open just returned it.
+            fd: unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) },
+        }
+    }
+
+    #[test]
+    fn qcow2_chain_nodes_bottom_first_with_explicit_backing() {
+        let layers = vec![
+            layer(0, 0, DiskFormat::Qcow2, true),
+            layer(0, 1, DiskFormat::Raw, false),
+            layer(1, 0, DiskFormat::Qcow2, true),
+        ];
+        let args = disk_args(&layers).join(" ");
+        let base = args.find("node-name=disk0-1,").expect("base node");
+        let top = args.find("node-name=disk0-0,").expect("top node");
+        assert!(base < top, "{args}");
+        assert!(args.contains(
+            "driver=qcow2,node-name=disk0-0,file=disk0-0-file,read-only=off,backing=disk0-1"
+        ));
+        assert!(args.contains("driver=raw,node-name=disk0-1,file=disk0-1-file,read-only=on"));
+        assert!(args.contains("node-name=disk1-0,file=disk1-0-file,read-only=off,backing=null"));
+        assert!(args.contains("virtio-blk-pci,drive=disk0-0,id=vd0"));
+        assert!(args.contains("virtio-blk-pci,drive=disk1-0,id=vd1"));
+        assert!(!args.contains("drive=disk0-1"));
+        assert_eq!(args.matches("-add-fd").count(), 3);
+    }
+
+    #[test]
+    fn qmp_conversation() {
+        let mut state = QmpState::Greeting;
+        assert_eq!(
+            qmp_line(
+                &mut state,
+                r#"{"QMP": {"version": {}, "capabilities": []}}"#
+            ),
+            QmpReply::Send("qmp_capabilities")
+        );
+        assert_eq!(
+            qmp_line(&mut state, r#"{"return": {}}"#),
+            QmpReply::Send("cont")
+        );
+        assert_eq!(
+            qmp_line(
+                &mut state,
+                r#"{"timestamp": {"seconds": 1}, "event": "RESUME"}"#
+            ),
+            QmpReply::Nothing
+        );
+        assert_eq!(qmp_line(&mut state, r#"{"return": {}}"#), QmpReply::Running);
+        assert_eq!(
+            qmp_line(
+                &mut state,
+                r#"{"event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-shutdown"}}"#
+            ),
+            QmpReply::Shutdown("guest-shutdown".into())
+        );
+        assert!(matches!(qmp_line(&mut state, "{"), QmpReply::Error(_)));
+        assert_eq!(
+            qmp_line(
+                &mut state,
+                r#"{"error": {"class": "GenericError", "desc": "no"}}"#
+            ),
+            QmpReply::Error("no".into())
+        );
+    }
+}

@@ -1,0 +1,735 @@
+//! Running VMs, the parent's side: everything the parent does so that a
+//! VM process (vm/) can run a guest, and nothing about which VMs exist
+//! (that is the registry's).
+//!
+//! The interface, for the registry:
+//! - [`Vmm::start`] opens the VM's files (kernel, initrd, disk chains, as
+//!   the requester), allocates a uid/gid from `uid range`, opens the pty
+//!   and the console log, spawns the VM process and hands it all that;
+//!   it returns the VM process's pid and the tty, or a [`StartError`]
+//!   whose text is the message for vmctl.
+//! - [`Vmm::force_stop`] kills a VM at once.
+//! - [`Vmm::info`] is what `status` shows of a running VM.
+//! - The parent's loop passes events on tokens [`Vmm::owns_token`] says
+//!   are ours to [`Vmm::handle_event`], and every pid it reaps that is not
+//!   one of its own children to [`Vmm::reaped`], which returns
+//!   [`VmEnded`] for a VM process: the VM is stopped and its uid, disk
+//!   locks, pty and console log are released.
+
+use crate::log::{self, log_debug, log_info, log_warn};
+use crate::proc;
+use common::config::{Accel, Globals, UidRange, VmConfig};
+use common::image::{self, Layer};
+use common::imsg::{Channel, Frame, Message, Role, VmFdKind, VmParams};
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::WaitStatus;
+use nix::unistd::{Gid, Group, Pid, Uid, User};
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// Tokens from here up are VM processes' channels (base + VM id).
+pub const VM_TOKEN_BASE: usize = 1 << 24;
+/// How long a reaped VM's QEMU may take to disappear before its uid is
+/// given back anyway.
+const QEMU_GONE_WAIT: Duration = Duration::from_secs(2);
+
+/// Who asked for the start: files are opened with these credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requester {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+impl Requester {
+    pub fn root() -> Requester {
+        Requester {
+            uid: 0,
+            gid: 0,
+            groups: Vec::new(),
+        }
+    }
+}
+
+/// A VM that started: its VM process and its pty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Started {
+    pub pid: u32,
+    /// `/dev/pts/N`.
+    pub tty: String,
+}
+
+/// What `status` shows of a running VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunInfo {
+    pub pid: u32,
+    pub tty: String,
+    /// QEMU's resident memory, once QEMU runs.
+    pub cur_memory: Option<u64>,
+}
+
+/// A VM process ended; everything it held is released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmEnded {
+    pub id: u32,
+    pub name: String,
+    /// How the VM process ended, for the log.
+    pub why: String,
+    /// The guest's own shutdown (QMP SHUTDOWN reason), if it reported one.
+    pub guest_reason: Option<String>,
+}
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("vm {0} is already running")]
+    AlreadyRunning(u32),
+    #[error("no kernel to boot: give one with -b or `boot` in vm.conf")]
+    NoKernel,
+    #[error("could not open kernel {path}: {why}")]
+    Kernel { path: String, why: String },
+    #[error("could not open initrd {path}: {why}")]
+    Initrd { path: String, why: String },
+    #[error("could not open disk image(s): {0}")]
+    Disk(String),
+    #[error("could not open disk image(s): {0} is in use by another VM")]
+    DiskInUse(String),
+    #[error("no free uid in uid range {first}-{last}: stop a VM or widen `uid range` in vm.conf")]
+    NoUid { first: u32, last: u32 },
+    #[error("accel kvm: {0}")]
+    Kvm(String),
+    #[error("cannot open a pty: {0}")]
+    Pty(Errno),
+    #[error("cannot open console log {path}: {why}")]
+    ConsoleLog { path: String, why: String },
+    #[error("cannot start the VM process: {0}")]
+    Spawn(String),
+}
+
+struct VmProc {
+    id: u32,
+    name: String,
+    pid: Pid,
+    token: Token,
+    channel: Option<Channel>,
+    uid: u32,
+    tty: String,
+    qemu_pid: Option<u32>,
+    console_log: PathBuf,
+    console_log_cap: u64,
+    guest_reason: Option<String>,
+}
+
+pub struct Vmm {
+    registry: Registry,
+    vms: Vec<VmProc>,
+}
+
+impl Vmm {
+    /// `registry` is the parent loop's (a clone), for the VM channels.
+    pub fn new(registry: Registry) -> Vmm {
+        Vmm {
+            registry,
+            vms: Vec::new(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.vms.is_empty()
+    }
+
+    pub fn owns_token(token: Token) -> bool {
+        token.0 >= VM_TOKEN_BASE
+    }
+
+    /// Starts VM `id` as configured in `vm` (kernel, initrd, cmdline,
+    /// disks, memory, vcpus, accel), for `requester`.
+    pub fn start(
+        &mut self,
+        id: u32,
+        vm: &VmConfig,
+        globals: &Globals,
+        requester: &Requester,
+    ) -> Result<Started, StartError> {
+        if self.vms.iter().any(|v| v.id == id) {
+            return Err(StartError::AlreadyRunning(id));
+        }
+        let kernel_path = vm.boot.as_deref().ok_or(StartError::NoKernel)?;
+        let kvm = vmm_use_kvm(vm.accel_or(globals))?;
+        let (kernel, initrd, disks) = as_requester(requester, || {
+            let kernel = open_regular(kernel_path).map_err(|why| StartError::Kernel {
+                path: kernel_path.to_string(),
+                why,
+            })?;
+            let initrd = match vm.initrd.as_deref() {
+                Some(path) => Some(open_regular(path).map_err(|why| StartError::Initrd {
+                    path: path.to_string(),
+                    why,
+                })?),
+                None => None,
+            };
+            let disks = vm
+                .disks
+                .iter()
+                .map(|d| vmm_open_disk(Path::new(&d.path), d.format))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok::<_, StartError>((kernel, initrd, disks))
+        })?;
+        let uid = self.allocate_uid(globals.uid_range)?;
+        let (master, slave, tty) = open_pty(requester.uid).map_err(StartError::Pty)?;
+        let console_log = Path::new(&globals.console_log_dir).join(format!("{}.console", vm.name));
+        let (log_fd, log_size) =
+            open_console_log(&console_log).map_err(|why| StartError::ConsoleLog {
+                path: console_log.display().to_string(),
+                why,
+            })?;
+
+        let mut fds: Vec<(VmFdKind, OwnedFd)> = vec![(VmFdKind::Kernel, kernel.into())];
+        if let Some(initrd) = initrd {
+            fds.push((VmFdKind::Initrd, initrd.into()));
+        }
+        for (disk, layers) in disks.into_iter().enumerate() {
+            for (layer, l) in layers.into_iter().enumerate() {
+                fds.push((
+                    VmFdKind::Disk {
+                        disk: disk as u8,
+                        layer: layer as u8,
+                        format: l.format,
+                        writable: layer == 0,
+                    },
+                    l.file.into(),
+                ));
+            }
+        }
+        fds.push((VmFdKind::PtyMaster, master));
+        fds.push((VmFdKind::PtySlave, slave));
+        fds.push((VmFdKind::ConsoleLog, log_fd));
+
+        let qemu_groups = if kvm {
+            vec![kvm_group()
+                .map(|g| g.as_raw())
+                .ok_or_else(|| StartError::Kvm("group kvm does not exist".into()))?]
+        } else {
+            Vec::new()
+        };
+        let params = VmParams {
+            id,
+            name: vm.name.clone(),
+            memory: vm.memory_bytes(),
+            vcpus: vm.vcpu_count(),
+            cmdline: vm
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| crate::vm::qemu::DEFAULT_CMDLINE.to_string()),
+            kvm,
+            uid,
+            gid: uid,
+            qemu_groups,
+            console_log_cap: globals.console_log_size,
+            console_log_size: log_size,
+            fd_count: fds.len() as u32,
+        };
+
+        let mut args = vec!["-P".to_string(), Role::Vm.name().to_string()];
+        args.extend((0..log::verbosity()).map(|_| "-v".to_string()));
+        let (pid, sock) =
+            proc::spawn(Role::Vm.name(), &args).map_err(|e| StartError::Spawn(e.to_string()))?;
+        let token = Token(VM_TOKEN_BASE + id as usize);
+        let mut channel = Channel::new(sock);
+        let sent = channel
+            .writer
+            .push(Frame::new(Message::VmStart {
+                params: Box::new(params),
+            }))
+            .and_then(|()| {
+                for (kind, fd) in fds {
+                    let mut frame = Frame::new(Message::VmFd { kind });
+                    frame.fd = Some(fd);
+                    channel.writer.push(frame)?;
+                }
+                channel.flush()
+            })
+            .map_err(|e| e.to_string())
+            .and_then(|_| {
+                self.registry
+                    .register(
+                        &mut SourceFd(&channel.sock.as_raw_fd()),
+                        token,
+                        Interest::READABLE | Interest::WRITABLE,
+                    )
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = sent {
+            let _ = kill(pid, Signal::SIGKILL);
+            // The parent's reaping collects it; nothing else refers to it.
+            return Err(StartError::Spawn(e));
+        }
+        log_info!(
+            "started {} (vm {id}) successfully, tty {tty}, uid {uid}{}",
+            vm.name,
+            if kvm { ", kvm" } else { ", tcg" }
+        );
+        self.vms.push(VmProc {
+            id,
+            name: vm.name.clone(),
+            pid,
+            token,
+            channel: Some(channel),
+            uid,
+            tty: tty.clone(),
+            qemu_pid: None,
+            console_log,
+            console_log_cap: globals.console_log_size,
+            guest_reason: None,
+        });
+        Ok(Started {
+            pid: pid.as_raw() as u32,
+            tty,
+        })
+    }
+
+    /// Ends VM `id` at once (QEMU and its VM process); false if it does
+    /// not run. [`Vmm::reaped`] reports the end.
+    pub fn force_stop(&mut self, id: u32) -> bool {
+        let Some(vm) = self.vms.iter().find(|v| v.id == id) else {
+            return false;
+        };
+        if let Some(qemu) = vm.qemu_pid {
+            let _ = kill(Pid::from_raw(qemu as i32), Signal::SIGKILL);
+        }
+        let _ = kill(vm.pid, Signal::SIGKILL);
+        true
+    }
+
+    /// PID, TTY and CURMEM of a running VM.
+    pub fn info(&self, id: u32) -> Option<RunInfo> {
+        let vm = self.vms.iter().find(|v| v.id == id)?;
+        Some(RunInfo {
+            pid: vm.pid.as_raw() as u32,
+            tty: vm.tty.clone(),
+            cur_memory: vm.qemu_pid.and_then(|pid| qemu_rss(pid, vm.uid)),
+        })
+    }
+
+    /// The daemon stops: SIGTERM every VM process (QEMU dies with it).
+    pub fn stop_all(&self) {
+        for vm in &self.vms {
+            let _ = kill(vm.pid, Signal::SIGTERM);
+        }
+    }
+
+    /// The daemon stops and a VM did not: SIGKILL.
+    pub fn kill_all(&self) {
+        for vm in &self.vms {
+            if let Some(qemu) = vm.qemu_pid {
+                let _ = kill(Pid::from_raw(qemu as i32), Signal::SIGKILL);
+            }
+            let _ = kill(vm.pid, Signal::SIGKILL);
+        }
+    }
+
+    /// Reads and writes a VM process's channel.
+    pub fn handle_event(&mut self, token: Token) {
+        let Some(index) = self.vms.iter().position(|v| v.token == token) else {
+            return;
+        };
+        let Some(channel) = self.vms[index].channel.as_mut() else {
+            return;
+        };
+        let (frames, eof) = match channel.flush().and_then(|_| channel.receive()) {
+            Ok(received) => received,
+            Err(e) => {
+                log_warn!("vm {}: closing its channel: {e}", self.vms[index].name);
+                self.close_channel(index);
+                let _ = kill(self.vms[index].pid, Signal::SIGKILL);
+                return;
+            }
+        };
+        for frame in frames {
+            self.dispatch(index, frame);
+        }
+        if eof {
+            self.close_channel(index);
+        }
+    }
+
+    fn close_channel(&mut self, index: usize) {
+        if let Some(channel) = self.vms[index].channel.take() {
+            let _ = self
+                .registry
+                .deregister(&mut SourceFd(&channel.sock.as_raw_fd()));
+        }
+    }
+
+    fn dispatch(&mut self, index: usize, frame: Frame) {
+        let vm = &mut self.vms[index];
+        let name = vm.name.clone();
+        match frame.message {
+            Message::Ready { role: Role::Vm } => log_debug!("vm {name} (pid {}) ready", vm.pid),
+            Message::Log { level, text } => log::write_line(level, &format!("vm {name}: {text}")),
+            Message::RefusedSyscall { nr, name: call } => {
+                log_warn!("vm {name}: refused system call {call} ({nr})")
+            }
+            Message::VmRunning { qemu_pid } => {
+                log_debug!("vm {name}: QEMU (pid {qemu_pid}) runs the guest");
+                vm.qemu_pid = Some(qemu_pid);
+            }
+            Message::VmShutdown { reason } => vm.guest_reason = Some(reason),
+            Message::VmConsoleLogFull => self.rotate_console_log(index),
+            other => log_warn!("vm {name}: unexpected message {}", other.type_code().1),
+        }
+    }
+
+    /// Rotates a VM's console log if it really reached its cap (one old
+    /// copy, NAME.console.0) and sends the VM process the current file.
+    fn rotate_console_log(&mut self, index: usize) {
+        let vm = &mut self.vms[index];
+        let path = vm.console_log.clone();
+        let full = std::fs::metadata(&path).map_or(true, |m| m.len() >= vm.console_log_cap);
+        if full {
+            let mut old = path.clone().into_os_string();
+            old.push(".0");
+            if let Err(e) = std::fs::rename(&path, &old) {
+                log_warn!("vm {}: cannot rotate {}: {e}", vm.name, path.display());
+            }
+        }
+        let (fd, size) = match open_console_log(&path) {
+            Ok(opened) => opened,
+            Err(why) => {
+                log_warn!("vm {}: cannot open {}: {why}", vm.name, path.display());
+                return;
+            }
+        };
+        let mut frame = Frame::new(Message::VmConsoleLog { size });
+        frame.fd = Some(fd);
+        if let Some(channel) = vm.channel.as_mut() {
+            if let Err(e) = channel.send(frame) {
+                log_warn!("vm {}: sending the console log: {e}", vm.name);
+            }
+        }
+    }
+
+    /// A child the parent reaped: if it is a VM process, the VM ended and
+    /// everything it held is released.
+    pub fn reaped(&mut self, pid: Pid, status: WaitStatus) -> Option<VmEnded> {
+        let index = self.vms.iter().position(|v| v.pid == pid)?;
+        // What it said last (why it failed, a refused call).
+        if let Some(channel) = self.vms[index].channel.as_mut() {
+            if let Ok((frames, _)) = channel.receive() {
+                for frame in frames {
+                    self.dispatch(index, frame);
+                }
+            }
+        }
+        self.close_channel(index);
+        let vm = self.vms.remove(index);
+        // Its QEMU dies with it (PDEATHSIG); the uid is free once it is gone.
+        if let Some(qemu) = vm.qemu_pid {
+            let deadline = Instant::now() + QEMU_GONE_WAIT;
+            while process_alive_as(qemu, vm.uid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let why = match status {
+            WaitStatus::Exited(_, 0) => "exited".to_string(),
+            WaitStatus::Exited(_, code) => format!("exited with status {code}"),
+            WaitStatus::Signaled(_, Signal::SIGSYS, _) => {
+                "was killed by a refused system call (SIGSYS)".to_string()
+            }
+            WaitStatus::Signaled(_, sig, _) => format!("was killed by {}", sig.as_str()),
+            other => format!("ended ({other:?})"),
+        };
+        log_info!(
+            "vm {} (vm {}, pid {}) {why}; stopped",
+            vm.name,
+            vm.id,
+            vm.pid
+        );
+        Some(VmEnded {
+            id: vm.id,
+            name: vm.name,
+            why,
+            guest_reason: vm.guest_reason,
+        })
+    }
+
+    /// The first uid of `range` no running VM uses and that is neither a
+    /// user nor a group in the system's databases.
+    fn allocate_uid(&self, range: UidRange) -> Result<u32, StartError> {
+        (range.first..=range.last)
+            .find(|&uid| {
+                !self.vms.iter().any(|v| v.uid == uid)
+                    && matches!(User::from_uid(Uid::from_raw(uid)), Ok(None))
+                    && matches!(Group::from_gid(Gid::from_raw(uid)), Ok(None))
+            })
+            .ok_or(StartError::NoUid {
+                first: range.first,
+                last: range.last,
+            })
+    }
+}
+
+/// Whether a VM uses hardware KVM: `kvm` always, `tcg` never, `auto` when
+/// the kvm_intel or kvm_amd module is loaded (other KVM providers, such
+/// as kvm_pvm, are not hardware virtualization), /dev/kvm exists and a
+/// group kvm can be given to QEMU.
+fn vmm_use_kvm(accel: Accel) -> Result<bool, StartError> {
+    match accel {
+        Accel::Tcg => Ok(false),
+        Accel::Kvm => {
+            if !Path::new("/dev/kvm").exists() {
+                return Err(StartError::Kvm("/dev/kvm does not exist".into()));
+            }
+            if kvm_group().is_none() {
+                return Err(StartError::Kvm("group kvm does not exist".into()));
+            }
+            Ok(true)
+        }
+        Accel::Auto => {
+            Ok(hardware_kvm() && Path::new("/dev/kvm").exists() && kvm_group().is_some())
+        }
+    }
+}
+
+fn hardware_kvm() -> bool {
+    ["kvm_intel", "kvm_amd"]
+        .iter()
+        .any(|m| Path::new("/sys/module").join(m).exists())
+}
+
+fn kvm_group() -> Option<Gid> {
+    Group::from_name("kvm").ok().flatten().map(|g| g.gid)
+}
+
+/// Runs `f` with the file system credentials of `req` (fsuid, fsgid and
+/// groups), so that it opens only what the requester could open. The
+/// parent is single-threaded; the credentials are restored after.
+fn as_requester<T>(req: &Requester, f: impl FnOnce() -> T) -> T {
+    if req.uid == 0 {
+        return f();
+    }
+    let saved = nix::unistd::getgroups().unwrap_or_default();
+    let groups: Vec<Gid> = req.groups.iter().map(|&g| Gid::from_raw(g)).collect();
+    // SAFETY: setfsuid/setfsgid take integer ids and cannot fail in a way
+    // that matters here: as root, every id is allowed.
+    let _ = nix::unistd::setgroups(&groups);
+    unsafe {
+        libc::setfsgid(req.gid);
+        libc::setfsuid(req.uid);
+    }
+    let result = f();
+    // SAFETY: as above; back to root's.
+    unsafe {
+        libc::setfsuid(0);
+        libc::setfsgid(0);
+    }
+    let _ = nix::unistd::setgroups(&saved);
+    result
+}
+
+/// Opens a kernel or initrd: a regular file, read-only.
+fn open_regular(path: &str) -> Result<File, String> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| common::qcow2::io_message(&e))?;
+    match file.metadata() {
+        Ok(m) if m.is_file() => Ok(file),
+        Ok(_) => Err("not a regular file".to_string()),
+        Err(e) => Err(common::qcow2::io_message(&e)),
+    }
+}
+
+/// Opens a disk's image chain (the top read-write, the rest read-only)
+/// and locks it: the top exclusively, the files below shared, so no
+/// other VM writes to a file this one reads or writes.
+fn vmm_open_disk(path: &Path, format: common::disk::DiskFormat) -> Result<Vec<Layer>, StartError> {
+    let layers = image::open_chain(path, format, true, image::open_file)
+        .map_err(|e| StartError::Disk(e.to_string()))?;
+    for (i, layer) in layers.iter().enumerate() {
+        let op = if i == 0 { libc::LOCK_EX } else { libc::LOCK_SH };
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(layer.file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+            return Err(match Errno::last() {
+                Errno::EWOULDBLOCK => StartError::DiskInUse(layer.path.display().to_string()),
+                e => StartError::Disk(format!("{}: cannot lock: {e}", layer.path.display())),
+            });
+        }
+    }
+    Ok(layers)
+}
+
+/// A new pty, its slave raw at once and owned by `owner`: the master, the
+/// slave and the slave's name.
+fn open_pty(owner: u32) -> Result<(OwnedFd, OwnedFd, String), Errno> {
+    use nix::fcntl::OFlag;
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY)?;
+    nix::fcntl::fcntl(
+        master.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    nix::pty::grantpt(&master)?;
+    nix::pty::unlockpt(&master)?;
+    let name = nix::pty::ptsname_r(&master)?;
+    let slave_raw = nix::fcntl::open(
+        name.as_str(),
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    // SAFETY: open just returned this descriptor; nothing else owns it.
+    let slave = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(slave_raw) };
+    let mut termios = nix::sys::termios::tcgetattr(&slave)?;
+    nix::sys::termios::cfmakeraw(&mut termios);
+    nix::sys::termios::tcsetattr(&slave, nix::sys::termios::SetArg::TCSANOW, &termios)?;
+    nix::unistd::fchown(slave.as_raw_fd(), Some(Uid::from_raw(owner)), None)?;
+    nix::sys::stat::fchmod(
+        slave.as_raw_fd(),
+        nix::sys::stat::Mode::from_bits_truncate(0o620),
+    )?;
+    // SAFETY: PtyMaster owns the descriptor; into_raw_fd hands it over.
+    let master = unsafe {
+        <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(
+            master,
+        ))
+    };
+    Ok((master, slave, name))
+}
+
+/// Opens (creating) a console log for appending: root-owned, mode 0600,
+/// never through a symlink. Returns it and its size.
+fn open_console_log(path: &Path) -> Result<(OwnedFd, u64), String> {
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| common::qcow2::io_message(&e))?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.uid() != 0 {
+        return Err("not owned by root: remove it or give it to root".into());
+    }
+    Ok((file.into(), meta.len()))
+}
+
+/// The `Uid:` (real) of /proc/PID/status and the rest of the file, if
+/// the process exists and is not a zombie.
+fn proc_status(pid: u32) -> Option<(u32, String)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|rest| rest.trim().to_string())
+    };
+    if field("State:").is_some_and(|s| s.starts_with('Z')) {
+        return None;
+    }
+    let uid = field("Uid:")?.split_whitespace().next()?.parse().ok()?;
+    Some((uid, status))
+}
+
+fn process_alive_as(pid: u32, uid: u32) -> bool {
+    proc_status(pid).is_some_and(|(u, _)| u == uid)
+}
+
+/// QEMU's resident memory in bytes (VmRSS), if `pid` is still the QEMU
+/// running as `uid`.
+fn qemu_rss(pid: u32, uid: u32) -> Option<u64> {
+    let (u, status) = proc_status(pid)?;
+    if u != uid {
+        return None;
+    }
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcg_never_and_auto_only_with_hardware_modules() {
+        assert!(!vmm_use_kvm(Accel::Tcg).expect("tcg"));
+        let auto = vmm_use_kvm(Accel::Auto).expect("auto");
+        assert_eq!(
+            auto,
+            hardware_kvm() && Path::new("/dev/kvm").exists() && kvm_group().is_some()
+        );
+    }
+
+    #[test]
+    fn own_rss_is_read_from_proc() {
+        let me = std::process::id();
+        let uid = nix::unistd::getuid().as_raw();
+        assert!(qemu_rss(me, uid).is_some_and(|b| b > 0));
+        assert_eq!(qemu_rss(me, uid.wrapping_add(1)), None);
+        assert!(process_alive_as(me, uid));
+    }
+
+    #[test]
+    fn console_log_is_appended_and_refuses_symlinks() {
+        let dir = std::env::temp_dir().join(format!("vmd-vmm-test-{}", std::process::id()));
+        let path = dir.join("sub").join("x.console");
+        let (fd, size) = open_console_log(&path).expect("open");
+        assert_eq!(size, 0);
+        let mut file = File::from(fd);
+        std::io::Write::write_all(&mut file, b"hello").expect("write");
+        let (_, size) = open_console_log(&path).expect("reopen");
+        assert_eq!(size, 5);
+        let link = dir.join("link.console");
+        std::os::unix::fs::symlink(&path, &link).expect("symlink");
+        assert!(open_console_log(&link).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn pty_slave_is_raw() {
+        let (_master, slave, name) = open_pty(0).expect("pty");
+        assert!(name.starts_with("/dev/pts/"));
+        let t = nix::sys::termios::tcgetattr(&slave).expect("tcgetattr");
+        assert!(!t
+            .local_flags
+            .contains(nix::sys::termios::LocalFlags::ECHO | nix::sys::termios::LocalFlags::ICANON));
+    }
+
+    #[test]
+    fn writable_disk_is_locked_against_a_second_user() {
+        let dir = std::env::temp_dir().join(format!("vmd-vmm-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("d.img");
+        std::fs::write(&path, vec![0u8; 4096]).expect("image");
+        let first = vmm_open_disk(&path, common::disk::DiskFormat::Raw).expect("first");
+        assert!(matches!(
+            vmm_open_disk(&path, common::disk::DiskFormat::Raw),
+            Err(StartError::DiskInUse(_))
+        ));
+        drop(first);
+        assert!(vmm_open_disk(&path, common::disk::DiskFormat::Raw).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
