@@ -1,0 +1,441 @@
+#!/usr/bin/env python3
+"""regress/vm: real guests under vmd (QEMU, TCG), checked from the outside.
+
+Runs as root. Boots the test guest (regress/guest/build: Debian's cloud
+kernel and a busybox initramfs whose init prints `VMD-GUEST:` markers and
+ticks). Each case starts its own vmd (-d) with its own temp dir, socket,
+vm.conf and console log directory, and kills vmd and every QEMU it
+started at the end, even on failure.
+"""
+
+import os
+import pwd
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VMD = os.path.join(ROOT, "target", "debug", "vmd")
+VMCTL = os.path.join(ROOT, "target", "debug", "vmctl")
+GUEST_BUILD = os.environ.get("VMD_GUEST_BUILD", os.path.join(ROOT, "regress", "guest", "build"))
+EMPTY_DIR = "/var/lib/vmd/empty"
+BOOT_TIMEOUT = 60
+
+passed = 0
+failed = 0
+KERNEL = INITRD = None
+
+
+class Failure(Exception):
+    pass
+
+
+def case(name, fn):
+    global passed, failed
+    try:
+        fn()
+    except Failure as e:
+        failed += 1
+        print(f"FAIL {name}: {e}")
+    except Exception as e:  # a broken test is a failure, never a pass
+        failed += 1
+        print(f"FAIL {name}: {type(e).__name__}: {e}")
+    else:
+        passed += 1
+        print(f"ok {name}")
+    sys.stdout.flush()
+
+
+def wait_for(what, check, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise Failure(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def status_of(pid):
+    """/proc/PID/status as a dict, or None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    if fields.get("State", "").startswith(("Z", "X")):
+        return None
+    return fields
+
+
+def children_of(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = status_of(entry)
+            if st and st.get("PPid") == str(pid):
+                out.append(int(entry))
+    return out
+
+
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def in_passwd(uid):
+    try:
+        pwd.getpwuid(uid)
+        return True
+    except KeyError:
+        return False
+
+
+class Vmd:
+    """A vmd in the foreground with its own dir, socket, config, logs."""
+
+    def __init__(self, conf_extra="", log_size=None):
+        self.dir = tempfile.mkdtemp(prefix="vmd-regress-vm-")
+        self.sock = os.path.join(self.dir, "vmd.sock")
+        self.log_path = os.path.join(self.dir, "vmd.log")
+        self.console_dir = os.path.join(self.dir, "console")
+        size = f" size {log_size}" if log_size else ""
+        self.conf = os.path.join(self.dir, "vm.conf")
+        with open(self.conf, "w") as f:
+            f.write(f'accel tcg\nconsole log "{self.console_dir}"{size}\n{conf_extra}')
+        self.tracked = set()
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [VMD, "-d", "-v", "-f", self.conf, "-s", self.sock],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        wait_for("the control socket", lambda: os.path.exists(self.sock) or self.proc.poll() is not None)
+        if self.proc.poll() is not None:
+            raise Failure(f"vmd exited at startup: {self.log()}")
+
+    def log(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def vmctl(self, *args):
+        p = subprocess.run([VMCTL, "-s", self.sock, *args], capture_output=True, text=True, timeout=30)
+        return p.returncode, p.stdout + p.stderr
+
+    def start(self, name, *extra, cmdline="console=ttyS0 quiet", memory="256M"):
+        """vmctl start with the test guest; returns (id, tty)."""
+        rc, out = self.vmctl("start", name, "-b", KERNEL, "--initrd", INITRD,
+                             "--cmdline", cmdline, "-m", memory, *extra)
+        m = re.search(r"^vmctl: started vm (\d+) successfully, tty (/dev/pts/\d+)$", out, re.M)
+        if rc != 0 or not m:
+            raise Failure(f"start {name}: exit {rc}: {out.strip()}\n{self.log()}")
+        vmid, tty = int(m.group(1)), m.group(2)
+        row = self.status_row(vmid)
+        if row:
+            self.track(int(row["PID"]))
+        return vmid, tty
+
+    def track(self, vm_pid):
+        self.tracked.add(vm_pid)
+        for child in children_of(vm_pid):
+            self.tracked.add(child)
+
+    def status(self):
+        rc, out = self.vmctl("status")
+        if rc != 0:
+            raise Failure(f"status: exit {rc}: {out}")
+        lines = out.splitlines()
+        header = lines[0].split()
+        return [dict(zip(header, line.split())) for line in lines[1:]]
+
+    def status_row(self, vmid):
+        for row in self.status():
+            if row["ID"] == str(vmid):
+                return row
+        return None
+
+    def vm_pids(self, vmid):
+        """(VM process pid, QEMU pid) once QEMU runs."""
+        row = self.status_row(vmid)
+        if not row or row["PID"] == "-":
+            raise Failure(f"vm {vmid} has no PID in status: {row}")
+        vm_pid = int(row["PID"])
+        qemu = wait_for(f"QEMU of vm {vmid}",
+                        lambda: [p for p in children_of(vm_pid) if "qemu-system" in cmdline(p)])
+        self.track(vm_pid)
+        return vm_pid, qemu[0]
+
+    def console_log(self, name, suffix=""):
+        try:
+            with open(os.path.join(self.console_dir, f"{name}.console{suffix}"), errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        # VM processes and QEMUs are in sessions of their own: kill the
+        # ones this vmd started by pid.
+        for pid in self.tracked:
+            if status_of(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def with_vmd(fn, **kw):
+    def run():
+        vmd = Vmd(**kw)
+        try:
+            fn(vmd)
+        finally:
+            vmd.stop()
+    return run
+
+
+class Pty:
+    """Reads a VM's console from its pty."""
+
+    def __init__(self, path):
+        self.fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
+        self.text = ""
+
+    def wait_for(self, regex, timeout=BOOT_TIMEOUT):
+        pattern = re.compile(regex, re.M)
+        deadline = time.monotonic() + timeout
+        while not pattern.search(self.text):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Failure(f"no {regex!r} on the pty within {timeout}s; got {self.text[-500:]!r}")
+            r, _, _ = select.select([self.fd], [], [], left)
+            if r:
+                self.text += os.read(self.fd, 4096).decode(errors="replace").replace("\r", "")
+        return pattern.search(self.text)
+
+    def close(self):
+        os.close(self.fd)
+
+
+# --- cases
+
+
+def boot(vmd):
+    vmid, tty = vmd.start("boot1")
+    pty = Pty(tty)
+    try:
+        pty.wait_for(r"^VMD-GUEST: ready$")
+        pty.wait_for(r"^VMD-GUEST: tick 2$", 15)
+    finally:
+        pty.close()
+    log = wait_for("the markers in the console log",
+                   lambda: "VMD-GUEST: tick 2" in vmd.console_log("boot1") and vmd.console_log("boot1"))
+    for marker in ("VMD-GUEST: booted", "VMD-GUEST: ready", "VMD-GUEST: cmdline console=ttyS0 quiet"):
+        if marker not in log:
+            raise Failure(f"{marker!r} missing from the console log")
+    st = os.stat(os.path.join(vmd.console_dir, "boot1.console"))
+    if st.st_uid != 0 or st.st_mode & 0o077:
+        raise Failure(f"console log owner {st.st_uid} mode {oct(st.st_mode)}: want root, 0600")
+    row = vmd.status_row(vmid)
+    vm_pid, qemu = vmd.vm_pids(vmid)
+    want = {"VCPUS": "1", "MAXMEM": "256M", "TTY": tty.replace("/dev/", ""),
+            "STATE": "running", "NAME": "boot1", "OWNER": "root"}
+    for col, value in want.items():
+        if row.get(col) != value:
+            raise Failure(f"status {col} {row.get(col)!r}, want {value!r}: {row}")
+    if "vmd: vm boot1" not in cmdline(vm_pid):
+        raise Failure(f"status PID {vm_pid} is not the VM process: {cmdline(vm_pid)!r}")
+    if not re.match(r"^\d+(\.\d)?[KMG]$", wait_for("CURMEM", lambda: (vmd.status_row(vmid) or {}).get("CURMEM", "-").strip("-") or None)):
+        raise Failure(f"CURMEM not a size: {vmd.status_row(vmid)}")
+
+
+def confined(vmd):
+    vmid, _ = vmd.start("conf1")
+    vm_pid, qemu = vmd.vm_pids(vmid)
+    wait_for("the guest to run", lambda: "VMD-GUEST: ready" in vmd.console_log("conf1"), BOOT_TIMEOUT)
+    for what, pid in (("VM process", vm_pid), ("QEMU", qemu)):
+        st = status_of(pid)
+        uids = st["Uid"].split()
+        if "0" in uids or len(set(uids)) != 1:
+            raise Failure(f"{what} uids {uids}")
+        if in_passwd(int(uids[0])):
+            raise Failure(f"{what} uid {uids[0]} is in /etc/passwd")
+        for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            if int(st[cap], 16) != 0:
+                raise Failure(f"{what} {cap} {st[cap]}")
+        if st["NoNewPrivs"] != "1" or st["Seccomp"] != "2":
+            raise Failure(f"{what} NoNewPrivs {st['NoNewPrivs']} Seccomp {st['Seccomp']}")
+    if os.readlink(f"/proc/{vm_pid}/root") != EMPTY_DIR:
+        raise Failure(f"VM process root is {os.readlink(f'/proc/{vm_pid}/root')}")
+    if status_of(qemu)["Uid"] != status_of(vm_pid)["Uid"]:
+        raise Failure("QEMU and the VM process run as different uids")
+    if os.getsid(qemu) != qemu:
+        raise Failure("QEMU is not in a session of its own")
+    if "kvm" in cmdline(qemu).split("-accel ")[1].split()[0]:
+        raise Failure(f"accel tcg gave {cmdline(qemu)}")
+
+
+def two_vms(vmd):
+    a, _ = vmd.start("two1")
+    b, _ = vmd.start("two2")
+    uids = []
+    for vmid in (a, b):
+        vm_pid, qemu = vmd.vm_pids(vmid)
+        uid = int(status_of(vm_pid)["Uid"].split()[0])
+        if int(status_of(qemu)["Uid"].split()[0]) != uid:
+            raise Failure(f"vm {vmid}: QEMU uid differs from its VM process")
+        if uid == 0 or in_passwd(uid):
+            raise Failure(f"vm {vmid} runs as uid {uid}")
+        uids.append(uid)
+    if uids[0] == uids[1]:
+        raise Failure(f"both VMs run as uid {uids[0]}")
+    for name in ("two1", "two2"):
+        wait_for(f"{name} to boot", lambda: "VMD-GUEST: ready" in vmd.console_log(name), BOOT_TIMEOUT)
+
+
+def stop_force_and_uid_reuse(vmd):
+    vmid, tty = vmd.start("stop1")
+    vm_pid, qemu = vmd.vm_pids(vmid)
+    uid = status_of(vm_pid)["Uid"].split()[0]
+    rc, out = vmd.vmctl("stop", "-f", str(vmid))
+    if rc != 0 or f"stopping vm stop1: forced to terminate vm {vmid}" not in out:
+        raise Failure(f"stop -f: exit {rc}: {out.strip()}")
+    wait_for("the VM process and QEMU to end", lambda: not status_of(vm_pid) and not status_of(qemu), 5)
+    row = vmd.status_row(vmid)
+    if row is not None and row["STATE"] != "stopped":
+        raise Failure(f"after stop -f: {row}")
+    vmid2, _ = vmd.start("stop2")
+    vm_pid2, _ = vmd.vm_pids(vmid2)
+    uid2 = status_of(vm_pid2)["Uid"].split()[0]
+    if uid2 != uid:
+        raise Failure(f"the stopped VM's uid {uid} was not reused (got {uid2})")
+
+
+def disk_in_use(vmd):
+    disk = os.path.join(vmd.dir, "shared.img")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", disk, "16M"], check=True)
+    vmid, _ = vmd.start("disk1", "-d", disk)
+    wait_for("disk1 to see its disk",
+             lambda: "VMD-GUEST: disk vda 16777216 bytes rw" in vmd.console_log("disk1"), BOOT_TIMEOUT)
+    rc, out = vmd.vmctl("start", "disk2", "-b", KERNEL, "-d", disk)
+    if rc == 0 or "could not open disk image(s)" not in out:
+        raise Failure(f"second VM on a writable disk in use: exit {rc}: {out.strip()}")
+    rc, out = vmd.vmctl("stop", "-f", str(vmid))
+    wait_for("disk1 to stop", lambda: (vmd.status_row(vmid) or {"STATE": "stopped"})["STATE"] == "stopped", 5)
+    # Freed: a new VM may have it.
+    wait_for("the disk to be free", lambda: vmd.vmctl("start", "disk3", "-b", KERNEL, "--initrd", INITRD,
+                                                       "-d", disk)[0] == 0, 5)
+
+
+def qcow2_chain(vmd):
+    base = os.path.join(vmd.dir, "base.raw")
+    top = os.path.join(vmd.dir, "top.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", base, "32M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, top], check=True)
+    vmd.start("chain1", "-d", top)
+    wait_for("the guest to see the overlay", lambda: "VMD-GUEST: disk vda 33554432 bytes rw" in vmd.console_log("chain1"),
+             BOOT_TIMEOUT)
+    # The base is locked shared: nobody may write to it now.
+    rc, out = vmd.vmctl("start", "chain2", "-b", KERNEL, "-d", base)
+    if rc == 0 or "in use" not in out:
+        raise Failure(f"writable start on a base in use: exit {rc}: {out.strip()}")
+
+
+def rotation(vmd):
+    # Without `quiet` the kernel's boot messages pass the 2K cap at once.
+    vmd.start("rot1", cmdline="console=ttyS0")
+    wait_for("a rotated log", lambda: vmd.console_log("rot1", ".0"), BOOT_TIMEOUT)
+    wait_for("the guest to be ready", lambda: "VMD-GUEST: ready" in vmd.console_log("rot1") + vmd.console_log("rot1", ".0"),
+             BOOT_TIMEOUT)
+    for suffix in ("", ".0"):
+        size = os.path.getsize(os.path.join(vmd.console_dir, f"rot1.console{suffix}"))
+        if size > 2048 + 64 * 1024:
+            raise Failure(f"rot1.console{suffix} is {size} bytes with a 2K cap")
+    extra = [f for f in os.listdir(vmd.console_dir) if f.startswith("rot1.console") and f not in ("rot1.console", "rot1.console.0")]
+    if extra:
+        raise Failure(f"more than one old copy: {extra}")
+
+
+def bad_files(vmd):
+    missing = os.path.join(vmd.dir, "nope")
+    checks = [
+        (("start", "k1", "-b", missing), "could not open kernel"),
+        (("start", "k2", "-b", KERNEL, "--initrd", missing), "could not open initrd"),
+        (("start", "k3", "-b", KERNEL, "-d", missing), "could not open disk image(s)"),
+    ]
+    for args, message in checks:
+        rc, out = vmd.vmctl(*args)
+        if rc == 0 or message not in out:
+            raise Failure(f"vmctl {' '.join(args)}: exit {rc}: {out.strip()}; want {message!r}")
+
+
+def unbuilt_options(vmd):
+    for opts in (("-i", "1"), ("-L",), ("-n", "sw"), ("-B", "net")):
+        rc, out = vmd.vmctl("start", "u1", "-b", KERNEL, *opts)
+        if rc == 0 or "started" in out:
+            raise Failure(f"start {' '.join(opts)} was accepted: {out.strip()}")
+
+
+def guest_poweroff_stops_the_vm(vmd):
+    vmid, _ = vmd.start("off1", cmdline="console=ttyS0 quiet vmd.action=poweroff-after-1s")
+    vm_pid, qemu = vmd.vm_pids(vmid)
+    wait_for("the VM to stop after the guest powered off",
+             lambda: not status_of(vm_pid) and not status_of(qemu), BOOT_TIMEOUT)
+    wait_for("status to show it gone", lambda: (vmd.status_row(vmid) or {"STATE": "stopped"})["STATE"] == "stopped", 5)
+
+
+def main():
+    global KERNEL, INITRD
+    if os.geteuid() != 0:
+        print("FAIL setup: regress/vm runs as root")
+        print("0 passed, 1 failed")
+        return 1
+    for binary in (VMD, VMCTL):
+        if not os.path.exists(binary):
+            subprocess.run(["cargo", "build", "-q", "-p", "vmd", "-p", "vmctl"], cwd=ROOT, check=True)
+    if not shutil.which("qemu-system-x86_64"):
+        print("FAIL setup: qemu-system-x86_64 is missing; run regress/setup")
+        print("0 passed, 1 failed")
+        return 1
+    p = subprocess.run([GUEST_BUILD, "--print"], capture_output=True, text=True)
+    m = re.search(r"KERNEL=(\S+) INITRD=(\S+)", p.stdout)
+    if p.returncode != 0 or not m:
+        print(f"FAIL setup: {GUEST_BUILD} failed: {p.stderr.strip()}")
+        print("0 passed, 1 failed")
+        return 1
+    KERNEL, INITRD = m.group(1), m.group(2)
+
+    case("boot-markers-reach-pty-and-log", with_vmd(boot))
+    case("vm-process-and-qemu-confined", with_vmd(confined))
+    case("two-vms-two-uids", with_vmd(two_vms))
+    case("stop-force-and-uid-reuse", with_vmd(stop_force_and_uid_reuse))
+    case("writable-disk-in-use-refused", with_vmd(disk_in_use))
+    case("qcow2-chain-and-shared-base-lock", with_vmd(qcow2_chain))
+    case("console-log-rotates", with_vmd(rotation, log_size="2K"))
+    case("missing-files-refused", with_vmd(bad_files))
+    case("unbuilt-options-refused", with_vmd(unbuilt_options))
+    case("guest-poweroff-stops-vm", with_vmd(guest_poweroff_stops_the_vm))
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
