@@ -48,6 +48,10 @@ pub const CHILD_SYSCALLS: &[Allowed] = &[
         "exit when the parent closes the socket",
     ),
     (libc::SYS_exit, "exit (thread)"),
+    (
+        libc::SYS_sigaltstack,
+        "exit: the runtime's thread-local destructors disable the signal stack",
+    ),
 ];
 
 /// The system call the SIGSYS handler makes to die: it is in no allow-list,

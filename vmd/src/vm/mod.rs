@@ -107,10 +107,11 @@ pub fn vm_main(verbosity: u8) -> ExitCode {
     };
     proc::set_title(&format!("vmd: vm {}", params.name));
     match vm_run(start, params, fds) {
-        Ok(code) => code,
+        Ok(true) => std::process::exit(0),
+        Ok(false) => std::process::exit(1),
         Err(e) => {
             log_warn!("{e}");
-            ExitCode::FAILURE
+            std::process::exit(1)
         }
     }
 }
@@ -215,7 +216,7 @@ fn set_nonblocking(fd: RawFd) -> Result<(), VmError> {
 }
 
 /// Starts QEMU, drops, lets the guest run and relays until QEMU ends.
-fn vm_run(start: ChildStart, params: VmParams, fds: StartFds) -> Result<ExitCode, VmError> {
+fn vm_run(start: ChildStart, params: VmParams, fds: StartFds) -> Result<bool, VmError> {
     let missing = |what: &str| VmError::Receive(format!("no {what} descriptor"));
     let kernel = fds.kernel.ok_or_else(|| missing("kernel"))?;
     let pty = fds.pty_master.ok_or_else(|| missing("pty"))?;
@@ -412,7 +413,8 @@ struct Vm {
 }
 
 impl Vm {
-    fn run(&mut self) -> ExitCode {
+    /// Relays until QEMU ends; true if it exited cleanly.
+    fn run(&mut self) -> bool {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             let Some(qmp) = self.qmp.as_ref().map(|fd| fd.as_raw_fd()) else {
@@ -588,13 +590,13 @@ impl Vm {
         }
     }
 
-    fn kill_and_finish(&mut self) -> ExitCode {
+    fn kill_and_finish(&mut self) -> bool {
         let _ = nix::sys::signal::kill(self.qemu, nix::sys::signal::Signal::SIGKILL);
         self.finish()
     }
 
     /// QEMU closed QMP: say what it left on stderr, collect it, exit.
-    fn finish(&mut self) -> ExitCode {
+    fn finish(&mut self) -> bool {
         let mut buf = vec![0u8; 4096];
         // Its stderr closes when it is gone; read it to the end.
         while let Some(fd) = self.stderr.as_ref().map(|fd| fd.as_raw_fd()) {
@@ -616,19 +618,19 @@ impl Vm {
         match status {
             Ok(WaitStatus::Exited(_, 0)) => {
                 log_info!("QEMU exited");
-                ExitCode::SUCCESS
+                true
             }
             Ok(WaitStatus::Exited(_, code)) => {
                 log_warn!("QEMU exited with status {code}");
-                ExitCode::FAILURE
+                false
             }
             Ok(WaitStatus::Signaled(_, sig, _)) => {
                 log_warn!("QEMU was killed by {}", sig.as_str());
-                ExitCode::FAILURE
+                false
             }
             other => {
                 log_warn!("QEMU ended: {other:?}");
-                ExitCode::FAILURE
+                false
             }
         }
     }
