@@ -29,8 +29,10 @@ regress: build
 bench: all
 	sh regress/bench
 
+# Boots the test guest in demo mode under vmd and shows its console
+# (examples/demo; Ctrl-C stops it). As root.
 demo: all
-	./target/release/vmd -n -v -f examples/vm.conf
+	sh examples/demo target/release
 
 install: all
 	install -d $(SBINDIR) $(MANDIR)/man5 $(MANDIR)/man8
