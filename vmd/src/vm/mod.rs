@@ -462,15 +462,15 @@ impl Vm {
             };
             for fd in ready {
                 if fd == parent {
-                    self.from_parent();
+                    self.on_parent();
                 } else if fd == qmp {
-                    self.from_qmp(&mut buf);
+                    self.on_qmp(&mut buf);
                 } else if Some(fd) == serial {
-                    self.from_guest(&mut buf);
+                    self.on_guest(&mut buf);
                 } else if fd == self.pty.as_raw_fd() {
-                    self.from_pty(&mut buf);
+                    self.on_pty(&mut buf);
                 } else if Some(fd) == stderr {
-                    self.from_stderr(&mut buf);
+                    self.on_stderr(&mut buf);
                 }
             }
         }
@@ -482,7 +482,7 @@ impl Vm {
         }
     }
 
-    fn from_parent(&mut self) {
+    fn on_parent(&mut self) {
         if let Err(e) = self.channel.flush() {
             log_warn!("sending to the parent: {e}");
         }
@@ -499,7 +499,7 @@ impl Vm {
         }
     }
 
-    fn from_qmp(&mut self, buf: &mut [u8]) {
+    fn on_qmp(&mut self, buf: &mut [u8]) {
         let Some(fd) = self.qmp.as_ref().map(|fd| fd.as_raw_fd()) else {
             return;
         };
@@ -541,7 +541,7 @@ impl Vm {
         }
     }
 
-    fn from_guest(&mut self, buf: &mut [u8]) {
+    fn on_guest(&mut self, buf: &mut [u8]) {
         let Some(fd) = self.serial.as_ref().map(|fd| fd.as_raw_fd()) else {
             return;
         };
@@ -557,7 +557,7 @@ impl Vm {
         }
     }
 
-    fn from_pty(&mut self, buf: &mut [u8]) {
+    fn on_pty(&mut self, buf: &mut [u8]) {
         match read_some(self.pty.as_raw_fd(), buf) {
             Ok(Some(n)) if n > 0 => {
                 if let Some(serial) = &self.serial {
@@ -568,7 +568,7 @@ impl Vm {
         }
     }
 
-    fn from_stderr(&mut self, buf: &mut [u8]) {
+    fn on_stderr(&mut self, buf: &mut [u8]) {
         let Some(fd) = self.stderr.as_ref().map(|fd| fd.as_raw_fd()) else {
             return;
         };
@@ -607,7 +607,7 @@ impl Vm {
             ) {
                 break;
             }
-            self.from_stderr(&mut buf);
+            self.on_stderr(&mut buf);
         }
         let status = loop {
             match waitpid(self.qemu, None) {
