@@ -640,7 +640,15 @@ mod tests {
         assert_eq!(&bytes[HEADER_LEN..], &[4, 0]);
         assert_eq!(Message::CtlVm(sample_info()).type_code().0, 7);
         assert_eq!(Message::CtlVmEnd.type_code().0, 8);
-        assert_eq!(Message::CtlFail { errno: 1, lines: vec![] }.type_code().0, 12);
+        assert_eq!(
+            Message::CtlFail {
+                errno: 1,
+                lines: vec![]
+            }
+            .type_code()
+            .0,
+            12
+        );
     }
 
     fn sample_info() -> VmInfo {
