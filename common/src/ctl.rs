@@ -75,7 +75,7 @@ impl StartRequest {
 pub enum CtlRequest {
     /// `status`: every VM, one `CtlVm` frame each, then `CtlVmEnd`.
     Status,
-    Start(StartRequest),
+    Start(Box<StartRequest>),
     Stop {
         target: VmTarget,
         force: bool,

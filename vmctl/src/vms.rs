@@ -323,7 +323,7 @@ pub fn start(global: &Global, args: &[String]) -> ExitCode {
         Ok(parsed) => parsed,
         Err(code) => return code,
     };
-    let mut client = match request(global, CtlRequest::Start(req)) {
+    let mut client = match request(global, CtlRequest::Start(Box::new(req))) {
         Ok(client) => client,
         Err(code) => return code,
     };
@@ -357,41 +357,39 @@ pub fn start(global: &Global, args: &[String]) -> ExitCode {
 /// request's result and, when waiting, the VM's end. The caller has
 /// printed `stopping vm NAME: ` or `waiting for vm NAME: `.
 fn stop_complete(client: &mut Client, force: bool, wait: bool) -> ExitCode {
-    loop {
-        let message = match answer(client) {
-            Ok(message) => message,
-            Err(code) => return code,
-        };
-        match message {
-            Message::CtlVmResult {
-                vmid, error: None, ..
-            } => {
-                eprintln!("requested to shutdown vm {vmid}");
-                return ExitCode::SUCCESS;
+    let message = match answer(client) {
+        Ok(message) => message,
+        Err(code) => return code,
+    };
+    match message {
+        Message::CtlVmResult {
+            vmid, error: None, ..
+        } => {
+            eprintln!("requested to shutdown vm {vmid}");
+            ExitCode::SUCCESS
+        }
+        Message::CtlVmResult {
+            error: Some(error), ..
+        } => {
+            match error {
+                CtlError::StopInvalid => eprintln!("cannot stop vm that is not running"),
+                CtlError::Errno(libc::ENOENT) => eprintln!("vm not found"),
+                CtlError::Errno(libc::EINTR) => eprintln!("interrupted call"),
+                other => eprintln!("failed: {}", other.describe()),
             }
-            Message::CtlVmResult {
-                error: Some(error), ..
-            } => {
-                match error {
-                    CtlError::StopInvalid => eprintln!("cannot stop vm that is not running"),
-                    CtlError::Errno(libc::ENOENT) => eprintln!("vm not found"),
-                    CtlError::Errno(libc::EINTR) => eprintln!("interrupted call"),
-                    other => eprintln!("failed: {}", other.describe()),
-                }
-                return ExitCode::FAILURE;
+            ExitCode::FAILURE
+        }
+        Message::CtlTerminated { vmid } => {
+            if wait {
+                eprintln!("terminated vm {vmid}");
+            } else if force {
+                eprintln!("forced to terminate vm {vmid}");
             }
-            Message::CtlTerminated { vmid } => {
-                if wait {
-                    eprintln!("terminated vm {vmid}");
-                } else if force {
-                    eprintln!("forced to terminate vm {vmid}");
-                }
-                return ExitCode::SUCCESS;
-            }
-            _ => {
-                eprintln!("unexpected response received from vmd");
-                return ExitCode::FAILURE;
-            }
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("unexpected response received from vmd");
+            ExitCode::FAILURE
         }
     }
 }
