@@ -413,6 +413,21 @@ impl Parent {
         self.send(token, answer);
     }
 
+    /// A VM has ended (the VM backend calls this): the registry updates
+    /// it, and control releases everyone waiting for it.
+    #[allow(dead_code)] // called by the VM backend (issue 6)
+    fn vm_ended(&mut self, vmid: u32) {
+        self.registry.terminated(vmid);
+        let control = self
+            .children
+            .iter()
+            .find(|c| c.role == Role::Control)
+            .map(|c| c.token);
+        if let Some(token) = control {
+            self.send(token, Frame::new(Message::CtlTerminated { vmid }));
+        }
+    }
+
     /// `vmctl load FILE` (`file`), or `vmctl reload` and SIGHUP (None: the
     /// file vmd started with). A file with errors changes nothing: the
     /// error lines come back, cut to what fits in one answer.

@@ -536,10 +536,9 @@ impl Registry {
         Ok(self.vms[index].vmid)
     }
 
-    /// The backend reports that VM `vmid` has ended: a configured VM is
-    /// listed as stopped, a vmctl-started one is removed. The parent then
-    /// tells control (`CtlTerminated`) so waiters return.
-    #[allow(dead_code)] // called by the VM backend (issue 6)
+    /// VM `vmid` has ended: a configured VM is listed as stopped, a
+    /// vmctl-started one is removed. Called through the parent's
+    /// `vm_ended`, which also tells control so waiters return.
     pub fn terminated(&mut self, vmid: u32) {
         let Some(index) = self.vms.iter().position(|vm| vm.vmid == vmid) else {
             return;
