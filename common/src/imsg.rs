@@ -638,6 +638,13 @@ mod tests {
         let bytes = encode_frame(&Message::Ctl(CtlRequest::Status), 0, 0, false).unwrap();
         assert_eq!(&bytes[..8], &[5, 0, 0, 0, 2, 0, 0, 0]);
         assert_eq!(&bytes[HEADER_LEN..], &[4, 0]);
+        let forged = Message::CtlForward {
+            creds: Credentials::default(),
+            request: CtlRequest::Reload,
+        };
+        let bytes = encode_frame(&forged, 0, 0, false).unwrap();
+        assert_eq!(&bytes[..8], &[6, 0, 0, 0, 6, 0, 0, 0]);
+        assert_eq!(&bytes[HEADER_LEN..], &[5, 0, 0, 0, 0, 7]);
         assert_eq!(Message::CtlVm(sample_info()).type_code().0, 7);
         assert_eq!(Message::CtlVmEnd.type_code().0, 8);
         assert_eq!(

@@ -545,6 +545,9 @@ def test_bad_frames():
             "wrong type": HEADER.pack(6, 2, 0, 0, 0, 0) + b"\x04\x00",
             "undecodable": HEADER.pack(5, 4, 0, 0, 0, 0) + b"\xff\xff\xff\xff",
             "a reply from a client": HEADER.pack(11, 1, 0, 0, 0, 0) + b"\x0a",
+            # CtlForward { creds: uid 0, request: Reload }: claimed
+            # credentials are never taken from a client.
+            "forged credentials": HEADER.pack(6, 6, 0, 0, 0, 0) + b"\x05\x00\x00\x00\x00\x07",
         }
         for what, data in kinds.items():
             with connect(vmd) as s:
