@@ -8,6 +8,7 @@ mod control;
 mod log;
 mod parent;
 mod proc;
+mod registry;
 mod seccomp;
 mod switch;
 #[cfg(target_arch = "x86_64")]
@@ -163,11 +164,12 @@ fn run_daemon(opts: Options) -> ExitCode {
         .config
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
-    match config::load(&path, &opts.defines, required) {
+    let config = match config::load(&path, &opts.defines, required) {
         Ok(loaded) => {
             for line in &loaded.warnings {
                 eprintln!("{line}");
             }
+            loaded.config
         }
         Err(errors) => {
             for line in &errors {
@@ -175,7 +177,9 @@ fn run_daemon(opts: Options) -> ExitCode {
             }
             return ExitCode::FAILURE;
         }
-    }
+    };
+    // reload reads the file again after the chdir to /.
+    let path = std::path::absolute(&path).unwrap_or(path);
     // The parent and the children chdir to /: keep the socket's path valid.
     let socket = match std::path::absolute(&opts.socket) {
         Ok(socket) => socket,
@@ -210,5 +214,11 @@ fn run_daemon(opts: Options) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    parent::parent_main(parent::ParentOptions { socket })
+    parent::parent_main(parent::ParentOptions {
+        socket,
+        config_path: path,
+        config_required: required,
+        defines: opts.defines,
+        config,
+    })
 }
