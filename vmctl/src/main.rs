@@ -108,7 +108,7 @@ const COMMANDS: &[Command] = &[
 fn usage() -> ExitCode {
     eprintln!("{USAGE}");
     for c in COMMANDS {
-        eprintln!("\tvmctl {} {}", c.name, c.usage);
+        eprintln!("\tvmctl {}", command_line(c.name, c.usage));
     }
     ExitCode::FAILURE
 }
@@ -119,8 +119,17 @@ pub fn command_usage(name: &str) -> ExitCode {
         .iter()
         .find(|c| c.name == name)
         .map_or("", |c| c.usage);
-    eprintln!("usage:\tvmctl [-v] {name} {usage}");
+    eprintln!("usage:\tvmctl [-v] {}", command_line(name, usage));
     ExitCode::FAILURE
+}
+
+/// `name usage`, without a trailing blank for commands that take nothing.
+fn command_line(name: &str, usage: &str) -> String {
+    if usage.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name} {usage}")
+    }
 }
 
 /// The command that `word` names or uniquely abbreviates.
