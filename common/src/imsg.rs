@@ -17,6 +17,8 @@
 //! frame is an [`ImsgError`], after which the owner closes that peer. Never
 //! a panic.
 
+use crate::ctl::{Credentials, CtlError, CtlRequest};
+use crate::status::VmInfo;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -86,7 +88,7 @@ impl Role {
 /// routes them to the connection that asked; a message that needs several
 /// fds is sent as one frame per fd (as imsg does), the last one ending the
 /// sequence.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Message {
     // --- process plumbing (parent <-> children) ---
     /// child -> parent: privileges dropped, filter installed, loop running.
@@ -100,6 +102,36 @@ pub enum Message {
     /// this system call and the child is about to die of SIGSYS. `name`
     /// borrows a static string so the handler need not allocate.
     RefusedSyscall { nr: i64, name: Cow<'static, str> },
+
+    // --- vmctl <-> control <-> parent (see ctl.rs) ---
+    /// vmctl -> control: one command.
+    Ctl(CtlRequest),
+    /// control -> parent: a command and who sent it, read from the socket;
+    /// the frame's peer id names the connection to answer.
+    CtlForward {
+        creds: Credentials,
+        request: CtlRequest,
+    },
+    /// parent -> control -> vmctl: one VM of `status`.
+    CtlVm(VmInfo),
+    /// parent -> control -> vmctl: the end of the `status` list.
+    CtlVmEnd,
+    /// parent -> control -> vmctl: the outcome of start, stop, wait, pause
+    /// or unpause of VM `vmid` (0 when no VM was found).
+    CtlVmResult {
+        vmid: u32,
+        error: Option<CtlError>,
+        /// The started VM's tty.
+        tty: Option<String>,
+    },
+    /// parent -> control (peer id 0: for every waiter) -> vmctl: VM `vmid`
+    /// has terminated.
+    CtlTerminated { vmid: u32 },
+    /// parent -> control -> vmctl: load, reload, reset or log done.
+    CtlOk,
+    /// parent or control -> vmctl: the command failed with `errno` (0 when
+    /// no error number applies); `lines` say why (load's errors).
+    CtlFail { errno: i32, lines: Vec<String> },
 
     // --- VM processes (parent <-> vm) ---
     /// parent -> vm, first thing: what to run. `fd_count` `VmFd` frames
@@ -173,6 +205,14 @@ impl Message {
             Message::Log { .. } => (2, "LOG"),
             Message::SetVerbosity { .. } => (3, "SET_VERBOSITY"),
             Message::RefusedSyscall { .. } => (4, "REFUSED_SYSCALL"),
+            Message::Ctl(_) => (5, "CTL"),
+            Message::CtlForward { .. } => (6, "CTL_FORWARD"),
+            Message::CtlVm(_) => (7, "CTL_VM"),
+            Message::CtlVmEnd => (8, "CTL_VM_END"),
+            Message::CtlVmResult { .. } => (9, "CTL_VM_RESULT"),
+            Message::CtlTerminated { .. } => (10, "CTL_TERMINATED"),
+            Message::CtlOk => (11, "CTL_OK"),
+            Message::CtlFail { .. } => (12, "CTL_FAIL"),
             Message::VmStart { .. } => (100, "VM_START"),
             Message::VmFd { .. } => (101, "VM_FD"),
             Message::VmRunning { .. } => (102, "VM_RUNNING"),
@@ -631,7 +671,78 @@ mod tests {
                 nr: 59,
                 name: Cow::Borrowed("execve"),
             },
+            Message::Ctl(CtlRequest::Status),
+            Message::Ctl(CtlRequest::Stop {
+                target: crate::ctl::VmTarget::Name("web".into()),
+                force: true,
+                wait: false,
+            }),
+            Message::CtlForward {
+                creds: Credentials {
+                    pid: 7,
+                    uid: 1000,
+                    gid: 1000,
+                    groups: vec![27],
+                },
+                request: CtlRequest::Load {
+                    path: "/etc/vm.conf".into(),
+                },
+            },
+            Message::CtlVmEnd,
+            Message::CtlVmResult {
+                vmid: 3,
+                error: Some(CtlError::Errno(1)),
+                tty: None,
+            },
+            Message::CtlTerminated { vmid: 3 },
+            Message::CtlOk,
+            Message::CtlFail {
+                errno: 0,
+                lines: vec!["x.conf:1: syntax error".into()],
+            },
         ]
+    }
+
+    /// regress/control sends `status` and reads answers as raw bytes; if
+    /// this changes, change CTL_STATUS_FRAME and the type codes there too.
+    #[test]
+    fn raw_status_request_and_reply_codes() {
+        let bytes = encode_frame(&Message::Ctl(CtlRequest::Status), 0, 0, false).unwrap();
+        assert_eq!(&bytes[..8], &[5, 0, 0, 0, 2, 0, 0, 0]);
+        assert_eq!(&bytes[HEADER_LEN..], &[4, 0]);
+        let forged = Message::CtlForward {
+            creds: Credentials::default(),
+            request: CtlRequest::Reload,
+        };
+        let bytes = encode_frame(&forged, 0, 0, false).unwrap();
+        assert_eq!(&bytes[..8], &[6, 0, 0, 0, 6, 0, 0, 0]);
+        assert_eq!(&bytes[HEADER_LEN..], &[5, 0, 0, 0, 0, 7]);
+        assert_eq!(Message::CtlVm(sample_info()).type_code().0, 7);
+        assert_eq!(Message::CtlVmEnd.type_code().0, 8);
+        assert_eq!(
+            Message::CtlFail {
+                errno: 1,
+                lines: vec![]
+            }
+            .type_code()
+            .0,
+            12
+        );
+    }
+
+    fn sample_info() -> VmInfo {
+        VmInfo {
+            id: 1,
+            name: "a".into(),
+            state: crate::status::VmState::Stopped,
+            pid: None,
+            vcpus: 1,
+            max_memory: 1 << 29,
+            cur_memory: None,
+            tty: None,
+            owner_uid: 0,
+            owner_gid: None,
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! protocol and the status table.
 
 pub mod config;
+pub mod ctl;
 pub mod disk;
 pub mod getopt;
 pub mod image;

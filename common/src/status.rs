@@ -76,6 +76,20 @@ pub fn owner_name(uid: u32, gid: Option<u32>) -> String {
     }
 }
 
+/// The OWNER column: `user[:group]` cut to 15 bytes, as OpenBSD's
+/// 16-byte buffer cuts it.
+fn owner_column(uid: u32, gid: Option<u32>) -> String {
+    let mut owner = owner_name(uid, gid);
+    let mut end = owner.len().min(OWNER_MAX);
+    while !owner.is_char_boundary(end) {
+        end -= 1;
+    }
+    owner.truncate(end);
+    owner
+}
+
+const OWNER_MAX: usize = 15;
+
 /// The TTY column: the pty's name below /dev (`pts/3`), a deliberate
 /// difference from OpenBSD's bare name.
 fn tty_column(tty: &str) -> &str {
@@ -90,7 +104,7 @@ pub fn format_table(vms: &[VmInfo]) -> String {
         let id = vm.id.to_string();
         let vcpus = vm.vcpus.to_string();
         let max = size::format(vm.max_memory);
-        let owner = owner_name(vm.owner_uid, vm.owner_gid);
+        let owner = owner_column(vm.owner_uid, vm.owner_gid);
         let active = vm.state.is_active();
         let pid = vm
             .pid
@@ -139,6 +153,18 @@ mod tests {
                 owner_gid: None,
             },
             VmInfo {
+                id: 12,
+                name: "long".into(),
+                state: VmState::Paused,
+                pid: Some(77),
+                vcpus: 1,
+                max_memory: 3 << 29,
+                cur_memory: Some(1 << 20),
+                tty: Some("/dev/pts/12".into()),
+                owner_uid: 4_000_000_000,
+                owner_gid: Some(4_000_000_001),
+            },
+            VmInfo {
                 id: 2,
                 name: "db".into(),
                 state: VmState::Stopped,
@@ -155,6 +181,7 @@ mod tests {
             format_table(&vms),
             "   ID   PID VCPUS  MAXMEM  CURMEM     TTY        OWNER    STATE NAME\n\
              \x20   1  4242     1    512M    100M   pts/3         root  running web\n\
+             \x20  12    77     1    1.5G    1.0M  pts/12 4000000000:4000   paused long\n\
              \x20   2     -     2    1.0G       -       -    root:root  stopped db\n"
         );
     }

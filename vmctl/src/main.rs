@@ -1,8 +1,11 @@
 //! vmctl(8): control the virtual machine daemon.
 
+mod client;
 mod create;
+mod vms;
 
 use common::getopt::{Getopt, Opt};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 const USAGE: &str = "usage:\tvmctl [-v] command [arg ...]";
@@ -10,6 +13,8 @@ const USAGE: &str = "usage:\tvmctl [-v] command [arg ...]";
 /// Global options that apply to every command.
 pub struct Global {
     pub verbose: u8,
+    /// vmd's control socket: `-s PATH`, `$VMD_SOCKET` or the default.
+    pub socket: PathBuf,
 }
 
 struct Command {
@@ -22,7 +27,7 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "console",
         usage: "id",
-        run: not_built,
+        run: vms::console,
     },
     Command {
         name: "create",
@@ -32,78 +37,79 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "load",
         usage: "filename",
-        run: not_built,
+        run: vms::load,
     },
     Command {
         name: "log",
         usage: "[brief | verbose]",
-        run: not_built,
+        run: vms::log,
     },
     Command {
         name: "pause",
         usage: "id",
-        run: not_built,
+        run: vms::pause,
     },
     Command {
         name: "receive",
         usage: "name",
-        run: not_built,
+        run: vms::receive,
     },
     Command {
         name: "reload",
         usage: "",
-        run: not_built,
+        run: vms::reload,
     },
     Command {
         name: "reset",
         usage: "[all | switches | vms]",
-        run: not_built,
+        run: vms::reset,
     },
     Command {
         name: "send",
         usage: "id",
-        run: not_built,
+        run: vms::send,
     },
     Command {
         name: "show",
         usage: "[-r] [id]",
-        run: not_built,
+        run: vms::status,
     },
     Command {
         name: "start",
         usage: "id | name [-cL] [-B device] [-b path] [-d disk] [-i count]\n\
-                \t\t[-m size] [-n switch] [-r path] [-t name]",
-        run: not_built,
+                \t\t[-m size] [-n switch] [-r path] [-t name]\n\
+                \t\t[--initrd path] [--cmdline string]",
+        run: vms::start,
     },
     Command {
         name: "status",
         usage: "[-r] [id]",
-        run: not_built,
+        run: vms::status,
     },
     Command {
         name: "stop",
-        usage: "[-fw] [id | -a]",
-        run: not_built,
+        usage: "[id | -a] [-fw]",
+        run: vms::stop,
     },
     Command {
         name: "unpause",
         usage: "id",
-        run: not_built,
+        run: vms::unpause,
     },
     Command {
         name: "wait",
         usage: "id",
-        run: not_built,
+        run: vms::wait,
     },
 ];
 
-fn not_built(_: &Global, _: &[String]) -> ExitCode {
-    eprintln!("vmctl: this command is not built yet");
-    ExitCode::FAILURE
-}
-
+/// The general usage line and every command's, as OpenBSD's vmctl prints
+/// them.
 fn usage() -> ExitCode {
     eprintln!("{USAGE}");
+    for c in COMMANDS {
+        eprintln!("\tvmctl {}", command_line(c.name, c.usage));
+    }
     ExitCode::FAILURE
 }
 
@@ -113,8 +119,17 @@ pub fn command_usage(name: &str) -> ExitCode {
         .iter()
         .find(|c| c.name == name)
         .map_or("", |c| c.usage);
-    eprintln!("usage:\tvmctl [-v] {name} {usage}");
+    eprintln!("usage:\tvmctl [-v] {}", command_line(name, usage));
     ExitCode::FAILURE
+}
+
+/// `name usage`, without a trailing blank for commands that take nothing.
+fn command_line(name: &str, usage: &str) -> String {
+    if usage.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name} {usage}")
+    }
 }
 
 /// The command that `word` names or uniquely abbreviates.
@@ -133,11 +148,13 @@ fn find_command(word: &str) -> Result<&'static Command, String> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut global = Global { verbose: 0 };
-    let mut getopt = Getopt::new(&args, "v", &[]);
+    let mut verbose = 0u8;
+    let mut socket = None;
+    let mut getopt = Getopt::new(&args, "vs:", &[]);
     for opt in getopt.by_ref() {
         match opt {
-            Ok(Opt::Short('v', _)) => global.verbose = global.verbose.saturating_add(1),
+            Ok(Opt::Short('v', _)) => verbose = verbose.saturating_add(1),
+            Ok(Opt::Short('s', Some(path))) => socket = Some(path),
             Ok(_) => return usage(),
             Err(e) => {
                 eprintln!("vmctl: {e}");
@@ -145,6 +162,10 @@ fn main() -> ExitCode {
             }
         }
     }
+    let global = Global {
+        verbose,
+        socket: client::socket_path(socket.as_deref()),
+    };
     let operands = getopt.operands();
     let Some((word, rest)) = operands.split_first() else {
         return usage();

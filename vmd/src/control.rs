@@ -1,21 +1,36 @@
 //! The control process: owns the UNIX socket vmctl connects to.
 //!
 //! Starts as root from a fresh exec (no inherited filter), binds the
-//! socket while still root (mode 0660, root:root), then drops to _vmd in
-//! the empty chroot and adds the filter [`CONTROL_SYSCALLS`] on top of
-//! [`seccomp::CHILD_SYSCALLS`]. For now it accepts connections and closes
-//! them: the commands come with the next piece of work.
+//! socket while still root (mode 0660, root:root; the parent applies
+//! `socket owner` once we are ready), then drops to _vmd in the empty
+//! chroot and adds the filter [`CONTROL_SYSCALLS`] on top of
+//! [`seccomp::CHILD_SYSCALLS`].
+//!
+//! Each connection speaks imsg frames (`Message::Ctl`). Control reads the
+//! peer's uid, gid and supplementary groups from the socket when it
+//! accepts it (SO_PEERCRED, SO_PEERGROUPS), refuses root-only commands of
+//! other users itself, and forwards the rest to the parent with those
+//! credentials (`Message::CtlForward`, peer id = connection id). Replies
+//! come back with the same peer id and go to that connection. A `wait`
+//! (or `stop -w`) is held here until the parent reports the VM's end.
+//!
+//! Nobody blocks anybody: every socket is non-blocking, a connection has
+//! at most one request at the parent at a time (later ones wait in its
+//! queue, which is bounded), and a client that does not read its replies
+//! is dropped once too much is queued for it.
 
 use crate::log::{log_debug, log_info, log_warn};
 use crate::proc;
 use crate::seccomp::{self, Allowed};
-use common::imsg::{Message, Role};
+use common::ctl::{Credentials, CtlRequest};
+use common::imsg::{Channel, Frame, Message, Role};
 use mio::net::UnixListener;
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Registry, Token};
 use nix::errno::Errno;
+use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -31,15 +46,54 @@ pub const CONTROL_SYSCALLS: &[Allowed] = &[
         libc::SYS_epoll_ctl,
         "register and drop vmctl connections with mio",
     ),
+    (
+        libc::SYS_getsockopt,
+        "read a vmctl peer's credentials (SO_PEERCRED, SO_PEERGROUPS)",
+    ),
 ];
 
 const PARENT: Token = Token(0);
 const LISTENER: Token = Token(1);
 #[cfg(feature = "test-triggers")]
 const TRIGGER: Token = Token(2);
+/// Connection tokens are the connection id plus this.
+const FIRST_CONN_TOKEN: usize = 16;
+/// Requests a connection may queue behind the one at the parent; more is
+/// a client that does not wait for answers, and it is dropped.
+const MAX_QUEUED_REQUESTS: usize = 64;
+/// Open descriptors we aim for (RLIMIT_NOFILE, raised while root).
+const WANTED_FILES: u64 = 4096;
+/// Descriptors kept free for everything that is not a connection.
+const RESERVED_FILES: u64 = 64;
+
+/// Where a connection's current request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    /// At the parent; its answer ends it.
+    Asked,
+    /// At the parent, and a successful answer turns it into a wait.
+    AskedToWait,
+    /// Waiting for VM `vmid` to terminate.
+    Waiting { vmid: u32 },
+}
+
+struct Conn {
+    channel: Channel,
+    creds: Credentials,
+    queued: VecDeque<CtlRequest>,
+    pending: Option<Pending>,
+}
+
+struct Control {
+    poll: Poll,
+    parent: Channel,
+    conns: HashMap<u32, Conn>,
+    next_id: u32,
+    max_conns: usize,
+}
 
 pub fn control_main(verbosity: u8, socket: &Path) -> ExitCode {
-    let mut start = match proc::child_start(Role::Control, verbosity) {
+    let start = match proc::child_start(Role::Control, verbosity) {
         Ok(start) => start,
         Err(e) => {
             eprintln!("vmd: control: {e}");
@@ -53,6 +107,7 @@ pub fn control_main(verbosity: u8, socket: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let max_conns = control_raise_file_limit();
     #[cfg(feature = "test-triggers")]
     let trigger = crate::trigger::Trigger::setup();
     let poll = match Poll::new() {
@@ -68,7 +123,7 @@ pub fn control_main(verbosity: u8, socket: &Path) -> ExitCode {
         .register(
             &mut SourceFd(&start.channel.sock.as_raw_fd()),
             PARENT,
-            Interest::READABLE,
+            Interest::READABLE | Interest::WRITABLE,
         )
         .and_then(|()| {
             poll.registry()
@@ -95,10 +150,16 @@ pub fn control_main(verbosity: u8, socket: &Path) -> ExitCode {
     }
     log_info!("listening on {}", socket.display());
 
-    let mut poll = poll;
-    let mut events = Events::with_capacity(64);
+    let mut control = Control {
+        poll,
+        parent: start.channel,
+        conns: HashMap::new(),
+        next_id: 1,
+        max_conns,
+    };
+    let mut events = Events::with_capacity(256);
     loop {
-        if let Err(e) = poll.poll(&mut events, None) {
+        if let Err(e) = control.poll.poll(&mut events, None) {
             if e.kind() == ErrorKind::Interrupted {
                 continue;
             }
@@ -107,43 +168,246 @@ pub fn control_main(verbosity: u8, socket: &Path) -> ExitCode {
         }
         for event in events.iter() {
             match event.token() {
-                PARENT => {
-                    for frame in proc::child_receive(&mut start.channel) {
-                        control_dispatch_parent(frame.message);
-                    }
-                }
-                LISTENER => control_accept(&listener),
+                PARENT => control.dispatch_parent(),
+                LISTENER => control.accept(&listener),
                 #[cfg(feature = "test-triggers")]
                 TRIGGER => trigger.fire("control"),
+                Token(t) if t >= FIRST_CONN_TOKEN => {
+                    control.dispatch_client((t - FIRST_CONN_TOKEN) as u32)
+                }
                 _ => {}
             }
         }
     }
 }
 
-fn control_dispatch_parent(message: Message) {
-    log_warn!(
-        "unexpected message {} from the parent",
-        message.type_code().1
-    );
-}
+impl Control {
+    /// Reads the parent's frames: replies for connections, and everything
+    /// every child handles (proc::child_receive exits if the parent is gone).
+    fn dispatch_parent(&mut self) {
+        if let Err(e) = self.parent.flush() {
+            log_warn!("closing the channel to the parent: {e}");
+            std::process::exit(1);
+        }
+        for frame in proc::child_receive(&mut self.parent) {
+            self.dispatch_reply(frame);
+        }
+    }
 
-/// Accepts every pending connection; none has anything to ask yet.
-fn control_accept(listener: &UnixListener) {
-    loop {
-        match control_accept_one(listener) {
-            Ok(conn) => {
-                log_debug!("connection closed: no commands yet");
-                drop(conn);
+    fn dispatch_reply(&mut self, frame: Frame) {
+        let id = frame.peer_id;
+        match frame.message {
+            Message::CtlTerminated { vmid } => {
+                let waiters: Vec<u32> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| c.pending == Some(Pending::Waiting { vmid }))
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in waiters {
+                    self.answer(id, Message::CtlTerminated { vmid }, true);
+                }
             }
-            Err(Errno::EAGAIN) => return,
-            Err(Errno::EINTR | Errno::ECONNABORTED) => continue,
-            Err(e) => {
-                log_warn!("accept: {e}");
-                return;
+            Message::CtlVm(info) => self.answer(id, Message::CtlVm(info), false),
+            Message::CtlVmResult { vmid, error, tty } => {
+                let Some(conn) = self.conns.get_mut(&id) else {
+                    return;
+                };
+                if conn.pending == Some(Pending::AskedToWait) && error.is_none() {
+                    log_debug!("connection {id} waits for vm {vmid}");
+                    conn.pending = Some(Pending::Waiting { vmid });
+                    return;
+                }
+                self.answer(id, Message::CtlVmResult { vmid, error, tty }, true);
+            }
+            m @ (Message::CtlVmEnd | Message::CtlOk | Message::CtlFail { .. }) => {
+                self.answer(id, m, true)
+            }
+            other => log_warn!("unexpected message {} from the parent", other.type_code().1),
+        }
+    }
+
+    /// Sends `message` to connection `id` (gone already: dropped); `last`
+    /// ends its current request, so the next queued one may go.
+    fn answer(&mut self, id: u32, message: Message, last: bool) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            log_debug!("answer for closed connection {id} dropped");
+            return;
+        };
+        if last {
+            conn.pending = None;
+        }
+        if let Err(e) = conn.channel.send(Frame::new(message)) {
+            self.close(id, &format!("sending: {e}"));
+            return;
+        }
+        if last {
+            self.pump(id);
+        }
+    }
+
+    /// Accepts every pending connection.
+    fn accept(&mut self, listener: &UnixListener) {
+        loop {
+            let sock = match control_accept_one(listener) {
+                Ok(sock) => sock,
+                Err(Errno::EAGAIN) => return,
+                Err(Errno::EINTR | Errno::ECONNABORTED) => continue,
+                Err(e) => {
+                    log_warn!("accept: {e}");
+                    return;
+                }
+            };
+            if self.conns.len() >= self.max_conns {
+                log_warn!("{} connections open: refusing another", self.conns.len());
+                continue;
+            }
+            let creds = match control_peer_credentials(sock.as_fd()) {
+                Ok(creds) => creds,
+                Err(e) => {
+                    log_warn!("cannot read a peer's credentials: {e}");
+                    continue;
+                }
+            };
+            let id = self.claim_id();
+            let registered = self.poll.registry().register(
+                &mut SourceFd(&sock.as_raw_fd()),
+                Token(FIRST_CONN_TOKEN + id as usize),
+                Interest::READABLE | Interest::WRITABLE,
+            );
+            if let Err(e) = registered {
+                log_warn!("cannot register a connection: {e}");
+                continue;
+            }
+            log_debug!(
+                "connection {id} from pid {} uid {} gid {}",
+                creds.pid,
+                creds.uid,
+                creds.gid
+            );
+            self.conns.insert(
+                id,
+                Conn {
+                    channel: Channel::new(sock),
+                    creds,
+                    queued: VecDeque::new(),
+                    pending: None,
+                },
+            );
+            // Frames may have arrived with the connection: edge-triggered
+            // readiness will not report them again.
+            self.dispatch_client(id);
+        }
+    }
+
+    /// A connection id not in use (ids grow; 0 means "every waiter").
+    fn claim_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_id;
+            self.next_id = self.next_id.wrapping_add(1).max(1);
+            if !self.conns.contains_key(&id) && (id as usize) < usize::MAX - FIRST_CONN_TOKEN {
+                return id;
             }
         }
     }
+
+    /// Reads what a client sent and sends what it has not taken yet.
+    fn dispatch_client(&mut self, id: u32) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let result = conn.channel.flush().and_then(|_| conn.channel.receive());
+        let (frames, eof) = match result {
+            Ok(received) => received,
+            Err(e) => {
+                self.close(id, &e.to_string());
+                return;
+            }
+        };
+        for frame in frames {
+            let Message::Ctl(request) = frame.message else {
+                let what = frame.message.type_code().1;
+                self.close(id, &format!("unexpected message {what}"));
+                return;
+            };
+            let Some(conn) = self.conns.get_mut(&id) else {
+                return;
+            };
+            conn.queued.push_back(request);
+            if conn.queued.len() > MAX_QUEUED_REQUESTS {
+                self.close(id, "too many requests without reading answers");
+                return;
+            }
+        }
+        if eof {
+            self.close(id, "closed by the client");
+            return;
+        }
+        self.pump(id);
+    }
+
+    /// Sends the connection's next request on, if none is at the parent.
+    fn pump(&mut self, id: u32) {
+        loop {
+            let Some(conn) = self.conns.get_mut(&id) else {
+                return;
+            };
+            if conn.pending.is_some() {
+                return;
+            }
+            let Some(request) = conn.queued.pop_front() else {
+                return;
+            };
+            if !conn.creds.is_root() && !request.open_to_users() {
+                log_warn!(
+                    "denied {} from uid {}: only root may",
+                    request.name(),
+                    conn.creds.uid
+                );
+                let fail = Message::CtlFail {
+                    errno: libc::EPERM,
+                    lines: Vec::new(),
+                };
+                if let Err(e) = conn.channel.send(Frame::new(fail)) {
+                    self.close(id, &format!("sending: {e}"));
+                    return;
+                }
+                continue;
+            }
+            let waits = matches!(
+                request,
+                CtlRequest::Wait { .. } | CtlRequest::Stop { wait: true, .. }
+            );
+            conn.pending = Some(if waits {
+                Pending::AskedToWait
+            } else {
+                Pending::Asked
+            });
+            let forward = Frame {
+                peer_id: id,
+                ..Frame::new(Message::CtlForward {
+                    creds: conn.creds.clone(),
+                    request,
+                })
+            };
+            if let Err(e) = self.parent.send(forward) {
+                log_warn!("closing the channel to the parent: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+
+    fn close(&mut self, id: u32, why: &str) {
+        let Some(conn) = self.conns.remove(&id) else {
+            return;
+        };
+        log_debug!("connection {id} closed: {why}");
+        deregister(self.poll.registry(), &conn.channel);
+    }
+}
+
+fn deregister(registry: &Registry, channel: &Channel) {
+    let _ = registry.deregister(&mut SourceFd(&channel.sock.as_raw_fd()));
 }
 
 /// accept4 with the flags set at once (mio's accept needs fcntl, which
@@ -165,6 +429,61 @@ fn control_accept_one(listener: &UnixListener) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// The peer's pid, uid and gid (SO_PEERCRED) and supplementary groups
+/// (SO_PEERGROUPS), as the kernel recorded them at connect time.
+fn control_peer_credentials(sock: BorrowedFd) -> Result<Credentials, Errno> {
+    let cred = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)?;
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: the kernel writes at most `len` bytes into `groups`,
+        // which is that long, and sets `len` to what it wrote (or, on
+        // ERANGE, to what it needs).
+        let rc = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let count = len as usize / std::mem::size_of::<libc::gid_t>();
+        match rc {
+            0 => {
+                groups.truncate(count);
+                break;
+            }
+            _ if Errno::last() == Errno::ERANGE && count > groups.len() => {
+                groups.resize(count, 0);
+            }
+            _ => return Err(Errno::last()),
+        }
+    }
+    Ok(Credentials {
+        pid: cred.pid(),
+        uid: cred.uid(),
+        gid: cred.gid(),
+        groups,
+    })
+}
+
+/// Raises the open-files limit (while still root) so many clients fit,
+/// and returns how many connections to allow.
+fn control_raise_file_limit() -> usize {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
+    let wanted = WANTED_FILES.min(hard).max(soft);
+    let limit = match setrlimit(Resource::RLIMIT_NOFILE, wanted, hard) {
+        Ok(()) => wanted,
+        Err(e) => {
+            log_warn!("cannot raise the open files limit to {wanted}: {e}");
+            soft
+        }
+    };
+    limit.saturating_sub(RESERVED_FILES).max(16) as usize
+}
+
 /// Binds the control socket (as root): refuses a socket another vmd
 /// answers on, replaces a stale one, and sets mode 0660, owner root:root.
 fn control_bind(path: &Path) -> Result<std::os::unix::net::UnixListener, String> {
@@ -181,13 +500,17 @@ fn control_bind(path: &Path) -> Result<std::os::unix::net::UnixListener, String>
         std::fs::remove_file(path)
             .map_err(|e| format!("cannot remove stale socket {name}: {e}"))?;
     }
-    let listener = std::os::unix::net::UnixListener::bind(path)
-        .map_err(|e| format!("cannot bind {name}: {e}"))?;
+    // Nobody may connect before the mode is set: bind with a umask that
+    // leaves the socket 0600 (root only) until then.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound.map_err(|e| format!("cannot bind {name}: {e}"))?;
     listener
         .set_nonblocking(true)
         .map_err(|e| format!("{name}: {e}"))?;
+    std::os::unix::fs::chown(path, Some(0), Some(0)).map_err(|e| format!("chown {name}: {e}"))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .map_err(|e| format!("chmod {name}: {e}"))?;
-    std::os::unix::fs::chown(path, Some(0), Some(0)).map_err(|e| format!("chown {name}: {e}"))?;
     Ok(listener)
 }

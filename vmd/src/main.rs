@@ -8,6 +8,7 @@ mod control;
 mod log;
 mod parent;
 mod proc;
+mod registry;
 mod seccomp;
 mod switch;
 #[cfg(target_arch = "x86_64")]
@@ -180,6 +181,8 @@ fn run_daemon(opts: Options) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // reload reads the file again after the chdir to /.
+    let path = std::path::absolute(&path).unwrap_or(path);
     // The parent and the children chdir to /: keep the socket's path valid.
     let socket = match std::path::absolute(&opts.socket) {
         Ok(socket) => socket,
@@ -214,5 +217,11 @@ fn run_daemon(opts: Options) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    parent::parent_main(parent::ParentOptions { socket, config })
+    parent::parent_main(parent::ParentOptions {
+        socket,
+        config_path: path,
+        config_required: required,
+        defines: opts.defines,
+        config,
+    })
 }

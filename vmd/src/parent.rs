@@ -1,13 +1,17 @@
 //! The parent process (root, no filter): starts control and switch,
 //! writes their log lines, restarts them when they die, and stops them on
-//! SIGTERM or SIGINT. Later it also holds the VM registry.
+//! SIGTERM or SIGINT. It holds the VM registry (registry.rs) and answers
+//! the commands control forwards; SIGHUP reloads the configuration.
 //!
-//! One mio loop: a signalfd (SIGCHLD, SIGTERM, SIGINT, SIGHUP) and one
-//! channel per child.
+//! One mio loop: a signalfd (SIGCHLD, SIGTERM, SIGINT, SIGHUP), one
+//! channel per child, and a timeout for the next staggered start batch.
 
 use crate::log::{self, log_debug, log_info, log_warn};
 use crate::proc;
-use crate::vmm::{self, Vmm};
+use crate::registry::Registry;
+use crate::vmm::Vmm;
+use common::config::{self, Config};
+use common::ctl::{Credentials, CtlError, CtlRequest};
 use common::imsg::{Channel, Frame, Message, Role};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -30,7 +34,35 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 pub struct ParentOptions {
     pub socket: PathBuf,
-    pub config: common::config::Config,
+    /// The configuration file `reload` and SIGHUP read again.
+    pub config_path: PathBuf,
+    /// Whether that file must exist (it was given with -f).
+    pub config_required: bool,
+    /// `-D` macro definitions, applied to every file read.
+    pub defines: Vec<(String, String)>,
+    /// The configuration as read at startup.
+    pub config: Config,
+}
+
+/// Keeps error lines within one frame: the first ones that fit, and a
+/// count of the rest.
+fn fit_lines(lines: Vec<String>) -> Vec<String> {
+    const BUDGET: usize = common::imsg::MAX_PAYLOAD - 1024;
+    let total = lines.len();
+    let mut used = 0;
+    let mut kept = Vec::new();
+    for line in lines {
+        let line: String = line.chars().take(1024).collect();
+        used += line.len() + 8;
+        if used > BUDGET {
+            break;
+        }
+        kept.push(line);
+    }
+    if kept.len() < total {
+        kept.push(format!("... and {} more errors", total - kept.len()));
+    }
+    kept
 }
 
 struct Child {
@@ -54,8 +86,7 @@ struct Parent {
     socket_bound: bool,
     /// Set once shutting down: the exit code and when to stop waiting.
     shutdown: Option<(ExitCode, Instant)>,
-    /// The running VMs' processes.
-    vmm: Vmm,
+    registry: Registry,
 }
 
 pub fn parent_main(opts: ParentOptions) -> ExitCode {
@@ -68,13 +99,14 @@ pub fn parent_main(opts: ParentOptions) -> ExitCode {
         }
     };
     log_info!("startup");
+    let config = std::mem::take(&mut parent.opts.config);
+    parent.registry.apply(&config, true);
     for role in [Role::Control, Role::Switch] {
         if let Err(e) = parent.spawn(role) {
             log_warn!("{e}");
             parent.begin_shutdown(ExitCode::FAILURE);
         }
     }
-    parent.start_enabled_vms();
     parent.run()
 }
 
@@ -107,7 +139,6 @@ fn parent_init(opts: ParentOptions) -> Result<Parent, String> {
         .try_clone()
         .map_err(|e| format!("cannot share the event loop: {e}"))?;
     Ok(Parent {
-        vmm: Vmm::new(vm_registry),
         opts,
         poll,
         signals,
@@ -116,28 +147,11 @@ fn parent_init(opts: ParentOptions) -> Result<Parent, String> {
         restarts: Vec::new(),
         socket_bound: false,
         shutdown: None,
+        registry: Registry::with_backend(Vmm::new(vm_registry)),
     })
 }
 
 impl Parent {
-    /// Starts the enabled VMs of the configuration that name a kernel
-    /// (until the registry takes over: their ids are their positions).
-    fn start_enabled_vms(&mut self) {
-        let config = self.opts.config.clone();
-        for (i, vm) in config.vms.iter().enumerate() {
-            if !vm.enabled || vm.boot.is_none() {
-                continue;
-            }
-            let vm = config.resolved_vm(vm);
-            if let Err(e) =
-                self.vmm
-                    .start(i as u32 + 1, &vm, &config.globals, &vmm::Requester::root())
-            {
-                log_warn!("{}: {e}", vm.name);
-            }
-        }
-    }
-
     fn spawn(&mut self, role: Role) -> Result<(), String> {
         let mut args = vec!["-P".to_string(), role.name().to_string()];
         args.extend((0..log::verbosity()).map(|_| "-v".to_string()));
@@ -171,7 +185,9 @@ impl Parent {
         let mut events = Events::with_capacity(64);
         loop {
             if let Some((code, deadline)) = &self.shutdown {
-                if self.children.is_empty() && self.vmm.is_empty() {
+                if self.children.is_empty()
+                    && self.registry.backend.as_ref().is_none_or(Vmm::is_empty)
+                {
                     self.cleanup();
                     log_info!("terminating");
                     return *code;
@@ -185,14 +201,17 @@ impl Parent {
                         );
                         let _ = kill(child.pid, Signal::SIGKILL);
                     }
-                    self.vmm.kill_all();
+                    if let Some(vmm) = &self.registry.backend {
+                        vmm.kill_all();
+                    }
                     self.shutdown = Some((*code, Instant::now() + SHUTDOWN_GRACE));
                 }
             }
-            let timeout = self
-                .shutdown
-                .as_ref()
-                .map(|(_, d)| d.saturating_duration_since(Instant::now()));
+            let deadline = match (&self.shutdown, self.registry.next_batch()) {
+                (Some((_, d)), _) => Some(*d),
+                (None, batch) => batch,
+            };
+            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == ErrorKind::Interrupted {
                     continue;
@@ -204,9 +223,21 @@ impl Parent {
             for event in events.iter() {
                 match event.token() {
                     SIGNALS => self.handle_signals(),
-                    token if Vmm::owns_token(token) => self.vmm.handle_event(token),
+                    token if Vmm::owns_token(token) => {
+                        if let Some(vmm) = self.registry.backend.as_mut() {
+                            vmm.handle_event(token);
+                        }
+                    }
                     token => self.handle_child(token),
                 }
+            }
+            if self.shutdown.is_none()
+                && self
+                    .registry
+                    .next_batch()
+                    .is_some_and(|due| due <= Instant::now())
+            {
+                self.registry.start_batch();
             }
         }
     }
@@ -228,7 +259,13 @@ impl Parent {
                     self.begin_shutdown(ExitCode::SUCCESS);
                 }
                 Ok(Signal::SIGHUP) => {
-                    log_warn!("SIGHUP: reloading the configuration is not supported yet; ignored")
+                    log_info!("SIGHUP: reloading {}", self.opts.config_path.display());
+                    if let Err(lines) = self.reload(None) {
+                        for line in lines {
+                            log_warn!("{line}");
+                        }
+                        log_warn!("reload failed; nothing changed");
+                    }
                 }
                 #[cfg(feature = "test-triggers")]
                 Ok(Signal::SIGUSR1) => self.set_verbosity(log::verbosity().saturating_add(1)),
@@ -237,9 +274,8 @@ impl Parent {
         }
     }
 
-    /// Changes the verbosity here and in every child (vmctl log will use
-    /// it; test builds do on SIGUSR1).
-    #[cfg_attr(not(feature = "test-triggers"), allow(dead_code))]
+    /// Changes the verbosity here and in every child (`vmctl log`; test
+    /// builds also on SIGUSR1).
     fn set_verbosity(&mut self, level: u8) {
         log::set_verbosity(level);
         log_debug!("verbosity now {level}");
@@ -248,7 +284,6 @@ impl Parent {
         }
     }
 
-    #[cfg_attr(not(feature = "test-triggers"), allow(dead_code))]
     fn send(&mut self, token: Token, frame: Frame) {
         let Some(child) = self.children.iter_mut().find(|c| c.token == token) else {
             return;
@@ -299,15 +334,172 @@ impl Parent {
             Message::Ready { role: claimed } if claimed == role => {
                 if let Some(child) = self.children.iter_mut().find(|c| c.token == token) {
                     child.ready = true;
-                    self.socket_bound |= role == Role::Control;
                     log_debug!("{name} (pid {}) ready", child.pid);
+                    if role == Role::Control {
+                        self.socket_bound = true;
+                        self.set_socket_owner();
+                    }
                 }
+            }
+            Message::CtlForward { creds, request } if role == Role::Control => {
+                self.dispatch_control(token, frame.peer_id, &creds, request)
             }
             Message::Log { level, text } => log::write_line(level, &format!("{name}: {text}")),
             Message::RefusedSyscall { nr, name: call } => {
                 log_warn!("{name}: refused system call {call} ({nr})")
             }
             other => log_warn!("{name}: unexpected message {}", other.type_code().1),
+        }
+    }
+
+    /// Answers one vmctl command forwarded by control for connection `peer`.
+    fn dispatch_control(
+        &mut self,
+        token: Token,
+        peer: u32,
+        creds: &Credentials,
+        request: CtlRequest,
+    ) {
+        log_debug!(
+            "{} from uid {} (connection {peer})",
+            request.name(),
+            creds.uid
+        );
+        let reply = |message: Message| Frame {
+            peer_id: peer,
+            ..Frame::new(message)
+        };
+        let fail = |errno: i32, lines: Vec<String>| reply(Message::CtlFail { errno, lines });
+        let vm_result = |result: Result<u32, CtlError>| match result {
+            Ok(vmid) => reply(Message::CtlVmResult {
+                vmid,
+                error: None,
+                tty: None,
+            }),
+            Err(error) => reply(Message::CtlVmResult {
+                vmid: 0,
+                error: Some(error),
+                tty: None,
+            }),
+        };
+        // Control refuses these already; a second look costs nothing.
+        if !creds.is_root() && !request.open_to_users() {
+            self.send(token, fail(libc::EPERM, Vec::new()));
+            return;
+        }
+        let answer = match request {
+            CtlRequest::Status => {
+                for info in self.registry.status() {
+                    self.send(token, reply(Message::CtlVm(info)));
+                }
+                reply(Message::CtlVmEnd)
+            }
+            CtlRequest::Start(req) => match self.registry.start(&req, creds) {
+                Ok(started) => reply(Message::CtlVmResult {
+                    vmid: started.vmid,
+                    error: None,
+                    tty: Some(started.tty),
+                }),
+                Err(error) => vm_result(Err(error)),
+            },
+            CtlRequest::Stop { target, force, .. } => {
+                vm_result(self.registry.stop(&target, force, creds))
+            }
+            CtlRequest::Wait { target } => vm_result(self.registry.wait(&target, creds)),
+            CtlRequest::Pause { target } => vm_result(self.registry.pause(&target, creds)),
+            CtlRequest::Unpause { target } => vm_result(self.registry.unpause(&target, creds)),
+            CtlRequest::Load { path } => match self.reload(Some(PathBuf::from(path))) {
+                Ok(()) => reply(Message::CtlOk),
+                Err(lines) => fail(0, lines),
+            },
+            CtlRequest::Reload => match self.reload(None) {
+                Ok(()) => reply(Message::CtlOk),
+                Err(lines) => fail(0, lines),
+            },
+            CtlRequest::Reset { what } => {
+                self.registry.reset(what);
+                reply(Message::CtlOk)
+            }
+            CtlRequest::Verbose { level } => {
+                self.set_verbosity(level);
+                reply(Message::CtlOk)
+            }
+        };
+        self.send(token, answer);
+    }
+
+    /// A VM has ended (its process was reaped and vmm.rs released what it
+    /// held): the registry updates it, and control releases everyone
+    /// waiting for it.
+    fn vm_ended(&mut self, vmid: u32) {
+        self.registry.terminated(vmid);
+        let control = self
+            .children
+            .iter()
+            .find(|c| c.role == Role::Control)
+            .map(|c| c.token);
+        if let Some(token) = control {
+            self.send(token, Frame::new(Message::CtlTerminated { vmid }));
+        }
+    }
+
+    /// `vmctl load FILE` (`file`), or `vmctl reload` and SIGHUP (None: the
+    /// file vmd started with). A file with errors changes nothing: the
+    /// error lines come back, cut to what fits in one answer.
+    fn reload(&mut self, file: Option<PathBuf>) -> Result<(), Vec<String>> {
+        let reload = file.is_none();
+        let (path, required) = match file {
+            Some(path) => (path, true),
+            None => (self.opts.config_path.clone(), self.opts.config_required),
+        };
+        match config::load(&path, &self.opts.defines, required) {
+            Ok(loaded) => {
+                for line in &loaded.warnings {
+                    log_warn!("{line}");
+                }
+                self.registry.apply(&loaded.config, reload);
+                log_info!(
+                    "{} {}",
+                    if reload { "reloaded" } else { "loaded" },
+                    path.display()
+                );
+                if reload {
+                    self.set_socket_owner();
+                }
+                Ok(())
+            }
+            Err(lines) => {
+                for line in &lines {
+                    log_warn!("{line}");
+                }
+                Err(fit_lines(lines))
+            }
+        }
+    }
+
+    /// Gives the control socket the owner `socket owner` names (control
+    /// bound it root:root and cannot chown once it dropped its privileges).
+    fn set_socket_owner(&self) {
+        use std::os::unix::fs::FileTypeExt;
+        let path = &self.opts.socket;
+        let owner = &self.registry.globals.socket_owner;
+        let gid = owner.gid.unwrap_or(0);
+        if !std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+            log_warn!("{} is not a socket: its owner was not set", path.display());
+            return;
+        }
+        if let Err(e) = nix::unistd::fchownat(
+            None,
+            path.as_path(),
+            Some(nix::unistd::Uid::from_raw(owner.uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
+            log_warn!(
+                "cannot set the owner of {} to {}:{gid}: {e}",
+                path.display(),
+                owner.uid
+            );
         }
     }
 
@@ -344,8 +536,13 @@ impl Parent {
             };
             let Some(pid) = status.pid() else { continue };
             let Some(index) = self.children.iter().position(|c| c.pid == pid) else {
-                if let Some(ended) = self.vmm.reaped(pid, status) {
-                    log_debug!("vm {} (vm {}) stopped: {}", ended.name, ended.id, ended.why);
+                let ended = self
+                    .registry
+                    .backend
+                    .as_mut()
+                    .and_then(|vmm| vmm.reaped(pid, status));
+                if let Some(ended) = ended {
+                    self.vm_ended(ended.id);
                 }
                 continue;
             };
@@ -423,7 +620,9 @@ impl Parent {
         for child in &self.children {
             let _ = kill(child.pid, Signal::SIGTERM);
         }
-        self.vmm.stop_all();
+        if let Some(vmm) = &self.registry.backend {
+            vmm.stop_all();
+        }
         self.shutdown = Some((code, Instant::now() + SHUTDOWN_GRACE));
     }
 
@@ -431,7 +630,9 @@ impl Parent {
         for child in &self.children {
             let _ = kill(child.pid, Signal::SIGKILL);
         }
-        self.vmm.kill_all();
+        if let Some(vmm) = &self.registry.backend {
+            vmm.kill_all();
+        }
         self.cleanup();
     }
 

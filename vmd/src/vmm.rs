@@ -90,8 +90,10 @@ pub struct VmEnded {
 pub enum StartError {
     #[error("vm {0} is already running")]
     AlreadyRunning(u32),
-    #[error("no kernel to boot: give one with -b or `boot` in vm.conf")]
+    #[error("no kernel to boot: give one with -b or `boot` in vm.conf (booting from disk or cdrom is not built yet)")]
     NoKernel,
+    #[error("{0} not built yet")]
+    NotBuilt(&'static str),
     #[error("could not open kernel {path}: {why}")]
     Kernel { path: String, why: String },
     #[error("could not open initrd {path}: {why}")]
@@ -149,17 +151,20 @@ impl Vmm {
     }
 
     /// Starts VM `id` as configured in `vm` (kernel, initrd, cmdline,
-    /// disks, memory, vcpus, accel), for `requester`.
+    /// disks, memory, vcpus, accel), opening its files as `requester`;
+    /// its tty belongs to `tty_owner`.
     pub fn start(
         &mut self,
         id: u32,
         vm: &VmConfig,
         globals: &Globals,
         requester: &Requester,
+        tty_owner: u32,
     ) -> Result<Started, StartError> {
         if self.vms.iter().any(|v| v.id == id) {
             return Err(StartError::AlreadyRunning(id));
         }
+        vmm_check_built(vm)?;
         let kernel_path = vm.boot.as_deref().ok_or(StartError::NoKernel)?;
         let kvm = vmm_use_kvm(vm.accel_or(globals))?;
         let (kernel, initrd, disks) = as_requester(requester, || {
@@ -182,7 +187,7 @@ impl Vmm {
             Ok::<_, StartError>((kernel, initrd, disks))
         })?;
         let uid = self.allocate_uid(globals.uid_range)?;
-        let (master, slave, tty) = open_pty(requester.uid).map_err(StartError::Pty)?;
+        let (master, slave, tty) = open_pty(tty_owner).map_err(StartError::Pty)?;
         let console_log = Path::new(&globals.console_log_dir).join(format!("{}.console", vm.name));
         let (log_fd, log_size) =
             open_console_log(&console_log).map_err(|why| StartError::ConsoleLog {
@@ -473,6 +478,26 @@ impl Vmm {
                 last: range.last,
             })
     }
+}
+
+/// Refuses what a VM asks for that is not built yet, rather than
+/// ignoring it.
+fn vmm_check_built(vm: &VmConfig) -> Result<(), StartError> {
+    if vm.interface_total() > 0 {
+        return Err(StartError::NotBuilt(
+            "network interfaces (-i, -L, -n, interface) are",
+        ));
+    }
+    if vm.cdrom.is_some() {
+        return Err(StartError::NotBuilt("cdrom images (-r, cdrom) are"));
+    }
+    if vm.boot_device.is_some() {
+        return Err(StartError::NotBuilt("boot devices (-B, boot device) are"));
+    }
+    if vm.backend() != common::config::Backend::Qemu {
+        return Err(StartError::NotBuilt("backend kvm is"));
+    }
+    Ok(())
 }
 
 /// Whether a VM uses hardware KVM: `kvm` always, `tcg` never, `auto` when

@@ -1,0 +1,222 @@
+//! The control protocol between vmctl, the control process and the
+//! parent: what vmctl asks, who asked (as the control process read it
+//! from the socket), and how a failure reads to the user.
+//!
+//! vmctl sends a [`CtlRequest`] in a `Message::Ctl` frame; control wraps
+//! it with the peer's [`Credentials`] in a `Message::CtlForward` frame to
+//! the parent, whose answers come back through control to the connection
+//! that asked (by peer id).
+
+use crate::config::VmConfig;
+use nix::errno::Errno;
+use serde::{Deserialize, Serialize};
+
+/// A VM named on vmctl's command line: a number is an id, anything else a
+/// name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmTarget {
+    Id(u32),
+    Name(String),
+}
+
+impl VmTarget {
+    /// `"3"` is id 3 (0 is no id), anything else a name.
+    pub fn parse(word: &str) -> VmTarget {
+        match word.parse::<u32>() {
+            Ok(id) => VmTarget::Id(id),
+            Err(_) => VmTarget::Name(word.to_string()),
+        }
+    }
+
+    pub fn matches(&self, id: u32, name: &str) -> bool {
+        match self {
+            VmTarget::Id(want) => *want == id,
+            VmTarget::Name(want) => want == name,
+        }
+    }
+}
+
+/// What `vmctl reset` purges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResetWhat {
+    All,
+    Vms,
+    Switches,
+}
+
+/// `vmctl start`: the VM to start and what the command line sets. Fields
+/// of `vm` left `None` (or empty) were not given; `vm.instance_of` is the
+/// template of `-t`. Paths are absolute (vmctl resolves them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StartRequest {
+    pub target: VmTarget,
+    pub vm: VmConfig,
+}
+
+impl StartRequest {
+    /// Whether the command line sets anything besides the boot image
+    /// (which an existing VM may be started with).
+    pub fn sets_more_than_boot(&self) -> bool {
+        let vm = &self.vm;
+        vm.memory.is_some()
+            || !vm.disks.is_empty()
+            || !vm.interfaces.is_empty()
+            || vm.interface_count.is_some()
+            || vm.cdrom.is_some()
+            || vm.boot_device.is_some()
+            || vm.instance_of.is_some()
+            || vm.initrd.is_some()
+            || vm.cmdline.is_some()
+    }
+}
+
+/// One command from vmctl.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CtlRequest {
+    /// `status`: every VM, one `CtlVm` frame each, then `CtlVmEnd`.
+    Status,
+    Start(Box<StartRequest>),
+    Stop {
+        target: VmTarget,
+        force: bool,
+        wait: bool,
+    },
+    Wait {
+        target: VmTarget,
+    },
+    Pause {
+        target: VmTarget,
+    },
+    Unpause {
+        target: VmTarget,
+    },
+    /// `load FILE`: an absolute path.
+    Load {
+        path: String,
+    },
+    Reload,
+    Reset {
+        what: ResetWhat,
+    },
+    /// `log brief` (0) or `log verbose` (2).
+    Verbose {
+        level: u8,
+    },
+}
+
+impl CtlRequest {
+    /// Whether a user other than root may ask this (then only for VMs
+    /// they own, which the parent checks). Everything else is root's.
+    pub fn open_to_users(&self) -> bool {
+        matches!(
+            self,
+            CtlRequest::Status
+                | CtlRequest::Start(_)
+                | CtlRequest::Stop { .. }
+                | CtlRequest::Wait { .. }
+                | CtlRequest::Pause { .. }
+                | CtlRequest::Unpause { .. }
+        )
+    }
+
+    /// A short name for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CtlRequest::Status => "status",
+            CtlRequest::Start(_) => "start",
+            CtlRequest::Stop { .. } => "stop",
+            CtlRequest::Wait { .. } => "wait",
+            CtlRequest::Pause { .. } => "pause",
+            CtlRequest::Unpause { .. } => "unpause",
+            CtlRequest::Load { .. } => "load",
+            CtlRequest::Reload => "reload",
+            CtlRequest::Reset { .. } => "reset",
+            CtlRequest::Verbose { .. } => "log",
+        }
+    }
+}
+
+/// Who sent a request, as the control process read it from the socket
+/// (SO_PEERCRED and SO_PEERGROUPS), never as the client claimed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+}
+
+impl Credentials {
+    pub fn is_root(&self) -> bool {
+        self.uid == 0
+    }
+
+    /// Whether the peer has `gid` as its group or a supplementary group.
+    pub fn in_group(&self, gid: u32) -> bool {
+        self.gid == gid || self.groups.contains(&gid)
+    }
+}
+
+/// Why a VM command failed, as vmctl reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CtlError {
+    /// A system error number (EPERM, ENOENT, EALREADY, ...).
+    Errno(i32),
+    /// `stop` or `wait` of a VM that is not running.
+    StopInvalid,
+    BiosMissing,
+    DiskMissing,
+    CdromMissing,
+    CdromInvalid,
+    TemplateInvalid,
+    /// A failure only words describe (the daemon's own message).
+    Text(String),
+}
+
+impl CtlError {
+    pub fn errno(e: Errno) -> CtlError {
+        CtlError::Errno(e as i32)
+    }
+
+    /// strerror, or the message for vmd's own codes.
+    pub fn describe(&self) -> String {
+        match self {
+            CtlError::Errno(n) => Errno::from_raw(*n).desc().to_string(),
+            CtlError::StopInvalid => "cannot stop vm that is not running".into(),
+            CtlError::BiosMissing => "vmm bios firmware file not found.".into(),
+            CtlError::DiskMissing => "could not open disk image(s)".into(),
+            CtlError::CdromMissing => "could not find specified iso image".into(),
+            CtlError::CdromInvalid => "specified iso image is not a regular file".into(),
+            CtlError::TemplateInvalid => "invalid template".into(),
+            CtlError::Text(text) => text.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_and_permissions() {
+        assert_eq!(VmTarget::parse("12"), VmTarget::Id(12));
+        assert_eq!(VmTarget::parse("web"), VmTarget::Name("web".into()));
+        assert!(VmTarget::parse("web").matches(3, "web"));
+        assert!(!VmTarget::Id(3).matches(4, "web"));
+        assert!(CtlRequest::Status.open_to_users());
+        assert!(!CtlRequest::Reload.open_to_users());
+        assert!(!CtlRequest::Verbose { level: 2 }.open_to_users());
+        let creds = Credentials {
+            pid: 1,
+            uid: 1000,
+            gid: 1000,
+            groups: vec![27, 1000],
+        };
+        assert!(creds.in_group(27) && creds.in_group(1000) && !creds.in_group(0));
+        assert_eq!(
+            CtlError::Errno(libc::EPERM).describe(),
+            "Operation not permitted"
+        );
+    }
+}

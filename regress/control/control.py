@@ -1,0 +1,686 @@
+#!/usr/bin/env python3
+"""regress/control: the control socket, the VM registry and vmctl's control
+commands, checked from the outside.
+
+Runs as root. Creates its own users and groups (unique names, deleted at
+the end even on failure); each case starts its own vmd (-d, its own socket,
+config and log in a temp dir) and kills it and its children at the end.
+Non-root vmctl runs under setpriv with exactly the groups a case wants, so
+a group held only as a supplementary group is tested as such.
+
+The raw-socket cases speak the frame format of common/src/imsg.rs: a
+20-byte header (type, payload length, flags, reserved, peer id, pid; little
+endian) and a bincode payload. The status request's bytes and the reply
+type codes are pinned by the unit test raw_status_request_and_reply_codes.
+"""
+
+import grp
+import os
+import pwd
+import random
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VMD = os.path.join(ROOT, "target", "debug", "vmd")
+VMCTL = os.path.join(ROOT, "target", "debug", "vmctl")
+
+HEADER = struct.Struct("<IIHHII")
+# Message::Ctl(CtlRequest::Status) and the answers' type codes.
+CTL_STATUS_FRAME = HEADER.pack(5, 2, 0, 0, 0, 0) + b"\x04\x00"
+CTL_VM, CTL_VM_END, CTL_FAIL = 7, 8, 12
+TABLE_HEAD = "   ID   PID VCPUS  MAXMEM  CURMEM     TTY        OWNER    STATE NAME\n"
+
+passed = 0
+failed = 0
+
+
+class Failure(Exception):
+    pass
+
+
+def case(name, fn):
+    global passed, failed
+    try:
+        fn()
+    except Failure as e:
+        failed += 1
+        print(f"FAIL {name}: {e}")
+    except Exception as e:  # a broken test is a failure too, never a pass
+        failed += 1
+        print(f"FAIL {name}: {type(e).__name__}: {e}")
+    else:
+        passed += 1
+        print(f"ok {name}")
+    sys.stdout.flush()
+
+
+def wait_for(what, check, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise Failure(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def expect(what, got, want):
+    if got != want:
+        raise Failure(f"{what}: got {got!r}, want {want!r}")
+
+
+# --- users and groups --------------------------------------------------------
+
+TAG = "vc%05x" % (os.getpid() & 0xfffff)
+
+
+class Accounts:
+    """Two users and three groups with unique names, removed at the end."""
+
+    def __init__(self):
+        self.users = []
+        self.groups = []
+
+    def create(self):
+        self.sock_group = self.group(TAG + "s")   # may open the socket
+        self.vm_group = self.group(TAG + "g")     # owns a VM
+        self.alice = self.user(TAG + "a")
+        self.bob = self.user(TAG + "b")
+
+    def group(self, name):
+        subprocess.run(["groupadd", name], check=True, capture_output=True)
+        self.groups.append(name)
+        return grp.getgrnam(name).gr_gid
+
+    def user(self, name):
+        subprocess.run(["useradd", "-M", "-U", "-s", "/usr/sbin/nologin", name],
+                       check=True, capture_output=True)
+        self.users.append(name)
+        return pwd.getpwnam(name)
+
+    def remove(self):
+        for name in self.users:
+            subprocess.run(["userdel", name], capture_output=True)
+        for name in self.groups:
+            subprocess.run(["groupdel", name], capture_output=True)
+
+
+ACCOUNTS = None
+
+
+# --- vmd and vmctl -----------------------------------------------------------
+
+def all_children(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                for line in f:
+                    if line.startswith("PPid:") and line.split()[1] == str(pid):
+                        out.append(int(entry))
+        except OSError:
+            pass
+    return out
+
+
+class Vmd:
+    """A vmd in the foreground with its own socket, config and log."""
+
+    def __init__(self, config):
+        self.dir = tempfile.mkdtemp(prefix="vmd-control-")
+        os.chmod(self.dir, 0o755)
+        self.sock = os.path.join(self.dir, "vmd.sock")
+        self.conf = os.path.join(self.dir, "vm.conf")
+        self.log_path = os.path.join(self.dir, "vmd.log")
+        self.write_config(config)
+        self.known = set()
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen([VMD, "-d", "-f", self.conf, "-s", self.sock],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         start_new_session=True)
+        wait_for("vmd to listen", lambda: "control: listening" in self.log() or not self.alive())
+        if not self.alive():
+            raise Failure(f"vmd exited: {self.log()}")
+        self.known.update(all_children(self.proc.pid))
+
+    def write_config(self, text):
+        with open(self.conf, "w") as f:
+            f.write(text)
+
+    def log(self):
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def vmctl(self, *args, user=None, groups=(), gid=None, env=None, cwd="/"):
+        """Runs vmctl -s SOCK ARGS as root or as `user` (a pwd entry) with
+        primary group `gid` (default the user's) and exactly `groups`."""
+        cmd = [VMCTL, "-s", self.sock, *args]
+        if user is not None:
+            g = user.pw_gid if gid is None else gid
+            sup = ",".join(str(x) for x in groups) if groups else None
+            pre = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={g}"]
+            pre += [f"--groups={sup}"] if sup else ["--clear-groups"]
+            cmd = pre + ["--"] + cmd
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=env, cwd=cwd)
+        return out.returncode, out.stdout, out.stderr
+
+    def check_alive(self):
+        if not self.alive():
+            raise Failure(f"vmd died: {self.log()[-2000:]}")
+
+    def stop(self):
+        pids = set(self.known)
+        if self.alive():
+            pids.update(all_children(self.proc.pid))
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def row(id_, pid, vcpus, maxmem, curmem, tty, owner, state, name):
+    """One status row in OpenBSD's printf format, OWNER cut to 15 bytes."""
+    return "%5s %5s %5s %7s %7s %7s %12s %8s %s\n" % (
+        id_, pid, vcpus, maxmem, curmem, tty, owner[:15], state, name)
+
+
+def socket_group_config(extra=""):
+    return f"socket owner :{TAG}s\n{extra}"
+
+
+# --- raw frames --------------------------------------------------------------
+
+def recv_exact(s, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise Failure(f"connection closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return buf
+
+
+def raw_status(s):
+    """Sends one status request on `s`; returns the number of VMs listed."""
+    s.sendall(CTL_STATUS_FRAME)
+    count = 0
+    while True:
+        typ, length, flags, _, _, _ = HEADER.unpack(recv_exact(s, HEADER.size))
+        recv_exact(s, length)
+        if typ == CTL_VM:
+            count += 1
+        elif typ == CTL_VM_END:
+            return count
+        else:
+            raise Failure(f"unexpected frame type {typ}")
+
+
+def connect(vmd, timeout=10):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(timeout)
+    s.connect(vmd.sock)
+    return s
+
+
+def closed_by_daemon(s):
+    try:
+        return s.recv(1) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+
+
+# --- cases -------------------------------------------------------------------
+
+THREE_VMS = """staggered start parallel 1 delay 3600
+vm "one" { boot "/k" }
+vm "two" { boot "/k" }
+vm "three" { disable
+  boot "/k"
+  memory 1536M
+}
+"""
+
+
+def test_status_layout():
+    a, g = ACCOUNTS.alice.pw_name, TAG + "g"
+    conf = THREE_VMS + f"""vm "mine" {{ disable
+  boot "/k"
+  memory 4G
+  owner {a}
+}}
+vm "ours" {{ disable
+  boot "/k"
+  owner {a}:{g}
+}}
+vm "grp" {{ disable
+  boot "/k"
+  owner :{g}
+}}
+"""
+    with Vmd(conf) as vmd:
+        # "one" is the first staggered batch: its start fails (no backend)
+        # and it is stopped; "two" still waits for the next batch.
+        wait_for("the first batch", lambda: "one: failed to start vm 1" in vmd.log())
+        code, out, err = vmd.vmctl("status")
+        want = (TABLE_HEAD +
+                "    1     -     1    512M       -       -         root  stopped one\n"
+                "    2     -     1    512M       -       -         root  waiting two\n"
+                "    3     -     1    1.5G       -       -         root  stopped three\n" +
+                row(4, "-", 1, "4.0G", "-", "-", a, "stopped", "mine") +
+                row(5, "-", 1, "512M", "-", "-", f"{a}:{g}", "stopped", "ours") +
+                row(6, "-", 1, "512M", "-", "-", f"root:{g}", "stopped", "grp"))
+        expect("status output", out, want)
+        expect("status exit code", code, 0)
+        expect("status stderr", err, "")
+        if len(f"{a}:{g}") > 15 and f"{a}:{g}" in out:
+            raise Failure("OWNER was not cut to 15 bytes")
+        expect("show = status", vmd.vmctl("show")[1], want)
+        expect("status two", vmd.vmctl("status", "two")[1], TABLE_HEAD + want.splitlines(True)[2])
+        expect("status 3", vmd.vmctl("status", "3")[1], TABLE_HEAD + want.splitlines(True)[3])
+        expect("status -r (nothing runs)", vmd.vmctl("status", "-r"), (1, TABLE_HEAD, ""))
+        expect("status of an unknown vm", vmd.vmctl("status", "nope"), (1, TABLE_HEAD, ""))
+        code, _, err = vmd.vmctl("status", "-x")
+        expect("status -x", (code, err), (1, "usage:\tvmctl [-v] status [-r] [id]\n"))
+
+
+def test_socket_mode_and_owner():
+    with Vmd(socket_group_config()) as vmd:
+        gid = grp.getgrnam(TAG + "s").gr_gid
+        st = wait_for("the socket's group", lambda: (s := os.stat(vmd.sock)).st_gid == gid and s)
+        if not stat.S_ISSOCK(st.st_mode) or stat.S_IMODE(st.st_mode) != 0o660 or st.st_uid != 0:
+            raise Failure(f"socket mode {oct(st.st_mode)} owner {st.st_uid}:{st.st_gid}")
+        # Not in the group: cannot connect at all.
+        code, _, err = vmd.vmctl("status", user=ACCOUNTS.alice)
+        expect("outsider", (code, err), (1, f"vmctl: connect: {vmd.sock}: Permission denied\n"))
+
+
+def perm_config():
+    a, g = ACCOUNTS.alice.pw_name, TAG + "g"
+    return socket_group_config(f"""vm "va" {{ disable
+  boot "/k"
+  owner {a}
+}}
+vm "vg" {{ disable
+  boot "/k"
+  owner :{g}
+}}
+vm "vr" {{ disable
+  boot "/k"
+}}
+vm "tmpl" {{ disable
+  boot "/k"
+  allow instance {{ owner {a}
+    memory
+  }}
+}}
+""")
+
+
+def test_non_root_permissions():
+    alice, bob = ACCOUNTS.alice, ACCOUNTS.bob
+    sock_gid, vm_gid = ACCOUNTS.sock_group, ACCOUNTS.vm_group
+    with Vmd(perm_config()) as vmd:
+        gid = grp.getgrnam(TAG + "s").gr_gid
+        wait_for("the socket's group", lambda: os.stat(vmd.sock).st_gid == gid)
+
+        def as_alice(*args):
+            return vmd.vmctl(*args, user=alice, groups=[sock_gid])
+
+        def as_bob(*args, extra=()):
+            return vmd.vmctl(*args, user=bob, groups=[sock_gid, *extra])
+
+        code, out, _ = as_alice("status")
+        names = [line.split()[-1] for line in out.splitlines()[1:]]
+        expect("alice sees every vm", (code, names), (0, ["va", "vg", "vr", "tmpl"]))
+        eperm = "vmctl: command failed: Operation not permitted\n"
+        for cmd in (["reload"], ["load", "/dev/null"], ["reset"], ["reset", "vms"],
+                    ["log", "verbose"]):
+            expect(f"alice {' '.join(cmd)}", as_alice(*cmd), (1, "", eperm))
+        # Permission is checked before the state: EPERM for others' VMs,
+        # "not running" for one's own.
+        expect("alice stop vr", as_alice("stop", "vr"),
+               (1, "", "stopping vm vr: failed: Operation not permitted\n"))
+        expect("alice stop va", as_alice("stop", "va"),
+               (1, "", "stopping vm va: cannot stop vm that is not running\n"))
+        expect("alice stop vg (not in the group)", as_alice("stop", "vg"),
+               (1, "", "stopping vm vg: failed: Operation not permitted\n"))
+        expect("alice wait vr", as_alice("wait", "vr"),
+               (1, "", "waiting for vm vr: failed: Operation not permitted\n"))
+        expect("alice pause vr", as_alice("pause", "vr"),
+               (1, "", "vmctl: pause vm command failed: Operation not permitted\n"))
+        expect("alice pause va", as_alice("pause", "va"),
+               (1, "", "vmctl: pause vm command failed: Invalid argument\n"))
+        expect("alice unpause 1", as_alice("unpause", "1"),
+               (1, "", "vmctl: unpause vm command failed: Invalid argument\n"))
+        # bob holds the VM's group only as a supplementary group.
+        expect("bob stop vg with the group", as_bob("stop", "vg", extra=[vm_gid]),
+               (1, "", "stopping vm vg: cannot stop vm that is not running\n"))
+        expect("bob pause vg with the group", as_bob("pause", "vg", extra=[vm_gid]),
+               (1, "", "vmctl: pause vm command failed: Invalid argument\n"))
+        expect("bob stop vg without it", as_bob("stop", "vg"),
+               (1, "", "stopping vm vg: failed: Operation not permitted\n"))
+        expect("bob stop va", as_bob("stop", "va", extra=[vm_gid]),
+               (1, "", "stopping vm va: failed: Operation not permitted\n"))
+        # The primary group counts too (SO_PEERCRED's gid).
+        code, _, err = vmd.vmctl("stop", "vg", user=bob, gid=vm_gid, groups=[sock_gid])
+        expect("bob with the group as primary", err, "stopping vm vg: cannot stop vm that is not running\n")
+        # start: own VMs reach the (missing) backend, others' are refused.
+        no_backend = "vmctl: start vm command failed: the VM backend is not built yet\n"
+        expect("alice start va", as_alice("start", "va"), (1, "", no_backend))
+        expect("alice start vr", as_alice("start", "vr"),
+               (1, "", "vmctl: start vm command failed: Operation not permitted\n"))
+        expect("bob start vg", as_bob("start", "vg", extra=[vm_gid]), (1, "", no_backend))
+        # Only root creates brand-new VMs; instances as `allow instance` says.
+        expect("alice new vm", as_alice("start", "fresh", "-b", "/dev/null"),
+               (1, "", "vmctl: start vm command failed: Operation not permitted\n"))
+        expect("alice instance", as_alice("start", "inst1", "-t", "tmpl", "-m", "1G"), (1, "", no_backend))
+        expect("alice instance with a disk", as_alice("start", "inst2", "-t", "tmpl", "-d", "/dev/null"),
+               (1, "", "vmctl: start vm command failed: Operation not permitted\n"))
+        expect("bob instance", as_bob("start", "inst3", "-t", "tmpl"),
+               (1, "", "vmctl: start vm command failed: Operation not permitted\n"))
+        expect("bad template", vmd.vmctl("start", "inst4", "-t", "nope"), (1, "", "vmctl: invalid template\n"))
+        expect("root new vm", vmd.vmctl("start", "fresh", "-b", "/dev/null", "-L"), (1, "", no_backend))
+        # Failed starts of new VMs leave nothing behind.
+        code, out, _ = vmd.vmctl("status")
+        expect("vms after failed starts", [l.split()[-1] for l in out.splitlines()[1:]],
+               ["va", "vg", "vr", "tmpl"])
+        if "denied reload from uid" not in vmd.log():
+            raise Failure("control did not log the refusal")
+        vmd.check_alive()
+
+
+def test_unknown_vm():
+    with Vmd(THREE_VMS) as vmd:
+        expect("stop", vmd.vmctl("stop", "nope"), (1, "", "stopping vm nope: vm not found\n"))
+        expect("stop by id", vmd.vmctl("stop", "42"), (1, "", "stopping vm: vm not found\n"))
+        expect("wait", vmd.vmctl("wait", "nope"), (1, "", "waiting for vm nope: vm not found\n"))
+        expect("pause", vmd.vmctl("pause", "nope"),
+               (1, "", "vmctl: pause vm command failed: No such file or directory\n"))
+        expect("start by id", vmd.vmctl("start", "42"),
+               (1, "", "vmctl: start vm command failed: No such file or directory\n"))
+        expect("stop -a (nothing runs)", vmd.vmctl("stop", "-a"), (0, "", ""))
+
+
+def test_start_rate_limit():
+    with Vmd(THREE_VMS) as vmd:
+        no_backend = (1, "", "vmctl: start vm command failed: the VM backend is not built yet\n")
+        for i in range(3):
+            expect(f"start {i + 1}", vmd.vmctl("start", "three"), no_backend)
+        expect("start 4", vmd.vmctl("start", "three"),
+               (1, "", "vmctl: start vm command failed: Operation not permitted\n"))
+        if "three: vm 3 restarted too quickly" not in vmd.log():
+            raise Failure("no rate limit line in the log")
+
+
+def test_vmctl_command_line():
+    with Vmd(THREE_VMS) as vmd:
+        code, _, err = vmd.vmctl("sta")
+        if code != 1 or not err.startswith("ambiguous argument: sta\nusage:\tvmctl [-v] command [arg ...]\n"):
+            raise Failure(f"sta: {code} {err!r}")
+        code, _, err = vmd.vmctl("frobnicate")
+        if code != 1 or not err.startswith("unknown argument: frobnicate\nusage:\tvmctl"):
+            raise Failure(f"frobnicate: {code} {err!r}")
+        expect("prefix stat", vmd.vmctl("stat")[0], 0)
+        expect("log bogus", vmd.vmctl("log", "bogus"), (1, "", "usage:\tvmctl [-v] log [brief | verbose]\n"))
+        expect("reset bogus", vmd.vmctl("reset", "x"), (1, "", "usage:\tvmctl [-v] reset [all | switches | vms]\n"))
+        expect("stop usage", vmd.vmctl("stop"), (1, "", "usage:\tvmctl [-v] stop [id | -a] [-fw]\n"))
+        expect("stop id and -a", vmd.vmctl("stop", "one", "-a"), (1, "", "vmctl: invalid id: one\n"))
+        for cmd in ("console", "send"):
+            expect(cmd, vmd.vmctl(cmd, "one"), (1, "", f"vmctl: {cmd} is not built yet\n"))
+        expect("receive", vmd.vmctl("receive", "x"), (1, "", "vmctl: receive is not built yet\n"))
+        expect("invalid name", vmd.vmctl("start", "b@d", "-b", "/dev/null"),
+               (1, "", "vmctl: invalid VM name\n"))
+        expect("start warnings", vmd.vmctl("start", "x", "-r", "/dev/null"),
+               (1, "", "vmctl: starting without disks\nvmctl: starting without network interfaces\n"
+                       "vmctl: start vm command failed: the VM backend is not built yet\n"))
+        expect("missing disk", vmd.vmctl("start", "x", "-d", "/nonexistent/d.img"),
+               (1, "", "vmctl: invalid disk path: No such file or directory\n"))
+        expect("no socket", subprocess.run([VMCTL, "-s", "/nonexistent/s", "status"],
+                                           capture_output=True, text=True).stderr,
+               "vmctl: connect: /nonexistent/s: No such file or directory\n")
+        env = dict(os.environ, VMD_SOCKET=vmd.sock)
+        out = subprocess.run([VMCTL, "status"], capture_output=True, text=True, env=env)
+        expect("VMD_SOCKET", (out.returncode, out.stdout.splitlines()[0] + "\n"), (0, TABLE_HEAD))
+        expect("log verbose", vmd.vmctl("log", "verbose"), (0, "", ""))
+        wait_for("verbose logging", lambda: "control: verbosity now 2" in vmd.log())
+        expect("log brief", vmd.vmctl("log", "b"), (0, "", ""))
+
+
+def vm_names(vmd):
+    out = vmd.vmctl("status")[1]
+    return [(int(l.split()[0]), l.split()[-1], l.split()[-2]) for l in out.splitlines()[1:]]
+
+
+def test_load_bad_file_changes_nothing():
+    with Vmd(THREE_VMS) as vmd:
+        before = vmd.vmctl("status")
+        bad = os.path.join(vmd.dir, "bad.conf")
+        with open(bad, "w") as f:
+            f.write('vm "x1" { boot "/k" }\nvm "x2" { memory 1048575 }\nvm "x3" { nifs 5 }\n')
+        code, out, err = vmd.vmctl("load", "bad.conf", cwd=vmd.dir)
+        want = (f"memory size must be at least 1MB\n{bad}:2: failed to parse size: 1048575\n"
+                f"{bad}:3: syntax error\nvmctl: command failed\n")
+        expect("load of a bad file", (code, out, err), (1, "", want))
+        expect("status after", vmd.vmctl("status"), before)
+        expect("missing file", vmd.vmctl("load", "/nonexistent.conf"),
+               (1, "", "failed to open /nonexistent.conf: No such file or directory\nvmctl: command failed\n"))
+        good = os.path.join(vmd.dir, "good.conf")
+        with open(good, "w") as f:
+            f.write('vm "x1" { disable\n boot "/k" }\nvm "one" { disable\n boot "/k"\n memory 2G }\n')
+        expect("load a good file (relative path)", vmd.vmctl("load", "good.conf", cwd=vmd.dir), (0, "", ""))
+        names = vm_names(vmd)
+        expect("after load", [n for _, n, _ in names], ["one", "two", "three", "x1"])
+        if "2.0G" in vmd.vmctl("status", "one")[1]:
+            raise Failure("load replaced an existing vm")
+
+
+def test_reload_and_sighup():
+    with Vmd(THREE_VMS) as vmd:
+        wait_for("the first batch", lambda: "one: failed to start vm 1" in vmd.log())
+        vmd.write_config('vm "three" { disable\n boot "/k" }\nvm "four" { disable\n boot "/k" }\n')
+        vmd.proc.send_signal(signal.SIGHUP)
+        wait_for("the reload", lambda: "reloaded " in vmd.log())
+        expect("after SIGHUP", vm_names(vmd), [(3, "three", "stopped"), (4, "four", "stopped")])
+        # Ids are kept per name and owner: "one" comes back as 1.
+        vmd.write_config('vm "one" { disable\n boot "/k" }\nvm "four" { disable\n boot "/k" }\n'
+                         'vm "five" { disable\n boot "/k" }\n')
+        expect("vmctl reload", vmd.vmctl("reload"), (0, "", ""))
+        expect("after reload", vm_names(vmd), [(1, "one", "stopped"), (4, "four", "stopped"), (5, "five", "stopped")])
+        # A broken file changes nothing.
+        vmd.write_config('vm "six" { frob }\n')
+        code, _, err = vmd.vmctl("reload")
+        if code != 1 or not err.endswith("syntax error\nvmctl: command failed\n"):
+            raise Failure(f"reload of a broken file: {code} {err!r}")
+        vmd.proc.send_signal(signal.SIGHUP)
+        wait_for("the failed reload", lambda: "reload failed; nothing changed" in vmd.log())
+        expect("after broken reloads", [n for _, n, _ in vm_names(vmd)], ["one", "four", "five"])
+        vmd.check_alive()
+
+
+def test_reset():
+    with Vmd(THREE_VMS) as vmd:
+        expect("reset switches", vmd.vmctl("reset", "switches"), (0, "", ""))
+        expect("vms kept", len(vm_names(vmd)), 3)
+        expect("reset vms", vmd.vmctl("reset", "vms"), (0, "", ""))
+        expect("status after reset", vmd.vmctl("status"), (1, TABLE_HEAD, ""))
+        expect("reset", vmd.vmctl("reset"), (0, "", ""))
+
+
+def test_bad_frames():
+    with Vmd(THREE_VMS) as vmd:
+        random.seed(5)
+        kinds = {
+            "garbage": bytes(random.randrange(256) for _ in range(300)),
+            "oversized": HEADER.pack(5, 10 * 1024 * 1024, 0, 0, 0, 0),
+            "bad flags": HEADER.pack(5, 2, 0x80, 0, 0, 0) + b"\x04\x00",
+            "wrong type": HEADER.pack(6, 2, 0, 0, 0, 0) + b"\x04\x00",
+            "undecodable": HEADER.pack(5, 4, 0, 0, 0, 0) + b"\xff\xff\xff\xff",
+            "a reply from a client": HEADER.pack(11, 1, 0, 0, 0, 0) + b"\x0a",
+            # CtlForward { creds: uid 0, request: Reload }: claimed
+            # credentials are never taken from a client.
+            "forged credentials": HEADER.pack(6, 6, 0, 0, 0, 0) + b"\x05\x00\x00\x00\x00\x07",
+        }
+        for what, data in kinds.items():
+            with connect(vmd) as s:
+                s.sendall(data)
+                if not closed_by_daemon(s):
+                    raise Failure(f"{what}: the connection stayed open")
+            expect(f"status after {what}", vmd.vmctl("status")[0], 0)
+        # Truncated: half a frame, then close; half a header, then close.
+        for cut in (HEADER.size // 2, len(CTL_STATUS_FRAME) - 1):
+            with connect(vmd) as s:
+                s.sendall(CTL_STATUS_FRAME[:cut])
+            expect(f"status after a frame cut at {cut}", vmd.vmctl("status")[0], 0)
+        # A request whose asker leaves before the answer.
+        for _ in range(20):
+            with connect(vmd) as s:
+                s.sendall(CTL_STATUS_FRAME)
+        # Silent clients and a half frame held open while others are served.
+        silent = [connect(vmd) for _ in range(5)]
+        half = connect(vmd)
+        half.sendall(CTL_STATUS_FRAME[:7])
+        try:
+            for _ in range(5):
+                expect("status beside silent clients", vmd.vmctl("status")[0], 0)
+            with connect(vmd) as s:
+                expect("raw status", raw_status(s), 3)
+        finally:
+            for s in silent + [half]:
+                s.close()
+        vmd.check_alive()
+        if "control (pid" in vmd.log() and "restarting" in vmd.log():
+            raise Failure("control was restarted")
+
+
+def test_load_50x1000():
+    with Vmd(THREE_VMS) as vmd:
+        half = connect(vmd)
+        half.sendall(CTL_STATUS_FRAME[:13])
+        errors = []
+        done = [0]
+        lock = threading.Lock()
+
+        def client(n):
+            try:
+                with connect(vmd, timeout=60) as s:
+                    for _ in range(1000):
+                        got = raw_status(s)
+                        if got != 3:
+                            raise Failure(f"listed {got} vms")
+                        with lock:
+                            done[0] += 1
+            except Exception as e:
+                with lock:
+                    errors.append(f"client {n}: {type(e).__name__}: {e}")
+
+        start = time.monotonic()
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(50)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        elapsed = time.monotonic() - start
+        half.close()
+        if errors:
+            raise Failure(f"{len(errors)} errors, first: {errors[0]}")
+        expect("requests answered", done[0], 50 * 1000)
+        vmd.check_alive()
+        print(f"# 50 clients x 1000 status requests in {elapsed:.1f}s")
+        # And 50 concurrent vmctl processes.
+        procs = [subprocess.Popen([VMCTL, "-s", vmd.sock, "status"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE) for _ in range(50)]
+        bad = [p for p in procs if p.wait(60) != 0]
+        for p in procs:
+            p.stdout.close()
+            p.stderr.close()
+        expect("failed vmctl processes", len(bad), 0)
+
+
+def test_many_connections():
+    with Vmd(THREE_VMS) as vmd:
+        conns = [connect(vmd) for _ in range(300)]
+        try:
+            for s in conns[::37]:
+                expect("status on one of many", raw_status(s), 3)
+            expect("vmctl beside 300 connections", vmd.vmctl("status")[0], 0)
+        finally:
+            for s in conns:
+                s.close()
+
+
+def build():
+    if not (os.path.exists(VMD) and os.path.exists(VMCTL)):
+        subprocess.run(["cargo", "build", "-q", "-p", "vmd", "-p", "vmctl"], cwd=ROOT, check=True)
+
+
+def main():
+    global failed, ACCOUNTS
+    if os.geteuid() != 0:
+        print("FAIL control: must run as root")
+        print("0 passed, 1 failed")
+        return 1
+    try:
+        pwd.getpwnam("_vmd")
+    except KeyError:
+        print("FAIL control: user _vmd missing: run sh regress/setup --user-only")
+        print("0 passed, 1 failed")
+        return 1
+    build()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(1))
+    try:
+        ACCOUNTS = Accounts()
+        ACCOUNTS.create()
+        case("status_layout", test_status_layout)
+        case("socket_mode_and_owner", test_socket_mode_and_owner)
+        case("non_root_permissions", test_non_root_permissions)
+        case("unknown_vm", test_unknown_vm)
+        case("start_rate_limit", test_start_rate_limit)
+        case("vmctl_command_line", test_vmctl_command_line)
+        case("load_bad_file_changes_nothing", test_load_bad_file_changes_nothing)
+        case("reload_and_sighup", test_reload_and_sighup)
+        case("reset", test_reset)
+        case("bad_frames", test_bad_frames)
+        case("load_50x1000", test_load_50x1000)
+        case("many_connections", test_many_connections)
+    except Exception as e:
+        failed += 1
+        print(f"FAIL control: {type(e).__name__}: {e}")
+    finally:
+        if ACCOUNTS is not None:
+            ACCOUNTS.remove()
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

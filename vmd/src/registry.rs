@@ -1,0 +1,758 @@
+//! The VM registry (parent): every VM vmd knows, from vm.conf (and `vmctl
+//! load`) or started by vmctl, with its id, state and owner, and the rules
+//! of who may do what to it.
+//!
+//! vmids are claimed per (name, owner uid) and reused: a VM removed by a
+//! reload and added again gets its old id back. States follow OpenBSD's
+//! vmd: stopped, waiting (for a staggered start), running, paused,
+//! stopping. A VM defined in a configuration file stays listed after it
+//! stops; one started only by vmctl is removed when it ends.
+//!
+//! The VM backend (vmm.rs, [`Registry::backend`]) plugs in at four
+//! functions and nowhere else: [`Registry::launch`],
+//! [`Registry::backend_stop`], [`Registry::backend_pause`] and
+//! [`Registry::backend_unpause`]; the parent reports a VM's end with
+//! [`Registry::terminated`]. Without a backend (unit tests), and for what
+//! it does not do yet (pause), they fail with [`BACKEND_MISSING`]:
+//! nothing pretends to run.
+
+use crate::log::{log_debug, log_info, log_warn};
+use crate::vmm::{Requester, Vmm};
+use common::config::{Config, Globals, Owner, SwitchConfig, VmConfig, DEFAULT_STAGGERED_DELAY};
+use common::ctl::{Credentials, CtlError, ResetWhat, StartRequest, VmTarget};
+use common::name::check_vm_name;
+use common::status::{VmInfo, VmState};
+use nix::errno::Errno;
+use std::time::{Duration, Instant};
+
+/// What start, stop, pause and unpause answer until the VM backend lands.
+pub const BACKEND_MISSING: &str = "the VM backend is not built yet";
+/// What pause and unpause answer until they are built.
+pub const PAUSE_MISSING: &str = "pause and unpause are not built yet";
+/// A VM started this many times in a row, each within START_RATE_WINDOW
+/// of the last, is refused (VM_START_RATE_LIMIT).
+const START_RATE_LIMIT: u32 = 3;
+/// VM_START_RATE_SEC.
+const START_RATE_WINDOW: Duration = Duration::from_secs(6);
+
+/// One VM vmd knows.
+#[derive(Debug)]
+pub struct Vm {
+    pub vmid: u32,
+    /// Its settings as configured (an instance's merged with its template's).
+    pub config: VmConfig,
+    /// The settings it runs with, while it runs (a reload leaves them be).
+    pub running: Option<VmConfig>,
+    /// Defined in a configuration file: listed even when stopped.
+    pub from_config: bool,
+    pub state: VmState,
+    /// The VM process and its tty, while it runs.
+    pub pid: Option<u32>,
+    pub tty: Option<String>,
+    /// Who started it, while it runs (may differ from the configured owner).
+    pub started_by: Option<u32>,
+    last_start: Option<Instant>,
+    fast_starts: u32,
+}
+
+impl Vm {
+    fn new(vmid: u32, config: VmConfig, from_config: bool) -> Vm {
+        Vm {
+            vmid,
+            config,
+            running: None,
+            from_config,
+            state: VmState::Stopped,
+            pid: None,
+            tty: None,
+            started_by: None,
+            last_start: None,
+            fast_starts: 0,
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Whether `creds` may start, stop, pause, unpause or wait for it: root,
+    /// the user who started it (while it runs) or else its configured
+    /// owner, or a member of its owner group.
+    pub fn permits(&self, creds: &Credentials) -> bool {
+        if creds.is_root() {
+            return true;
+        }
+        let user = match (self.state.is_active(), self.started_by) {
+            (true, Some(uid)) => uid,
+            _ => self.config.owner.uid,
+        };
+        user == creds.uid || self.config.owner.gid.is_some_and(|g| creds.in_group(g))
+    }
+
+    fn info(&self) -> VmInfo {
+        let settings = self.running.as_ref().unwrap_or(&self.config);
+        let active = self.state.is_active();
+        VmInfo {
+            id: self.vmid,
+            name: self.config.name.clone(),
+            state: self.state,
+            pid: self.pid.filter(|_| active),
+            vcpus: settings.vcpu_count(),
+            max_memory: settings.memory_bytes(),
+            // Filled in from the backend by Registry::status.
+            cur_memory: None,
+            tty: self.tty.clone().filter(|_| active),
+            owner_uid: self
+                .started_by
+                .filter(|_| active)
+                .unwrap_or(settings.owner.uid),
+            owner_gid: settings.owner.gid,
+        }
+    }
+}
+
+/// What a successful launch gives back.
+#[derive(Debug)]
+pub struct Launched {
+    pub pid: u32,
+    pub tty: String,
+}
+
+/// A successful start, for vmctl.
+#[derive(Debug)]
+pub struct Started {
+    pub vmid: u32,
+    pub tty: String,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    vms: Vec<Vm>,
+    /// Every (name, owner uid) ever registered and its vmid.
+    known: Vec<(String, u32, u32)>,
+    last_vmid: u32,
+    pub switches: Vec<SwitchConfig>,
+    pub globals: Globals,
+    next_batch: Option<Instant>,
+    /// The VM processes (None in unit tests).
+    pub backend: Option<Vmm>,
+}
+
+fn errno(e: Errno) -> CtlError {
+    CtlError::errno(e)
+}
+
+impl Registry {
+    #[cfg(test)]
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    pub fn with_backend(backend: Vmm) -> Registry {
+        Registry {
+            backend: Some(backend),
+            ..Registry::default()
+        }
+    }
+
+    fn find(&self, target: &VmTarget) -> Option<usize> {
+        self.vms
+            .iter()
+            .position(|vm| target.matches(vm.vmid, vm.name()))
+    }
+
+    fn by_name(&self, name: &str) -> Option<usize> {
+        self.vms.iter().position(|vm| vm.name() == name)
+    }
+
+    /// The vmid of (name, uid), the same one every time.
+    fn claim_id(&mut self, name: &str, uid: u32) -> Result<u32, CtlError> {
+        if let Some((_, _, id)) = self.known.iter().find(|(n, u, _)| n == name && *u == uid) {
+            return Ok(*id);
+        }
+        let Some(id) = self.last_vmid.checked_add(1) else {
+            log_warn!("too many vms");
+            return Err(errno(Errno::ENOSPC));
+        };
+        self.last_vmid = id;
+        self.known.push((name.to_string(), uid, id));
+        Ok(id)
+    }
+
+    // --- configuration ---
+
+    /// Adds a configuration's VMs and switches (`load`); with `reload`,
+    /// first removes every VM that is not running and takes the file's
+    /// switches and global settings. VMs already known by name are left as
+    /// they are, so running VMs keep the settings they started with.
+    pub fn apply(&mut self, config: &Config, reload: bool) {
+        if reload {
+            self.vms.retain(|vm| vm.state.is_active());
+            self.switches.clear();
+            self.globals = config.globals.clone();
+        }
+        for vm in &config.vms {
+            let resolved = config.resolved_vm(vm);
+            if let Some(i) = self.by_name(&resolved.name) {
+                let why = if self.vms[i].state.is_active() {
+                    "running"
+                } else {
+                    "already exists"
+                };
+                log_debug!("vm {} skipped ({why})", resolved.name);
+                continue;
+            }
+            let vmid = match self.claim_id(&resolved.name, resolved.owner.uid) {
+                Ok(vmid) => vmid,
+                Err(_) => continue,
+            };
+            let mut entry = Vm::new(vmid, resolved, true);
+            if entry.config.enabled {
+                entry.state = VmState::Waiting;
+            }
+            log_debug!("registered vm {} ({})", vmid, entry.name());
+            self.vms.push(entry);
+        }
+        for sw in &config.switches {
+            if !self.switches.iter().any(|s| s.name == sw.name) {
+                self.switches.push(sw.clone());
+            }
+        }
+        self.next_batch = Some(Instant::now());
+    }
+
+    /// `vmctl reset`: forgets VMs (terminating running ones) and/or
+    /// switches.
+    pub fn reset(&mut self, what: ResetWhat) {
+        if matches!(what, ResetWhat::All | ResetWhat::Vms) {
+            for i in 0..self.vms.len() {
+                if self.vms[i].state.is_active() {
+                    if let Err(e) = self.backend_stop(i, true) {
+                        log_warn!("{}: cannot terminate: {}", self.vms[i].name(), e.describe());
+                    }
+                }
+            }
+            self.vms.clear();
+            self.next_batch = None;
+        }
+        if matches!(what, ResetWhat::All | ResetWhat::Switches) {
+            self.switches.clear();
+        }
+    }
+
+    // --- status ---
+
+    /// Every VM: running ones first, then the others, each in the order
+    /// they were registered.
+    pub fn status(&self) -> Vec<VmInfo> {
+        let active = self.vms.iter().filter(|vm| vm.state.is_active());
+        let rest = self.vms.iter().filter(|vm| !vm.state.is_active());
+        active
+            .chain(rest)
+            .map(|vm| {
+                let mut info = vm.info();
+                if vm.state.is_active() {
+                    // QEMU's resident memory: the guest's, not the relay's.
+                    info.cur_memory = self
+                        .backend
+                        .as_ref()
+                        .and_then(|b| b.info(vm.vmid))
+                        .and_then(|run| run.cur_memory);
+                }
+                info
+            })
+            .collect()
+    }
+
+    // --- start ---
+
+    /// `vmctl start`: an existing VM by name or id, a new instance of a
+    /// template, or (root only) a brand-new VM.
+    pub fn start(&mut self, req: &StartRequest, creds: &Credentials) -> Result<Started, CtlError> {
+        let index = match self.find(&req.target) {
+            Some(i) => {
+                let vm = &self.vms[i];
+                if !vm.permits(creds) {
+                    return Err(errno(Errno::EPERM));
+                }
+                if vm.state.is_active() || req.sets_more_than_boot() {
+                    return Err(errno(Errno::EALREADY));
+                }
+                i
+            }
+            None => self.start_register(req, creds)?,
+        };
+        let mut settings = self.vms[index].config.clone();
+        if let Some(boot) = &req.vm.boot {
+            settings.boot = Some(boot.clone());
+        }
+        let requester = Requester {
+            uid: creds.uid,
+            gid: creds.gid,
+            groups: creds.groups.clone(),
+        };
+        let result = self.start_vm(index, settings, creds.uid, &requester);
+        if result.is_err() && !self.vms[index].from_config {
+            self.vms.remove(index);
+        }
+        result
+    }
+
+    /// Registers a new VM for `start`, checking who may create it.
+    fn start_register(
+        &mut self,
+        req: &StartRequest,
+        creds: &Credentials,
+    ) -> Result<usize, CtlError> {
+        let VmTarget::Name(name) = &req.target else {
+            return Err(errno(Errno::ENOENT));
+        };
+        let mut vm = req.vm.clone();
+        vm.name = name.clone();
+        if let Some(template) = &req.vm.instance_of {
+            vm = self.start_instance(vm, template, creds)?;
+        } else if !creds.is_root() {
+            log_warn!("{name}: uid {} may not create a new vm", creds.uid);
+            return Err(errno(Errno::EPERM));
+        } else {
+            vm.owner = Owner::default();
+        }
+        if let Err(e) = check_vm_name(&vm.name) {
+            log_warn!("{}: {e}", vm.name);
+            return Err(errno(Errno::EINVAL));
+        }
+        if vm.boot.is_none() && vm.disks.is_empty() && vm.cdrom.is_none() {
+            log_warn!("{}: no kernel or disk/cdrom specified", vm.name);
+            return Err(errno(Errno::EINVAL));
+        }
+        vm.enabled = true;
+        vm.source = String::from("vmctl");
+        let vmid = self.claim_id(&vm.name, vm.owner.uid)?;
+        log_debug!("registered vm {vmid} ({})", vm.name);
+        self.vms.push(Vm::new(vmid, vm, false));
+        Ok(self.vms.len() - 1)
+    }
+
+    /// An instance of `template`: who may create one and what they may
+    /// change come from the template's `allow instance`.
+    fn start_instance(
+        &self,
+        vm: VmConfig,
+        template: &str,
+        creds: &Credentials,
+    ) -> Result<VmConfig, CtlError> {
+        let Some(parent) = self.by_name(template).map(|i| &self.vms[i].config) else {
+            return Err(CtlError::TemplateInvalid);
+        };
+        let name = vm.name.clone();
+        let allow = &parent.allow_instance;
+        if !creds.is_root() {
+            let permitted = allow
+                .owner
+                .as_ref()
+                .is_some_and(|o| owner_matches(o, creds));
+            if !permitted {
+                log_warn!(
+                    "vm \"{template}\": uid {} may not create instances",
+                    creds.uid
+                );
+                return Err(errno(Errno::EPERM));
+            }
+            let changes = [
+                (
+                    vm.memory.is_some() && vm.memory != parent.memory,
+                    allow.memory,
+                    "memory",
+                ),
+                (!vm.disks.is_empty(), allow.disk, "disks"),
+                (
+                    !vm.interfaces.is_empty() || vm.interface_count.is_some(),
+                    allow.interface,
+                    "interfaces",
+                ),
+                (
+                    vm.boot.is_some()
+                        || vm.boot_device.is_some()
+                        || vm.initrd.is_some()
+                        || vm.cmdline.is_some(),
+                    allow.boot,
+                    "boot image",
+                ),
+                (vm.cdrom.is_some(), allow.cdrom, "cdrom"),
+            ];
+            for (changed, allowed, what) in changes {
+                if changed && !allowed {
+                    log_warn!("vm \"{name}\": no permission to set {what}");
+                    return Err(errno(Errno::EPERM));
+                }
+            }
+        }
+        if let Some(disk) = vm
+            .disks
+            .iter()
+            .find(|d| parent.disks.iter().any(|p| p.path == d.path))
+        {
+            log_warn!("vm \"{name}\": disk {} cannot be reused", disk.path);
+            return Err(errno(Errno::EBUSY));
+        }
+        let mut instance = vm.inherit_from(parent);
+        instance.owner = Owner {
+            uid: creds.uid,
+            user: None,
+            gid: parent.owner.gid,
+            group: parent.owner.group.clone(),
+        };
+        Ok(instance)
+    }
+
+    /// Applies the start rate limit, then launches.
+    /// `uid` is who starts it (the VM's user while it runs, owner of its
+    /// tty); `requester` whose credentials open its files.
+    fn start_vm(
+        &mut self,
+        index: usize,
+        settings: VmConfig,
+        uid: u32,
+        requester: &Requester,
+    ) -> Result<Started, CtlError> {
+        let now = Instant::now();
+        let vm = &mut self.vms[index];
+        if let Some(last) = vm.last_start {
+            if now.duration_since(last) < START_RATE_WINDOW {
+                vm.fast_starts += 1;
+            } else {
+                vm.fast_starts = 0;
+            }
+            if vm.fast_starts >= START_RATE_LIMIT {
+                log_warn!("{}: vm {} restarted too quickly", vm.name(), vm.vmid);
+                return Err(errno(Errno::EPERM));
+            }
+        }
+        vm.last_start = Some(now);
+        vm.state = VmState::Stopped;
+        let vmid = vm.vmid;
+        match self.launch(vmid, &settings, uid, requester) {
+            Ok(launched) => {
+                let vm = &mut self.vms[index];
+                log_info!(
+                    "started {} (vm {vmid}) successfully, tty {}",
+                    vm.name(),
+                    launched.tty
+                );
+                vm.state = VmState::Running;
+                vm.pid = Some(launched.pid);
+                vm.tty = Some(launched.tty.clone());
+                vm.started_by = Some(uid);
+                vm.running = Some(settings);
+                Ok(Started {
+                    vmid,
+                    tty: launched.tty,
+                })
+            }
+            Err(e) => {
+                log_warn!(
+                    "{}: failed to start vm {vmid}: {}",
+                    self.vms[index].name(),
+                    e.describe()
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// When the next staggered start batch is due, if any VM waits.
+    pub fn next_batch(&self) -> Option<Instant> {
+        self.next_batch
+    }
+
+    /// Starts the next `parallel` waiting VMs (staggered start) and
+    /// schedules the batch after it.
+    pub fn start_batch(&mut self) {
+        self.next_batch = None;
+        let (parallel, delay) = match self.globals.staggered_start {
+            Some(s) => (s.parallel as usize, s.delay),
+            None => (
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+                DEFAULT_STAGGERED_DELAY,
+            ),
+        };
+        let mut started = 0;
+        for index in 0..self.vms.len() {
+            if self.vms[index].state != VmState::Waiting {
+                continue;
+            }
+            if started == parallel.max(1) {
+                self.next_batch = Some(Instant::now() + Duration::from_secs(delay.into()));
+                return;
+            }
+            started += 1;
+            let settings = self.vms[index].config.clone();
+            let owner = settings.owner.uid;
+            // start_vm logs a failure; the VM stays listed as stopped. The
+            // configuration is root's: its files are opened as root.
+            let _ = self.start_vm(index, settings, owner, &Requester::root());
+        }
+    }
+
+    // --- stop, wait, pause, unpause ---
+
+    /// The VM a stop, wait, pause or unpause names, if `creds` may act on
+    /// it: permission is checked before the VM's state.
+    fn find_permitted(&self, target: &VmTarget, creds: &Credentials) -> Result<usize, CtlError> {
+        let index = self.find(target).ok_or(errno(Errno::ENOENT))?;
+        if !self.vms[index].permits(creds) {
+            log_warn!(
+                "{}: uid {} is not permitted",
+                self.vms[index].name(),
+                creds.uid
+            );
+            return Err(errno(Errno::EPERM));
+        }
+        Ok(index)
+    }
+
+    /// Checks a stop or wait: the VM must be running (and, without
+    /// `force`, not already stopping).
+    fn check_stoppable(&self, index: usize, force: bool) -> Result<(), CtlError> {
+        let state = self.vms[index].state;
+        if state == VmState::Stopping && !force {
+            return Err(errno(Errno::EALREADY));
+        }
+        if !state.is_active() {
+            return Err(CtlError::StopInvalid);
+        }
+        Ok(())
+    }
+
+    /// `vmctl stop`: asks the VM to shut down (or, with `force`, kills it).
+    pub fn stop(
+        &mut self,
+        target: &VmTarget,
+        force: bool,
+        creds: &Credentials,
+    ) -> Result<u32, CtlError> {
+        let index = self.find_permitted(target, creds)?;
+        self.check_stoppable(index, force)?;
+        self.backend_stop(index, force)?;
+        self.vms[index].state = VmState::Stopping;
+        Ok(self.vms[index].vmid)
+    }
+
+    /// `vmctl wait`: may `creds` wait for this running VM to end?
+    pub fn wait(&self, target: &VmTarget, creds: &Credentials) -> Result<u32, CtlError> {
+        let index = self.find_permitted(target, creds)?;
+        self.check_stoppable(index, true)?;
+        Ok(self.vms[index].vmid)
+    }
+
+    pub fn pause(&mut self, target: &VmTarget, creds: &Credentials) -> Result<u32, CtlError> {
+        let index = self.find_permitted(target, creds)?;
+        if self.vms[index].state != VmState::Running {
+            return Err(errno(Errno::EINVAL));
+        }
+        self.backend_pause(index)?;
+        self.vms[index].state = VmState::Paused;
+        log_info!(
+            "{}: paused vm {} successfully",
+            self.vms[index].name(),
+            self.vms[index].vmid
+        );
+        Ok(self.vms[index].vmid)
+    }
+
+    pub fn unpause(&mut self, target: &VmTarget, creds: &Credentials) -> Result<u32, CtlError> {
+        let index = self.find_permitted(target, creds)?;
+        if self.vms[index].state != VmState::Paused {
+            return Err(errno(Errno::EINVAL));
+        }
+        self.backend_unpause(index)?;
+        self.vms[index].state = VmState::Running;
+        log_info!(
+            "{}: unpaused vm {} successfully",
+            self.vms[index].name(),
+            self.vms[index].vmid
+        );
+        Ok(self.vms[index].vmid)
+    }
+
+    /// VM `vmid` has ended: a configured VM is listed as stopped, a
+    /// vmctl-started one is removed. Called through the parent's
+    /// `vm_ended`, which also tells control so waiters return.
+    pub fn terminated(&mut self, vmid: u32) {
+        let Some(index) = self.vms.iter().position(|vm| vm.vmid == vmid) else {
+            return;
+        };
+        let vm = &mut self.vms[index];
+        log_info!("{}: vm {vmid} terminated", vm.name());
+        if !vm.from_config {
+            self.vms.remove(index);
+            return;
+        }
+        vm.state = VmState::Stopped;
+        vm.pid = None;
+        vm.tty = None;
+        vm.started_by = None;
+        vm.running = None;
+    }
+
+    // --- the VM backend's entry points ---
+
+    /// Launches VM `vmid` with `settings` for user `uid`, opening its
+    /// files as `requester`: its files, tty and process (vmm.rs). The one
+    /// place a VM is started; every check (permissions, names, templates,
+    /// rate limit) is done before it is called.
+    fn launch(
+        &mut self,
+        vmid: u32,
+        settings: &VmConfig,
+        uid: u32,
+        requester: &Requester,
+    ) -> Result<Launched, CtlError> {
+        let Some(backend) = self.backend.as_mut() else {
+            log_debug!("launch vm {vmid} ({}): no backend", settings.name);
+            return Err(CtlError::Text(BACKEND_MISSING.into()));
+        };
+        backend
+            .start(vmid, settings, &self.globals, requester, uid)
+            .map(|started| Launched {
+                pid: started.pid,
+                tty: started.tty,
+            })
+            .map_err(|e| CtlError::Text(e.to_string()))
+    }
+
+    /// Asks the running VM at `index` to shut down, or kills it (`force`).
+    /// Only `force` is built: a graceful stop is refused, never faked.
+    fn backend_stop(&mut self, index: usize, force: bool) -> Result<(), CtlError> {
+        let vmid = self.vms[index].vmid;
+        let Some(backend) = self.backend.as_mut() else {
+            log_debug!("stop vm {vmid} (force {force}): no backend");
+            return Err(CtlError::Text(BACKEND_MISSING.into()));
+        };
+        if !force {
+            return Err(CtlError::Text(
+                "graceful stop is not built yet: use stop -f".into(),
+            ));
+        }
+        if backend.force_stop(vmid) {
+            Ok(())
+        } else {
+            Err(CtlError::StopInvalid)
+        }
+    }
+
+    fn backend_pause(&mut self, index: usize) -> Result<(), CtlError> {
+        log_debug!("pause vm {}: not built", self.vms[index].vmid);
+        Err(CtlError::Text(PAUSE_MISSING.into()))
+    }
+
+    fn backend_unpause(&mut self, index: usize) -> Result<(), CtlError> {
+        log_debug!("unpause vm {}: not built", self.vms[index].vmid);
+        Err(CtlError::Text(PAUSE_MISSING.into()))
+    }
+}
+
+/// Whether `creds` is the user of `owner`, or in its group.
+fn owner_matches(owner: &Owner, creds: &Credentials) -> bool {
+    let user = (owner.user.is_some() || owner.uid != 0) && owner.uid == creds.uid;
+    user || owner.gid.is_some_and(|g| creds.in_group(g))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::config::parse_str;
+
+    fn user(uid: u32, gid: u32, groups: &[u32]) -> Credentials {
+        Credentials {
+            pid: 1,
+            uid,
+            gid,
+            groups: groups.to_vec(),
+        }
+    }
+
+    fn registry(text: &str) -> Registry {
+        let loaded = parse_str("test.conf", text, &[]).expect("config parses");
+        let mut r = Registry::new();
+        r.apply(&loaded.config, true);
+        r
+    }
+
+    #[test]
+    fn ids_are_reused_per_name_and_owner() {
+        let text = "vm \"a\" { disable\n boot \"/k\" }\nvm \"b\" { disable\n boot \"/k\" }\n";
+        let mut r = registry(text);
+        let ids: Vec<u32> = r.status().iter().map(|i| i.id).collect();
+        assert_eq!(ids, [1, 2]);
+        let loaded = parse_str(
+            "test.conf",
+            "vm \"c\" { disable\n boot \"/k\" }\nvm \"a\" { disable\n boot \"/k\" }\n",
+            &[],
+        )
+        .unwrap();
+        r.apply(&loaded.config, true);
+        let got: Vec<(u32, String)> = r.status().into_iter().map(|i| (i.id, i.name)).collect();
+        assert_eq!(got, [(3, "c".to_string()), (1, "a".to_string())]);
+    }
+
+    #[test]
+    fn permissions_by_owner_user_and_group() {
+        let r = registry("vm \"a\" { disable\n boot \"/k\"\n owner :daemon }\n");
+        let vm = &r.vms[0];
+        assert!(vm.permits(&user(0, 0, &[])));
+        assert!(!vm.permits(&user(1000, 1000, &[])));
+        assert!(vm.permits(&user(1000, 1000, &[1])));
+        assert!(vm.permits(&user(1000, 1, &[])));
+    }
+
+    #[test]
+    fn stop_checks_permission_before_state() {
+        let mut r = registry("vm \"a\" { disable\n boot \"/k\"\n owner :daemon }\n");
+        let target = VmTarget::Name("a".into());
+        assert_eq!(
+            r.stop(&target, false, &user(1000, 1000, &[])),
+            Err(errno(Errno::EPERM))
+        );
+        assert_eq!(
+            r.stop(&target, false, &user(1000, 1000, &[1])),
+            Err(CtlError::StopInvalid)
+        );
+        assert_eq!(
+            r.stop(&VmTarget::Id(9), false, &user(0, 0, &[])),
+            Err(errno(Errno::ENOENT))
+        );
+    }
+
+    #[test]
+    fn start_rules_and_rate_limit() {
+        let mut r = registry("vm \"a\" { disable\n boot \"/k\" }\n");
+        let root = user(0, 0, &[]);
+        let req = |name: &str| StartRequest {
+            target: VmTarget::Name(name.into()),
+            vm: VmConfig::new(""),
+        };
+        for _ in 0..3 {
+            assert_eq!(
+                r.start(&req("a"), &root).err(),
+                Some(CtlError::Text(BACKEND_MISSING.into()))
+            );
+        }
+        assert_eq!(r.start(&req("a"), &root).err(), Some(errno(Errno::EPERM)));
+        // Only root creates brand-new VMs; a failed one is not kept.
+        let mut new = req("fresh");
+        new.vm.boot = Some("/k".into());
+        assert_eq!(
+            r.start(&new, &user(1000, 1000, &[])).err(),
+            Some(errno(Errno::EPERM))
+        );
+        assert_eq!(
+            r.start(&new, &root).err(),
+            Some(CtlError::Text(BACKEND_MISSING.into()))
+        );
+        assert_eq!(r.status().len(), 1);
+        let mut inst = req("i1");
+        inst.vm.instance_of = Some("nope".into());
+        assert_eq!(r.start(&inst, &root).err(), Some(CtlError::TemplateInvalid));
+    }
+}
