@@ -149,9 +149,10 @@ class Vmd:
 
     def status(self):
         rc, out = self.vmctl("status")
-        if rc != 0:
-            raise Failure(f"status: exit {rc}: {out}")
         lines = out.splitlines()
+        # Exit 1 with only the header: no VM listed.
+        if not lines or not lines[0].split()[:1] == ["ID"] or (rc != 0 and len(lines) > 1):
+            raise Failure(f"status: exit {rc}: {out}")
         header = lines[0].split()
         return [dict(zip(header, line.split())) for line in lines[1:]]
 
@@ -316,7 +317,7 @@ def stop_force_and_uid_reuse(vmd):
     vm_pid, qemu = vmd.vm_pids(vmid)
     uid = status_of(vm_pid)["Uid"].split()[0]
     rc, out = vmd.vmctl("stop", "-f", str(vmid))
-    if rc != 0 or f"stopping vm stop1: forced to terminate vm {vmid}" not in out:
+    if rc != 0 or not re.search(rf"^stopping vm.*: forced to terminate vm {vmid}$", out, re.M):
         raise Failure(f"stop -f: exit {rc}: {out.strip()}")
     wait_for("the VM process and QEMU to end", lambda: not status_of(vm_pid) and not status_of(qemu), 5)
     row = vmd.status_row(vmid)
@@ -375,11 +376,17 @@ def rotation(vmd):
 
 
 def bad_files(vmd):
-    missing = os.path.join(vmd.dir, "nope")
+    # vmctl resolves paths first (a missing one never reaches vmd); these
+    # exist but cannot be used.
+    directory = os.path.join(vmd.dir, "adir")
+    os.mkdir(directory)
+    not_qcow2 = os.path.join(vmd.dir, "fake.qcow2")
+    with open(not_qcow2, "wb") as f:
+        f.write(b"\0" * 65536)
     checks = [
-        (("start", "k1", "-b", missing), "could not open kernel"),
-        (("start", "k2", "-b", KERNEL, "--initrd", missing), "could not open initrd"),
-        (("start", "k3", "-b", KERNEL, "-d", missing), "could not open disk image(s)"),
+        (("start", "k1", "-b", directory), "could not open kernel"),
+        (("start", "k2", "-b", KERNEL, "--initrd", directory), "could not open initrd"),
+        (("start", "k3", "-b", KERNEL, "-d", not_qcow2), "could not open disk image(s)"),
     ]
     for args, message in checks:
         rc, out = vmd.vmctl(*args)

@@ -365,7 +365,11 @@ fn stop_complete(client: &mut Client, force: bool, wait: bool) -> ExitCode {
         Message::CtlVmResult {
             vmid, error: None, ..
         } => {
-            eprintln!("requested to shutdown vm {vmid}");
+            if force && !wait {
+                eprintln!("forced to terminate vm {vmid}");
+            } else {
+                eprintln!("requested to shutdown vm {vmid}");
+            }
             ExitCode::SUCCESS
         }
         Message::CtlVmResult {

@@ -123,9 +123,12 @@ fn child_main(args: &[String]) -> ExitCode {
     let mut role = None;
     let mut verbosity = 0u8;
     let mut socket = PathBuf::from(DEFAULT_SOCKET);
-    for opt in Getopt::new(args, "P:vs:", &[]) {
+    // -N NAME: a VM process's VM, there so the title `vmd: vm NAME` fits
+    // in the argument space even where it must be rewritten in place.
+    for opt in Getopt::new(args, "P:vs:N:", &[]) {
         match opt {
             Ok(Opt::Short('P', Some(name))) => role = Role::from_name(&name),
+            Ok(Opt::Short('N', _)) => {}
             Ok(Opt::Short('v', _)) => verbosity = verbosity.saturating_add(1),
             Ok(Opt::Short('s', Some(path))) => socket = PathBuf::from(path),
             _ => role = None,

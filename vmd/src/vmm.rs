@@ -243,6 +243,7 @@ impl Vmm {
 
         let mut args = vec!["-P".to_string(), Role::Vm.name().to_string()];
         args.extend((0..log::verbosity()).map(|_| "-v".to_string()));
+        args.extend(["-N".to_string(), vm.name.clone()]);
         let (pid, sock) =
             proc::spawn(Role::Vm.name(), &args).map_err(|e| StartError::Spawn(e.to_string()))?;
         let token = Token(VM_TOKEN_BASE + id as usize);
