@@ -287,7 +287,7 @@ vm "grp" {{ disable
 }}
 """
     with Vmd(conf) as vmd:
-        # "one" is the first staggered batch: its start fails (no backend)
+        # "one" is the first staggered batch: its start fails (no /k)
         # and it is stopped; "two" still waits for the next batch.
         wait_for("the first batch", lambda: "one: failed to start vm 1" in vmd.log())
         code, out, err = vmd.vmctl("status")
@@ -393,8 +393,9 @@ def test_non_root_permissions():
         # The primary group counts too (SO_PEERCRED's gid).
         code, _, err = vmd.vmctl("stop", "vg", user=bob, gid=vm_gid, groups=[sock_gid])
         expect("bob with the group as primary", err, "stopping vm vg: cannot stop vm that is not running\n")
-        # start: own VMs reach the (missing) backend, others' are refused.
-        no_backend = "vmctl: start vm command failed: the VM backend is not built yet\n"
+        # start: own VMs reach the backend (which finds no /k), others'
+        # are refused.
+        no_backend = "vmctl: start vm command failed: could not open kernel /k: No such file or directory\n"
         expect("alice start va", as_alice("start", "va"), (1, "", no_backend))
         expect("alice start vr", as_alice("start", "vr"),
                (1, "", "vmctl: start vm command failed: Operation not permitted\n"))
@@ -408,7 +409,8 @@ def test_non_root_permissions():
         expect("bob instance", as_bob("start", "inst3", "-t", "tmpl"),
                (1, "", "vmctl: start vm command failed: Operation not permitted\n"))
         expect("bad template", vmd.vmctl("start", "inst4", "-t", "nope"), (1, "", "vmctl: invalid template\n"))
-        expect("root new vm", vmd.vmctl("start", "fresh", "-b", "/dev/null", "-L"), (1, "", no_backend))
+        expect("root new vm", vmd.vmctl("start", "fresh", "-b", "/dev/null", "-L"),
+               (1, "", "vmctl: start vm command failed: network interfaces (-i, -L, -n, interface) are not built yet\n"))
         # Failed starts of new VMs leave nothing behind.
         code, out, _ = vmd.vmctl("status")
         expect("vms after failed starts", [l.split()[-1] for l in out.splitlines()[1:]],
@@ -432,7 +434,7 @@ def test_unknown_vm():
 
 def test_start_rate_limit():
     with Vmd(THREE_VMS) as vmd:
-        no_backend = (1, "", "vmctl: start vm command failed: the VM backend is not built yet\n")
+        no_backend = (1, "", "vmctl: start vm command failed: could not open kernel /k: No such file or directory\n")
         for i in range(3):
             expect(f"start {i + 1}", vmd.vmctl("start", "three"), no_backend)
         expect("start 4", vmd.vmctl("start", "three"),
@@ -461,7 +463,7 @@ def test_vmctl_command_line():
                (1, "", "vmctl: invalid VM name\n"))
         expect("start warnings", vmd.vmctl("start", "x", "-r", "/dev/null"),
                (1, "", "vmctl: starting without disks\nvmctl: starting without network interfaces\n"
-                       "vmctl: start vm command failed: the VM backend is not built yet\n"))
+                       "vmctl: start vm command failed: cdrom images (-r, cdrom) are not built yet\n"))
         expect("missing disk", vmd.vmctl("start", "x", "-d", "/nonexistent/d.img"),
                (1, "", "vmctl: invalid disk path: No such file or directory\n"))
         expect("no socket", subprocess.run([VMCTL, "-s", "/nonexistent/s", "status"],
