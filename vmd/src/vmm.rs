@@ -276,8 +276,8 @@ impl Vmm {
             // The parent's reaping collects it; nothing else refers to it.
             return Err(StartError::Spawn(e));
         }
-        log_info!(
-            "started {} (vm {id}) successfully, tty {tty}, uid {uid}{}",
+        log_debug!(
+            "vm {} (vm {id}): VM process {pid}, tty {tty}, uid {uid}{}",
             vm.name,
             if kvm { ", kvm" } else { ", tcg" }
         );
