@@ -31,7 +31,8 @@ bench: all
 
 # Boots the test guest in demo mode under vmd and shows its console
 # (examples/demo; Ctrl-C stops it). As root.
-demo: all
+# Installs what the guest needs on a fresh machine, like make test.
+demo: setup all
 	sh examples/demo target/release
 
 install: all
