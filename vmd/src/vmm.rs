@@ -15,6 +15,11 @@
 //!   one of its own children to [`Vmm::reaped`], which returns
 //!   [`VmEnded`] for a VM process: the VM is stopped and its uid, disk
 //!   locks, pty and console log are released.
+//!
+//! The pty's slave belongs to the user who started the VM while it runs
+//! (mode 0620, or 0660 and the VM's owner group when it has one), so
+//! that user and root may open it (`vmctl console`); it goes back to
+//! root, mode 0600, when the VM ends.
 
 use crate::log::{self, log_debug, log_info, log_warn};
 use crate::proc;
@@ -122,6 +127,9 @@ struct VmProc {
     channel: Option<Channel>,
     uid: u32,
     tty: String,
+    /// The parent's own descriptor of the pty's slave, to give it back to
+    /// root when the VM ends.
+    tty_slave: OwnedFd,
     qemu_pid: Option<u32>,
     console_log: PathBuf,
     console_log_cap: u64,
@@ -152,7 +160,7 @@ impl Vmm {
 
     /// Starts VM `id` as configured in `vm` (kernel, initrd, cmdline,
     /// disks, memory, vcpus, accel), opening its files as `requester`;
-    /// its tty belongs to `tty_owner`.
+    /// its tty belongs to `tty_owner` (and to the VM's owner group).
     pub fn start(
         &mut self,
         id: u32,
@@ -187,7 +195,10 @@ impl Vmm {
             Ok::<_, StartError>((kernel, initrd, disks))
         })?;
         let uid = self.allocate_uid(globals.uid_range)?;
-        let (master, slave, tty) = open_pty(tty_owner).map_err(StartError::Pty)?;
+        let (master, slave, tty) = open_pty(tty_owner, vm.owner.gid).map_err(StartError::Pty)?;
+        let tty_slave = slave
+            .try_clone()
+            .map_err(|e| StartError::Pty(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
         let console_log = Path::new(&globals.console_log_dir).join(format!("{}.console", vm.name));
         let (log_fd, log_size) =
             open_console_log(&console_log).map_err(|why| StartError::ConsoleLog {
@@ -289,6 +300,7 @@ impl Vmm {
             channel: Some(channel),
             uid,
             tty: tty.clone(),
+            tty_slave,
             qemu_pid: None,
             console_log,
             console_log_cap: globals.console_log_size,
@@ -435,6 +447,7 @@ impl Vmm {
         }
         self.close_channel(index);
         let vm = self.vms.remove(index);
+        release_pty(&vm.tty_slave, &vm.tty);
         // Its QEMU dies with it (PDEATHSIG); the uid is free once it is gone.
         if let Some(qemu) = vm.qemu_pid {
             let deadline = Instant::now() + QEMU_GONE_WAIT;
@@ -592,9 +605,10 @@ fn vmm_open_disk(path: &Path, format: common::disk::DiskFormat) -> Result<Vec<La
     Ok(layers)
 }
 
-/// A new pty, its slave raw at once and owned by `owner`: the master, the
-/// slave and the slave's name.
-fn open_pty(owner: u32) -> Result<(OwnedFd, OwnedFd, String), Errno> {
+/// A new pty, its slave raw at once and owned by `owner` (mode 0620), or
+/// by `owner` and `group` (mode 0660): the master, the slave and the
+/// slave's name.
+fn open_pty(owner: u32, group: Option<u32>) -> Result<(OwnedFd, OwnedFd, String), Errno> {
     use nix::fcntl::OFlag;
     let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY)?;
     nix::fcntl::fcntl(
@@ -614,10 +628,15 @@ fn open_pty(owner: u32) -> Result<(OwnedFd, OwnedFd, String), Errno> {
     let mut termios = nix::sys::termios::tcgetattr(&slave)?;
     nix::sys::termios::cfmakeraw(&mut termios);
     nix::sys::termios::tcsetattr(&slave, nix::sys::termios::SetArg::TCSANOW, &termios)?;
-    nix::unistd::fchown(slave.as_raw_fd(), Some(Uid::from_raw(owner)), None)?;
+    nix::unistd::fchown(
+        slave.as_raw_fd(),
+        Some(Uid::from_raw(owner)),
+        group.map(Gid::from_raw),
+    )?;
+    let mode = if group.is_some() { 0o660 } else { 0o620 };
     nix::sys::stat::fchmod(
         slave.as_raw_fd(),
-        nix::sys::stat::Mode::from_bits_truncate(0o620),
+        nix::sys::stat::Mode::from_bits_truncate(mode),
     )?;
     // SAFETY: PtyMaster owns the descriptor; into_raw_fd hands it over.
     let master = unsafe {
@@ -626,6 +645,25 @@ fn open_pty(owner: u32) -> Result<(OwnedFd, OwnedFd, String), Errno> {
         ))
     };
     Ok((master, slave, name))
+}
+
+/// Gives a VM's pty back to root, mode 0600, once the VM ended (a console
+/// client may still hold it open).
+fn release_pty(slave: &OwnedFd, tty: &str) {
+    let released = nix::unistd::fchown(
+        slave.as_raw_fd(),
+        Some(Uid::from_raw(0)),
+        Some(Gid::from_raw(0)),
+    )
+    .and_then(|()| {
+        nix::sys::stat::fchmod(
+            slave.as_raw_fd(),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+    });
+    if let Err(e) = released {
+        log_warn!("{tty}: cannot give it back to root: {e}");
+    }
 }
 
 /// Opens (creating) a console log for appending: root-owned, mode 0600,
@@ -734,13 +772,27 @@ mod tests {
     }
 
     #[test]
-    fn pty_slave_is_raw() {
-        let (_master, slave, name) = open_pty(0).expect("pty");
+    fn pty_slave_is_raw_owned_and_released() {
+        let (_master, slave, name) = open_pty(1, None).expect("pty");
         assert!(name.starts_with("/dev/pts/"));
         let t = nix::sys::termios::tcgetattr(&slave).expect("tcgetattr");
         assert!(!t
             .local_flags
             .contains(nix::sys::termios::LocalFlags::ECHO | nix::sys::termios::LocalFlags::ICANON));
+        let owned = nix::sys::stat::fstat(slave.as_raw_fd()).expect("fstat");
+        assert_eq!((owned.st_uid, owned.st_mode & 0o777), (1, 0o620));
+        release_pty(&slave, &name);
+        let released = nix::sys::stat::fstat(slave.as_raw_fd()).expect("fstat");
+        assert_eq!(
+            (released.st_uid, released.st_gid, released.st_mode & 0o777),
+            (0, 0, 0o600)
+        );
+        let (_master, slave, _) = open_pty(1, Some(2)).expect("pty");
+        let grouped = nix::sys::stat::fstat(slave.as_raw_fd()).expect("fstat");
+        assert_eq!(
+            (grouped.st_uid, grouped.st_gid, grouped.st_mode & 0o777),
+            (1, 2, 0o660)
+        );
     }
 
     #[test]
