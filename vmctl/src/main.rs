@@ -1,6 +1,7 @@
 //! vmctl(8): control the virtual machine daemon.
 
 mod client;
+mod console;
 mod create;
 mod vms;
 

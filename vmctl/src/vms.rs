@@ -1,9 +1,10 @@
 //! The commands vmctl sends to vmd: status, start, stop, wait, pause,
-//! unpause, load, reload, reset and log, with OpenBSD vmctl's messages.
-//! console, send and receive check their arguments and say they are not
-//! built yet.
+//! unpause, load, reload, reset and log, with OpenBSD vmctl's messages;
+//! console finds the VM's tty here and attaches in console.rs. send and
+//! receive check their arguments and say they are not built yet.
 
 use crate::client::Client;
+use crate::console::{self, Ended};
 use crate::{command_usage, Global};
 use common::config::{
     BootDevice, Disk, Interface, VmConfig, MAX_CMDLINE, MAX_DISKS, MAX_INTERFACES,
@@ -338,12 +339,12 @@ pub fn start(global: &Global, args: &[String]) -> ExitCode {
         },
         Ok(Message::CtlVmResult { vmid, tty, .. }) => {
             let tty = tty.unwrap_or_default();
-            if autoconnect {
-                return fail(&format!(
-                    "started vm {vmid}, tty {tty}, but the console is not built yet"
-                ));
-            }
             eprintln!("vmctl: started vm {vmid} successfully, tty {tty}");
+            if autoconnect {
+                // vmd's answer is in: nothing more comes on this socket.
+                drop(client);
+                return console_run(&tty);
+            }
             ExitCode::SUCCESS
         }
         Ok(_) => unexpected(),
@@ -526,14 +527,49 @@ pub fn unpause(global: &Global, args: &[String]) -> ExitCode {
     pause_or_unpause(global, args, false)
 }
 
-// --- not built yet ---
+// --- console ---
 
-pub fn console(_: &Global, args: &[String]) -> ExitCode {
-    match one_vmid("console", args) {
-        Ok(_) => fail("console is not built yet"),
-        Err(code) => code,
+/// `console id`: the VM's tty from a status request (vm_console), then
+/// the relay; `console not found` when the VM does not exist or has no
+/// tty (it is not running).
+pub fn console(global: &Global, args: &[String]) -> ExitCode {
+    let target = match one_vmid("console", args) {
+        Ok(target) => target,
+        Err(code) => return code,
+    };
+    let mut client = match request(global, CtlRequest::Status) {
+        Ok(client) => client,
+        Err(code) => return code,
+    };
+    let vms = match vm_list(&mut client) {
+        Ok(vms) => vms,
+        Err(code) => return code,
+    };
+    drop(client);
+    let tty = vms
+        .into_iter()
+        .filter(|vm| target.matches(vm.id, &vm.name) && vm.state.is_active())
+        .find_map(|vm| vm.tty.filter(|tty| !tty.is_empty()));
+    match tty {
+        Some(tty) => console_run(&tty),
+        None => fail("console not found"),
     }
 }
+
+/// Attaches to `tty` and says how the session ended.
+fn console_run(tty: &str) -> ExitCode {
+    match console::console_attach(tty) {
+        Ok(Ended::Left) => ExitCode::SUCCESS,
+        Ok(Ended::VmStopped) => {
+            eprintln!("\r\nvmctl: the console closed: the vm stopped");
+            ExitCode::SUCCESS
+        }
+        Ok(Ended::Signal(sig)) => fail(&format!("console left on {}", sig.as_str())),
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+// --- not built yet ---
 
 pub fn send(_: &Global, args: &[String]) -> ExitCode {
     match one_vmid("send", args) {
