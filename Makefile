@@ -29,8 +29,9 @@ regress: build
 bench: all
 	sh regress/bench
 
-# Boots the test guest in demo mode under vmd and shows its console
-# (examples/demo; Ctrl-C stops it). As root.
+# Boots the test guest in demo mode under vmd and attaches to its shell
+# with vmctl console (examples/demo; ~. leaves, then the demo stops the
+# VM and vmd). As root.
 # Installs what the guest needs on a fresh machine, like make test.
 demo: setup all
 	sh examples/demo target/release

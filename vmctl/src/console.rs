@@ -73,10 +73,27 @@ enum Key {
     Help,
 }
 
-/// The escape state: `~` is special only at the start of a line.
+/// Where an escape sequence the terminal sends is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sequence {
+    None,
+    /// After ESC.
+    Esc,
+    /// After ESC [ (CSI), until a final byte.
+    Csi,
+    /// After ESC O (SS3), one more byte.
+    Ss3,
+}
+
+/// The escape state: `~` is special only at the start of a line. Escape
+/// sequences pass through without ending a line's start: a guest's shell
+/// asking where the cursor is (busybox ash sends ESC [6n with each
+/// prompt) gets the terminal's answer on our input, and `~.` typed after
+/// that prompt must still leave.
 struct Escapes {
     line_start: bool,
     tilde: bool,
+    sequence: Sequence,
 }
 
 impl Escapes {
@@ -84,10 +101,36 @@ impl Escapes {
         Escapes {
             line_start: true,
             tilde: false,
+            sequence: Sequence::None,
         }
     }
 
     fn key(&mut self, byte: u8) -> Key {
+        match self.sequence {
+            Sequence::None => {}
+            Sequence::Esc => {
+                self.sequence = match byte {
+                    b'[' => Sequence::Csi,
+                    b'O' => Sequence::Ss3,
+                    _ => Sequence::None,
+                };
+                return Key::Send(byte);
+            }
+            Sequence::Csi => {
+                if (0x40..=0x7e).contains(&byte) {
+                    self.sequence = Sequence::None;
+                }
+                return Key::Send(byte);
+            }
+            Sequence::Ss3 => {
+                self.sequence = Sequence::None;
+                return Key::Send(byte);
+            }
+        }
+        if byte == 0x1b && !self.tilde {
+            self.sequence = Sequence::Esc;
+            return Key::Send(byte);
+        }
         if self.tilde {
             self.tilde = false;
             return match byte {
@@ -197,7 +240,7 @@ pub fn console_attach(tty: &str) -> Result<Ended, ConsoleError> {
     let ended = console_relay(&pty, &signals);
     drop(raw);
     if matches!(ended, Ok(Ended::Left)) {
-        eprintln!("[EOT]");
+        eprintln!("\n[EOT]");
     }
     ended
 }
@@ -331,5 +374,17 @@ mod tests {
         );
         // After ~? the line still starts there.
         assert_eq!(keys(b"~?~."), [Key::Held, Key::Help, Key::Held, Key::Leave]);
+    }
+
+    #[test]
+    fn terminal_replies_do_not_end_a_line_start() {
+        // A cursor position report after the prompt, then ~.
+        let input = b"\r\x1b[30;14R~.";
+        let got = keys(input);
+        assert_eq!(got[got.len() - 2..], [Key::Held, Key::Leave]);
+        // An arrow key in application mode (ESC O A) as well.
+        assert_eq!(keys(b"\x1bOA~.")[3..], [Key::Held, Key::Leave]);
+        // Typed text still does.
+        assert_eq!(keys(b"x\x1b[A~.")[4..], [Key::Send(b'~'), Key::Send(b'.')]);
     }
 }
