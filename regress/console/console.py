@@ -11,6 +11,7 @@ logs; regress/lib/vmdregress.py) and kills its vmd, VMs and clients at the
 end, even on failure.
 """
 
+import grp
 import os
 import pwd
 import random
@@ -331,9 +332,11 @@ def owner_case(vmd, user):
     os.chmod(vmd.dir, 0o711)
     # A VM root started: its pty is root's, the user may not open it.
     vmid, tty = demo_vm(vmd, "root1")
+    tty_gid = grp.getgrnam("tty").gr_gid
     st = os.stat(tty)
-    if (st.st_uid, st.st_mode & 0o777) != (0, 0o620):
-        raise Failure(f"root's VM: {tty} uid {st.st_uid} mode {oct(st.st_mode & 0o777)}, want 0 0620")
+    if (st.st_uid, st.st_gid, st.st_mode & 0o777) != (0, tty_gid, 0o620):
+        raise Failure(f"root's VM: {tty} {st.st_uid}:{st.st_gid} mode {oct(st.st_mode & 0o777)}, "
+                      f"want 0:{tty_gid} 0620")
     c = Client(vmd, "console", "root1", user=user.name)
     rc = c.wait()
     c.drain()
@@ -348,8 +351,9 @@ def owner_case(vmd, user):
     own_id, own_tty = int(m.group(1)), m.group(2)
     vmd.track(int(vmd.status_row(own_id)["PID"]))
     st = os.stat(own_tty)
-    if (st.st_uid, st.st_mode & 0o777) != (user.uid, 0o620):
-        raise Failure(f"owner's VM: {own_tty} uid {st.st_uid} mode {oct(st.st_mode & 0o777)}, want {user.uid} 0620")
+    if (st.st_uid, st.st_gid, st.st_mode & 0o777) != (user.uid, tty_gid, 0o620):
+        raise Failure(f"owner's VM: {own_tty} {st.st_uid}:{st.st_gid} mode {oct(st.st_mode & 0o777)}, "
+                      f"want {user.uid}:{tty_gid} 0620")
     wait_for("own1's prompt", lambda: PROMPT in vmd.console_log("own1"), BOOT_TIMEOUT)
     c = Client(vmd, "console", "own1", user=user.name)
     c.attached()

@@ -605,9 +605,10 @@ fn vmm_open_disk(path: &Path, format: common::disk::DiskFormat) -> Result<Vec<La
     Ok(layers)
 }
 
-/// A new pty, its slave raw at once and owned by `owner` (mode 0620), or
-/// by `owner` and `group` (mode 0660): the master, the slave and the
-/// slave's name.
+/// A new pty, its slave raw at once and owned by `owner` and group `tty`
+/// (mode 0620, as a login terminal; 0600 and group root without a `tty`
+/// group), or by `owner` and `group` (mode 0660): the master, the slave
+/// and the slave's name.
 fn open_pty(owner: u32, group: Option<u32>) -> Result<(OwnedFd, OwnedFd, String), Errno> {
     use nix::fcntl::OFlag;
     let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY)?;
@@ -628,12 +629,14 @@ fn open_pty(owner: u32, group: Option<u32>) -> Result<(OwnedFd, OwnedFd, String)
     let mut termios = nix::sys::termios::tcgetattr(&slave)?;
     nix::sys::termios::cfmakeraw(&mut termios);
     nix::sys::termios::tcsetattr(&slave, nix::sys::termios::SetArg::TCSANOW, &termios)?;
-    nix::unistd::fchown(
-        slave.as_raw_fd(),
-        Some(Uid::from_raw(owner)),
-        group.map(Gid::from_raw),
-    )?;
-    let mode = if group.is_some() { 0o660 } else { 0o620 };
+    let (gid, mode) = match group {
+        Some(gid) => (Gid::from_raw(gid), 0o660),
+        None => match Group::from_name("tty").ok().flatten() {
+            Some(tty) => (tty.gid, 0o620),
+            None => (Gid::from_raw(0), 0o600),
+        },
+    };
+    nix::unistd::fchown(slave.as_raw_fd(), Some(Uid::from_raw(owner)), Some(gid))?;
     nix::sys::stat::fchmod(
         slave.as_raw_fd(),
         nix::sys::stat::Mode::from_bits_truncate(mode),
@@ -780,7 +783,17 @@ mod tests {
             .local_flags
             .contains(nix::sys::termios::LocalFlags::ECHO | nix::sys::termios::LocalFlags::ICANON));
         let owned = nix::sys::stat::fstat(slave.as_raw_fd()).expect("fstat");
-        assert_eq!((owned.st_uid, owned.st_mode & 0o777), (1, 0o620));
+        let tty = Group::from_name("tty")
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw());
+        assert_eq!(
+            (owned.st_uid, owned.st_gid, owned.st_mode & 0o777),
+            match tty {
+                Some(gid) => (1, gid, 0o620),
+                None => (1, 0, 0o600),
+            }
+        );
         release_pty(&slave, &name);
         let released = nix::sys::stat::fstat(slave.as_raw_fd()).expect("fstat");
         assert_eq!(
