@@ -456,8 +456,8 @@ def test_vmctl_command_line():
         expect("reset bogus", vmd.vmctl("reset", "x"), (1, "", "usage:\tvmctl [-v] reset [all | switches | vms]\n"))
         expect("stop usage", vmd.vmctl("stop"), (1, "", "usage:\tvmctl [-v] stop [id | -a] [-fw]\n"))
         expect("stop id and -a", vmd.vmctl("stop", "one", "-a"), (1, "", "vmctl: invalid id: one\n"))
-        for cmd in ("console", "send"):
-            expect(cmd, vmd.vmctl(cmd, "one"), (1, "", f"vmctl: {cmd} is not built yet\n"))
+        expect("console", vmd.vmctl("console", "one"), (1, "", "vmctl: console not found\n"))
+        expect("send", vmd.vmctl("send", "one"), (1, "", "vmctl: send is not built yet\n"))
         expect("receive", vmd.vmctl("receive", "x"), (1, "", "vmctl: receive is not built yet\n"))
         expect("invalid name", vmd.vmctl("start", "b@d", "-b", "/dev/null"),
                (1, "", "vmctl: invalid VM name\n"))
