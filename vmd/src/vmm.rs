@@ -8,19 +8,23 @@
 //!   and the console log, spawns the VM process and hands it all that;
 //!   it returns the VM process's pid and the tty, or a [`StartError`]
 //!   whose text is the message for vmctl.
-//! - [`Vmm::force_stop`] kills a VM at once.
+//! - [`Vmm::force_stop`] kills a VM at once; [`Vmm::command`] asks its
+//!   guest to pause, unpause or power down (answered later, through
+//!   [`Vmm::handle_event`]'s [`CommandDone`]s).
 //! - [`Vmm::info`] is what `status` shows of a running VM.
 //! - The parent's loop passes events on tokens [`Vmm::owns_token`] says
 //!   are ours to [`Vmm::handle_event`], and every pid it reaps that is not
 //!   one of its own children to [`Vmm::reaped`], which returns
 //!   [`VmEnded`] for a VM process: the VM is stopped and its uid, disk
-//!   locks, pty and console log are released.
+//!   locks, pty and console log are released. After a guest reset the
+//!   pty is kept instead, for the restart ([`Vmm::start`] takes it up;
+//!   [`Vmm::discard_parked`] closes it when there is no restart).
 
 use crate::log::{self, log_debug, log_info, log_warn};
 use crate::proc;
 use common::config::{Accel, Globals, UidRange, VmConfig};
 use common::image::{self, Layer};
-use common::imsg::{Channel, Frame, Message, Role, VmFdKind, VmParams};
+use common::imsg::{Channel, Frame, Message, Role, VmCommand, VmFdKind, VmParams};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use nix::errno::Errno;
@@ -86,6 +90,30 @@ pub struct VmEnded {
     pub guest_reason: Option<String>,
 }
 
+impl VmEnded {
+    /// The guest reset itself (a reboot): QEMU runs with -no-reboot, so
+    /// it exits and vmd decides whether the VM starts again.
+    pub fn is_reboot(&self) -> bool {
+        self.guest_reason.as_deref() == Some("guest-reset")
+    }
+}
+
+/// A VM process's answer to [`Vmm::command`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandDone {
+    pub id: u32,
+    pub command: VmCommand,
+    pub error: Option<String>,
+}
+
+/// A rebooting VM's pty, between its VM processes.
+struct ParkedPty {
+    id: u32,
+    master: OwnedFd,
+    slave: OwnedFd,
+    tty: String,
+}
+
 #[derive(Debug, Error)]
 pub enum StartError {
     #[error("vm {0} is already running")]
@@ -126,11 +154,20 @@ struct VmProc {
     console_log: PathBuf,
     console_log_cap: u64,
     guest_reason: Option<String>,
+    /// How QEMU ended, as the VM process reported it.
+    qemu_end: Option<String>,
+    /// The pty's master and slave: kept here so that a reboot restarts
+    /// the VM on the same tty.
+    pty_master: OwnedFd,
+    pty_slave: OwnedFd,
+    /// Answers to commands, for the parent's loop to collect.
+    done: Vec<CommandDone>,
 }
 
 pub struct Vmm {
     registry: Registry,
     vms: Vec<VmProc>,
+    parked: Vec<ParkedPty>,
 }
 
 impl Vmm {
@@ -139,6 +176,7 @@ impl Vmm {
         Vmm {
             registry,
             vms: Vec::new(),
+            parked: Vec::new(),
         }
     }
 
@@ -187,7 +225,12 @@ impl Vmm {
             Ok::<_, StartError>((kernel, initrd, disks))
         })?;
         let uid = self.allocate_uid(globals.uid_range)?;
-        let (master, slave, tty) = open_pty(tty_owner).map_err(StartError::Pty)?;
+        let (master, slave, tty) = match self.take_parked(id) {
+            Some(parked) => reuse_pty(parked, tty_owner).map_err(StartError::Pty)?,
+            None => open_pty(tty_owner).map_err(StartError::Pty)?,
+        };
+        let pty_master = master.try_clone().map_err(|e| StartError::Pty(errno_of(&e)))?;
+        let pty_slave = slave.try_clone().map_err(|e| StartError::Pty(errno_of(&e)))?;
         let console_log = Path::new(&globals.console_log_dir).join(format!("{}.console", vm.name));
         let (log_fd, log_size) =
             open_console_log(&console_log).map_err(|why| StartError::ConsoleLog {
@@ -293,6 +336,10 @@ impl Vmm {
             console_log,
             console_log_cap: globals.console_log_size,
             guest_reason: None,
+            qemu_end: None,
+            pty_master,
+            pty_slave,
+            done: Vec::new(),
         });
         Ok(Started {
             pid: pid.as_raw() as u32,
@@ -311,6 +358,36 @@ impl Vmm {
         }
         let _ = kill(vm.pid, Signal::SIGKILL);
         true
+    }
+
+    /// Asks VM `id`'s guest to pause, unpause or power down; false if it
+    /// does not run. The answer comes through [`Vmm::handle_event`].
+    pub fn command(&mut self, id: u32, command: VmCommand) -> bool {
+        let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) else {
+            return false;
+        };
+        let Some(channel) = vm.channel.as_mut() else {
+            return false;
+        };
+        match channel.send(Frame::new(Message::VmCommand { command })) {
+            Ok(_) => true,
+            Err(e) => {
+                log_warn!("vm {}: sending {command:?}: {e}", vm.name);
+                false
+            }
+        }
+    }
+
+    fn take_parked(&mut self, id: u32) -> Option<ParkedPty> {
+        let index = self.parked.iter().position(|p| p.id == id)?;
+        Some(self.parked.remove(index))
+    }
+
+    /// Closes the pty kept for VM `id`'s restart, if it was not taken up.
+    pub fn discard_parked(&mut self, id: u32) {
+        if let Some(parked) = self.take_parked(id) {
+            log_debug!("vm {id}: released {}", parked.tty);
+        }
     }
 
     /// PID, TTY and CURMEM of a running VM.
@@ -340,11 +417,17 @@ impl Vmm {
         }
     }
 
-    /// Reads and writes a VM process's channel.
-    pub fn handle_event(&mut self, token: Token) {
+    /// Reads and writes a VM process's channel; returns the answers to
+    /// commands it brought.
+    pub fn handle_event(&mut self, token: Token) -> Vec<CommandDone> {
         let Some(index) = self.vms.iter().position(|v| v.token == token) else {
-            return;
+            return Vec::new();
         };
+        self.handle_channel(index);
+        std::mem::take(&mut self.vms[index].done)
+    }
+
+    fn handle_channel(&mut self, index: usize) {
         let Some(channel) = self.vms[index].channel.as_mut() else {
             return;
         };
@@ -387,6 +470,12 @@ impl Vmm {
                 vm.qemu_pid = Some(qemu_pid);
             }
             Message::VmShutdown { reason } => vm.guest_reason = Some(reason),
+            Message::VmCommandDone { command, error } => vm.done.push(CommandDone {
+                id: vm.id,
+                command,
+                error,
+            }),
+            Message::VmQemuEnded { why } => vm.qemu_end = Some(why),
             Message::VmConsoleLogFull => self.rotate_console_log(index),
             other => log_warn!("vm {name}: unexpected message {}", other.type_code().1),
         }
@@ -442,7 +531,7 @@ impl Vmm {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
-        let why = match status {
+        let process = match status {
             WaitStatus::Exited(_, 0) => "exited".to_string(),
             WaitStatus::Exited(_, code) => format!("exited with status {code}"),
             WaitStatus::Signaled(_, Signal::SIGSYS, _) => {
@@ -451,18 +540,38 @@ impl Vmm {
             WaitStatus::Signaled(_, sig, _) => format!("was killed by {}", sig.as_str()),
             other => format!("ended ({other:?})"),
         };
-        log_info!(
-            "vm {} (vm {}, pid {}) {why}; stopped",
-            vm.name,
-            vm.id,
-            vm.pid
-        );
-        Some(VmEnded {
+        // A VM process killed from outside cannot say how its QEMU ended:
+        // it died of PDEATHSIG (SIGKILL) with it.
+        let qemu = vm.qemu_end.as_deref().unwrap_or(if vm.qemu_pid.is_some() {
+            "was killed with it"
+        } else {
+            "had not started"
+        });
+        let why = match &vm.guest_reason {
+            Some(reason) => format!("VM process {process}, QEMU {qemu} (guest: {reason})"),
+            None => format!("VM process {process}, QEMU {qemu}"),
+        };
+        let clean = matches!(status, WaitStatus::Exited(_, 0)) && vm.guest_reason.is_some();
+        if clean {
+            log_info!("vm {} (vm {}, pid {}): {why}", vm.name, vm.id, vm.pid);
+        } else {
+            log_warn!("vm {} (vm {}, pid {}): {why}", vm.name, vm.id, vm.pid);
+        }
+        let ended = VmEnded {
             id: vm.id,
             name: vm.name,
             why,
             guest_reason: vm.guest_reason,
-        })
+        };
+        if ended.is_reboot() {
+            self.parked.push(ParkedPty {
+                id: vm.id,
+                master: vm.pty_master,
+                slave: vm.pty_slave,
+                tty: vm.tty,
+            });
+        }
+        Some(ended)
     }
 
     /// The first uid of `range` no running VM uses and that is neither a
@@ -626,6 +735,16 @@ fn open_pty(owner: u32) -> Result<(OwnedFd, OwnedFd, String), Errno> {
         ))
     };
     Ok((master, slave, name))
+}
+
+/// A parked pty for a restart, its slave owned by `owner` again.
+fn reuse_pty(parked: ParkedPty, owner: u32) -> Result<(OwnedFd, OwnedFd, String), Errno> {
+    nix::unistd::fchown(parked.slave.as_raw_fd(), Some(Uid::from_raw(owner)), None)?;
+    Ok((parked.master, parked.slave, parked.tty))
+}
+
+fn errno_of(e: &std::io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 /// Opens (creating) a console log for appending: root-owned, mode 0600,
