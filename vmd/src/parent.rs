@@ -222,10 +222,13 @@ impl Parent {
             }
             let deadline = match &self.shutdown {
                 Some((_, d)) => Some(*d),
-                None => [self.registry.next_batch(), self.registry.next_stop_deadline()]
-                    .into_iter()
-                    .flatten()
-                    .min(),
+                None => [
+                    self.registry.next_batch(),
+                    self.registry.next_stop_deadline(),
+                ]
+                .into_iter()
+                .flatten()
+                .min(),
             };
             let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -480,7 +483,9 @@ impl Parent {
     /// A VM process answered a command: the registry updates the VM, and
     /// the pause or unpause waiting for it gets its answer.
     fn vm_command_done(&mut self, done: CommandDone) {
-        let result = self.registry.command_done(done.id, done.command, done.error);
+        let result = self
+            .registry
+            .command_done(done.id, done.command, done.error);
         self.answer_pending(done.id, Some(done.command), result);
     }
 

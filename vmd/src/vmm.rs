@@ -229,8 +229,12 @@ impl Vmm {
             Some(parked) => reuse_pty(parked, tty_owner).map_err(StartError::Pty)?,
             None => open_pty(tty_owner).map_err(StartError::Pty)?,
         };
-        let pty_master = master.try_clone().map_err(|e| StartError::Pty(errno_of(&e)))?;
-        let pty_slave = slave.try_clone().map_err(|e| StartError::Pty(errno_of(&e)))?;
+        let pty_master = master
+            .try_clone()
+            .map_err(|e| StartError::Pty(errno_of(&e)))?;
+        let pty_slave = slave
+            .try_clone()
+            .map_err(|e| StartError::Pty(errno_of(&e)))?;
         let console_log = Path::new(&globals.console_log_dir).join(format!("{}.console", vm.name));
         let (log_fd, log_size) =
             open_console_log(&console_log).map_err(|why| StartError::ConsoleLog {

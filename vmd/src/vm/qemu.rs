@@ -294,7 +294,10 @@ pub enum QmpReply {
     /// A command failed.
     Error(String),
     /// QEMU answered the command sent with this id (`error` None: done).
-    Answer { id: String, error: Option<String> },
+    Answer {
+        id: String,
+        error: Option<String>,
+    },
     Nothing,
 }
 
