@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """regress/vm: real guests under vmd (QEMU, TCG), checked from the outside.
 
+Shared helpers live in regress/lib/vmdtest.py.
+
 Runs as root. Boots the test guest (regress/guest/build: Debian's cloud
 kernel and a busybox initramfs whose init prints `VMD-GUEST:` markers and
 ticks). Each case starts its own vmd (-d) with its own temp dir, socket,
@@ -9,231 +11,14 @@ started at the end, even on failure.
 """
 
 import os
-import pwd
 import re
-import select
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VMD = os.path.join(ROOT, "target", "debug", "vmd")
-VMCTL = os.path.join(ROOT, "target", "debug", "vmctl")
-GUEST_BUILD = os.environ.get("VMD_GUEST_BUILD", os.path.join(ROOT, "regress", "guest", "build"))
-EMPTY_DIR = "/var/lib/vmd/empty"
-BOOT_TIMEOUT = 60
-
-passed = 0
-failed = 0
-KERNEL = INITRD = None
-
-
-class Failure(Exception):
-    pass
-
-
-def case(name, fn):
-    global passed, failed
-    try:
-        fn()
-    except Failure as e:
-        failed += 1
-        print(f"FAIL {name}: {e}")
-    except Exception as e:  # a broken test is a failure, never a pass
-        failed += 1
-        print(f"FAIL {name}: {type(e).__name__}: {e}")
-    else:
-        passed += 1
-        print(f"ok {name}")
-    sys.stdout.flush()
-
-
-def wait_for(what, check, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise Failure(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def status_of(pid):
-    """/proc/PID/status as a dict, or None once the process is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            fields = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    if fields.get("State", "").startswith(("Z", "X")):
-        return None
-    return fields
-
-
-def children_of(pid):
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            st = status_of(entry)
-            if st and st.get("PPid") == str(pid):
-                out.append(int(entry))
-    return out
-
-
-def cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def in_passwd(uid):
-    try:
-        pwd.getpwuid(uid)
-        return True
-    except KeyError:
-        return False
-
-
-class Vmd:
-    """A vmd in the foreground with its own dir, socket, config, logs."""
-
-    def __init__(self, conf_extra="", log_size=None):
-        self.dir = tempfile.mkdtemp(prefix="vmd-regress-vm-")
-        self.sock = os.path.join(self.dir, "vmd.sock")
-        self.log_path = os.path.join(self.dir, "vmd.log")
-        self.console_dir = os.path.join(self.dir, "console")
-        size = f" size {log_size}" if log_size else ""
-        self.conf = os.path.join(self.dir, "vm.conf")
-        with open(self.conf, "w") as f:
-            f.write(f'accel tcg\nconsole log "{self.console_dir}"{size}\n{conf_extra}')
-        self.tracked = set()
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                [VMD, "-d", "-v", "-f", self.conf, "-s", self.sock],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        wait_for("the control socket", lambda: os.path.exists(self.sock) or self.proc.poll() is not None)
-        if self.proc.poll() is not None:
-            raise Failure(f"vmd exited at startup: {self.log()}")
-
-    def log(self):
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-    def vmctl(self, *args):
-        p = subprocess.run([VMCTL, "-s", self.sock, *args], capture_output=True, text=True, timeout=30)
-        return p.returncode, p.stdout + p.stderr
-
-    def start(self, name, *extra, cmdline="console=ttyS0 quiet", memory="256M"):
-        """vmctl start with the test guest; returns (id, tty)."""
-        rc, out = self.vmctl("start", name, "-b", KERNEL, "--initrd", INITRD,
-                             "--cmdline", cmdline, "-m", memory, *extra)
-        m = re.search(r"^vmctl: started vm (\d+) successfully, tty (/dev/pts/\d+)$", out, re.M)
-        if rc != 0 or not m:
-            raise Failure(f"start {name}: exit {rc}: {out.strip()}\n{self.log()}")
-        vmid, tty = int(m.group(1)), m.group(2)
-        row = self.status_row(vmid)
-        if row:
-            self.track(int(row["PID"]))
-        return vmid, tty
-
-    def track(self, vm_pid):
-        self.tracked.add(vm_pid)
-        for child in children_of(vm_pid):
-            self.tracked.add(child)
-
-    def status(self):
-        rc, out = self.vmctl("status")
-        lines = out.splitlines()
-        # Exit 1 with only the header: no VM listed.
-        if not lines or not lines[0].split()[:1] == ["ID"] or (rc != 0 and len(lines) > 1):
-            raise Failure(f"status: exit {rc}: {out}")
-        header = lines[0].split()
-        return [dict(zip(header, line.split())) for line in lines[1:]]
-
-    def status_row(self, vmid):
-        for row in self.status():
-            if row["ID"] == str(vmid):
-                return row
-        return None
-
-    def vm_pids(self, vmid):
-        """(VM process pid, QEMU pid) once QEMU runs."""
-        row = self.status_row(vmid)
-        if not row or row["PID"] == "-":
-            raise Failure(f"vm {vmid} has no PID in status: {row}")
-        vm_pid = int(row["PID"])
-        qemu = wait_for(f"QEMU of vm {vmid}",
-                        lambda: [p for p in children_of(vm_pid) if "qemu-system" in cmdline(p)])
-        self.track(vm_pid)
-        return vm_pid, qemu[0]
-
-    def console_log(self, name, suffix=""):
-        try:
-            with open(os.path.join(self.console_dir, f"{name}.console{suffix}"), errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        # VM processes and QEMUs are in sessions of their own: kill the
-        # ones this vmd started by pid.
-        for pid in self.tracked:
-            if status_of(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def with_vmd(fn, **kw):
-    def run():
-        vmd = Vmd(**kw)
-        try:
-            fn(vmd)
-        finally:
-            vmd.stop()
-    return run
-
-
-class Pty:
-    """Reads a VM's console from its pty."""
-
-    def __init__(self, path):
-        self.fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
-        self.text = ""
-
-    def wait_for(self, regex, timeout=BOOT_TIMEOUT):
-        pattern = re.compile(regex, re.M)
-        deadline = time.monotonic() + timeout
-        while not pattern.search(self.text):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise Failure(f"no {regex!r} on the pty within {timeout}s; got {self.text[-500:]!r}")
-            r, _, _ = select.select([self.fd], [], [], left)
-            if r:
-                self.text += os.read(self.fd, 4096).decode(errors="replace").replace("\r", "")
-        return pattern.search(self.text)
-
-    def close(self):
-        os.close(self.fd)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
+import vmdtest as t  # noqa: E402
+from vmdtest import (BOOT_TIMEOUT, EMPTY_DIR, Failure, Pty, case, cmdline,  # noqa: E402
+                     in_passwd, status_of, wait_for, with_vmd)
 
 
 # --- cases
@@ -336,13 +121,13 @@ def disk_in_use(vmd):
     vmid, _ = vmd.start("disk1", "-d", disk)
     wait_for("disk1 to see its disk",
              lambda: "VMD-GUEST: disk vda 16777216 bytes rw" in vmd.console_log("disk1"), BOOT_TIMEOUT)
-    rc, out = vmd.vmctl("start", "disk2", "-b", KERNEL, "-d", disk)
+    rc, out = vmd.vmctl("start", "disk2", "-b", t.KERNEL, "-d", disk)
     if rc == 0 or "could not open disk image(s)" not in out:
         raise Failure(f"second VM on a writable disk in use: exit {rc}: {out.strip()}")
     rc, out = vmd.vmctl("stop", "-f", str(vmid))
     wait_for("disk1 to stop", lambda: (vmd.status_row(vmid) or {"STATE": "stopped"})["STATE"] == "stopped", 5)
     # Freed: a new VM may have it.
-    wait_for("the disk to be free", lambda: vmd.vmctl("start", "disk3", "-b", KERNEL, "--initrd", INITRD,
+    wait_for("the disk to be free", lambda: vmd.vmctl("start", "disk3", "-b", t.KERNEL, "--initrd", t.INITRD,
                                                        "-d", disk)[0] == 0, 5)
 
 
@@ -355,7 +140,7 @@ def qcow2_chain(vmd):
     wait_for("the guest to see the overlay", lambda: "VMD-GUEST: disk vda 33554432 bytes rw" in vmd.console_log("chain1"),
              BOOT_TIMEOUT)
     # The base is locked shared: nobody may write to it now.
-    rc, out = vmd.vmctl("start", "chain2", "-b", KERNEL, "-d", base)
+    rc, out = vmd.vmctl("start", "chain2", "-b", t.KERNEL, "-d", base)
     if rc == 0 or "in use" not in out:
         raise Failure(f"writable start on a base in use: exit {rc}: {out.strip()}")
 
@@ -385,8 +170,8 @@ def bad_files(vmd):
         f.write(b"\0" * 65536)
     checks = [
         (("start", "k1", "-b", directory), "could not open kernel"),
-        (("start", "k2", "-b", KERNEL, "--initrd", directory), "could not open initrd"),
-        (("start", "k3", "-b", KERNEL, "-d", not_qcow2), "could not open disk image(s)"),
+        (("start", "k2", "-b", t.KERNEL, "--initrd", directory), "could not open initrd"),
+        (("start", "k3", "-b", t.KERNEL, "-d", not_qcow2), "could not open disk image(s)"),
     ]
     for args, message in checks:
         rc, out = vmd.vmctl(*args)
@@ -396,7 +181,7 @@ def bad_files(vmd):
 
 def unbuilt_options(vmd):
     for opts in (("-i", "1"), ("-L",), ("-n", "sw"), ("-B", "net")):
-        rc, out = vmd.vmctl("start", "u1", "-b", KERNEL, *opts)
+        rc, out = vmd.vmctl("start", "u1", "-b", t.KERNEL, *opts)
         if rc == 0 or "started" in out:
             raise Failure(f"start {' '.join(opts)} was accepted: {out.strip()}")
 
@@ -410,25 +195,9 @@ def guest_poweroff_stops_the_vm(vmd):
 
 
 def main():
-    global KERNEL, INITRD
-    if os.geteuid() != 0:
-        print("FAIL setup: regress/vm runs as root")
-        print("0 passed, 1 failed")
-        return 1
-    for binary in (VMD, VMCTL):
-        if not os.path.exists(binary):
-            subprocess.run(["cargo", "build", "-q", "-p", "vmd", "-p", "vmctl"], cwd=ROOT, check=True)
-    if not shutil.which("qemu-system-x86_64"):
-        print("FAIL setup: qemu-system-x86_64 is missing; run regress/setup")
-        print("0 passed, 1 failed")
-        return 1
-    p = subprocess.run([GUEST_BUILD, "--print"], capture_output=True, text=True)
-    m = re.search(r"KERNEL=(\S+) INITRD=(\S+)", p.stdout)
-    if p.returncode != 0 or not m:
-        print(f"FAIL setup: {GUEST_BUILD} failed: {p.stderr.strip()}")
-        print("0 passed, 1 failed")
-        return 1
-    KERNEL, INITRD = m.group(1), m.group(2)
+    failed_setup = t.setup()
+    if failed_setup is not None:
+        return failed_setup
 
     case("boot-markers-reach-pty-and-log", with_vmd(boot))
     case("vm-process-and-qemu-confined", with_vmd(confined))
@@ -440,8 +209,7 @@ def main():
     case("missing-files-refused", with_vmd(bad_files))
     case("unbuilt-options-refused", with_vmd(unbuilt_options))
     case("guest-poweroff-stops-vm", with_vmd(guest_poweroff_stops_the_vm))
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return t.summary()
 
 
 if __name__ == "__main__":

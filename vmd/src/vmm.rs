@@ -531,7 +531,7 @@ impl Vmm {
         // Its QEMU dies with it (PDEATHSIG); the uid is free once it is gone.
         if let Some(qemu) = vm.qemu_pid {
             let deadline = Instant::now() + QEMU_GONE_WAIT;
-            while process_alive_as(qemu, vm.uid) && Instant::now() < deadline {
+            while qemu_holds_files(qemu, vm.uid) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
@@ -797,6 +797,16 @@ fn proc_status(pid: u32) -> Option<(u32, String)> {
 
 fn process_alive_as(pid: u32, uid: u32) -> bool {
     proc_status(pid).is_some_and(|(u, _)| u == uid)
+}
+
+/// Whether `pid` (a QEMU of `uid`) still holds what it opened: alive, or
+/// a zombie leader whose other threads are still exiting (they hold its
+/// descriptors, and so the disks' locks, until the last one is gone).
+fn qemu_holds_files(pid: u32, uid: u32) -> bool {
+    if process_alive_as(pid, uid) {
+        return true;
+    }
+    std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| tasks.count() > 1)
 }
 
 /// QEMU's resident memory in bytes (VmRSS), if `pid` is still the QEMU
