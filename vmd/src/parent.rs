@@ -436,28 +436,18 @@ impl Parent {
                 vm_result(self.registry.stop(&target, force, creds))
             }
             CtlRequest::Wait { target } => vm_result(self.registry.wait(&target, creds)),
-            CtlRequest::Pause { .. } | CtlRequest::Unpause { .. } => {
-                let (result, command) = match &request {
-                    CtlRequest::Pause { target } => {
-                        (self.registry.pause(target, creds), VmCommand::Pause)
-                    }
-                    CtlRequest::Unpause { target } => {
-                        (self.registry.unpause(target, creds), VmCommand::Unpause)
-                    }
-                    _ => unreachable!("matched above"),
-                };
-                match result {
-                    Ok(vmid) => {
-                        // Answered when QEMU has done it (vm_command_done).
-                        self.replies.push(PendingReply {
-                            vmid,
-                            command,
-                            token,
-                            peer,
-                        });
-                        return;
-                    }
-                    Err(error) => vm_result(Err(error)),
+            CtlRequest::Pause { target } => {
+                let result = self.registry.pause(&target, creds);
+                match self.hold_reply(result, VmCommand::Pause, token, peer) {
+                    Some(error) => vm_result(Err(error)),
+                    None => return,
+                }
+            }
+            CtlRequest::Unpause { target } => {
+                let result = self.registry.unpause(&target, creds);
+                match self.hold_reply(result, VmCommand::Unpause, token, peer) {
+                    Some(error) => vm_result(Err(error)),
+                    None => return,
                 }
             }
             CtlRequest::Load { path } => match self.reload(Some(PathBuf::from(path))) {
@@ -478,6 +468,29 @@ impl Parent {
             }
         };
         self.send(token, answer);
+    }
+
+    /// A pause or unpause the VM process was asked for is answered when it
+    /// has been done (vm_command_done); a refused one at once (Some).
+    fn hold_reply(
+        &mut self,
+        result: Result<u32, CtlError>,
+        command: VmCommand,
+        token: Token,
+        peer: u32,
+    ) -> Option<CtlError> {
+        match result {
+            Ok(vmid) => {
+                self.replies.push(PendingReply {
+                    vmid,
+                    command,
+                    token,
+                    peer,
+                });
+                None
+            }
+            Err(error) => Some(error),
+        }
     }
 
     /// A VM process answered a command: the registry updates the VM, and

@@ -588,7 +588,7 @@ impl Registry {
     pub fn expire_stops(&mut self) {
         let now = Instant::now();
         for index in 0..self.vms.len() {
-            if !self.vms[index].stop_deadline.is_some_and(|d| d <= now) {
+            if self.vms[index].stop_deadline.is_none_or(|d| d > now) {
                 continue;
             }
             let vm = &mut self.vms[index];
@@ -675,6 +675,10 @@ impl Registry {
     /// rate limit refuses; otherwise it has terminated.
     pub fn ended(&mut self, ended: &VmEnded) -> Ended {
         let Some(index) = self.vms.iter().position(|vm| vm.vmid == ended.id) else {
+            // Forgotten meanwhile (vmctl reset).
+            if let Some(backend) = self.backend.as_mut() {
+                backend.discard_parked(ended.id);
+            }
             return Ended::Terminated { timed_out: false };
         };
         let vm = &self.vms[index];
@@ -860,6 +864,41 @@ mod tests {
             r.stop(&VmTarget::Id(9), false, &user(0, 0, &[])),
             Err(errno(Errno::ENOENT))
         );
+    }
+
+    #[test]
+    fn pause_answers_and_stop_states() {
+        let mut r = registry("vm \"a\" { disable\n boot \"/k\" }\n");
+        let root = user(0, 0, &[]);
+        let target = VmTarget::Name("a".into());
+        // Without a backend nothing pretends to pause or stop.
+        r.vms[0].state = VmState::Running;
+        assert_eq!(
+            r.pause(&target, &root),
+            Err(CtlError::Text(BACKEND_MISSING.into()))
+        );
+        assert_eq!(
+            r.stop(&target, false, &root),
+            Err(CtlError::Text(BACKEND_MISSING.into()))
+        );
+        // QEMU's answers decide the state.
+        assert_eq!(
+            r.command_done(1, VmCommand::Pause, Some("no".into())),
+            Err(CtlError::Text("no".into()))
+        );
+        assert_eq!(r.vms[0].state, VmState::Running);
+        assert_eq!(r.command_done(1, VmCommand::Pause, None), Ok(1));
+        assert_eq!(r.vms[0].state, VmState::Paused);
+        assert_eq!(r.pause(&target, &root), Err(errno(Errno::EINVAL)));
+        assert_eq!(r.command_done(1, VmCommand::Unpause, None), Ok(1));
+        assert_eq!(r.vms[0].state, VmState::Running);
+        // A stop under way: a second one needs -f; a late answer to a
+        // pause does not undo it.
+        r.vms[0].state = VmState::Stopping;
+        assert_eq!(r.stop(&target, false, &root), Err(errno(Errno::EALREADY)));
+        assert_eq!(r.command_done(1, VmCommand::Pause, None), Ok(1));
+        assert_eq!(r.vms[0].state, VmState::Stopping);
+        assert_eq!(r.wait(&target, &root), Ok(1));
     }
 
     #[test]
