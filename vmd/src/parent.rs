@@ -138,6 +138,12 @@ fn parent_init(opts: ParentOptions) -> Result<Parent, String> {
         .map_err(|e| format!("cannot block signals: {e}"))?;
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(|e| format!("cannot create a signalfd: {e}"))?;
+    // A QEMU whose VM process was killed is reparented to us and reaped
+    // by our loop, not left a zombie where init does not reap.
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        log_warn!("cannot become a subreaper: {}", nix::errno::Errno::last());
+    }
     let poll = Poll::new().map_err(|e| format!("cannot create the event loop: {e}"))?;
     poll.registry()
         .register(
