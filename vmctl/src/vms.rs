@@ -384,8 +384,10 @@ fn stop_complete(client: &mut Client, force: bool, wait: bool) -> ExitCode {
             }
             ExitCode::FAILURE
         }
-        Message::CtlTerminated { vmid } => {
-            if wait {
+        Message::CtlTerminated { vmid, timed_out } => {
+            if timed_out {
+                eprintln!("forced to terminate vm {vmid} after the shutdown timeout");
+            } else if wait {
                 eprintln!("terminated vm {vmid}");
             } else if force {
                 eprintln!("forced to terminate vm {vmid}");
@@ -453,7 +455,21 @@ pub fn stop(global: &Global, args: &[String]) -> ExitCode {
     stop_one(&mut client, target, force, wait)
 }
 
-/// `stop -a`: every running VM, by name.
+/// Whether this user may stop a running VM as `status` lists it (the
+/// user who started it, or its owner group); vmd checks again.
+fn may_stop(vm: &VmInfo) -> bool {
+    let uid = nix::unistd::getuid().as_raw();
+    let in_group = |gid: u32| {
+        nix::unistd::getgid().as_raw() == gid
+            || nix::unistd::getgroups()
+                .unwrap_or_default()
+                .iter()
+                .any(|g| g.as_raw() == gid)
+    };
+    uid == 0 || vm.owner_uid == uid || vm.owner_gid.is_some_and(in_group)
+}
+
+/// `stop -a`: every running VM the user may stop, by name.
 fn stop_all(global: &Global, force: bool, wait: bool) -> ExitCode {
     let mut client = match request(global, CtlRequest::Status) {
         Ok(client) => client,
@@ -464,7 +480,10 @@ fn stop_all(global: &Global, force: bool, wait: bool) -> ExitCode {
         Err(code) => return code,
     };
     let mut code = ExitCode::SUCCESS;
-    for vm in vms.into_iter().filter(|vm| vm.state.is_active()) {
+    for vm in vms
+        .into_iter()
+        .filter(|vm| vm.state.is_active() && may_stop(vm))
+    {
         if stop_one(&mut client, VmTarget::Name(vm.name), force, wait) != ExitCode::SUCCESS {
             code = ExitCode::FAILURE;
         }
