@@ -99,10 +99,11 @@ fn simple(global: &Global, req: CtlRequest) -> ExitCode {
 // --- status ---
 
 /// Every VM vmd knows.
-fn vm_list(client: &mut Client) -> Result<Vec<VmInfo>, ExitCode> {
+fn vm_list(global: &Global) -> Result<Vec<VmInfo>, ExitCode> {
+    let mut client = request(global, CtlRequest::Status)?;
     let mut vms = Vec::new();
     loop {
-        match answer(client)? {
+        match answer(&mut client)? {
             Message::CtlVm(info) => vms.push(info),
             Message::CtlVmEnd => return Ok(vms),
             _ => return Err(unexpected()),
@@ -128,11 +129,7 @@ pub fn status(global: &Global, args: &[String]) -> ExitCode {
         },
         _ => return command_usage("status"),
     };
-    let mut client = match request(global, CtlRequest::Status) {
-        Ok(client) => client,
-        Err(code) => return code,
-    };
-    let vms = match vm_list(&mut client) {
+    let vms = match vm_list(global) {
         Ok(vms) => vms,
         Err(code) => return code,
     };
@@ -471,13 +468,13 @@ fn may_stop(vm: &VmInfo) -> bool {
 
 /// `stop -a`: every running VM the user may stop, by name.
 fn stop_all(global: &Global, force: bool, wait: bool) -> ExitCode {
-    let mut client = match request(global, CtlRequest::Status) {
-        Ok(client) => client,
-        Err(code) => return code,
-    };
-    let vms = match vm_list(&mut client) {
+    let vms = match vm_list(global) {
         Ok(vms) => vms,
         Err(code) => return code,
+    };
+    let mut client = match Client::connect(&global.socket) {
+        Ok(client) => client,
+        Err(e) => return fail(&e),
     };
     let mut code = ExitCode::SUCCESS;
     for vm in vms
@@ -556,15 +553,10 @@ pub fn console(global: &Global, args: &[String]) -> ExitCode {
         Ok(target) => target,
         Err(code) => return code,
     };
-    let mut client = match request(global, CtlRequest::Status) {
-        Ok(client) => client,
-        Err(code) => return code,
-    };
-    let vms = match vm_list(&mut client) {
+    let vms = match vm_list(global) {
         Ok(vms) => vms,
         Err(code) => return code,
     };
-    drop(client);
     let tty = vms
         .into_iter()
         .filter(|vm| target.matches(vm.id, &vm.name) && vm.state.is_active())

@@ -697,15 +697,7 @@ impl Parent {
 
     fn child_died(&mut self, child: &Child, status: WaitStatus) {
         let name = child.role.name();
-        let why = match status {
-            WaitStatus::Exited(_, 0) => "exited".to_string(),
-            WaitStatus::Exited(_, code) => format!("exited with status {code}"),
-            WaitStatus::Signaled(_, Signal::SIGSYS, _) => {
-                "was killed by a refused system call (SIGSYS)".to_string()
-            }
-            WaitStatus::Signaled(_, sig, _) => format!("was killed by {}", sig.as_str()),
-            other => format!("ended ({other:?})"),
-        };
+        let why = proc::describe_exit(status);
         if self.shutdown.is_some() {
             log_debug!("{name} (pid {}) {why}", child.pid);
             return;

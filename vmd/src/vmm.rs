@@ -542,15 +542,7 @@ impl Vmm {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
-        let process = match status {
-            WaitStatus::Exited(_, 0) => "exited".to_string(),
-            WaitStatus::Exited(_, code) => format!("exited with status {code}"),
-            WaitStatus::Signaled(_, Signal::SIGSYS, _) => {
-                "was killed by a refused system call (SIGSYS)".to_string()
-            }
-            WaitStatus::Signaled(_, sig, _) => format!("was killed by {}", sig.as_str()),
-            other => format!("ended ({other:?})"),
-        };
+        let process = proc::describe_exit(status);
         // A VM process killed from outside cannot say how its QEMU ended:
         // it died of PDEATHSIG (SIGKILL) with it.
         let qemu = vm.qemu_end.as_deref().unwrap_or(if vm.qemu_pid.is_some() {
