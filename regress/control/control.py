@@ -12,6 +12,7 @@ The raw-socket cases speak the frame format of common/src/imsg.rs: a
 20-byte header (type, payload length, flags, reserved, peer id, pid; little
 endian) and a bincode payload. The status request's bytes and the reply
 type codes are pinned by the unit test raw_status_request_and_reply_codes.
+Shared helpers live in regress/lib/vmdregress.py.
 """
 
 import grp
@@ -29,49 +30,15 @@ import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VMD = os.path.join(ROOT, "target", "debug", "vmd")
-VMCTL = os.path.join(ROOT, "target", "debug", "vmctl")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
+import vmdregress as t  # noqa: E402
+from vmdregress import VMCTL, VMD, Failure, case, children_of, end_vmd, wait_for  # noqa: E402
 
 HEADER = struct.Struct("<IIHHII")
 # Message::Ctl(CtlRequest::Status) and the answers' type codes.
 CTL_STATUS_FRAME = HEADER.pack(5, 2, 0, 0, 0, 0) + b"\x04\x00"
 CTL_VM, CTL_VM_END, CTL_FAIL = 7, 8, 12
 TABLE_HEAD = "   ID   PID VCPUS  MAXMEM  CURMEM     TTY        OWNER    STATE NAME\n"
-
-passed = 0
-failed = 0
-
-
-class Failure(Exception):
-    pass
-
-
-def case(name, fn):
-    global passed, failed
-    try:
-        fn()
-    except Failure as e:
-        failed += 1
-        print(f"FAIL {name}: {e}")
-    except Exception as e:  # a broken test is a failure too, never a pass
-        failed += 1
-        print(f"FAIL {name}: {type(e).__name__}: {e}")
-    else:
-        passed += 1
-        print(f"ok {name}")
-    sys.stdout.flush()
-
-
-def wait_for(what, check, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise Failure(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def expect(what, got, want):
@@ -120,21 +87,6 @@ ACCOUNTS = None
 
 # --- vmd and vmctl -----------------------------------------------------------
 
-def all_children(pid):
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/status") as f:
-                for line in f:
-                    if line.startswith("PPid:") and line.split()[1] == str(pid):
-                        out.append(int(entry))
-        except OSError:
-            pass
-    return out
-
-
 class Vmd:
     """A vmd in the foreground with its own socket, config and log."""
 
@@ -153,7 +105,7 @@ class Vmd:
         wait_for("vmd to listen", lambda: "control: listening" in self.log() or not self.alive())
         if not self.alive():
             raise Failure(f"vmd exited: {self.log()}")
-        self.known.update(all_children(self.proc.pid))
+        self.known.update(children_of(self.proc.pid))
 
     def write_config(self, text):
         with open(self.conf, "w") as f:
@@ -184,20 +136,7 @@ class Vmd:
             raise Failure(f"vmd died: {self.log()[-2000:]}")
 
     def stop(self):
-        pids = set(self.known)
-        if self.alive():
-            pids.update(all_children(self.proc.pid))
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        end_vmd(self.proc, self.known)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self):
@@ -639,24 +578,10 @@ def test_many_connections():
                 s.close()
 
 
-def build():
-    if not (os.path.exists(VMD) and os.path.exists(VMCTL)):
-        subprocess.run(["cargo", "build", "-q", "-p", "vmd", "-p", "vmctl"], cwd=ROOT, check=True)
-
-
 def main():
-    global failed, ACCOUNTS
-    if os.geteuid() != 0:
-        print("FAIL control: must run as root")
-        print("0 passed, 1 failed")
+    global ACCOUNTS
+    if not t.prepare(guest=False):
         return 1
-    try:
-        pwd.getpwnam("_vmd")
-    except KeyError:
-        print("FAIL control: user _vmd missing: run sh regress/setup --user-only")
-        print("0 passed, 1 failed")
-        return 1
-    build()
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: sys.exit(1))
     try:
@@ -675,13 +600,11 @@ def main():
         case("load_50x1000", test_load_50x1000)
         case("many_connections", test_many_connections)
     except Exception as e:
-        failed += 1
-        print(f"FAIL control: {type(e).__name__}: {e}")
+        t.fail("control", f"{type(e).__name__}: {e}")
     finally:
         if ACCOUNTS is not None:
             ACCOUNTS.remove()
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return t.summary()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Shared helpers of the regress suites that boot real guests under vmd
-(regress/vm, regress/lifecycle, regress/console): case reporting, waiting, /proc
-inspection, a vmd of its own per case, a guest's pty.
+"""Shared helpers of the regress suites written in Python (regress/vm,
+regress/lifecycle, regress/console, regress/privsep, regress/control): case
+reporting, waiting, /proc inspection, setup; and, for the suites that boot
+real guests, a vmd of its own per case and a guest's pty.
 
 Runs as root. The guest is regress/guest's (`build --print`). Each Vmd
 has its own temp dir, socket, vm.conf and console log directory, and
@@ -36,21 +37,35 @@ class Failure(Exception):
     pass
 
 
+class Skip(Exception):
+    """A case that cannot run here; it prints `skip NAME: why` and counts
+    neither as passed nor as failed."""
+
+
+def fail(name, why):
+    """Counts and prints one failure: `FAIL NAME: why`."""
+    global failed
+    failed += 1
+    print(f"FAIL {name}: {why}")
+    sys.stdout.flush()
+
+
 def case(name, fn):
     """Runs one case and prints `ok NAME` or `FAIL NAME: why`."""
-    global passed, failed
+    global passed
     try:
         fn()
+    except Skip as e:
+        print(f"skip {name}: {e}")
+        sys.stdout.flush()
     except Failure as e:
-        failed += 1
-        print(f"FAIL {name}: {e}")
+        fail(name, e)
     except Exception as e:  # a broken test is a failure, never a pass
-        failed += 1
-        print(f"FAIL {name}: {type(e).__name__}: {e}")
+        fail(name, f"{type(e).__name__}: {e}")
     else:
         passed += 1
         print(f"ok {name}")
-    sys.stdout.flush()
+        sys.stdout.flush()
 
 
 def summary():
@@ -59,21 +74,28 @@ def summary():
     return 1 if failed else 0
 
 
-def prepare():
-    """Checks and builds what every case needs and sets KERNEL and INITRD;
-    False (after printing a FAIL line and the summary) when it cannot."""
+def prepare(guest=True):
+    """Checks and builds what every case needs: root, the user _vmd, the
+    debug vmd and vmctl; with `guest`, also QEMU and the test guest (sets
+    KERNEL and INITRD). False (after printing `FAIL setup: why` and the
+    summary) when it cannot."""
     global KERNEL, INITRD
 
     def setup_failed(why):
-        print(f"FAIL setup: {why}")
-        print("0 passed, 1 failed")
+        fail("setup", why)
+        summary()
         return False
 
     if os.geteuid() != 0:
         return setup_failed("the suite runs as root")
-    for binary in (VMD, VMCTL):
-        if not os.path.exists(binary):
-            subprocess.run(["cargo", "build", "-q", "-p", "vmd", "-p", "vmctl"], cwd=ROOT, check=True)
+    try:
+        pwd.getpwnam("_vmd")
+    except KeyError:
+        return setup_failed("user _vmd missing: run sh regress/setup --user-only")
+    if not (os.path.exists(VMD) and os.path.exists(VMCTL)):
+        subprocess.run(["cargo", "build", "-q", "-p", "vmd", "-p", "vmctl"], cwd=ROOT, check=True)
+    if not guest:
+        return True
     if not shutil.which("qemu-system-x86_64"):
         return setup_failed("qemu-system-x86_64 is missing; run regress/setup")
     p = subprocess.run([GUEST_BUILD, "--print"], capture_output=True, text=True)
@@ -135,6 +157,31 @@ def in_passwd(uid):
 
 def fd_count(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def kill_pids(pids):
+    """SIGKILLs each of `pids` that still runs."""
+    for pid in pids:
+        if status_of(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def end_vmd(proc, pids=()):
+    """Ends a vmd started with Popen (SIGTERM, SIGKILL after 5s), then
+    SIGKILLs its children and `pids`, whatever happened."""
+    pids = set(pids)
+    if proc.poll() is None:
+        pids.update(children_of(proc.pid))
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    kill_pids(pids)
 
 
 class Vmd:
@@ -251,12 +298,7 @@ class Vmd:
         self.proc.wait()
         # VM processes and QEMUs are in sessions of their own: kill the
         # ones this vmd started by pid.
-        for pid in self.tracked:
-            if status_of(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        kill_pids(self.tracked)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

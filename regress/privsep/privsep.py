@@ -6,6 +6,7 @@ log and an empty config in a temp dir), checks it through /proc and ps, and
 kills it and its children at the end, even on failure. The refused-call
 cases use a build with the `test-triggers` feature, made here into
 target/test-triggers so target/debug never contains the triggers.
+Shared helpers live in regress/lib/vmdregress.py.
 """
 
 import os
@@ -20,84 +21,17 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VMD = os.path.join(ROOT, "target", "debug", "vmd")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
+import vmdregress as t  # noqa: E402
+from vmdregress import (ROOT, VMD, Failure, Skip, case, children_of, cmdline, end_vmd,  # noqa: E402
+                        kill_pids, status_of, wait_for)
+
 TRIGGER_DIR = os.path.join(ROOT, "target", "test-triggers")
 TRIGGER_VMD = os.path.join(TRIGGER_DIR, "debug", "vmd")
 ROLES = ("control", "switch")
 # Signals the test-triggers build reads (src/trigger.rs).
 TRIGGERS = {"execve": 1, "open": 2, "socket": 3, "ptrace": 4}
 LOGGED_NAME = {"execve": "execve", "open": "openat", "socket": "socket", "ptrace": "ptrace"}
-
-passed = 0
-failed = 0
-
-
-class Failure(Exception):
-    pass
-
-
-class Skip(Exception):
-    pass
-
-
-def case(name, fn):
-    global passed, failed
-    try:
-        fn()
-    except Skip as e:
-        print(f"skip {name}: {e}")
-    except Failure as e:
-        failed += 1
-        print(f"FAIL {name}: {e}")
-    except Exception as e:  # a broken test is a failure too, never a pass
-        failed += 1
-        print(f"FAIL {name}: {type(e).__name__}: {e}")
-    else:
-        passed += 1
-        print(f"ok {name}")
-    sys.stdout.flush()
-
-
-def wait_for(what, check, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise Failure(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def status_of(pid):
-    """The fields of /proc/PID/status, or None if the process is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            fields = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    if fields.get("State", "").startswith(("Z", "X")):
-        return None
-    return fields
-
-
-def children_of(pid):
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            st = status_of(entry)
-            if st and st.get("PPid") == str(pid):
-                pids.append(int(entry))
-    return pids
-
-
-def cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 class Vmd:
@@ -138,21 +72,7 @@ class Vmd:
 
     def stop(self):
         """Kills the parent and every child it ever had, whatever happened."""
-        pids = set(self.known)
-        if status_of(self.proc.pid):
-            pids.update(children_of(self.proc.pid))
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        end_vmd(self.proc, self.known)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self):
@@ -370,49 +290,34 @@ def test_daemonize():
         daemon_pid = None
     finally:
         if daemon_pid is not None:
-            for pid in [daemon_pid] + children_of(daemon_pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            kill_pids([daemon_pid] + children_of(daemon_pid))
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build():
-    """Builds target/debug/vmd if missing and, always, the trigger build."""
-    if not os.path.exists(VMD):
-        subprocess.run(["cargo", "build", "-q", "-p", "vmd"], cwd=ROOT, check=True)
+def build_triggers():
+    """Builds vmd with the test-triggers feature into TRIGGER_DIR, on every
+    run, so target/debug never holds the triggers."""
     subprocess.run(["cargo", "build", "-q", "-p", "vmd", "--features", "test-triggers",
                     "--target-dir", TRIGGER_DIR], cwd=ROOT, check=True)
 
 
 def main():
-    global failed
-    if os.geteuid() != 0:
-        print("FAIL privsep: must run as root")
-        failed += 1
-    else:
-        try:
-            pwd.getpwnam("_vmd")
-        except KeyError:
-            print("FAIL privsep: user _vmd missing: run sh regress/setup --user-only")
-            failed += 1
-        else:
-            build()
-            case("children_dropped", test_children_dropped)
-            case("ps_titles", test_ps_titles)
-            case("control_socket", test_control_socket)
-            case("second_vmd_refused", test_second_vmd_refused)
-            case("control_restarted", test_control_restarted)
-            case("parent_sigkill", test_parent_sigkill)
-            case("sigterm_sigint_shutdown", test_sigterm_shutdown)
-            test_refused_syscalls()
-            case("runtime_verbosity", test_runtime_verbosity)
-            case("debug_build_has_no_triggers", test_debug_build_has_no_triggers)
-            case("not_root_refused", test_not_root_refused)
-            case("daemonize", test_daemonize)
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    if not t.prepare(guest=False):
+        return 1
+    build_triggers()
+    case("children_dropped", test_children_dropped)
+    case("ps_titles", test_ps_titles)
+    case("control_socket", test_control_socket)
+    case("second_vmd_refused", test_second_vmd_refused)
+    case("control_restarted", test_control_restarted)
+    case("parent_sigkill", test_parent_sigkill)
+    case("sigterm_sigint_shutdown", test_sigterm_shutdown)
+    test_refused_syscalls()
+    case("runtime_verbosity", test_runtime_verbosity)
+    case("debug_build_has_no_triggers", test_debug_build_has_no_triggers)
+    case("not_root_refused", test_not_root_refused)
+    case("daemonize", test_daemonize)
+    return t.summary()
 
 
 if __name__ == "__main__":
