@@ -553,8 +553,18 @@ impl Writer {
     /// Sends what the socket takes without blocking. Returns true when
     /// everything queued has been sent.
     pub fn flush(&mut self, sock: BorrowedFd) -> Result<bool, ImsgError> {
+        self.flush_with(sock, MsgFlags::MSG_DONTWAIT)
+    }
+
+    /// Sends everything queued, waiting for the socket (which must be in
+    /// blocking mode) to take it.
+    pub fn flush_blocking(&mut self, sock: BorrowedFd) -> Result<(), ImsgError> {
+        self.flush_with(sock, MsgFlags::empty()).map(|_| ())
+    }
+
+    fn flush_with(&mut self, sock: BorrowedFd, flags: MsgFlags) -> Result<bool, ImsgError> {
         while let Some(front) = self.queue.front_mut() {
-            match send_part(sock, front, MsgFlags::MSG_DONTWAIT) {
+            match send_part(sock, front, flags) {
                 Ok(()) => {}
                 Err(ImsgError::Io(Errno::EAGAIN)) => return Ok(false),
                 Err(e) => return Err(e),
@@ -660,6 +670,15 @@ impl Channel {
 
     pub fn flush(&mut self) -> Result<bool, ImsgError> {
         self.writer.flush(self.sock.as_fd())
+    }
+
+    /// Sends `frame`, and anything queued before it, and waits until the
+    /// (blocking) socket has taken all of it. Children send this way to
+    /// the parent: their log lines and SIGSYS reports go straight to the
+    /// same socket and must start at a frame boundary.
+    pub fn send_whole(&mut self, frame: Frame) -> Result<(), ImsgError> {
+        self.writer.push(frame)?;
+        self.writer.flush_blocking(self.sock.as_fd())
     }
 }
 

@@ -390,7 +390,7 @@ impl Control {
                     request,
                 })
             };
-            if let Err(e) = self.parent.send(forward) {
+            if let Err(e) = self.parent.send_whole(forward) {
                 log_warn!("closing the channel to the parent: {e}");
                 std::process::exit(1);
             }

@@ -137,6 +137,16 @@ pub fn spawn(role: &str, args: &[String]) -> Result<(Pid, OwnedFd), ProcError> {
             } else {
                 libc::dup2(fd, CHILD_FD);
             }
+            // Nothing else crosses the exec, whatever vmd inherited from
+            // whoever started it (CLOSE_RANGE_CLOEXEC keeps the exe fd
+            // open until the exec itself). Older kernels lack it: then
+            // only our own descriptors, all O_CLOEXEC, are closed.
+            libc::syscall(
+                libc::SYS_close_range,
+                CHILD_FD + 1,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
             libc::syscall(
                 libc::SYS_execveat,
                 exe.as_raw_fd(),

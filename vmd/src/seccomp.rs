@@ -49,6 +49,10 @@ pub const CHILD_SYSCALLS: &[Allowed] = &[
     ),
     (libc::SYS_exit, "exit (thread)"),
     (
+        libc::SYS_restart_syscall,
+        "resume an interrupted wait after SIGSTOP/SIGCONT (ptrace, job control)",
+    ),
+    (
         libc::SYS_sigaltstack,
         "exit: the runtime's thread-local destructors disable the signal stack",
     ),
@@ -166,8 +170,8 @@ extern "C" fn sigsys_handler(
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
         // SAFETY: sendmsg on our own socket with a valid header. Children
-        // only ever send whole frames (imsg::send_blocking), so the stream
-        // is at a frame boundary here.
+        // only ever send whole frames to the parent (imsg::send_blocking,
+        // Channel::send_whole), so the stream is at a frame boundary here.
         unsafe { libc::sendmsg(REPORT_FD.load(Ordering::Relaxed), &msg, libc::MSG_NOSIGNAL) };
     }
     // SAFETY: raw system calls with constant arguments; see DEATH_SYSCALL.

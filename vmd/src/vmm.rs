@@ -363,10 +363,7 @@ impl Vmm {
         let Some(vm) = self.vms.iter().find(|v| v.id == id) else {
             return false;
         };
-        if let Some(qemu) = vm.qemu_pid {
-            let _ = kill(Pid::from_raw(qemu as i32), Signal::SIGKILL);
-        }
-        let _ = kill(vm.pid, Signal::SIGKILL);
+        kill_vm(vm);
         true
     }
 
@@ -420,12 +417,7 @@ impl Vmm {
 
     /// The daemon stops and a VM did not: SIGKILL.
     pub fn kill_all(&self) {
-        for vm in &self.vms {
-            if let Some(qemu) = vm.qemu_pid {
-                let _ = kill(Pid::from_raw(qemu as i32), Signal::SIGKILL);
-            }
-            let _ = kill(vm.pid, Signal::SIGKILL);
-        }
+        self.vms.iter().for_each(kill_vm);
     }
 
     /// Reads and writes a VM process's channel; returns the answers to
@@ -832,6 +824,16 @@ fn proc_status(pid: u32) -> Option<(u32, String)> {
     }
     let uid = field("Uid:")?.split_whitespace().next()?.parse().ok()?;
     Some((uid, status))
+}
+
+/// SIGKILLs a VM's QEMU and VM process. QEMU's pid comes from the VM
+/// process, which is less trusted than we are: it is killed only if it
+/// runs as the VM's own uid.
+fn kill_vm(vm: &VmProc) {
+    if let Some(qemu) = vm.qemu_pid.filter(|&pid| process_alive_as(pid, vm.uid)) {
+        let _ = kill(Pid::from_raw(qemu as i32), Signal::SIGKILL);
+    }
+    let _ = kill(vm.pid, Signal::SIGKILL);
 }
 
 fn process_alive_as(pid: u32, uid: u32) -> bool {

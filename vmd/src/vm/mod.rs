@@ -483,7 +483,7 @@ impl Vm {
     }
 
     fn send(&mut self, message: Message) {
-        if let Err(e) = self.channel.send(Frame::new(message)) {
+        if let Err(e) = self.channel.send_whole(Frame::new(message)) {
             log_warn!("sending to the parent: {e}");
         }
     }
