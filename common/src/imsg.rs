@@ -150,6 +150,35 @@ pub enum Message {
     /// vm -> parent: QEMU reported the guest's shutdown (QMP SHUTDOWN
     /// event: `guest-shutdown`, `guest-reset`, ...); the VM ends now.
     VmShutdown { reason: String },
+
+    // --- the parent's file-opening helper (userfiles.rs) -> parent ---
+    /// One file the helper opened as the requester (with the fd): what it
+    /// is for the VM and the path it was opened by.
+    UserFile { kind: VmFdKind, path: String },
+    /// The helper is done: every file was sent, or it stopped at `refusal`.
+    UserFilesDone { refusal: Option<FileRefusal> },
+}
+
+/// Why the file-opening helper could not open a requester's file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRefusal {
+    /// The file the request named (a disk's top image for its chain).
+    pub kind: VmFdKind,
+    /// The file that failed (a backing file of a disk's chain, maybe).
+    pub path: String,
+    pub why: RefusalReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefusalReason {
+    /// The requester may not open it (EACCES or EPERM).
+    PermissionDenied,
+    /// It does not exist (ENOENT, ENOTDIR).
+    Missing,
+    /// Not a regular file (a directory, FIFO, device, socket).
+    NotRegular,
+    /// Anything else, in words (an unreadable qcow2 header, a loop).
+    Other(String),
 }
 
 /// What a VM process runs: everything but the descriptors.
@@ -162,6 +191,9 @@ pub struct VmParams {
     pub vcpus: u32,
     /// The kernel command line.
     pub cmdline: String,
+    /// What a VM without a kernel boots first (`boot device`, `-B`):
+    /// `None` is the CD-ROM if it has one, then the first disk.
+    pub boot_device: Option<crate::config::BootDevice>,
     /// Hardware KVM (else QEMU's TCG).
     pub kvm: bool,
     /// The VM's own uid and gid (the VM process and QEMU run as them).
@@ -194,6 +226,10 @@ pub enum VmFdKind {
         format: crate::disk::DiskFormat,
         writable: bool,
     },
+    /// The CD-ROM image (read-only).
+    Cdrom,
+    /// The BIOS image (SeaBIOS) of a VM that boots without a kernel.
+    Bios,
 }
 
 impl Message {
@@ -219,6 +255,8 @@ impl Message {
             Message::VmConsoleLogFull => (103, "VM_CONSOLE_LOG_FULL"),
             Message::VmConsoleLog { .. } => (104, "VM_CONSOLE_LOG"),
             Message::VmShutdown { .. } => (105, "VM_SHUTDOWN"),
+            Message::UserFile { .. } => (200, "USER_FILE"),
+            Message::UserFilesDone { .. } => (201, "USER_FILES_DONE"),
         }
     }
 }
@@ -699,6 +737,23 @@ mod tests {
             Message::CtlFail {
                 errno: 0,
                 lines: vec!["x.conf:1: syntax error".into()],
+            },
+            Message::UserFile {
+                kind: VmFdKind::Cdrom,
+                path: "/home/u/x.iso".into(),
+            },
+            Message::UserFilesDone { refusal: None },
+            Message::UserFilesDone {
+                refusal: Some(FileRefusal {
+                    kind: VmFdKind::Disk {
+                        disk: 0,
+                        layer: 0,
+                        format: crate::disk::DiskFormat::Qcow2,
+                        writable: true,
+                    },
+                    path: "/home/u/base.img".into(),
+                    why: RefusalReason::PermissionDenied,
+                }),
             },
         ]
     }
