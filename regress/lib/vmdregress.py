@@ -1,7 +1,8 @@
 """Helpers shared by the regress suites that run real guests under vmd
-(regress/vm, regress/console): cases and their summary, waiting, /proc
-lookups, a vmd of its own per case (temp dir, socket, vm.conf, console
-log directory) that kills everything it started, and reading a pty.
+(regress/vm, regress/console, regress/boot): cases and their summary,
+waiting, /proc lookups, a vmd of its own per case (temp dir, socket,
+vm.conf, console log directory) that kills everything it started, a test
+user of its own, and reading a pty.
 
 A suite puts regress/lib on sys.path and imports what it uses; it calls
 prepare() first, which checks it runs as root, builds the debug binaries
@@ -10,6 +11,7 @@ if missing, checks QEMU and builds the test guest (KERNEL, INITRD).
 
 import os
 import pwd
+import random
 import re
 import select
 import shutil
@@ -125,15 +127,23 @@ class Vmd:
         with open(self.log_path, errors="replace") as f:
             return f.read()
 
-    def vmctl(self, *args):
+    def vmctl(self, *args, user=None):
+        """Runs vmctl (as `user`, a TestUser, if given); (exit, output)."""
+        extra = {}
+        if user:
+            extra = {"user": user.uid, "group": user.gid, "extra_groups": []}
         p = subprocess.run([VMCTL, "-s", self.sock, *args], stdin=subprocess.DEVNULL, capture_output=True,
-                           text=True, timeout=30)
+                           text=True, timeout=30, **extra)
         return p.returncode, p.stdout + p.stderr
 
     def start(self, name, *extra, cmdline="console=ttyS0 quiet", memory="256M"):
         """vmctl start with the test guest; returns (id, tty)."""
-        rc, out = self.vmctl("start", name, "-b", KERNEL, "--initrd", INITRD,
-                             "--cmdline", cmdline, "-m", memory, *extra)
+        return self.start_with(name, "-b", KERNEL, "--initrd", INITRD, "--cmdline", cmdline, "-m", memory, *extra)
+
+    def start_with(self, name, *args, user=None):
+        """vmctl start NAME ARGS (as `user`, if given) that must succeed;
+        returns (id, tty) and tracks the VM's processes."""
+        rc, out = self.vmctl("start", name, *args, user=user)
         m = re.search(r"^vmctl: started vm (\d+) successfully, tty (/dev/pts/\d+)$", out, re.M)
         if rc != 0 or not m:
             raise Failure(f"start {name}: exit {rc}: {out.strip()}\n{self.log()}")
@@ -212,6 +222,21 @@ def with_vmd(fn, **kw):
         finally:
             vmd.stop()
     return run
+
+
+class TestUser:
+    """A user (and its group) of its own, removed at the end."""
+
+    def __init__(self, prefix="vmdtest"):
+        self.name = f"{prefix}{os.getpid() % 10000}{random.randrange(1000):03d}"
+        subprocess.run(["useradd", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        self.name], check=True, capture_output=True)
+        pw = pwd.getpwnam(self.name)
+        self.uid, self.gid = pw.pw_uid, pw.pw_gid
+
+    def remove(self):
+        subprocess.run(["userdel", self.name], capture_output=True)
+        subprocess.run(["groupdel", self.name], capture_output=True)
 
 
 class Pty:
