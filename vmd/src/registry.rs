@@ -830,7 +830,10 @@ mod tests {
         assert_eq!(got.memory, Some(1 << 30));
         assert!(got.disks.is_empty());
         assert_eq!(got.interfaces.len(), 1);
-        assert_eq!((got.interfaces[0].tap.as_ref(), got.interfaces[0].lladdr), (None, None));
+        assert_eq!(
+            (got.interfaces[0].tap.as_ref(), got.interfaces[0].lladdr),
+            (None, None)
+        );
         // Reusing the parent's disk is refused, root or not.
         let mut vm = instance("i2");
         vm.disks.push(common::config::Disk {
@@ -859,7 +862,9 @@ mod tests {
         );
         let mut vm = instance("u1");
         vm.memory = Some(512 << 20);
-        let got = r.start_instance(vm, "tpl", &member).expect("memory is allowed");
+        let got = r
+            .start_instance(vm, "tpl", &member)
+            .expect("memory is allowed");
         assert_eq!((got.memory, got.owner.uid), (Some(512 << 20), 1000));
         let mut vm = instance("u2");
         vm.disks.push(common::config::Disk {
