@@ -125,8 +125,9 @@ pub enum Message {
         tty: Option<String>,
     },
     /// parent -> control (peer id 0: for every waiter) -> vmctl: VM `vmid`
-    /// has terminated.
-    CtlTerminated { vmid: u32 },
+    /// has terminated; `timed_out`: a graceful stop was forced after the
+    /// VM's `shutdown timeout`.
+    CtlTerminated { vmid: u32, timed_out: bool },
     /// parent -> control -> vmctl: load, reload, reset or log done.
     CtlOk,
     /// parent or control -> vmctl: the command failed with `errno` (0 when
@@ -150,6 +151,17 @@ pub enum Message {
     /// vm -> parent: QEMU reported the guest's shutdown (QMP SHUTDOWN
     /// event: `guest-shutdown`, `guest-reset`, ...); the VM ends now.
     VmShutdown { reason: String },
+    /// parent -> vm: pause, unpause or power down the guest (QMP).
+    VmCommand { command: VmCommand },
+    /// vm -> parent: QEMU's answer to a `VmCommand`; `error` is QEMU's
+    /// (or the VM process's) reason when it failed.
+    VmCommandDone {
+        command: VmCommand,
+        error: Option<String>,
+    },
+    /// vm -> parent, last thing: how QEMU ended (`exited`, `was killed by
+    /// SIGKILL`, ...).
+    VmQemuEnded { why: String },
 
     // --- the parent's file-opening helper (userfiles.rs) -> parent ---
     /// One file the helper opened as the requester (with the fd): what it
@@ -157,6 +169,18 @@ pub enum Message {
     UserFile { kind: VmFdKind, path: String },
     /// The helper is done: every file was sent, or it stopped at `refusal`.
     UserFilesDone { refusal: Option<FileRefusal> },
+}
+
+/// What the parent asks of a running guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmCommand {
+    /// QMP `stop`: the vCPUs stop.
+    Pause,
+    /// QMP `cont`.
+    Unpause,
+    /// QMP `system_powerdown` (the ACPI power button), after `cont` if
+    /// the guest is paused.
+    Powerdown,
 }
 
 /// Why the file-opening helper could not open a requester's file.
@@ -255,6 +279,9 @@ impl Message {
             Message::VmConsoleLogFull => (103, "VM_CONSOLE_LOG_FULL"),
             Message::VmConsoleLog { .. } => (104, "VM_CONSOLE_LOG"),
             Message::VmShutdown { .. } => (105, "VM_SHUTDOWN"),
+            Message::VmCommand { .. } => (106, "VM_COMMAND"),
+            Message::VmCommandDone { .. } => (107, "VM_COMMAND_DONE"),
+            Message::VmQemuEnded { .. } => (108, "VM_QEMU_ENDED"),
             Message::UserFile { .. } => (200, "USER_FILE"),
             Message::UserFilesDone { .. } => (201, "USER_FILES_DONE"),
         }
@@ -732,7 +759,20 @@ mod tests {
                 error: Some(CtlError::Errno(1)),
                 tty: None,
             },
-            Message::CtlTerminated { vmid: 3 },
+            Message::CtlTerminated {
+                vmid: 3,
+                timed_out: true,
+            },
+            Message::VmCommand {
+                command: VmCommand::Powerdown,
+            },
+            Message::VmCommandDone {
+                command: VmCommand::Pause,
+                error: Some("not running".into()),
+            },
+            Message::VmQemuEnded {
+                why: "was killed by SIGKILL".into(),
+            },
             Message::CtlOk,
             Message::CtlFail {
                 errno: 0,

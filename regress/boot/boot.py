@@ -168,12 +168,9 @@ class Staging:
 # --- helpers
 
 
-def wait_console(vmd, name, text, timeout=BIOS_TIMEOUT):
-    wait_for(f"{text!r} in the console log of {name}", lambda: text in vmd.console_log(name), timeout)
-
-
 def refused(vmd, args, want, user=None):
-    """`vmctl start ARGS` must fail and say `want`."""
+    """`vmctl start ARGS` (as the user named `user`) must fail and say
+    `want`."""
     rc, out = vmd.vmctl("start", *args, user=user)
     if rc == 0 or want not in out:
         raise Failure(f"start {' '.join(args)}: exit {rc}, expected {want!r}: {out.strip()!r}")
@@ -258,7 +255,7 @@ def bios_boots_an_iso(vmd, staging):
     iso = staging.path("boot.iso")
     write_iso(iso, mark)
     vmid, _ = vmd.start_with("biso", "-r", iso, "-m", "64M")
-    wait_console(vmd, "biso", mark)
+    vmd.wait_console("biso", mark, BIOS_TIMEOUT)
     if "Booting from DVD/CD" not in vmd.console_log("biso"):
         raise Failure(f"not booted from the CD: {vmd.console_log('biso')[-400:]!r}")
     args = qemu_args(vmd, vmid)
@@ -288,7 +285,7 @@ def boot_order(vmd, staging):
     vmd.start_with("cfgdisk")
     expected["cfgdisk"] = disk_mark
     for name, want in expected.items():
-        wait_console(vmd, name, want)
+        vmd.wait_console(name, want, BIOS_TIMEOUT)
         other = cd_mark if want == disk_mark else disk_mark
         if other in vmd.console_log(name):
             raise Failure(f"{name} booted both devices: {vmd.console_log(name)[-400:]!r}")
@@ -297,7 +294,7 @@ def boot_order(vmd, staging):
     wait_for("cfgdisk to stop", lambda: row_of(vmd, "cfgdisk")["STATE"] == "stopped")
     os.unlink(os.path.join(vmd.console_dir, "cfgdisk.console"))
     vmd.start_with("cfgdisk", "-B", "cdrom")
-    wait_console(vmd, "cfgdisk", cd_mark)
+    vmd.wait_console("cfgdisk", cd_mark, BIOS_TIMEOUT)
 
 
 def refusals_conf(staging, _user):
@@ -341,21 +338,21 @@ def instances(vmd, staging, user):
     if maxmem(vmd, "kinst") != "320M":
         raise Failure(f"kinst MAXMEM {maxmem(vmd, 'kinst')}, expected 320M")
     # A user allowed `memory` runs an instance with more; the guest sees it.
-    vmid, _ = vmd.start_with("big", "-t", "ktpl", "-m", "384M", user=user)
+    vmid, _ = vmd.start_with("big", "-t", "ktpl", "-m", "384M", user=user.name)
     if maxmem(vmd, "big") != "384M":
         raise Failure(f"instance MAXMEM {maxmem(vmd, 'big')}, expected 384M")
     row = vmd.status_row(vmid)
     if row["OWNER"] != user.name:
         raise Failure(f"instance owner {row['OWNER']}, expected {user.name}")
-    wait_console(vmd, "big", "VMD-GUEST: ready", 90)
+    vmd.wait_console("big", "VMD-GUEST: ready", 90)
     m = vmdregress.re.search(r"VMD-GUEST: memory (\d+) kB", vmd.console_log("big"))
     if not m or int(m.group(1)) <= 256 * 1024:
         raise Failure(f"the guest does not see more than 256M: {m and m.group(0)}")
     stop(vmd, "big")
     # Not allowed `disk`; a template that allows no instances; none at all.
-    refused(vmd, ["withdisk", "-t", "ktpl", "-d", own], "Operation not permitted", user=user)
-    refused(vmd, ["nope", "-t", "closed"], "vmctl: invalid template", user=user)
-    refused(vmd, ["nope", "-t", "nosuchvm"], "vmctl: invalid template", user=user)
+    refused(vmd, ["withdisk", "-t", "ktpl", "-d", own], "Operation not permitted", user=user.name)
+    refused(vmd, ["nope", "-t", "closed"], "vmctl: invalid template", user=user.name)
+    refused(vmd, ["nope", "-t", "nosuchvm"], "vmctl: invalid template", user=user.name)
     # Root may change anything but not reuse the template's disk.
     refused(vmd, ["reuse", "-t", "ktpl", "-d", staging.path("tpl.img")], "Device or resource busy")
 
@@ -394,12 +391,12 @@ def users_files(vmd, staging, user):
     os.chmod(root_kernel, 0o600)
 
     # What the user may read (and write) boots.
-    vmd.start_with("uown", "-t", "btpl", "-d", own, user=user)
-    wait_console(vmd, "uown", mark)
+    vmd.start_with("uown", "-t", "btpl", "-d", own, user=user.name)
+    vmd.wait_console("uown", mark, BIOS_TIMEOUT)
     stop(vmd, "uown")
     vmd.start_with("ukern", "-t", "btpl", "-b", kernel, "--initrd", initrd, "--cmdline",
-                   "console=ttyS0 quiet", "-m", "256M", user=user)
-    wait_console(vmd, "ukern", "VMD-GUEST: booted", 90)
+                   "console=ttyS0 quiet", "-m", "256M", user=user.name)
+    vmd.wait_console("ukern", "VMD-GUEST: booted", 90)
     stop(vmd, "ukern")
     # What it may not is refused, naming the file.
     for name, args, path in (("uroot", ["-d", root_only], root_only),
@@ -408,7 +405,7 @@ def users_files(vmd, staging, user):
                              ("ulink", ["-d", link], root_only),
                              ("uiso", ["-r", iso], iso),
                              ("ukroot", ["-b", root_kernel], root_kernel)):
-        refused(vmd, [name, "-t", "btpl", *args], f"{path}: permission denied", user=user)
+        refused(vmd, [name, "-t", "btpl", *args], f"{path}: permission denied", user=user.name)
     # Root opens the same files itself.
     vmd.start_with("rootq", "-t", "btpl", "-d", overlay)
     stop(vmd, "rootq")

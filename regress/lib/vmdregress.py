@@ -1,12 +1,12 @@
-"""Helpers shared by the regress suites that run real guests under vmd
-(regress/vm, regress/console, regress/boot): cases and their summary,
-waiting, /proc lookups, a vmd of its own per case (temp dir, socket,
-vm.conf, console log directory) that kills everything it started, a test
-user of its own, and reading a pty.
+"""Shared helpers of the regress suites that boot real guests under vmd
+(regress/vm, regress/lifecycle, regress/console, regress/boot): case reporting,
+waiting, /proc inspection, a vmd of its own per case, a test user of its
+own, a guest's pty.
 
-A suite puts regress/lib on sys.path and imports what it uses; it calls
-prepare() first, which checks it runs as root, builds the debug binaries
-if missing, checks QEMU and builds the test guest (KERNEL, INITRD).
+Runs as root. The guest is regress/guest's (`build --print`). Each Vmd
+has its own temp dir, socket, vm.conf and console log directory, and
+stop() kills vmd and every VM process and QEMU it started, even after a
+failure.
 """
 
 import os
@@ -30,6 +30,7 @@ BOOT_TIMEOUT = 60
 
 passed = 0
 failed = 0
+# Set by prepare().
 KERNEL = INITRD = None
 
 
@@ -38,6 +39,7 @@ class Failure(Exception):
 
 
 def case(name, fn):
+    """Runs one case and prints `ok NAME` or `FAIL NAME: why`."""
     global passed, failed
     try:
         fn()
@@ -51,6 +53,37 @@ def case(name, fn):
         passed += 1
         print(f"ok {name}")
     sys.stdout.flush()
+
+
+def summary():
+    """Prints the suite's last line; returns the exit status."""
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def prepare():
+    """Checks and builds what every case needs and sets KERNEL and INITRD;
+    False (after printing a FAIL line and the summary) when it cannot."""
+    global KERNEL, INITRD
+
+    def setup_failed(why):
+        print(f"FAIL setup: {why}")
+        print("0 passed, 1 failed")
+        return False
+
+    if os.geteuid() != 0:
+        return setup_failed("the suite runs as root")
+    for binary in (VMD, VMCTL):
+        if not os.path.exists(binary):
+            subprocess.run(["cargo", "build", "-q", "-p", "vmd", "-p", "vmctl"], cwd=ROOT, check=True)
+    if not shutil.which("qemu-system-x86_64"):
+        return setup_failed("qemu-system-x86_64 is missing; run regress/setup")
+    p = subprocess.run([GUEST_BUILD, "--print"], capture_output=True, text=True)
+    m = re.search(r"KERNEL=(\S+) INITRD=(\S+)", p.stdout)
+    if p.returncode != 0 or not m:
+        return setup_failed(f"{GUEST_BUILD} failed: {p.stderr.strip()}")
+    KERNEL, INITRD = m.group(1), m.group(2)
+    return True
 
 
 def wait_for(what, check, timeout=10.0):
@@ -102,11 +135,15 @@ def in_passwd(uid):
         return False
 
 
+def fd_count(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 class Vmd:
     """A vmd in the foreground with its own dir, socket, config, logs."""
 
     def __init__(self, conf_extra="", log_size=None):
-        self.dir = tempfile.mkdtemp(prefix="vmd-regress-vm-")
+        self.dir = tempfile.mkdtemp(prefix="vmd-regress-")
         self.sock = os.path.join(self.dir, "vmd.sock")
         self.log_path = os.path.join(self.dir, "vmd.log")
         self.console_dir = os.path.join(self.dir, "console")
@@ -127,14 +164,20 @@ class Vmd:
         with open(self.log_path, errors="replace") as f:
             return f.read()
 
-    def vmctl(self, *args, user=None):
-        """Runs vmctl (as `user`, a TestUser, if given); (exit, output)."""
-        extra = {}
+    def vmctl(self, *args, user=None, timeout=30):
+        """Runs vmctl (as `user`, a name, if given): (exit status, output)."""
+        kw = {}
         if user:
-            extra = {"user": user.uid, "group": user.gid, "extra_groups": []}
-        p = subprocess.run([VMCTL, "-s", self.sock, *args], stdin=subprocess.DEVNULL, capture_output=True,
-                           text=True, timeout=30, **extra)
+            pw = pwd.getpwnam(user)
+            kw = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+        p = subprocess.run([VMCTL, "-s", self.sock, *args], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=timeout, **kw)
         return p.returncode, p.stdout + p.stderr
+
+    def vmctl_background(self, *args):
+        """Starts vmctl without waiting for it (a Popen, output on pipes)."""
+        return subprocess.Popen([VMCTL, "-s", self.sock, *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
 
     def start(self, name, *extra, cmdline="console=ttyS0 quiet", memory="256M"):
         """vmctl start with the test guest; returns (id, tty)."""
@@ -149,7 +192,7 @@ class Vmd:
             raise Failure(f"start {name}: exit {rc}: {out.strip()}\n{self.log()}")
         vmid, tty = int(m.group(1)), m.group(2)
         row = self.status_row(vmid)
-        if row:
+        if row and row["PID"] != "-":
             self.track(int(row["PID"]))
         return vmid, tty
 
@@ -173,6 +216,11 @@ class Vmd:
                 return row
         return None
 
+    def state(self, vmid):
+        """The VM's STATE column; `gone` when it is not listed."""
+        row = self.status_row(vmid)
+        return row["STATE"] if row else "gone"
+
     def vm_pids(self, vmid):
         """(VM process pid, QEMU pid) once QEMU runs."""
         row = self.status_row(vmid)
@@ -190,6 +238,10 @@ class Vmd:
                 return f.read()
         except FileNotFoundError:
             return ""
+
+    def wait_console(self, name, text, timeout=BOOT_TIMEOUT):
+        """Waits until `text` is in the VM's console log."""
+        wait_for(f"{text!r} in {name}'s console log", lambda: text in self.console_log(name), timeout)
 
     def stop(self):
         if self.proc.poll() is None:
@@ -260,37 +312,3 @@ class Pty:
 
     def close(self):
         os.close(self.fd)
-
-
-# --- running a suite
-
-
-def prepare():
-    """Checks and builds what every case needs and sets KERNEL and INITRD;
-    False (after printing a FAIL line and the summary) when it cannot."""
-    global KERNEL, INITRD
-
-    def setup_failed(why):
-        print(f"FAIL setup: {why}")
-        print("0 passed, 1 failed")
-        return False
-
-    if os.geteuid() != 0:
-        return setup_failed("the suite runs as root")
-    for binary in (VMD, VMCTL):
-        if not os.path.exists(binary):
-            subprocess.run(["cargo", "build", "-q", "-p", "vmd", "-p", "vmctl"], cwd=ROOT, check=True)
-    if not shutil.which("qemu-system-x86_64"):
-        return setup_failed("qemu-system-x86_64 is missing; run regress/setup")
-    p = subprocess.run([GUEST_BUILD, "--print"], capture_output=True, text=True)
-    m = re.search(r"KERNEL=(\S+) INITRD=(\S+)", p.stdout)
-    if p.returncode != 0 or not m:
-        return setup_failed(f"{GUEST_BUILD} failed: {p.stderr.strip()}")
-    KERNEL, INITRD = m.group(1), m.group(2)
-    return True
-
-
-def summary():
-    """Prints the suite's last line; the exit status."""
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0

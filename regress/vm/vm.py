@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """regress/vm: real guests under vmd (QEMU, TCG), checked from the outside.
 
+Shared helpers live in regress/lib/vmdregress.py.
+
 Runs as root. Boots the test guest (regress/guest/build: Debian's cloud
 kernel and a busybox initramfs whose init prints `VMD-GUEST:` markers and
 ticks). Each case starts its own vmd (-d) with its own temp dir, socket,
@@ -14,12 +16,9 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
-import vmdregress  # noqa: E402
-from vmdregress import (  # noqa: E402
-    BOOT_TIMEOUT, EMPTY_DIR, Failure, Pty, case, children_of, cmdline, in_passwd, status_of,
-    wait_for, with_vmd)
-
-KERNEL = INITRD = None
+import vmdregress as t  # noqa: E402
+from vmdregress import (BOOT_TIMEOUT, EMPTY_DIR, Failure, Pty, case, children_of, cmdline,  # noqa: E402
+                        in_passwd, status_of, wait_for, with_vmd)
 
 
 # --- cases
@@ -122,13 +121,13 @@ def disk_in_use(vmd):
     vmid, _ = vmd.start("disk1", "-d", disk)
     wait_for("disk1 to see its disk",
              lambda: "VMD-GUEST: disk vda 16777216 bytes rw" in vmd.console_log("disk1"), BOOT_TIMEOUT)
-    rc, out = vmd.vmctl("start", "disk2", "-b", KERNEL, "-d", disk)
+    rc, out = vmd.vmctl("start", "disk2", "-b", t.KERNEL, "-d", disk)
     if rc == 0 or "could not open disk image(s)" not in out:
         raise Failure(f"second VM on a writable disk in use: exit {rc}: {out.strip()}")
     rc, out = vmd.vmctl("stop", "-f", str(vmid))
     wait_for("disk1 to stop", lambda: (vmd.status_row(vmid) or {"STATE": "stopped"})["STATE"] == "stopped", 5)
     # Freed: a new VM may have it.
-    wait_for("the disk to be free", lambda: vmd.vmctl("start", "disk3", "-b", KERNEL, "--initrd", INITRD,
+    wait_for("the disk to be free", lambda: vmd.vmctl("start", "disk3", "-b", t.KERNEL, "--initrd", t.INITRD,
                                                        "-d", disk)[0] == 0, 5)
 
 
@@ -141,7 +140,7 @@ def qcow2_chain(vmd):
     wait_for("the guest to see the overlay", lambda: "VMD-GUEST: disk vda 33554432 bytes rw" in vmd.console_log("chain1"),
              BOOT_TIMEOUT)
     # The base is locked shared: nobody may write to it now.
-    rc, out = vmd.vmctl("start", "chain2", "-b", KERNEL, "-d", base)
+    rc, out = vmd.vmctl("start", "chain2", "-b", t.KERNEL, "-d", base)
     if rc == 0 or "in use" not in out:
         raise Failure(f"writable start on a base in use: exit {rc}: {out.strip()}")
 
@@ -171,8 +170,8 @@ def bad_files(vmd):
         f.write(b"\0" * 65536)
     checks = [
         (("start", "k1", "-b", directory), "could not open kernel"),
-        (("start", "k2", "-b", KERNEL, "--initrd", directory), "could not open initrd"),
-        (("start", "k3", "-b", KERNEL, "-d", not_qcow2), "could not open disk image(s)"),
+        (("start", "k2", "-b", t.KERNEL, "--initrd", directory), "could not open initrd"),
+        (("start", "k3", "-b", t.KERNEL, "-d", not_qcow2), "could not open disk image(s)"),
     ]
     for args, message in checks:
         rc, out = vmd.vmctl(*args)
@@ -182,7 +181,7 @@ def bad_files(vmd):
 
 def unbuilt_options(vmd):
     for opts in (("-i", "1"), ("-L",), ("-n", "sw"), ("-B", "net")):
-        rc, out = vmd.vmctl("start", "u1", "-b", KERNEL, *opts)
+        rc, out = vmd.vmctl("start", "u1", "-b", t.KERNEL, *opts)
         if rc == 0 or "started" in out:
             raise Failure(f"start {' '.join(opts)} was accepted: {out.strip()}")
 
@@ -196,10 +195,8 @@ def guest_poweroff_stops_the_vm(vmd):
 
 
 def main():
-    global KERNEL, INITRD
-    if not vmdregress.prepare():
+    if not t.prepare():
         return 1
-    KERNEL, INITRD = vmdregress.KERNEL, vmdregress.INITRD
 
     case("boot-markers-reach-pty-and-log", with_vmd(boot))
     case("vm-process-and-qemu-confined", with_vmd(confined))
@@ -211,7 +208,7 @@ def main():
     case("missing-files-refused", with_vmd(bad_files))
     case("unbuilt-options-refused", with_vmd(unbuilt_options))
     case("guest-poweroff-stops-vm", with_vmd(guest_poweroff_stops_the_vm))
-    return vmdregress.summary()
+    return t.summary()
 
 
 if __name__ == "__main__":

@@ -99,10 +99,11 @@ fn simple(global: &Global, req: CtlRequest) -> ExitCode {
 // --- status ---
 
 /// Every VM vmd knows.
-fn vm_list(client: &mut Client) -> Result<Vec<VmInfo>, ExitCode> {
+fn vm_list(global: &Global) -> Result<Vec<VmInfo>, ExitCode> {
+    let mut client = request(global, CtlRequest::Status)?;
     let mut vms = Vec::new();
     loop {
-        match answer(client)? {
+        match answer(&mut client)? {
             Message::CtlVm(info) => vms.push(info),
             Message::CtlVmEnd => return Ok(vms),
             _ => return Err(unexpected()),
@@ -128,11 +129,7 @@ pub fn status(global: &Global, args: &[String]) -> ExitCode {
         },
         _ => return command_usage("status"),
     };
-    let mut client = match request(global, CtlRequest::Status) {
-        Ok(client) => client,
-        Err(code) => return code,
-    };
-    let vms = match vm_list(&mut client) {
+    let vms = match vm_list(global) {
         Ok(vms) => vms,
         Err(code) => return code,
     };
@@ -384,8 +381,10 @@ fn stop_complete(client: &mut Client, force: bool, wait: bool) -> ExitCode {
             }
             ExitCode::FAILURE
         }
-        Message::CtlTerminated { vmid } => {
-            if wait {
+        Message::CtlTerminated { vmid, timed_out } => {
+            if timed_out {
+                eprintln!("forced to terminate vm {vmid} after the shutdown timeout");
+            } else if wait {
                 eprintln!("terminated vm {vmid}");
             } else if force {
                 eprintln!("forced to terminate vm {vmid}");
@@ -453,18 +452,35 @@ pub fn stop(global: &Global, args: &[String]) -> ExitCode {
     stop_one(&mut client, target, force, wait)
 }
 
-/// `stop -a`: every running VM, by name.
-fn stop_all(global: &Global, force: bool, wait: bool) -> ExitCode {
-    let mut client = match request(global, CtlRequest::Status) {
-        Ok(client) => client,
-        Err(code) => return code,
+/// Whether this user may stop a running VM as `status` lists it (the
+/// user who started it, or its owner group); vmd checks again.
+fn may_stop(vm: &VmInfo) -> bool {
+    let uid = nix::unistd::getuid().as_raw();
+    let in_group = |gid: u32| {
+        nix::unistd::getgid().as_raw() == gid
+            || nix::unistd::getgroups()
+                .unwrap_or_default()
+                .iter()
+                .any(|g| g.as_raw() == gid)
     };
-    let vms = match vm_list(&mut client) {
+    uid == 0 || vm.owner_uid == uid || vm.owner_gid.is_some_and(in_group)
+}
+
+/// `stop -a`: every running VM the user may stop, by name.
+fn stop_all(global: &Global, force: bool, wait: bool) -> ExitCode {
+    let vms = match vm_list(global) {
         Ok(vms) => vms,
         Err(code) => return code,
     };
+    let mut client = match Client::connect(&global.socket) {
+        Ok(client) => client,
+        Err(e) => return fail(&e),
+    };
     let mut code = ExitCode::SUCCESS;
-    for vm in vms.into_iter().filter(|vm| vm.state.is_active()) {
+    for vm in vms
+        .into_iter()
+        .filter(|vm| vm.state.is_active() && may_stop(vm))
+    {
         if stop_one(&mut client, VmTarget::Name(vm.name), force, wait) != ExitCode::SUCCESS {
             code = ExitCode::FAILURE;
         }
@@ -537,15 +553,10 @@ pub fn console(global: &Global, args: &[String]) -> ExitCode {
         Ok(target) => target,
         Err(code) => return code,
     };
-    let mut client = match request(global, CtlRequest::Status) {
-        Ok(client) => client,
-        Err(code) => return code,
-    };
-    let vms = match vm_list(&mut client) {
+    let vms = match vm_list(global) {
         Ok(vms) => vms,
         Err(code) => return code,
     };
-    drop(client);
     let tty = vms
         .into_iter()
         .filter(|vm| target.matches(vm.id, &vm.name) && vm.state.is_active())

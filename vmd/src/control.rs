@@ -197,7 +197,7 @@ impl Control {
     fn dispatch_reply(&mut self, frame: Frame) {
         let id = frame.peer_id;
         match frame.message {
-            Message::CtlTerminated { vmid } => {
+            Message::CtlTerminated { vmid, timed_out } => {
                 let waiters: Vec<u32> = self
                     .conns
                     .iter()
@@ -205,7 +205,7 @@ impl Control {
                     .map(|(id, _)| *id)
                     .collect();
                 for id in waiters {
-                    self.answer(id, Message::CtlTerminated { vmid }, true);
+                    self.answer(id, Message::CtlTerminated { vmid, timed_out }, true);
                 }
             }
             Message::CtlVm(info) => self.answer(id, Message::CtlVm(info), false),

@@ -4,15 +4,17 @@
 //! the commands control forwards; SIGHUP reloads the configuration.
 //!
 //! One mio loop: a signalfd (SIGCHLD, SIGTERM, SIGINT, SIGHUP), one
-//! channel per child, and a timeout for the next staggered start batch.
+//! channel per child, and a timeout for the next staggered start batch
+//! or the next graceful stop to force. Pause and unpause are answered
+//! when the VM process reports QEMU's answer.
 
 use crate::log::{self, log_debug, log_info, log_warn};
 use crate::proc;
-use crate::registry::Registry;
-use crate::vmm::Vmm;
+use crate::registry::{Ended, Registry};
+use crate::vmm::{CommandDone, VmEnded, Vmm};
 use common::config::{self, Config};
 use common::ctl::{Credentials, CtlError, CtlRequest};
-use common::imsg::{Channel, Frame, Message, Role};
+use common::imsg::{Channel, Frame, Message, Role, VmCommand};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::{kill, SigSet, Signal};
@@ -75,6 +77,15 @@ struct Child {
     ready: bool,
 }
 
+/// A pause or unpause waiting for the VM process's answer: where to send
+/// it (control's token and the connection's peer id).
+struct PendingReply {
+    vmid: u32,
+    command: VmCommand,
+    token: Token,
+    peer: u32,
+}
+
 struct Parent {
     opts: ParentOptions,
     poll: Poll,
@@ -87,6 +98,7 @@ struct Parent {
     /// Set once shutting down: the exit code and when to stop waiting.
     shutdown: Option<(ExitCode, Instant)>,
     registry: Registry,
+    replies: Vec<PendingReply>,
 }
 
 pub fn parent_main(opts: ParentOptions) -> ExitCode {
@@ -126,6 +138,12 @@ fn parent_init(opts: ParentOptions) -> Result<Parent, String> {
         .map_err(|e| format!("cannot block signals: {e}"))?;
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(|e| format!("cannot create a signalfd: {e}"))?;
+    // A QEMU whose VM process was killed is reparented to us and reaped
+    // by our loop, not left a zombie where init does not reap.
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        log_warn!("cannot become a subreaper: {}", nix::errno::Errno::last());
+    }
     let poll = Poll::new().map_err(|e| format!("cannot create the event loop: {e}"))?;
     poll.registry()
         .register(
@@ -148,6 +166,7 @@ fn parent_init(opts: ParentOptions) -> Result<Parent, String> {
         socket_bound: false,
         shutdown: None,
         registry: Registry::with_backend(Vmm::new(vm_registry)),
+        replies: Vec::new(),
     })
 }
 
@@ -207,9 +226,15 @@ impl Parent {
                     self.shutdown = Some((*code, Instant::now() + SHUTDOWN_GRACE));
                 }
             }
-            let deadline = match (&self.shutdown, self.registry.next_batch()) {
-                (Some((_, d)), _) => Some(*d),
-                (None, batch) => batch,
+            let deadline = match &self.shutdown {
+                Some((_, d)) => Some(*d),
+                None => [
+                    self.registry.next_batch(),
+                    self.registry.next_stop_deadline(),
+                ]
+                .into_iter()
+                .flatten()
+                .min(),
             };
             let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -224,8 +249,12 @@ impl Parent {
                 match event.token() {
                     SIGNALS => self.handle_signals(),
                     token if Vmm::owns_token(token) => {
-                        if let Some(vmm) = self.registry.backend.as_mut() {
-                            vmm.handle_event(token);
+                        let done = match self.registry.backend.as_mut() {
+                            Some(vmm) => vmm.handle_event(token),
+                            None => Vec::new(),
+                        };
+                        for answer in done {
+                            self.vm_command_done(answer);
                         }
                     }
                     token => self.handle_child(token),
@@ -238,6 +267,13 @@ impl Parent {
                     .is_some_and(|due| due <= Instant::now())
             {
                 self.registry.start_batch();
+            }
+            if self
+                .registry
+                .next_stop_deadline()
+                .is_some_and(|due| due <= Instant::now())
+            {
+                self.registry.expire_stops();
             }
         }
     }
@@ -406,8 +442,20 @@ impl Parent {
                 vm_result(self.registry.stop(&target, force, creds))
             }
             CtlRequest::Wait { target } => vm_result(self.registry.wait(&target, creds)),
-            CtlRequest::Pause { target } => vm_result(self.registry.pause(&target, creds)),
-            CtlRequest::Unpause { target } => vm_result(self.registry.unpause(&target, creds)),
+            CtlRequest::Pause { target } => {
+                let result = self.registry.pause(&target, creds);
+                match self.hold_reply(result, VmCommand::Pause, token, peer) {
+                    Some(error) => vm_result(Err(error)),
+                    None => return,
+                }
+            }
+            CtlRequest::Unpause { target } => {
+                let result = self.registry.unpause(&target, creds);
+                match self.hold_reply(result, VmCommand::Unpause, token, peer) {
+                    Some(error) => vm_result(Err(error)),
+                    None => return,
+                }
+            }
             CtlRequest::Load { path } => match self.reload(Some(PathBuf::from(path))) {
                 Ok(()) => reply(Message::CtlOk),
                 Err(lines) => fail(0, lines),
@@ -428,18 +476,101 @@ impl Parent {
         self.send(token, answer);
     }
 
-    /// A VM has ended (its process was reaped and vmm.rs released what it
-    /// held): the registry updates it, and control releases everyone
-    /// waiting for it.
-    fn vm_ended(&mut self, vmid: u32) {
-        self.registry.terminated(vmid);
+    /// A pause or unpause the VM process was asked for is answered when it
+    /// has been done (vm_command_done); a refused one at once (Some).
+    fn hold_reply(
+        &mut self,
+        result: Result<u32, CtlError>,
+        command: VmCommand,
+        token: Token,
+        peer: u32,
+    ) -> Option<CtlError> {
+        match result {
+            Ok(vmid) => {
+                self.replies.push(PendingReply {
+                    vmid,
+                    command,
+                    token,
+                    peer,
+                });
+                None
+            }
+            Err(error) => Some(error),
+        }
+    }
+
+    /// A VM process answered a command: the registry updates the VM, and
+    /// the pause or unpause waiting for it gets its answer.
+    fn vm_command_done(&mut self, done: CommandDone) {
+        let result = self
+            .registry
+            .command_done(done.id, done.command, done.error);
+        self.answer_pending(done.id, Some(done.command), result);
+    }
+
+    /// Answers the pending pause or unpause of VM `vmid` (`command`; None:
+    /// every one).
+    fn answer_pending(
+        &mut self,
+        vmid: u32,
+        command: Option<VmCommand>,
+        result: Result<u32, CtlError>,
+    ) {
+        let (matching, rest): (Vec<PendingReply>, Vec<PendingReply>) =
+            std::mem::take(&mut self.replies)
+                .into_iter()
+                .partition(|r| r.vmid == vmid && command.is_none_or(|c| c == r.command));
+        self.replies = rest;
+        for reply in matching {
+            let message = match &result {
+                Ok(vmid) => Message::CtlVmResult {
+                    vmid: *vmid,
+                    error: None,
+                    tty: None,
+                },
+                Err(error) => Message::CtlVmResult {
+                    vmid: 0,
+                    error: Some(error.clone()),
+                    tty: None,
+                },
+            };
+            self.send(
+                reply.token,
+                Frame {
+                    peer_id: reply.peer,
+                    ..Frame::new(message)
+                },
+            );
+        }
+    }
+
+    /// A VM process has ended (it was reaped and vmm.rs released what it
+    /// held): the registry restarts the VM after a reboot or else marks
+    /// it terminated, and then control releases everyone waiting for it.
+    fn vm_ended(&mut self, ended: VmEnded) {
+        let vmid = ended.id;
+        let outcome = self.registry.ended(&ended);
+        if outcome == Ended::Restarted {
+            return;
+        }
+        self.answer_pending(
+            vmid,
+            None,
+            Err(CtlError::Text(format!("vm {vmid} terminated"))),
+        );
+        let Ended::Terminated { timed_out } = outcome else {
+            return;
+        };
         let control = self
             .children
             .iter()
             .find(|c| c.role == Role::Control)
             .map(|c| c.token);
         if let Some(token) = control {
-            self.send(token, Frame::new(Message::CtlTerminated { vmid }));
+            self.send(
+                token,
+                Frame::new(Message::CtlTerminated { vmid, timed_out }),
+            );
         }
     }
 
@@ -542,7 +673,7 @@ impl Parent {
                     .as_mut()
                     .and_then(|vmm| vmm.reaped(pid, status));
                 if let Some(ended) = ended {
-                    self.vm_ended(ended.id);
+                    self.vm_ended(ended);
                 }
                 continue;
             };
@@ -566,15 +697,7 @@ impl Parent {
 
     fn child_died(&mut self, child: &Child, status: WaitStatus) {
         let name = child.role.name();
-        let why = match status {
-            WaitStatus::Exited(_, 0) => "exited".to_string(),
-            WaitStatus::Exited(_, code) => format!("exited with status {code}"),
-            WaitStatus::Signaled(_, Signal::SIGSYS, _) => {
-                "was killed by a refused system call (SIGSYS)".to_string()
-            }
-            WaitStatus::Signaled(_, sig, _) => format!("was killed by {}", sig.as_str()),
-            other => format!("ended ({other:?})"),
-        };
+        let why = proc::describe_exit(status);
         if self.shutdown.is_some() {
             log_debug!("{name} (pid {}) {why}", child.pid);
             return;

@@ -11,7 +11,9 @@ use crate::log::{self, log_debug, log_warn};
 use crate::seccomp;
 use common::imsg::{self, Channel, Frame, Message, Role};
 use nix::errno::Errno;
+use nix::sys::signal::Signal;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::sys::wait::WaitStatus;
 use nix::unistd::{ForkResult, Gid, Pid, Uid};
 use seccompiler::BpfProgram;
 use std::ffi::{CStr, CString};
@@ -147,6 +149,20 @@ pub fn spawn(role: &str, args: &[String]) -> Result<(Pid, OwnedFd), ProcError> {
             libc::write(2, msg.as_ptr().cast(), msg.len());
             libc::_exit(127)
         },
+    }
+}
+
+/// How a child ended, for the log: "exited with status 1", "was killed
+/// by SIGKILL".
+pub fn describe_exit(status: WaitStatus) -> String {
+    match status {
+        WaitStatus::Exited(_, 0) => "exited".to_string(),
+        WaitStatus::Exited(_, code) => format!("exited with status {code}"),
+        WaitStatus::Signaled(_, Signal::SIGSYS, _) => {
+            "was killed by a refused system call (SIGSYS)".to_string()
+        }
+        WaitStatus::Signaled(_, sig, _) => format!("was killed by {}", sig.as_str()),
+        other => format!("ended ({other:?})"),
     }
 }
 

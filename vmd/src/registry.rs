@@ -8,18 +8,25 @@
 //! stopping. A VM defined in a configuration file stays listed after it
 //! stops; one started only by vmctl is removed when it ends.
 //!
-//! The VM backend (vmm.rs, [`Registry::backend`]) plugs in at four
+//! The VM backend (vmm.rs, [`Registry::backend`]) plugs in at three
 //! functions and nowhere else: [`Registry::launch`],
-//! [`Registry::backend_stop`], [`Registry::backend_pause`] and
-//! [`Registry::backend_unpause`]; the parent reports a VM's end with
-//! [`Registry::terminated`]. Without a backend (unit tests), and for what
-//! it does not do yet (pause), they fail with [`BACKEND_MISSING`]:
-//! nothing pretends to run.
+//! [`Registry::backend_stop`] and [`Registry::backend_command`]; the
+//! parent reports what the backend answers with
+//! [`Registry::command_done`] (pause, unpause) and a VM's end with
+//! [`Registry::ended`]. Without a backend (unit tests) they fail with
+//! [`BACKEND_MISSING`]: nothing pretends to run.
+//!
+//! A graceful stop presses the guest's power button and gives it the
+//! VM's `shutdown timeout`; [`Registry::expire_stops`] forces the VMs
+//! whose time is up. A guest that resets itself is started again (same
+//! vmid, settings, tty and console log) unless a stop was asked for or
+//! the start rate limit refuses it.
 
 use crate::log::{log_debug, log_info, log_warn};
-use crate::vmm::{Requester, Vmm};
+use crate::vmm::{Requester, VmEnded, Vmm};
 use common::config::{Config, Globals, Owner, SwitchConfig, VmConfig, DEFAULT_STAGGERED_DELAY};
 use common::ctl::{Credentials, CtlError, ResetWhat, StartRequest, VmTarget};
+use common::imsg::VmCommand;
 use common::name::check_vm_name;
 use common::status::{VmInfo, VmState};
 use nix::errno::Errno;
@@ -27,8 +34,6 @@ use std::time::{Duration, Instant};
 
 /// What start, stop, pause and unpause answer until the VM backend lands.
 pub const BACKEND_MISSING: &str = "the VM backend is not built yet";
-/// What pause and unpause answer until they are built.
-pub const PAUSE_MISSING: &str = "pause and unpause are not built yet";
 /// A VM started this many times in a row, each within START_RATE_WINDOW
 /// of the last, is refused (VM_START_RATE_LIMIT).
 const START_RATE_LIMIT: u32 = 3;
@@ -51,6 +56,12 @@ pub struct Vm {
     pub tty: Option<String>,
     /// Who started it, while it runs (may differ from the configured owner).
     pub started_by: Option<u32>,
+    /// Whose credentials opened its files, while it runs (for a restart).
+    requester: Option<Requester>,
+    /// A graceful stop forces it at this time.
+    stop_deadline: Option<Instant>,
+    /// A graceful stop had to force it.
+    timed_out: bool,
     last_start: Option<Instant>,
     fast_starts: u32,
 }
@@ -66,6 +77,9 @@ impl Vm {
             pid: None,
             tty: None,
             started_by: None,
+            requester: None,
+            stop_deadline: None,
+            timed_out: false,
             last_start: None,
             fast_starts: 0,
         }
@@ -123,6 +137,15 @@ pub struct Launched {
 pub struct Started {
     pub vmid: u32,
     pub tty: String,
+}
+
+/// What became of a VM whose process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// It rebooted and runs again: nobody waiting for it is told.
+    Restarted,
+    /// It has terminated; `timed_out`: a graceful stop had to force it.
+    Terminated { timed_out: bool },
 }
 
 #[derive(Default)]
@@ -444,6 +467,9 @@ impl Registry {
                 vm.pid = Some(launched.pid);
                 vm.tty = Some(launched.tty.clone());
                 vm.started_by = Some(uid);
+                vm.requester = Some(requester.clone());
+                vm.stop_deadline = None;
+                vm.timed_out = false;
                 vm.running = Some(settings);
                 Ok(Started {
                     vmid,
@@ -535,8 +561,53 @@ impl Registry {
         let index = self.find_permitted(target, creds)?;
         self.check_stoppable(index, force)?;
         self.backend_stop(index, force)?;
-        self.vms[index].state = VmState::Stopping;
-        Ok(self.vms[index].vmid)
+        let globals = &self.globals;
+        let vm = &mut self.vms[index];
+        vm.state = VmState::Stopping;
+        if force {
+            vm.stop_deadline = None;
+            log_info!("{}: vm {} forced to stop", vm.name(), vm.vmid);
+        } else {
+            let settings = vm.running.as_ref().unwrap_or(&vm.config);
+            let timeout = settings.shutdown_timeout_or(globals);
+            vm.stop_deadline = Some(Instant::now() + Duration::from_secs(timeout.into()));
+            log_info!(
+                "{}: vm {} requested to shut down (forced in {timeout}s)",
+                vm.name(),
+                vm.vmid
+            );
+        }
+        Ok(vm.vmid)
+    }
+
+    /// The earliest time a graceful stop must be forced, if any.
+    pub fn next_stop_deadline(&self) -> Option<Instant> {
+        self.vms.iter().filter_map(|vm| vm.stop_deadline).min()
+    }
+
+    /// Forces every VM whose graceful stop has run out of time.
+    pub fn expire_stops(&mut self) {
+        let now = Instant::now();
+        for index in 0..self.vms.len() {
+            if self.vms[index].stop_deadline.is_none_or(|d| d > now) {
+                continue;
+            }
+            let vm = &mut self.vms[index];
+            vm.stop_deadline = None;
+            vm.timed_out = true;
+            log_warn!(
+                "{}: vm {} did not shut down in time; forcing it",
+                vm.name(),
+                vm.vmid
+            );
+            if let Err(e) = self.backend_stop(index, true) {
+                log_warn!(
+                    "{}: cannot force it: {}",
+                    self.vms[index].name(),
+                    e.describe()
+                );
+            }
+        }
     }
 
     /// `vmctl wait`: may `creds` wait for this running VM to end?
@@ -546,40 +617,106 @@ impl Registry {
         Ok(self.vms[index].vmid)
     }
 
+    /// `vmctl pause`: asks the backend; [`Registry::command_done`] has
+    /// the answer.
     pub fn pause(&mut self, target: &VmTarget, creds: &Credentials) -> Result<u32, CtlError> {
         let index = self.find_permitted(target, creds)?;
         if self.vms[index].state != VmState::Running {
             return Err(errno(Errno::EINVAL));
         }
-        self.backend_pause(index)?;
-        self.vms[index].state = VmState::Paused;
-        log_info!(
-            "{}: paused vm {} successfully",
-            self.vms[index].name(),
-            self.vms[index].vmid
-        );
+        self.backend_command(index, VmCommand::Pause)?;
         Ok(self.vms[index].vmid)
     }
 
+    /// `vmctl unpause`: as pause.
     pub fn unpause(&mut self, target: &VmTarget, creds: &Credentials) -> Result<u32, CtlError> {
         let index = self.find_permitted(target, creds)?;
         if self.vms[index].state != VmState::Paused {
             return Err(errno(Errno::EINVAL));
         }
-        self.backend_unpause(index)?;
-        self.vms[index].state = VmState::Running;
-        log_info!(
-            "{}: unpaused vm {} successfully",
-            self.vms[index].name(),
-            self.vms[index].vmid
-        );
+        self.backend_command(index, VmCommand::Unpause)?;
         Ok(self.vms[index].vmid)
     }
 
+    /// The backend's answer to a pause or unpause of VM `vmid`: the VM's
+    /// state follows what QEMU did.
+    pub fn command_done(
+        &mut self,
+        vmid: u32,
+        command: VmCommand,
+        error: Option<String>,
+    ) -> Result<u32, CtlError> {
+        let Some(vm) = self.vms.iter_mut().find(|vm| vm.vmid == vmid) else {
+            return Err(errno(Errno::ENOENT));
+        };
+        let (word, state) = match command {
+            VmCommand::Pause => ("paused", VmState::Paused),
+            VmCommand::Unpause => ("unpaused", VmState::Running),
+            VmCommand::Powerdown => {
+                if let Some(e) = error {
+                    log_warn!("{}: vm {vmid}: the power button failed: {e}", vm.name());
+                }
+                return Ok(vmid);
+            }
+        };
+        if let Some(e) = error {
+            log_warn!("{}: vm {vmid} not {word}: {e}", vm.name());
+            return Err(CtlError::Text(e));
+        }
+        // A stop that came in meanwhile wins.
+        if matches!(vm.state, VmState::Running | VmState::Paused) {
+            vm.state = state;
+        }
+        log_info!("{}: {word} vm {vmid} successfully", vm.name());
+        Ok(vmid)
+    }
+
+    /// VM `vmid`'s process ended (vmm.rs has released what it held). A
+    /// guest reset starts it again, unless a stop was asked for or the
+    /// rate limit refuses; otherwise it has terminated.
+    pub fn ended(&mut self, ended: &VmEnded) -> Ended {
+        let Some(index) = self.vms.iter().position(|vm| vm.vmid == ended.id) else {
+            // Forgotten meanwhile (vmctl reset).
+            if let Some(backend) = self.backend.as_mut() {
+                backend.discard_parked(ended.id);
+            }
+            return Ended::Terminated { timed_out: false };
+        };
+        let vm = &self.vms[index];
+        let timed_out = vm.timed_out;
+        let restart = match (&vm.running, vm.started_by, &vm.requester) {
+            (Some(settings), Some(uid), Some(req))
+                if ended.is_reboot() && vm.state != VmState::Stopping =>
+            {
+                Some((settings.clone(), uid, req.clone()))
+            }
+            _ => None,
+        };
+        let mut outcome = Ended::Terminated { timed_out };
+        if let Some((settings, uid, requester)) = restart {
+            log_info!("{}: vm {} rebooting", vm.name(), vm.vmid);
+            if self.start_vm(index, settings, uid, &requester).is_ok() {
+                outcome = Ended::Restarted;
+            } else {
+                log_warn!(
+                    "{}: vm {} not restarted after its reboot",
+                    self.vms[index].name(),
+                    ended.id
+                );
+            }
+        }
+        if let Some(backend) = self.backend.as_mut() {
+            backend.discard_parked(ended.id);
+        }
+        if outcome != Ended::Restarted {
+            self.terminated(ended.id);
+        }
+        outcome
+    }
+
     /// VM `vmid` has ended: a configured VM is listed as stopped, a
-    /// vmctl-started one is removed. Called through the parent's
-    /// `vm_ended`, which also tells control so waiters return.
-    pub fn terminated(&mut self, vmid: u32) {
+    /// vmctl-started one is removed.
+    fn terminated(&mut self, vmid: u32) {
         let Some(index) = self.vms.iter().position(|vm| vm.vmid == vmid) else {
             return;
         };
@@ -593,6 +730,9 @@ impl Registry {
         vm.pid = None;
         vm.tty = None;
         vm.started_by = None;
+        vm.requester = None;
+        vm.stop_deadline = None;
+        vm.timed_out = false;
         vm.running = None;
     }
 
@@ -622,19 +762,17 @@ impl Registry {
             .map_err(|e| e.to_ctl())
     }
 
-    /// Asks the running VM at `index` to shut down, or kills it (`force`).
-    /// Only `force` is built: a graceful stop is refused, never faked.
+    /// Asks the running VM at `index` to shut down (its power button), or
+    /// kills it (`force`).
     fn backend_stop(&mut self, index: usize, force: bool) -> Result<(), CtlError> {
+        if !force {
+            return self.backend_command(index, VmCommand::Powerdown);
+        }
         let vmid = self.vms[index].vmid;
         let Some(backend) = self.backend.as_mut() else {
-            log_debug!("stop vm {vmid} (force {force}): no backend");
+            log_debug!("stop vm {vmid} (force): no backend");
             return Err(CtlError::Text(BACKEND_MISSING.into()));
         };
-        if !force {
-            return Err(CtlError::Text(
-                "graceful stop is not built yet: use stop -f".into(),
-            ));
-        }
         if backend.force_stop(vmid) {
             Ok(())
         } else {
@@ -642,14 +780,18 @@ impl Registry {
         }
     }
 
-    fn backend_pause(&mut self, index: usize) -> Result<(), CtlError> {
-        log_debug!("pause vm {}: not built", self.vms[index].vmid);
-        Err(CtlError::Text(PAUSE_MISSING.into()))
-    }
-
-    fn backend_unpause(&mut self, index: usize) -> Result<(), CtlError> {
-        log_debug!("unpause vm {}: not built", self.vms[index].vmid);
-        Err(CtlError::Text(PAUSE_MISSING.into()))
+    /// Sends the running VM at `index` a command for its guest.
+    fn backend_command(&mut self, index: usize, command: VmCommand) -> Result<(), CtlError> {
+        let vmid = self.vms[index].vmid;
+        let Some(backend) = self.backend.as_mut() else {
+            log_debug!("{command:?} vm {vmid}: no backend");
+            return Err(CtlError::Text(BACKEND_MISSING.into()));
+        };
+        if backend.command(vmid, command) {
+            Ok(())
+        } else {
+            Err(CtlError::StopInvalid)
+        }
     }
 }
 
@@ -762,6 +904,41 @@ mod tests {
             r.stop(&VmTarget::Id(9), false, &user(0, 0, &[])),
             Err(errno(Errno::ENOENT))
         );
+    }
+
+    #[test]
+    fn pause_answers_and_stop_states() {
+        let mut r = registry("vm \"a\" { disable\n boot \"/k\" }\n");
+        let root = user(0, 0, &[]);
+        let target = VmTarget::Name("a".into());
+        // Without a backend nothing pretends to pause or stop.
+        r.vms[0].state = VmState::Running;
+        assert_eq!(
+            r.pause(&target, &root),
+            Err(CtlError::Text(BACKEND_MISSING.into()))
+        );
+        assert_eq!(
+            r.stop(&target, false, &root),
+            Err(CtlError::Text(BACKEND_MISSING.into()))
+        );
+        // QEMU's answers decide the state.
+        assert_eq!(
+            r.command_done(1, VmCommand::Pause, Some("no".into())),
+            Err(CtlError::Text("no".into()))
+        );
+        assert_eq!(r.vms[0].state, VmState::Running);
+        assert_eq!(r.command_done(1, VmCommand::Pause, None), Ok(1));
+        assert_eq!(r.vms[0].state, VmState::Paused);
+        assert_eq!(r.pause(&target, &root), Err(errno(Errno::EINVAL)));
+        assert_eq!(r.command_done(1, VmCommand::Unpause, None), Ok(1));
+        assert_eq!(r.vms[0].state, VmState::Running);
+        // A stop under way: a second one needs -f; a late answer to a
+        // pause does not undo it.
+        r.vms[0].state = VmState::Stopping;
+        assert_eq!(r.stop(&target, false, &root), Err(errno(Errno::EALREADY)));
+        assert_eq!(r.command_done(1, VmCommand::Pause, None), Ok(1));
+        assert_eq!(r.vms[0].state, VmState::Stopping);
+        assert_eq!(r.wait(&target, &root), Ok(1));
     }
 
     #[test]

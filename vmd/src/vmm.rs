@@ -9,13 +9,17 @@
 //!   and the console log, spawns the VM process and hands it all that;
 //!   it returns the VM process's pid and the tty, or a [`StartError`]
 //!   whose text is the message for vmctl.
-//! - [`Vmm::force_stop`] kills a VM at once.
+//! - [`Vmm::force_stop`] kills a VM at once; [`Vmm::command`] asks its
+//!   guest to pause, unpause or power down (answered later, through
+//!   [`Vmm::handle_event`]'s [`CommandDone`]s).
 //! - [`Vmm::info`] is what `status` shows of a running VM.
 //! - The parent's loop passes events on tokens [`Vmm::owns_token`] says
 //!   are ours to [`Vmm::handle_event`], and every pid it reaps that is not
 //!   one of its own children to [`Vmm::reaped`], which returns
 //!   [`VmEnded`] for a VM process: the VM is stopped and its uid, disk
-//!   locks, pty and console log are released.
+//!   locks, pty and console log are released. After a guest reset the
+//!   pty is kept instead, for the restart ([`Vmm::start`] takes it up;
+//!   [`Vmm::discard_parked`] closes it when there is no restart).
 //!
 //! The pty's slave belongs to the user who started the VM while it runs
 //! (mode 0620, or 0660 and the VM's owner group when it has one), so
@@ -27,7 +31,9 @@ use crate::proc;
 use crate::userfiles::{self, Opened, UserFilesError, Want};
 use common::config::{Accel, BootDevice, Globals, UidRange, VmConfig};
 use common::ctl::CtlError;
-use common::imsg::{Channel, FileRefusal, Frame, Message, RefusalReason, Role, VmFdKind, VmParams};
+use common::imsg::{
+    Channel, FileRefusal, Frame, Message, RefusalReason, Role, VmCommand, VmFdKind, VmParams,
+};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use nix::errno::Errno;
@@ -102,6 +108,30 @@ pub struct VmEnded {
     pub why: String,
     /// The guest's own shutdown (QMP SHUTDOWN reason), if it reported one.
     pub guest_reason: Option<String>,
+}
+
+impl VmEnded {
+    /// The guest reset itself (a reboot): QEMU runs with -no-reboot, so
+    /// it exits and vmd decides whether the VM starts again.
+    pub fn is_reboot(&self) -> bool {
+        self.guest_reason.as_deref() == Some("guest-reset")
+    }
+}
+
+/// A VM process's answer to [`Vmm::command`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandDone {
+    pub id: u32,
+    pub command: VmCommand,
+    pub error: Option<String>,
+}
+
+/// A rebooting VM's pty, between its VM processes.
+struct ParkedPty {
+    id: u32,
+    master: OwnedFd,
+    slave: OwnedFd,
+    tty: String,
 }
 
 #[derive(Debug, Error)]
@@ -191,18 +221,25 @@ struct VmProc {
     channel: Option<Channel>,
     uid: u32,
     tty: String,
-    /// The parent's own descriptor of the pty's slave, to give it back to
-    /// root when the VM ends.
-    tty_slave: OwnedFd,
     qemu_pid: Option<u32>,
     console_log: PathBuf,
     console_log_cap: u64,
     guest_reason: Option<String>,
+    /// How QEMU ended, as the VM process reported it.
+    qemu_end: Option<String>,
+    /// The pty's master and slave: kept here so that a reboot restarts
+    /// the VM on the same tty, and so that the slave goes back to root
+    /// when the VM ends.
+    pty_master: OwnedFd,
+    pty_slave: OwnedFd,
+    /// Answers to commands, for the parent's loop to collect.
+    done: Vec<CommandDone>,
 }
 
 pub struct Vmm {
     registry: Registry,
     vms: Vec<VmProc>,
+    parked: Vec<ParkedPty>,
 }
 
 impl Vmm {
@@ -211,6 +248,7 @@ impl Vmm {
         Vmm {
             registry,
             vms: Vec::new(),
+            parked: Vec::new(),
         }
     }
 
@@ -241,10 +279,16 @@ impl Vmm {
         let mut files = vmm_open_files(vm, requester)?;
         vmm_lock_disks(&files)?;
         let uid = self.allocate_uid(globals.uid_range)?;
-        let (master, slave, tty) = open_pty(tty_owner, vm.owner.gid).map_err(StartError::Pty)?;
-        let tty_slave = slave
+        let (master, slave, tty) = match self.take_parked(id) {
+            Some(parked) => reuse_pty(parked, tty_owner, vm.owner.gid).map_err(StartError::Pty)?,
+            None => open_pty(tty_owner, vm.owner.gid).map_err(StartError::Pty)?,
+        };
+        let pty_master = master
             .try_clone()
-            .map_err(|e| StartError::Pty(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
+            .map_err(|e| StartError::Pty(errno_of(&e)))?;
+        let pty_slave = slave
+            .try_clone()
+            .map_err(|e| StartError::Pty(errno_of(&e)))?;
         let console_log = Path::new(&globals.console_log_dir).join(format!("{}.console", vm.name));
         let (log_fd, log_size) =
             open_console_log(&console_log).map_err(|why| StartError::ConsoleLog {
@@ -332,11 +376,14 @@ impl Vmm {
             channel: Some(channel),
             uid,
             tty: tty.clone(),
-            tty_slave,
             qemu_pid: None,
             console_log,
             console_log_cap: globals.console_log_size,
             guest_reason: None,
+            qemu_end: None,
+            pty_master,
+            pty_slave,
+            done: Vec::new(),
         });
         Ok(Started {
             pid: pid.as_raw() as u32,
@@ -355,6 +402,37 @@ impl Vmm {
         }
         let _ = kill(vm.pid, Signal::SIGKILL);
         true
+    }
+
+    /// Asks VM `id`'s guest to pause, unpause or power down; false if it
+    /// does not run. The answer comes through [`Vmm::handle_event`].
+    pub fn command(&mut self, id: u32, command: VmCommand) -> bool {
+        let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) else {
+            return false;
+        };
+        let Some(channel) = vm.channel.as_mut() else {
+            return false;
+        };
+        match channel.send(Frame::new(Message::VmCommand { command })) {
+            Ok(_) => true,
+            Err(e) => {
+                log_warn!("vm {}: sending {command:?}: {e}", vm.name);
+                false
+            }
+        }
+    }
+
+    fn take_parked(&mut self, id: u32) -> Option<ParkedPty> {
+        let index = self.parked.iter().position(|p| p.id == id)?;
+        Some(self.parked.remove(index))
+    }
+
+    /// Closes the pty kept for VM `id`'s restart, if it was not taken up.
+    pub fn discard_parked(&mut self, id: u32) {
+        if let Some(parked) = self.take_parked(id) {
+            release_pty(&parked.slave, &parked.tty);
+            log_debug!("vm {id}: released {}", parked.tty);
+        }
     }
 
     /// PID, TTY and CURMEM of a running VM.
@@ -384,11 +462,17 @@ impl Vmm {
         }
     }
 
-    /// Reads and writes a VM process's channel.
-    pub fn handle_event(&mut self, token: Token) {
+    /// Reads and writes a VM process's channel; returns the answers to
+    /// commands it brought.
+    pub fn handle_event(&mut self, token: Token) -> Vec<CommandDone> {
         let Some(index) = self.vms.iter().position(|v| v.token == token) else {
-            return;
+            return Vec::new();
         };
+        self.handle_channel(index);
+        std::mem::take(&mut self.vms[index].done)
+    }
+
+    fn handle_channel(&mut self, index: usize) {
         let Some(channel) = self.vms[index].channel.as_mut() else {
             return;
         };
@@ -431,6 +515,12 @@ impl Vmm {
                 vm.qemu_pid = Some(qemu_pid);
             }
             Message::VmShutdown { reason } => vm.guest_reason = Some(reason),
+            Message::VmCommandDone { command, error } => vm.done.push(CommandDone {
+                id: vm.id,
+                command,
+                error,
+            }),
+            Message::VmQemuEnded { why } => vm.qemu_end = Some(why),
             Message::VmConsoleLogFull => self.rotate_console_log(index),
             other => log_warn!("vm {name}: unexpected message {}", other.type_code().1),
         }
@@ -479,35 +569,48 @@ impl Vmm {
         }
         self.close_channel(index);
         let vm = self.vms.remove(index);
-        release_pty(&vm.tty_slave, &vm.tty);
         // Its QEMU dies with it (PDEATHSIG); the uid is free once it is gone.
         if let Some(qemu) = vm.qemu_pid {
             let deadline = Instant::now() + QEMU_GONE_WAIT;
-            while process_alive_as(qemu, vm.uid) && Instant::now() < deadline {
+            while qemu_holds_files(qemu, vm.uid) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
-        let why = match status {
-            WaitStatus::Exited(_, 0) => "exited".to_string(),
-            WaitStatus::Exited(_, code) => format!("exited with status {code}"),
-            WaitStatus::Signaled(_, Signal::SIGSYS, _) => {
-                "was killed by a refused system call (SIGSYS)".to_string()
-            }
-            WaitStatus::Signaled(_, sig, _) => format!("was killed by {}", sig.as_str()),
-            other => format!("ended ({other:?})"),
+        let process = proc::describe_exit(status);
+        // A VM process killed from outside cannot say how its QEMU ended:
+        // it died of PDEATHSIG (SIGKILL) with it.
+        let qemu = vm.qemu_end.as_deref().unwrap_or(if vm.qemu_pid.is_some() {
+            "was killed with it"
+        } else {
+            "had not started"
+        });
+        let why = match &vm.guest_reason {
+            Some(reason) => format!("VM process {process}, QEMU {qemu} (guest: {reason})"),
+            None => format!("VM process {process}, QEMU {qemu}"),
         };
-        log_info!(
-            "vm {} (vm {}, pid {}) {why}; stopped",
-            vm.name,
-            vm.id,
-            vm.pid
-        );
-        Some(VmEnded {
+        let clean = matches!(status, WaitStatus::Exited(_, 0)) && vm.guest_reason.is_some();
+        if clean {
+            log_info!("vm {} (vm {}, pid {}): {why}", vm.name, vm.id, vm.pid);
+        } else {
+            log_warn!("vm {} (vm {}, pid {}): {why}", vm.name, vm.id, vm.pid);
+        }
+        let ended = VmEnded {
             id: vm.id,
             name: vm.name,
             why,
             guest_reason: vm.guest_reason,
-        })
+        };
+        if ended.is_reboot() {
+            self.parked.push(ParkedPty {
+                id: vm.id,
+                master: vm.pty_master,
+                slave: vm.pty_slave,
+                tty: vm.tty,
+            });
+        } else {
+            release_pty(&vm.pty_slave, &vm.tty);
+        }
+        Some(ended)
     }
 
     /// The first uid of `range` no running VM uses and that is neither a
@@ -648,10 +751,8 @@ fn vmm_lock_disks(files: &[Opened]) -> Result<(), StartError> {
     Ok(())
 }
 
-/// A new pty, its slave raw at once and owned by `owner` and group `tty`
-/// (mode 0620, as a login terminal; 0600 and group root without a `tty`
-/// group), or by `owner` and `group` (mode 0660): the master, the slave
-/// and the slave's name.
+/// A new pty, its slave raw at once and given to `owner` (see
+/// [`give_pty`]): the master, the slave and the slave's name.
 fn open_pty(owner: u32, group: Option<u32>) -> Result<(OwnedFd, OwnedFd, String), Errno> {
     use nix::fcntl::OFlag;
     let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY)?;
@@ -672,18 +773,7 @@ fn open_pty(owner: u32, group: Option<u32>) -> Result<(OwnedFd, OwnedFd, String)
     let mut termios = nix::sys::termios::tcgetattr(&slave)?;
     nix::sys::termios::cfmakeraw(&mut termios);
     nix::sys::termios::tcsetattr(&slave, nix::sys::termios::SetArg::TCSANOW, &termios)?;
-    let (gid, mode) = match group {
-        Some(gid) => (Gid::from_raw(gid), 0o660),
-        None => match Group::from_name("tty").ok().flatten() {
-            Some(tty) => (tty.gid, 0o620),
-            None => (Gid::from_raw(0), 0o600),
-        },
-    };
-    nix::unistd::fchown(slave.as_raw_fd(), Some(Uid::from_raw(owner)), Some(gid))?;
-    nix::sys::stat::fchmod(
-        slave.as_raw_fd(),
-        nix::sys::stat::Mode::from_bits_truncate(mode),
-    )?;
+    give_pty(&slave, owner, group)?;
     // SAFETY: PtyMaster owns the descriptor; into_raw_fd hands it over.
     let master = unsafe {
         <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(
@@ -710,6 +800,39 @@ fn release_pty(slave: &OwnedFd, tty: &str) {
     if let Err(e) = released {
         log_warn!("{tty}: cannot give it back to root: {e}");
     }
+}
+
+/// A parked pty for a restart, its slave given to `owner` (and `group`)
+/// again.
+fn reuse_pty(
+    parked: ParkedPty,
+    owner: u32,
+    group: Option<u32>,
+) -> Result<(OwnedFd, OwnedFd, String), Errno> {
+    give_pty(&parked.slave, owner, group)?;
+    Ok((parked.master, parked.slave, parked.tty))
+}
+
+/// Gives a pty's slave to `owner` and group `tty` (mode 0620, as a login
+/// terminal; 0600 and group root without a `tty` group), or to `owner`
+/// and `group` (mode 0660).
+fn give_pty(slave: &OwnedFd, owner: u32, group: Option<u32>) -> Result<(), Errno> {
+    let (gid, mode) = match group {
+        Some(gid) => (Gid::from_raw(gid), 0o660),
+        None => match Group::from_name("tty").ok().flatten() {
+            Some(tty) => (tty.gid, 0o620),
+            None => (Gid::from_raw(0), 0o600),
+        },
+    };
+    nix::unistd::fchown(slave.as_raw_fd(), Some(Uid::from_raw(owner)), Some(gid))?;
+    nix::sys::stat::fchmod(
+        slave.as_raw_fd(),
+        nix::sys::stat::Mode::from_bits_truncate(mode),
+    )
+}
+
+fn errno_of(e: &std::io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 /// Opens (creating) a console log for appending: root-owned, mode 0600,
@@ -758,6 +881,16 @@ fn proc_status(pid: u32) -> Option<(u32, String)> {
 
 fn process_alive_as(pid: u32, uid: u32) -> bool {
     proc_status(pid).is_some_and(|(u, _)| u == uid)
+}
+
+/// Whether `pid` (a QEMU of `uid`) still holds what it opened: alive, or
+/// a zombie leader whose other threads are still exiting (they hold its
+/// descriptors, and so the disks' locks, until the last one is gone).
+fn qemu_holds_files(pid: u32, uid: u32) -> bool {
+    if process_alive_as(pid, uid) {
+        return true;
+    }
+    std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| tasks.count() > 1)
 }
 
 /// QEMU's resident memory in bytes (VmRSS), if `pid` is still the QEMU

@@ -15,14 +15,17 @@
 //! to the pty without blocking (dropped while nobody drains it) and all
 //! of it to the console log; pty input goes to the guest. At the log's
 //! size cap it asks the parent to rotate the file and send a fresh one.
-//! It ends when QEMU does (QMP closes), with QEMU's status.
+//! The parent's [`VmCommand`]s become QMP commands (`stop`, `cont`,
+//! `system_powerdown`) whose answers go back as `VmCommandDone`.
+//! It ends when QEMU does (QMP closes): it tells the parent how QEMU
+//! ended (`VmQemuEnded`) and exits 0 if QEMU exited cleanly, else 1.
 
 pub mod qemu;
 
 use crate::log::{log_debug, log_info, log_warn};
 use crate::proc::{self, ChildStart, Identity, CHILD_FD};
 use crate::seccomp::{self, Allowed};
-use common::imsg::{self, Channel, Frame, Message, Role, VmFdKind, VmParams};
+use common::imsg::{self, Channel, Frame, Message, Role, VmCommand, VmFdKind, VmParams};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
@@ -316,6 +319,7 @@ fn vm_run(start: ChildStart, params: VmParams, fds: StartFds) -> Result<bool, Vm
         qmp: Some(qmp),
         qmp_buf: Vec::new(),
         qmp_state: QmpState::Greeting,
+        paused: false,
         serial: Some(serial),
         pty,
         _pty_slave: pty_slave,
@@ -421,6 +425,8 @@ struct Vm {
     qmp: Option<OwnedFd>,
     qmp_buf: Vec<u8>,
     qmp_state: QmpState,
+    /// QEMU confirmed a `stop` (and no `cont` since).
+    paused: bool,
     serial: Option<OwnedFd>,
     pty: OwnedFd,
     /// Kept open so the master never reads EIO when no one is attached.
@@ -510,11 +516,71 @@ impl Vm {
                     log_debug!("console log rotated");
                     self.log.replace(fd, size);
                 }
+                (Message::VmCommand { command }, None) => self.on_command(command),
                 (other, _) => {
                     log_warn!("unexpected message {} from the parent", other.type_code().1)
                 }
             }
         }
+    }
+
+    /// A command from the parent: sent to QMP with an id; the answer
+    /// comes back in [`Vm::on_answer`].
+    fn on_command(&mut self, command: VmCommand) {
+        let Some(fd) = self.qmp.as_ref().map(|fd| fd.as_raw_fd()) else {
+            return self.command_done(command, Some("QEMU is exiting".into()));
+        };
+        if self.qmp_state != QmpState::Running {
+            return self.command_done(command, Some("the guest is not running yet".into()));
+        }
+        let mut lines = Vec::new();
+        if command == VmCommand::Powerdown && self.paused {
+            // A paused guest cannot see the power button.
+            lines.push(qemu::qmp_command_with_id("cont", "resume"));
+        }
+        lines.push(qemu::qmp_command_with_id(
+            vm_qmp_command(command),
+            vm_command_id(command),
+        ));
+        for line in lines {
+            if let Err(e) = write_all(fd, line.as_bytes()) {
+                return self.command_done(command, Some(format!("writing to QMP: {e}")));
+            }
+        }
+        log_debug!("QMP {}", vm_qmp_command(command));
+    }
+
+    fn command_done(&mut self, command: VmCommand, error: Option<String>) {
+        if let Some(e) = &error {
+            log_warn!("{}: {e}", vm_command_id(command));
+        }
+        self.send(Message::VmCommandDone { command, error });
+    }
+
+    /// QEMU answered a command sent with an id.
+    fn on_answer(&mut self, id: &str, error: Option<String>) {
+        if id == "resume" {
+            match error {
+                None => self.paused = false,
+                Some(e) => log_warn!("QMP cont before the power button: {e}"),
+            }
+            return;
+        }
+        let Some(command) = [VmCommand::Pause, VmCommand::Unpause, VmCommand::Powerdown]
+            .into_iter()
+            .find(|c| vm_command_id(*c) == id)
+        else {
+            log_warn!("QMP answer for unknown id {id}");
+            return;
+        };
+        if error.is_none() {
+            match command {
+                VmCommand::Pause => self.paused = true,
+                VmCommand::Unpause => self.paused = false,
+                VmCommand::Powerdown => {}
+            }
+        }
+        self.command_done(command, error);
     }
 
     fn on_qmp(&mut self, buf: &mut [u8]) {
@@ -554,6 +620,7 @@ impl Vm {
                     let _ = nix::sys::signal::kill(self.qemu, nix::sys::signal::Signal::SIGKILL);
                 }
                 QmpReply::Error(e) => log_warn!("QMP: {e}"),
+                QmpReply::Answer { id, error } => self.on_answer(&id, error),
                 QmpReply::Nothing => {}
             }
         }
@@ -633,23 +700,48 @@ impl Vm {
                 other => break other,
             }
         };
-        match status {
-            Ok(WaitStatus::Exited(_, 0)) => {
-                log_info!("QEMU exited");
-                true
-            }
-            Ok(WaitStatus::Exited(_, code)) => {
-                log_warn!("QEMU exited with status {code}");
-                false
-            }
+        let (clean, why) = match status {
+            Ok(WaitStatus::Exited(_, 0)) => (true, "exited".to_string()),
+            Ok(WaitStatus::Exited(_, code)) => (false, format!("exited with status {code}")),
             Ok(WaitStatus::Signaled(_, sig, _)) => {
-                log_warn!("QEMU was killed by {}", sig.as_str());
-                false
+                (false, format!("was killed by {}", sig.as_str()))
             }
-            other => {
-                log_warn!("QEMU ended: {other:?}");
-                false
-            }
+            other => (false, format!("ended: {other:?}")),
+        };
+        log_debug!("QEMU {why}");
+        self.finish_report(why);
+        clean
+    }
+
+    /// Sends what is still queued for the parent, then how QEMU ended:
+    /// the parent reads both after it reaps us.
+    fn finish_report(&mut self, why: String) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !matches!(self.channel.flush(), Ok(true) | Err(_)) && Instant::now() < deadline {
+            let mut pfd = [PollFd::new(self.channel.sock.as_fd(), PollFlags::POLLOUT)];
+            let _ = nix::poll::poll(&mut pfd, PollTimeout::from(100u8));
         }
+        let frame = Frame::new(Message::VmQemuEnded { why });
+        if let Err(e) = imsg::send_blocking(self.channel.sock.as_fd(), frame) {
+            log_warn!("telling the parent how QEMU ended: {e}");
+        }
+    }
+}
+
+/// The QMP command for a parent's command.
+fn vm_qmp_command(command: VmCommand) -> &'static str {
+    match command {
+        VmCommand::Pause => "stop",
+        VmCommand::Unpause => "cont",
+        VmCommand::Powerdown => "system_powerdown",
+    }
+}
+
+/// The QMP id its answer carries (and the word for logs).
+fn vm_command_id(command: VmCommand) -> &'static str {
+    match command {
+        VmCommand::Pause => "pause",
+        VmCommand::Unpause => "unpause",
+        VmCommand::Powerdown => "powerdown",
     }
 }

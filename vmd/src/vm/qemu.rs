@@ -348,7 +348,8 @@ pub fn spawn(
     }
 }
 
-/// The QMP conversation: negotiate, then `cont`, then events.
+/// The QMP conversation: negotiate, then `cont`, then events and the
+/// answers to commands the VM process sends with an `id`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QmpState {
     /// Waiting for QEMU's greeting.
@@ -372,6 +373,11 @@ pub enum QmpReply {
     Shutdown(String),
     /// A command failed.
     Error(String),
+    /// QEMU answered the command sent with this id (`error` None: done).
+    Answer {
+        id: String,
+        error: Option<String>,
+    },
     Nothing,
 }
 
@@ -390,12 +396,21 @@ pub fn qmp_line(state: &mut QmpState, line: &str) -> QmpReply {
         }
         return QmpReply::Nothing;
     }
-    if let Some(error) = msg.get("error") {
-        let desc = error
+    let error = msg.get("error").map(|error| {
+        error
             .get("desc")
             .and_then(|d| d.as_str())
-            .unwrap_or("unknown error");
-        return QmpReply::Error(desc.to_string());
+            .unwrap_or("unknown error")
+            .to_string()
+    });
+    if let Some(id) = msg.get("id").and_then(|id| id.as_str()) {
+        return QmpReply::Answer {
+            id: id.to_string(),
+            error,
+        };
+    }
+    if let Some(error) = error {
+        return QmpReply::Error(error);
     }
     match *state {
         QmpState::Greeting if msg.get("QMP").is_some() => {
@@ -417,6 +432,11 @@ pub fn qmp_line(state: &mut QmpState, line: &str) -> QmpReply {
 /// A QMP command as one line.
 pub fn qmp_command(name: &str) -> String {
     format!("{{\"execute\": \"{name}\"}}\n")
+}
+
+/// A QMP command whose answer carries `id` (a plain word).
+pub fn qmp_command_with_id(name: &str, id: &str) -> String {
+    format!("{{\"execute\": \"{name}\", \"id\": \"{id}\"}}\n")
 }
 
 #[cfg(test)]
@@ -589,5 +609,26 @@ mod tests {
             ),
             QmpReply::Error("no".into())
         );
+        assert_eq!(
+            qmp_line(&mut state, r#"{"return": {}, "id": "pause"}"#),
+            QmpReply::Answer {
+                id: "pause".into(),
+                error: None
+            }
+        );
+        assert_eq!(
+            qmp_line(
+                &mut state,
+                r#"{"error": {"class": "GenericError", "desc": "no"}, "id": "unpause"}"#
+            ),
+            QmpReply::Answer {
+                id: "unpause".into(),
+                error: Some("no".into())
+            }
+        );
+        let line = qmp_command_with_id("system_powerdown", "powerdown");
+        let parsed: serde_json::Value = serde_json::from_str(line.trim()).expect("json");
+        assert_eq!(parsed["execute"], "system_powerdown");
+        assert_eq!(parsed["id"], "powerdown");
     }
 }
