@@ -54,8 +54,8 @@ pub struct StartRequest {
 }
 
 impl StartRequest {
-    /// Whether the command line sets anything besides the boot image
-    /// (which an existing VM may be started with).
+    /// Whether the command line sets anything besides the boot image and
+    /// the boot device (which an existing VM may be started with).
     pub fn sets_more_than_boot(&self) -> bool {
         let vm = &self.vm;
         vm.memory.is_some()
@@ -63,7 +63,6 @@ impl StartRequest {
             || !vm.interfaces.is_empty()
             || vm.interface_count.is_some()
             || vm.cdrom.is_some()
-            || vm.boot_device.is_some()
             || vm.instance_of.is_some()
             || vm.initrd.is_some()
             || vm.cmdline.is_some()

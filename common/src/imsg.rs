@@ -162,6 +162,13 @@ pub enum Message {
     /// vm -> parent, last thing: how QEMU ended (`exited`, `was killed by
     /// SIGKILL`, ...).
     VmQemuEnded { why: String },
+
+    // --- the parent's file-opening helper (userfiles.rs) -> parent ---
+    /// One file the helper opened as the requester (with the fd): what it
+    /// is for the VM and the path it was opened by.
+    UserFile { kind: VmFdKind, path: String },
+    /// The helper is done: every file was sent, or it stopped at `refusal`.
+    UserFilesDone { refusal: Option<FileRefusal> },
 }
 
 /// What the parent asks of a running guest.
@@ -176,6 +183,28 @@ pub enum VmCommand {
     Powerdown,
 }
 
+/// Why the file-opening helper could not open a requester's file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRefusal {
+    /// The file the request named (a disk's top image for its chain).
+    pub kind: VmFdKind,
+    /// The file that failed (a backing file of a disk's chain, maybe).
+    pub path: String,
+    pub why: RefusalReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefusalReason {
+    /// The requester may not open it (EACCES or EPERM).
+    PermissionDenied,
+    /// It does not exist (ENOENT, ENOTDIR).
+    Missing,
+    /// Not a regular file (a directory, FIFO, device, socket).
+    NotRegular,
+    /// Anything else, in words (an unreadable qcow2 header, a loop).
+    Other(String),
+}
+
 /// What a VM process runs: everything but the descriptors.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmParams {
@@ -186,6 +215,9 @@ pub struct VmParams {
     pub vcpus: u32,
     /// The kernel command line.
     pub cmdline: String,
+    /// What a VM without a kernel boots first (`boot device`, `-B`):
+    /// `None` is the CD-ROM if it has one, then the first disk.
+    pub boot_device: Option<crate::config::BootDevice>,
     /// Hardware KVM (else QEMU's TCG).
     pub kvm: bool,
     /// The VM's own uid and gid (the VM process and QEMU run as them).
@@ -218,6 +250,10 @@ pub enum VmFdKind {
         format: crate::disk::DiskFormat,
         writable: bool,
     },
+    /// The CD-ROM image (read-only).
+    Cdrom,
+    /// The BIOS image (SeaBIOS) of a VM that boots without a kernel.
+    Bios,
 }
 
 impl Message {
@@ -246,6 +282,8 @@ impl Message {
             Message::VmCommand { .. } => (106, "VM_COMMAND"),
             Message::VmCommandDone { .. } => (107, "VM_COMMAND_DONE"),
             Message::VmQemuEnded { .. } => (108, "VM_QEMU_ENDED"),
+            Message::UserFile { .. } => (200, "USER_FILE"),
+            Message::UserFilesDone { .. } => (201, "USER_FILES_DONE"),
         }
     }
 }
@@ -758,6 +796,23 @@ mod tests {
             Message::CtlFail {
                 errno: 0,
                 lines: vec!["x.conf:1: syntax error".into()],
+            },
+            Message::UserFile {
+                kind: VmFdKind::Cdrom,
+                path: "/home/u/x.iso".into(),
+            },
+            Message::UserFilesDone { refusal: None },
+            Message::UserFilesDone {
+                refusal: Some(FileRefusal {
+                    kind: VmFdKind::Disk {
+                        disk: 0,
+                        layer: 0,
+                        format: crate::disk::DiskFormat::Qcow2,
+                        writable: true,
+                    },
+                    path: "/home/u/base.img".into(),
+                    why: RefusalReason::PermissionDenied,
+                }),
             },
         ]
     }

@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
 import vmdregress  # noqa: E402
-from vmdregress import VMCTL, BOOT_TIMEOUT, Failure, case, wait_for, with_vmd  # noqa: E402
+from vmdregress import VMCTL, BOOT_TIMEOUT, Failure, TestUser, case, wait_for, with_vmd  # noqa: E402
 
 DEMO_CMDLINE = "console=ttyS0 quiet vmd.mode=demo"
 PROMPT = "vmd-guest:/# "
@@ -282,23 +282,8 @@ def not_found(vmd):
         raise Failure(f"console without an id: exit {rc}: {out.strip()!r}")
 
 
-class TestUser:
-    """A user (and its group) of its own, removed at the end."""
-
-    def __init__(self):
-        self.name = f"vmdcon{os.getpid() % 10000}{random.randrange(1000):03d}"
-        subprocess.run(["useradd", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        self.name], check=True, capture_output=True)
-        pw = pwd.getpwnam(self.name)
-        self.uid, self.gid = pw.pw_uid, pw.pw_gid
-
-    def remove(self):
-        subprocess.run(["userdel", self.name], capture_output=True)
-        subprocess.run(["groupdel", self.name], capture_output=True)
-
-
 def owner_may_attach_others_not():
-    user = TestUser()
+    user = TestUser("vmdcon")
     try:
         conf = "\n".join([
             f"socket owner :{user.name}",

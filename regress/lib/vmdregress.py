@@ -1,7 +1,8 @@
 """Shared helpers of the regress suites written in Python (regress/vm,
-regress/lifecycle, regress/console, regress/privsep, regress/control): case
-reporting, waiting, /proc inspection, setup; and, for the suites that boot
-real guests, a vmd of its own per case and a guest's pty.
+regress/lifecycle, regress/console, regress/boot, regress/privsep,
+regress/control): case reporting, waiting, /proc inspection, setup, a test
+user of its own; and, for the suites that boot real guests, a vmd of its
+own per case and a guest's pty.
 
 Runs as root. The guest is regress/guest's (`build --print`). Each Vmd
 has its own temp dir, socket, vm.conf and console log directory, and
@@ -11,6 +12,7 @@ failure.
 
 import os
 import pwd
+import random
 import re
 import select
 import shutil
@@ -226,8 +228,12 @@ class Vmd:
 
     def start(self, name, *extra, cmdline="console=ttyS0 quiet", memory="256M"):
         """vmctl start with the test guest; returns (id, tty)."""
-        rc, out = self.vmctl("start", name, "-b", KERNEL, "--initrd", INITRD,
-                             "--cmdline", cmdline, "-m", memory, *extra)
+        return self.start_with(name, "-b", KERNEL, "--initrd", INITRD, "--cmdline", cmdline, "-m", memory, *extra)
+
+    def start_with(self, name, *args, user=None):
+        """vmctl start NAME ARGS (as `user`, if given) that must succeed;
+        returns (id, tty) and tracks the VM's processes."""
+        rc, out = self.vmctl("start", name, *args, user=user)
         m = re.search(r"^vmctl: started vm (\d+) successfully, tty (/dev/pts/\d+)$", out, re.M)
         if rc != 0 or not m:
             raise Failure(f"start {name}: exit {rc}: {out.strip()}\n{self.log()}")
@@ -310,6 +316,21 @@ def with_vmd(fn, **kw):
         finally:
             vmd.stop()
     return run
+
+
+class TestUser:
+    """A user (and its group) of its own, removed at the end."""
+
+    def __init__(self, prefix="vmdtest"):
+        self.name = f"{prefix}{os.getpid() % 10000}{random.randrange(1000):03d}"
+        subprocess.run(["useradd", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        self.name], check=True, capture_output=True)
+        pw = pwd.getpwnam(self.name)
+        self.uid, self.gid = pw.pw_uid, pw.pw_gid
+
+    def remove(self):
+        subprocess.run(["userdel", self.name], capture_output=True)
+        subprocess.run(["groupdel", self.name], capture_output=True)
 
 
 class Pty:

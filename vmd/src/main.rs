@@ -15,6 +15,7 @@ mod switch;
 mod syscall_names;
 #[cfg(feature = "test-triggers")]
 mod trigger;
+mod userfiles;
 mod vm;
 mod vmm;
 

@@ -215,6 +215,15 @@ impl Registry {
             self.globals = config.globals.clone();
         }
         for vm in &config.vms {
+            let parent = vm.instance_of.as_deref().and_then(|p| config.vm(p));
+            if let Some(what) = parent.and_then(|p| vm.reuses_exclusive(&config.resolved_vm(p))) {
+                log_warn!(
+                    "vm \"{}\" ({}): {what} cannot be reused; skipped",
+                    vm.name,
+                    vm.source
+                );
+                continue;
+            }
             let resolved = config.resolved_vm(vm);
             if let Some(i) = self.by_name(&resolved.name) {
                 let why = if self.vms[i].state.is_active() {
@@ -309,10 +318,25 @@ impl Registry {
         if let Some(boot) = &req.vm.boot {
             settings.boot = Some(boot.clone());
         }
+        if let Some(device) = req.vm.boot_device {
+            settings.boot_device = Some(device);
+        }
+        // What the requester named is opened with its rights, the rest
+        // (root's configuration, a template's files) as root.
+        let vm = &req.vm;
+        let named = vm
+            .boot
+            .iter()
+            .chain(&vm.initrd)
+            .chain(&vm.cdrom)
+            .chain(vm.disks.iter().map(|d| &d.path))
+            .cloned()
+            .collect();
         let requester = Requester {
             uid: creds.uid,
             gid: creds.gid,
             groups: creds.groups.clone(),
+            named,
         };
         let result = self.start_vm(index, settings, creds.uid, &requester);
         if result.is_err() && !self.vms[index].from_config {
@@ -356,76 +380,53 @@ impl Registry {
         Ok(self.vms.len() - 1)
     }
 
-    /// An instance of `template`: who may create one and what they may
-    /// change come from the template's `allow instance`.
+    /// An instance of `template` (`vmctl start NAME -t PARENT`): it
+    /// inherits the parent's settings but the exclusive ones (disks,
+    /// lladdr, tap names). For a user other than root, the parent's `allow
+    /// instance` says who may create one (else `invalid template`) and what
+    /// it may change.
     fn start_instance(
         &self,
-        vm: VmConfig,
+        mut vm: VmConfig,
         template: &str,
         creds: &Credentials,
     ) -> Result<VmConfig, CtlError> {
+        let name = vm.name.clone();
         let Some(parent) = self.by_name(template).map(|i| &self.vms[i].config) else {
+            log_warn!("vm \"{name}\": no template named \"{template}\"");
             return Err(CtlError::TemplateInvalid);
         };
-        let name = vm.name.clone();
-        let allow = &parent.allow_instance;
+        if self.by_name(&name).is_some() {
+            return Err(errno(Errno::EALREADY));
+        }
         if !creds.is_root() {
-            let permitted = allow
+            let allow = &parent.allow_instance;
+            if !allow
                 .owner
                 .as_ref()
-                .is_some_and(|o| owner_matches(o, creds));
-            if !permitted {
+                .is_some_and(|o| owner_matches(o, creds))
+            {
                 log_warn!(
-                    "vm \"{template}\": uid {} may not create instances",
+                    "vm \"{name}\": uid {} may not create instances of \"{template}\"",
                     creds.uid
                 );
+                return Err(CtlError::TemplateInvalid);
+            }
+            if let Some(what) = instance_forbidden_change(&vm, parent) {
+                log_warn!("vm \"{name}\": no permission to set {what}");
                 return Err(errno(Errno::EPERM));
             }
-            let changes = [
-                (
-                    vm.memory.is_some() && vm.memory != parent.memory,
-                    allow.memory,
-                    "memory",
-                ),
-                (!vm.disks.is_empty(), allow.disk, "disks"),
-                (
-                    !vm.interfaces.is_empty() || vm.interface_count.is_some(),
-                    allow.interface,
-                    "interfaces",
-                ),
-                (
-                    vm.boot.is_some()
-                        || vm.boot_device.is_some()
-                        || vm.initrd.is_some()
-                        || vm.cmdline.is_some(),
-                    allow.boot,
-                    "boot image",
-                ),
-                (vm.cdrom.is_some(), allow.cdrom, "cdrom"),
-            ];
-            for (changed, allowed, what) in changes {
-                if changed && !allowed {
-                    log_warn!("vm \"{name}\": no permission to set {what}");
-                    return Err(errno(Errno::EPERM));
-                }
-            }
         }
-        if let Some(disk) = vm
-            .disks
-            .iter()
-            .find(|d| parent.disks.iter().any(|p| p.path == d.path))
-        {
-            log_warn!("vm \"{name}\": disk {} cannot be reused", disk.path);
+        if let Some(what) = vm.reuses_exclusive(parent) {
+            log_warn!("vm \"{name}\": {what} cannot be reused");
             return Err(errno(Errno::EBUSY));
         }
-        let mut instance = vm.inherit_from(parent);
-        instance.owner = Owner {
+        // Root's instance belongs to the parent's owner, a user's to it.
+        vm.owner = Owner {
             uid: creds.uid,
-            user: None,
-            gid: parent.owner.gid,
-            group: parent.owner.group.clone(),
+            ..Owner::default()
         };
-        Ok(instance)
+        Ok(vm.inherit_from(parent))
     }
 
     /// Applies the start rate limit, then launches.
@@ -758,7 +759,7 @@ impl Registry {
                 pid: started.pid,
                 tty: started.tty,
             })
-            .map_err(|e| CtlError::Text(e.to_string()))
+            .map_err(|e| e.to_ctl())
     }
 
     /// Asks the running VM at `index` to shut down (its power button), or
@@ -792,6 +793,45 @@ impl Registry {
             Err(CtlError::StopInvalid)
         }
     }
+}
+
+/// What an instance sets that its parent's `allow instance` does not let
+/// a user change, if anything.
+fn instance_forbidden_change(vm: &VmConfig, parent: &VmConfig) -> Option<&'static str> {
+    let allow = &parent.allow_instance;
+    let nics = vm.interface_total();
+    let changes = [
+        (
+            vm.memory.is_some_and(|m| m != parent.memory_bytes()),
+            allow.memory,
+            "memory",
+        ),
+        (
+            vm.vcpus.is_some_and(|n| n != parent.vcpu_count()),
+            false,
+            "cpus",
+        ),
+        (!vm.disks.is_empty(), allow.disk, "disks"),
+        (
+            nics > 0 && nics != parent.interface_total(),
+            allow.interface,
+            "interfaces",
+        ),
+        (
+            vm.boot.is_some()
+                || vm.boot_device.is_some()
+                || vm.initrd.is_some()
+                || vm.cmdline.is_some(),
+            allow.boot,
+            "boot image",
+        ),
+        (vm.cdrom.is_some(), allow.cdrom, "cdrom"),
+        (!vm.allow_instance.is_empty(), false, "instance permissions"),
+    ];
+    changes
+        .into_iter()
+        .find(|(changed, allowed, _)| *changed && !*allowed)
+        .map(|(_, _, what)| what)
 }
 
 /// Whether `creds` is the user of `owner`, or in its group.
@@ -931,5 +971,114 @@ mod tests {
         let mut inst = req("i1");
         inst.vm.instance_of = Some("nope".into());
         assert_eq!(r.start(&inst, &root).err(), Some(CtlError::TemplateInvalid));
+    }
+
+    const TEMPLATE: &str = r#"vm "tpl" {
+	disable
+	boot "/k"
+	memory 256M
+	disk "/tpl.img"
+	interface tap7 { lladdr fe:e1:bb:d1:00:01 }
+	owner root
+	allow instance { memory
+		owner alice-not-a-user-here }
+}
+"#;
+
+    fn template_registry(allow_owner: &str) -> Registry {
+        let text = TEMPLATE.replace("alice-not-a-user-here", allow_owner);
+        registry(&text)
+    }
+
+    fn instance(name: &str) -> VmConfig {
+        let mut vm = VmConfig::new(name);
+        vm.instance_of = Some("tpl".into());
+        vm
+    }
+
+    #[test]
+    fn instances_inherit_all_but_exclusive_settings() {
+        let r = template_registry(":daemon");
+        let root = user(0, 0, &[]);
+        let mut vm = instance("i1");
+        vm.memory = Some(1 << 30);
+        let got = r.start_instance(vm, "tpl", &root).expect("root's instance");
+        assert_eq!(got.boot.as_deref(), Some("/k"));
+        assert_eq!(got.memory, Some(1 << 30));
+        assert!(got.disks.is_empty());
+        assert_eq!(got.interfaces.len(), 1);
+        assert_eq!(
+            (got.interfaces[0].tap.as_ref(), got.interfaces[0].lladdr),
+            (None, None)
+        );
+        // Reusing the parent's disk is refused, root or not.
+        let mut vm = instance("i2");
+        vm.disks.push(common::config::Disk {
+            path: "/tpl.img".into(),
+            format: common::disk::DiskFormat::Raw,
+        });
+        assert_eq!(
+            r.start_instance(vm, "tpl", &root).err(),
+            Some(errno(Errno::EBUSY))
+        );
+        assert_eq!(
+            r.start_instance(instance("i3"), "nope", &root).err(),
+            Some(CtlError::TemplateInvalid)
+        );
+    }
+
+    #[test]
+    fn users_change_only_what_allow_instance_permits() {
+        let r = template_registry(":daemon");
+        // Group daemon (1) may create instances; others get `invalid template`.
+        let member = user(1000, 1000, &[1]);
+        let other = user(1001, 1001, &[]);
+        assert_eq!(
+            r.start_instance(instance("u1"), "tpl", &other).err(),
+            Some(CtlError::TemplateInvalid)
+        );
+        let mut vm = instance("u1");
+        vm.memory = Some(512 << 20);
+        let got = r
+            .start_instance(vm, "tpl", &member)
+            .expect("memory is allowed");
+        assert_eq!((got.memory, got.owner.uid), (Some(512 << 20), 1000));
+        let mut vm = instance("u2");
+        vm.disks.push(common::config::Disk {
+            path: "/home/u/own.img".into(),
+            format: common::disk::DiskFormat::Raw,
+        });
+        assert_eq!(
+            r.start_instance(vm, "tpl", &member).err(),
+            Some(errno(Errno::EPERM))
+        );
+        for change in [
+            |vm: &mut VmConfig| vm.vcpus = Some(2),
+            |vm: &mut VmConfig| vm.cdrom = Some("/x.iso".into()),
+            |vm: &mut VmConfig| vm.boot = Some("/home/u/k".into()),
+            |vm: &mut VmConfig| vm.boot_device = Some(common::config::BootDevice::Disk),
+        ] {
+            let mut vm = instance("u3");
+            change(&mut vm);
+            assert_eq!(
+                r.start_instance(vm, "tpl", &member).err(),
+                Some(errno(Errno::EPERM))
+            );
+        }
+        // Asking for what the parent has is no change.
+        let mut vm = instance("u4");
+        vm.vcpus = Some(1);
+        assert!(r.start_instance(vm, "tpl", &member).is_ok());
+    }
+
+    #[test]
+    fn config_instance_reusing_its_parents_disk_is_skipped() {
+        let text = format!(
+            "{TEMPLATE}vm \"tpl\" instance \"ok\" {{\n\tdisable\n}}\nvm \"tpl\" instance \"bad\" {{\n\tdisable\n\tdisk \"/tpl.img\"\n}}\n"
+        )
+        .replace("alice-not-a-user-here", "root");
+        let r = registry(&text);
+        let names: Vec<String> = r.status().into_iter().map(|i| i.name).collect();
+        assert_eq!(names, ["tpl", "ok"]);
     }
 }

@@ -3,8 +3,9 @@
 //! (that is the registry's).
 //!
 //! The interface, for the registry:
-//! - [`Vmm::start`] opens the VM's files (kernel, initrd, disk chains, as
-//!   the requester), allocates a uid/gid from `uid range`, opens the pty
+//! - [`Vmm::start`] opens the VM's files (kernel or BIOS, initrd, disk
+//!   chains, cdrom; a non-root requester's own paths through
+//!   userfiles.rs, with its rights), allocates a uid/gid from `uid range`, opens the pty
 //!   and the console log, spawns the VM process and hands it all that;
 //!   it returns the VM process's pid and the tty, or a [`StartError`]
 //!   whose text is the message for vmctl.
@@ -27,16 +28,19 @@
 
 use crate::log::{self, log_debug, log_info, log_warn};
 use crate::proc;
-use common::config::{Accel, Globals, UidRange, VmConfig};
-use common::image::{self, Layer};
-use common::imsg::{Channel, Frame, Message, Role, VmCommand, VmFdKind, VmParams};
+use crate::userfiles::{self, Opened, UserFilesError, Want};
+use common::config::{Accel, BootDevice, Globals, UidRange, VmConfig};
+use common::ctl::CtlError;
+use common::imsg::{
+    Channel, FileRefusal, Frame, Message, RefusalReason, Role, VmCommand, VmFdKind, VmParams,
+};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::{Gid, Group, Pid, Uid, User};
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -48,13 +52,18 @@ pub const VM_TOKEN_BASE: usize = 1 << 24;
 /// How long a reaped VM's QEMU may take to disappear before its uid is
 /// given back anyway.
 const QEMU_GONE_WAIT: Duration = Duration::from_secs(2);
+/// The BIOS of VMs that boot without a kernel (Debian `seabios`).
+pub const BIOS_PATH: &str = "/usr/share/seabios/bios.bin";
 
-/// Who asked for the start: files are opened with these credentials.
+/// Who asked for the start, and the paths they named themselves: those
+/// are opened with the requester's credentials (userfiles.rs); the rest
+/// come from root's configuration and are opened as root.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Requester {
     pub uid: u32,
     pub gid: u32,
     pub groups: Vec<u32>,
+    pub named: Vec<String>,
 }
 
 impl Requester {
@@ -63,7 +72,13 @@ impl Requester {
             uid: 0,
             gid: 0,
             groups: Vec::new(),
+            named: Vec::new(),
         }
+    }
+
+    /// Whether `path` is opened with the requester's rights.
+    fn opens(&self, path: &str) -> bool {
+        self.uid != 0 && self.named.iter().any(|p| p == path)
     }
 }
 
@@ -123,16 +138,26 @@ struct ParkedPty {
 pub enum StartError {
     #[error("vm {0} is already running")]
     AlreadyRunning(u32),
-    #[error("no kernel to boot: give one with -b or `boot` in vm.conf (booting from disk or cdrom is not built yet)")]
-    NoKernel,
     #[error("{0} not built yet")]
     NotBuilt(&'static str),
+    #[error("vmm bios firmware file not found.")]
+    BiosMissing,
+    #[error("could not find specified iso image")]
+    CdromMissing,
+    #[error("specified iso image is not a regular file")]
+    CdromInvalid,
+    #[error("{0}: permission denied")]
+    PermissionDenied(String),
     #[error("could not open kernel {path}: {why}")]
     Kernel { path: String, why: String },
     #[error("could not open initrd {path}: {why}")]
     Initrd { path: String, why: String },
     #[error("could not open disk image(s): {0}")]
     Disk(String),
+    #[error("could not open iso image {path}: {why}")]
+    Cdrom { path: String, why: String },
+    #[error("{0}")]
+    UserFiles(String),
     #[error("could not open disk image(s): {0} is in use by another VM")]
     DiskInUse(String),
     #[error("no free uid in uid range {first}-{last}: stop a VM or widen `uid range` in vm.conf")]
@@ -145,6 +170,47 @@ pub enum StartError {
     ConsoleLog { path: String, why: String },
     #[error("cannot start the VM process: {0}")]
     Spawn(String),
+}
+
+impl StartError {
+    /// As vmctl reports it: vmd's own codes where OpenBSD has one.
+    pub fn to_ctl(&self) -> CtlError {
+        match self {
+            StartError::BiosMissing => CtlError::BiosMissing,
+            StartError::CdromMissing => CtlError::CdromMissing,
+            StartError::CdromInvalid => CtlError::CdromInvalid,
+            other => CtlError::Text(other.to_string()),
+        }
+    }
+
+    /// A file the helper (or root) could not open, as the error for the
+    /// kind of file it is.
+    fn from_refusal(r: FileRefusal) -> StartError {
+        let text = userfiles::refusal_text(&r);
+        let why = match &r.why {
+            RefusalReason::PermissionDenied => return StartError::PermissionDenied(r.path),
+            RefusalReason::Missing => "No such file or directory".to_string(),
+            RefusalReason::NotRegular => "not a regular file".to_string(),
+            RefusalReason::Other(why) => why.clone(),
+        };
+        match (r.kind, &r.why) {
+            (VmFdKind::Cdrom, RefusalReason::Missing) => StartError::CdromMissing,
+            (VmFdKind::Cdrom, RefusalReason::NotRegular) => StartError::CdromInvalid,
+            (VmFdKind::Cdrom, _) => StartError::Cdrom { path: r.path, why },
+            (VmFdKind::Kernel, _) => StartError::Kernel { path: r.path, why },
+            (VmFdKind::Initrd, _) => StartError::Initrd { path: r.path, why },
+            _ => StartError::Disk(text),
+        }
+    }
+}
+
+impl From<UserFilesError> for StartError {
+    fn from(e: UserFilesError) -> StartError {
+        match e {
+            UserFilesError::Refused(r) => StartError::from_refusal(r),
+            other => StartError::UserFiles(other.to_string()),
+        }
+    }
 }
 
 struct VmProc {
@@ -209,27 +275,9 @@ impl Vmm {
             return Err(StartError::AlreadyRunning(id));
         }
         vmm_check_built(vm)?;
-        let kernel_path = vm.boot.as_deref().ok_or(StartError::NoKernel)?;
         let kvm = vmm_use_kvm(vm.accel_or(globals))?;
-        let (kernel, initrd, disks) = as_requester(requester, || {
-            let kernel = open_regular(kernel_path).map_err(|why| StartError::Kernel {
-                path: kernel_path.to_string(),
-                why,
-            })?;
-            let initrd = match vm.initrd.as_deref() {
-                Some(path) => Some(open_regular(path).map_err(|why| StartError::Initrd {
-                    path: path.to_string(),
-                    why,
-                })?),
-                None => None,
-            };
-            let disks = vm
-                .disks
-                .iter()
-                .map(|d| vmm_open_disk(Path::new(&d.path), d.format))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok::<_, StartError>((kernel, initrd, disks))
-        })?;
+        let mut files = vmm_open_files(vm, requester)?;
+        vmm_lock_disks(&files)?;
         let uid = self.allocate_uid(globals.uid_range)?;
         let (master, slave, tty) = match self.take_parked(id) {
             Some(parked) => reuse_pty(parked, tty_owner, vm.owner.gid).map_err(StartError::Pty)?,
@@ -248,23 +296,8 @@ impl Vmm {
                 why,
             })?;
 
-        let mut fds: Vec<(VmFdKind, OwnedFd)> = vec![(VmFdKind::Kernel, kernel.into())];
-        if let Some(initrd) = initrd {
-            fds.push((VmFdKind::Initrd, initrd.into()));
-        }
-        for (disk, layers) in disks.into_iter().enumerate() {
-            for (layer, l) in layers.into_iter().enumerate() {
-                fds.push((
-                    VmFdKind::Disk {
-                        disk: disk as u8,
-                        layer: layer as u8,
-                        format: l.format,
-                        writable: layer == 0,
-                    },
-                    l.file.into(),
-                ));
-            }
-        }
+        let mut fds: Vec<(VmFdKind, OwnedFd)> =
+            files.drain(..).map(|o| (o.kind, o.file.into())).collect();
         fds.push((VmFdKind::PtyMaster, master));
         fds.push((VmFdKind::PtySlave, slave));
         fds.push((VmFdKind::ConsoleLog, log_fd));
@@ -285,6 +318,7 @@ impl Vmm {
                 .cmdline
                 .clone()
                 .unwrap_or_else(|| crate::vm::qemu::DEFAULT_CMDLINE.to_string()),
+            boot_device: vm.boot_device,
             kvm,
             uid,
             gid: uid,
@@ -595,16 +629,62 @@ fn vmm_check_built(vm: &VmConfig) -> Result<(), StartError> {
             "network interfaces (-i, -L, -n, interface) are",
         ));
     }
-    if vm.cdrom.is_some() {
-        return Err(StartError::NotBuilt("cdrom images (-r, cdrom) are"));
-    }
-    if vm.boot_device.is_some() {
-        return Err(StartError::NotBuilt("boot devices (-B, boot device) are"));
+    if vm.boot_device == Some(BootDevice::Net) {
+        return Err(StartError::NotBuilt(
+            "boot device net (-B net) arrives with networking and is",
+        ));
     }
     if vm.backend() != common::config::Backend::Qemu {
         return Err(StartError::NotBuilt("backend kvm is"));
     }
     Ok(())
+}
+
+/// Opens every file VM `vm` needs: its kernel or else the BIOS, initrd,
+/// disk chains and cdrom. The paths `requester` named are opened with its
+/// rights by the helper (userfiles.rs), the others as root.
+fn vmm_open_files(vm: &VmConfig, requester: &Requester) -> Result<Vec<Opened>, StartError> {
+    let mut wants = Vec::new();
+    let mut want = |kind, path: &str| {
+        wants.push(Want {
+            kind,
+            path: path.to_string(),
+        })
+    };
+    if let Some(kernel) = &vm.boot {
+        want(VmFdKind::Kernel, kernel);
+    }
+    if let Some(initrd) = &vm.initrd {
+        want(VmFdKind::Initrd, initrd);
+    }
+    for (i, disk) in vm.disks.iter().enumerate() {
+        let kind = VmFdKind::Disk {
+            disk: i as u8,
+            layer: 0,
+            format: disk.format,
+            writable: true,
+        };
+        want(kind, &disk.path);
+    }
+    if let Some(cdrom) = &vm.cdrom {
+        want(VmFdKind::Cdrom, cdrom);
+    }
+    let (theirs, ours): (Vec<Want>, Vec<Want>) =
+        wants.into_iter().partition(|w| requester.opens(&w.path));
+    let mut opened = userfiles::userfiles_open(&ours).map_err(StartError::from_refusal)?;
+    opened.extend(userfiles::userfiles_open_as(requester, &theirs)?);
+    if vm.boot.is_none() {
+        let bios = userfiles::userfiles_open(&[Want {
+            kind: VmFdKind::Bios,
+            path: BIOS_PATH.to_string(),
+        }])
+        .map_err(|r| {
+            log_warn!("can't open {BIOS_PATH}: {}", userfiles::refusal_text(&r));
+            StartError::BiosMissing
+        })?;
+        opened.extend(bios);
+    }
+    Ok(opened)
 }
 
 /// Whether a VM uses hardware KVM: `kvm` always, `tcg` never, `auto` when
@@ -639,63 +719,28 @@ fn kvm_group() -> Option<Gid> {
     Group::from_name("kvm").ok().flatten().map(|g| g.gid)
 }
 
-/// Runs `f` with the file system credentials of `req` (fsuid, fsgid and
-/// groups), so that it opens only what the requester could open. The
-/// parent is single-threaded; the credentials are restored after.
-fn as_requester<T>(req: &Requester, f: impl FnOnce() -> T) -> T {
-    if req.uid == 0 {
-        return f();
-    }
-    let saved = nix::unistd::getgroups().unwrap_or_default();
-    let groups: Vec<Gid> = req.groups.iter().map(|&g| Gid::from_raw(g)).collect();
-    // SAFETY: setfsuid/setfsgid take integer ids and cannot fail in a way
-    // that matters here: as root, every id is allowed.
-    let _ = nix::unistd::setgroups(&groups);
-    unsafe {
-        libc::setfsgid(req.gid);
-        libc::setfsuid(req.uid);
-    }
-    let result = f();
-    // SAFETY: as above; back to root's.
-    unsafe {
-        libc::setfsuid(0);
-        libc::setfsgid(0);
-    }
-    let _ = nix::unistd::setgroups(&saved);
-    result
-}
-
-/// Opens a kernel or initrd: a regular file, read-only.
-fn open_regular(path: &str) -> Result<File, String> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| common::qcow2::io_message(&e))?;
-    match file.metadata() {
-        Ok(m) if m.is_file() => Ok(file),
-        Ok(_) => Err("not a regular file".to_string()),
-        Err(e) => Err(common::qcow2::io_message(&e)),
-    }
-}
-
-/// Opens a disk's image chain (the top read-write, the rest read-only)
-/// and locks it: the top exclusively, the files below shared, so no
-/// other VM writes to a file this one reads or writes.
-fn vmm_open_disk(path: &Path, format: common::disk::DiskFormat) -> Result<Vec<Layer>, StartError> {
-    let layers = image::open_chain(path, format, true, image::open_file)
-        .map_err(|e| StartError::Disk(e.to_string()))?;
-    for (i, layer) in layers.iter().enumerate() {
-        let op = if i == 0 { libc::LOCK_EX } else { libc::LOCK_SH };
+/// Locks every disk's image chain: the top of a writable disk
+/// exclusively, the files below shared, so no other VM writes to a file
+/// this one reads or writes.
+fn vmm_lock_disks(files: &[Opened]) -> Result<(), StartError> {
+    for f in files {
+        let VmFdKind::Disk { writable, .. } = f.kind else {
+            continue;
+        };
+        let op = if writable {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
         // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(layer.file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+        if unsafe { libc::flock(f.file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
             return Err(match Errno::last() {
-                Errno::EWOULDBLOCK => StartError::DiskInUse(layer.path.display().to_string()),
-                e => StartError::Disk(format!("{}: cannot lock: {e}", layer.path.display())),
+                Errno::EWOULDBLOCK => StartError::DiskInUse(f.path.clone()),
+                e => StartError::Disk(format!("{}: cannot lock: {e}", f.path)),
             });
         }
     }
-    Ok(layers)
+    Ok(())
 }
 
 /// A new pty, its slave raw at once and given to `owner` (see
@@ -871,6 +916,7 @@ fn qemu_rss(pid: u32, uid: u32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
 
     #[test]
     fn tcg_never_and_auto_only_with_hardware_modules() {
@@ -947,13 +993,55 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("d.img");
         std::fs::write(&path, vec![0u8; 4096]).expect("image");
-        let first = vmm_open_disk(&path, common::disk::DiskFormat::Raw).expect("first");
+        let open = || {
+            let wants = [Want {
+                kind: VmFdKind::Disk {
+                    disk: 0,
+                    layer: 0,
+                    format: common::disk::DiskFormat::Raw,
+                    writable: true,
+                },
+                path: path.display().to_string(),
+            }];
+            userfiles::userfiles_open(&wants).expect("open")
+        };
+        let first = open();
+        vmm_lock_disks(&first).expect("first lock");
         assert!(matches!(
-            vmm_open_disk(&path, common::disk::DiskFormat::Raw),
+            vmm_lock_disks(&open()),
             Err(StartError::DiskInUse(_))
         ));
         drop(first);
-        assert!(vmm_open_disk(&path, common::disk::DiskFormat::Raw).is_ok());
+        assert!(vmm_lock_disks(&open()).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn refusals_read_as_vmd_messages() {
+        let refusal = |kind, why| FileRefusal {
+            kind,
+            path: "/u/x".into(),
+            why,
+        };
+        let cd = StartError::from_refusal(refusal(VmFdKind::Cdrom, RefusalReason::Missing));
+        assert_eq!(cd.to_ctl(), CtlError::CdromMissing);
+        assert_eq!(cd.to_ctl().describe(), "could not find specified iso image");
+        let cd = StartError::from_refusal(refusal(VmFdKind::Cdrom, RefusalReason::NotRegular));
+        assert_eq!(cd.to_ctl(), CtlError::CdromInvalid);
+        assert_eq!(StartError::BiosMissing.to_ctl(), CtlError::BiosMissing);
+        let denied =
+            StartError::from_refusal(refusal(VmFdKind::Kernel, RefusalReason::PermissionDenied));
+        assert_eq!(denied.to_string(), "/u/x: permission denied");
+        let vm = VmConfig::new("x");
+        let mut net = vm.clone();
+        net.boot_device = Some(BootDevice::Net);
+        assert!(matches!(
+            vmm_check_built(&net),
+            Err(StartError::NotBuilt(_))
+        ));
+        let mut cd = vm;
+        cd.cdrom = Some("/x.iso".into());
+        cd.boot_device = Some(BootDevice::Cdrom);
+        assert!(vmm_check_built(&cd).is_ok());
     }
 }

@@ -367,10 +367,10 @@ impl VmConfig {
     }
 
     /// An instance's settings with what it leaves unset taken from its
-    /// parent, as vmd does for instances created by root: disks are never
-    /// inherited, interfaces beyond the instance's own come from the
-    /// parent, and instance permissions pass on only if the parent
-    /// allows instances of instances.
+    /// parent: disks are never inherited, interfaces beyond the
+    /// instance's own come from the parent without their exclusive
+    /// settings (lladdr, tap name), and instance permissions pass on only
+    /// if the parent allows instances of instances.
     pub fn inherit_from(&self, parent: &VmConfig) -> VmConfig {
         let mut vm = self.clone();
         vm.boot = vm.boot.or_else(|| parent.boot.clone());
@@ -379,8 +379,14 @@ impl VmConfig {
         vm.memory = vm.memory.or(parent.memory);
         vm.interface_count = vm.interface_count.or(parent.interface_count);
         if vm.interfaces.len() < parent.interfaces.len() {
-            vm.interfaces
-                .extend_from_slice(&parent.interfaces[vm.interfaces.len()..]);
+            let inherited = parent.interfaces[vm.interfaces.len()..]
+                .iter()
+                .map(|i| Interface {
+                    lladdr: None,
+                    tap: None,
+                    ..i.clone()
+                });
+            vm.interfaces.extend(inherited);
         }
         if vm.owner.uid == 0 && vm.owner.user.is_none() {
             vm.owner.uid = parent.owner.uid;
@@ -402,6 +408,35 @@ impl VmConfig {
         vm.accel = vm.accel.or(parent.accel);
         vm.shutdown_timeout = vm.shutdown_timeout.or(parent.shutdown_timeout);
         vm
+    }
+
+    /// What an instance would share with its parent that only one VM may
+    /// have (a disk, an lladdr, a tap name), described, if anything.
+    pub fn reuses_exclusive(&self, parent: &VmConfig) -> Option<String> {
+        if let Some(disk) = self
+            .disks
+            .iter()
+            .find(|d| parent.disks.iter().any(|p| p.path == d.path))
+        {
+            return Some(format!("disk {}", disk.path));
+        }
+        for nic in &self.interfaces {
+            if let Some(mac) = nic
+                .lladdr
+                .filter(|mac| parent.interfaces.iter().any(|p| p.lladdr == Some(*mac)))
+            {
+                let text: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+                return Some(format!("lladdr {}", text.join(":")));
+            }
+            if let Some(tap) = nic
+                .tap
+                .as_ref()
+                .filter(|t| parent.interfaces.iter().any(|p| p.tap.as_ref() == Some(*t)))
+            {
+                return Some(format!("interface {tap}"));
+            }
+        }
+        None
     }
 
     pub fn accel_or(&self, globals: &Globals) -> Accel {

@@ -2,7 +2,8 @@
 //!
 //! Started by the parent (vmm.rs) as root from a fresh exec, so it
 //! inherits no seccomp filter. It receives the VM's parameters and every
-//! descriptor it needs (kernel, initrd, disks, pty, console log), then,
+//! descriptor it needs (kernel and initrd or the BIOS, disks, cdrom, pty,
+//! console log), then,
 //! from its main thread and still root: clears the capability bounding,
 //! ambient and inheritable sets, starts QEMU (qemu.rs) in its own session
 //! under the VM's uid, chroots into the empty directory, drops to the
@@ -30,7 +31,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{Gid, Pid, Uid};
-use qemu::{DiskLayer, QemuFiles, QmpReply, QmpState};
+use qemu::{Boot, DiskLayer, QemuFiles, QmpReply, QmpState};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::process::ExitCode;
@@ -79,6 +80,8 @@ pub enum VmError {
 struct StartFds {
     kernel: Option<OwnedFd>,
     initrd: Option<OwnedFd>,
+    bios: Option<OwnedFd>,
+    cdrom: Option<OwnedFd>,
     pty_master: Option<OwnedFd>,
     pty_slave: Option<OwnedFd>,
     console_log: Option<OwnedFd>,
@@ -150,6 +153,8 @@ fn vm_receive_start(channel: &mut Channel) -> Result<(VmParams, StartFds), VmErr
                         VmFdKind::PtyMaster => &mut fds.pty_master,
                         VmFdKind::PtySlave => &mut fds.pty_slave,
                         VmFdKind::ConsoleLog => &mut fds.console_log,
+                        VmFdKind::Bios => &mut fds.bios,
+                        VmFdKind::Cdrom => &mut fds.cdrom,
                         VmFdKind::Disk {
                             disk,
                             layer,
@@ -221,7 +226,20 @@ fn set_nonblocking(fd: RawFd) -> Result<(), VmError> {
 /// Starts QEMU, drops, lets the guest run and relays until QEMU ends.
 fn vm_run(start: ChildStart, params: VmParams, fds: StartFds) -> Result<bool, VmError> {
     let missing = |what: &str| VmError::Receive(format!("no {what} descriptor"));
-    let kernel = fds.kernel.ok_or_else(|| missing("kernel"))?;
+    let boot = match (fds.kernel, fds.bios) {
+        (Some(kernel), _) => Boot::Kernel {
+            kernel: qemu::to_memfd("kernel", kernel)?,
+            initrd: fds
+                .initrd
+                .map(|fd| qemu::to_memfd("initrd", fd))
+                .transpose()?,
+        },
+        (None, Some(bios)) => Boot::Bios {
+            bios: qemu::to_memfd("bios", bios)?,
+            sercon: qemu::memfd_with("sercon-port", &qemu::SERCON_PORT)?,
+        },
+        (None, None) => return Err(missing("kernel or BIOS")),
+    };
     let pty = fds.pty_master.ok_or_else(|| missing("pty"))?;
     let pty_slave = fds.pty_slave.ok_or_else(|| missing("pty slave"))?;
     let log_fd = fds.console_log.ok_or_else(|| missing("console log"))?;
@@ -235,23 +253,23 @@ fn vm_run(start: ChildStart, params: VmParams, fds: StartFds) -> Result<bool, Vm
             err,
         })?;
     let files = QemuFiles {
-        kernel: qemu::to_memfd("kernel", kernel)?,
-        initrd: fds
-            .initrd
-            .map(|fd| qemu::to_memfd("initrd", fd))
-            .transpose()?,
+        boot,
         disks: fds.disks,
+        cdrom: fds.cdrom,
         qmp: qmp_qemu,
         serial: serial_qemu,
     };
     let args = qemu::qemu_args(&params, &files);
-    let mut keep: Vec<RawFd> = vec![
-        files.kernel.as_raw_fd(),
-        files.qmp.as_raw_fd(),
-        files.serial.as_raw_fd(),
-    ];
-    keep.extend(files.initrd.as_ref().map(|fd| fd.as_raw_fd()));
+    let mut keep: Vec<RawFd> = vec![files.qmp.as_raw_fd(), files.serial.as_raw_fd()];
+    match &files.boot {
+        Boot::Kernel { kernel, initrd } => {
+            keep.push(kernel.as_raw_fd());
+            keep.extend(initrd.as_ref().map(|fd| fd.as_raw_fd()));
+        }
+        Boot::Bios { bios, sercon } => keep.extend([bios.as_raw_fd(), sercon.as_raw_fd()]),
+    }
     keep.extend(files.disks.iter().map(|l| l.fd.as_raw_fd()));
+    keep.extend(files.cdrom.as_ref().map(|fd| fd.as_raw_fd()));
     for fd in [
         qmp.as_raw_fd(),
         serial.as_raw_fd(),

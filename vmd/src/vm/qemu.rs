@@ -3,14 +3,16 @@
 //!
 //! QEMU never opens a user's file by name: disks come as descriptors in
 //! fdsets (`-add-fd`, `/dev/fdset/N`) with one explicit `-blockdev` node
-//! per file of a qcow2 chain, the kernel and initrd as memfds named by
-//! `/proc/self/fd/N`. QMP and the serial port are socketpairs
+//! per file of a qcow2 chain, the CD-ROM likewise, the kernel and initrd
+//! (or, without a kernel, SeaBIOS and its serial console setting) as
+//! memfds named by `/proc/self/fd/N`. QMP and the serial port are socketpairs
 //! (`-chardev socket,fd=N`). It starts paused (`-S`); the VM process sends
 //! `cont` once it has dropped its own privileges.
 //!
 //! QEMU inherits no seccomp filter (it is spawned before the VM process
 //! installs its own) and installs QEMU's own with `-sandbox on,...`.
 
+use common::config::BootDevice;
 use common::disk::DiskFormat;
 use common::imsg::VmParams;
 use nix::errno::Errno;
@@ -49,20 +51,56 @@ pub struct DiskLayer {
     pub fd: OwnedFd,
 }
 
+/// What the guest boots: a Linux kernel directly, or SeaBIOS, which
+/// boots a disk or the CD-ROM.
+pub enum Boot {
+    Kernel {
+        kernel: OwnedFd,
+        initrd: Option<OwnedFd>,
+    },
+    Bios {
+        bios: OwnedFd,
+        /// The fw_cfg file `etc/sercon-port`: SeaBIOS's serial console,
+        /// so what the BIOS and boot loaders write through int 10h shows
+        /// on the VM's console.
+        sercon: OwnedFd,
+    },
+}
+
+/// SeaBIOS's `etc/sercon-port`: the serial port 0x3f8, little-endian.
+/// (QEMU's `-fw_cfg string=` would store text, not these two bytes.)
+pub const SERCON_PORT: [u8; 2] = [0xf8, 0x03];
+
 /// What QEMU gets: every descriptor it inherits stays open here until it
 /// has started.
 pub struct QemuFiles {
-    pub kernel: OwnedFd,
-    pub initrd: Option<OwnedFd>,
+    pub boot: Boot,
     pub disks: Vec<DiskLayer>,
+    /// The CD-ROM image, read-only.
+    pub cdrom: Option<OwnedFd>,
     /// QEMU's ends of the QMP and serial socketpairs.
     pub qmp: OwnedFd,
     pub serial: OwnedFd,
 }
 
-/// Copies a file into a new memfd (QEMU loads the kernel and initrd by
-/// name only; /proc/self/fd/N of a memfd is a name that needs no path).
+/// Copies a file into a new memfd (QEMU loads the kernel, initrd and
+/// BIOS by name only; /proc/self/fd/N of a memfd is a name that needs no
+/// path).
 pub fn to_memfd(what: &'static str, file: OwnedFd) -> Result<OwnedFd, QemuError> {
+    let mut memfd = memfd(what)?;
+    let mut source = std::fs::File::from(file);
+    std::io::copy(&mut source, &mut memfd).map_err(|err| QemuError::Copy { what, err })?;
+    Ok(OwnedFd::from(memfd))
+}
+
+/// A new memfd holding `bytes`.
+pub fn memfd_with(what: &'static str, bytes: &[u8]) -> Result<OwnedFd, QemuError> {
+    let mut memfd = memfd(what)?;
+    std::io::Write::write_all(&mut memfd, bytes).map_err(|err| QemuError::Copy { what, err })?;
+    Ok(OwnedFd::from(memfd))
+}
+
+fn memfd(what: &'static str) -> Result<std::fs::File, QemuError> {
     let name = CString::new(what).map_err(|_| QemuError::Nul)?;
     // SAFETY: memfd_create with a NUL-terminated name; returns a new fd.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
@@ -73,11 +111,9 @@ pub fn to_memfd(what: &'static str, file: OwnedFd) -> Result<OwnedFd, QemuError>
         });
     }
     // SAFETY: memfd_create just returned this descriptor; nothing else owns it.
-    let mut memfd =
-        std::fs::File::from(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
-    let mut source = std::fs::File::from(file);
-    std::io::copy(&mut source, &mut memfd).map_err(|err| QemuError::Copy { what, err })?;
-    Ok(OwnedFd::from(memfd))
+    Ok(std::fs::File::from(unsafe {
+        <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+    }))
 }
 
 /// QEMU's arguments (after argv[0]) for `params` with `files`.
@@ -110,13 +146,55 @@ pub fn qemu_args(params: &VmParams, files: &QemuFiles) -> Vec<String> {
         "-serial",
         "chardev:serial0",
     ]);
-    push(&["-kernel", &proc_fd(files.kernel.as_raw_fd())]);
-    if let Some(initrd) = &files.initrd {
-        push(&["-initrd", &proc_fd(initrd.as_raw_fd())]);
+    // SeaBIOS boots the devices in bootindex order: the CD-ROM first
+    // unless told otherwise (as vmd's BIOS does, so an install image
+    // boots), then the first disk. A kernel boots directly.
+    let (disk_index, cdrom_index) = match &files.boot {
+        Boot::Kernel { kernel, initrd } => {
+            push(&["-kernel", &proc_fd(kernel.as_raw_fd())]);
+            if let Some(initrd) = initrd {
+                push(&["-initrd", &proc_fd(initrd.as_raw_fd())]);
+            }
+            push(&["-append", &params.cmdline]);
+            (None, None)
+        }
+        Boot::Bios { bios, sercon } => {
+            push(&["-bios", &proc_fd(bios.as_raw_fd())]);
+            push(&[
+                "-fw_cfg",
+                &format!("name=etc/sercon-port,file={}", proc_fd(sercon.as_raw_fd())),
+            ]);
+            match params.boot_device {
+                Some(BootDevice::Disk) => (Some(1), Some(2)),
+                _ => (Some(2), Some(1)),
+            }
+        }
+    };
+    args.extend(disk_args(&files.disks, disk_index));
+    if let Some(cdrom) = &files.cdrom {
+        let set = files.disks.len() + 1;
+        args.extend(cdrom_args(cdrom.as_raw_fd(), set, cdrom_index));
     }
-    push(&["-append", &params.cmdline]);
-    args.extend(disk_args(&files.disks));
     args
+}
+
+fn bootindex(index: Option<u32>) -> String {
+    index.map_or(String::new(), |i| format!(",bootindex={i}"))
+}
+
+/// The CD-ROM: a read-only node on fdset `set`, an IDE CD drive on the
+/// machine's second IDE bus (SeaBIOS boots it with El Torito).
+pub fn cdrom_args(fd: RawFd, set: usize, boot_index: Option<u32>) -> Vec<String> {
+    vec![
+        "-add-fd".to_string(),
+        format!("fd={fd},set={set}"),
+        "-blockdev".to_string(),
+        format!("driver=file,node-name=cd0-file,filename=/dev/fdset/{set},read-only=on"),
+        "-blockdev".to_string(),
+        "driver=raw,node-name=cd0,file=cd0-file,read-only=on".to_string(),
+        "-device".to_string(),
+        format!("ide-cd,drive=cd0,bus=ide.1,id=cd0{}", bootindex(boot_index)),
+    ]
 }
 
 fn proc_fd(fd: RawFd) -> String {
@@ -133,8 +211,9 @@ fn on_off(b: bool) -> &'static str {
 
 /// `-add-fd` and `-blockdev` for every layer, bottom first (a node must
 /// exist before an overlay names it as backing), then one virtio-blk
-/// device per disk on its top node.
-pub fn disk_args(layers: &[DiskLayer]) -> Vec<String> {
+/// device per disk on its top node; the first disk boots at
+/// `boot_index`.
+pub fn disk_args(layers: &[DiskLayer], boot_index: Option<u32>) -> Vec<String> {
     let mut args = Vec::new();
     let node = |disk: u8, layer: u8| format!("disk{disk}-{layer}");
     let mut sorted: Vec<&DiskLayer> = layers.iter().collect();
@@ -174,11 +253,12 @@ pub fn disk_args(layers: &[DiskLayer]) -> Vec<String> {
     let mut disks: Vec<u8> = layers.iter().map(|l| l.disk).collect();
     disks.sort();
     disks.dedup();
-    for disk in disks {
+    for (i, disk) in disks.into_iter().enumerate() {
         args.push("-device".to_string());
         args.push(format!(
-            "virtio-blk-pci,drive={},id=vd{disk}",
-            node(disk, 0)
+            "virtio-blk-pci,drive={},id=vd{disk}{}",
+            node(disk, 0),
+            bootindex(boot_index.filter(|_| i == 0))
         ));
     }
     args
@@ -387,7 +467,7 @@ mod tests {
             layer(0, 1, DiskFormat::Raw, false),
             layer(1, 0, DiskFormat::Qcow2, true),
         ];
-        let args = disk_args(&layers).join(" ");
+        let args = disk_args(&layers, Some(2)).join(" ");
         let base = args.find("node-name=disk0-1,").expect("base node");
         let top = args.find("node-name=disk0-0,").expect("top node");
         assert!(base < top, "{args}");
@@ -396,10 +476,100 @@ mod tests {
         ));
         assert!(args.contains("driver=raw,node-name=disk0-1,file=disk0-1-file,read-only=on"));
         assert!(args.contains("node-name=disk1-0,file=disk1-0-file,read-only=off,backing=null"));
-        assert!(args.contains("virtio-blk-pci,drive=disk0-0,id=vd0"));
-        assert!(args.contains("virtio-blk-pci,drive=disk1-0,id=vd1"));
+        assert!(args.contains("virtio-blk-pci,drive=disk0-0,id=vd0,bootindex=2"));
+        assert!(args.ends_with("virtio-blk-pci,drive=disk1-0,id=vd1"));
         assert!(!args.contains("drive=disk0-1"));
         assert_eq!(args.matches("-add-fd").count(), 3);
+    }
+
+    fn params(boot_device: Option<BootDevice>) -> VmParams {
+        VmParams {
+            id: 1,
+            name: "b".into(),
+            memory: 64 << 20,
+            vcpus: 1,
+            cmdline: DEFAULT_CMDLINE.into(),
+            boot_device,
+            kvm: false,
+            uid: 1,
+            gid: 1,
+            qemu_groups: Vec::new(),
+            console_log_cap: 1 << 20,
+            console_log_size: 0,
+            fd_count: 0,
+        }
+    }
+
+    fn null() -> OwnedFd {
+        layer(0, 0, DiskFormat::Raw, false).fd
+    }
+
+    #[test]
+    fn bios_boot_order_and_serial_console() {
+        let files = |boot_device| {
+            let files = QemuFiles {
+                boot: Boot::Bios {
+                    bios: null(),
+                    sercon: null(),
+                },
+                disks: vec![layer(0, 0, DiskFormat::Raw, true)],
+                cdrom: Some(null()),
+                qmp: null(),
+                serial: null(),
+            };
+            let args = qemu_args(&params(boot_device), &files).join(" ");
+            (args, files)
+        };
+        let (args, f) = files(None);
+        let Boot::Bios { bios, sercon } = &f.boot else {
+            unreachable!()
+        };
+        assert!(args.contains(&format!("-bios /proc/self/fd/{}", bios.as_raw_fd())));
+        assert!(args.contains(&format!(
+            "-fw_cfg name=etc/sercon-port,file=/proc/self/fd/{}",
+            sercon.as_raw_fd()
+        )));
+        assert!(!args.contains("-kernel") && !args.contains("-append"));
+        // The CD-ROM first unless the disk is asked for.
+        assert!(args.contains("id=vd0,bootindex=2"), "{args}");
+        assert!(args.contains("ide-cd,drive=cd0,bus=ide.1,id=cd0,bootindex=1"));
+        assert!(args.contains("filename=/dev/fdset/2,read-only=on"));
+        let (args, _) = files(Some(BootDevice::Disk));
+        assert!(args.contains("id=vd0,bootindex=1"));
+        assert!(args.contains("id=cd0,bootindex=2"));
+        let (args, _) = files(Some(BootDevice::Cdrom));
+        assert!(args.contains("id=cd0,bootindex=1"));
+    }
+
+    #[test]
+    fn a_kernel_boots_directly() {
+        let files = QemuFiles {
+            boot: Boot::Kernel {
+                kernel: null(),
+                initrd: None,
+            },
+            disks: Vec::new(),
+            cdrom: Some(null()),
+            qmp: null(),
+            serial: null(),
+        };
+        let args = qemu_args(&params(Some(BootDevice::Cdrom)), &files).join(" ");
+        assert!(args.contains("-kernel /proc/self/fd/"));
+        assert!(args.contains("-append console=ttyS0"));
+        assert!(!args.contains("-bios") && !args.contains("bootindex"));
+        assert!(args.contains("ide-cd,drive=cd0,bus=ide.1,id=cd0"));
+        assert_eq!(
+            memfd_with("sercon", &SERCON_PORT)
+                .map(|fd| {
+                    let mut f = std::fs::File::from(fd);
+                    let mut buf = Vec::new();
+                    std::io::Seek::rewind(&mut f).expect("rewind");
+                    std::io::Read::read_to_end(&mut f, &mut buf).expect("read");
+                    buf
+                })
+                .expect("memfd"),
+            vec![0xf8, 0x03]
+        );
     }
 
     #[test]

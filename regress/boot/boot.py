@@ -1,0 +1,437 @@
+#!/usr/bin/env python3
+"""regress/boot: every way to boot, instances and templates, and users'
+files, against real guests under vmd (QEMU with TCG). As root.
+
+The BIOS guests are built here: a raw disk whose boot sector prints a
+marker through int 10h and halts, and an ISO9660 image with an El Torito
+no-emulation boot record holding the same code. SeaBIOS's serial console
+carries the marker to the VM's console (pty and console log). Markers are
+random per case, so no case can see another's output.
+
+Each case has its own vmd, staging directory and (where it needs one) its
+own test user, and removes all of them at the end, even on failure
+(regress/lib/vmdregress.py).
+"""
+
+import os
+import random
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
+import vmdregress  # noqa: E402
+from vmdregress import Failure, Pty, TestUser, Vmd, case, wait_for  # noqa: E402
+
+BIOS_TIMEOUT = 30
+SECTOR = 2048
+
+
+# --- the guests
+
+
+def boot_sector(marker):
+    """512 bytes of real-mode code: print `marker` through int 10h
+    (teletype), then halt forever. Loaded at 0:7C00 (disk) or 07C0:0
+    (El Torito): the message is addressed linearly with DS = 0."""
+    code_len = 25
+    message = 0x7C00 + code_len
+    code = bytes([0x31, 0xC0,        # xor ax, ax
+                  0x8E, 0xD8,        # mov ds, ax
+                  0xBE]) + struct.pack("<H", message) + bytes([  # mov si, message
+                  0xFC,              # cld
+                  0xAC,              # next: lodsb
+                  0x08, 0xC0,        # or al, al
+                  0x74, 0x09,        # jz halt
+                  0xB4, 0x0E,        # mov ah, 0eh (teletype)
+                  0xBB, 0x07, 0x00,  # mov bx, 7
+                  0xCD, 0x10,        # int 10h
+                  0xEB, 0xF2,        # jmp next
+                  0xF4,              # halt: hlt
+                  0xEB, 0xFD])       # jmp halt
+    assert len(code) == code_len
+    sector = code + marker.encode() + b"\r\n\0"
+    return sector.ljust(510, b"\0") + b"\x55\xaa"
+
+
+def both16(v):
+    return struct.pack("<H", v) + struct.pack(">H", v)
+
+
+def both32(v):
+    return struct.pack("<I", v) + struct.pack(">I", v)
+
+
+def dir_record(lba, size, name):
+    body = bytes([0]) + both32(lba) + both32(size) + bytes(7) + bytes([2, 0, 0]) + both16(1)
+    body += bytes([len(name)]) + name
+    if len(body) % 2 == 0:
+        body += b"\0"
+    return bytes([len(body) + 1]) + body
+
+
+def iso_image(boot):
+    """A minimal ISO9660 image: primary volume descriptor with an empty
+    root directory, El Torito boot record, terminator, boot catalog
+    (validation entry and a no-emulation default entry) and the boot
+    image."""
+    pvd, brvd, term, catalog, root, lpath, mpath, image = range(16, 24)
+    total = 24
+    iso = bytearray(total * SECTOR)
+
+    def put(sector, data, offset=0):
+        start = sector * SECTOR + offset
+        iso[start:start + len(data)] = data
+
+    root_dir = dir_record(root, SECTOR, b"\0") + dir_record(root, SECTOR, b"\1")
+    put(root, root_dir)
+    d = bytearray(SECTOR)
+    d[0:7] = b"\x01CD001\x01"
+    d[8:40] = b" " * 32
+    d[40:72] = b"VMD_REGRESS_BOOT".ljust(32)
+    d[80:88] = both32(total)
+    d[120:124] = both16(1)
+    d[124:128] = both16(1)
+    d[128:132] = both16(SECTOR)
+    d[132:140] = both32(10)
+    d[140:144] = struct.pack("<I", lpath)
+    d[148:152] = struct.pack(">I", mpath)
+    record = dir_record(root, SECTOR, b"\0")
+    d[156:156 + len(record)] = record
+    for offset, n in ((190, 128), (318, 128), (446, 128), (574, 128), (702, 37), (739, 37), (776, 37)):
+        d[offset:offset + n] = b" " * n
+    for offset in (813, 830, 847, 864):
+        d[offset:offset + 16] = b"0" * 16
+    d[881] = 1
+    put(pvd, d)
+    b = bytearray(SECTOR)
+    b[0:7] = b"\x00CD001\x01"
+    b[7:30] = b"EL TORITO SPECIFICATION"
+    b[0x47:0x4B] = struct.pack("<I", catalog)
+    put(brvd, b)
+    put(term, b"\xffCD001\x01")
+    validation = bytearray(32)
+    validation[0] = 1
+    validation[0x1E:0x20] = b"\x55\xaa"
+    checksum = -sum(struct.unpack("<16H", bytes(validation))) & 0xFFFF
+    validation[0x1C:0x1E] = struct.pack("<H", checksum)
+    default = bytearray(32)
+    default[0] = 0x88  # bootable, no emulation, load segment 0 (07C0)
+    default[6:8] = struct.pack("<H", 4)  # 4 virtual sectors: 2048 bytes
+    default[8:12] = struct.pack("<I", image)
+    put(catalog, bytes(validation + default))
+    put(lpath, struct.pack("<BBIH", 1, 0, root, 1))
+    put(mpath, struct.pack(">BBIH", 1, 0, root, 1))
+    put(image, boot)
+    return bytes(iso)
+
+
+def marker(tag):
+    return f"VMD-BOOT-{tag}-{random.randrange(10**8):08d}"
+
+
+def write_disk(path, mark, mode=0o644, owner=None):
+    with open(path, "wb") as f:
+        f.write(boot_sector(mark).ljust(1 << 20, b"\0"))
+    finish(path, mode, owner)
+
+
+def write_iso(path, mark, mode=0o644, owner=None):
+    with open(path, "wb") as f:
+        f.write(iso_image(boot_sector(mark)))
+    finish(path, mode, owner)
+
+
+def finish(path, mode, owner):
+    os.chmod(path, mode)
+    if owner:
+        os.chown(path, owner.uid, owner.gid)
+
+
+class Staging:
+    """A directory every user may traverse, for a case's files."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="vmd-regress-boot-")
+        os.chmod(self.dir, 0o755)
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def remove(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --- helpers
+
+
+def refused(vmd, args, want, user=None):
+    """`vmctl start ARGS` (as the user named `user`) must fail and say
+    `want`."""
+    rc, out = vmd.vmctl("start", *args, user=user)
+    if rc == 0 or want not in out:
+        raise Failure(f"start {' '.join(args)}: exit {rc}, expected {want!r}: {out.strip()!r}")
+    return out
+
+
+def stop(vmd, name):
+    vmd.vmctl("stop", "-f", name)
+
+
+def qemu_args(vmd, vmid):
+    _, qemu = vmd.vm_pids(vmid)
+    return vmdregress.cmdline(qemu)
+
+
+def row_of(vmd, name):
+    for row in vmd.status():
+        if row["NAME"] == name:
+            return row
+    return None
+
+
+def maxmem(vmd, name):
+    row = row_of(vmd, name)
+    if not row:
+        raise Failure(f"{name} is not in status")
+    return row["MAXMEM"]
+
+
+def with_case(fn, conf=None, user=False):
+    """Runs fn(vmd, staging[, user]) with a vmd, a staging directory and,
+    if asked, a test user who may use vmd's socket; `conf` makes the
+    vm.conf text from (staging, user)."""
+    def run():
+        staging = Staging()
+        test_user = TestUser("vmdboot") if user else None
+        vmd = None
+        try:
+            extra = conf(staging, test_user) if conf else ""
+            if test_user:
+                extra = f"socket owner :{test_user.name}\n{extra}"
+            vmd = Vmd(conf_extra=extra)
+            if test_user:
+                os.chmod(vmd.dir, 0o711)
+                fn(vmd, staging, test_user)
+            else:
+                fn(vmd, staging)
+        finally:
+            if vmd:
+                vmd.stop()
+            if test_user:
+                test_user.remove()
+            staging.remove()
+    return run
+
+
+# --- cases
+
+
+def bios_boots_a_disk(vmd, staging):
+    mark = marker("DISK")
+    disk = staging.path("disk.img")
+    write_disk(disk, mark)
+    vmid, tty = vmd.start_with("bdisk", "-d", disk, "-m", "64M")
+    pty = Pty(tty)
+    try:
+        pty.wait_for(mark, BIOS_TIMEOUT)
+    finally:
+        pty.close()
+    log = vmd.console_log("bdisk")
+    if mark not in log or "SeaBIOS" not in log:
+        raise Failure(f"console log lacks the BIOS or the marker: {log[-400:]!r}")
+    args = qemu_args(vmd, vmid)
+    if "-bios /proc/self/fd/" not in args or "etc/sercon-port" not in args or "-kernel" in args:
+        raise Failure(f"QEMU is not booting SeaBIOS from a memfd: {args}")
+    if maxmem(vmd, "bdisk") != "64.0M":
+        raise Failure(f"MAXMEM {maxmem(vmd, 'bdisk')}, expected 64.0M")
+
+
+def bios_boots_an_iso(vmd, staging):
+    mark = marker("ISO")
+    iso = staging.path("boot.iso")
+    write_iso(iso, mark)
+    vmid, _ = vmd.start_with("biso", "-r", iso, "-m", "64M")
+    vmd.wait_console("biso", mark, BIOS_TIMEOUT)
+    if "Booting from DVD/CD" not in vmd.console_log("biso"):
+        raise Failure(f"not booted from the CD: {vmd.console_log('biso')[-400:]!r}")
+    args = qemu_args(vmd, vmid)
+    if "ide-cd,drive=cd0" not in args or "/dev/fdset/" not in args or iso in args:
+        raise Failure(f"the CD-ROM is not passed as an fdset: {args}")
+
+
+def boot_order_conf(staging, _user):
+    return "\n".join([
+        'vm "cfgdisk" {', "\tdisable", "\tmemory 64M", f'\tdisk "{staging.path("cfg.img")}"',
+        f'\tcdrom "{staging.path("order.iso")}"', "\tboot device disk", "}", ""])
+
+
+def boot_order(vmd, staging):
+    disk_mark, cd_mark = marker("ORDER-DISK"), marker("ORDER-CD")
+    iso = staging.path("order.iso")
+    write_iso(iso, cd_mark)
+    # One disk per VM: a disk is locked by the VM that writes it.
+    expected = {}
+    for name, flags, want in (("odefault", [], cd_mark), ("odisk", ["-B", "disk"], disk_mark),
+                              ("ocdrom", ["-B", "cdrom"], cd_mark)):
+        disk = staging.path(f"{name}.img")
+        write_disk(disk, disk_mark)
+        vmd.start_with(name, "-d", disk, "-r", iso, "-m", "64M", *flags)
+        expected[name] = want
+    write_disk(staging.path("cfg.img"), disk_mark)
+    vmd.start_with("cfgdisk")
+    expected["cfgdisk"] = disk_mark
+    for name, want in expected.items():
+        vmd.wait_console(name, want, BIOS_TIMEOUT)
+        other = cd_mark if want == disk_mark else disk_mark
+        if other in vmd.console_log(name):
+            raise Failure(f"{name} booted both devices: {vmd.console_log(name)[-400:]!r}")
+    # -B on a configured VM changes its next boot.
+    stop(vmd, "cfgdisk")
+    wait_for("cfgdisk to stop", lambda: row_of(vmd, "cfgdisk")["STATE"] == "stopped")
+    os.unlink(os.path.join(vmd.console_dir, "cfgdisk.console"))
+    vmd.start_with("cfgdisk", "-B", "cdrom")
+    vmd.wait_console("cfgdisk", cd_mark, BIOS_TIMEOUT)
+
+
+def refusals_conf(staging, _user):
+    return "\n".join([
+        'vm "nocd" {', "\tdisable", "\tmemory 64M", f'\tcdrom "{staging.path("missing.iso")}"', "}",
+        'vm "dircd" {', "\tdisable", "\tmemory 64M", f'\tcdrom "{staging.dir}"', "}", ""])
+
+
+def refusals(vmd, staging):
+    disk = staging.path("disk.img")
+    write_disk(disk, marker("NET"))
+    out = refused(vmd, ["bnet", "-d", disk, "-B", "net"], "boot device net")
+    if "not built yet" not in out:
+        raise Failure(f"-B net is not refused as not built: {out!r}")
+    refused(vmd, ["nocd"], "vmctl: could not find specified iso image")
+    refused(vmd, ["dircd"], "vmctl: specified iso image is not a regular file")
+    fifo = staging.path("fifo.iso")
+    os.mkfifo(fifo)
+    refused(vmd, ["fifocd", "-r", fifo, "-m", "64M"], "vmctl: specified iso image is not a regular file")
+    # Nothing was left running or registered by the refusals.
+    names = {row["NAME"] for row in vmd.status()}
+    if names != {"nocd", "dircd"}:
+        raise Failure(f"status after refusals: {names}")
+
+
+def instances_conf(staging, user):
+    k, i = vmdregress.KERNEL, vmdregress.INITRD
+    return "\n".join([
+        'vm "ktpl" {', "\tdisable", f'\tboot "{k}"', f'\tinitrd "{i}"', '\tcmdline "console=ttyS0 quiet"',
+        "\tmemory 256M", f'\tdisk "{staging.path("tpl.img")}"',
+        f"\tallow instance {{ memory, owner {user.name} }}", "}",
+        'vm "ktpl" instance "kinst" {', "\tdisable", "\tmemory 320M", "}",
+        'vm "closed" {', "\tdisable", f'\tboot "{k}"', "}", ""])
+
+
+def instances(vmd, staging, user):
+    write_disk(staging.path("tpl.img"), marker("TPL"))
+    own = staging.path("own.img")
+    write_disk(own, marker("OWN"), owner=user)
+    # vm.conf's instance inherits the template and sets its own memory.
+    if maxmem(vmd, "kinst") != "320M":
+        raise Failure(f"kinst MAXMEM {maxmem(vmd, 'kinst')}, expected 320M")
+    # A user allowed `memory` runs an instance with more; the guest sees it.
+    vmid, _ = vmd.start_with("big", "-t", "ktpl", "-m", "384M", user=user.name)
+    if maxmem(vmd, "big") != "384M":
+        raise Failure(f"instance MAXMEM {maxmem(vmd, 'big')}, expected 384M")
+    row = vmd.status_row(vmid)
+    if row["OWNER"] != user.name:
+        raise Failure(f"instance owner {row['OWNER']}, expected {user.name}")
+    vmd.wait_console("big", "VMD-GUEST: ready", 90)
+    m = vmdregress.re.search(r"VMD-GUEST: memory (\d+) kB", vmd.console_log("big"))
+    if not m or int(m.group(1)) <= 256 * 1024:
+        raise Failure(f"the guest does not see more than 256M: {m and m.group(0)}")
+    stop(vmd, "big")
+    # Not allowed `disk`; a template that allows no instances; none at all.
+    refused(vmd, ["withdisk", "-t", "ktpl", "-d", own], "Operation not permitted", user=user.name)
+    refused(vmd, ["nope", "-t", "closed"], "vmctl: invalid template", user=user.name)
+    refused(vmd, ["nope", "-t", "nosuchvm"], "vmctl: invalid template", user=user.name)
+    # Root may change anything but not reuse the template's disk.
+    refused(vmd, ["reuse", "-t", "ktpl", "-d", staging.path("tpl.img")], "Device or resource busy")
+
+
+def files_conf(staging, user):
+    return "\n".join([
+        'vm "btpl" {', "\tdisable", "\tmemory 64M",
+        f"\tallow instance {{ boot, cdrom, disk, memory, owner {user.name} }}", "}", ""])
+
+
+def users_files(vmd, staging, user):
+    mark = marker("USER")
+    own = staging.path("own.img")
+    write_disk(own, mark, mode=0o600, owner=user)
+    root_only = staging.path("root-only.img")
+    write_disk(root_only, marker("ROOT"), mode=0o600)
+    read_only = staging.path("read-only.img")
+    write_disk(read_only, marker("RO"), mode=0o644)
+    base = staging.path("base.img")
+    write_disk(base, marker("BASE"), mode=0o600)
+    overlay = staging.path("overlay.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", overlay],
+                   check=True, capture_output=True)
+    os.chown(overlay, user.uid, user.gid)
+    link = staging.path("link.img")
+    os.symlink(root_only, link)
+    os.lchown(link, user.uid, user.gid)
+    iso = staging.path("root-only.iso")
+    write_iso(iso, marker("ROOTISO"), mode=0o600)
+    kernel, initrd = staging.path("vmlinuz"), staging.path("initrd.gz")
+    for src, dst, mode in ((vmdregress.KERNEL, kernel, 0o600), (vmdregress.INITRD, initrd, 0o600)):
+        shutil.copyfile(src, dst)
+        finish(dst, mode, user)
+    root_kernel = staging.path("root-vmlinuz")
+    shutil.copyfile(vmdregress.KERNEL, root_kernel)
+    os.chmod(root_kernel, 0o600)
+
+    # What the user may read (and write) boots.
+    vmd.start_with("uown", "-t", "btpl", "-d", own, user=user.name)
+    vmd.wait_console("uown", mark, BIOS_TIMEOUT)
+    stop(vmd, "uown")
+    vmd.start_with("ukern", "-t", "btpl", "-b", kernel, "--initrd", initrd, "--cmdline",
+                   "console=ttyS0 quiet", "-m", "256M", user=user.name)
+    vmd.wait_console("ukern", "VMD-GUEST: booted", 90)
+    stop(vmd, "ukern")
+    # What it may not is refused, naming the file.
+    for name, args, path in (("uroot", ["-d", root_only], root_only),
+                             ("uro", ["-d", read_only], read_only),
+                             ("uqcow", ["-d", overlay], base),
+                             ("ulink", ["-d", link], root_only),
+                             ("uiso", ["-r", iso], iso),
+                             ("ukroot", ["-b", root_kernel], root_kernel)):
+        refused(vmd, [name, "-t", "btpl", *args], f"{path}: permission denied", user=user.name)
+    # Root opens the same files itself.
+    vmd.start_with("rootq", "-t", "btpl", "-d", overlay)
+    stop(vmd, "rootq")
+    if "permission denied" not in vmd.log():
+        raise Failure("vmd did not log the refusals")
+
+
+def main():
+    if not vmdregress.prepare():
+        return 1
+    if not os.path.exists("/usr/share/seabios/bios.bin"):
+        print("FAIL setup: /usr/share/seabios/bios.bin is missing; run regress/setup")
+        print("0 passed, 1 failed")
+        return 1
+    case("bios boots a disk's boot sector; its int 10h output reaches pty and log",
+         with_case(bios_boots_a_disk))
+    case("bios boots an El Torito iso given with -r", with_case(bios_boots_an_iso))
+    case("boot order: cdrom first, -B disk, -B cdrom, vm.conf boot device",
+         with_case(boot_order, boot_order_conf))
+    case("-B net, missing and non-regular iso images are refused", with_case(refusals, refusals_conf))
+    case("instances: inherit, more memory when allowed, disk not, invalid template, disk reuse",
+         with_case(instances, instances_conf, user=True))
+    case("users' files: own disk and kernel boot; unreadable disk, backing file, symlink, iso, kernel refused",
+         with_case(users_files, files_conf, user=True))
+    return vmdregress.summary()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
