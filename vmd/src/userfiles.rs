@@ -18,7 +18,11 @@
 //! killed and reaped by the parent's loop.
 //!
 //! Paths from root's own configuration, and every path root names, are
-//! opened by the parent itself with the same function.
+//! opened by the parent itself with the same function; except a disk
+//! image that another user owns: it names its backing files itself, so
+//! it and its chain are opened by the helper with its owner's rights (a
+//! user who can write an image must not make root open, say,
+//! /etc/shadow as its backing file and hand it to the guest).
 
 use crate::vmm::Requester;
 use common::image::{self, ImageError};
@@ -154,6 +158,40 @@ pub fn userfiles_open_as(req: &Requester, wants: &[Want]) -> Result<Vec<Opened>,
             result
         }
     }
+}
+
+/// For a disk that root opens: the identity of the image's owner when
+/// that is not root (its gid and groups from the user database, else the
+/// file's group), whose rights the image and its chain are opened with.
+pub fn image_owner(want: &Want) -> Option<Requester> {
+    use std::os::unix::fs::MetadataExt;
+    if !matches!(want.kind, VmFdKind::Disk { .. }) {
+        return None;
+    }
+    // A file that cannot be stat'ed is refused by the open that follows.
+    let meta = std::fs::metadata(&want.path).ok()?;
+    if meta.uid() == 0 {
+        return None;
+    }
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(meta.uid()))
+        .ok()
+        .flatten();
+    let (gid, groups) = match user {
+        Some(u) => {
+            let groups = std::ffi::CString::new(u.name.as_str())
+                .ok()
+                .and_then(|name| nix::unistd::getgrouplist(&name, u.gid).ok())
+                .unwrap_or_default();
+            (u.gid.as_raw(), groups.iter().map(|g| g.as_raw()).collect())
+        }
+        None => (meta.gid(), Vec::new()),
+    };
+    Some(Requester {
+        uid: meta.uid(),
+        gid,
+        groups,
+        named: vec![want.path.clone()],
+    })
 }
 
 /// The helper: becomes the requester for file access, opens, sends every

@@ -671,8 +671,14 @@ fn vmm_open_files(vm: &VmConfig, requester: &Requester) -> Result<Vec<Opened>, S
     }
     let (theirs, ours): (Vec<Want>, Vec<Want>) =
         wants.into_iter().partition(|w| requester.opens(&w.path));
-    let mut opened = userfiles::userfiles_open(&ours).map_err(StartError::from_refusal)?;
-    opened.extend(userfiles::userfiles_open_as(requester, &theirs)?);
+    let mut opened = userfiles::userfiles_open_as(requester, &theirs)?;
+    for want in ours {
+        match userfiles::image_owner(&want) {
+            Some(owner) => opened.extend(userfiles::userfiles_open_as(&owner, &[want])?),
+            None => opened
+                .extend(userfiles::userfiles_open(&[want]).map_err(StartError::from_refusal)?),
+        }
+    }
     if vm.boot.is_none() {
         let bios = userfiles::userfiles_open(&[Want {
             kind: VmFdKind::Bios,
