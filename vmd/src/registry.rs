@@ -301,6 +301,11 @@ impl Registry {
     /// `vmctl start`: an existing VM by name or id, a new instance of a
     /// template, or (root only) a brand-new VM.
     pub fn start(&mut self, req: &StartRequest, creds: &Credentials) -> Result<Started, CtlError> {
+        // vmctl checks these too, but any client may write to the socket.
+        if let Err(why) = req.vm.check_limits() {
+            log_warn!("start request from uid {}: {why}", creds.uid);
+            return Err(errno(Errno::EINVAL));
+        }
         let index = match self.find(&req.target) {
             Some(i) => {
                 let vm = &self.vms[i];

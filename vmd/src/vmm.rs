@@ -675,8 +675,9 @@ fn vmm_open_files(vm: &VmConfig, requester: &Requester) -> Result<Vec<Opened>, S
     for want in ours {
         match userfiles::image_owner(&want) {
             Some(owner) => opened.extend(userfiles::userfiles_open_as(&owner, &[want])?),
-            None => opened
-                .extend(userfiles::userfiles_open(&[want]).map_err(StartError::from_refusal)?),
+            None => {
+                opened.extend(userfiles::userfiles_open(&[want]).map_err(StartError::from_refusal)?)
+            }
         }
     }
     if vm.boot.is_none() {

@@ -573,3 +573,36 @@ fn config_travels_through_bincode() {
         bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).expect("decode");
     assert_eq!(back, config);
 }
+
+#[test]
+fn limits_of_a_vm_from_elsewhere() {
+    let mut vm = VmConfig::new("a");
+    vm.boot = Some("/bsd".into());
+    vm.memory = Some(512 << 20);
+    vm.vcpus = Some(2);
+    assert_eq!(vm.check_limits(), Ok(()));
+    let broken: [(&str, fn(&mut VmConfig)); 6] = [
+        ("memory", |vm| vm.memory = Some(1 << 19)),
+        ("memory", |vm| vm.memory = Some(MAX_MEMORY + 1)),
+        ("vcpu", |vm| vm.vcpus = Some(MAX_VCPUS + 1)),
+        ("too many disks", |vm| {
+            vm.disks = vec![
+                Disk {
+                    path: "/d".into(),
+                    format: DiskFormat::Raw
+                };
+                MAX_DISKS + 1
+            ]
+        }),
+        ("too many network", |vm| {
+            vm.interface_count = Some(MAX_INTERFACES + 1)
+        }),
+        ("path", |vm| vm.boot = Some(String::new())),
+    ];
+    for (what, breaks) in broken {
+        let mut bad = vm.clone();
+        breaks(&mut bad);
+        let err = bad.check_limits().expect_err(what);
+        assert!(err.contains(what), "{err} lacks {what}");
+    }
+}

@@ -316,6 +316,49 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
+    /// The limits the parser enforces, checked again where a VmConfig
+    /// arrives from elsewhere (a start request from vmctl): the first
+    /// value out of range, in words.
+    pub fn check_limits(&self) -> Result<(), String> {
+        let paths = self
+            .boot
+            .iter()
+            .chain(&self.initrd)
+            .chain(&self.cdrom)
+            .chain(self.disks.iter().map(|d| &d.path));
+        if let Some(path) = paths
+            .into_iter()
+            .find(|p| p.is_empty() || p.len() >= libc::PATH_MAX as usize)
+        {
+            return Err(format!("invalid path length: {}", path.len()));
+        }
+        if self
+            .memory
+            .is_some_and(|m| !(1 << 20..=MAX_MEMORY).contains(&m))
+        {
+            return Err(format!("memory size out of range: {}", self.memory_bytes()));
+        }
+        if self.vcpus.is_some_and(|n| !(1..=MAX_VCPUS).contains(&n)) {
+            return Err(format!("vcpu count out of range: {}", self.vcpu_count()));
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err("too many disks".to_string());
+        }
+        if self.interfaces.len().max(self.interface_count.unwrap_or(0)) > MAX_INTERFACES {
+            return Err("too many network interfaces".to_string());
+        }
+        if self.cmdline.as_ref().is_some_and(|c| c.len() > MAX_CMDLINE) {
+            return Err("kernel command line too long".to_string());
+        }
+        if self
+            .shutdown_timeout
+            .is_some_and(|t| i64::from(t) > MAX_SHUTDOWN_TIMEOUT)
+        {
+            return Err("shutdown timeout out of range".to_string());
+        }
+        Ok(())
+    }
+
     pub fn new(name: &str) -> VmConfig {
         VmConfig {
             name: name.to_string(),
