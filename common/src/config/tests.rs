@@ -581,7 +581,8 @@ fn limits_of_a_vm_from_elsewhere() {
     vm.memory = Some(512 << 20);
     vm.vcpus = Some(2);
     assert_eq!(vm.check_limits(), Ok(()));
-    let broken: [(&str, fn(&mut VmConfig)); 6] = [
+    type Breaks = fn(&mut VmConfig);
+    let broken: [(&str, Breaks); 6] = [
         ("memory", |vm| vm.memory = Some(1 << 19)),
         ("memory", |vm| vm.memory = Some(MAX_MEMORY + 1)),
         ("vcpu", |vm| vm.vcpus = Some(MAX_VCPUS + 1)),
