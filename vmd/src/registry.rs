@@ -792,10 +792,11 @@ impl Registry {
             log_debug!("{command:?} vm {vmid}: no backend");
             return Err(CtlError::Text(BACKEND_MISSING.into()));
         };
-        if backend.command(vmid, command) {
-            Ok(())
-        } else {
-            Err(CtlError::StopInvalid)
+        match (backend.command(vmid, command), command) {
+            (true, _) => Ok(()),
+            // The VM process is gone (its end is on the way).
+            (false, VmCommand::Powerdown) => Err(CtlError::StopInvalid),
+            (false, _) => Err(errno(Errno::EINVAL)),
         }
     }
 }

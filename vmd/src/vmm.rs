@@ -49,8 +49,9 @@ use thiserror::Error;
 
 /// Tokens from here up are VM processes' channels (base + VM id).
 pub const VM_TOKEN_BASE: usize = 1 << 24;
-/// How long a reaped VM's QEMU may take to disappear before its uid is
-/// given back anyway.
+/// How long the parent waits for a reaped VM's QEMU to disappear (so its
+/// disks are unlocked when the VM is reported stopped); a QEMU still there
+/// after that keeps its uid from being reused until it is gone.
 const QEMU_GONE_WAIT: Duration = Duration::from_secs(2);
 /// The BIOS of VMs that boot without a kernel (Debian `seabios`).
 pub const BIOS_PATH: &str = "/usr/share/seabios/bios.bin";
@@ -240,6 +241,9 @@ pub struct Vmm {
     registry: Registry,
     vms: Vec<VmProc>,
     parked: Vec<ParkedPty>,
+    /// (uid, pid) of QEMUs of ended VMs that had not exited yet: their
+    /// uids are not given to another VM until they have.
+    lingering: Vec<(u32, u32)>,
 }
 
 impl Vmm {
@@ -249,6 +253,7 @@ impl Vmm {
             registry,
             vms: Vec::new(),
             parked: Vec::new(),
+            lingering: Vec::new(),
         }
     }
 
@@ -567,6 +572,14 @@ impl Vmm {
             while qemu_holds_files(qemu, vm.uid) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }
+            if qemu_holds_files(qemu, vm.uid) {
+                log_warn!(
+                    "vm {}: QEMU (pid {qemu}) is still exiting; uid {} stays reserved",
+                    vm.name,
+                    vm.uid
+                );
+                self.lingering.push((vm.uid, qemu));
+            }
         }
         let process = proc::describe_exit(status);
         // A VM process killed from outside cannot say how its QEMU ended:
@@ -607,10 +620,13 @@ impl Vmm {
 
     /// The first uid of `range` no running VM uses and that is neither a
     /// user nor a group in the system's databases.
-    fn allocate_uid(&self, range: UidRange) -> Result<u32, StartError> {
+    fn allocate_uid(&mut self, range: UidRange) -> Result<u32, StartError> {
+        self.lingering
+            .retain(|&(uid, qemu)| qemu_holds_files(qemu, uid));
         (range.first..=range.last)
             .find(|&uid| {
                 !self.vms.iter().any(|v| v.uid == uid)
+                    && !self.lingering.iter().any(|&(u, _)| u == uid)
                     && matches!(User::from_uid(Uid::from_raw(uid)), Ok(None))
                     && matches!(Group::from_gid(Gid::from_raw(uid)), Ok(None))
             })
