@@ -278,6 +278,18 @@ def non_owner():
         subprocess.run(["groupdel", user], capture_output=True)
 
 
+def reset_vms(vmd):
+    """`reset vms` terminates running VMs; each stays listed until its end
+    is reported, then it is gone, and its name can start again at once."""
+    cfg_id, _ = start_config_vm(vmd, "rst1")
+    vmid, _ = vmd.start("rst2")
+    pids = [pid for v in (cfg_id, vmid) for pid in vmd.vm_pids(v)]
+    expect(vmd.vmctl("reset", "vms"), 0, r"^$", "reset vms")
+    wait_for("the VMs' processes to end", lambda: not any(status_of(p) for p in pids), 10)
+    wait_for("status to list no VM", lambda: not vmd.status(), 5)
+    vmd.start("rst2")
+
+
 def main():
     if not t.prepare():
         return 1
@@ -293,6 +305,7 @@ def main():
     case("sigkill-qemu-restart-same-disk-fds-back", crash("qemu"))
     case("sigkill-vm-process-restart-same-disk-fds-back", crash("vm"))
     case("non-owner-cannot-stop-pause-wait", non_owner)
+    case("reset-vms-terminates-running-vms", with_vmd(reset_vms, conf_extra=config_vm("rst1")))
     return t.summary()
 
 

@@ -264,7 +264,12 @@ impl Registry {
                     }
                 }
             }
-            self.vms.clear();
+            // A VM being terminated stays listed (its id taken) until its
+            // end is reported, then goes like a vmctl-only VM.
+            self.vms.retain(|vm| vm.state.is_active());
+            for vm in &mut self.vms {
+                vm.from_config = false;
+            }
             self.next_batch = None;
         }
         if matches!(what, ResetWhat::All | ResetWhat::Switches) {
