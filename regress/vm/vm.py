@@ -10,10 +10,12 @@ vm.conf and console log directory, and kills vmd and every QEMU it
 started at the end, even on failure.
 """
 
+import errno
 import os
 import re
 import subprocess
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
 import vmdregress as t  # noqa: E402
@@ -77,6 +79,61 @@ def confined(vmd):
         raise Failure("QEMU is not in a session of its own")
     if "kvm" in cmdline(qemu).split("-accel ")[1].split()[0]:
         raise Failure(f"accel tcg gave {cmdline(qemu)}")
+
+
+def own_namespaces(vmd):
+    # A file in the host's /tmp that QEMU must not see.
+    fd, marker = tempfile.mkstemp(prefix="vmd-regress-ns-", dir="/tmp")
+    os.close(fd)
+    try:
+        vmid, _ = vmd.start("ns1")
+        vm_pid, qemu = vmd.vm_pids(vmid)
+        wait_for("the guest to run", lambda: "VMD-GUEST: ready" in vmd.console_log("ns1"), BOOT_TIMEOUT)
+        for ns in ("net", "ipc", "mnt"):
+            mine = os.readlink(f"/proc/{vm_pid}/ns/{ns}")
+            theirs = os.readlink(f"/proc/{qemu}/ns/{ns}")
+            if mine == theirs or theirs == os.readlink(f"/proc/self/ns/{ns}"):
+                raise Failure(f"QEMU shares the {ns} namespace: {theirs}, VM process {mine}")
+        with open(f"/proc/{qemu}/net/dev") as f:
+            interfaces = [line.split(":")[0].strip() for line in f.readlines()[2:]]
+        if interfaces != ["lo"]:
+            raise Failure(f"QEMU's network namespace has {interfaces}, want only lo")
+        with open(f"/proc/{qemu}/net/route") as f:
+            routes = f.readlines()[1:]
+        if routes:
+            raise Failure(f"QEMU's network namespace has routes: {routes}")
+        # From inside its network namespace nothing is reachable, not
+        # even the loopback (down).
+        probe = ("import socket, sys\n"
+                 "for addr in (('192.0.2.1', 9), ('127.0.0.1', 9)):\n"
+                 "    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n"
+                 "    try:\n"
+                 "        s.connect(addr)\n"
+                 "    except OSError as e:\n"
+                 "        print(addr[0], e.errno)\n"
+                 "    else:\n"
+                 "        print(addr[0], 'connected')\n")
+        p = subprocess.run(["nsenter", f"--net=/proc/{qemu}/ns/net", "python3", "-c", probe],
+                           capture_output=True, text=True, timeout=10)
+        want = f"192.0.2.1 {errno.ENETUNREACH}\n127.0.0.1 {errno.ENETUNREACH}\n"
+        if p.returncode != 0 or p.stdout != want:
+            raise Failure(f"AF_INET from QEMU's namespace: exit {p.returncode}: {p.stdout!r} {p.stderr.strip()}")
+        # Empty tmpfs of its own on /tmp and /dev/shm, not seen by the host.
+        with open(f"/proc/{qemu}/mountinfo") as f:
+            mounts = {line.split()[4]: line.split(" - ")[1].split()[0] for line in f}
+        for path in ("/tmp", "/dev/shm"):
+            if mounts.get(path) != "tmpfs":
+                raise Failure(f"QEMU's {path} is {mounts.get(path)!r}, want a tmpfs")
+            left = os.listdir(f"/proc/{qemu}/root{path}")
+            if left:
+                raise Failure(f"QEMU's {path} is not empty: {left}")
+        if not os.path.exists(marker):
+            raise Failure("the host's /tmp changed")
+        with open("/proc/self/mountinfo") as f:
+            if any(line.split()[4] == "/tmp" and " - tmpfs " in line and "size=16384k" in line for line in f):
+                raise Failure("QEMU's /tmp tmpfs reached the host's mount namespace")
+    finally:
+        os.unlink(marker)
 
 
 def two_vms(vmd):
@@ -179,6 +236,23 @@ def bad_files(vmd):
             raise Failure(f"vmctl {' '.join(args)}: exit {rc}: {out.strip()}; want {message!r}")
 
 
+def oversized_boot_file(vmd):
+    # A sparse 2G initrd: the VM process refuses to copy it into memory.
+    big = os.path.join(vmd.dir, "huge.initrd")
+    with open(big, "wb") as f:
+        f.truncate(2 << 30)
+    rc, out = vmd.vmctl("start", "huge1", "-b", t.KERNEL, "--initrd", big)
+    m = re.search(r"started vm (\d+)", out)
+    if rc != 0 or not m:
+        raise Failure(f"start: exit {rc}: {out.strip()}")
+    wait_for("the refusal in vmd's log",
+             lambda: "vm huge1: the initrd is larger than 1.0G, the most vmd copies into memory for it" in vmd.log())
+    wait_for("the VM to end", lambda: vmd.status_row(int(m.group(1))) is None
+             or vmd.status_row(int(m.group(1)))["STATE"] == "stopped")
+    if "QEMU had not started" not in vmd.log():
+        raise Failure(f"QEMU started anyway: {vmd.log()[-500:]}")
+
+
 def unbuilt_options(vmd):
     for opts in (("-i", "1"), ("-L",), ("-n", "sw"), ("-B", "net")):
         rc, out = vmd.vmctl("start", "u1", "-b", t.KERNEL, *opts)
@@ -200,12 +274,14 @@ def main():
 
     case("boot-markers-reach-pty-and-log", with_vmd(boot))
     case("vm-process-and-qemu-confined", with_vmd(confined))
+    case("qemu-in-namespaces-of-its-own", with_vmd(own_namespaces))
     case("two-vms-two-uids", with_vmd(two_vms))
     case("stop-force-and-uid-reuse", with_vmd(stop_force_and_uid_reuse))
     case("writable-disk-in-use-refused", with_vmd(disk_in_use))
     case("qcow2-chain-and-shared-base-lock", with_vmd(qcow2_chain))
     case("console-log-rotates", with_vmd(rotation, log_size="2K"))
     case("missing-files-refused", with_vmd(bad_files))
+    case("oversized-boot-file-refused", with_vmd(oversized_boot_file))
     case("unbuilt-options-refused", with_vmd(unbuilt_options))
     case("guest-poweroff-stops-vm", with_vmd(guest_poweroff_stops_the_vm))
     return t.summary()

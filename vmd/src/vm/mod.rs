@@ -19,6 +19,11 @@
 //! `system_powerdown`) whose answers go back as `VmCommandDone`.
 //! It ends when QEMU does (QMP closes): it tells the parent how QEMU
 //! ended (`VmQemuEnded`) and exits 0 if QEMU exited cleanly, else 1.
+//!
+//! What QEMU writes is bounded: a QMP line longer than [`QMP_LINE_MAX`]
+//! or not JSON is a protocol error that gets QEMU killed; its stderr
+//! lines are cut at [`STDERR_LINE_MAX`] and logged at most
+//! [`STDERR_LINES_PER_SECOND`] a second.
 
 pub mod qemu;
 
@@ -31,7 +36,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{Gid, Pid, Uid};
-use qemu::{Boot, DiskLayer, QemuFiles, QmpReply, QmpState};
+use qemu::{Boot, BootFile, DiskLayer, QemuFiles, QmpReply, QmpState};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::process::ExitCode;
@@ -62,6 +67,15 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Console output written past the log's cap while the parent rotates it;
 /// beyond this, output is left out of the log until the fresh file comes.
 const LOG_SLACK: u64 = 64 * 1024;
+/// The longest QMP line: QEMU's greeting, events and answers to our
+/// commands are a few hundred bytes; a longer line is a protocol error.
+const QMP_LINE_MAX: usize = 64 * 1024;
+/// The longest line of QEMU's standard error logged; the rest of a
+/// longer line is dropped.
+const STDERR_LINE_MAX: usize = 1024;
+/// Lines of QEMU's standard error logged per second; the others are
+/// counted and reported in one line when the second is over.
+const STDERR_LINES_PER_SECOND: u32 = 10;
 
 #[derive(Debug, Error)]
 pub enum VmError {
@@ -112,14 +126,16 @@ pub fn vm_main(verbosity: u8) -> ExitCode {
         }
     };
     proc::set_title(&format!("vmd: vm {}", params.name));
-    match vm_run(start, params, fds) {
-        Ok(true) => std::process::exit(0),
-        Ok(false) => std::process::exit(1),
+    // Log a failure while the channel (the log's way out) is still open.
+    let launched = match vm_launch(&start, &params, fds) {
+        Ok(launched) => launched,
         Err(e) => {
             log_warn!("{e}");
             std::process::exit(1)
         }
-    }
+    };
+    let mut vm = Vm::new(start.channel, launched, &params);
+    std::process::exit(if vm.run() { 0 } else { 1 })
 }
 
 /// Waits for VmStart and its VmFd frames.
@@ -223,19 +239,30 @@ fn set_nonblocking(fd: RawFd) -> Result<(), VmError> {
     })
 }
 
-/// Starts QEMU, drops, lets the guest run and relays until QEMU ends.
-fn vm_run(start: ChildStart, params: VmParams, fds: StartFds) -> Result<bool, VmError> {
+/// What the VM process holds once QEMU runs and it has dropped.
+struct Launched {
+    qemu: Pid,
+    qmp: OwnedFd,
+    serial: OwnedFd,
+    pty: OwnedFd,
+    pty_slave: OwnedFd,
+    stderr: OwnedFd,
+    console_log: OwnedFd,
+}
+
+/// Starts QEMU and drops privileges (the guest does not run yet).
+fn vm_launch(start: &ChildStart, params: &VmParams, fds: StartFds) -> Result<Launched, VmError> {
     let missing = |what: &str| VmError::Receive(format!("no {what} descriptor"));
     let boot = match (fds.kernel, fds.bios) {
         (Some(kernel), _) => Boot::Kernel {
-            kernel: qemu::to_memfd("kernel", kernel)?,
+            kernel: qemu::to_memfd(BootFile::Kernel, kernel)?,
             initrd: fds
                 .initrd
-                .map(|fd| qemu::to_memfd("initrd", fd))
+                .map(|fd| qemu::to_memfd(BootFile::Initrd, fd))
                 .transpose()?,
         },
         (None, Some(bios)) => Boot::Bios {
-            bios: qemu::to_memfd("bios", bios)?,
+            bios: qemu::to_memfd(BootFile::Bios, bios)?,
             sercon: qemu::memfd_with("sercon-port", &qemu::SERCON_PORT)?,
         },
         (None, None) => return Err(missing("kernel or BIOS")),
@@ -259,7 +286,7 @@ fn vm_run(start: ChildStart, params: VmParams, fds: StartFds) -> Result<bool, Vm
         qmp: qmp_qemu,
         serial: serial_qemu,
     };
-    let args = qemu::qemu_args(&params, &files);
+    let args = qemu::qemu_args(params, &files);
     let mut keep: Vec<RawFd> = vec![files.qmp.as_raw_fd(), files.serial.as_raw_fd()];
     match &files.boot {
         Boot::Kernel { kernel, initrd } => {
@@ -278,7 +305,7 @@ fn vm_run(start: ChildStart, params: VmParams, fds: StartFds) -> Result<bool, Vm
     ] {
         set_nonblocking(fd)?;
     }
-    let qemu_pid = qemu::spawn(&params, &args, &keep, &stderr_qemu)?;
+    let qemu_pid = qemu::spawn(params, &args, &keep, &stderr_qemu)?;
     log_debug!("QEMU (pid {qemu_pid}): {}", args.join(" "));
     // QEMU holds its own copies now (and so the disks' locks).
     drop(files);
@@ -313,27 +340,15 @@ fn vm_run(start: ChildStart, params: VmParams, fds: StartFds) -> Result<bool, Vm
         return Err(VmError::Drop(e));
     }
 
-    let mut vm = Vm {
-        channel: start.channel,
+    Ok(Launched {
         qemu: qemu_pid,
-        qmp: Some(qmp),
-        qmp_buf: Vec::new(),
-        qmp_state: QmpState::Greeting,
-        paused: false,
-        serial: Some(serial),
+        qmp,
+        serial,
         pty,
-        _pty_slave: pty_slave,
-        stderr: Some(stderr),
-        stderr_buf: Vec::new(),
-        log: ConsoleLog {
-            fd: log_fd,
-            size: params.console_log_size,
-            cap: params.console_log_cap,
-            asked: false,
-            failed: false,
-        },
-    };
-    Ok(vm.run())
+        pty_slave,
+        stderr,
+        console_log: log_fd,
+    })
 }
 
 /// The console log as the VM process writes it.
@@ -423,7 +438,9 @@ struct Vm {
     channel: Channel,
     qemu: Pid,
     qmp: Option<OwnedFd>,
-    qmp_buf: Vec<u8>,
+    qmp_lines: LineBuffer,
+    /// QEMU broke the protocol and was killed: QMP is only read to its end.
+    qmp_broken: bool,
     qmp_state: QmpState,
     /// QEMU confirmed a `stop` (and no `cont` since).
     paused: bool,
@@ -432,11 +449,37 @@ struct Vm {
     /// Kept open so the master never reads EIO when no one is attached.
     _pty_slave: OwnedFd,
     stderr: Option<OwnedFd>,
-    stderr_buf: Vec<u8>,
+    stderr_lines: LineBuffer,
+    stderr_limit: RateLimit,
     log: ConsoleLog,
 }
 
 impl Vm {
+    fn new(channel: Channel, launched: Launched, params: &VmParams) -> Vm {
+        Vm {
+            channel,
+            qemu: launched.qemu,
+            qmp: Some(launched.qmp),
+            qmp_lines: LineBuffer::new(QMP_LINE_MAX),
+            qmp_broken: false,
+            qmp_state: QmpState::Greeting,
+            paused: false,
+            serial: Some(launched.serial),
+            pty: launched.pty,
+            _pty_slave: launched.pty_slave,
+            stderr: Some(launched.stderr),
+            stderr_lines: LineBuffer::new(STDERR_LINE_MAX),
+            stderr_limit: RateLimit::new(STDERR_LINES_PER_SECOND, Duration::from_secs(1)),
+            log: ConsoleLog {
+                fd: launched.console_log,
+                size: params.console_log_size,
+                cap: params.console_log_cap,
+                asked: false,
+                failed: false,
+            },
+        }
+    }
+
     /// Relays until QEMU ends; true if it exited cleanly.
     fn run(&mut self) -> bool {
         let mut buf = vec![0u8; 16 * 1024];
@@ -470,7 +513,17 @@ impl Vm {
                         PollFd::new(unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) }, *flags)
                     })
                     .collect();
-                match nix::poll::poll(&mut pfds, PollTimeout::NONE) {
+                // Wake up when dropped stderr lines are due to be reported.
+                let timeout = self.stderr_limit.due().map_or(PollTimeout::NONE, |due| {
+                    let ms = due.saturating_duration_since(Instant::now()).as_millis() + 1;
+                    PollTimeout::try_from(ms.min(i32::MAX as u128) as i32)
+                        .unwrap_or(PollTimeout::MAX)
+                });
+                let polled = nix::poll::poll(&mut pfds, timeout);
+                if let Some(dropped) = self.stderr_limit.expire(Instant::now()) {
+                    log_dropped(dropped);
+                }
+                match polled {
                     Ok(_) => {}
                     Err(Errno::EINTR) => continue,
                     Err(e) => {
@@ -587,19 +640,22 @@ impl Vm {
         let Some(fd) = self.qmp.as_ref().map(|fd| fd.as_raw_fd()) else {
             return;
         };
-        match read_some(fd, buf) {
+        let lines = match read_some(fd, buf) {
             Ok(None) => return,
             Ok(Some(0)) | Err(_) => {
                 // QEMU is exiting.
                 self.qmp = None;
                 return;
             }
-            Ok(Some(n)) => self.qmp_buf.extend_from_slice(&buf[..n]),
-        }
-        while let Some(end) = self.qmp_buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.qmp_buf.drain(..=end).collect();
-            let line = String::from_utf8_lossy(&line);
-            match qemu::qmp_line(&mut self.qmp_state, line.trim()) {
+            Ok(Some(_)) if self.qmp_broken => return,
+            Ok(Some(n)) => self.qmp_lines.push(&buf[..n]),
+        };
+        for line in lines {
+            if line.truncated {
+                return self
+                    .qmp_protocol_error(&format!("a line longer than {QMP_LINE_MAX} bytes"));
+            }
+            match qemu::qmp_line(&mut self.qmp_state, line.text.trim()) {
                 QmpReply::Send(command) => {
                     if let Err(e) = write_all(fd, qemu::qmp_command(command).as_bytes()) {
                         log_warn!("QMP {command}: {e}");
@@ -615,6 +671,7 @@ impl Vm {
                     log_info!("guest shutdown ({reason})");
                     self.send(Message::VmShutdown { reason });
                 }
+                QmpReply::Protocol(e) => return self.qmp_protocol_error(&e),
                 QmpReply::Error(e) if self.qmp_state != QmpState::Running => {
                     log_warn!("QMP: {e}; stopping QEMU");
                     let _ = nix::sys::signal::kill(self.qemu, nix::sys::signal::Signal::SIGKILL);
@@ -624,6 +681,18 @@ impl Vm {
                 QmpReply::Nothing => {}
             }
         }
+        if self.qmp_lines.overlong() {
+            self.qmp_protocol_error(&format!("a line longer than {QMP_LINE_MAX} bytes"));
+        }
+    }
+
+    /// QEMU broke the QMP protocol: it is misbehaving, so it is killed
+    /// (the VM then ends as when QEMU dies) and QMP only read to its end.
+    fn qmp_protocol_error(&mut self, what: &str) {
+        log_warn!("QMP: {what} from QEMU; stopping QEMU");
+        self.qmp_broken = true;
+        self.qmp_lines = LineBuffer::new(QMP_LINE_MAX);
+        let _ = nix::sys::signal::kill(self.qemu, nix::sys::signal::Signal::SIGKILL);
     }
 
     fn on_guest(&mut self, buf: &mut [u8]) {
@@ -657,21 +726,38 @@ impl Vm {
         let Some(fd) = self.stderr.as_ref().map(|fd| fd.as_raw_fd()) else {
             return;
         };
-        match read_some(fd, buf) {
-            Ok(None) => {}
+        let lines = match read_some(fd, buf) {
+            Ok(None) => return,
             Ok(Some(0)) | Err(_) => {
                 self.stderr = None;
-                self.stderr_buf.push(b'\n');
+                self.stderr_lines.finish().into_iter().collect()
             }
-            Ok(Some(n)) => self.stderr_buf.extend_from_slice(&buf[..n]),
+            Ok(Some(n)) => self.stderr_lines.push(&buf[..n]),
+        };
+        let now = Instant::now();
+        for line in lines {
+            let text = line.text.trim_end();
+            if text.is_empty() {
+                continue;
+            }
+            let (dropped, admitted) = self.stderr_limit.admit(now);
+            if let Some(dropped) = dropped {
+                log_dropped(dropped);
+            }
+            if admitted {
+                let more = if line.truncated { " [truncated]" } else { "" };
+                log_warn!("qemu: {text}{more}");
+            }
         }
-        while let Some(end) = self.stderr_buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.stderr_buf.drain(..=end).collect();
-            let line = String::from_utf8_lossy(&line);
-            let line = line.trim_end();
-            if !line.is_empty() {
-                log_warn!("qemu: {line}");
-            }
+        if self.stderr.is_none() {
+            self.stderr_report_dropped();
+        }
+    }
+
+    /// Reports the stderr lines dropped and not reported yet.
+    fn stderr_report_dropped(&mut self) {
+        if let Some(dropped) = self.stderr_limit.flush() {
+            log_dropped(dropped);
         }
     }
 
@@ -694,6 +780,7 @@ impl Vm {
             }
             self.on_stderr(&mut buf);
         }
+        self.stderr_report_dropped();
         let status = loop {
             match waitpid(self.qemu, None) {
                 Err(Errno::EINTR) => continue,
@@ -743,5 +830,218 @@ fn vm_command_id(command: VmCommand) -> &'static str {
         VmCommand::Pause => "pause",
         VmCommand::Unpause => "unpause",
         VmCommand::Powerdown => "powerdown",
+    }
+}
+
+fn log_dropped(dropped: u64) {
+    log_warn!("qemu: ... {dropped} lines dropped");
+}
+
+/// One line out of a [`LineBuffer`], without its newline.
+#[derive(Debug, PartialEq, Eq)]
+struct Line {
+    text: String,
+    /// It was longer than the buffer's maximum: only its start is here.
+    truncated: bool,
+}
+
+/// Cuts a byte stream into lines, holding at most `max` bytes of a line:
+/// the rest of a longer one is dropped and the line marked truncated.
+struct LineBuffer {
+    buf: Vec<u8>,
+    max: usize,
+    /// The line being read is already longer than `max`.
+    overlong: bool,
+}
+
+impl LineBuffer {
+    fn new(max: usize) -> Self {
+        LineBuffer {
+            buf: Vec::new(),
+            max,
+            overlong: false,
+        }
+    }
+
+    /// Adds `data`; returns the lines it completed.
+    fn push(&mut self, data: &[u8]) -> Vec<Line> {
+        let mut lines = Vec::new();
+        for chunk in data.split_inclusive(|&b| b == b'\n') {
+            let (body, complete) = match chunk.strip_suffix(b"\n") {
+                Some(body) => (body, true),
+                None => (chunk, false),
+            };
+            let room = self.max.saturating_sub(self.buf.len());
+            if body.len() > room {
+                self.overlong = true;
+            }
+            self.buf.extend_from_slice(&body[..body.len().min(room)]);
+            if complete {
+                lines.extend(self.take());
+            }
+        }
+        lines
+    }
+
+    /// True while the unfinished line is longer than the maximum.
+    fn overlong(&self) -> bool {
+        self.overlong
+    }
+
+    /// At the end of the stream: the unfinished line, if any.
+    fn finish(&mut self) -> Option<Line> {
+        if self.buf.is_empty() && !self.overlong {
+            return None;
+        }
+        self.take()
+    }
+
+    fn take(&mut self) -> Option<Line> {
+        let line = Line {
+            text: String::from_utf8_lossy(&self.buf).into_owned(),
+            truncated: self.overlong,
+        };
+        self.buf.clear();
+        self.overlong = false;
+        Some(line)
+    }
+}
+
+/// At most `limit` lines per `window`; the lines refused are counted and
+/// reported once the window is over.
+struct RateLimit {
+    limit: u32,
+    window: Duration,
+    /// When the current window began (None: no line since the last one).
+    start: Option<Instant>,
+    used: u32,
+    dropped: u64,
+}
+
+impl RateLimit {
+    fn new(limit: u32, window: Duration) -> Self {
+        RateLimit {
+            limit,
+            window,
+            start: None,
+            used: 0,
+            dropped: 0,
+        }
+    }
+
+    /// One more line at `now`: how many lines a window that just ended
+    /// dropped (to report first), and whether this one may be logged.
+    fn admit(&mut self, now: Instant) -> (Option<u64>, bool) {
+        let dropped = self.expire(now);
+        let start = *self.start.get_or_insert(now);
+        debug_assert!(start <= now);
+        if self.used < self.limit {
+            self.used += 1;
+            (dropped, true)
+        } else {
+            self.dropped += 1;
+            (dropped, false)
+        }
+    }
+
+    /// Ends the window if it is over at `now`; returns how many lines it
+    /// dropped, if any.
+    fn expire(&mut self, now: Instant) -> Option<u64> {
+        match self.start {
+            Some(start) if now >= start + self.window => {
+                self.start = None;
+                self.used = 0;
+                self.flush()
+            }
+            _ => None,
+        }
+    }
+
+    /// When the dropped lines are due to be reported (None: none dropped).
+    fn due(&self) -> Option<Instant> {
+        self.start
+            .filter(|_| self.dropped > 0)
+            .map(|start| start + self.window)
+    }
+
+    /// The lines dropped and not reported yet, if any (at the end).
+    fn flush(&mut self) -> Option<u64> {
+        Some(std::mem::take(&mut self.dropped)).filter(|&n| n > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(text: &str, truncated: bool) -> Line {
+        Line {
+            text: text.into(),
+            truncated,
+        }
+    }
+
+    #[test]
+    fn lines_split_across_reads_and_capped() {
+        let mut lines = LineBuffer::new(8);
+        assert_eq!(lines.push(b"ab"), vec![]);
+        assert_eq!(
+            lines.push(b"c\nde\n\nf"),
+            vec![line("abc", false), line("de", false), line("", false)]
+        );
+        // A line past the cap keeps its first 8 bytes, across reads.
+        assert!(!lines.overlong());
+        assert_eq!(lines.push(b"1234567"), vec![]);
+        assert!(!lines.overlong());
+        assert_eq!(lines.push(b"9"), vec![]);
+        assert!(lines.overlong());
+        assert_eq!(lines.buf.len(), 8);
+        assert_eq!(lines.push(&[b'x'; 100_000]), vec![]);
+        assert_eq!(lines.buf.len(), 8, "the excess is not kept");
+        assert_eq!(
+            lines.push(b"yy\nok\n"),
+            vec![line("f1234567", true), line("ok", false)]
+        );
+        assert!(!lines.overlong());
+        // The end of the stream ends an unfinished line.
+        assert_eq!(lines.push(b"tail"), vec![]);
+        assert_eq!(lines.finish(), Some(line("tail", false)));
+        assert_eq!(lines.finish(), None);
+        assert_eq!(lines.push(&[b'z'; 20]), vec![]);
+        assert_eq!(lines.finish(), Some(line("zzzzzzzz", true)));
+    }
+
+    #[test]
+    fn rate_limit_drops_and_reports_once_per_window() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut limit = RateLimit::new(3, Duration::from_secs(1));
+        assert_eq!(limit.due(), None);
+        for ms in [0, 10, 20] {
+            assert_eq!(limit.admit(at(ms)), (None, true));
+        }
+        assert_eq!(limit.due(), None, "nothing dropped yet");
+        for ms in [30, 40, 999] {
+            assert_eq!(limit.admit(at(ms)), (None, false));
+        }
+        assert_eq!(limit.due(), Some(at(1000)));
+        assert_eq!(limit.expire(at(999)), None);
+        // The next line after the window reports the drops and passes.
+        assert_eq!(limit.admit(at(1500)), (Some(3), true));
+        assert_eq!(limit.due(), None);
+        for ms in [1501, 1502] {
+            assert_eq!(limit.admit(at(ms)), (None, true));
+        }
+        assert_eq!(limit.admit(at(1503)), (None, false));
+        // Or the timer does, once.
+        assert_eq!(limit.expire(at(2500)), Some(1));
+        assert_eq!(limit.expire(at(2600)), None);
+        assert_eq!(limit.due(), None);
+        // And the end reports what is left.
+        for ms in [3000, 3001, 3002, 3003, 3004] {
+            limit.admit(at(ms));
+        }
+        assert_eq!(limit.flush(), Some(2));
+        assert_eq!(limit.flush(), None);
     }
 }

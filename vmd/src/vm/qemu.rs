@@ -10,7 +10,11 @@
 //! `cont` once it has dropped its own privileges.
 //!
 //! QEMU inherits no seccomp filter (it is spawned before the VM process
-//! installs its own) and installs QEMU's own with `-sandbox on,...`.
+//! installs its own) and installs QEMU's own with `-sandbox on,...`. It
+//! starts in namespaces of its own: a network namespace with only a down
+//! loopback (guest networking will come as tap descriptors, which work
+//! across namespaces), no SysV IPC shared with the host, and a mount
+//! namespace where `/tmp` and `/dev/shm` are empty tmpfs of its own.
 
 use common::config::BootDevice;
 use common::disk::DiskFormat;
@@ -36,6 +40,8 @@ pub enum QemuError {
         what: &'static str,
         err: std::io::Error,
     },
+    #[error("the {what} is larger than {}, the most vmd copies into memory for it", common::size::format(*limit))]
+    TooLarge { what: &'static str, limit: u64 },
     #[error("cannot start {QEMU}: {0}")]
     Fork(Errno),
     #[error("a QEMU argument holds a NUL byte")]
@@ -83,13 +89,58 @@ pub struct QemuFiles {
     pub serial: OwnedFd,
 }
 
-/// Copies a file into a new memfd (QEMU loads the kernel, initrd and
-/// BIOS by name only; /proc/self/fd/N of a memfd is a name that needs no
-/// path).
-pub fn to_memfd(what: &'static str, file: OwnedFd) -> Result<OwnedFd, QemuError> {
-    let mut memfd = memfd(what)?;
+/// A file QEMU loads by name, which the VM process copies into memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootFile {
+    Kernel,
+    Initrd,
+    Bios,
+}
+
+impl BootFile {
+    /// The word for messages.
+    pub fn what(self) -> &'static str {
+        match self {
+            BootFile::Kernel => "kernel",
+            BootFile::Initrd => "initrd",
+            BootFile::Bios => "BIOS",
+        }
+    }
+
+    /// The largest copy: well above any real kernel (tens of MiB), initrd
+    /// or firmware (a few MiB), so that a huge or endless file cannot
+    /// fill the host's memory (documented in vmd.8).
+    pub fn limit(self) -> u64 {
+        match self {
+            BootFile::Kernel => 256 << 20,
+            BootFile::Initrd => 1 << 30,
+            BootFile::Bios => 64 << 20,
+        }
+    }
+}
+
+/// Copies a boot file into a new memfd (QEMU loads the kernel, initrd
+/// and BIOS by name only; /proc/self/fd/N of a memfd is a name that
+/// needs no path). Refuses a file over [`BootFile::limit`], by its size
+/// first and by what it really reads (a file may grow, or not be a
+/// regular file at all).
+pub fn to_memfd(kind: BootFile, file: OwnedFd) -> Result<OwnedFd, QemuError> {
+    let (what, limit) = (kind.what(), kind.limit());
+    let too_large = QemuError::TooLarge { what, limit };
     let mut source = std::fs::File::from(file);
-    std::io::copy(&mut source, &mut memfd).map_err(|err| QemuError::Copy { what, err })?;
+    let size = source
+        .metadata()
+        .map_err(|err| QemuError::Copy { what, err })?
+        .len();
+    if size > limit {
+        return Err(too_large);
+    }
+    let mut memfd = memfd(what)?;
+    let copied = std::io::copy(&mut std::io::Read::take(&mut source, limit + 1), &mut memfd)
+        .map_err(|err| QemuError::Copy { what, err })?;
+    if copied > limit {
+        return Err(too_large);
+    }
     Ok(OwnedFd::from(memfd))
 }
 
@@ -264,12 +315,24 @@ pub fn disk_args(layers: &[DiskLayer], boot_index: Option<u32>) -> Vec<String> {
     args
 }
 
+/// The directories QEMU gets as empty tmpfs of its own (those that
+/// exist), and their mount options: small, no devices, no setuid, no
+/// executables.
+const PRIVATE_TMP: &[&str] = &["/tmp", "/dev/shm"];
+const PRIVATE_TMP_OPTIONS: &str = "mode=1777,size=16m,nr_inodes=4096";
+
 /// Starts QEMU with `args` in a session of its own, under `params`' uid,
 /// gid and QEMU groups, with the descriptors in `keep` inherited under
 /// their own numbers, stdin and stdout on /dev/null and stderr on
 /// `stderr`. The caller has already cleared the capability bounding,
 /// ambient and inheritable sets (they pass through fork), so after
 /// setresuid QEMU holds no capability and cannot get one back.
+///
+/// Before the uid change (it takes CAP_SYS_ADMIN) the child enters new
+/// network, IPC and mount namespaces, makes every mount private (so
+/// nothing it mounts reaches the host) and mounts fresh tmpfs on
+/// [`PRIVATE_TMP`]. QEMU still sees the host's /usr, /lib and /proc (its
+/// firmware, libraries and /proc/self/fd).
 pub fn spawn(
     params: &VmParams,
     args: &[String],
@@ -297,6 +360,13 @@ pub fn spawn(
     })?;
     let me = std::process::id() as libc::pid_t;
     let err_fd = stderr.as_raw_fd();
+    let c = |s: &str| CString::new(s).map_err(|_| QemuError::Nul);
+    let (root, tmpfs, tmp_options) = (c("/")?, c("tmpfs")?, c(PRIVATE_TMP_OPTIONS)?);
+    let private_tmp: Vec<CString> = PRIVATE_TMP
+        .iter()
+        .filter(|dir| std::path::Path::new(dir).is_dir())
+        .map(|dir| c(dir))
+        .collect::<Result<_, _>>()?;
 
     // SAFETY: the VM process is single-threaded; the child makes only raw
     // system calls on data prepared above before it execs or _exits.
@@ -322,6 +392,32 @@ pub fn spawn(
             libc::dup2(err_fd, 2);
             for fd in keep {
                 libc::fcntl(*fd, libc::F_SETFD, 0);
+            }
+            // Namespaces of its own, while it may still make them.
+            if libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWNS) != 0 {
+                fail(b"cannot enter new network, IPC and mount namespaces\n");
+            }
+            if libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+            {
+                fail(b"cannot make the mounts private\n");
+            }
+            for dir in &private_tmp {
+                if libc::mount(
+                    tmpfs.as_ptr(),
+                    dir.as_ptr(),
+                    tmpfs.as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    tmp_options.as_ptr().cast(),
+                ) != 0
+                {
+                    fail(b"cannot mount a private tmpfs on /tmp or /dev/shm\n");
+                }
             }
             // The drop, in the order that works (raw calls: this thread is
             // the only one).
@@ -373,6 +469,8 @@ pub enum QmpReply {
     Shutdown(String),
     /// A command failed.
     Error(String),
+    /// QEMU broke the protocol (a line that is not JSON).
+    Protocol(String),
     /// QEMU answered the command sent with this id (`error` None: done).
     Answer {
         id: String,
@@ -384,7 +482,8 @@ pub enum QmpReply {
 /// Advances the conversation by one JSON line from QEMU.
 pub fn qmp_line(state: &mut QmpState, line: &str) -> QmpReply {
     let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
-        return QmpReply::Error(format!("unreadable QMP line: {line}"));
+        let start: String = line.chars().take(80).collect();
+        return QmpReply::Protocol(format!("a line that is not JSON ({start:?})"));
     };
     if let Some(event) = msg.get("event").and_then(|e| e.as_str()) {
         if event == "SHUTDOWN" {
@@ -560,16 +659,75 @@ mod tests {
         assert!(args.contains("ide-cd,drive=cd0,bus=ide.1,id=cd0"));
         assert_eq!(
             memfd_with("sercon", &SERCON_PORT)
-                .map(|fd| {
-                    let mut f = std::fs::File::from(fd);
-                    let mut buf = Vec::new();
-                    std::io::Seek::rewind(&mut f).expect("rewind");
-                    std::io::Read::read_to_end(&mut f, &mut buf).expect("read");
-                    buf
-                })
+                .map(read_memfd)
                 .expect("memfd"),
             vec![0xf8, 0x03]
         );
+    }
+
+    fn read_memfd(fd: OwnedFd) -> Vec<u8> {
+        let mut f = std::fs::File::from(fd);
+        let mut buf = Vec::new();
+        std::io::Seek::rewind(&mut f).expect("rewind");
+        std::io::Read::read_to_end(&mut f, &mut buf).expect("read");
+        buf
+    }
+
+    #[test]
+    fn boot_files_are_capped() {
+        let dir = std::env::temp_dir().join(format!("vmd-memfd-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let _cleanup = Cleanup(dir.clone());
+        let file = |name: &str, size: u64| {
+            let path = dir.join(name);
+            let f = std::fs::File::create(&path).expect("create");
+            f.set_len(size).expect("set_len");
+            OwnedFd::from(std::fs::File::open(&path).expect("open"))
+        };
+        // At the limit it is copied whole (sparse, so this is quick).
+        let bios = to_memfd(BootFile::Bios, file("bios", BootFile::Bios.limit()));
+        let bios = bios.expect("a BIOS at the limit");
+        let len = std::fs::File::from(bios).metadata().expect("stat").len();
+        assert_eq!(len, BootFile::Bios.limit());
+        // One byte more is refused by its size, before any copy.
+        for kind in [BootFile::Kernel, BootFile::Initrd, BootFile::Bios] {
+            let err = to_memfd(kind, file("big", kind.limit() + 1)).expect_err("over the limit");
+            assert!(matches!(err, QemuError::TooLarge { .. }), "{err}");
+            let text = err.to_string();
+            assert!(text.contains(kind.what()), "{text}");
+            assert!(text.contains(&common::size::format(kind.limit())), "{text}");
+        }
+        assert_eq!(
+            QemuError::TooLarge {
+                what: "kernel",
+                limit: 256 << 20
+            }
+            .to_string(),
+            "the kernel is larger than 256M, the most vmd copies into memory for it"
+        );
+        // A file without a size (a device) is stopped at the limit.
+        let zero = nix::fcntl::open(
+            "/dev/zero",
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .expect("open /dev/zero");
+        // SAFETY: open just returned it.
+        let zero = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(zero) };
+        let err = to_memfd(BootFile::Bios, zero).expect_err("an endless file");
+        assert!(matches!(err, QemuError::TooLarge { what: "BIOS", .. }));
+        // A small file arrives intact.
+        std::fs::write(dir.join("small"), b"kernel bytes").expect("write");
+        let small = std::fs::File::open(dir.join("small")).expect("open");
+        let copy = to_memfd(BootFile::Kernel, OwnedFd::from(small)).expect("small kernel");
+        assert_eq!(read_memfd(copy), b"kernel bytes");
+    }
+
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 
     #[test]
@@ -601,7 +759,7 @@ mod tests {
             ),
             QmpReply::Shutdown("guest-shutdown".into())
         );
-        assert!(matches!(qmp_line(&mut state, "{"), QmpReply::Error(_)));
+        assert!(matches!(qmp_line(&mut state, "{"), QmpReply::Protocol(_)));
         assert_eq!(
             qmp_line(
                 &mut state,
