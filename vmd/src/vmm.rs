@@ -29,6 +29,7 @@
 use crate::log::{self, log_debug, log_info, log_warn};
 use crate::proc;
 use crate::userfiles::{self, Opened, UserFilesError, Want};
+use crate::vm::qemu::BootFile;
 use common::config::{Accel, BootDevice, Globals, UidRange, VmConfig};
 use common::ctl::CtlError;
 use common::imsg::{
@@ -165,6 +166,12 @@ pub enum StartError {
     NoUid { first: u32, last: u32 },
     #[error("accel kvm: {0}")]
     Kvm(String),
+    #[error("{what} {path} is larger than {limit}, the most vmd loads")]
+    TooLarge {
+        what: &'static str,
+        path: String,
+        limit: String,
+    },
     #[error("cannot open a pty: {0}")]
     Pty(Errno),
     #[error("cannot open console log {path}: {why}")]
@@ -707,7 +714,31 @@ fn vmm_open_files(vm: &VmConfig, requester: &Requester) -> Result<Vec<Opened>, S
         })?;
         opened.extend(bios);
     }
+    vmm_check_boot_sizes(&opened)?;
     Ok(opened)
+}
+
+/// Refuses a kernel, initrd or BIOS larger than the VM process copies
+/// into memory, here where the path is known (the VM process checks
+/// again as it copies: a file may grow).
+fn vmm_check_boot_sizes(opened: &[Opened]) -> Result<(), StartError> {
+    for o in opened {
+        let file = match o.kind {
+            VmFdKind::Kernel => BootFile::Kernel,
+            VmFdKind::Initrd => BootFile::Initrd,
+            VmFdKind::Bios => BootFile::Bios,
+            _ => continue,
+        };
+        let size = o.file.metadata().map(|m| m.len()).unwrap_or(0);
+        if size > file.limit() {
+            return Err(StartError::TooLarge {
+                what: file.what(),
+                path: o.path.clone(),
+                limit: common::size::format(file.limit()),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Whether a VM uses hardware KVM: `kvm` always, `tcg` never, `auto` when
