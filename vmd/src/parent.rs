@@ -33,6 +33,8 @@ const MAX_RESTARTS: usize = 10;
 const RESTART_WINDOW: Duration = Duration::from_secs(60);
 /// How long children get to exit after SIGTERM before SIGKILL.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// How long a pause or unpause waits for the VM process to confirm.
+const COMMAND_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct ParentOptions {
     pub socket: PathBuf,
@@ -84,6 +86,9 @@ struct PendingReply {
     command: VmCommand,
     token: Token,
     peer: u32,
+    /// When vmctl gets a time-out instead (a VM process that never answers
+    /// must not hold the client and its connection for ever).
+    deadline: Instant,
 }
 
 struct Parent {
@@ -231,6 +236,7 @@ impl Parent {
                 None => [
                     self.registry.next_batch(),
                     self.registry.next_stop_deadline(),
+                    self.replies.iter().map(|r| r.deadline).min(),
                 ]
                 .into_iter()
                 .flatten()
@@ -275,7 +281,28 @@ impl Parent {
             {
                 self.registry.expire_stops();
             }
+            self.expire_replies();
         }
+    }
+
+    /// Answers, with ETIMEDOUT, the pauses and unpauses whose VM process
+    /// has not confirmed in time.
+    fn expire_replies(&mut self) {
+        let now = Instant::now();
+        let (expired, rest): (Vec<PendingReply>, Vec<PendingReply>) =
+            std::mem::take(&mut self.replies)
+                .into_iter()
+                .partition(|r| r.deadline <= now);
+        self.replies = rest;
+        for reply in &expired {
+            log_warn!(
+                "vm {}: no answer to {:?} within {}s",
+                reply.vmid,
+                reply.command,
+                COMMAND_REPLY_TIMEOUT.as_secs()
+            );
+        }
+        self.answer(expired, Err(CtlError::Errno(libc::ETIMEDOUT)));
     }
 
     fn handle_signals(&mut self) {
@@ -492,6 +519,7 @@ impl Parent {
                     command,
                     token,
                     peer,
+                    deadline: Instant::now() + COMMAND_REPLY_TIMEOUT,
                 });
                 None
             }
@@ -521,7 +549,12 @@ impl Parent {
                 .into_iter()
                 .partition(|r| r.vmid == vmid && command.is_none_or(|c| c == r.command));
         self.replies = rest;
-        for reply in matching {
+        self.answer(matching, result);
+    }
+
+    /// Sends `result` to each held pause or unpause in `replies`.
+    fn answer(&mut self, replies: Vec<PendingReply>, result: Result<u32, CtlError>) {
+        for reply in replies {
             let message = match &result {
                 Ok(vmid) => Message::CtlVmResult {
                     vmid: *vmid,
