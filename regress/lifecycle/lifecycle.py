@@ -84,6 +84,25 @@ def pause_unpause(vmd):
         raise Failure("the paused guest did not see its power button")
 
 
+def stopped_vm_process(vmd):
+    """A VM process that cannot answer (SIGSTOP): pause times out rather
+    than hanging vmctl; after SIGCONT the VM process resumes its wait
+    (restart_syscall is allowed) and carries out the pause."""
+    vmid, _ = vmd.start("sigstop1")
+    vm_pid, _ = vmd.vm_pids(vmid)
+    vmd.wait_console("sigstop1", "VMD-GUEST: ready")
+    os.kill(vm_pid, signal.SIGSTOP)
+    try:
+        expect(vmd.vmctl("pause", "sigstop1", timeout=30), 1,
+               r"^vmctl: pause vm command failed: Connection timed out$", "pause of a stopped VM process")
+    finally:
+        os.kill(vm_pid, signal.SIGCONT)
+    wait_for("the late pause to be carried out", lambda: vmd.state(vmid) == "paused", 10)
+    if not status_of(vm_pid):
+        raise Failure(f"the VM process died after SIGCONT: {vmd.log()[-500:]}")
+    expect(vmd.vmctl("unpause", "sigstop1"), 0, rf"^vmctl: unpaused vm {vmid} successfully$", "unpause")
+
+
 def graceful_stop_and_wait(vmd):
     vmid, _ = vmd.start("grace1")
     vm_pid, qemu = vmd.vm_pids(vmid)
@@ -305,6 +324,7 @@ def main():
     case("sigkill-qemu-restart-same-disk-fds-back", crash("qemu"))
     case("sigkill-vm-process-restart-same-disk-fds-back", crash("vm"))
     case("non-owner-cannot-stop-pause-wait", non_owner)
+    case("stopped-vm-process-pause-times-out-then-resumes", with_vmd(stopped_vm_process))
     case("reset-vms-terminates-running-vms", with_vmd(reset_vms, conf_extra=config_vm("rst1")))
     return t.summary()
 
