@@ -173,6 +173,23 @@ def test_control_restarted():
             s.connect(vmd.sock)
 
 
+def test_control_crash_loop_backs_off():
+    # The 11th death within a minute delays the restart instead of ending
+    # vmd (and its VMs).
+    with Vmd() as vmd:
+        control, switch = vmd.ready()
+        for _ in range(11):
+            os.kill(control, signal.SIGKILL)
+            control = wait_for("a new control", lambda: (p := vmd.child("control")) not in (control, None) and p,
+                               timeout=15)
+        if "restarted 10 times in 60s, restarting it in 10s" not in vmd.log():
+            raise Failure(f"no back-off logged: {vmd.log()[-400:]}")
+        if not vmd.alive() or vmd.child("switch") != switch:
+            raise Failure("the parent or switch did not survive the crash loop")
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(vmd.sock)
+
+
 def test_parent_sigkill():
     with Vmd() as vmd:
         pids = vmd.ready()
@@ -310,6 +327,7 @@ def main():
     case("control_socket", test_control_socket)
     case("second_vmd_refused", test_second_vmd_refused)
     case("control_restarted", test_control_restarted)
+    case("control_crash_loop_backs_off", test_control_crash_loop_backs_off)
     case("parent_sigkill", test_parent_sigkill)
     case("sigterm_sigint_shutdown", test_sigterm_shutdown)
     test_refused_syscalls()

@@ -31,6 +31,8 @@ const SIGNALS: Token = Token(0);
 /// A role restarted this often within RESTART_WINDOW is given up on.
 const MAX_RESTARTS: usize = 10;
 const RESTART_WINDOW: Duration = Duration::from_secs(60);
+/// How long a child that keeps dying waits before its next restart.
+const RESTART_BACKOFF: Duration = Duration::from_secs(10);
 /// How long children get to exit after SIGTERM before SIGKILL.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// How long a pause or unpause waits for the VM process to confirm.
@@ -98,6 +100,8 @@ struct Parent {
     children: Vec<Child>,
     next_token: usize,
     restarts: Vec<(Role, Instant)>,
+    /// Children to start again, and when.
+    respawns: Vec<(Role, Instant)>,
     /// Our control process bound the socket (so it is ours to remove).
     socket_bound: bool,
     /// Set once shutting down: the exit code and when to stop waiting.
@@ -168,6 +172,7 @@ fn parent_init(opts: ParentOptions) -> Result<Parent, String> {
         children: Vec::new(),
         next_token: 1,
         restarts: Vec::new(),
+        respawns: Vec::new(),
         socket_bound: false,
         shutdown: None,
         registry: Registry::with_backend(Vmm::new(vm_registry)),
@@ -237,6 +242,7 @@ impl Parent {
                     self.registry.next_batch(),
                     self.registry.next_stop_deadline(),
                     self.replies.iter().map(|r| r.deadline).min(),
+                    self.respawns.iter().map(|(_, at)| *at).min(),
                 ]
                 .into_iter()
                 .flatten()
@@ -282,6 +288,9 @@ impl Parent {
                 self.registry.expire_stops();
             }
             self.expire_replies();
+            if self.shutdown.is_none() {
+                self.respawn_due();
+            }
         }
     }
 
@@ -746,26 +755,42 @@ impl Parent {
         let now = Instant::now();
         self.restarts
             .retain(|(_, when)| now.duration_since(*when) < RESTART_WINDOW);
-        if self
+        let recent = self
             .restarts
             .iter()
             .filter(|(role, _)| *role == child.role)
-            .count()
-            >= MAX_RESTARTS
-        {
+            .count();
+        // A crash loop slows down instead of taking the VMs with it.
+        let at = if recent >= MAX_RESTARTS {
             log_warn!(
-                "{name} (pid {}) {why}; restarted {MAX_RESTARTS} times in {}s, shutting down",
+                "{name} (pid {}) {why}; restarted {MAX_RESTARTS} times in {}s, restarting it in {}s",
                 child.pid,
-                RESTART_WINDOW.as_secs()
+                RESTART_WINDOW.as_secs(),
+                RESTART_BACKOFF.as_secs()
             );
-            self.begin_shutdown(ExitCode::FAILURE);
-            return;
-        }
-        self.restarts.push((child.role, now));
-        log_warn!("{name} (pid {}) {why}; restarting it", child.pid);
-        if let Err(e) = self.spawn(child.role) {
-            log_warn!("cannot restart {name}: {e}; shutting down");
-            self.begin_shutdown(ExitCode::FAILURE);
+            now + RESTART_BACKOFF
+        } else {
+            log_warn!("{name} (pid {}) {why}; restarting it", child.pid);
+            now
+        };
+        self.restarts.push((child.role, at));
+        self.respawns.push((child.role, at));
+        self.respawn_due();
+    }
+
+    /// Starts the children whose restart is due; one that cannot start
+    /// shuts vmd down.
+    fn respawn_due(&mut self) {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.respawns)
+            .into_iter()
+            .partition(|(_, at)| *at <= now);
+        self.respawns = later;
+        for (role, _) in due {
+            if let Err(e) = self.spawn(role) {
+                log_warn!("cannot restart {}: {e}; shutting down", role.name());
+                self.begin_shutdown(ExitCode::FAILURE);
+            }
         }
     }
 
