@@ -578,6 +578,42 @@ def test_many_connections():
                 s.close()
 
 
+def test_per_user_connection_limit():
+    """One user other than root holds at most 256 connections; root is
+    still served."""
+    alice = ACCOUNTS.alice
+    with Vmd(socket_group_config(THREE_VMS)) as vmd:
+        verdict_r, verdict_w = os.pipe()
+        release_r, release_w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            try:
+                os.close(verdict_r)
+                os.close(release_w)
+                os.setgroups([ACCOUNTS.sock_group])
+                os.setgid(alice.pw_gid)
+                os.setuid(alice.pw_uid)
+                conns = [connect(vmd) for _ in range(257)]
+                served = raw_status(conns[0]) == 3
+                os.write(verdict_w, b"1" if served and closed_by_daemon(conns[256]) else b"0")
+                os.read(release_r, 1)  # hold them until root has been served
+            finally:
+                os._exit(0)
+        os.close(verdict_w)
+        os.close(release_r)
+        try:
+            # Empty when the child failed before it could say.
+            got = os.read(verdict_r, 1)
+            expect("alice's first 256 served, the 257th closed", got, b"1")
+            expect("root's vmctl beside alice's connections", vmd.vmctl("status")[0], 0)
+            if f"uid {alice.pw_uid} has 256 connections open: refusing another" not in vmd.log():
+                raise Failure("the refusal was not logged")
+        finally:
+            os.close(release_w)
+            os.close(verdict_r)
+            os.waitpid(child, 0)
+
+
 def main():
     global ACCOUNTS
     if not t.prepare(guest=False):
@@ -588,6 +624,7 @@ def main():
         ACCOUNTS = Accounts()
         ACCOUNTS.create()
         case("status_layout", test_status_layout)
+        case("per_user_connection_limit", test_per_user_connection_limit)
         case("socket_mode_and_owner", test_socket_mode_and_owner)
         case("non_root_permissions", test_non_root_permissions)
         case("unknown_vm", test_unknown_vm)

@@ -61,6 +61,9 @@ const FIRST_CONN_TOKEN: usize = 16;
 /// Requests a connection may queue behind the one at the parent; more is
 /// a client that does not wait for answers, and it is dropped.
 const MAX_QUEUED_REQUESTS: usize = 64;
+/// Connections one user other than root may hold, so that no user can
+/// take them all and lock root out.
+const MAX_CONNS_PER_USER: usize = 256;
 /// Open descriptors we aim for (RLIMIT_NOFILE, raised while root).
 const WANTED_FILES: u64 = 4096;
 /// Descriptors kept free for everything that is not a connection.
@@ -269,6 +272,18 @@ impl Control {
                     continue;
                 }
             };
+            let from_same_user = self
+                .conns
+                .values()
+                .filter(|c| c.creds.uid == creds.uid)
+                .count();
+            if creds.uid != 0 && from_same_user >= MAX_CONNS_PER_USER {
+                log_warn!(
+                    "uid {} has {from_same_user} connections open: refusing another",
+                    creds.uid
+                );
+                continue;
+            }
             let id = self.claim_id();
             let registered = self.poll.registry().register(
                 &mut SourceFd(&sock.as_raw_fd()),
