@@ -65,7 +65,7 @@ pub fn open_chain<F>(
     mut open: F,
 ) -> Result<Vec<Layer>>
 where
-    F: FnMut(&Path, bool) -> io::Result<File>,
+    F: FnMut(&Path, DiskFormat, bool) -> io::Result<File>,
 {
     let mut layers: Vec<Layer> = Vec::new();
     let mut seen: Vec<(u64, u64)> = Vec::new();
@@ -76,9 +76,11 @@ where
                 path: layers[0].path.clone(),
             });
         }
-        let file = open(&path, layers.is_empty() && writable).map_err(|source| ImageError::Io {
-            path: path.clone(),
-            source,
+        let file = open(&path, format, layers.is_empty() && writable).map_err(|source| {
+            ImageError::Io {
+                path: path.clone(),
+                source,
+            }
         })?;
         let meta = file.metadata().map_err(|source| ImageError::Io {
             path: path.clone(),
@@ -145,7 +147,10 @@ pub enum Extent {
 impl Image {
     /// Opens an image and its chain with ordinary opens.
     pub fn open(path: &Path, format: DiskFormat, writable: bool) -> Result<Image> {
-        Image::from_layers(open_chain(path, format, writable, open_file)?, writable)
+        Image::from_layers(
+            open_chain(path, format, writable, |p, _, w| open_file(p, w))?,
+            writable,
+        )
     }
 
     /// Builds an image from the layers `open_chain` returned.

@@ -418,6 +418,32 @@ def users_files(vmd, staging, user):
     vmd.start_with("rootq", "-t", "btpl", "-d", root_overlay)
     stop(vmd, "rootq")
     refused(vmd, ["rootu", "-t", "btpl", "-d", overlay], f"{base}: permission denied")
+    # The same a layer further down: root's overlay on the user's qcow2,
+    # whose own backing file is the root-only base.
+    user_mid = staging.path("user-mid.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", user_mid],
+                   check=True, capture_output=True)
+    os.chown(user_mid, user.uid, user.gid)
+    root_top = staging.path("root-top.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", user_mid, "-F", "qcow2", root_top],
+                   check=True, capture_output=True)
+    refused(vmd, ["rootm", "-t", "btpl", "-d", root_top], f"{base}: permission denied")
+    # Root's overlay on a user's qcow2 whose backing file that user may
+    # read boots: the layers below are the user's, opened as the user.
+    user_base = staging.path("user-base.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", own, "-F", "raw", user_base],
+                   check=True, capture_output=True)
+    os.chown(user_base, user.uid, user.gid)
+    root_top2 = staging.path("root-top2.qcow2")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", user_base, "-F", "qcow2", root_top2],
+                   check=True, capture_output=True)
+    vmd.start_with("rootok", "-t", "btpl", "-d", root_top2)
+    vmd.wait_console("rootok", mark, BIOS_TIMEOUT)
+    stop(vmd, "rootok")
+    # A root-owned layer others may write names nothing root follows.
+    os.chmod(root_overlay, 0o666)
+    refused(vmd, ["rootw", "-t", "btpl", "-d", root_overlay],
+            f"{root_overlay}: writable by users other than root: its backing file is not followed")
     if "permission denied" not in vmd.log():
         raise Failure("vmd did not log the refusals")
 

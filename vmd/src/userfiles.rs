@@ -18,11 +18,10 @@
 //! killed and reaped by the parent's loop.
 //!
 //! Paths from root's own configuration, and every path root names, are
-//! opened by the parent itself with the same function; except a disk
-//! image that another user owns: it names its backing files itself, so
-//! it and its chain are opened by the helper with its owner's rights (a
-//! user who can write an image must not make root open, say,
-//! /etc/shadow as its backing file and hand it to the guest).
+//! opened by the parent itself ([`userfiles_open_root`]); but a backing
+//! file is opened as root only when named by a layer only root can write:
+//! below a layer another user can write, the chain is opened by the helper
+//! with that layer's owner's rights.
 
 use crate::vmm::Requester;
 use common::image::{self, ImageError};
@@ -36,7 +35,7 @@ use nix::unistd::{ForkResult, Pid};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -94,7 +93,10 @@ pub fn userfiles_open(wants: &[Want]) -> Result<Vec<Opened>, FileRefusal> {
                 writable,
                 ..
             } => {
-                let layers = image::open_chain(Path::new(&want.path), format, writable, open_file)
+                let layers =
+                    image::open_chain(Path::new(&want.path), format, writable, |p, _, w| {
+                        open_file(p, w)
+                    })
                     .map_err(|e| chain_refusal(want.kind, e))?;
                 for (layer, l) in layers.into_iter().enumerate() {
                     opened.push(Opened {
@@ -160,39 +162,128 @@ pub fn userfiles_open_as(req: &Requester, wants: &[Want]) -> Result<Vec<Opened>,
     }
 }
 
-/// For a disk that root opens: the identity of the image's owner when
-/// that is not root (its gid and groups from the user database, else the
-/// file's group), whose rights the image and its chain are opened with.
-pub fn image_owner(want: &Want) -> Option<Requester> {
-    use std::os::unix::fs::MetadataExt;
-    if !matches!(want.kind, VmFdKind::Disk { .. }) {
-        return None;
+/// Opens one file of root's (from vm.conf, a template, or named by root)
+/// as root. A disk's backing file is followed as root only from a layer
+/// that root alone can write (owned by root, without group or other write
+/// permission), judged on the open descriptor whose header names it: any
+/// other layer's backing name was written by its owner, so the rest of the
+/// chain is opened by the helper with that owner's rights (an overlay
+/// cannot make root hand /etc/shadow to a guest), and a root-owned layer
+/// others may write is refused.
+pub fn userfiles_open_root(want: &Want) -> Result<Vec<Opened>, UserFilesError> {
+    let VmFdKind::Disk {
+        disk,
+        format,
+        writable,
+        ..
+    } = want.kind
+    else {
+        return userfiles_open(std::slice::from_ref(want)).map_err(UserFilesError::Refused);
+    };
+    let mut opened: Vec<Opened> = Vec::new();
+    // The owner of the layer opened last, if root is not its only writer.
+    let mut written_by: Option<(u32, String)> = None;
+    let mut rest: Option<(u32, Want)> = None;
+    let chain = image::open_chain(
+        Path::new(&want.path),
+        format,
+        writable,
+        |path, format, w| {
+            let layer = opened.len() as u8;
+            if let Some((owner, _)) = written_by.take() {
+                let kind = VmFdKind::Disk {
+                    disk,
+                    layer: 0,
+                    format,
+                    writable: false,
+                };
+                let path = path.display().to_string();
+                rest = Some((owner, Want { kind, path }));
+                return Err(io::Error::other(UNTRUSTED));
+            }
+            let file = open_file(path, w)?;
+            let meta = file.metadata()?;
+            if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+                written_by = Some((meta.uid(), path.display().to_string()));
+            }
+            opened.push(Opened {
+                kind: VmFdKind::Disk {
+                    disk,
+                    layer,
+                    format,
+                    writable: w,
+                },
+                path: path.display().to_string(),
+                file: file.try_clone()?,
+            });
+            Ok(file)
+        },
+    );
+    match (chain, rest) {
+        (Ok(_), _) => Ok(opened),
+        (Err(_), Some((owner, rest))) => {
+            if owner == 0 {
+                let layer = opened.last().map_or(String::new(), |o| o.path.clone());
+                return Err(UserFilesError::Refused(FileRefusal {
+                    kind: want.kind,
+                    path: layer.clone(),
+                    why: RefusalReason::Other(format!(
+                        "{layer}: writable by users other than root: its backing file is not followed"
+                    )),
+                }));
+            }
+            let below = userfiles_open_as(&owner_identity(owner, &rest.path)?, &[rest])?;
+            let offset = opened.len() as u8;
+            opened.extend(below.into_iter().map(|mut o| {
+                if let VmFdKind::Disk { layer, .. } = &mut o.kind {
+                    *layer = layer.saturating_add(offset);
+                }
+                o
+            }));
+            Ok(opened)
+        }
+        (Err(e), None) => Err(UserFilesError::Refused(chain_refusal(want.kind, e))),
     }
-    // A file that cannot be stat'ed is refused by the open that follows.
-    let meta = std::fs::metadata(&want.path).ok()?;
-    if meta.uid() == 0 {
-        return None;
-    }
-    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(meta.uid()))
-        .ok()
-        .flatten();
+}
+
+const UNTRUSTED: &str = "backing file named by a layer root does not alone control";
+
+/// Whose rights a user's file is opened with: the uid, its primary group
+/// and groups from the user database, or for a uid that has no entry the
+/// overflow group and no others.
+fn owner_identity(uid: u32, path: &str) -> Result<Requester, UserFilesError> {
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).map_err(|e| {
+        UserFilesError::Helper {
+            uid,
+            why: format!("cannot look up the owner: {e}"),
+        }
+    })?;
     let (gid, groups) = match user {
         Some(u) => {
-            let groups = std::ffi::CString::new(u.name.as_str())
-                .ok()
-                .and_then(|name| nix::unistd::getgrouplist(&name, u.gid).ok())
-                .unwrap_or_default();
+            let name =
+                std::ffi::CString::new(u.name.as_str()).map_err(|_| UserFilesError::Helper {
+                    uid,
+                    why: "a user name with a NUL byte".into(),
+                })?;
+            let groups =
+                nix::unistd::getgrouplist(&name, u.gid).map_err(|e| UserFilesError::Helper {
+                    uid,
+                    why: format!("cannot look up the owner's groups: {e}"),
+                })?;
             (u.gid.as_raw(), groups.iter().map(|g| g.as_raw()).collect())
         }
-        None => (meta.gid(), Vec::new()),
+        None => (OVERFLOW_GID, Vec::new()),
     };
-    Some(Requester {
-        uid: meta.uid(),
+    Ok(Requester {
+        uid,
         gid,
         groups,
-        named: vec![want.path.clone()],
+        named: vec![path.to_string()],
     })
 }
+
+/// The group of ids the system does not know (nogroup).
+const OVERFLOW_GID: u32 = 65534;
 
 /// The helper: becomes the requester for file access, opens, sends every
 /// descriptor and the outcome, exits. Never returns.

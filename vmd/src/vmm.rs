@@ -695,13 +695,8 @@ fn vmm_open_files(vm: &VmConfig, requester: &Requester) -> Result<Vec<Opened>, S
     let (theirs, ours): (Vec<Want>, Vec<Want>) =
         wants.into_iter().partition(|w| requester.opens(&w.path));
     let mut opened = userfiles::userfiles_open_as(requester, &theirs)?;
-    for want in ours {
-        match userfiles::image_owner(&want) {
-            Some(owner) => opened.extend(userfiles::userfiles_open_as(&owner, &[want])?),
-            None => {
-                opened.extend(userfiles::userfiles_open(&[want]).map_err(StartError::from_refusal)?)
-            }
-        }
+    for want in &ours {
+        opened.extend(userfiles::userfiles_open_root(want)?);
     }
     if vm.boot.is_none() {
         let bios = userfiles::userfiles_open(&[Want {
@@ -911,6 +906,13 @@ fn open_console_log(path: &Path) -> Result<(OwnedFd, u64), String> {
 /// The `Uid:` (real) of /proc/PID/status and the rest of the file, if
 /// the process exists and is not a zombie.
 fn proc_status(pid: u32) -> Option<(u32, String)> {
+    proc_status_any(pid)
+        .filter(|(_, zombie, _)| !zombie)
+        .map(|(uid, _, status)| (uid, status))
+}
+
+/// A process's real uid, whether it is a zombie, and its whole status.
+fn proc_status_any(pid: u32) -> Option<(u32, bool, String)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |name: &str| {
         status
@@ -918,11 +920,9 @@ fn proc_status(pid: u32) -> Option<(u32, String)> {
             .find_map(|l| l.strip_prefix(name))
             .map(|rest| rest.trim().to_string())
     };
-    if field("State:").is_some_and(|s| s.starts_with('Z')) {
-        return None;
-    }
+    let zombie = field("State:").is_some_and(|s| s.starts_with('Z'));
     let uid = field("Uid:")?.split_whitespace().next()?.parse().ok()?;
-    Some((uid, status))
+    Some((uid, zombie, status))
 }
 
 /// SIGKILLs a VM's QEMU and VM process. QEMU's pid comes from the VM
@@ -943,10 +943,14 @@ fn process_alive_as(pid: u32, uid: u32) -> bool {
 /// a zombie leader whose other threads are still exiting (they hold its
 /// descriptors, and so the disks' locks, until the last one is gone).
 fn qemu_holds_files(pid: u32, uid: u32) -> bool {
-    if process_alive_as(pid, uid) {
-        return true;
+    match proc_status_any(pid) {
+        Some((u, false, _)) => u == uid,
+        // A pid reused by someone else's process holds nothing of ours.
+        Some((u, true, _)) if u == uid => {
+            std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| tasks.count() > 1)
+        }
+        _ => false,
     }
-    std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| tasks.count() > 1)
 }
 
 /// QEMU's resident memory in bytes (VmRSS), if `pid` is still the QEMU
