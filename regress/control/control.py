@@ -606,7 +606,7 @@ def test_per_user_connection_limit():
             got = os.read(verdict_r, 1)
             expect("alice's first 256 served, the 257th closed", got, b"1")
             expect("root's vmctl beside alice's connections", vmd.vmctl("status")[0], 0)
-            if f"uid {alice.pw_uid} has 256 connections open: refusing another" not in vmd.log():
+            if f"refusing a connection from uid {alice.pw_uid}: it has 256 connections open" not in vmd.log():
                 raise Failure("the refusal was not logged")
         finally:
             os.close(release_w)

@@ -35,6 +35,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 /// What control's loop adds to every child's calls.
 pub const CONTROL_SYSCALLS: &[Allowed] = &[
@@ -64,6 +65,8 @@ const MAX_QUEUED_REQUESTS: usize = 64;
 /// Connections one user other than root may hold, so that no user can
 /// take them all and lock root out.
 const MAX_CONNS_PER_USER: usize = 256;
+/// Connections only root may take.
+const ROOT_RESERVED: usize = 16;
 /// Open descriptors we aim for (RLIMIT_NOFILE, raised while root).
 const WANTED_FILES: u64 = 4096;
 /// Descriptors kept free for everything that is not a connection.
@@ -93,6 +96,8 @@ struct Control {
     conns: HashMap<u32, Conn>,
     next_id: u32,
     max_conns: usize,
+    /// When a refused connection was last logged.
+    refusal_logged: Option<Instant>,
 }
 
 pub fn control_main(verbosity: u8, socket: &Path) -> ExitCode {
@@ -159,6 +164,7 @@ pub fn control_main(verbosity: u8, socket: &Path) -> ExitCode {
         conns: HashMap::new(),
         next_id: 1,
         max_conns,
+        refusal_logged: None,
     };
     let mut events = Events::with_capacity(256);
     loop {
@@ -261,10 +267,6 @@ impl Control {
                     return;
                 }
             };
-            if self.conns.len() >= self.max_conns {
-                log_warn!("{} connections open: refusing another", self.conns.len());
-                continue;
-            }
             let creds = match control_peer_credentials(sock.as_fd()) {
                 Ok(creds) => creds,
                 Err(e) => {
@@ -272,16 +274,15 @@ impl Control {
                     continue;
                 }
             };
-            let from_same_user = self
-                .conns
-                .values()
-                .filter(|c| c.creds.uid == creds.uid)
-                .count();
-            if creds.uid != 0 && from_same_user >= MAX_CONNS_PER_USER {
-                log_warn!(
-                    "uid {} has {from_same_user} connections open: refusing another",
-                    creds.uid
-                );
+            if let Some(why) = self.refuse_connection(&creds) {
+                // At most one line a second, however fast they come.
+                if self
+                    .refusal_logged
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+                {
+                    log_warn!("refusing a connection from uid {}: {why}", creds.uid);
+                    self.refusal_logged = Some(Instant::now());
+                }
                 continue;
             }
             let id = self.claim_id();
@@ -410,6 +411,28 @@ impl Control {
                 std::process::exit(1);
             }
         }
+    }
+
+    /// Why a new connection from `creds` is refused, if it is: the last
+    /// ROOT_RESERVED places are root's, and a user other than root holds
+    /// at most MAX_CONNS_PER_USER, so no users can lock root out.
+    fn refuse_connection(&self, creds: &Credentials) -> Option<String> {
+        let open = self.conns.len();
+        if open >= self.max_conns {
+            return Some(format!("{open} connections open"));
+        }
+        if creds.uid == 0 {
+            return None;
+        }
+        if open + ROOT_RESERVED >= self.max_conns {
+            return Some(format!("{open} connections open, the rest are root's"));
+        }
+        let mine = self
+            .conns
+            .values()
+            .filter(|c| c.creds.uid == creds.uid)
+            .count();
+        (mine >= MAX_CONNS_PER_USER).then(|| format!("it has {mine} connections open"))
     }
 
     fn close(&mut self, id: u32, why: &str) {

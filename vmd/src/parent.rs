@@ -790,6 +790,7 @@ impl Parent {
             if let Err(e) = self.spawn(role) {
                 log_warn!("cannot restart {}: {e}; shutting down", role.name());
                 self.begin_shutdown(ExitCode::FAILURE);
+                return;
             }
         }
     }

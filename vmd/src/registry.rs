@@ -226,6 +226,15 @@ impl Registry {
             }
             let resolved = config.resolved_vm(vm);
             if let Some(i) = self.by_name(&resolved.name) {
+                let vm = &mut self.vms[i];
+                if vm.state == VmState::Stopping && !vm.from_config {
+                    // A VM reset (or started from vmctl) is ending: the
+                    // configured one stays listed when it has.
+                    log_debug!("vm {} takes the configuration once it ended", vm.vmid);
+                    vm.config = resolved;
+                    vm.from_config = true;
+                    continue;
+                }
                 let why = if self.vms[i].state.is_active() {
                     "running"
                 } else {
@@ -262,6 +271,11 @@ impl Registry {
                     if let Err(e) = self.backend_stop(i, true) {
                         log_warn!("{}: cannot terminate: {}", self.vms[i].name(), e.describe());
                     }
+                    // As for stop -f: a reboot under way is not restarted.
+                    let vm = &mut self.vms[i];
+                    vm.state = VmState::Stopping;
+                    vm.stop_deadline = None;
+                    vm.timed_out = false;
                 }
             }
             // A VM being terminated stays listed (its id taken) until its

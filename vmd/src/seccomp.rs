@@ -44,6 +44,10 @@ pub const CHILD_SYSCALLS: &[Allowed] = &[
     (libc::SYS_madvise, "memory allocator: return freed pages"),
     (libc::SYS_getpid, "stamp frames with our pid"),
     (
+        libc::SYS_clock_gettime,
+        "read the clock (timers, rate limits) where the vDSO cannot (hpet, acpi_pm clock sources)",
+    ),
+    (
         libc::SYS_exit_group,
         "exit when the parent closes the socket",
     ),

@@ -347,12 +347,16 @@ impl VmConfig {
         if self.interfaces.len().max(self.interface_count.unwrap_or(0)) > MAX_INTERFACES {
             return Err("too many network interfaces".to_string());
         }
-        if self.cmdline.as_ref().is_some_and(|c| c.len() > MAX_CMDLINE) {
+        if self
+            .cmdline
+            .as_ref()
+            .is_some_and(|c| c.len() >= MAX_CMDLINE)
+        {
             return Err("kernel command line too long".to_string());
         }
         if self
             .shutdown_timeout
-            .is_some_and(|t| i64::from(t) > MAX_SHUTDOWN_TIMEOUT)
+            .is_some_and(|t| t == 0 || i64::from(t) > MAX_SHUTDOWN_TIMEOUT)
         {
             return Err("shutdown timeout out of range".to_string());
         }
