@@ -145,6 +145,15 @@ def write_iso(path, mark, mode=0o644, owner=None):
     finish(path, mode, owner)
 
 
+def overlay_on(path, base, base_format, owner=None):
+    """A qcow2 overlay at `path` on `base` (made by qemu-img, the
+    independent tool), owned by `owner` if given."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", base_format, path],
+                   check=True, capture_output=True)
+    if owner:
+        os.chown(path, owner.uid, owner.gid)
+
+
 def finish(path, mode, owner):
     os.chmod(path, mode)
     if owner:
@@ -376,9 +385,7 @@ def users_files(vmd, staging, user):
     base = staging.path("base.img")
     write_disk(base, marker("BASE"), mode=0o600)
     overlay = staging.path("overlay.qcow2")
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", overlay],
-                   check=True, capture_output=True)
-    os.chown(overlay, user.uid, user.gid)
+    overlay_on(overlay, base, "raw", owner=user)
     link = staging.path("link.img")
     os.symlink(root_only, link)
     os.lchown(link, user.uid, user.gid)
@@ -413,30 +420,23 @@ def users_files(vmd, staging, user):
     # its owner's rights, even for root, so the user's overlay cannot
     # make root hand the root-only base to a guest.
     root_overlay = staging.path("root-overlay.qcow2")
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", root_overlay],
-                   check=True, capture_output=True)
+    overlay_on(root_overlay, base, "raw")
     vmd.start_with("rootq", "-t", "btpl", "-d", root_overlay)
     stop(vmd, "rootq")
     refused(vmd, ["rootu", "-t", "btpl", "-d", overlay], f"{base}: permission denied")
     # The same a layer further down: root's overlay on the user's qcow2,
     # whose own backing file is the root-only base.
     user_mid = staging.path("user-mid.qcow2")
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", user_mid],
-                   check=True, capture_output=True)
-    os.chown(user_mid, user.uid, user.gid)
+    overlay_on(user_mid, base, "raw", owner=user)
     root_top = staging.path("root-top.qcow2")
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", user_mid, "-F", "qcow2", root_top],
-                   check=True, capture_output=True)
+    overlay_on(root_top, user_mid, "qcow2")
     refused(vmd, ["rootm", "-t", "btpl", "-d", root_top], f"{base}: permission denied")
     # Root's overlay on a user's qcow2 whose backing file that user may
     # read boots: the layers below are the user's, opened as the user.
     user_base = staging.path("user-base.qcow2")
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", own, "-F", "raw", user_base],
-                   check=True, capture_output=True)
-    os.chown(user_base, user.uid, user.gid)
+    overlay_on(user_base, own, "raw", owner=user)
     root_top2 = staging.path("root-top2.qcow2")
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", user_base, "-F", "qcow2", root_top2],
-                   check=True, capture_output=True)
+    overlay_on(root_top2, user_base, "qcow2")
     vmd.start_with("rootok", "-t", "btpl", "-d", root_top2)
     vmd.wait_console("rootok", mark, BIOS_TIMEOUT)
     stop(vmd, "rootok")
