@@ -21,7 +21,7 @@
 
 use crate::log::{log_debug, log_info, log_warn};
 use crate::proc;
-use crate::seccomp::{self, Allowed};
+use crate::seccomp::Allowed;
 use common::ctl::{Credentials, CtlRequest};
 use common::imsg::{Channel, Frame, Message, Role};
 use mio::net::UnixListener;
@@ -144,15 +144,7 @@ pub fn control_main(verbosity: u8, socket: &Path) -> ExitCode {
         return ExitCode::FAILURE;
     }
 
-    #[cfg(feature = "test-triggers")]
-    let lists: &[&[Allowed]] = &[
-        seccomp::CHILD_SYSCALLS,
-        CONTROL_SYSCALLS,
-        crate::trigger::SYSCALLS,
-    ];
-    #[cfg(not(feature = "test-triggers"))]
-    let lists: &[&[Allowed]] = &[seccomp::CHILD_SYSCALLS, CONTROL_SYSCALLS];
-    if let Err(e) = proc::child_drop_to_vmd(Role::Control, &start, lists) {
+    if let Err(e) = proc::child_drop_to_vmd(Role::Control, &start, CONTROL_SYSCALLS) {
         log_warn!("{e}");
         return ExitCode::FAILURE;
     }

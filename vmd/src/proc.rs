@@ -457,10 +457,19 @@ pub fn child_start(role: Role, verbosity: u8) -> Result<ChildStart, String> {
 pub fn child_drop_to_vmd(
     role: Role,
     start: &ChildStart,
-    lists: &[&[seccomp::Allowed]],
+    role_syscalls: &[seccomp::Allowed],
 ) -> Result<(), String> {
     let id = Identity::of_user(VMD_USER).map_err(|e| e.to_string())?;
-    let filter = seccomp::compile(lists).map_err(|e| e.to_string())?;
+    // Test builds also allow what the SIGRTMIN+n triggers need.
+    #[cfg(feature = "test-triggers")]
+    let lists = [
+        seccomp::CHILD_SYSCALLS,
+        role_syscalls,
+        crate::trigger::SYSCALLS,
+    ];
+    #[cfg(not(feature = "test-triggers"))]
+    let lists = [seccomp::CHILD_SYSCALLS, role_syscalls];
+    let filter = seccomp::compile(&lists).map_err(|e| e.to_string())?;
     drop_privileges(&id, Path::new(EMPTY_DIR), start.parent, &filter, CHILD_FD)
         .map_err(|e| format!("dropping privileges: {e}"))?;
     imsg::send_blocking(

@@ -7,7 +7,6 @@
 
 use crate::log::{log_debug, log_warn};
 use crate::proc;
-use crate::seccomp::{self, Allowed};
 use common::imsg::{Message, Role};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -48,11 +47,7 @@ pub fn switch_main(verbosity: u8) -> ExitCode {
         return ExitCode::FAILURE;
     }
 
-    #[cfg(feature = "test-triggers")]
-    let lists: &[&[Allowed]] = &[seccomp::CHILD_SYSCALLS, crate::trigger::SYSCALLS];
-    #[cfg(not(feature = "test-triggers"))]
-    let lists: &[&[Allowed]] = &[seccomp::CHILD_SYSCALLS];
-    if let Err(e) = proc::child_drop_to_vmd(Role::Switch, &start, lists) {
+    if let Err(e) = proc::child_drop_to_vmd(Role::Switch, &start, &[]) {
         log_warn!("{e}");
         return ExitCode::FAILURE;
     }
