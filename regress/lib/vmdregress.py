@@ -25,6 +25,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VMD = os.path.join(ROOT, "target", "debug", "vmd")
 VMCTL = os.path.join(ROOT, "target", "debug", "vmctl")
+# vmd with the `test-triggers` feature (vmd/src/trigger.rs), built apart so
+# target/debug never holds the triggers.
+TRIGGER_DIR = os.path.join(ROOT, "target", "test-triggers")
+TRIGGER_VMD = os.path.join(TRIGGER_DIR, "debug", "vmd")
 GUEST_BUILD = os.environ.get("VMD_GUEST_BUILD", os.path.join(ROOT, "regress", "guest", "build"))
 EMPTY_DIR = "/var/lib/vmd/empty"
 BOOT_TIMEOUT = 60
@@ -189,7 +193,7 @@ def end_vmd(proc, pids=()):
 class Vmd:
     """A vmd in the foreground with its own dir, socket, config, logs."""
 
-    def __init__(self, conf_extra="", log_size=None):
+    def __init__(self, conf_extra="", log_size=None, binary=VMD, env=None):
         self.dir = tempfile.mkdtemp(prefix="vmd-regress-")
         self.sock = os.path.join(self.dir, "vmd.sock")
         self.log_path = os.path.join(self.dir, "vmd.log")
@@ -201,8 +205,9 @@ class Vmd:
         self.tracked = set()
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [VMD, "-d", "-v", "-f", self.conf, "-s", self.sock],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+                [binary, "-d", "-v", "-f", self.conf, "-s", self.sock],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                env={**os.environ, **(env or {})})
         wait_for("the control socket", lambda: os.path.exists(self.sock) or self.proc.poll() is not None)
         if self.proc.poll() is not None:
             raise Failure(f"vmd exited at startup: {self.log()}")
@@ -306,6 +311,13 @@ class Vmd:
         # ones this vmd started by pid.
         kill_pids(self.tracked)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def build_triggers():
+    """Builds vmd with the test-triggers feature into TRIGGER_DIR (on every
+    run, so it matches the source)."""
+    subprocess.run(["cargo", "build", "-q", "-p", "vmd", "--features", "test-triggers",
+                    "--target-dir", TRIGGER_DIR], cwd=ROOT, check=True)
 
 
 def with_vmd(fn, **kw):

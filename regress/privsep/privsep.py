@@ -23,11 +23,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
 import vmdregress as t  # noqa: E402
-from vmdregress import (ROOT, VMD, Failure, Skip, case, children_of, cmdline, end_vmd,  # noqa: E402
-                        kill_pids, status_of, wait_for)
+from vmdregress import (TRIGGER_VMD, VMD, Failure, Skip, build_triggers, case,  # noqa: E402
+                        children_of, cmdline, end_vmd, kill_pids, status_of, wait_for)
 
-TRIGGER_DIR = os.path.join(ROOT, "target", "test-triggers")
-TRIGGER_VMD = os.path.join(TRIGGER_DIR, "debug", "vmd")
 ROLES = ("control", "switch")
 # Signals the test-triggers build reads (src/trigger.rs).
 TRIGGERS = {"execve": 1, "open": 2, "socket": 3, "ptrace": 4}
@@ -309,13 +307,6 @@ def test_daemonize():
         if daemon_pid is not None:
             kill_pids([daemon_pid] + children_of(daemon_pid))
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def build_triggers():
-    """Builds vmd with the test-triggers feature into TRIGGER_DIR, on every
-    run, so target/debug never holds the triggers."""
-    subprocess.run(["cargo", "build", "-q", "-p", "vmd", "--features", "test-triggers",
-                    "--target-dir", TRIGGER_DIR], cwd=ROOT, check=True)
 
 
 def main():

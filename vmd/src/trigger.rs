@@ -13,6 +13,9 @@
 //! | SIGRTMIN+4 | ptrace(PTRACE_TRACEME)         |
 //!
 //! The parent raises every process's verbosity by one on SIGUSR1.
+//!
+//! `VMD_TEST_START_RATE_WINDOW=SECONDS` in the parent's environment
+//! replaces the 6 s start rate window (registry.rs).
 
 use crate::log::log_warn;
 use crate::seccomp::Allowed;
@@ -25,6 +28,12 @@ pub const SYSCALLS: &[Allowed] = &[(
     libc::SYS_read,
     "read the test trigger's signalfd (test builds only)",
 )];
+
+/// The start rate window a regress case set, if any.
+pub fn start_rate_window() -> Option<std::time::Duration> {
+    let secs = std::env::var("VMD_TEST_START_RATE_WINDOW").ok()?;
+    secs.parse().ok().map(std::time::Duration::from_secs)
+}
 
 pub struct Trigger {
     fd: OwnedFd,
