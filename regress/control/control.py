@@ -246,7 +246,8 @@ vm "grp" {{ disable
         expect("status two", vmd.vmctl("status", "two")[1], TABLE_HEAD + want.splitlines(True)[2])
         expect("status 3", vmd.vmctl("status", "3")[1], TABLE_HEAD + want.splitlines(True)[3])
         expect("status -r (nothing runs)", vmd.vmctl("status", "-r"), (1, TABLE_HEAD, ""))
-        expect("status of an unknown vm", vmd.vmctl("status", "nope"), (1, TABLE_HEAD, ""))
+        expect("status of an unknown vm", vmd.vmctl("status", "nope"), (1, "", "vmctl: vm not found\n"))
+        expect("status of an unknown id", vmd.vmctl("status", "42"), (1, "", "vmctl: vm not found\n"))
         code, _, err = vmd.vmctl("status", "-x")
         expect("status -x", (code, err), (1, "usage:\tvmctl [-v] status [-r] [id]\n"))
 
@@ -317,14 +318,14 @@ def test_non_root_permissions():
         expect("alice pause vr", as_alice("pause", "vr"),
                (1, "", "vmctl: pause vm command failed: Operation not permitted\n"))
         expect("alice pause va", as_alice("pause", "va"),
-               (1, "", "vmctl: pause vm command failed: Invalid argument\n"))
+               (1, "", "vmctl: pause vm command failed: vm va is not running\n"))
         expect("alice unpause 1", as_alice("unpause", "1"),
-               (1, "", "vmctl: unpause vm command failed: Invalid argument\n"))
+               (1, "", "vmctl: unpause vm command failed: vm va is not running\n"))
         # bob holds the VM's group only as a supplementary group.
         expect("bob stop vg with the group", as_bob("stop", "vg", extra=[vm_gid]),
                (1, "", "stopping vm vg: cannot stop vm that is not running\n"))
         expect("bob pause vg with the group", as_bob("pause", "vg", extra=[vm_gid]),
-               (1, "", "vmctl: pause vm command failed: Invalid argument\n"))
+               (1, "", "vmctl: pause vm command failed: vm vg is not running\n"))
         expect("bob stop vg without it", as_bob("stop", "vg"),
                (1, "", "stopping vm vg: failed: Operation not permitted\n"))
         expect("bob stop va", as_bob("stop", "va", extra=[vm_gid]),
@@ -341,10 +342,13 @@ def test_non_root_permissions():
         expect("bob start vg", as_bob("start", "vg", extra=[vm_gid]), (1, "", no_backend))
         # Only root creates brand-new VMs; instances as `allow instance` says.
         expect("alice new vm", as_alice("start", "fresh", "-b", "/dev/null"),
-               (1, "", "vmctl: start vm command failed: Operation not permitted\n"))
+               (1, "", "vmctl: start vm command failed: vm fresh is not defined: "
+                       "only root may create a vm without -t template\n"))
+        expect("alice unknown vm, nothing to create it", as_alice("start", "gamma"),
+               (1, "", "vmctl: start vm command failed: vm not found\n"))
         expect("alice instance", as_alice("start", "inst1", "-t", "tmpl", "-m", "1G"), (1, "", no_backend))
         expect("alice instance with a disk", as_alice("start", "inst2", "-t", "tmpl", "-d", "/dev/null"),
-               (1, "", "vmctl: start vm command failed: Operation not permitted\n"))
+               (1, "", "vmctl: start vm command failed: the template tmpl does not allow changing disks\n"))
         expect("bob instance (not allowed: an invalid template for him)", as_bob("start", "inst3", "-t", "tmpl"),
                (1, "", "vmctl: invalid template\n"))
         expect("bad template", vmd.vmctl("start", "inst4", "-t", "nope"), (1, "", "vmctl: invalid template\n"))
@@ -365,9 +369,11 @@ def test_unknown_vm():
         expect("stop by id", vmd.vmctl("stop", "42"), (1, "", "stopping vm: vm not found\n"))
         expect("wait", vmd.vmctl("wait", "nope"), (1, "", "waiting for vm nope: vm not found\n"))
         expect("pause", vmd.vmctl("pause", "nope"),
-               (1, "", "vmctl: pause vm command failed: No such file or directory\n"))
+               (1, "", "vmctl: pause vm command failed: vm not found\n"))
         expect("start by id", vmd.vmctl("start", "42"),
-               (1, "", "vmctl: start vm command failed: No such file or directory\n"))
+               (1, "", "vmctl: start vm command failed: vm not found\n"))
+        expect("start by name", vmd.vmctl("start", "gamma"),
+               (1, "", "vmctl: start vm command failed: vm not found\n"))
         expect("stop -a (nothing runs)", vmd.vmctl("stop", "-a"), (0, "", ""))
 
 
@@ -377,7 +383,7 @@ def test_start_rate_limit():
         for i in range(3):
             expect(f"start {i + 1}", vmd.vmctl("start", "three"), no_backend)
         expect("start 4", vmd.vmctl("start", "three"),
-               (1, "", "vmctl: start vm command failed: Operation not permitted\n"))
+               (1, "", "vmctl: start vm command failed: vm three restarted too quickly: try again later\n"))
         if "three: vm 3 restarted too quickly" not in vmd.log():
             raise Failure("no rate limit line in the log")
 
@@ -385,13 +391,14 @@ def test_start_rate_limit():
 def test_vmctl_command_line():
     with Vmd(THREE_VMS) as vmd:
         code, _, err = vmd.vmctl("sta")
-        if code != 1 or not err.startswith("ambiguous argument: sta\nusage:\tvmctl [-v] command [arg ...]\n"):
+        if code != 1 or not err.startswith("ambiguous argument: sta\nusage:\tvmctl [-v] [-s socket] command [arg ...]\n"):
             raise Failure(f"sta: {code} {err!r}")
         code, _, err = vmd.vmctl("frobnicate")
         if code != 1 or not err.startswith("unknown argument: frobnicate\nusage:\tvmctl"):
             raise Failure(f"frobnicate: {code} {err!r}")
         expect("prefix stat", vmd.vmctl("stat")[0], 0)
-        expect("log bogus", vmd.vmctl("log", "bogus"), (1, "", "usage:\tvmctl [-v] log [brief | verbose]\n"))
+        expect("log bogus", vmd.vmctl("log", "bogus"), (1, "", "usage:\tvmctl [-v] log brief | verbose\n"))
+        expect("log alone", vmd.vmctl("log"), (1, "", "usage:\tvmctl [-v] log brief | verbose\n"))
         expect("reset bogus", vmd.vmctl("reset", "x"), (1, "", "usage:\tvmctl [-v] reset [all | switches | vms]\n"))
         expect("stop usage", vmd.vmctl("stop"), (1, "", "usage:\tvmctl [-v] stop [id | -a] [-fw]\n"))
         expect("stop id and -a", vmd.vmctl("stop", "one", "-a"), (1, "", "vmctl: invalid id: one\n"))
@@ -437,7 +444,9 @@ def test_load_bad_file_changes_nothing():
         good = os.path.join(vmd.dir, "good.conf")
         with open(good, "w") as f:
             f.write('vm "x1" { disable\n boot "/k" }\nvm "one" { disable\n boot "/k"\n memory 2G }\n')
-        expect("load a good file (relative path)", vmd.vmctl("load", "good.conf", cwd=vmd.dir), (0, "", ""))
+        # "one" exists: load keeps it and says so.
+        expect("load a good file (relative path)", vmd.vmctl("load", "good.conf", cwd=vmd.dir),
+               (0, "", f'vmctl: vm "one" ({good}:3): skipped: vm one already exists\n'))
         names = vm_names(vmd)
         expect("after load", [n for _, n, _ in names], ["one", "two", "three", "x1"])
         if "2.0G" in vmd.vmctl("status", "one")[1]:
