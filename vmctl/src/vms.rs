@@ -306,13 +306,17 @@ fn start_check(vm: &VmConfig, target: &VmTarget) -> Result<(), ExitCode> {
         if vm.disks.len() > MAX_DISKS {
             return Err(fail("too many disks"));
         }
-        if vm.boot.is_none() && vm.disks.is_empty() {
-            eprintln!("vmctl: starting without disks");
-        }
         if nics > MAX_INTERFACES {
             return Err(fail("too many network interfaces"));
         }
-        if vm.boot.is_none() && nics == 0 {
+        // Without a kernel, disk or CD-ROM, vmd decides (a configured VM
+        // refuses the options, a new one needs one of them): no warnings
+        // about a VM that may not be new.
+        let boots = vm.boot.is_some() || !vm.disks.is_empty() || vm.cdrom.is_some();
+        if boots && vm.boot.is_none() && vm.disks.is_empty() {
+            eprintln!("vmctl: starting without disks");
+        }
+        if boots && vm.boot.is_none() && nics == 0 {
             eprintln!("vmctl: starting without network interfaces");
         }
     }

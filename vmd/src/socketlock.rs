@@ -17,7 +17,7 @@ pub enum LockError {
     HeldBy { socket: String, pid: String },
     #[error("socket {0} is in use by another process; stop it or choose another path with -s")]
     Answering(String),
-    #[error("{path}: {why}; remove it or choose another socket path with -s")]
+    #[error("{path} {why}; remove it or choose another socket path with -s")]
     BadLockFile { path: String, why: String },
     #[error("{path}: {err}")]
     Io { path: String, err: std::io::Error },
@@ -54,12 +54,18 @@ impl SocketLock {
             .mode(0o644)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
-            .map_err(io)?;
+            .map_err(|err| match err.raw_os_error() {
+                Some(libc::ELOOP) => LockError::BadLockFile {
+                    path: name.clone(),
+                    why: "is a symbolic link".into(),
+                },
+                _ => io(err),
+            })?;
         let meta = file.metadata().map_err(io)?;
         let why = if !meta.file_type().is_file() {
-            Some("not a regular file")
+            Some("is not a regular file")
         } else if meta.uid() != 0 {
-            Some("not owned by root")
+            Some("is not owned by root")
         } else if meta.nlink() != 1 {
             Some("has other links")
         } else {
