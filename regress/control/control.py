@@ -796,6 +796,17 @@ def test_one_vmd_per_socket():
                (1, f"vmd: {planted}.lock is a symbolic link; remove it or choose another socket path with -s\n"))
         expect("the link's target", read(target), "keep me\n")
 
+        # A lock file others may open (and so hold): refused.
+        opened = os.path.join(vmd.dir, "opened.sock")
+        with open(opened + ".lock", "w"):
+            pass
+        os.chmod(opened + ".lock", 0o644)
+        proc, log_path = run_vmd_on(opened, "", vmd.dir)
+        proc.wait(timeout=30)
+        expect("lock file open to others", (proc.returncode, read(log_path)),
+               (1, f"vmd: {opened}.lock is open to other users (mode 0600 expected); "
+                   "remove it or choose another socket path with -s\n"))
+
     # A vmd killed outright leaves its socket and lock file: the next
     # one on that socket starts.
     with Vmd("") as vmd:
@@ -819,6 +830,7 @@ def test_one_vmd_per_socket():
                 raise Failure(f"the next vmd exited: {read(log_path)}")
             with open(sock + ".lock") as f:
                 expect("the pid in the lock file", f.read(), f"{proc.pid}\n")
+            expect("the lock file's mode", stat.S_IMODE(os.stat(sock + ".lock").st_mode), 0o600)
         finally:
             end_vmd(proc, children_of(proc.pid))
 

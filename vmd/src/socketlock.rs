@@ -46,12 +46,14 @@ impl SocketLock {
             err,
         };
         // No symlink followed; the file must be root's own, not a link
-        // someone made to a file whose contents we would overwrite.
+        // someone made to a file whose contents we would overwrite, and
+        // root's alone: flock needs no write access, so a user who could
+        // open it could hold the lock and keep vmd from starting.
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .mode(0o644)
+            .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .map_err(|err| match err.raw_os_error() {
@@ -68,6 +70,8 @@ impl SocketLock {
             Some("is not owned by root")
         } else if meta.nlink() != 1 {
             Some("has other links")
+        } else if meta.mode() & 0o077 != 0 {
+            Some("is open to other users (mode 0600 expected)")
         } else {
             None
         };
