@@ -171,6 +171,13 @@ pub enum CtlError {
     TemplateInvalid,
     /// A failure only words describe (the daemon's own message).
     Text(String),
+    /// A system error number and the daemon's words for it (`vm not
+    /// found`, `vm web is already paused`): what vmctl prints instead of
+    /// the bare strerror.
+    Explained {
+        errno: i32,
+        why: String,
+    },
 }
 
 impl CtlError {
@@ -178,7 +185,29 @@ impl CtlError {
         CtlError::Errno(e as i32)
     }
 
-    /// strerror, or the message for vmd's own codes.
+    /// `errno` with the daemon's reason for it.
+    pub fn explained(e: Errno, why: impl Into<String>) -> CtlError {
+        CtlError::Explained {
+            errno: e as i32,
+            why: why.into(),
+        }
+    }
+
+    /// `vm not found` (ENOENT), OpenBSD vmctl's own words for it.
+    pub fn not_found() -> CtlError {
+        CtlError::explained(Errno::ENOENT, "vm not found")
+    }
+
+    /// The system error number, bare or explained.
+    pub fn errno_code(&self) -> Option<i32> {
+        match self {
+            CtlError::Errno(n) | CtlError::Explained { errno: n, .. } => Some(*n),
+            _ => None,
+        }
+    }
+
+    /// The daemon's reason, else strerror or the message for vmd's own
+    /// codes.
     pub fn describe(&self) -> String {
         match self {
             CtlError::Errno(n) => Errno::from_raw(*n).desc().to_string(),
@@ -189,6 +218,7 @@ impl CtlError {
             CtlError::CdromInvalid => "specified iso image is not a regular file".into(),
             CtlError::TemplateInvalid => "invalid template".into(),
             CtlError::Text(text) => text.clone(),
+            CtlError::Explained { why, .. } => why.clone(),
         }
     }
 }
@@ -217,5 +247,9 @@ mod tests {
             CtlError::Errno(libc::EPERM).describe(),
             "Operation not permitted"
         );
+        let missing = CtlError::not_found();
+        assert_eq!(missing.describe(), "vm not found");
+        assert_eq!(missing.errno_code(), Some(libc::ENOENT));
+        assert_eq!(CtlError::TemplateInvalid.errno_code(), None);
     }
 }

@@ -128,8 +128,9 @@ pub enum Message {
     /// has terminated; `timed_out`: a graceful stop was forced after the
     /// VM's `shutdown timeout`.
     CtlTerminated { vmid: u32, timed_out: bool },
-    /// parent -> control -> vmctl: load, reload, reset or log done.
-    CtlOk,
+    /// parent -> control -> vmctl: load, reload, reset or log done;
+    /// `lines` are warnings to show (the VMs load skipped).
+    CtlOk { lines: Vec<String> },
     /// parent or control -> vmctl: the command failed with `errno` (0 when
     /// no error number applies); `lines` say why (load's errors).
     CtlFail { errno: i32, lines: Vec<String> },
@@ -271,7 +272,7 @@ impl Message {
             Message::CtlVmEnd => (8, "CTL_VM_END"),
             Message::CtlVmResult { .. } => (9, "CTL_VM_RESULT"),
             Message::CtlTerminated { .. } => (10, "CTL_TERMINATED"),
-            Message::CtlOk => (11, "CTL_OK"),
+            Message::CtlOk { .. } => (11, "CTL_OK"),
             Message::CtlFail { .. } => (12, "CTL_FAIL"),
             Message::VmStart { .. } => (100, "VM_START"),
             Message::VmFd { .. } => (101, "VM_FD"),
@@ -792,7 +793,9 @@ mod tests {
             Message::VmQemuEnded {
                 why: "was killed by SIGKILL".into(),
             },
-            Message::CtlOk,
+            Message::CtlOk {
+                lines: vec!["vm \"a\" (x.conf:1): skipped: vm a already exists".into()],
+            },
             Message::CtlFail {
                 errno: 0,
                 lines: vec!["x.conf:1: syntax error".into()],

@@ -361,11 +361,13 @@ def instances(vmd, staging, user):
         raise Failure(f"the guest does not see more than 256M: {m and m.group(0)}")
     stop(vmd, "big")
     # Not allowed `disk`; a template that allows no instances; none at all.
-    refused(vmd, ["withdisk", "-t", "ktpl", "-d", own], "Operation not permitted", user=user.name)
+    refused(vmd, ["withdisk", "-t", "ktpl", "-d", own],
+            "vmctl: start vm command failed: the template ktpl does not allow changing disks", user=user.name)
     refused(vmd, ["nope", "-t", "closed"], "vmctl: invalid template", user=user.name)
     refused(vmd, ["nope", "-t", "nosuchvm"], "vmctl: invalid template", user=user.name)
     # Root may change anything but not reuse the template's disk.
-    refused(vmd, ["reuse", "-t", "ktpl", "-d", staging.path("tpl.img")], "Device or resource busy")
+    refused(vmd, ["reuse", "-t", "ktpl", "-d", staging.path("tpl.img")],
+            f"vmctl: start vm command failed: disk {staging.path('tpl.img')} of ktpl cannot be reused")
 
 
 def files_conf(staging, user):

@@ -246,7 +246,8 @@ vm "grp" {{ disable
         expect("status two", vmd.vmctl("status", "two")[1], TABLE_HEAD + want.splitlines(True)[2])
         expect("status 3", vmd.vmctl("status", "3")[1], TABLE_HEAD + want.splitlines(True)[3])
         expect("status -r (nothing runs)", vmd.vmctl("status", "-r"), (1, TABLE_HEAD, ""))
-        expect("status of an unknown vm", vmd.vmctl("status", "nope"), (1, TABLE_HEAD, ""))
+        expect("status of an unknown vm", vmd.vmctl("status", "nope"), (1, "", "vmctl: vm not found\n"))
+        expect("status of an unknown id", vmd.vmctl("status", "42"), (1, "", "vmctl: vm not found\n"))
         code, _, err = vmd.vmctl("status", "-x")
         expect("status -x", (code, err), (1, "usage:\tvmctl [-v] status [-r] [id]\n"))
 
@@ -317,14 +318,14 @@ def test_non_root_permissions():
         expect("alice pause vr", as_alice("pause", "vr"),
                (1, "", "vmctl: pause vm command failed: Operation not permitted\n"))
         expect("alice pause va", as_alice("pause", "va"),
-               (1, "", "vmctl: pause vm command failed: Invalid argument\n"))
+               (1, "", "vmctl: pause vm command failed: vm va is not running\n"))
         expect("alice unpause 1", as_alice("unpause", "1"),
-               (1, "", "vmctl: unpause vm command failed: Invalid argument\n"))
+               (1, "", "vmctl: unpause vm command failed: vm va is not running\n"))
         # bob holds the VM's group only as a supplementary group.
         expect("bob stop vg with the group", as_bob("stop", "vg", extra=[vm_gid]),
                (1, "", "stopping vm vg: cannot stop vm that is not running\n"))
         expect("bob pause vg with the group", as_bob("pause", "vg", extra=[vm_gid]),
-               (1, "", "vmctl: pause vm command failed: Invalid argument\n"))
+               (1, "", "vmctl: pause vm command failed: vm vg is not running\n"))
         expect("bob stop vg without it", as_bob("stop", "vg"),
                (1, "", "stopping vm vg: failed: Operation not permitted\n"))
         expect("bob stop va", as_bob("stop", "va", extra=[vm_gid]),
@@ -341,10 +342,13 @@ def test_non_root_permissions():
         expect("bob start vg", as_bob("start", "vg", extra=[vm_gid]), (1, "", no_backend))
         # Only root creates brand-new VMs; instances as `allow instance` says.
         expect("alice new vm", as_alice("start", "fresh", "-b", "/dev/null"),
-               (1, "", "vmctl: start vm command failed: Operation not permitted\n"))
+               (1, "", "vmctl: start vm command failed: vm fresh is not defined: "
+                       "only root may create a vm without -t template\n"))
+        expect("alice unknown vm, nothing to create it", as_alice("start", "gamma"),
+               (1, "", "vmctl: start vm command failed: vm not found\n"))
         expect("alice instance", as_alice("start", "inst1", "-t", "tmpl", "-m", "1G"), (1, "", no_backend))
         expect("alice instance with a disk", as_alice("start", "inst2", "-t", "tmpl", "-d", "/dev/null"),
-               (1, "", "vmctl: start vm command failed: Operation not permitted\n"))
+               (1, "", "vmctl: start vm command failed: the template tmpl does not allow changing disks\n"))
         expect("bob instance (not allowed: an invalid template for him)", as_bob("start", "inst3", "-t", "tmpl"),
                (1, "", "vmctl: invalid template\n"))
         expect("bad template", vmd.vmctl("start", "inst4", "-t", "nope"), (1, "", "vmctl: invalid template\n"))
@@ -365,9 +369,11 @@ def test_unknown_vm():
         expect("stop by id", vmd.vmctl("stop", "42"), (1, "", "stopping vm: vm not found\n"))
         expect("wait", vmd.vmctl("wait", "nope"), (1, "", "waiting for vm nope: vm not found\n"))
         expect("pause", vmd.vmctl("pause", "nope"),
-               (1, "", "vmctl: pause vm command failed: No such file or directory\n"))
+               (1, "", "vmctl: pause vm command failed: vm not found\n"))
         expect("start by id", vmd.vmctl("start", "42"),
-               (1, "", "vmctl: start vm command failed: No such file or directory\n"))
+               (1, "", "vmctl: start vm command failed: vm not found\n"))
+        expect("start by name", vmd.vmctl("start", "gamma"),
+               (1, "", "vmctl: start vm command failed: vm not found\n"))
         expect("stop -a (nothing runs)", vmd.vmctl("stop", "-a"), (0, "", ""))
 
 
@@ -377,7 +383,7 @@ def test_start_rate_limit():
         for i in range(3):
             expect(f"start {i + 1}", vmd.vmctl("start", "three"), no_backend)
         expect("start 4", vmd.vmctl("start", "three"),
-               (1, "", "vmctl: start vm command failed: Operation not permitted\n"))
+               (1, "", "vmctl: start vm command failed: vm three restarted too quickly: try again later\n"))
         if "three: vm 3 restarted too quickly" not in vmd.log():
             raise Failure("no rate limit line in the log")
 
@@ -385,13 +391,14 @@ def test_start_rate_limit():
 def test_vmctl_command_line():
     with Vmd(THREE_VMS) as vmd:
         code, _, err = vmd.vmctl("sta")
-        if code != 1 or not err.startswith("ambiguous argument: sta\nusage:\tvmctl [-v] command [arg ...]\n"):
+        if code != 1 or not err.startswith("ambiguous argument: sta\nusage:\tvmctl [-v] [-s socket] command [arg ...]\n"):
             raise Failure(f"sta: {code} {err!r}")
         code, _, err = vmd.vmctl("frobnicate")
         if code != 1 or not err.startswith("unknown argument: frobnicate\nusage:\tvmctl"):
             raise Failure(f"frobnicate: {code} {err!r}")
         expect("prefix stat", vmd.vmctl("stat")[0], 0)
-        expect("log bogus", vmd.vmctl("log", "bogus"), (1, "", "usage:\tvmctl [-v] log [brief | verbose]\n"))
+        expect("log bogus", vmd.vmctl("log", "bogus"), (1, "", "usage:\tvmctl [-v] log brief | verbose\n"))
+        expect("log alone", vmd.vmctl("log"), (1, "", "usage:\tvmctl [-v] log brief | verbose\n"))
         expect("reset bogus", vmd.vmctl("reset", "x"), (1, "", "usage:\tvmctl [-v] reset [all | switches | vms]\n"))
         expect("stop usage", vmd.vmctl("stop"), (1, "", "usage:\tvmctl [-v] stop [id | -a] [-fw]\n"))
         expect("stop id and -a", vmd.vmctl("stop", "one", "-a"), (1, "", "vmctl: invalid id: one\n"))
@@ -437,7 +444,9 @@ def test_load_bad_file_changes_nothing():
         good = os.path.join(vmd.dir, "good.conf")
         with open(good, "w") as f:
             f.write('vm "x1" { disable\n boot "/k" }\nvm "one" { disable\n boot "/k"\n memory 2G }\n')
-        expect("load a good file (relative path)", vmd.vmctl("load", "good.conf", cwd=vmd.dir), (0, "", ""))
+        # "one" exists: load keeps it and says so.
+        expect("load a good file (relative path)", vmd.vmctl("load", "good.conf", cwd=vmd.dir),
+               (0, "", f'vmctl: vm "one" ({good}:3): skipped: vm one already exists\n'))
         names = vm_names(vmd)
         expect("after load", [n for _, n, _ in names], ["one", "two", "three", "x1"])
         if "2.0G" in vmd.vmctl("status", "one")[1]:
@@ -614,6 +623,218 @@ def test_per_user_connection_limit():
             os.waitpid(child, 0)
 
 
+# --- issue 13: messages that say what is wrong -------------------------------
+
+def test_messages_say_why():
+    """A new user's mistakes, each answered with its reason instead of a
+    bare errno (or two messages)."""
+    with Vmd('vm "beta" { disable\n boot "/k" }\n') as vmd:
+        expect("options for a configured vm", vmd.vmctl("start", "beta", "-m", "1G"),
+               (1, "", f"vmctl: start vm command failed: vm beta is defined in {vmd.conf}: "
+                       "only -b and -B may change it\n"))
+        expect("memory beyond the limit", vmd.vmctl("start", "big", "-m", "2T", "-b", "/dev/null"),
+               (1, "", "vmctl: start vm command failed: memory size out of range: 2.0T (from 1M to 1.0T)\n"))
+        if "memory size out of range" not in vmd.log():
+            raise Failure("vmd did not log the refused memory size")
+        expect("unreadable memory size", vmd.vmctl("start", "big", "-m", "1Q", "-b", "/dev/null"),
+               (1, "", "vmctl: invalid memory size: 1Q: invalid size\n"))
+        expect("memory below 1M", vmd.vmctl("start", "big", "-m", "1K", "-b", "/dev/null"),
+               (1, "", "vmctl: invalid memory size: 1K: must be at least one megabyte\n"))
+        long_name = "n" * 70
+        for cmd in (["start", long_name], ["stop", long_name], ["status", long_name],
+                    ["pause", long_name]):
+            expect(f"{cmd[0]} of a 70-byte name", vmd.vmctl(*cmd), (1, "", "vmctl: vm name too long\n"))
+        disk = os.path.join(vmd.dir, "raw.img")
+        with open(disk, "wb") as f:
+            f.truncate(1 << 20)
+        expect("one disk given twice", vmd.vmctl("start", "two", "-b", "/dev/null", "-d", disk, "-d", disk),
+               (1, "", f"vmctl: disk {disk} is given twice\n"))
+        # wait: the condition waited for already holds (OpenBSD: EINVAL).
+        expect("wait for a stopped vm", vmd.vmctl("wait", "beta"),
+               (0, "", "waiting for vm beta: vm beta is not running\n"))
+        expect("wait for a stopped vm by id", vmd.vmctl("wait", "1"),
+               (0, "", "waiting for vm: vm 1 is not running\n"))
+        # A new VM whose start fails keeps its id for the next try.
+        refused = ("vmctl: start vm command failed: network interfaces (-i, -L, -n, interface) "
+                   "are not built yet\n")
+        for _ in range(2):
+            expect("failing ad hoc start", vmd.vmctl("start", "adhoc", "-b", "/dev/null", "-L"),
+                   (1, "", refused))
+        expect("another ad hoc start", vmd.vmctl("start", "other", "-b", "/dev/null", "-L"), (1, "", refused))
+        log = vmd.log()
+        ids = [line.split("failed to start vm ")[1].split(":")[0]
+               for line in log.splitlines() if "failed to start vm" in line]
+        expect("ids of the failed starts (adhoc, adhoc, other)", ids, ["2", "2", "3"])
+        vmd.check_alive()
+
+
+def test_help_and_usage():
+    """--help and COMMAND -h are no mistakes; log needs its word."""
+    p = subprocess.run([VMCTL, "--help"], capture_output=True, text=True)
+    if p.returncode != 0 or not p.stdout.startswith("usage:\tvmctl [-v] [-s socket] command [arg ...]\n") \
+            or "\tvmctl wait id\n" not in p.stdout or p.stderr:
+        raise Failure(f"vmctl --help: {p.returncode} {p.stdout!r} {p.stderr!r}")
+    p = subprocess.run([VMCTL, "-s", "/nonexistent/s", "-h"], capture_output=True, text=True)
+    expect("vmctl -s S -h", (p.returncode, p.stdout.splitlines()[:1], p.stderr),
+           (0, ["usage:\tvmctl [-v] [-s socket] command [arg ...]"], ""))
+    for cmd, line in (("stop", "usage:\tvmctl [-v] stop [id | -a] [-fw]\n"),
+                      ("log", "usage:\tvmctl [-v] log brief | verbose\n"),
+                      ("stat", "usage:\tvmctl [-v] status [-r] [id]\n")):
+        for flag in ("-h", "--help"):
+            p = subprocess.run([VMCTL, "-s", "/nonexistent/s", cmd, flag], capture_output=True, text=True)
+            expect(f"vmctl {cmd} {flag}", (p.returncode, p.stdout, p.stderr), (0, line, ""))
+    p = subprocess.run([VMCTL, "-s", "/nonexistent/s", "log"], capture_output=True, text=True)
+    expect("vmctl log alone", (p.returncode, p.stdout, p.stderr),
+           (1, "", "usage:\tvmctl [-v] log brief | verbose\n"))
+
+
+def qcow2_backing_name(path):
+    """The backing file name a qcow2 header records (offset 8, size 16)."""
+    with open(path, "rb") as f:
+        header = f.read(24)
+        offset, = struct.unpack(">Q", header[8:16])
+        size, = struct.unpack(">I", header[16:20])
+        f.seek(offset)
+        return f.read(size).decode()
+
+
+def test_create_records_normalized_backing():
+    """`vmctl create -b sub/../base.img` records base.img, not the detour."""
+    d = tempfile.mkdtemp(prefix="vmd-control-create-")
+    try:
+        os.mkdir(os.path.join(d, "sub"))
+        real = os.path.realpath(d)
+
+        def create(*args):
+            p = subprocess.run([VMCTL, "create", *args], capture_output=True, text=True, cwd=d)
+            if p.returncode != 0:
+                raise Failure(f"vmctl create {' '.join(args)}: {p.stderr.strip()}")
+
+        create("base.img", "-s", "16M")
+        create("ov.qcow2", "-b", "sub/../base.img")
+        expect("overlay in the cwd", qcow2_backing_name(os.path.join(d, "ov.qcow2")), "base.img")
+        create("ov2.qcow2", "-b", "./base.img")
+        expect("./base.img", qcow2_backing_name(os.path.join(d, "ov2.qcow2")), "base.img")
+        create("sub/ov3.qcow2", "-b", "sub/../base.img")
+        expect("overlay elsewhere", qcow2_backing_name(os.path.join(d, "sub", "ov3.qcow2")),
+               os.path.join(real, "base.img"))
+        create("plain.qcow2", "-b", "base.img")
+        expect("a plain name stays as given", qcow2_backing_name(os.path.join(d, "plain.qcow2")), "base.img")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# --- issue 13: one vmd per socket --------------------------------------------
+
+def run_vmd_on(sock, conf_text, d):
+    """Runs another vmd -d on `sock` and returns it once it exited or
+    listens: (Popen, log path)."""
+    conf = os.path.join(d, "second.conf")
+    with open(conf, "w") as f:
+        f.write(conf_text)
+    log_path = os.path.join(d, "second.log")
+    log = open(log_path, "w")
+    proc = subprocess.Popen([VMD, "-d", "-f", conf, "-s", sock], stdin=subprocess.DEVNULL,
+                            stdout=log, stderr=log, start_new_session=True)
+    log.close()
+    return proc, log_path
+
+
+def read(path):
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+def test_one_vmd_per_socket():
+    """A second vmd on a socket in use says who has it and starts nothing;
+    vmds on different sockets run side by side; a dead vmd's lock and
+    socket do not stop the next one; a planted lock file is refused."""
+    first_conf = 'staggered start parallel 1 delay 3600\nvm "busy" { boot "/k" }\n'
+    with Vmd(first_conf) as vmd, Vmd(first_conf) as beside:
+        wait_for("the first batch", lambda: "busy: failed to start vm 1" in vmd.log())
+        proc, log_path = run_vmd_on(vmd.sock, 'vm "intruder" { boot "/k" }\n', vmd.dir)
+        try:
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                end_vmd(proc, children_of(proc.pid))
+        out = read(log_path)
+        expect("second vmd", (proc.returncode, out),
+               (1, f"vmd: socket {vmd.sock} is in use by another vmd (pid {vmd.proc.pid})\n"))
+        vmd.check_alive()
+        if not stat.S_ISSOCK(os.lstat(vmd.sock).st_mode):
+            raise Failure("the first vmd's socket is gone")
+        expect("the first vmd still answers", [l.split()[-1] for l in vmd.vmctl("status")[1].splitlines()[1:]],
+               ["busy"])
+        # Different sockets: side by side.
+        expect("the vmd beside it answers", beside.vmctl("status")[0], 0)
+        beside.check_alive()
+
+        # A program other than vmd answering on a socket: not replaced.
+        other_sock = os.path.join(vmd.dir, "other.sock")
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(other_sock)
+        listener.listen(1)
+        try:
+            proc, log_path = run_vmd_on(other_sock, "", vmd.dir)
+            proc.wait(timeout=30)
+        finally:
+            listener.close()
+        expect("vmd on another program's socket", (proc.returncode, read(log_path)),
+               (1, f"vmd: socket {other_sock} is in use by another process; "
+                   "stop it or choose another path with -s\n"))
+
+        # A lock file planted as a symbolic link is never followed.
+        planted = os.path.join(vmd.dir, "planted.sock")
+        target = os.path.join(vmd.dir, "precious")
+        with open(target, "w") as f:
+            f.write("keep me\n")
+        os.symlink(target, planted + ".lock")
+        proc, log_path = run_vmd_on(planted, "", vmd.dir)
+        proc.wait(timeout=30)
+        expect("planted symlink", (proc.returncode, read(log_path)),
+               (1, f"vmd: {planted}.lock is a symbolic link; remove it or choose another socket path with -s\n"))
+        expect("the link's target", read(target), "keep me\n")
+
+        # A lock file others may open (and so hold): refused.
+        opened = os.path.join(vmd.dir, "opened.sock")
+        with open(opened + ".lock", "w"):
+            pass
+        os.chmod(opened + ".lock", 0o644)
+        proc, log_path = run_vmd_on(opened, "", vmd.dir)
+        proc.wait(timeout=30)
+        expect("lock file open to others", (proc.returncode, read(log_path)),
+               (1, f"vmd: {opened}.lock is open to other users (mode 0600 expected); "
+                   "remove it or choose another socket path with -s\n"))
+
+    # A vmd killed outright leaves its socket and lock file: the next
+    # one on that socket starts.
+    with Vmd("") as vmd:
+        sock, d = vmd.sock, vmd.dir
+        os.killpg(vmd.proc.pid, signal.SIGKILL)
+        vmd.proc.wait()
+
+        def nobody_answers():
+            try:
+                connect(vmd, timeout=1).close()
+                return False
+            except OSError:
+                return True
+        wait_for("nobody to answer on the socket", nobody_answers, 10)
+        expect("left behind", (os.path.exists(sock), os.path.exists(sock + ".lock")), (True, True))
+        proc, log_path = run_vmd_on(sock, "", d)
+        try:
+            wait_for("the next vmd to listen", lambda: "control: listening" in read(log_path)
+                     or proc.poll() is not None, 15)
+            if proc.poll() is not None:
+                raise Failure(f"the next vmd exited: {read(log_path)}")
+            with open(sock + ".lock") as f:
+                expect("the pid in the lock file", f.read(), f"{proc.pid}\n")
+            expect("the lock file's mode", stat.S_IMODE(os.stat(sock + ".lock").st_mode), 0o600)
+        finally:
+            end_vmd(proc, children_of(proc.pid))
+
+
 def main():
     global ACCOUNTS
     if not t.prepare(guest=False):
@@ -636,6 +857,10 @@ def main():
         case("bad_frames", test_bad_frames)
         case("load_50x1000", test_load_50x1000)
         case("many_connections", test_many_connections)
+        case("messages_say_why", test_messages_say_why)
+        case("help_and_usage", test_help_and_usage)
+        case("create_records_normalized_backing", test_create_records_normalized_backing)
+        case("one_vmd_per_socket", test_one_vmd_per_socket)
     except Exception as e:
         t.fail("control", f"{type(e).__name__}: {e}")
     finally:

@@ -225,13 +225,27 @@ fn create_image(request: &Request, global: &Global) -> Result<(), CreateError> {
 
 /// The backing name recorded in an overlay: readers resolve a relative
 /// name against the overlay's directory, so a relative base stays relative
-/// only when the overlay is in the current directory.
+/// only when the overlay is in the current directory. A name with `.` or
+/// `..` in it is recorded as the base's real path (relative to the current
+/// directory when the overlay is there and the base below it), never as
+/// `sub/../base`, which a symlinked `sub` would send elsewhere later.
 fn create_backing_name(disk: &Path, base: &Path) -> PathBuf {
+    use std::path::Component;
     let in_cwd = disk.parent().is_none_or(|dir| dir.as_os_str().is_empty());
-    if base.is_absolute() || in_cwd {
-        return base.to_path_buf();
+    let plain = base
+        .components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::RootDir));
+    if plain && (base.is_absolute() || in_cwd) {
+        return base.components().collect();
     }
-    std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf())
+    let Ok(real) = std::fs::canonicalize(base) else {
+        return std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+    };
+    let cwd = std::env::current_dir().and_then(std::fs::canonicalize);
+    match cwd.as_deref().map(|cwd| real.strip_prefix(cwd)) {
+        Ok(Ok(relative)) if in_cwd => relative.to_path_buf(),
+        _ => real,
+    }
 }
 
 /// The new image file: created exclusively (never overwriting anything)
@@ -338,5 +352,20 @@ mod tests {
         assert_eq!(name, PathBuf::from("/x/b.qcow2"));
         let name = create_backing_name(Path::new("dir/o.qcow2"), Path::new("b.qcow2"));
         assert!(name.is_absolute() && name.ends_with("b.qcow2"));
+        // `.` and `..` never reach the overlay.
+        let dir = std::env::temp_dir().join(format!("vmctl-backing-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("b.img"), b"").unwrap();
+        let dotted = dir.join("sub/../b.img");
+        let name = create_backing_name(Path::new("dir/o.qcow2"), &dotted);
+        let name2 = create_backing_name(Path::new("dir/o.qcow2"), &dir.join("./b.img"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            name,
+            std::fs::canonicalize(std::env::temp_dir())
+                .unwrap()
+                .join(format!("vmctl-backing-{}/b.img", std::process::id()))
+        );
+        assert_eq!(name2, dir.join("b.img"));
     }
 }

@@ -9,7 +9,7 @@ use common::getopt::{Getopt, Opt};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage:\tvmctl [-v] command [arg ...]";
+const USAGE: &str = "usage:\tvmctl [-v] [-s socket] command [arg ...]";
 
 /// Global options that apply to every command.
 pub struct Global {
@@ -42,7 +42,7 @@ const COMMANDS: &[Command] = &[
     },
     Command {
         name: "log",
-        usage: "[brief | verbose]",
+        usage: "brief | verbose",
         run: vms::log,
     },
     Command {
@@ -106,22 +106,57 @@ const COMMANDS: &[Command] = &[
 
 /// The general usage line and every command's, as OpenBSD's vmctl prints
 /// them.
-fn usage() -> ExitCode {
-    eprintln!("{USAGE}");
+fn usage_text() -> String {
+    let mut text = format!("{USAGE}\n");
     for c in COMMANDS {
-        eprintln!("\tvmctl {}", command_line(c.name, c.usage));
+        text += &format!("\tvmctl {}\n", command_line(c.name, c.usage));
     }
+    text
+}
+
+/// A command's own usage line.
+fn command_usage_text(name: &str) -> String {
+    let usage = COMMANDS
+        .iter()
+        .find(|c| c.name == name)
+        .map_or("", |c| c.usage);
+    format!("usage:\tvmctl [-v] {}\n", command_line(name, usage))
+}
+
+/// The usage after a mistake: on stderr, and vmctl fails.
+fn usage() -> ExitCode {
+    eprint!("{}", usage_text());
     ExitCode::FAILURE
 }
 
 /// Prints a command's own usage line and fails.
 pub fn command_usage(name: &str) -> ExitCode {
-    let usage = COMMANDS
-        .iter()
-        .find(|c| c.name == name)
-        .map_or("", |c| c.usage);
-    eprintln!("usage:\tvmctl [-v] {}", command_line(name, usage));
+    eprint!("{}", command_usage_text(name));
     ExitCode::FAILURE
+}
+
+/// Whether `word` asks for help (`-h`, `--help`).
+fn asks_help(word: &str) -> bool {
+    word == "-h" || word == "--help"
+}
+
+/// Whether the global options (before the command) ask for help:
+/// `vmctl --help`, `vmctl -s SOCK -h`.
+fn global_help(args: &[String]) -> bool {
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        if asks_help(word) {
+            return true;
+        }
+        if word == "--" || !word.starts_with('-') || word == "-" {
+            return false;
+        }
+        // -s takes the next word unless its value is attached.
+        if word.ends_with('s') {
+            words.next();
+        }
+    }
+    false
 }
 
 /// `name usage`, without a trailing blank for commands that take nothing.
@@ -149,6 +184,11 @@ fn find_command(word: &str) -> Result<&'static Command, String> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // Help asked for is no mistake: the usage on stdout, and success.
+    if global_help(&args) {
+        print!("{}", usage_text());
+        return ExitCode::SUCCESS;
+    }
     let mut verbose = 0u8;
     let mut socket = None;
     let mut getopt = Getopt::new(&args, "vs:", &[]);
@@ -172,6 +212,10 @@ fn main() -> ExitCode {
         return usage();
     };
     match find_command(word) {
+        Ok(command) if rest.first().is_some_and(|a| asks_help(a)) => {
+            print!("{}", command_usage_text(command.name));
+            ExitCode::SUCCESS
+        }
         Ok(command) => (command.run)(&global, rest),
         Err(message) => {
             eprintln!("{message}");
@@ -183,6 +227,17 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn help_words() {
+        let words = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(global_help(&words(&["--help"])));
+        assert!(global_help(&words(&["-s", "/s", "-h"])));
+        assert!(global_help(&words(&["-vs", "/s", "--help"])));
+        assert!(!global_help(&words(&["-s", "-h"])));
+        assert!(!global_help(&words(&["status", "-h"])));
+        assert!(!global_help(&words(&[])));
+    }
 
     #[test]
     fn prefix_matching() {

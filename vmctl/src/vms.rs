@@ -13,7 +13,7 @@ use common::ctl::{CtlError, CtlRequest, ResetWhat, StartRequest, VmTarget};
 use common::disk::DiskFormat;
 use common::getopt::{Getopt, Opt};
 use common::imsg::Message;
-use common::name::{check_vm_name, VM_NAME_MAX};
+use common::name::{check_vm_name, NameError, VM_NAME_MAX};
 use common::status::{self, VmInfo};
 use nix::errno::Errno;
 use std::path::Path;
@@ -60,25 +60,24 @@ fn unexpected() -> ExitCode {
 }
 
 /// parse_vmid: a number is an id, anything else a name; a word starting
-/// with '-' is no id at all.
-fn parse_vmid(word: &str) -> Option<VmTarget> {
+/// with '-' is no id at all. The error is the one line vmctl prints.
+fn parse_vmid(word: &str) -> Result<VmTarget, String> {
     if word.starts_with('-') {
-        return None;
+        return Err(format!("invalid id: {word}"));
     }
     let target = VmTarget::parse(word);
     if let VmTarget::Name(name) = &target {
         if name.len() >= VM_NAME_MAX {
-            eprintln!("vmctl: name too long");
-            return None;
+            return Err(NameError::TooLong.to_string());
         }
     }
-    Some(target)
+    Ok(target)
 }
 
 /// The single `id` argument of console, pause, unpause, wait and send.
 fn one_vmid(name: &str, args: &[String]) -> Result<VmTarget, ExitCode> {
     match args {
-        [word] => parse_vmid(word).ok_or_else(|| fail(&format!("invalid id: {word}"))),
+        [word] => parse_vmid(word).map_err(|e| fail(&e)),
         _ => Err(command_usage(name)),
     }
 }
@@ -90,7 +89,12 @@ fn simple(global: &Global, req: CtlRequest) -> ExitCode {
         Err(code) => return code,
     };
     match answer(&mut client) {
-        Ok(Message::CtlOk) => ExitCode::SUCCESS,
+        Ok(Message::CtlOk { lines }) => {
+            for line in lines {
+                eprintln!("vmctl: {line}");
+            }
+            ExitCode::SUCCESS
+        }
         Ok(_) => unexpected(),
         Err(code) => code,
     }
@@ -124,8 +128,8 @@ pub fn status(global: &Global, args: &[String]) -> ExitCode {
     let target = match getopt.operands() {
         [] => None,
         [word] => match parse_vmid(word) {
-            Some(target) => Some(target),
-            None => return fail(&format!("invalid id: {word}")),
+            Ok(target) => Some(target),
+            Err(e) => return fail(&e),
         },
         _ => return command_usage("status"),
     };
@@ -133,6 +137,12 @@ pub fn status(global: &Global, args: &[String]) -> ExitCode {
         Ok(vms) => vms,
         Err(code) => return code,
     };
+    // A VM named that vmd does not know: no empty table, but the reason.
+    if let Some(target) = &target {
+        if !vms.iter().any(|vm| target.matches(vm.id, &vm.name)) {
+            return fail("vm not found");
+        }
+    }
     let shown: Vec<VmInfo> = vms
         .into_iter()
         .filter(|vm| !running_only || vm.state.is_active())
@@ -165,14 +175,12 @@ fn real_path(path: &str, what: &str) -> Result<String, ExitCode> {
 fn memory_size(word: &str) -> Result<u64, ExitCode> {
     let bytes = match common::size::parse(word) {
         Ok(bytes) => bytes,
-        Err(e) => {
-            eprintln!("vmctl: invalid size: {word}: {e}");
-            return Err(fail(&format!("invalid memory size: {word}")));
-        }
+        Err(e) => return Err(fail(&format!("invalid memory size: {word}: {e}"))),
     };
     if bytes < MEGABYTE {
-        eprintln!("vmctl: size must be at least one megabyte");
-        return Err(fail(&format!("invalid memory size: {word}")));
+        return Err(fail(&format!(
+            "invalid memory size: {word}: must be at least one megabyte"
+        )));
     }
     let rounded = bytes / MEGABYTE * MEGABYTE;
     if rounded != bytes {
@@ -190,7 +198,7 @@ fn start_parse(args: &[String]) -> Result<(StartRequest, bool), ExitCode> {
     let Some((word, rest)) = args.split_first() else {
         return Err(command_usage("start"));
     };
-    let target = parse_vmid(word).ok_or_else(|| fail(&format!("invalid id: {word}")))?;
+    let target = parse_vmid(word).map_err(|e| fail(&e))?;
     let mut vm = VmConfig::new(match &target {
         VmTarget::Name(name) => name,
         VmTarget::Id(_) => "",
@@ -241,6 +249,9 @@ fn start_parse(args: &[String]) -> Result<(StartRequest, bool), ExitCode> {
                 let (format, path) = DiskFormat::split_prefixed(&arg);
                 let path = real_path(path, "disk")?;
                 vm.disks.push(Disk { path, format });
+                if let Some(path) = vm.repeated_disk() {
+                    return Err(fail(&format!("disk {path} is given twice")));
+                }
             }
             Ok(Opt::Short('i', Some(n))) => {
                 if count.is_some() {
@@ -254,15 +265,13 @@ fn start_parse(args: &[String]) -> Result<(StartRequest, bool), ExitCode> {
                         } else {
                             "invalid"
                         };
-                        eprintln!("vmctl: invalid count \"{n}\": {why}");
-                        return Err(fail(&format!("invalid interface count: {n}")));
+                        return Err(fail(&format!("invalid interface count: {n}: {why}")));
                     }
                 }
             }
             Ok(Opt::Short('t', Some(name))) => {
                 if name.len() >= VM_NAME_MAX {
-                    eprintln!("vmctl: instance vm name too long");
-                    return Err(fail(&format!("invalid name: {name}")));
+                    return Err(fail("instance vm name too long"));
                 }
                 vm.instance_of = Some(name);
             }
@@ -297,16 +306,17 @@ fn start_check(vm: &VmConfig, target: &VmTarget) -> Result<(), ExitCode> {
         if vm.disks.len() > MAX_DISKS {
             return Err(fail("too many disks"));
         }
-        if vm.boot.is_none() && vm.disks.is_empty() {
-            eprintln!("vmctl: starting without disks");
-        }
-        if vm.boot.is_none() && vm.disks.is_empty() && vm.cdrom.is_none() {
-            return Err(fail("no kernel or disk/cdrom specified"));
-        }
         if nics > MAX_INTERFACES {
             return Err(fail("too many network interfaces"));
         }
-        if vm.boot.is_none() && nics == 0 {
+        // Without a kernel, disk or CD-ROM, vmd decides (a configured VM
+        // refuses the options, a new one needs one of them): no warnings
+        // about a VM that may not be new.
+        let boots = vm.boot.is_some() || !vm.disks.is_empty() || vm.cdrom.is_some();
+        if boots && vm.boot.is_none() && vm.disks.is_empty() {
+            eprintln!("vmctl: starting without disks");
+        }
+        if boots && vm.boot.is_none() && nics == 0 {
             eprintln!("vmctl: starting without network interfaces");
         }
     }
@@ -329,7 +339,10 @@ pub fn start(global: &Global, args: &[String]) -> ExitCode {
         Ok(Message::CtlVmResult {
             error: Some(error), ..
         }) => match error {
-            CtlError::Errno(_) | CtlError::Text(_) | CtlError::StopInvalid => {
+            CtlError::Errno(_)
+            | CtlError::Explained { .. }
+            | CtlError::Text(_)
+            | CtlError::StopInvalid => {
                 fail(&format!("start vm command failed: {}", error.describe()))
             }
             other => fail(&other.describe()),
@@ -351,10 +364,20 @@ pub fn start(global: &Global, args: &[String]) -> ExitCode {
 
 // --- stop and wait ---
 
+/// What vmctl asked: `stop` (with its -f and -w) or `wait` for a VM.
+enum Asked<'a> {
+    Stop { force: bool, wait: bool },
+    Wait(&'a VmTarget),
+}
+
 /// Reads the answers to a stop or wait (terminate_vm_complete): the
 /// request's result and, when waiting, the VM's end. The caller has
 /// printed `stopping vm NAME: ` or `waiting for vm NAME: `.
-fn stop_complete(client: &mut Client, force: bool, wait: bool) -> ExitCode {
+fn stop_complete(client: &mut Client, asked: Asked) -> ExitCode {
+    let (force, wait) = match asked {
+        Asked::Stop { force, wait } => (force, wait),
+        Asked::Wait(_) => (false, true),
+    };
     let message = match answer(client) {
         Ok(message) => message,
         Err(code) => return code,
@@ -373,11 +396,21 @@ fn stop_complete(client: &mut Client, force: bool, wait: bool) -> ExitCode {
         Message::CtlVmResult {
             error: Some(error), ..
         } => {
-            match error {
-                CtlError::StopInvalid => eprintln!("cannot stop vm that is not running"),
-                CtlError::Errno(libc::ENOENT) => eprintln!("vm not found"),
-                CtlError::Errno(libc::EINTR) => eprintln!("interrupted call"),
-                other => eprintln!("failed: {}", other.describe()),
+            match (error, asked) {
+                // Unlike OpenBSD's EINVAL: what `wait` waits for holds.
+                (CtlError::StopInvalid, Asked::Wait(target)) => {
+                    let vm = match target {
+                        VmTarget::Name(name) => name.clone(),
+                        VmTarget::Id(id) => id.to_string(),
+                    };
+                    eprintln!("vm {vm} is not running");
+                    return ExitCode::SUCCESS;
+                }
+                (CtlError::StopInvalid, _) => eprintln!("cannot stop vm that is not running"),
+                (CtlError::Errno(libc::ENOENT), _) => eprintln!("vm not found"),
+                (CtlError::Errno(libc::EINTR), _) => eprintln!("interrupted call"),
+                (CtlError::Explained { why, .. }, _) => eprintln!("{why}"),
+                (other, _) => eprintln!("failed: {}", other.describe()),
             }
             ExitCode::FAILURE
         }
@@ -410,7 +443,7 @@ fn stop_one(client: &mut Client, target: VmTarget, force: bool, wait: bool) -> E
     }) {
         return fail(&e);
     }
-    stop_complete(client, force, wait)
+    stop_complete(client, Asked::Stop { force, wait })
 }
 
 /// `stop [id | -a] [-fw]` (the id may also follow the flags).
@@ -421,7 +454,10 @@ pub fn stop(global: &Global, args: &[String]) -> ExitCode {
     let mut target = if first.starts_with('-') {
         None
     } else {
-        parse_vmid(first)
+        match parse_vmid(first) {
+            Ok(target) => Some(target),
+            Err(e) => return fail(&e),
+        }
     };
     let rest = if target.is_some() { &args[1..] } else { args };
     let (mut force, mut wait, mut all) = (false, false, false);
@@ -436,7 +472,10 @@ pub fn stop(global: &Global, args: &[String]) -> ExitCode {
     }
     match getopt.operands() {
         [] => {}
-        [word] if target.is_none() && !all => target = parse_vmid(word),
+        [word] if target.is_none() && !all => match parse_vmid(word) {
+            Ok(parsed) => target = Some(parsed),
+            Err(e) => return fail(&e),
+        },
         _ => return command_usage("stop"),
     }
     if all == target.is_some() {
@@ -498,11 +537,12 @@ pub fn wait(global: &Global, args: &[String]) -> ExitCode {
         VmTarget::Name(name) => eprint!("waiting for vm {name}: "),
         VmTarget::Id(_) => eprint!("waiting for vm: "),
     }
+    let request_target = target.clone();
     let mut client = match request(global, CtlRequest::Wait { target }) {
         Ok(client) => client,
         Err(code) => return code,
     };
-    stop_complete(&mut client, false, true)
+    stop_complete(&mut client, Asked::Wait(&request_target))
 }
 
 // --- pause and unpause ---
@@ -592,12 +632,9 @@ pub fn send(_: &Global, args: &[String]) -> ExitCode {
 pub fn receive(_: &Global, args: &[String]) -> ExitCode {
     match args {
         [word] => match parse_vmid(word) {
-            Some(VmTarget::Name(_)) => fail("receive is not built yet"),
-            Some(VmTarget::Id(_)) => {
-                eprintln!("vmctl: invalid vm name");
-                fail(&format!("invalid id: {word}"))
-            }
-            None => fail(&format!("invalid id: {word}")),
+            Ok(VmTarget::Name(_)) => fail("receive is not built yet"),
+            Ok(VmTarget::Id(_)) => fail(&format!("invalid vm name: {word}")),
+            Err(e) => fail(&e),
         },
         _ => command_usage("receive"),
     }

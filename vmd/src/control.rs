@@ -221,7 +221,7 @@ impl Control {
                 }
                 self.answer(id, Message::CtlVmResult { vmid, error, tty }, true);
             }
-            m @ (Message::CtlVmEnd | Message::CtlOk | Message::CtlFail { .. }) => {
+            m @ (Message::CtlVmEnd | Message::CtlOk { .. } | Message::CtlFail { .. }) => {
                 self.answer(id, m, true)
             }
             other => log_warn!("unexpected message {} from the parent", other.type_code().1),

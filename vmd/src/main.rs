@@ -10,6 +10,7 @@ mod parent;
 mod proc;
 mod registry;
 mod seccomp;
+mod socketlock;
 mod switch;
 #[cfg(target_arch = "x86_64")]
 mod syscall_names;
@@ -86,7 +87,23 @@ fn check_config(opts: &Options) -> ExitCode {
             if opts.verbose > 0 {
                 print!("{}", loaded.config);
             }
-            eprintln!("configuration OK");
+            // Valid, but vmd would refuse to start these (yet).
+            let config = &loaded.config;
+            let mut unstartable = 0;
+            for vm in &config.vms {
+                if let Err(e) = vmm::vmm_check_built(&config.resolved_vm(vm)) {
+                    eprintln!(
+                        "{}: warning: vm \"{}\": {e}: vmd will not start it",
+                        vm.source, vm.name
+                    );
+                    unstartable += 1;
+                }
+            }
+            match unstartable {
+                0 => eprintln!("configuration OK"),
+                1 => eprintln!("configuration OK, but 1 vm cannot start"),
+                n => eprintln!("configuration OK, but {n} vms cannot start"),
+            }
             ExitCode::SUCCESS
         }
         Err(errors) => {
@@ -195,6 +212,14 @@ fn run_daemon(opts: Options) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Before anything starts: one vmd per socket.
+    let mut lock = match socketlock::SocketLock::take(&socket) {
+        Ok(lock) => lock,
+        Err(e) => {
+            eprintln!("vmd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     if let Err(e) = proc::open_self_exe() {
         eprintln!("vmd: {e}");
         return ExitCode::FAILURE;
@@ -221,11 +246,17 @@ fn run_daemon(opts: Options) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    parent::parent_main(parent::ParentOptions {
+    if let Err(e) = lock.record_pid() {
+        log::log_warn!("{}: {e}", socketlock::lock_path(&socket).display());
+    }
+    let code = parent::parent_main(parent::ParentOptions {
         socket,
         config_path: path,
         config_required: required,
         defines: opts.defines,
         config,
-    })
+    });
+    // Held until the parent is done with the socket.
+    drop(lock);
+    code
 }

@@ -121,7 +121,9 @@ pub fn parent_main(opts: ParentOptions) -> ExitCode {
     };
     log_info!("startup");
     let config = std::mem::take(&mut parent.opts.config);
-    parent.registry.apply(&config, true);
+    for line in parent.registry.apply(&config, true) {
+        log_warn!("{line}");
+    }
     for role in [Role::Control, Role::Switch] {
         if let Err(e) = parent.spawn(role) {
             log_warn!("{e}");
@@ -474,9 +476,11 @@ impl Parent {
                 }),
                 Err(error) => vm_result(Err(error)),
             },
-            CtlRequest::Stop { target, force, .. } => {
-                vm_result(self.registry.stop(&target, force, creds))
-            }
+            CtlRequest::Stop {
+                target,
+                force,
+                wait,
+            } => vm_result(self.registry.stop(&target, force, wait, creds)),
             CtlRequest::Wait { target } => vm_result(self.registry.wait(&target, creds)),
             CtlRequest::Pause { target } => {
                 let result = self.registry.pause(&target, creds);
@@ -493,20 +497,20 @@ impl Parent {
                 }
             }
             CtlRequest::Load { path } => match self.reload(Some(PathBuf::from(path))) {
-                Ok(()) => reply(Message::CtlOk),
+                Ok(warnings) => reply(Message::CtlOk { lines: warnings }),
                 Err(lines) => fail(0, lines),
             },
             CtlRequest::Reload => match self.reload(None) {
-                Ok(()) => reply(Message::CtlOk),
+                Ok(warnings) => reply(Message::CtlOk { lines: warnings }),
                 Err(lines) => fail(0, lines),
             },
             CtlRequest::Reset { what } => {
                 self.registry.reset(what);
-                reply(Message::CtlOk)
+                reply(Message::CtlOk { lines: Vec::new() })
             }
             CtlRequest::Verbose { level } => {
                 self.set_verbosity(level);
-                reply(Message::CtlOk)
+                reply(Message::CtlOk { lines: Vec::new() })
             }
         };
         self.send(token, answer);
@@ -619,7 +623,7 @@ impl Parent {
     /// `vmctl load FILE` (`file`), or `vmctl reload` and SIGHUP (None: the
     /// file vmd started with). A file with errors changes nothing: the
     /// error lines come back, cut to what fits in one answer.
-    fn reload(&mut self, file: Option<PathBuf>) -> Result<(), Vec<String>> {
+    fn reload(&mut self, file: Option<PathBuf>) -> Result<Vec<String>, Vec<String>> {
         let reload = file.is_none();
         let (path, required) = match file {
             Some(path) => (path, true),
@@ -630,7 +634,10 @@ impl Parent {
                 for line in &loaded.warnings {
                     log_warn!("{line}");
                 }
-                self.registry.apply(&loaded.config, reload);
+                let skipped = self.registry.apply(&loaded.config, reload);
+                for line in &skipped {
+                    log_warn!("{line}");
+                }
                 log_info!(
                     "{} {}",
                     if reload { "reloaded" } else { "loaded" },
@@ -639,7 +646,9 @@ impl Parent {
                 if reload {
                     self.set_socket_owner();
                 }
-                Ok(())
+                Ok(fit_lines(
+                    loaded.warnings.into_iter().chain(skipped).collect(),
+                ))
             }
             Err(lines) => {
                 for line in &lines {

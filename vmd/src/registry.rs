@@ -175,6 +175,11 @@ fn errno(e: Errno) -> CtlError {
     CtlError::errno(e)
 }
 
+/// `e` with the daemon's reason for it.
+fn explained(e: Errno, why: impl Into<String>) -> CtlError {
+    CtlError::explained(e, why)
+}
+
 impl Registry {
     #[cfg(test)]
     pub fn new() -> Registry {
@@ -205,7 +210,7 @@ impl Registry {
         }
         let Some(id) = self.last_vmid.checked_add(1) else {
             log_warn!("too many vms");
-            return Err(errno(Errno::ENOSPC));
+            return Err(explained(Errno::ENOSPC, "too many vms"));
         };
         self.last_vmid = id;
         self.known.push((name.to_string(), uid, id));
@@ -218,7 +223,10 @@ impl Registry {
     /// first removes every VM that is not running and takes the file's
     /// switches and global settings. VMs already known by name are left as
     /// they are, so running VMs keep the settings they started with.
-    pub fn apply(&mut self, config: &Config, reload: bool) {
+    /// Returns a warning for each VM skipped (for `load`, also those whose
+    /// name exists; a reload keeps running VMs as documented).
+    pub fn apply(&mut self, config: &Config, reload: bool) -> Vec<String> {
+        let mut skipped = Vec::new();
         if reload {
             self.vms.retain(|vm| vm.state.is_active());
             self.switches.clear();
@@ -227,11 +235,10 @@ impl Registry {
         for vm in &config.vms {
             let parent = vm.instance_of.as_deref().and_then(|p| config.vm(p));
             if let Some(what) = parent.and_then(|p| vm.reuses_exclusive(&config.resolved_vm(p))) {
-                log_warn!(
+                skipped.push(format!(
                     "vm \"{}\" ({}): {what} cannot be reused; skipped",
-                    vm.name,
-                    vm.source
-                );
+                    vm.name, vm.source
+                ));
                 continue;
             }
             let resolved = config.resolved_vm(vm);
@@ -246,11 +253,18 @@ impl Registry {
                     continue;
                 }
                 let why = if self.vms[i].state.is_active() {
-                    "running"
+                    "is running"
                 } else {
                     "already exists"
                 };
                 log_debug!("vm {} skipped ({why})", resolved.name);
+                if !reload {
+                    skipped.push(format!(
+                        "vm \"{name}\" ({}): skipped: vm {name} {why}",
+                        resolved.source,
+                        name = resolved.name
+                    ));
+                }
                 continue;
             }
             let vmid = match self.claim_id(&resolved.name, resolved.owner.uid) {
@@ -270,6 +284,7 @@ impl Registry {
             }
         }
         self.next_batch = Some(Instant::now());
+        skipped
     }
 
     /// `vmctl reset`: forgets VMs (terminating running ones) and/or
@@ -333,7 +348,7 @@ impl Registry {
         // vmctl checks these too, but any client may write to the socket.
         if let Err(why) = req.vm.check_limits() {
             log_warn!("start request from uid {}: {why}", creds.uid);
-            return Err(errno(Errno::EINVAL));
+            return Err(explained(Errno::EINVAL, why));
         }
         let index = match self.find(&req.target) {
             Some(i) => {
@@ -341,8 +356,22 @@ impl Registry {
                 if !vm.permits(creds) {
                     return Err(errno(Errno::EPERM));
                 }
-                if vm.state.is_active() || req.sets_more_than_boot() {
-                    return Err(errno(Errno::EALREADY));
+                if vm.state.is_active() {
+                    let why = match vm.state {
+                        VmState::Stopping => format!("vm {} is still stopping", vm.name()),
+                        _ => format!("vm {} is already running", vm.name()),
+                    };
+                    return Err(explained(Errno::EALREADY, why));
+                }
+                // As OpenBSD's vmd: a configured VM starts as configured,
+                // only its boot image (and here boot device) may differ.
+                if req.sets_more_than_boot() {
+                    let why = format!(
+                        "vm {} is defined in {}: only -b and -B may change it",
+                        vm.name(),
+                        config_file(&vm.config.source)
+                    );
+                    return Err(explained(Errno::EALREADY, why));
                 }
                 i
             }
@@ -386,25 +415,34 @@ impl Registry {
         creds: &Credentials,
     ) -> Result<usize, CtlError> {
         let VmTarget::Name(name) = &req.target else {
-            return Err(errno(Errno::ENOENT));
+            return Err(CtlError::not_found());
         };
+        // `start NAME` alone names a VM that should exist.
+        if req.vm.instance_of.is_none() && req.vm.boot.is_none() && !req.sets_more_than_boot() {
+            return Err(CtlError::not_found());
+        }
         let mut vm = req.vm.clone();
         vm.name = name.clone();
         if let Some(template) = &req.vm.instance_of {
             vm = self.start_instance(vm, template, creds)?;
         } else if !creds.is_root() {
             log_warn!("{name}: uid {} may not create a new vm", creds.uid);
-            return Err(errno(Errno::EPERM));
+            let why =
+                format!("vm {name} is not defined: only root may create a vm without -t template");
+            return Err(explained(Errno::EPERM, why));
         } else {
             vm.owner = Owner::default();
         }
         if let Err(e) = check_vm_name(&vm.name) {
             log_warn!("{}: {e}", vm.name);
-            return Err(errno(Errno::EINVAL));
+            return Err(explained(Errno::EINVAL, e.to_string()));
         }
         if vm.boot.is_none() && vm.disks.is_empty() && vm.cdrom.is_none() {
             log_warn!("{}: no kernel or disk/cdrom specified", vm.name);
-            return Err(errno(Errno::EINVAL));
+            return Err(explained(
+                Errno::EINVAL,
+                "no kernel or disk/cdrom specified",
+            ));
         }
         vm.enabled = true;
         vm.source = String::from("vmctl");
@@ -431,7 +469,10 @@ impl Registry {
             return Err(CtlError::TemplateInvalid);
         };
         if self.by_name(&name).is_some() {
-            return Err(errno(Errno::EALREADY));
+            return Err(explained(
+                Errno::EALREADY,
+                format!("vm {name} already exists"),
+            ));
         }
         if !creds.is_root() {
             let allow = &parent.allow_instance;
@@ -448,12 +489,18 @@ impl Registry {
             }
             if let Some(what) = instance_forbidden_change(&vm, parent) {
                 log_warn!("vm \"{name}\": no permission to set {what}");
-                return Err(errno(Errno::EPERM));
+                return Err(explained(
+                    Errno::EPERM,
+                    format!("the template {template} does not allow changing {what}"),
+                ));
             }
         }
         if let Some(what) = vm.reuses_exclusive(parent) {
             log_warn!("vm \"{name}\": {what} cannot be reused");
-            return Err(errno(Errno::EBUSY));
+            return Err(explained(
+                Errno::EBUSY,
+                format!("{what} of {template} cannot be reused"),
+            ));
         }
         // Root's instance belongs to the parent's owner, a user's to it.
         vm.owner = Owner {
@@ -483,7 +530,8 @@ impl Registry {
             }
             if vm.fast_starts >= START_RATE_LIMIT {
                 log_warn!("{}: vm {} restarted too quickly", vm.name(), vm.vmid);
-                return Err(errno(Errno::EPERM));
+                let why = format!("vm {} restarted too quickly: try again later", vm.name());
+                return Err(explained(Errno::EPERM, why));
             }
         }
         vm.last_start = Some(now);
@@ -560,7 +608,7 @@ impl Registry {
     /// The VM a stop, wait, pause or unpause names, if `creds` may act on
     /// it: permission is checked before the VM's state.
     fn find_permitted(&self, target: &VmTarget, creds: &Credentials) -> Result<usize, CtlError> {
-        let index = self.find(target).ok_or(errno(Errno::ENOENT))?;
+        let index = self.find(target).ok_or_else(CtlError::not_found)?;
         if !self.vms[index].permits(creds) {
             log_warn!(
                 "{}: uid {} is not permitted",
@@ -572,28 +620,28 @@ impl Registry {
         Ok(index)
     }
 
-    /// Checks a stop or wait: the VM must be running (and, without
-    /// `force`, not already stopping).
-    fn check_stoppable(&self, index: usize, force: bool) -> Result<(), CtlError> {
-        let state = self.vms[index].state;
-        if state == VmState::Stopping && !force {
-            return Err(errno(Errno::EALREADY));
-        }
-        if !state.is_active() {
-            return Err(CtlError::StopInvalid);
-        }
-        Ok(())
-    }
-
     /// `vmctl stop`: asks the VM to shut down (or, with `force`, kills it).
+    /// A VM already stopping needs `force`, unless the requester only
+    /// `wait`s for the stop under way.
     pub fn stop(
         &mut self,
         target: &VmTarget,
         force: bool,
+        wait: bool,
         creds: &Credentials,
     ) -> Result<u32, CtlError> {
         let index = self.find_permitted(target, creds)?;
-        self.check_stoppable(index, force)?;
+        let vm = &self.vms[index];
+        if vm.state == VmState::Stopping && !force {
+            if wait {
+                return Ok(vm.vmid);
+            }
+            let why = format!("vm {} is already stopping: -f forces it", vm.name());
+            return Err(explained(Errno::EALREADY, why));
+        }
+        if !vm.state.is_active() {
+            return Err(CtlError::StopInvalid);
+        }
         self.backend_stop(index, force)?;
         let globals = &self.globals;
         let vm = &mut self.vms[index];
@@ -644,19 +692,36 @@ impl Registry {
         }
     }
 
-    /// `vmctl wait`: may `creds` wait for this running VM to end?
+    /// `vmctl wait`: may `creds` wait for this VM to end? One that is not
+    /// running answers StopInvalid, which vmctl reports as done.
     pub fn wait(&self, target: &VmTarget, creds: &Credentials) -> Result<u32, CtlError> {
         let index = self.find_permitted(target, creds)?;
-        self.check_stoppable(index, true)?;
+        if !self.vms[index].state.is_active() {
+            return Err(CtlError::StopInvalid);
+        }
         Ok(self.vms[index].vmid)
+    }
+
+    /// Why a pause or unpause cannot be done in the VM's state.
+    fn pause_refusal(&self, index: usize, pause: bool) -> Option<CtlError> {
+        let vm = &self.vms[index];
+        let name = vm.name();
+        let why = match (vm.state, pause) {
+            (VmState::Running, true) | (VmState::Paused, false) => return None,
+            (VmState::Paused, true) => format!("vm {name} is already paused"),
+            (VmState::Running, false) => format!("vm {name} is not paused"),
+            (VmState::Stopping, _) => format!("vm {name} is stopping"),
+            (VmState::Stopped | VmState::Waiting, _) => format!("vm {name} is not running"),
+        };
+        Some(explained(Errno::EINVAL, why))
     }
 
     /// `vmctl pause`: asks the backend; [`Registry::command_done`] has
     /// the answer.
     pub fn pause(&mut self, target: &VmTarget, creds: &Credentials) -> Result<u32, CtlError> {
         let index = self.find_permitted(target, creds)?;
-        if self.vms[index].state != VmState::Running {
-            return Err(errno(Errno::EINVAL));
+        if let Some(refusal) = self.pause_refusal(index, true) {
+            return Err(refusal);
         }
         self.backend_command(index, VmCommand::Pause)?;
         Ok(self.vms[index].vmid)
@@ -665,8 +730,8 @@ impl Registry {
     /// `vmctl unpause`: as pause.
     pub fn unpause(&mut self, target: &VmTarget, creds: &Credentials) -> Result<u32, CtlError> {
         let index = self.find_permitted(target, creds)?;
-        if self.vms[index].state != VmState::Paused {
-            return Err(errno(Errno::EINVAL));
+        if let Some(refusal) = self.pause_refusal(index, false) {
+            return Err(refusal);
         }
         self.backend_command(index, VmCommand::Unpause)?;
         Ok(self.vms[index].vmid)
@@ -681,7 +746,7 @@ impl Registry {
         error: Option<String>,
     ) -> Result<u32, CtlError> {
         let Some(vm) = self.vms.iter_mut().find(|vm| vm.vmid == vmid) else {
-            return Err(errno(Errno::ENOENT));
+            return Err(CtlError::not_found());
         };
         let (word, state) = match command {
             VmCommand::Pause => ("paused", VmState::Paused),
@@ -825,8 +890,19 @@ impl Registry {
             (true, _) => Ok(()),
             // The VM process is gone (its end is on the way).
             (false, VmCommand::Powerdown) => Err(CtlError::StopInvalid),
-            (false, _) => Err(errno(Errno::EINVAL)),
+            (false, _) => Err(explained(
+                Errno::EINVAL,
+                format!("vm {} is not running", self.vms[index].name()),
+            )),
         }
+    }
+}
+
+/// The file a VM's `source` (`FILE:LINE`) names, for messages.
+fn config_file(source: &str) -> &str {
+    match source.rsplit_once(':') {
+        Some((file, line)) if line.bytes().all(|b| b.is_ascii_digit()) => file,
+        _ => source,
     }
 }
 
@@ -928,16 +1004,16 @@ mod tests {
         let mut r = registry("vm \"a\" { disable\n boot \"/k\"\n owner :daemon }\n");
         let target = VmTarget::Name("a".into());
         assert_eq!(
-            r.stop(&target, false, &user(1000, 1000, &[])),
+            r.stop(&target, false, false, &user(1000, 1000, &[])),
             Err(errno(Errno::EPERM))
         );
         assert_eq!(
-            r.stop(&target, false, &user(1000, 1000, &[1])),
+            r.stop(&target, false, false, &user(1000, 1000, &[1])),
             Err(CtlError::StopInvalid)
         );
         assert_eq!(
-            r.stop(&VmTarget::Id(9), false, &user(0, 0, &[])),
-            Err(errno(Errno::ENOENT))
+            r.stop(&VmTarget::Id(9), false, false, &user(0, 0, &[])),
+            Err(CtlError::not_found())
         );
     }
 
@@ -953,7 +1029,7 @@ mod tests {
             Err(CtlError::Text(BACKEND_MISSING.into()))
         );
         assert_eq!(
-            r.stop(&target, false, &root),
+            r.stop(&target, false, false, &root),
             Err(CtlError::Text(BACKEND_MISSING.into()))
         );
         // QEMU's answers decide the state.
@@ -964,13 +1040,22 @@ mod tests {
         assert_eq!(r.vms[0].state, VmState::Running);
         assert_eq!(r.command_done(1, VmCommand::Pause, None), Ok(1));
         assert_eq!(r.vms[0].state, VmState::Paused);
-        assert_eq!(r.pause(&target, &root), Err(errno(Errno::EINVAL)));
+        assert_eq!(
+            r.pause(&target, &root),
+            Err(explained(Errno::EINVAL, "vm a is already paused"))
+        );
         assert_eq!(r.command_done(1, VmCommand::Unpause, None), Ok(1));
         assert_eq!(r.vms[0].state, VmState::Running);
         // A stop under way: a second one needs -f; a late answer to a
         // pause does not undo it.
         r.vms[0].state = VmState::Stopping;
-        assert_eq!(r.stop(&target, false, &root), Err(errno(Errno::EALREADY)));
+        assert_eq!(
+            r.stop(&target, false, false, &root)
+                .map_err(|e| e.errno_code()),
+            Err(Some(libc::EALREADY))
+        );
+        // stop -w of a VM already stopping waits for that stop.
+        assert_eq!(r.stop(&target, false, true, &root), Ok(1));
         assert_eq!(r.command_done(1, VmCommand::Pause, None), Ok(1));
         assert_eq!(r.vms[0].state, VmState::Stopping);
         assert_eq!(r.wait(&target, &root), Ok(1));
@@ -990,19 +1075,44 @@ mod tests {
                 Some(CtlError::Text(BACKEND_MISSING.into()))
             );
         }
-        assert_eq!(r.start(&req("a"), &root).err(), Some(errno(Errno::EPERM)));
-        // Only root creates brand-new VMs; a failed one is not kept.
+        let code = |r: Result<Started, CtlError>| r.err().and_then(|e| e.errno_code());
+        assert_eq!(code(r.start(&req("a"), &root)), Some(libc::EPERM));
+        // Only root creates brand-new VMs; a failed one is not kept, and
+        // keeps its id for the next try.
         let mut new = req("fresh");
         new.vm.boot = Some("/k".into());
         assert_eq!(
-            r.start(&new, &user(1000, 1000, &[])).err(),
-            Some(errno(Errno::EPERM))
+            code(r.start(&new, &user(1000, 1000, &[]))),
+            Some(libc::EPERM)
         );
-        assert_eq!(
-            r.start(&new, &root).err(),
-            Some(CtlError::Text(BACKEND_MISSING.into()))
-        );
+        for _ in 0..2 {
+            assert_eq!(
+                r.start(&new, &root).err(),
+                Some(CtlError::Text(BACKEND_MISSING.into()))
+            );
+            assert_eq!(r.claim_id("fresh", 0), Ok(2));
+        }
         assert_eq!(r.status().len(), 1);
+        // A name or id that matches nothing, with nothing to create it.
+        assert_eq!(
+            r.start(&req("gamma"), &root).err(),
+            Some(CtlError::not_found())
+        );
+        let by_id = StartRequest {
+            target: VmTarget::Id(99),
+            vm: VmConfig::new(""),
+        };
+        assert_eq!(r.start(&by_id, &root).err(), Some(CtlError::not_found()));
+        // A configured VM keeps its settings: words, not a bare EALREADY.
+        let mut more = req("a");
+        more.vm.memory = Some(1 << 30);
+        let refused = r.start(&more, &root).unwrap_err();
+        assert_eq!(refused.errno_code(), Some(libc::EALREADY));
+        assert!(
+            refused.describe().contains("only -b and -B may change it"),
+            "{}",
+            refused.describe()
+        );
         let mut inst = req("i1");
         inst.vm.instance_of = Some("nope".into());
         assert_eq!(r.start(&inst, &root).err(), Some(CtlError::TemplateInvalid));
@@ -1053,8 +1163,10 @@ mod tests {
             format: common::disk::DiskFormat::Raw,
         });
         assert_eq!(
-            r.start_instance(vm, "tpl", &root).err(),
-            Some(errno(Errno::EBUSY))
+            r.start_instance(vm, "tpl", &root)
+                .err()
+                .and_then(|e| e.errno_code()),
+            Some(libc::EBUSY)
         );
         assert_eq!(
             r.start_instance(instance("i3"), "nope", &root).err(),
@@ -1084,8 +1196,10 @@ mod tests {
             format: common::disk::DiskFormat::Raw,
         });
         assert_eq!(
-            r.start_instance(vm, "tpl", &member).err(),
-            Some(errno(Errno::EPERM))
+            r.start_instance(vm, "tpl", &member)
+                .err()
+                .and_then(|e| e.errno_code()),
+            Some(libc::EPERM)
         );
         for change in [
             |vm: &mut VmConfig| vm.vcpus = Some(2),
@@ -1096,8 +1210,10 @@ mod tests {
             let mut vm = instance("u3");
             change(&mut vm);
             assert_eq!(
-                r.start_instance(vm, "tpl", &member).err(),
-                Some(errno(Errno::EPERM))
+                r.start_instance(vm, "tpl", &member)
+                    .err()
+                    .and_then(|e| e.errno_code()),
+                Some(libc::EPERM)
             );
         }
         // Asking for what the parent has is no change.

@@ -645,8 +645,8 @@ impl Vmm {
 }
 
 /// Refuses what a VM asks for that is not built yet, rather than
-/// ignoring it.
-fn vmm_check_built(vm: &VmConfig) -> Result<(), StartError> {
+/// ignoring it (at start, and as a warning of `vmd -n`).
+pub fn vmm_check_built(vm: &VmConfig) -> Result<(), StartError> {
     if vm.interface_total() > 0 {
         return Err(StartError::NotBuilt(
             "network interfaces (-i, -L, -n, interface) are",

@@ -582,7 +582,16 @@ fn limits_of_a_vm_from_elsewhere() {
     vm.vcpus = Some(2);
     assert_eq!(vm.check_limits(), Ok(()));
     type Breaks = fn(&mut VmConfig);
-    let broken: [(&str, Breaks); 6] = [
+    let broken: [(&str, Breaks); 7] = [
+        ("/d is given twice", |vm| {
+            vm.disks = vec![
+                Disk {
+                    path: "/d".into(),
+                    format: DiskFormat::Raw
+                };
+                2
+            ]
+        }),
         ("memory", |vm| vm.memory = Some(1 << 19)),
         ("memory", |vm| vm.memory = Some(MAX_MEMORY + 1)),
         ("vcpu", |vm| vm.vcpus = Some(MAX_VCPUS + 1)),

@@ -316,6 +316,15 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
+    /// A disk path named more than once (one image cannot be two disks).
+    pub fn repeated_disk(&self) -> Option<&str> {
+        self.disks
+            .iter()
+            .enumerate()
+            .find(|(i, d)| self.disks[..*i].iter().any(|e| e.path == d.path))
+            .map(|(_, d)| d.path.as_str())
+    }
+
     /// The limits the parser enforces, checked again where a VmConfig
     /// arrives from elsewhere (a start request from vmctl): the first
     /// value out of range, in words.
@@ -336,13 +345,20 @@ impl VmConfig {
             .memory
             .is_some_and(|m| !(1 << 20..=MAX_MEMORY).contains(&m))
         {
-            return Err(format!("memory size out of range: {}", self.memory_bytes()));
+            return Err(format!(
+                "memory size out of range: {} (from 1M to {})",
+                crate::size::format(self.memory_bytes()),
+                crate::size::format(MAX_MEMORY)
+            ));
         }
         if self.vcpus.is_some_and(|n| !(1..=MAX_VCPUS).contains(&n)) {
             return Err(format!("vcpu count out of range: {}", self.vcpu_count()));
         }
         if self.disks.len() > MAX_DISKS {
             return Err("too many disks".to_string());
+        }
+        if let Some(path) = self.repeated_disk() {
+            return Err(format!("disk {path} is given twice"));
         }
         if self.interfaces.len().max(self.interface_count.unwrap_or(0)) > MAX_INTERFACES {
             return Err("too many network interfaces".to_string());
