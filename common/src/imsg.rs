@@ -162,6 +162,10 @@ pub enum Message {
     /// vm -> parent, last thing: how QEMU ended (`exited`, `was killed by
     /// SIGKILL`, ...).
     VmQemuEnded { why: String },
+    /// vm -> parent, before it ends: the guest never ran, and why (QEMU's
+    /// first error line, or the VM process's own error), for the vmctl
+    /// waiting for the start.
+    VmStartFailed { reason: String },
 
     // --- the parent's file-opening helper (userfiles.rs) -> parent ---
     /// One file the helper opened as the requester (with the fd): what it
@@ -282,6 +286,7 @@ impl Message {
             Message::VmCommand { .. } => (106, "VM_COMMAND"),
             Message::VmCommandDone { .. } => (107, "VM_COMMAND_DONE"),
             Message::VmQemuEnded { .. } => (108, "VM_QEMU_ENDED"),
+            Message::VmStartFailed { .. } => (109, "VM_START_FAILED"),
             Message::UserFile { .. } => (200, "USER_FILE"),
             Message::UserFilesDone { .. } => (201, "USER_FILES_DONE"),
         }
@@ -791,6 +796,9 @@ mod tests {
             },
             Message::VmQemuEnded {
                 why: "was killed by SIGKILL".into(),
+            },
+            Message::VmStartFailed {
+                reason: "qemu: initrd is too large".into(),
             },
             Message::CtlOk,
             Message::CtlFail {

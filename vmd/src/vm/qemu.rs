@@ -538,6 +538,59 @@ pub fn qmp_line(state: &mut QmpState, line: &str) -> QmpReply {
     }
 }
 
+/// The longest reason for a failed start sent to the parent (and vmctl).
+pub const START_REASON_MAX: usize = 400;
+
+/// Why QEMU refused to start, from one line of its standard error: the
+/// line without the program name, a `-blockdev` node named as the disk
+/// the user knows (`disk 1`, `disk 1's backing file 1`, `cdrom`) instead
+/// of its JSON, cut at [`START_REASON_MAX`]. None for a warning or an
+/// empty line.
+pub fn qemu_error_reason(line: &str) -> Option<String> {
+    let text = line.trim();
+    let text = ["qemu-system-x86_64: ", "qemu: "]
+        .iter()
+        .find_map(|prefix| text.strip_prefix(prefix))
+        .unwrap_or(text);
+    if text.is_empty() || text.starts_with("warning:") {
+        return None;
+    }
+    let text = match text.strip_prefix("-blockdev ").and_then(blockdev_error) {
+        Some(named) => named,
+        None => text.to_string(),
+    };
+    Some(cut(&format!("QEMU: {text}"), START_REASON_MAX))
+}
+
+/// `{node JSON}: message` as `disk N: message`, if the node is ours.
+fn blockdev_error(text: &str) -> Option<String> {
+    let mut nodes = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
+    let node = nodes.next()?.ok()?;
+    let message = text[nodes.byte_offset()..].strip_prefix(": ")?;
+    let name = node.get("node-name")?.as_str()?;
+    let name = name.strip_suffix("-file").unwrap_or(name);
+    let what = if name == "cd0" {
+        "cdrom".to_string()
+    } else {
+        let (disk, layer) = name.strip_prefix("disk")?.split_once('-')?;
+        let disk = disk.parse::<u32>().ok()? + 1;
+        match layer.parse::<u32>().ok()? {
+            0 => format!("disk {disk}"),
+            layer => format!("disk {disk}'s backing file {layer}"),
+        }
+    };
+    Some(format!("{what}: {message}"))
+}
+
+/// `text`, or its start and "..." in `max` characters.
+fn cut(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let start: String = text.chars().take(max.saturating_sub(3)).collect();
+    format!("{start}...")
+}
+
 /// A QMP command as one line.
 pub fn qmp_command(name: &str) -> String {
     format!("{{\"execute\": \"{name}\"}}\n")
@@ -793,6 +846,48 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
+    }
+
+    #[test]
+    fn start_errors_read_as_the_user_knows_the_disks() {
+        let corrupt = r#"qemu-system-x86_64: -blockdev {"backing":null,"driver":"qcow2","file":"disk0-0-file","node-name":"disk0-0","read-only":false}: qcow2: Image is corrupt; cannot be opened read/write"#;
+        assert_eq!(
+            qemu_error_reason(corrupt).as_deref(),
+            Some("QEMU: disk 1: qcow2: Image is corrupt; cannot be opened read/write")
+        );
+        let below = r#"qemu-system-x86_64: -blockdev {"driver":"file","filename":"/dev/fdset/3","node-name":"disk1-2-file","read-only":true}: Could not open '/dev/fdset/3': No such file"#;
+        assert_eq!(
+            qemu_error_reason(below).as_deref(),
+            Some("QEMU: disk 2's backing file 2: Could not open '/dev/fdset/3': No such file")
+        );
+        assert_eq!(
+            qemu_error_reason(
+                "qemu: initrd is too large, cannot support.(max: 884735, need 1195136)\n"
+            )
+            .as_deref(),
+            Some("QEMU: initrd is too large, cannot support.(max: 884735, need 1195136)")
+        );
+        assert_eq!(
+            qemu_error_reason(
+                "qemu-system-x86_64: cannot set up guest memory 'pc.ram': Cannot allocate memory"
+            )
+            .as_deref(),
+            Some("QEMU: cannot set up guest memory 'pc.ram': Cannot allocate memory")
+        );
+        assert_eq!(
+            qemu_error_reason("qemu-system-x86_64: warning: TCG doesn't support requested feature"),
+            None
+        );
+        assert_eq!(qemu_error_reason("  "), None);
+        // Not our node, or not JSON: the line as it is.
+        let other = "qemu-system-x86_64: -blockdev {broken: x";
+        assert_eq!(
+            qemu_error_reason(other).as_deref(),
+            Some("QEMU: -blockdev {broken: x")
+        );
+        let long = format!("qemu: {}", "é".repeat(5000));
+        let reason = qemu_error_reason(&long).expect("a reason");
+        assert!(reason.chars().count() <= START_REASON_MAX && reason.ends_with("..."));
     }
 
     #[test]
