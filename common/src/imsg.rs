@@ -116,8 +116,9 @@ pub enum Message {
     CtlVm(VmInfo),
     /// parent -> control -> vmctl: the end of the `status` list.
     CtlVmEnd,
-    /// parent -> control -> vmctl: the outcome of start, stop, wait, pause
-    /// or unpause of VM `vmid` (0 when no VM was found).
+    /// parent -> control -> vmctl: the outcome of start (once the guest
+    /// runs, or why it could not start), stop, wait, pause or unpause of
+    /// VM `vmid` (0 when no VM was found).
     CtlVmResult {
         vmid: u32,
         error: Option<CtlError>,
