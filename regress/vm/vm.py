@@ -314,6 +314,11 @@ def start_failures(vmd, files, user=None, template=()):
         ("fhuge", (*boot, "-m", "1T"), "cannot set up guest memory 'pc.ram'"),
         ("fconsole", ("-c", *boot, "-m", "1T"), "cannot set up guest memory 'pc.ram'"),
     )
+    with open("/proc/sys/vm/overcommit_memory") as f:
+        if f.read().strip() == "1":
+            # QEMU then reserves 1T and the guest runs: nothing to refuse.
+            print("# -m 1T not checked: vm.overcommit_memory=1 lets QEMU have it")
+            failures = [f for f in failures if "-m" not in f[1] or "1T" not in f[1]]
     for name, args, reason in failures:
         rc, out = vmd.vmctl("start", name, *template, *args, user=user)
         want = rf"^vmctl: start vm command failed: vm {name}: QEMU: {re.escape(reason)}"

@@ -549,6 +549,9 @@ impl Vmm {
             }
             Message::VmQemuEnded { why } => vm.qemu_end = Some(why),
             Message::VmStartFailed { reason } => {
+                // The VM process is less trusted than we are: its text
+                // reaches the user bounded and on one line.
+                let reason = crate::vm::qemu::start_reason(&reason);
                 log_warn!("vm {name}: the guest did not start: {reason}");
                 vm.start_failed = Some(reason);
             }

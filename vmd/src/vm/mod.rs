@@ -135,7 +135,7 @@ pub fn vm_main(verbosity: u8) -> ExitCode {
         Ok(launched) => launched,
         Err(e) => {
             log_warn!("{e}");
-            let reason = e.to_string();
+            let reason = qemu::start_reason(&e.to_string());
             let frame = Frame::new(Message::VmStartFailed { reason });
             if let Err(e) = imsg::send_blocking(start.channel.sock.as_fd(), frame) {
                 log_warn!("telling the parent the start failed: {e}");
@@ -687,7 +687,8 @@ impl Vm {
                 QmpReply::Protocol(e) => return self.qmp_protocol_error(&e),
                 QmpReply::Error(e) if self.qmp_state != QmpState::Running => {
                     log_warn!("QMP: {e}; stopping QEMU");
-                    self.start_error.get_or_insert(format!("QEMU: {e}"));
+                    self.start_error
+                        .get_or_insert(qemu::start_reason(&format!("QEMU: {e}")));
                     let _ = nix::sys::signal::kill(self.qemu, nix::sys::signal::Signal::SIGKILL);
                 }
                 QmpReply::Error(e) => log_warn!("QMP: {e}"),
@@ -817,7 +818,7 @@ impl Vm {
         let start_failed = (self.qmp_state != QmpState::Running).then(|| {
             self.start_error
                 .take()
-                .unwrap_or_else(|| format!("QEMU {why} before the guest ran"))
+                .unwrap_or_else(|| qemu::start_reason(&format!("QEMU {why} before the guest ran")))
         });
         self.finish_report(start_failed, why);
         clean

@@ -559,7 +559,14 @@ pub fn qemu_error_reason(line: &str) -> Option<String> {
         Some(named) => named,
         None => text.to_string(),
     };
-    Some(cut(&format!("QEMU: {text}"), START_REASON_MAX))
+    Some(start_reason(&format!("QEMU: {text}")))
+}
+
+/// A reason for a failed start as it may reach vmctl: one line (control
+/// characters replaced, so nothing reaches the user's terminal as an
+/// escape sequence), at most [`START_REASON_MAX`] characters.
+pub fn start_reason(text: &str) -> String {
+    cut(&crate::log::sanitize(text), START_REASON_MAX)
 }
 
 /// `{node JSON}: message` as `disk N: message`, if the node is ours.
@@ -885,6 +892,7 @@ mod tests {
             qemu_error_reason(other).as_deref(),
             Some("QEMU: -blockdev {broken: x")
         );
+        assert_eq!(start_reason("a\x1b[2Jb\nc"), "a?[2Jb?c");
         let long = format!("qemu: {}", "é".repeat(5000));
         let reason = qemu_error_reason(&long).expect("a reason");
         assert!(reason.chars().count() <= START_REASON_MAX && reason.ends_with("..."));
