@@ -10,6 +10,14 @@
 use crate::config::VmConfig;
 use nix::errno::Errno;
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// How long vmd holds a `start` answer while the VM comes up: from the
+/// request until QEMU has accepted its arguments and runs the guest
+/// (copying a large initrd and a slow TCG start included). A VM not
+/// running by then is stopped and the start fails with a time-out. A
+/// client that gives up on vmd must wait longer than this.
+pub const VM_START_TIMEOUT: Duration = Duration::from_secs(40);
 
 /// A VM named on vmctl's command line: a number is an id, anything else a
 /// name.

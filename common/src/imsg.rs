@@ -116,8 +116,9 @@ pub enum Message {
     CtlVm(VmInfo),
     /// parent -> control -> vmctl: the end of the `status` list.
     CtlVmEnd,
-    /// parent -> control -> vmctl: the outcome of start, stop, wait, pause
-    /// or unpause of VM `vmid` (0 when no VM was found).
+    /// parent -> control -> vmctl: the outcome of start (once the guest
+    /// runs, or why it could not start), stop, wait, pause or unpause of
+    /// VM `vmid` (0 when no VM was found).
     CtlVmResult {
         vmid: u32,
         error: Option<CtlError>,
@@ -163,6 +164,10 @@ pub enum Message {
     /// vm -> parent, last thing: how QEMU ended (`exited`, `was killed by
     /// SIGKILL`, ...).
     VmQemuEnded { why: String },
+    /// vm -> parent, before it ends: the guest never ran, and why (QEMU's
+    /// first error line, or the VM process's own error), for the vmctl
+    /// waiting for the start.
+    VmStartFailed { reason: String },
 
     // --- the parent's file-opening helper (userfiles.rs) -> parent ---
     /// One file the helper opened as the requester (with the fd): what it
@@ -283,6 +288,7 @@ impl Message {
             Message::VmCommand { .. } => (106, "VM_COMMAND"),
             Message::VmCommandDone { .. } => (107, "VM_COMMAND_DONE"),
             Message::VmQemuEnded { .. } => (108, "VM_QEMU_ENDED"),
+            Message::VmStartFailed { .. } => (109, "VM_START_FAILED"),
             Message::UserFile { .. } => (200, "USER_FILE"),
             Message::UserFilesDone { .. } => (201, "USER_FILES_DONE"),
         }
@@ -795,6 +801,9 @@ mod tests {
             },
             Message::CtlOk {
                 lines: vec!["vm \"a\" (x.conf:1): skipped: vm a already exists".into()],
+            },
+            Message::VmStartFailed {
+                reason: "qemu: initrd is too large".into(),
             },
             Message::CtlFail {
                 errno: 0,

@@ -154,6 +154,13 @@ def overlay_on(path, base, base_format, owner=None):
         os.chown(path, owner.uid, owner.gid)
 
 
+def vmctl_create(path, *args):
+    """`vmctl create PATH ARGS` (no daemon involved), which must succeed."""
+    p = subprocess.run([vmdregress.VMCTL, "create", path, *args], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise Failure(f"vmctl create {path} {' '.join(args)}: exit {p.returncode}: {p.stderr.strip()}")
+
+
 def finish(path, mode, owner):
     os.chmod(path, mode)
     if owner:
@@ -272,6 +279,75 @@ def bios_boots_an_iso(vmd, staging):
     args = qemu_args(vmd, vmid)
     if "ide-cd,drive=cd0" not in args or "/dev/fdset/" not in args or iso in args:
         raise Failure(f"the CD-ROM is not passed as an fdset: {args}")
+
+
+def gone(vmd, name):
+    """Waits until the vmctl-started VM `name` has ended (it is no longer
+    listed, so its disks are free again)."""
+    wait_for(f"{name} to end", lambda: row_of(vmd, name) is None, 30)
+
+
+def qcow2_shapes(vmd, staging):
+    # Every image shape a user makes with vmctl create, all holding the
+    # base's boot sector: SeaBIOS reads it through QEMU's qcow2 chain and
+    # prints the marker. The bottom layer is raw or (a converted image)
+    # qcow2 without a backing file, QEMU's "backing": null.
+    mark = marker("QCOW2")
+    raw = staging.path("base.img")
+    write_disk(raw, mark)
+    on_raw, converted = staging.path("on-raw.qcow2"), staging.path("converted.qcow2")
+    on_qcow2, three = staging.path("on-qcow2.qcow2"), staging.path("three.qcow2")
+    back = staging.path("back.img")
+    vmctl_create(on_raw, "-b", raw)
+    vmctl_create(converted, "-i", raw)
+    vmctl_create(on_qcow2, "-b", converted)
+    vmctl_create(three, "-b", on_raw)
+    vmctl_create(back, "-i", three)
+    # (name, disk, its nodes without a backing file)
+    shapes = (("qonraw", on_raw, 0), ("qconv", converted, 1), ("qonqcow", on_qcow2, 1),
+              ("qthree", three, 0), ("qback", back, 0))
+    for name, disk, nulls in shapes:
+        vmid, _ = vmd.start_with(name, "-d", disk, "-m", "64M")
+        args = qemu_args(vmd, vmid)
+        vmd.wait_console(name, mark, BIOS_TIMEOUT)
+        if args.count('"backing":null') != nulls:
+            raise Failure(f"{name}: expected {nulls} node(s) with \"backing\":null: {args}")
+        stop(vmd, name)
+        gone(vmd, name)
+
+
+def lone_qcow2_written_and_read_back(vmd, staging):
+    # The issue's "done when": vmctl create x.qcow2 -s 1G, then vmctl
+    # start x -b KERNEL -d x.qcow2 (the test guest also needs its initrd).
+    # The guest writes a word at the start of the disk; a second boot
+    # reads it back, qemu-img finds the image consistent, and vmctl's
+    # converter reads the word QEMU wrote.
+    word = f"VMDWRITE{random.randrange(10**8):08d}"
+    disk = staging.path("x.qcow2")
+    vmctl_create(disk, "-s", "1G")
+    kernel = ("-b", vmdregress.KERNEL, "--initrd", vmdregress.INITRD)
+    vmd.start_with("x", *kernel, "--cmdline", f"console=ttyS0 quiet vmd.diskwrite=vda:{word}", "-d", disk)
+    vmd.wait_console("x", f"VMD-GUEST: wrote vda {word}", 90)
+    vmd.wait_console("x", "VMD-GUEST: ready", 30)
+    if "VMD-GUEST: disk vda 1073741824 bytes rw" not in vmd.console_log("x"):
+        raise Failure(f"the guest does not see a 1G disk: {vmd.console_log('x')[-600:]!r}")
+    rc, out = vmd.vmctl("stop", "x", "-w", timeout=60)
+    if rc != 0:
+        raise Failure(f"stop x -w: exit {rc}: {out.strip()}")
+    gone(vmd, "x")
+    p = subprocess.run(["qemu-img", "check", "-f", "qcow2", disk], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise Failure(f"qemu-img check after the guest wrote: {p.stdout}{p.stderr}")
+    vmd.start_with("x2", *kernel, "--cmdline", "console=ttyS0 quiet", "-d", disk)
+    vmd.wait_console("x2", f"VMD-GUEST: disk vda head {word}.", 90)
+    stop(vmd, "x2")
+    gone(vmd, "x2")
+    raw = staging.path("x.img")
+    vmctl_create(raw, "-i", disk)
+    with open(raw, "rb") as f:
+        head = f.read(len(word) + 1)
+    if head != word.encode() + b"\0":
+        raise Failure(f"the converted image starts with {head!r}, not {word!r}")
 
 
 def boot_order_conf(staging, _user):
@@ -463,6 +539,10 @@ def main():
     case("boot order: cdrom first, -B disk, -B cdrom, vm.conf boot device",
          with_case(boot_order, boot_order_conf))
     case("-B net, missing and non-regular iso images are refused", with_case(refusals, refusals_conf))
+    case("qcow2 images boot: on raw, converted (-i), on a converted qcow2, three layers, raw from qcow2",
+         with_case(qcow2_shapes))
+    case("a lone qcow2 from vmctl create -s 1G boots; what the guest writes a second boot reads back",
+         with_case(lone_qcow2_written_and_read_back))
     case("instances: inherit, more memory when allowed, disk not, invalid template, disk reuse",
          with_case(instances, instances_conf, user=True))
     case("users' files: own disk and kernel boot; unreadable disk, backing file, symlink, iso, kernel refused;"

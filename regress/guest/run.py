@@ -243,13 +243,17 @@ def case_devices(files):
     mac = "52:54:00:76:6d:64"
     disk0 = raw_image("disk0.img", 64 << 20)
     disk1 = raw_image("disk1.img", 32 << 20)
+    # vdb's first bytes, which the guest shows; the word it writes on vda.
+    head, word = "VMDHEAD-ro_1", "VMDWROTE.1"
+    with open(disk1, "r+b") as f:
+        f.write(head.encode() + b"\1\2")
     g = None
     state = {}
 
     def booted():
         nonlocal g
         t0 = time.monotonic()
-        g = boot(files, "vmd.net=dhcp vmd.check=devices", [
+        g = boot(files, f"vmd.net=dhcp vmd.check=devices vmd.diskwrite=vda:{word}", [
             "-drive", f"file={disk0},format=raw,if=virtio",
             "-drive", f"file={disk1},format=raw,if=virtio,readonly=on",
             "-netdev", "user,id=net0",
@@ -273,6 +277,9 @@ def case_devices(files):
         g.wait_for(r"^VMD-GUEST: disks vda vdb$", 1)
         g.wait_for(rf"^VMD-GUEST: disk vda {64 << 20} bytes rw$", 1)
         g.wait_for(rf"^VMD-GUEST: disk vdb {32 << 20} bytes ro$", 1)
+        g.wait_for(rf"^VMD-GUEST: wrote vda {re.escape(word)}$", 1)
+        g.wait_for(rf"^VMD-GUEST: disk vda head {re.escape(word)}\.{{{32 - len(word)}}}$", 1)
+        g.wait_for(rf"^VMD-GUEST: disk vdb head {re.escape(head)}\.{{{32 - len(head)}}}$", 1)
 
     def nics():
         g.wait_for(r"^VMD-GUEST: nics eth0$", 1)
@@ -290,6 +297,9 @@ def case_devices(files):
         expect(event["data"].get("reason") == "guest-shutdown",
                f"SHUTDOWN reason {event['data']} is not guest-shutdown")
         expect(status == 0, f"QEMU exited with status {status}")
+        with open(disk0, "rb") as f:
+            start = f.read(len(word) + 1)
+        expect(start == word.encode() + b"\0", f"vda starts with {start!r} after the guest wrote {word!r}")
 
     try:
         if not check("boot-markers", booted):

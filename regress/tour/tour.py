@@ -8,10 +8,6 @@ as the ramdisk: vmd -n, create (qcow2 -s 4.5G, an overlay, a copy with
 owner` names), the console's tty reachable by that user and the guest
 seeing its 4.5G disk, load, reload and log verbose as root.
 
-web's disk is a raw image for now: a lone qcow2 disk does not boot until
-the qcow2 -blockdev fix (issue 13 item 1) is merged; then WEB_DISK becomes
-"web.qcow2" as in the README.
-
 Runs as root; the user and group are its own, removed at the end, and the
 vmd (regress/lib/vmdregress.py) is killed with everything it started.
 """
@@ -29,8 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import vmdregress as t  # noqa: E402
 from vmdregress import VMCTL, VMD, Failure, Vmd, case  # noqa: E402
 
-# The lead: "web.qcow2" once qcow2 disks boot (issue 13 item 1).
-WEB_DISK = "web.img"
+WEB_DISK = "web.qcow2"
 SIZE_4_5G = 4831838208
 
 

@@ -13,14 +13,17 @@ started at the end, even on failure.
 import errno
 import os
 import re
+import shutil
+import signal
+import struct
 import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
 import vmdregress as t  # noqa: E402
-from vmdregress import (BOOT_TIMEOUT, EMPTY_DIR, Failure, Pty, case, children_of, cmdline,  # noqa: E402
-                        in_passwd, status_of, wait_for, with_vmd)
+from vmdregress import (BOOT_TIMEOUT, EMPTY_DIR, Failure, Pty, TestUser, Vmd, case,  # noqa: E402
+                        children_of, cmdline, in_passwd, status_of, wait_for, with_vmd)
 
 
 # --- cases
@@ -265,6 +268,155 @@ def guest_poweroff_stops_the_vm(vmd):
     wait_for("status to show it gone", lambda: (vmd.status_row(vmid) or {"STATE": "stopped"})["STATE"] == "stopped", 5)
 
 
+def started_once_the_guest_runs(vmd):
+    # vmctl's "started" comes only after QEMU ran `cont`: CURMEM (QEMU's
+    # resident memory) is known from that moment, and vmd logs the
+    # success after the VM process said the guest runs.
+    vmid, _ = vmd.start("run1")
+    row = vmd.status_row(vmid)
+    if not row or row["STATE"] != "running" or row["CURMEM"] == "-":
+        raise Failure(f"right after the start: {row}")
+    log = vmd.log()
+    running = log.find("vm run1: guest running")
+    started = log.find(f"started run1 (vm {vmid}) successfully")
+    if running < 0 or started < running:
+        raise Failure(f"the success is not logged after the guest runs:\n{log}")
+
+
+def corrupt_qcow2(path, owner=None):
+    """A qcow2 image from vmctl create with its `corrupt` incompatible
+    feature bit set: vmd's reader accepts it (the bit concerns writers),
+    QEMU refuses to open it for writing."""
+    p = subprocess.run([t.VMCTL, "create", path, "-s", "16M"], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise Failure(f"vmctl create {path}: {p.stderr.strip()}")
+    with open(path, "r+b") as f:
+        f.seek(72)
+        f.write(struct.pack(">Q", 2))
+    if owner:
+        os.chown(path, owner.uid, owner.gid)
+        os.chmod(path, 0o600)
+
+
+def start_failures(vmd, files, user=None, template=()):
+    """Each start QEMU refuses fails with exit 1 and QEMU's reason on
+    vmctl's stderr (which a user who cannot read vmd's log needs), never
+    says `started`, attaches no console with -c, and leaves nothing
+    listed."""
+    kernel, initrd, disk = files
+    boot = ("-b", kernel, "--initrd", initrd)
+    failures = (
+        ("fdisk", (*boot, "-m", "256M", "-d", disk),
+         "disk 1: qcow2: Image is corrupt; cannot be opened read/write"),
+        ("fmem", (*boot, "-m", "1500K"), "initrd is too large"),
+        ("finitrd", ("-b", initrd, "--initrd", initrd, "-m", "256M"),
+         "linux kernel too old to load a ram disk"),
+        ("fhuge", (*boot, "-m", "1T"), "cannot set up guest memory 'pc.ram'"),
+        ("fconsole", ("-c", *boot, "-m", "1T"), "cannot set up guest memory 'pc.ram'"),
+    )
+    with open("/proc/sys/vm/overcommit_memory") as f:
+        if f.read().strip() == "1":
+            # QEMU then reserves 1T and the guest runs: nothing to refuse.
+            print("# -m 1T not checked: vm.overcommit_memory=1 lets QEMU have it")
+            failures = [f for f in failures if "-m" not in f[1] or "1T" not in f[1]]
+    for name, args, reason in failures:
+        rc, out = vmd.vmctl("start", name, *template, *args, user=user)
+        want = rf"^vmctl: start vm command failed: vm {name}: QEMU: {re.escape(reason)}"
+        if rc != 1 or not re.search(want, out, re.M) or "started" in out or "Connected" in out:
+            raise Failure(f"start {name}: exit {rc}, want 1 and {reason!r}: {out.strip()!r}")
+        if name in {row["NAME"] for row in vmd.status()}:
+            raise Failure(f"{name} is still listed after its start failed: {vmd.status()}")
+
+
+def start_failures_as_root(vmd):
+    files = (t.KERNEL, t.INITRD, os.path.join(vmd.dir, "corrupt.qcow2"))
+    corrupt_qcow2(files[2])
+    start_failures(vmd, files)
+    # A configured VM whose start fails stays listed, stopped.
+    disk = os.path.join(vmd.dir, "cfg.qcow2")
+    corrupt_qcow2(disk)
+    conf = os.path.join(vmd.dir, "bad.conf")
+    with open(conf, "w") as f:
+        f.write(f'vm "cfgbad" {{\n\tdisable\n\tmemory 256M\n\tboot "{t.KERNEL}"\n'
+                f'\tinitrd "{t.INITRD}"\n\tdisk "{disk}"\n}}\n')
+    rc, out = vmd.vmctl("load", conf)
+    if rc != 0:
+        raise Failure(f"load {conf}: exit {rc}: {out.strip()}")
+    rc, out = vmd.vmctl("start", "cfgbad")
+    if rc != 1 or "vm cfgbad: QEMU: disk 1: qcow2: Image is corrupt" not in out:
+        raise Failure(f"start cfgbad: exit {rc}: {out.strip()!r}")
+    row = [r for r in vmd.status() if r["NAME"] == "cfgbad"]
+    if not row or row[0]["STATE"] != "stopped":
+        raise Failure(f"cfgbad after its failed start: {row}")
+
+
+def start_failures_as_a_user():
+    user = TestUser("vmdstart")
+    vmd = None
+    try:
+        conf = (f"socket owner :{user.name}\n"
+                f'vm "tpl" {{\n\tdisable\n\tmemory 256M\n'
+                f"\tallow instance {{ boot, disk, memory, owner {user.name} }}\n}}\n")
+        vmd = Vmd(conf_extra=conf)
+        os.chmod(vmd.dir, 0o711)
+        # The user's own copies of the guest and a broken disk of its own.
+        files = os.path.join(vmd.dir, "files")
+        os.mkdir(files)
+        os.chmod(files, 0o755)
+        kernel, initrd = os.path.join(files, "vmlinuz"), os.path.join(files, "initrd.gz")
+        for src, dst in ((t.KERNEL, kernel), (t.INITRD, initrd)):
+            shutil.copyfile(src, dst)
+            os.chown(dst, user.uid, user.gid)
+        disk = os.path.join(files, "corrupt.qcow2")
+        corrupt_qcow2(disk, owner=user)
+        start_failures(vmd, (kernel, initrd, disk), user=user.name, template=("-t", "tpl"))
+    finally:
+        if vmd:
+            vmd.stop()
+        user.remove()
+
+
+# vmd's VM_START_TIMEOUT (common/src/ctl.rs).
+START_TIMEOUT = 40
+
+
+def vm_process_of(vmd, name):
+    """The pid of VM `name`'s process (a child of vmd), if it exists."""
+    for pid in children_of(vmd.proc.pid):
+        argv = cmdline(pid)
+        if f"vmd: vm {name}" in argv or ("-P vm" in argv and f"-N {name}" in argv):
+            return pid
+    return None
+
+
+def start_timeout_stops_the_vm(vmd):
+    # A VM process frozen before its guest runs (SIGSTOP as soon as it
+    # exists): the start is answered with a time-out after START_TIMEOUT
+    # seconds, the VM is stopped and not listed. The freeze must come
+    # before QEMU's `cont`; if the guest already ran, try again.
+    for attempt in range(5):
+        name = f"slow{attempt}"
+        client = vmd.vmctl_background("start", name, "-b", t.KERNEL, "--initrd", t.INITRD, "-m", "256M")
+        vm_pid = None
+        while vm_pid is None and client.poll() is None:
+            vm_pid = vm_process_of(vmd, name)
+        if vm_pid is not None:
+            os.kill(vm_pid, signal.SIGSTOP)
+            vmd.tracked.add(vm_pid)
+        out, _ = client.communicate(timeout=START_TIMEOUT + 30)
+        if "started" in out:
+            vmd.vmctl("stop", "-f", name)
+            continue
+        want = rf"^vmctl: start vm command failed: vm \d+ did not start within {START_TIMEOUT} seconds; it was stopped$"
+        if client.returncode != 1 or not re.search(want, out, re.M):
+            raise Failure(f"start {name}: exit {client.returncode}: {out.strip()!r}")
+        wait_for(f"{name} to be gone", lambda: name not in {r["NAME"] for r in vmd.status()}, 10)
+        if status_of(vm_pid):
+            raise Failure(f"the VM process {vm_pid} still exists")
+        return
+    raise Failure("the guest ran before its VM process could be frozen, 5 times")
+
+
 def main():
     if not t.prepare():
         return 1
@@ -281,6 +433,10 @@ def main():
     case("oversized-boot-file-refused", with_vmd(oversized_boot_file))
     case("unbuilt-options-refused", with_vmd(unbuilt_options))
     case("guest-poweroff-stops-vm", with_vmd(guest_poweroff_stops_the_vm))
+    case("start-answered-once-the-guest-runs", with_vmd(started_once_the_guest_runs))
+    case("start-refused-by-qemu-says-why-exit-1", with_vmd(start_failures_as_root))
+    case("start-refused-by-qemu-says-why-to-a-user", start_failures_as_a_user)
+    case("start-not-running-in-time-times-out-and-stops", with_vmd(start_timeout_stops_the_vm))
     return t.summary()
 
 

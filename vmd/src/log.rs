@@ -136,7 +136,7 @@ pub fn write_line(level: LogLevel, text: &str) {
 }
 
 /// Replaces control characters so a line stays one line.
-fn sanitize(text: &str) -> String {
+pub fn sanitize(text: &str) -> String {
     text.chars()
         .map(|c| if c.is_control() { '?' } else { c })
         .collect()

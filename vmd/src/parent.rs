@@ -5,15 +5,17 @@
 //!
 //! One mio loop: a signalfd (SIGCHLD, SIGTERM, SIGINT, SIGHUP), one
 //! channel per child, and a timeout for the next staggered start batch
-//! or the next graceful stop to force. Pause and unpause are answered
-//! when the VM process reports QEMU's answer.
+//! or the next graceful stop to force. Start, pause and unpause are
+//! held replies: a start is answered when the VM process reports that
+//! the guest runs (or why it could not start), pause and unpause when it
+//! reports QEMU's answer.
 
 use crate::log::{self, log_debug, log_info, log_warn};
 use crate::proc;
 use crate::registry::{Ended, Registry};
-use crate::vmm::{CommandDone, VmEnded, Vmm};
+use crate::vmm::{CommandDone, VmEnded, VmEvent, Vmm};
 use common::config::{self, Config};
-use common::ctl::{Credentials, CtlError, CtlRequest};
+use common::ctl::{Credentials, CtlError, CtlRequest, VmTarget, VM_START_TIMEOUT};
 use common::imsg::{Channel, Frame, Message, Role, VmCommand};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -81,11 +83,34 @@ struct Child {
     ready: bool,
 }
 
-/// A pause or unpause waiting for the VM process's answer: where to send
-/// it (control's token and the connection's peer id).
+/// What a held reply waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Held {
+    /// A pause or unpause: QEMU's answer.
+    Command(VmCommand),
+    /// A start: the guest running (the answer carries its tty).
+    Start { tty: String },
+}
+
+impl Held {
+    fn is_start(&self) -> bool {
+        matches!(self, Held::Start { .. })
+    }
+
+    /// How long vmctl waits at most for the answer.
+    fn timeout(&self) -> Duration {
+        match self {
+            Held::Command(_) => COMMAND_REPLY_TIMEOUT,
+            Held::Start { .. } => VM_START_TIMEOUT,
+        }
+    }
+}
+
+/// A start, pause or unpause waiting for the VM process: where to send
+/// the answer (control's token and the connection's peer id).
 struct PendingReply {
     vmid: u32,
-    command: VmCommand,
+    held: Held,
     token: Token,
     peer: u32,
     /// When vmctl gets a time-out instead (a VM process that never answers
@@ -263,12 +288,15 @@ impl Parent {
                 match event.token() {
                     SIGNALS => self.handle_signals(),
                     token if Vmm::owns_token(token) => {
-                        let done = match self.registry.backend.as_mut() {
+                        let events = match self.registry.backend.as_mut() {
                             Some(vmm) => vmm.handle_event(token),
                             None => Vec::new(),
                         };
-                        for answer in done {
-                            self.vm_command_done(answer);
+                        for event in events {
+                            match event {
+                                VmEvent::Running { id } => self.vm_running(id),
+                                VmEvent::CommandDone(done) => self.vm_command_done(done),
+                            }
                         }
                     }
                     token => self.handle_child(token),
@@ -296,8 +324,9 @@ impl Parent {
         }
     }
 
-    /// Answers, with ETIMEDOUT, the pauses and unpauses whose VM process
-    /// has not confirmed in time.
+    /// Answers the held replies whose VM process has not confirmed in
+    /// time: a pause or unpause with ETIMEDOUT; a start with a time-out
+    /// error, and the VM that did not come up is stopped.
     fn expire_replies(&mut self) {
         let now = Instant::now();
         let (expired, rest): (Vec<PendingReply>, Vec<PendingReply>) =
@@ -305,15 +334,27 @@ impl Parent {
                 .into_iter()
                 .partition(|r| r.deadline <= now);
         self.replies = rest;
-        for reply in &expired {
-            log_warn!(
-                "vm {}: no answer to {:?} within {}s",
-                reply.vmid,
-                reply.command,
-                COMMAND_REPLY_TIMEOUT.as_secs()
-            );
+        for reply in expired {
+            let secs = reply.held.timeout().as_secs();
+            let error = match &reply.held {
+                Held::Command(command) => {
+                    log_warn!("vm {}: no answer to {command:?} within {secs}s", reply.vmid);
+                    CtlError::Errno(libc::ETIMEDOUT)
+                }
+                Held::Start { .. } => {
+                    let vmid = reply.vmid;
+                    log_warn!("vm {vmid}: the guest did not start within {secs}s; stopping it");
+                    let root = Credentials::default();
+                    if let Err(e) = self.registry.stop(&VmTarget::Id(vmid), true, false, &root) {
+                        log_warn!("vm {vmid}: cannot stop it: {}", e.describe());
+                    }
+                    CtlError::Text(format!(
+                        "vm {vmid} did not start within {secs} seconds; it was stopped"
+                    ))
+                }
+            };
+            self.answer(vec![reply], Err(error));
         }
-        self.answer(expired, Err(CtlError::Errno(libc::ETIMEDOUT)));
     }
 
     fn handle_signals(&mut self) {
@@ -468,14 +509,19 @@ impl Parent {
                 }
                 reply(Message::CtlVmEnd)
             }
-            CtlRequest::Start(req) => match self.registry.start(&req, creds) {
-                Ok(started) => reply(Message::CtlVmResult {
-                    vmid: started.vmid,
-                    error: None,
-                    tty: Some(started.tty),
-                }),
-                Err(error) => vm_result(Err(error)),
-            },
+            CtlRequest::Start(req) => {
+                // Answered once the guest runs (vm_running) or could not
+                // start (vm_ended).
+                let result = self.registry.start(&req, creds);
+                let (result, tty) = match result {
+                    Ok(started) => (Ok(started.vmid), started.tty),
+                    Err(error) => (Err(error), String::new()),
+                };
+                match self.hold_reply(result, Held::Start { tty }, token, peer) {
+                    Some(error) => vm_result(Err(error)),
+                    None => return,
+                }
+            }
             CtlRequest::Stop {
                 target,
                 force,
@@ -484,14 +530,14 @@ impl Parent {
             CtlRequest::Wait { target } => vm_result(self.registry.wait(&target, creds)),
             CtlRequest::Pause { target } => {
                 let result = self.registry.pause(&target, creds);
-                match self.hold_reply(result, VmCommand::Pause, token, peer) {
+                match self.hold_reply(result, Held::Command(VmCommand::Pause), token, peer) {
                     Some(error) => vm_result(Err(error)),
                     None => return,
                 }
             }
             CtlRequest::Unpause { target } => {
                 let result = self.registry.unpause(&target, creds);
-                match self.hold_reply(result, VmCommand::Unpause, token, peer) {
+                match self.hold_reply(result, Held::Command(VmCommand::Unpause), token, peer) {
                     Some(error) => vm_result(Err(error)),
                     None => return,
                 }
@@ -516,28 +562,36 @@ impl Parent {
         self.send(token, answer);
     }
 
-    /// A pause or unpause the VM process was asked for is answered when it
-    /// has been done (vm_command_done); a refused one at once (Some).
+    /// A start, pause or unpause the VM process was asked for is answered
+    /// when it has been done (vm_running, vm_command_done, vm_ended, or
+    /// after its time-out); a refused one at once (Some).
     fn hold_reply(
         &mut self,
         result: Result<u32, CtlError>,
-        command: VmCommand,
+        held: Held,
         token: Token,
         peer: u32,
     ) -> Option<CtlError> {
         match result {
             Ok(vmid) => {
+                let deadline = Instant::now() + held.timeout();
                 self.replies.push(PendingReply {
                     vmid,
-                    command,
+                    held,
                     token,
                     peer,
-                    deadline: Instant::now() + COMMAND_REPLY_TIMEOUT,
+                    deadline,
                 });
                 None
             }
             Err(error) => Some(error),
         }
+    }
+
+    /// VM `vmid`'s guest runs: its start is answered.
+    fn vm_running(&mut self, vmid: u32) {
+        self.registry.guest_running(vmid);
+        self.answer_pending(vmid, Held::is_start, Ok(vmid));
     }
 
     /// A VM process answered a command: the registry updates the VM, and
@@ -546,33 +600,37 @@ impl Parent {
         let result = self
             .registry
             .command_done(done.id, done.command, done.error);
-        self.answer_pending(done.id, Some(done.command), result);
+        let command = Held::Command(done.command);
+        self.answer_pending(done.id, |held| *held == command, result);
     }
 
-    /// Answers the pending pause or unpause of VM `vmid` (`command`; None:
-    /// every one).
+    /// Answers the held replies of VM `vmid` that `which` selects.
     fn answer_pending(
         &mut self,
         vmid: u32,
-        command: Option<VmCommand>,
+        which: impl Fn(&Held) -> bool,
         result: Result<u32, CtlError>,
     ) {
         let (matching, rest): (Vec<PendingReply>, Vec<PendingReply>) =
             std::mem::take(&mut self.replies)
                 .into_iter()
-                .partition(|r| r.vmid == vmid && command.is_none_or(|c| c == r.command));
+                .partition(|r| r.vmid == vmid && which(&r.held));
         self.replies = rest;
         self.answer(matching, result);
     }
 
-    /// Sends `result` to each held pause or unpause in `replies`.
+    /// Sends `result` to each held reply in `replies` (a start's success
+    /// with the VM's tty).
     fn answer(&mut self, replies: Vec<PendingReply>, result: Result<u32, CtlError>) {
         for reply in replies {
             let message = match &result {
                 Ok(vmid) => Message::CtlVmResult {
                     vmid: *vmid,
                     error: None,
-                    tty: None,
+                    tty: match reply.held {
+                        Held::Start { tty } => Some(tty),
+                        Held::Command(_) => None,
+                    },
                 },
                 Err(error) => Message::CtlVmResult {
                     vmid: 0,
@@ -595,13 +653,21 @@ impl Parent {
     /// it terminated, and then control releases everyone waiting for it.
     fn vm_ended(&mut self, ended: VmEnded) {
         let vmid = ended.id;
+        // A start still held failed: the guest never ran, or ended before
+        // its running was read.
+        let why = ended
+            .start_failure
+            .clone()
+            .unwrap_or_else(|| format!("it ended as it started ({})", ended.why));
+        let error = CtlError::Text(format!("vm {}: {why}", ended.name));
+        self.answer_pending(vmid, Held::is_start, Err(error));
         let outcome = self.registry.ended(&ended);
         if outcome == Ended::Restarted {
             return;
         }
         self.answer_pending(
             vmid,
-            None,
+            |_| true,
             Err(CtlError::Text(format!("vm {vmid} terminated"))),
         );
         let Ended::Terminated { timed_out } = outcome else {

@@ -540,11 +540,7 @@ impl Registry {
         match self.launch(vmid, &settings, uid, requester) {
             Ok(launched) => {
                 let vm = &mut self.vms[index];
-                log_info!(
-                    "started {} (vm {vmid}) successfully, tty {}",
-                    vm.name(),
-                    launched.tty
-                );
+                log_debug!("starting {} (vm {vmid}), tty {}", vm.name(), launched.tty);
                 vm.state = VmState::Running;
                 vm.pid = Some(launched.pid);
                 vm.tty = Some(launched.tty.clone());
@@ -566,6 +562,15 @@ impl Registry {
                 );
                 Err(e)
             }
+        }
+    }
+
+    /// VM `vmid`'s guest runs (QEMU accepted its arguments and `cont`
+    /// succeeded): its start, or its restart after a reboot, is done.
+    pub fn guest_running(&mut self, vmid: u32) {
+        if let Some(vm) = self.vms.iter().find(|vm| vm.vmid == vmid) {
+            let tty = vm.tty.as_deref().unwrap_or("-");
+            log_info!("started {} (vm {vmid}) successfully, tty {tty}", vm.name());
         }
     }
 

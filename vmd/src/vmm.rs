@@ -9,9 +9,13 @@
 //!   and the console log, spawns the VM process and hands it all that;
 //!   it returns the VM process's pid and the tty, or a [`StartError`]
 //!   whose text is the message for vmctl.
+//! - The guest runs only once QEMU accepted its arguments and `cont`
+//!   succeeded: [`Vmm::handle_event`] reports it ([`VmEvent::Running`]);
+//!   a VM that ends before that carries the reason in
+//!   [`VmEnded::start_failure`].
 //! - [`Vmm::force_stop`] kills a VM at once; [`Vmm::command`] asks its
 //!   guest to pause, unpause or power down (answered later, through
-//!   [`Vmm::handle_event`]'s [`CommandDone`]s).
+//!   [`Vmm::handle_event`]'s [`VmEvent::CommandDone`]s).
 //! - [`Vmm::info`] is what `status` shows of a running VM.
 //! - The parent's loop passes events on tokens [`Vmm::owns_token`] says
 //!   are ours to [`Vmm::handle_event`], and every pid it reaps that is not
@@ -110,6 +114,9 @@ pub struct VmEnded {
     pub why: String,
     /// The guest's own shutdown (QMP SHUTDOWN reason), if it reported one.
     pub guest_reason: Option<String>,
+    /// The guest never ran: why (QEMU's first error line, the VM
+    /// process's error, or how it ended).
+    pub start_failure: Option<String>,
 }
 
 impl VmEnded {
@@ -126,6 +133,17 @@ pub struct CommandDone {
     pub id: u32,
     pub command: VmCommand,
     pub error: Option<String>,
+}
+
+/// What a VM process's channel brought, for the parent's loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// VM `id`'s guest runs: QEMU accepted its arguments and `cont`
+    /// succeeded.
+    Running {
+        id: u32,
+    },
+    CommandDone(CommandDone),
 }
 
 /// A rebooting VM's pty, between its VM processes.
@@ -235,13 +253,15 @@ struct VmProc {
     guest_reason: Option<String>,
     /// How QEMU ended, as the VM process reported it.
     qemu_end: Option<String>,
+    /// Why the guest could not start, as the VM process reported it.
+    start_failed: Option<String>,
     /// The pty's master and slave: kept here so that a reboot restarts
     /// the VM on the same tty, and so that the slave goes back to root
     /// when the VM ends.
     pty_master: OwnedFd,
     pty_slave: OwnedFd,
-    /// Answers to commands, for the parent's loop to collect.
-    done: Vec<CommandDone>,
+    /// Events for the parent's loop to collect.
+    events: Vec<VmEvent>,
 }
 
 pub struct Vmm {
@@ -393,9 +413,10 @@ impl Vmm {
             console_log_cap: globals.console_log_size,
             guest_reason: None,
             qemu_end: None,
+            start_failed: None,
             pty_master,
             pty_slave,
-            done: Vec::new(),
+            events: Vec::new(),
         });
         Ok(Started {
             pid: pid.as_raw() as u32,
@@ -466,14 +487,13 @@ impl Vmm {
         self.vms.iter().for_each(kill_vm);
     }
 
-    /// Reads and writes a VM process's channel; returns the answers to
-    /// commands it brought.
-    pub fn handle_event(&mut self, token: Token) -> Vec<CommandDone> {
+    /// Reads and writes a VM process's channel; returns what it brought.
+    pub fn handle_event(&mut self, token: Token) -> Vec<VmEvent> {
         let Some(index) = self.vms.iter().position(|v| v.token == token) else {
             return Vec::new();
         };
         self.handle_channel(index);
-        std::mem::take(&mut self.vms[index].done)
+        std::mem::take(&mut self.vms[index].events)
     }
 
     fn handle_channel(&mut self, index: usize) {
@@ -517,14 +537,24 @@ impl Vmm {
             Message::VmRunning { qemu_pid } => {
                 log_debug!("vm {name}: QEMU (pid {qemu_pid}) runs the guest");
                 vm.qemu_pid = Some(qemu_pid);
+                vm.events.push(VmEvent::Running { id: vm.id });
             }
             Message::VmShutdown { reason } => vm.guest_reason = Some(reason),
-            Message::VmCommandDone { command, error } => vm.done.push(CommandDone {
-                id: vm.id,
-                command,
-                error,
-            }),
+            Message::VmCommandDone { command, error } => {
+                vm.events.push(VmEvent::CommandDone(CommandDone {
+                    id: vm.id,
+                    command,
+                    error,
+                }))
+            }
             Message::VmQemuEnded { why } => vm.qemu_end = Some(why),
+            Message::VmStartFailed { reason } => {
+                // The VM process is less trusted than we are: its text
+                // reaches the user bounded and on one line.
+                let reason = crate::vm::qemu::start_reason(&reason);
+                log_warn!("vm {name}: the guest did not start: {reason}");
+                vm.start_failed = Some(reason);
+            }
             Message::VmConsoleLogFull => self.rotate_console_log(index),
             other => log_warn!("vm {name}: unexpected message {}", other.type_code().1),
         }
@@ -606,11 +636,18 @@ impl Vmm {
         } else {
             log_warn!("vm {} (vm {}, pid {}): {why}", vm.name, vm.id, vm.pid);
         }
+        // A guest that never ran: what the VM process said, else how it
+        // ended (killed from outside, or before it could say).
+        let start_failure = match (vm.qemu_pid, vm.start_failed) {
+            (None, failed) => Some(failed.unwrap_or_else(|| why.clone())),
+            (Some(_), failed) => failed,
+        };
         let ended = VmEnded {
             id: vm.id,
             name: vm.name,
             why,
             guest_reason: vm.guest_reason,
+            start_failure,
         };
         if ended.is_reboot() {
             self.parked.push(ParkedPty {

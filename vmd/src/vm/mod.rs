@@ -17,8 +17,11 @@
 //! size cap it asks the parent to rotate the file and send a fresh one.
 //! The parent's [`VmCommand`]s become QMP commands (`stop`, `cont`,
 //! `system_powerdown`) whose answers go back as `VmCommandDone`.
-//! It ends when QEMU does (QMP closes): it tells the parent how QEMU
-//! ended (`VmQemuEnded`) and exits 0 if QEMU exited cleanly, else 1.
+//! The guest runs once `cont` succeeded (`VmRunning`: the parent answers
+//! the start then). It ends when QEMU does (QMP closes): it tells the
+//! parent why the start failed if the guest never ran (`VmStartFailed`:
+//! QEMU's first error line, or its own error), how QEMU ended
+//! (`VmQemuEnded`), and exits 0 if QEMU exited cleanly, else 1.
 //!
 //! What QEMU writes is bounded: a QMP line longer than [`QMP_LINE_MAX`]
 //! or not JSON is a protocol error that gets QEMU killed; its stderr
@@ -126,11 +129,17 @@ pub fn vm_main(verbosity: u8) -> ExitCode {
         }
     };
     proc::set_title(&format!("vmd: vm {}", params.name));
-    // Log a failure while the channel (the log's way out) is still open.
+    // Log a failure while the channel (the log's way out) is still open,
+    // and say it to the vmctl waiting for the start.
     let launched = match vm_launch(&start, &params, fds) {
         Ok(launched) => launched,
         Err(e) => {
             log_warn!("{e}");
+            let reason = qemu::start_reason(&e.to_string());
+            let frame = Frame::new(Message::VmStartFailed { reason });
+            if let Err(e) = imsg::send_blocking(start.channel.sock.as_fd(), frame) {
+                log_warn!("telling the parent the start failed: {e}");
+            }
             std::process::exit(1)
         }
     };
@@ -451,6 +460,9 @@ struct Vm {
     stderr: Option<OwnedFd>,
     stderr_lines: LineBuffer,
     stderr_limit: RateLimit,
+    /// Why the guest could not start: QEMU's first error line before the
+    /// guest ran (or a refused QMP command).
+    start_error: Option<String>,
     log: ConsoleLog,
 }
 
@@ -470,6 +482,7 @@ impl Vm {
             stderr: Some(launched.stderr),
             stderr_lines: LineBuffer::new(STDERR_LINE_MAX),
             stderr_limit: RateLimit::new(STDERR_LINES_PER_SECOND, Duration::from_secs(1)),
+            start_error: None,
             log: ConsoleLog {
                 fd: launched.console_log,
                 size: params.console_log_size,
@@ -674,6 +687,8 @@ impl Vm {
                 QmpReply::Protocol(e) => return self.qmp_protocol_error(&e),
                 QmpReply::Error(e) if self.qmp_state != QmpState::Running => {
                     log_warn!("QMP: {e}; stopping QEMU");
+                    self.start_error
+                        .get_or_insert(qemu::start_reason(&format!("QEMU: {e}")));
                     let _ = nix::sys::signal::kill(self.qemu, nix::sys::signal::Signal::SIGKILL);
                 }
                 QmpReply::Error(e) => log_warn!("QMP: {e}"),
@@ -740,6 +755,9 @@ impl Vm {
             if text.is_empty() {
                 continue;
             }
+            if self.qmp_state != QmpState::Running && self.start_error.is_none() {
+                self.start_error = qemu::qemu_error_reason(text);
+            }
             let (dropped, admitted) = self.stderr_limit.admit(now);
             if let Some(dropped) = dropped {
                 log_dropped(dropped);
@@ -796,21 +814,30 @@ impl Vm {
             other => (false, format!("ended: {other:?}")),
         };
         log_debug!("QEMU {why}");
-        self.finish_report(why);
+        // The guest never ran: the start failed, and this is why.
+        let start_failed = (self.qmp_state != QmpState::Running).then(|| {
+            self.start_error
+                .take()
+                .unwrap_or_else(|| qemu::start_reason(&format!("QEMU {why} before the guest ran")))
+        });
+        self.finish_report(start_failed, why);
         clean
     }
 
-    /// Sends what is still queued for the parent, then how QEMU ended:
-    /// the parent reads both after it reaps us.
-    fn finish_report(&mut self, why: String) {
+    /// Sends what is still queued for the parent, then why the start
+    /// failed (if it did) and how QEMU ended: the parent reads them after
+    /// it reaps us.
+    fn finish_report(&mut self, start_failed: Option<String>, why: String) {
         let deadline = Instant::now() + Duration::from_secs(2);
         while !matches!(self.channel.flush(), Ok(true) | Err(_)) && Instant::now() < deadline {
             let mut pfd = [PollFd::new(self.channel.sock.as_fd(), PollFlags::POLLOUT)];
             let _ = nix::poll::poll(&mut pfd, PollTimeout::from(100u8));
         }
-        let frame = Frame::new(Message::VmQemuEnded { why });
-        if let Err(e) = imsg::send_blocking(self.channel.sock.as_fd(), frame) {
-            log_warn!("telling the parent how QEMU ended: {e}");
+        let failed = start_failed.map(|reason| Message::VmStartFailed { reason });
+        for message in failed.into_iter().chain([Message::VmQemuEnded { why }]) {
+            if let Err(e) = imsg::send_blocking(self.channel.sock.as_fd(), Frame::new(message)) {
+                log_warn!("telling the parent how QEMU ended: {e}");
+            }
         }
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! QEMU never opens a user's file by name: disks come as descriptors in
 //! fdsets (`-add-fd`, `/dev/fdset/N`) with one explicit `-blockdev` node
-//! per file of a qcow2 chain, the CD-ROM likewise, the kernel and initrd
+//! per file of a qcow2 chain (in QEMU's JSON syntax, the only one with a
+//! real `"backing": null`), the CD-ROM likewise, the kernel and initrd
 //! (or, without a kernel, SeaBIOS and its serial console setting) as
 //! memfds named by `/proc/self/fd/N`. QMP and the serial port are socketpairs
 //! (`-chardev socket,fd=N`). It starts paused (`-S`); the VM process sends
@@ -236,70 +237,79 @@ fn bootindex(index: Option<u32>) -> String {
 /// The CD-ROM: a read-only node on fdset `set`, an IDE CD drive on the
 /// machine's second IDE bus (SeaBIOS boots it with El Torito).
 pub fn cdrom_args(fd: RawFd, set: usize, boot_index: Option<u32>) -> Vec<String> {
-    vec![
-        "-add-fd".to_string(),
-        format!("fd={fd},set={set}"),
-        "-blockdev".to_string(),
-        format!("driver=file,node-name=cd0-file,filename=/dev/fdset/{set},read-only=on"),
-        "-blockdev".to_string(),
-        "driver=raw,node-name=cd0,file=cd0-file,read-only=on".to_string(),
-        "-device".to_string(),
-        format!("ide-cd,drive=cd0,bus=ide.1,id=cd0{}", bootindex(boot_index)),
-    ]
+    let mut args = fdset_file_args(fd, set, "cd0-file", false);
+    args.extend(blockdev(serde_json::json!({
+        "driver": "raw", "node-name": "cd0", "file": "cd0-file", "read-only": true,
+    })));
+    args.push("-device".to_string());
+    args.push(format!(
+        "ide-cd,drive=cd0,bus=ide.1,id=cd0{}",
+        bootindex(boot_index)
+    ));
+    args
+}
+
+/// One `-blockdev` in QEMU's JSON syntax. The key=value syntax cannot say
+/// "no backing file": `backing=null` names a node called "null" (QEMU
+/// 7.2), and only JSON has a real null.
+fn blockdev(node: serde_json::Value) -> [String; 2] {
+    ["-blockdev".to_string(), node.to_string()]
+}
+
+/// `-add-fd` for descriptor `fd` as fdset `set`, and the `file` node
+/// `name` that opens it (read-only unless `writable`).
+fn fdset_file_args(fd: RawFd, set: usize, name: &str, writable: bool) -> Vec<String> {
+    let mut args = vec!["-add-fd".to_string(), format!("fd={fd},set={set}")];
+    args.extend(blockdev(serde_json::json!({
+        "driver": "file",
+        "node-name": name,
+        "filename": format!("/dev/fdset/{set}"),
+        "read-only": !writable,
+    })));
+    args
 }
 
 fn proc_fd(fd: RawFd) -> String {
     format!("/proc/self/fd/{fd}")
 }
 
-fn on_off(b: bool) -> &'static str {
-    if b {
-        "on"
-    } else {
-        "off"
-    }
-}
-
 /// `-add-fd` and `-blockdev` for every layer, bottom first (a node must
 /// exist before an overlay names it as backing), then one virtio-blk
 /// device per disk on its top node; the first disk boots at
-/// `boot_index`.
+/// `boot_index`. Only the top layer of a disk is writable.
 pub fn disk_args(layers: &[DiskLayer], boot_index: Option<u32>) -> Vec<String> {
     let mut args = Vec::new();
     let node = |disk: u8, layer: u8| format!("disk{disk}-{layer}");
     let mut sorted: Vec<&DiskLayer> = layers.iter().collect();
     sorted.sort_by_key(|l| (l.disk, std::cmp::Reverse(l.layer)));
     for (set, l) in sorted.iter().enumerate() {
-        let set = set + 1;
         let name = node(l.disk, l.layer);
-        let ro = on_off(!l.writable);
-        args.push("-add-fd".to_string());
-        args.push(format!("fd={},set={set}", l.fd.as_raw_fd()));
-        args.push("-blockdev".to_string());
-        args.push(format!(
-            "driver=file,node-name={name}-file,filename=/dev/fdset/{set},read-only={ro}"
+        let file = format!("{name}-file");
+        args.extend(fdset_file_args(
+            l.fd.as_raw_fd(),
+            set + 1,
+            &file,
+            l.writable,
         ));
-        let below = layers
-            .iter()
-            .any(|b| b.disk == l.disk && b.layer == l.layer + 1);
-        args.push("-blockdev".to_string());
-        args.push(match l.format {
-            DiskFormat::Raw => {
-                format!("driver=raw,node-name={name},file={name}-file,read-only={ro}")
-            }
-            DiskFormat::Qcow2 => {
-                // Always name the backing node (or null): QEMU must not
-                // follow the name in the header.
-                let backing = if below {
-                    node(l.disk, l.layer + 1)
-                } else {
-                    "null".to_string()
-                };
-                format!(
-                    "driver=qcow2,node-name={name},file={name}-file,read-only={ro},backing={backing}"
-                )
-            }
+        let mut format = serde_json::json!({
+            "driver": l.format.to_string(),
+            "node-name": name,
+            "file": file,
+            "read-only": !l.writable,
         });
+        if l.format == DiskFormat::Qcow2 {
+            // Always name the backing node, or null for none: QEMU must
+            // not follow the name in the header.
+            let below = layers
+                .iter()
+                .any(|b| b.disk == l.disk && b.layer == l.layer + 1);
+            format["backing"] = if below {
+                node(l.disk, l.layer + 1).into()
+            } else {
+                serde_json::Value::Null
+            };
+        }
+        args.extend(blockdev(format));
     }
     let mut disks: Vec<u8> = layers.iter().map(|l| l.disk).collect();
     disks.sort();
@@ -528,6 +538,66 @@ pub fn qmp_line(state: &mut QmpState, line: &str) -> QmpReply {
     }
 }
 
+/// The longest reason for a failed start sent to the parent (and vmctl).
+pub const START_REASON_MAX: usize = 400;
+
+/// Why QEMU refused to start, from one line of its standard error: the
+/// line without the program name, a `-blockdev` node named as the disk
+/// the user knows (`disk 1`, `disk 1's backing file 1`, `cdrom`) instead
+/// of its JSON, cut at [`START_REASON_MAX`]. None for a warning or an
+/// empty line.
+pub fn qemu_error_reason(line: &str) -> Option<String> {
+    let text = line.trim();
+    let text = ["qemu-system-x86_64: ", "qemu: "]
+        .iter()
+        .find_map(|prefix| text.strip_prefix(prefix))
+        .unwrap_or(text);
+    if text.is_empty() || text.starts_with("warning:") {
+        return None;
+    }
+    let text = match text.strip_prefix("-blockdev ").and_then(blockdev_error) {
+        Some(named) => named,
+        None => text.to_string(),
+    };
+    Some(start_reason(&format!("QEMU: {text}")))
+}
+
+/// A reason for a failed start as it may reach vmctl: one line (control
+/// characters replaced, so nothing reaches the user's terminal as an
+/// escape sequence), at most [`START_REASON_MAX`] characters.
+pub fn start_reason(text: &str) -> String {
+    cut(&crate::log::sanitize(text), START_REASON_MAX)
+}
+
+/// `{node JSON}: message` as `disk N: message`, if the node is ours.
+fn blockdev_error(text: &str) -> Option<String> {
+    let mut nodes = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
+    let node = nodes.next()?.ok()?;
+    let message = text[nodes.byte_offset()..].strip_prefix(": ")?;
+    let name = node.get("node-name")?.as_str()?;
+    let name = name.strip_suffix("-file").unwrap_or(name);
+    let what = if name == "cd0" {
+        "cdrom".to_string()
+    } else {
+        let (disk, layer) = name.strip_prefix("disk")?.split_once('-')?;
+        let disk = disk.parse::<u32>().ok()? + 1;
+        match layer.parse::<u32>().ok()? {
+            0 => format!("disk {disk}"),
+            layer => format!("disk {disk}'s backing file {layer}"),
+        }
+    };
+    Some(format!("{what}: {message}"))
+}
+
+/// `text`, or its start and "..." in `max` characters.
+fn cut(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let start: String = text.chars().take(max.saturating_sub(3)).collect();
+    format!("{start}...")
+}
+
 /// A QMP command as one line.
 pub fn qmp_command(name: &str) -> String {
     format!("{{\"execute\": \"{name}\"}}\n")
@@ -559,26 +629,79 @@ mod tests {
         }
     }
 
+    /// The `-blockdev` nodes of `args`, parsed, in order.
+    fn nodes(args: &[String]) -> Vec<serde_json::Value> {
+        args.windows(2)
+            .filter(|w| w[0] == "-blockdev")
+            .map(|w| serde_json::from_str(&w[1]).expect("a -blockdev in JSON"))
+            .collect()
+    }
+
+    fn node<'a>(nodes: &'a [serde_json::Value], name: &str) -> (usize, &'a serde_json::Value) {
+        nodes
+            .iter()
+            .enumerate()
+            .find(|(_, n)| n["node-name"] == name)
+            .unwrap_or_else(|| panic!("no node {name} in {nodes:?}"))
+    }
+
     #[test]
     fn qcow2_chain_nodes_bottom_first_with_explicit_backing() {
         let layers = vec![
             layer(0, 0, DiskFormat::Qcow2, true),
             layer(0, 1, DiskFormat::Raw, false),
             layer(1, 0, DiskFormat::Qcow2, true),
+            layer(2, 0, DiskFormat::Qcow2, true),
+            layer(2, 1, DiskFormat::Qcow2, false),
         ];
-        let args = disk_args(&layers, Some(2)).join(" ");
-        let base = args.find("node-name=disk0-1,").expect("base node");
-        let top = args.find("node-name=disk0-0,").expect("top node");
-        assert!(base < top, "{args}");
-        assert!(args.contains(
-            "driver=qcow2,node-name=disk0-0,file=disk0-0-file,read-only=off,backing=disk0-1"
-        ));
-        assert!(args.contains("driver=raw,node-name=disk0-1,file=disk0-1-file,read-only=on"));
-        assert!(args.contains("node-name=disk1-0,file=disk1-0-file,read-only=off,backing=null"));
-        assert!(args.contains("virtio-blk-pci,drive=disk0-0,id=vd0,bootindex=2"));
-        assert!(args.ends_with("virtio-blk-pci,drive=disk1-0,id=vd1"));
-        assert!(!args.contains("drive=disk0-1"));
-        assert_eq!(args.matches("-add-fd").count(), 3);
+        let args = disk_args(&layers, Some(2));
+        let nodes = nodes(&args);
+        let (base, base_node) = node(&nodes, "disk0-1");
+        let (top, top_node) = node(&nodes, "disk0-0");
+        assert!(base < top, "{nodes:?}");
+        assert_eq!(
+            *top_node,
+            serde_json::json!({"driver": "qcow2", "node-name": "disk0-0",
+                "file": "disk0-0-file", "read-only": false, "backing": "disk0-1"})
+        );
+        assert_eq!(
+            *base_node,
+            serde_json::json!({"driver": "raw", "node-name": "disk0-1",
+                "file": "disk0-1-file", "read-only": true})
+        );
+        // A qcow2 without a layer below has a real JSON null: the
+        // key=value `backing=null` would name a node "null".
+        let (_, lone) = node(&nodes, "disk1-0");
+        assert!(lone["backing"].is_null() && lone.get("backing").is_some());
+        assert_eq!(lone["read-only"], false);
+        // qcow2 on qcow2: the bottom qcow2 ends the chain, read-only.
+        let (_, bottom) = node(&nodes, "disk2-1");
+        assert!(bottom["backing"].is_null() && bottom["read-only"] == true);
+        assert_eq!(node(&nodes, "disk2-0").1["backing"], "disk2-1");
+        let (_, file) = node(&nodes, "disk0-1-file");
+        assert_eq!(file["driver"], "file");
+        assert_eq!(file["read-only"], true);
+        assert!(file["filename"]
+            .as_str()
+            .is_some_and(|f| f.starts_with("/dev/fdset/")));
+        let joined = args.join(" ");
+        assert!(joined.contains("virtio-blk-pci,drive=disk0-0,id=vd0,bootindex=2"));
+        assert!(joined.contains("virtio-blk-pci,drive=disk1-0,id=vd1 "));
+        assert!(joined.ends_with("virtio-blk-pci,drive=disk2-0,id=vd2"));
+        assert!(!joined.contains("drive=disk0-1") && !joined.contains("drive=disk2-1"));
+        assert_eq!(args.iter().filter(|a| *a == "-add-fd").count(), 5);
+        // Each node names the fdset of its own descriptor.
+        for l in &layers {
+            let set = args
+                .iter()
+                .find_map(|a| {
+                    a.strip_prefix(&format!("fd={},set=", l.fd.as_raw_fd()))
+                        .map(str::to_string)
+                })
+                .expect("an -add-fd for every layer");
+            let (_, f) = node(&nodes, &format!("disk{}-{}-file", l.disk, l.layer));
+            assert_eq!(f["filename"], format!("/dev/fdset/{set}"));
+        }
     }
 
     fn params(boot_device: Option<BootDevice>) -> VmParams {
@@ -632,7 +755,9 @@ mod tests {
         // The CD-ROM first unless the disk is asked for.
         assert!(args.contains("id=vd0,bootindex=2"), "{args}");
         assert!(args.contains("ide-cd,drive=cd0,bus=ide.1,id=cd0,bootindex=1"));
-        assert!(args.contains("filename=/dev/fdset/2,read-only=on"));
+        let cd = nodes(&qemu_args(&params(None), &f));
+        assert_eq!(node(&cd, "cd0-file").1["filename"], "/dev/fdset/2");
+        assert_eq!(node(&cd, "cd0").1["read-only"], true);
         let (args, _) = files(Some(BootDevice::Disk));
         assert!(args.contains("id=vd0,bootindex=1"));
         assert!(args.contains("id=cd0,bootindex=2"));
@@ -728,6 +853,49 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
         }
+    }
+
+    #[test]
+    fn start_errors_read_as_the_user_knows_the_disks() {
+        let corrupt = r#"qemu-system-x86_64: -blockdev {"backing":null,"driver":"qcow2","file":"disk0-0-file","node-name":"disk0-0","read-only":false}: qcow2: Image is corrupt; cannot be opened read/write"#;
+        assert_eq!(
+            qemu_error_reason(corrupt).as_deref(),
+            Some("QEMU: disk 1: qcow2: Image is corrupt; cannot be opened read/write")
+        );
+        let below = r#"qemu-system-x86_64: -blockdev {"driver":"file","filename":"/dev/fdset/3","node-name":"disk1-2-file","read-only":true}: Could not open '/dev/fdset/3': No such file"#;
+        assert_eq!(
+            qemu_error_reason(below).as_deref(),
+            Some("QEMU: disk 2's backing file 2: Could not open '/dev/fdset/3': No such file")
+        );
+        assert_eq!(
+            qemu_error_reason(
+                "qemu: initrd is too large, cannot support.(max: 884735, need 1195136)\n"
+            )
+            .as_deref(),
+            Some("QEMU: initrd is too large, cannot support.(max: 884735, need 1195136)")
+        );
+        assert_eq!(
+            qemu_error_reason(
+                "qemu-system-x86_64: cannot set up guest memory 'pc.ram': Cannot allocate memory"
+            )
+            .as_deref(),
+            Some("QEMU: cannot set up guest memory 'pc.ram': Cannot allocate memory")
+        );
+        assert_eq!(
+            qemu_error_reason("qemu-system-x86_64: warning: TCG doesn't support requested feature"),
+            None
+        );
+        assert_eq!(qemu_error_reason("  "), None);
+        // Not our node, or not JSON: the line as it is.
+        let other = "qemu-system-x86_64: -blockdev {broken: x";
+        assert_eq!(
+            qemu_error_reason(other).as_deref(),
+            Some("QEMU: -blockdev {broken: x")
+        );
+        assert_eq!(start_reason("a\x1b[2Jb\nc"), "a?[2Jb?c");
+        let long = format!("qemu: {}", "é".repeat(5000));
+        let reason = qemu_error_reason(&long).expect("a reason");
+        assert!(reason.chars().count() <= START_REASON_MAX && reason.ends_with("..."));
     }
 
     #[test]
