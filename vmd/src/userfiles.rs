@@ -1189,4 +1189,60 @@ mod tests {
         }
         let _ = std::fs::remove_dir_all(&d);
     }
+
+    #[test]
+    fn the_helper_becomes_the_user_entirely() {
+        if !is_root() {
+            return;
+        }
+        let want = "Uid:\t65534\t65534\t65534\t65534\nGid:\t65534\t65534\t65534\t65534\n\
+                    Groups:\t65534 \nCapInh:\t0000000000000000\nCapPrm:\t0000000000000000\n\
+                    CapEff:\t0000000000000000\nCapBnd:\t0000000000000000\nCapAmb:\t0000000000000000\n";
+        let nobody = Requester {
+            uid: OVERFLOW_UID,
+            gid: OVERFLOW_GID,
+            groups: vec![OVERFLOW_GID],
+            named: Vec::new(),
+        };
+        let parent = nix::unistd::getpid();
+        // SAFETY: the child only changes its ids, reads a file and _exits.
+        match unsafe { nix::unistd::fork() }.expect("fork") {
+            ForkResult::Child => {
+                let ok = helper_become(&nobody, parent).is_ok()
+                    && std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+                        let ids: String = status
+                            .lines()
+                            .filter(|l| {
+                                ["Uid:", "Gid:", "Groups:", "Cap"]
+                                    .iter()
+                                    .any(|p| l.starts_with(p))
+                            })
+                            .map(|l| format!("{l}\n"))
+                            .collect();
+                        ids == want
+                    });
+                // SAFETY: ends the forked test process at once.
+                unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+            }
+            ForkResult::Parent { child } => {
+                assert_eq!(
+                    waitpid(child, None).expect("wait"),
+                    WaitStatus::Exited(child, 0),
+                    "the helper kept an id or a capability of root's"
+                );
+            }
+        }
+        // And what it opens from /proc is refused: its own status too.
+        let want = Want {
+            kind: VmFdKind::Initrd,
+            path: "/proc/self/status".into(),
+        };
+        match userfiles_open_as(&nobody, &[want]) {
+            Err(UserFilesError::Refused(r)) => assert!(
+                matches!(&r.why, RefusalReason::Other(w) if w.contains("procfs")),
+                "{r:?}"
+            ),
+            other => panic!("the helper opened /proc/self/status: {other:?}"),
+        }
+    }
 }
