@@ -568,6 +568,9 @@ const PSEUDO_FILE_SYSTEMS: &[(i64, &str)] = &[
     (0x0904_1934, "anon_inodefs"),
 ];
 
+/// FUSE_SUPER_MAGIC (linux/magic.h).
+const FUSE_MAGIC: i64 = 0x6573_5546;
+
 /// At most this many symbolic links are followed in one walk, as the
 /// kernel does.
 const WALK_MAX_LINKS: usize = 40;
@@ -613,8 +616,9 @@ pub enum Walked {
 /// ([`entry_writer`]) and stopping at the first that someone else could
 /// replace. Symbolic links (placed by root) are read and their targets
 /// walked the same way; `..` goes back to the directory the walk came
-/// from (as the kernel would). The file is then opened from its
-/// directory's descriptor with O_NOFOLLOW and must be the one judged.
+/// from (as the kernel would). Nothing on a FUSE file system is root's.
+/// The file is then opened from its directory's descriptor with
+/// O_NOFOLLOW and must be the one judged.
 pub fn walk_open(path: &Path, writable: bool) -> io::Result<Walked> {
     use nix::fcntl::{openat, readlinkat, OFlag};
     use nix::sys::stat::{fstat, FileStat, Mode, SFlag};
@@ -664,6 +668,14 @@ pub fn walk_open(path: &Path, writable: bool) -> io::Result<Walked> {
             return Ok(Walked::Hole(Hole {
                 dir: dir_path.clone(),
                 writer,
+            }));
+        }
+        // A FUSE file system shows whatever owners and links the process
+        // serving it likes (a user may mount one on a directory it owns).
+        if nix::sys::statfs::fstatfs(&entry)?.filesystem_type().0 as i64 == FUSE_MAGIC {
+            return Ok(Walked::Hole(Hole {
+                dir: dir_path.join(&name),
+                writer: Writer::Many("whoever serves its FUSE file system".into()),
             }));
         }
         let kind = SFlag::from_bits_truncate(entry_stat.st_mode & SFlag::S_IFMT.bits());
