@@ -387,6 +387,7 @@ const OVERFLOW_GID: u32 = 65534;
 /// The helper: becomes the requester entirely, opens, sends every
 /// descriptor and the outcome, exits. Never returns.
 fn userfiles_helper(req: &Requester, wants: &[Want], sock: OwnedFd, parent: Pid) -> ! {
+    helper_close_inherited(sock.as_raw_fd());
     let outcome = match helper_become(req, parent) {
         Ok(()) => userfiles_open(wants),
         Err(why) => Err(FileRefusal {
@@ -492,7 +493,32 @@ fn helper_become(req: &Requester, parent: Pid) -> Result<(), proc::ProcError> {
             .collect(),
     };
     proc::clear_capability_inheritance()?;
-    proc::take_identity(&id, parent)
+    proc::take_identity(&id, parent)?;
+    // Whatever /proc/sys/fs/suid_dumpable says: the user may signal its
+    // helper, never trace it or read its memory (a copy of the parent's).
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(proc::ProcError::Step {
+            step: "PR_SET_DUMPABLE".into(),
+            err: Errno::last(),
+        });
+    }
+    Ok(())
+}
+
+/// Closes every descriptor the helper inherited from the parent (control
+/// connections, other VMs' channels and disks) but stdio and `keep`, its
+/// socket: the process the user may signal holds nothing of root's.
+fn helper_close_inherited(keep: i32) {
+    let keep = keep as libc::c_uint;
+    // SAFETY: close_range only closes descriptors of this process, which
+    // owns no Rust object for any of them past this point but `keep`.
+    unsafe {
+        if keep > 3 {
+            libc::close_range(3, keep - 1, 0);
+        }
+        libc::close_range(keep + 1, libc::c_uint::MAX, 0);
+    }
 }
 
 /// Kills the helper (done or not) and reaps it if it is gone at once;
@@ -1221,6 +1247,8 @@ mod tests {
         match unsafe { nix::unistd::fork() }.expect("fork") {
             ForkResult::Child => {
                 let ok = helper_become(&nobody, parent).is_ok()
+                    // SAFETY: prctl with integer arguments.
+                    && unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) } == 0
                     && std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
                         let ids: String = status
                             .lines()
