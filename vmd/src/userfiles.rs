@@ -554,7 +554,8 @@ fn file_checked(file: File) -> io::Result<File> {
     if !file.metadata()?.is_file() {
         return Err(io::Error::other(NOT_REGULAR));
     }
-    let fs = nix::sys::statfs::fstatfs(&file)?.filesystem_type().0 as i64;
+    // Magic numbers are 32 bits wide (f_type is signed on 32-bit systems).
+    let fs = nix::sys::statfs::fstatfs(&file)?.filesystem_type().0 as u32;
     if let Some((_, name)) = PSEUDO_FILE_SYSTEMS.iter().find(|(magic, _)| *magic == fs) {
         return Err(io::Error::other(format!(
             "on {name}, a pseudo file system: not a file for a VM"
@@ -571,7 +572,7 @@ fn file_checked(file: File) -> io::Result<File> {
 /// state, readable without any capability (/proc/kallsyms, /proc/PID/maps
 /// of a fork of the parent, sysfs attributes): never a VM's disk, kernel,
 /// initrd or iso, whoever names them. From linux/magic.h.
-const PSEUDO_FILE_SYSTEMS: &[(i64, &str)] = &[
+const PSEUDO_FILE_SYSTEMS: &[(u32, &str)] = &[
     (0x9fa0, "procfs"),
     (0x6265_6572, "sysfs"),
     (0x6462_6720, "debugfs"),
@@ -595,7 +596,7 @@ const PSEUDO_FILE_SYSTEMS: &[(i64, &str)] = &[
 ];
 
 /// FUSE_SUPER_MAGIC (linux/magic.h).
-const FUSE_MAGIC: i64 = 0x6573_5546;
+const FUSE_MAGIC: u32 = 0x6573_5546;
 
 /// At most this many symbolic links are followed in one walk, as the
 /// kernel does.
@@ -698,7 +699,7 @@ pub fn walk_open(path: &Path, writable: bool) -> io::Result<Walked> {
         }
         // A FUSE file system shows whatever owners and links the process
         // serving it likes (a user may mount one on a directory it owns).
-        if nix::sys::statfs::fstatfs(&entry)?.filesystem_type().0 as i64 == FUSE_MAGIC {
+        if nix::sys::statfs::fstatfs(&entry)?.filesystem_type().0 as u32 == FUSE_MAGIC {
             return Ok(Walked::Hole(Hole {
                 dir: dir_path.join(&name),
                 writer: Writer::Many("whoever serves its FUSE file system".into()),
