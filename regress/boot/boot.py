@@ -526,6 +526,183 @@ def users_files(vmd, staging, user):
         raise Failure("vmd did not log the refusals")
 
 
+def as_user(user, *argv):
+    """Runs argv as `user` (its own uid and group, no others)."""
+    subprocess.run(argv, check=True, capture_output=True, user=user.uid, group=user.gid, extra_groups=[])
+
+
+def user_dir(staging, user):
+    """A directory of the user's own in the staging directory."""
+    d = staging.path(f"home-{user.name}")
+    if not os.path.isdir(d):
+        os.mkdir(d, 0o755)
+        os.chown(d, user.uid, user.gid)
+    return d
+
+
+def root_secret(staging, mark):
+    """A bootable disk printing `mark`, mode 0600 in a root 0700
+    directory: what no user may read."""
+    d = staging.path("root-only")
+    os.makedirs(d, 0o700, exist_ok=True)
+    os.chmod(d, 0o700)
+    secret = os.path.join(d, "secret.img")
+    write_disk(secret, mark, mode=0o600)
+    return secret
+
+
+def wait_stopped(vmd, name):
+    wait_for(f"{name} to stop", lambda: row_of(vmd, name)["STATE"] == "stopped")
+
+
+def refused_quietly(vmd, name, want, secret_mark, user=None):
+    """Starting configured VM `name` (as `user`) fails saying `want`, and
+    no console ever showed the secret disk's marker."""
+    refused(vmd, [name], want, user=user and user.name)
+    if secret_mark in vmd.console_log(name):
+        raise Failure(f"{name} booted the secret disk")
+
+
+def swap_conf(staging, user):
+    home = user_dir(staging, user)
+    return "\n".join([
+        'vm "swap" {', "\tdisable", "\tmemory 64M", f'\tdisk "{home}/disk.img"', f"\towner {user.name}", "}",
+        'vm "rootmade" {', "\tdisable", "\tmemory 64M", f'\tdisk "{home}/rootmade.img"', f"\towner {user.name}",
+        "}",
+        'vm "chain" {', "\tdisable", "\tmemory 64M", f'\tdisk "{staging.path("root-only")}/top.qcow2"',
+        f"\towner {user.name}", "}",
+        'vm "chainroot" {', "\tdisable", "\tmemory 64M",
+        f'\tdisk "{staging.path("root-only")}/top2.qcow2"', "}", ""])
+
+
+def owner_symlink_swap(vmd, staging, user):
+    home = user_dir(staging, user)
+    secret_mark = marker("SECRET")
+    secret = root_secret(staging, secret_mark)
+    # The owner's own disk, in its own directory, boots with its rights.
+    mark = marker("SWAP")
+    disk = os.path.join(home, "disk.img")
+    write_disk(disk, mark, mode=0o600, owner=user)
+    vmd.start_with("swap", user=user.name)
+    vmd.wait_console("swap", mark, BIOS_TIMEOUT)
+    stop(vmd, "swap")
+    wait_stopped(vmd, "swap")
+    # The owner swaps it for a symlink to root's secret disk: whoever
+    # starts the VM, the path is opened with the owner's rights.
+    os.unlink(os.path.join(vmd.console_dir, "swap.console"))
+    as_user(user, "rm", disk)
+    as_user(user, "ln", "-s", secret, disk)
+    refused_quietly(vmd, "swap", f"{disk}: permission denied", secret_mark, user=user)
+    refused_quietly(vmd, "swap", f"{disk}: permission denied", secret_mark)
+    # A file root made in the owner's directory is not the owner's to
+    # open either (another VM: each refusal counts toward the start rate
+    # limit).
+    rootmade = os.path.join(home, "rootmade.img")
+    write_disk(rootmade, marker("ROOTINHOME"), mode=0o600)
+    refused(vmd, ["rootmade"], f"{rootmade}: permission denied", user=user.name)
+    if "permission denied" not in vmd.log():
+        raise Failure("vmd did not log the refusals")
+
+
+def backing_swap(vmd, staging, user):
+    """Root's qcow2 in a root-only directory whose backing file lies in
+    the owner's directory, which the owner swaps for a symlink."""
+    home = user_dir(staging, user)
+    secret_mark = marker("SECRET")
+    secret = root_secret(staging, secret_mark)
+    mark = marker("BACKING")
+    base = os.path.join(home, "base.img")
+    write_disk(base, mark, mode=0o644, owner=user)
+    for top in ("top.qcow2", "top2.qcow2"):
+        overlay_on(os.path.join(os.path.dirname(secret), top), base, "raw")
+    vmd.start_with("chain", user=user.name)
+    vmd.wait_console("chain", mark, BIOS_TIMEOUT)
+    stop(vmd, "chain")
+    wait_stopped(vmd, "chain")
+    os.unlink(os.path.join(vmd.console_dir, "chain.console"))
+    as_user(user, "rm", base)
+    as_user(user, "ln", "-s", secret, base)
+    refused_quietly(vmd, "chain", f"{base}: permission denied", secret_mark, user=user)
+    # Without an owner, the directory's owner's rights: no better.
+    refused_quietly(vmd, "chainroot", f"{base}: permission denied", secret_mark)
+
+
+def proc_conf(staging, user):
+    return "\n".join([
+        'vm "ptpl" {', "\tdisable", "\tmemory 64M",
+        f"\tallow instance {{ boot, disk, memory, owner {user.name} }}", "}", ""])
+
+
+def proc_magic_links(vmd, staging, user):
+    """A root process's /proc/PID/cwd link into a directory under a root
+    0700 one as a user's backing file, and /proc/kallsyms as its initrd."""
+    secret_mark = marker("SECRET")
+    hidden = os.path.join(os.path.dirname(root_secret(staging, secret_mark)), "inside")
+    os.mkdir(hidden, 0o755)
+    write_disk(os.path.join(hidden, "open.img"), secret_mark, mode=0o644)
+    sleeper = subprocess.Popen(["sleep", "300"], cwd=hidden)
+    try:
+        via_proc = f"/proc/{sleeper.pid}/cwd/open.img"
+        overlay = os.path.join(user_dir(staging, user), "proc.qcow2")
+        overlay_on(overlay, via_proc, "raw", owner=user)
+        refused(vmd, ["pcwd", "-t", "ptpl", "-d", overlay], f"{via_proc}: permission denied", user=user.name)
+        if secret_mark in vmd.console_log("pcwd"):
+            raise Failure("the guest read the file behind /proc/PID/cwd")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    kernel = os.path.join(user_dir(staging, user), "vmlinuz")
+    shutil.copyfile(vmdregress.KERNEL, kernel)
+    finish(kernel, 0o600, user)
+    out = refused(vmd, ["pkall", "-t", "ptpl", "-b", kernel, "--initrd", "/proc/kallsyms", "-m", "256M"],
+                  "could not open initrd /proc/kallsyms", user=user.name)
+    if "pseudo file system" not in out:
+        raise Failure(f"/proc/kallsyms is not refused as a pseudo file system: {out.strip()!r}")
+    # Root's own requests too.
+    refused(vmd, ["pkroot", "-b", kernel, "--initrd", "/proc/kallsyms", "-m", "256M"], "pseudo file system")
+
+
+def good_conf(staging, user):
+    return "\n".join([
+        'vm "varlib" {', "\tdisable", "\tmemory 64M", f'\tdisk "{staging.path("varlib")}/alice.img"',
+        f"\towner {user.name}", "}",
+        'vm "grp" {', "\tdisable", "\tmemory 64M", f'\tdisk "{user_dir(staging, user)}/grp.img"',
+        f"\towner :{user.name}", "}",
+        'vm "shared" {', "\tdisable", "\tmemory 64M", f'\tdisk "{staging.path("shared")}/disk.img"', "}", ""])
+
+
+def good_paths(vmd, staging, user):
+    # A disk root made for the owner under a directory only root can
+    # write (as /var/lib/vmd), the owner unable to reach it itself: root's.
+    varlib = staging.path("varlib")
+    os.mkdir(varlib, 0o700)
+    mark = marker("VARLIB")
+    write_disk(os.path.join(varlib, "alice.img"), mark, mode=0o600, owner=user)
+    vmd.start_with("varlib", user=user.name)
+    vmd.wait_console("varlib", mark, BIOS_TIMEOUT)
+    stop(vmd, "varlib")
+    # `owner :group`: the group's rights, and no user's: a disk the group
+    # may write boots, one only its user may read does not.
+    grp = os.path.join(user_dir(staging, user), "grp.img")
+    mark = marker("GROUP")
+    write_disk(grp, mark, mode=0o660)
+    os.chown(grp, 0, user.gid)
+    vmd.start_with("grp")
+    vmd.wait_console("grp", mark, BIOS_TIMEOUT)
+    stop(vmd, "grp")
+    wait_stopped(vmd, "grp")
+    os.chmod(grp, 0o600)
+    os.chown(grp, user.uid, user.gid)
+    refused(vmd, ["grp"], f"{grp}: permission denied")
+    # No single user controls a directory a group may write: a VM
+    # without an owner refuses it.
+    shared = staging.path("shared")
+    os.mkdir(shared)
+    os.chmod(shared, 0o775)
+    write_disk(os.path.join(shared, "disk.img"), marker("SHARED"))
+    refused(vmd, ["shared"], f"{shared} is writable by group 0: root does not open it for a VM without an owner")
+
+
 def main():
     if not vmdregress.prepare():
         return 1
@@ -548,6 +725,15 @@ def main():
     case("users' files: own disk and kernel boot; unreadable disk, backing file, symlink, iso, kernel refused;"
          " a user's image is opened with its owner's rights even for root",
          with_case(users_files, files_conf, user=True))
+    case("an owner swaps its configured disk for a symlink to a root-only disk: refused, as the owner",
+         with_case(owner_symlink_swap, swap_conf, user=True))
+    case("an owner swaps the backing file root's qcow2 names in its directory for a symlink: refused",
+         with_case(backing_swap, swap_conf, user=True))
+    case("/proc magic links: a root process's cwd as a user's backing file, /proc/kallsyms as initrd: refused",
+         with_case(proc_magic_links, proc_conf, user=True))
+    case("root's disk for an owner under a root-only directory boots; owner :group opens with the group's"
+         " rights; a group-writable directory is refused to a VM without an owner",
+         with_case(good_paths, good_conf, user=True))
     return vmdregress.summary()
 
 

@@ -230,22 +230,8 @@ pub fn drop_privileges(
     nix::unistd::chroot(root).map_err(step("chroot"))?;
     nix::unistd::chdir("/").map_err(step("chdir /"))?;
 
-    // 3. The identity; setresuid last, as it takes CAP_SETGID away.
-    nix::unistd::setgroups(&id.groups).map_err(step("setgroups"))?;
-    nix::unistd::setresgid(id.gid, id.gid, id.gid).map_err(step("setresgid"))?;
-    nix::unistd::setresuid(id.uid, id.uid, id.uid).map_err(step("setresuid"))?;
-
-    // 4. Die with the parent. If it already died, our parent is now init
-    //    and the signal will never come.
-    // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
-        return Err(step("PR_SET_PDEATHSIG")(Errno::last()));
-    }
-    if nix::unistd::getppid() != parent {
-        return Err(ProcError::ParentGone);
-    }
-
-    check_no_capabilities()?;
+    // 3. and 4. The identity, tied to the parent's life.
+    take_identity(id, parent)?;
 
     // 5. No privilege through exec ever again (also what seccomp requires
     //    of an unprivileged process).
@@ -258,6 +244,28 @@ pub fn drop_privileges(
     seccomp::install_sigsys_handler(report_fd).map_err(|e| ProcError::Filter(e.to_string()))?;
     seccompiler::apply_filter(filter).map_err(|e| ProcError::Filter(e.to_string()))?;
     Ok(())
+}
+
+/// Becomes `id` entirely (after [`clear_capability_inheritance`]):
+/// setgroups, setresgid, then setresuid (last, as it takes CAP_SETGID
+/// away, and with it the permitted and effective capabilities);
+/// PR_SET_PDEATHSIG(SIGKILL) (the id change reset it) and stop if the
+/// parent is no longer `parent`; check every capability set is empty.
+/// The children and the users'-files helper (userfiles.rs) share it.
+pub fn take_identity(id: &Identity, parent: Pid) -> Result<(), ProcError> {
+    nix::unistd::setgroups(&id.groups).map_err(step("setgroups"))?;
+    nix::unistd::setresgid(id.gid, id.gid, id.gid).map_err(step("setresgid"))?;
+    nix::unistd::setresuid(id.uid, id.uid, id.uid).map_err(step("setresuid"))?;
+    // Die with the parent. If it already died, our parent is now init
+    // and the signal will never come.
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } != 0 {
+        return Err(step("PR_SET_PDEATHSIG")(Errno::last()));
+    }
+    if nix::unistd::getppid() != parent {
+        return Err(ProcError::ParentGone);
+    }
+    check_no_capabilities()
 }
 
 /// Clears the capability bounding, ambient and inheritable sets (needs

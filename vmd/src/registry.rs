@@ -603,7 +603,8 @@ impl Registry {
             let settings = self.vms[index].config.clone();
             let owner = settings.owner.uid;
             // start_vm logs a failure; the VM stays listed as stopped. The
-            // configuration is root's: its files are opened as root.
+            // configuration is root's: its files are opened as root where
+            // root alone controls them, else with the VM owner's rights.
             let _ = self.start_vm(index, settings, owner, &Requester::root());
         }
     }

@@ -63,7 +63,8 @@ pub const BIOS_PATH: &str = "/usr/share/seabios/bios.bin";
 
 /// Who asked for the start, and the paths they named themselves: those
 /// are opened with the requester's credentials (userfiles.rs); the rest
-/// come from root's configuration and are opened as root.
+/// come from root's configuration (or root) and are opened as root where
+/// root alone controls them, else with the VM owner's rights.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Requester {
     pub uid: u32,
@@ -702,7 +703,9 @@ pub fn vmm_check_built(vm: &VmConfig) -> Result<(), StartError> {
 
 /// Opens every file VM `vm` needs: its kernel or else the BIOS, initrd,
 /// disk chains and cdrom. The paths `requester` named are opened with its
-/// rights by the helper (userfiles.rs), the others as root.
+/// rights by the helper (userfiles.rs); the others (the configuration's,
+/// and root's) as root where root alone controls them, else with the
+/// VM's owner's rights (`userfiles_open_root`).
 fn vmm_open_files(vm: &VmConfig, requester: &Requester) -> Result<Vec<Opened>, StartError> {
     let mut wants = Vec::new();
     let mut want = |kind, path: &str| {
@@ -732,8 +735,13 @@ fn vmm_open_files(vm: &VmConfig, requester: &Requester) -> Result<Vec<Opened>, S
     let (theirs, ours): (Vec<Want>, Vec<Want>) =
         wants.into_iter().partition(|w| requester.opens(&w.path));
     let mut opened = userfiles::userfiles_open_as(requester, &theirs)?;
+    let rights = if ours.is_empty() {
+        userfiles::Rights::Ownerless
+    } else {
+        userfiles::userfiles_owner_rights(&vm.owner)?
+    };
     for want in &ours {
-        opened.extend(userfiles::userfiles_open_root(want)?);
+        opened.extend(userfiles::userfiles_open_root(want, &rights)?);
     }
     if vm.boot.is_none() {
         let bios = userfiles::userfiles_open(&[Want {
