@@ -71,9 +71,12 @@ def qcow2_backing(path):
 def test_tour():
     alice = Owner()
     home = tempfile.mkdtemp(prefix="vmd-tour-")
+    # /var/lib/vmd: root's alone, so root opens web's disk there for alice.
+    lib = tempfile.mkdtemp(prefix="vmd-tour-lib-")
     vmd = None
     try:
         os.chmod(home, 0o755)
+        os.chmod(lib, 0o755)
         os.chown(home, alice.uid, alice.gid)
         # $ vmctl create ...: no daemon needed, as alice in her directory.
         for cmd, said in ((["create", "disk.qcow2", "-s", "4.5G"], "vmctl: qcow2 imagefile created\n"),
@@ -85,7 +88,7 @@ def test_tour():
         expect("copy.img: alice's, 4.5G", (st.st_uid, st.st_size), (alice.uid, SIZE_4_5G))
 
         # web's disk, and the README's vm.conf with its paths here.
-        web_disk = os.path.join(home, WEB_DISK)
+        web_disk = os.path.join(lib, WEB_DISK)
         expect(f"create {WEB_DISK}", subprocess.run([VMCTL, "create", web_disk, "-s", "4.5G"],
                                                    capture_output=True).returncode, 0)
         conf = f'''ramdisk = "{t.KERNEL}"
@@ -161,6 +164,7 @@ switch "uplink" {{
         if vmd is not None:
             vmd.stop()
         shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(lib, ignore_errors=True)
         alice.remove()
 
 
