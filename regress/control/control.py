@@ -15,6 +15,7 @@ type codes are pinned by the unit test raw_status_request_and_reply_codes.
 Shared helpers live in regress/lib/vmdregress.py.
 """
 
+import array
 import grp
 import os
 import pwd
@@ -614,6 +615,98 @@ def test_per_user_connection_limit():
             os.waitpid(child, 0)
 
 
+def control_pid(vmd):
+    """The pid of vmd's control child."""
+    return wait_for("the control child", lambda: next(
+        (p for p in children_of(vmd.proc.pid) if t.cmdline(p) == "vmd: control"), None))
+
+
+def send_with_fds(s, data, fds):
+    """Sends `data` with `fds` as SCM_RIGHTS in one sendmsg."""
+    s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+
+
+def test_descriptor_flood():
+    """The attack: an unprivileged user's connections send frames with 64
+    descriptors each, more than control's receive buffer holds (the
+    kernel installs some, truncates the rest). Control must close what
+    arrived and the connection; root's status answers at once, and
+    control's and the parent's descriptor counts return to baseline.
+    Then the user holds its 256 connections, half of which sent a
+    descriptor (refused and closed): each of the others costs control
+    exactly one descriptor, and root is still served."""
+    alice = ACCOUNTS.alice
+    with Vmd(socket_group_config(THREE_VMS)) as vmd:
+        gid = grp.getgrnam(TAG + "s").gr_gid
+        wait_for("the socket's group", lambda: os.stat(vmd.sock).st_gid == gid)
+        control = control_pid(vmd)
+        expect("status before", vmd.vmctl("status")[0], 0)
+        base_control, base_parent = t.fd_count(control), t.fd_count(vmd.proc.pid)
+        verdict_r, verdict_w = os.pipe()
+        release_r, release_w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            try:
+                os.close(verdict_r)
+                os.close(release_w)
+                os.setgroups([ACCOUNTS.sock_group])
+                os.setgid(alice.pw_gid)
+                os.setuid(alice.pw_uid)
+                payload = [os.open("/dev/null", os.O_RDONLY) for _ in range(64)]
+                closed = 0
+                # 16 leaked per frame before: 1,300 connections filled
+                # control's table of 4,096.
+                for i in range(1500):
+                    with connect(vmd) as s:
+                        send_with_fds(s, CTL_STATUS_FRAME if i % 2 else b"x", payload)
+                        closed += closed_by_daemon(s)
+                held = []
+                for i in range(256):
+                    s = connect(vmd)
+                    if i % 2:
+                        send_with_fds(s, CTL_STATUS_FRAME[:7], payload[:1])
+                    else:
+                        s.sendall(CTL_STATUS_FRAME[:7])
+                    held.append(s)
+                closed += sum(closed_by_daemon(s) for s in held[1::2])
+                os.write(verdict_w, b"%d\n" % closed)
+                os.read(release_r, 1)  # hold them until root has looked
+            except Exception as e:
+                os.write(verdict_w, f"{type(e).__name__}: {e}\n".encode())
+            finally:
+                os._exit(0)
+        os.close(verdict_w)
+        os.close(release_r)
+        try:
+            got = b""
+            while not got.endswith(b"\n"):
+                chunk = os.read(verdict_r, 16)
+                if not chunk:
+                    raise Failure(f"the flooding user failed before it said; got {got!r}")
+                got += chunk
+            if not got.strip().isdigit():
+                raise Failure(f"the flooding user failed: {got.decode(errors='replace').strip()}")
+            expect("connections with descriptors closed by control", int(got), 1500 + 128)
+            wait_for("one descriptor per held connection",
+                     lambda: t.fd_count(control) == base_control + 128, timeout=30)
+            start = time.monotonic()
+            code, out, err = vmd.vmctl("status")
+            expect("root's status beside the flood", (code, len(out.splitlines())), (0, 4))
+            if time.monotonic() - start > 10:
+                raise Failure(f"root's status took {time.monotonic() - start:.1f}s")
+        finally:
+            os.close(release_w)
+            os.close(verdict_r)
+            os.waitpid(child, 0)
+        wait_for("control's descriptors back at baseline",
+                 lambda: t.fd_count(control) == base_control, timeout=30)
+        expect("the parent's descriptors", t.fd_count(vmd.proc.pid), base_parent)
+        if "refused" in vmd.log() or "restarting" in vmd.log():
+            raise Failure(f"unexpected lines in the log: {vmd.log()[-1000:]}")
+        vmd.check_alive()
+        expect("control is the same process", control_pid(vmd), control)
+
+
 def main():
     global ACCOUNTS
     if not t.prepare(guest=False):
@@ -636,6 +729,7 @@ def main():
         case("bad_frames", test_bad_frames)
         case("load_50x1000", test_load_50x1000)
         case("many_connections", test_many_connections)
+        case("descriptor_flood", test_descriptor_flood)
     except Exception as e:
         t.fail("control", f"{type(e).__name__}: {e}")
     finally:

@@ -34,7 +34,7 @@ impl Client {
         let stream = UnixStream::connect(path)
             .map_err(|e| format!("connect: {}: {}", path.display(), strerror(&e)))?;
         Ok(Client {
-            channel: Channel::new(OwnedFd::from(stream)),
+            channel: Channel::without_fds(OwnedFd::from(stream)),
             frames: VecDeque::new(),
         })
     }
