@@ -445,6 +445,40 @@ def test_load_bad_file_changes_nothing():
             raise Failure("load replaced an existing vm")
 
 
+def test_load_never_waits_on_a_file():
+    """The attack: `vmctl load FIFO` left the parent blocked in open until
+    something wrote to the FIFO, and every client hung; `load /dev/zero`
+    would read without end. Now each is refused at once with the file's
+    name while another client's status answers."""
+    with Vmd(THREE_VMS) as vmd:
+        fifo = os.path.join(vmd.dir, "fifo.conf")
+        os.mkfifo(fifo)
+        big = os.path.join(vmd.dir, "big.conf")
+        with open(big, "w") as f:
+            f.truncate(4 * 1024 * 1024 + 1)
+        load = subprocess.Popen([VMCTL, "-s", vmd.sock, "load", fifo], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            expect("status beside the load", vmd.vmctl("status")[0], 0)
+            out, err = load.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            raise Failure("vmctl load FIFO still waits after 20s")
+        finally:
+            if load.poll() is None:
+                load.kill()
+                load.communicate()
+        expect("load FIFO", (load.returncode, out, err),
+               (1, "", f"failed to read {fifo}: a FIFO, not a regular file\nvmctl: command failed\n"))
+        expect("load /dev/zero", vmd.vmctl("load", "/dev/zero"),
+               (1, "", "failed to read /dev/zero: a character device, not a regular file\n"
+                       "vmctl: command failed\n"))
+        expect("load of an oversized file", vmd.vmctl("load", big),
+               (1, "", f"failed to read {big}: larger than 4 MiB, the most a configuration file may have\n"
+                       "vmctl: command failed\n"))
+        expect("vms unchanged", [n for _, n, _ in vm_names(vmd)], ["one", "two", "three"])
+        vmd.check_alive()
+
+
 def test_reload_and_sighup():
     with Vmd(THREE_VMS) as vmd:
         wait_for("the first batch", lambda: "one: failed to start vm 1" in vmd.log())
@@ -724,6 +758,7 @@ def main():
         case("start_rate_limit", test_start_rate_limit)
         case("vmctl_command_line", test_vmctl_command_line)
         case("load_bad_file_changes_nothing", test_load_bad_file_changes_nothing)
+        case("load_never_waits_on_a_file", test_load_never_waits_on_a_file)
         case("reload_and_sighup", test_reload_and_sighup)
         case("reset", test_reset)
         case("bad_frames", test_bad_frames)

@@ -312,9 +312,9 @@ impl Parser {
             self.error(pos, &format!("failed to include file {name}: include loop"));
             return Ok(());
         }
-        match std::fs::read(&canonical) {
+        match super::read_config_file(&canonical) {
             Ok(data) => self.lex.push(path.display().to_string(), canonical, data),
-            Err(_) => self.error(pos, &format!("failed to include file {name}")),
+            Err(e) => self.error(pos, &format!("failed to include file {name}: {e}")),
         }
         Ok(())
     }

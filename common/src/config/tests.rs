@@ -526,6 +526,62 @@ fn missing_files() {
     );
 }
 
+/// The parent reads these in its event loop: nothing may make it wait
+/// (a FIFO without a writer) or read without end (/dev/zero).
+#[test]
+fn only_regular_files_up_to_the_cap_are_read() {
+    let dir = TempDir::new("special");
+    let fifo = dir.0.join("fifo.conf");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let big = dir.0.join("big.conf");
+    let file = std::fs::File::create(&big).unwrap();
+    file.set_len(MAX_CONFIG_FILE + 1).unwrap();
+    let cap = dir.write("cap.conf", "");
+    std::fs::File::options()
+        .write(true)
+        .open(&cap)
+        .unwrap()
+        .set_len(MAX_CONFIG_FILE)
+        .unwrap();
+    let zero = Path::new("/dev/zero");
+    for (path, why) in [
+        (fifo.as_path(), "a FIFO, not a regular file"),
+        (zero, "a character device, not a regular file"),
+        (dir.0.as_path(), "a directory, not a regular file"),
+        (
+            big.as_path(),
+            "larger than 4 MiB, the most a configuration file may have",
+        ),
+    ] {
+        for required in [true, false] {
+            assert_eq!(
+                load(path, &[], required).expect_err("refused"),
+                vec![format!("failed to read {}: {why}", path.display())]
+            );
+        }
+    }
+    // Exactly the cap is read (NUL bytes: a lexer error, not a refusal).
+    assert_eq!(
+        read_config_file(&cap).unwrap().len() as u64,
+        MAX_CONFIG_FILE
+    );
+
+    let top = dir.write("top.conf", "include \"fifo.conf\"\ninclude \"/dev/zero\"\n");
+    assert_eq!(
+        load(&top, &[], true).expect_err("includes refused"),
+        vec![
+            format!(
+                "{}:1: failed to include file fifo.conf: a FIFO, not a regular file",
+                top.display()
+            ),
+            format!(
+                "{}:2: failed to include file /dev/zero: a character device, not a regular file",
+                top.display()
+            ),
+        ]
+    );
+}
+
 #[test]
 fn the_printed_configuration_reads_back_the_same() {
     let text = r#"local prefix 10.8.0.0/16
