@@ -221,6 +221,12 @@ fn run_daemon(opts: Options) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    // In the foreground too (daemon() did it otherwise): vmd runs in /,
+    // holding no directory it was started from.
+    if let Err(e) = nix::unistd::chdir("/") {
+        eprintln!("vmd: cannot change directory to /: {e}");
+        return ExitCode::FAILURE;
+    }
     parent::parent_main(parent::ParentOptions {
         socket,
         config_path: path,
