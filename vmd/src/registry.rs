@@ -327,10 +327,8 @@ impl Registry {
         }
         let index = match self.find(&req.target) {
             Some(i) => {
+                self.check_permitted(i, creds)?;
                 let vm = &self.vms[i];
-                if !vm.permits(creds) {
-                    return Err(errno(Errno::EPERM));
-                }
                 if vm.state.is_active() || req.sets_more_than_boot() {
                     return Err(errno(Errno::EALREADY));
                 }
@@ -551,15 +549,21 @@ impl Registry {
     /// it: permission is checked before the VM's state.
     fn find_permitted(&self, target: &VmTarget, creds: &Credentials) -> Result<usize, CtlError> {
         let index = self.find(target).ok_or(errno(Errno::ENOENT))?;
-        if !self.vms[index].permits(creds) {
-            log_warn!(
-                "{}: uid {} is not permitted",
-                self.vms[index].name(),
-                creds.uid
-            );
-            return Err(errno(Errno::EPERM));
-        }
+        self.check_permitted(index, creds)?;
         Ok(index)
+    }
+
+    /// EPERM, logged, unless `creds` may act on VM `index`.
+    fn check_permitted(&self, index: usize, creds: &Credentials) -> Result<(), CtlError> {
+        if self.vms[index].permits(creds) {
+            return Ok(());
+        }
+        log_warn!(
+            "{}: uid {} is not permitted",
+            self.vms[index].name(),
+            creds.uid
+        );
+        Err(errno(Errno::EPERM))
     }
 
     /// Checks a stop or wait: the VM must be running (and, without
