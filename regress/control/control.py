@@ -337,8 +337,12 @@ def test_non_root_permissions():
         # are refused.
         no_backend = "vmctl: start vm command failed: could not open kernel /k: No such file or directory\n"
         expect("alice start va", as_alice("start", "va"), (1, "", no_backend))
+        refusal = f"vr: uid {alice.pw_uid} is not permitted"
+        refusals = vmd.log().count(refusal)
         expect("alice start vr", as_alice("start", "vr"),
                (1, "", "vmctl: start vm command failed: Operation not permitted\n"))
+        # Logged as refused stops are (the attempt on another's VM).
+        wait_for("the refused start in the log", lambda: vmd.log().count(refusal) == refusals + 1)
         expect("bob start vg", as_bob("start", "vg", extra=[vm_gid]), (1, "", no_backend))
         # Only root creates brand-new VMs; instances as `allow instance` says.
         expect("alice new vm", as_alice("start", "fresh", "-b", "/dev/null"),
@@ -741,6 +745,114 @@ def test_descriptor_flood():
         expect("control is the same process", control_pid(vmd), control)
 
 
+def test_status_into_a_closed_pipe_or_a_full_disk():
+    """`vmctl status | head` and stdout on /dev/full: no panic. A reader
+    that went away ends vmctl quietly; a full disk says so; exit 1."""
+    with Vmd(THREE_VMS) as vmd:
+        r, w = os.pipe()
+        os.close(r)  # closed before vmctl writes: EPIPE for sure
+        try:
+            p = subprocess.run([VMCTL, "-s", vmd.sock, "status"], stdout=w, stderr=subprocess.PIPE,
+                               text=True, timeout=30)
+        finally:
+            os.close(w)
+        expect("status into a closed pipe", (p.returncode, p.stderr), (1, ""))
+        p = subprocess.run(f"'{VMCTL}' -s '{vmd.sock}' status | head -0", shell=True,
+                           capture_output=True, text=True, timeout=30)
+        expect("status | head -0", (p.returncode, p.stdout, p.stderr), (0, "", ""))
+        with open("/dev/full", "w") as full:
+            p = subprocess.run([VMCTL, "-s", vmd.sock, "status"], stdout=full, stderr=subprocess.PIPE,
+                               text=True, timeout=30)
+        expect("status > /dev/full", (p.returncode, p.stderr),
+               (1, "vmctl: stdout: No space left on device\n"))
+        vmd.check_alive()
+
+
+class SilentVmd:
+    """A socket that stands for a vmd that does not answer: it accepts
+    connections and never writes (or, with `accept=False`, never accepts,
+    its backlog of one filled)."""
+
+    def __init__(self, accept=True):
+        self.dir = tempfile.mkdtemp(prefix="vmd-silent-")
+        self.sock = os.path.join(self.dir, "vmd.sock")
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(self.sock)
+        self.server.listen(0)
+        self.held = []
+        if accept:
+            threading.Thread(target=self.accept, daemon=True).start()
+        else:
+            filler = socket.socket(socket.AF_UNIX)
+            filler.connect(self.sock)
+            self.held.append(filler)
+
+    def accept(self):
+        while True:
+            try:
+                self.held.append(self.server.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        self.server.close()
+        for s in self.held:
+            s.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# The test hook that shortens vmctl's bound (client.rs); the real bound is
+# ANSWER_TIMEOUT, 60s (START_ANSWER_TIMEOUT, 120s, for a start).
+HOOK = "VMCTL_TEST_ANSWER_TIMEOUT"
+
+
+def test_vmctl_gives_up_on_a_silent_vmd():
+    env = dict(os.environ, **{HOOK: "2"})
+    silent = SilentVmd()
+    try:
+        for args in (["status"], ["start", "x"], ["pause", "x"], ["load", "/dev/null"]):
+            p = subprocess.run([VMCTL, "-s", silent.sock, *args], capture_output=True, text=True,
+                               env=env, timeout=60)
+            expect(f"vmctl {' '.join(args)} against a silent vmd", (p.returncode, p.stdout, p.stderr),
+                   (1, "", f"vmctl: vmd did not answer within 2s on {silent.sock}; see vmd's log\n"))
+        # Waiting is what the user asked for: no bound.
+        for args in (["wait", "x"], ["stop", "x", "-w"]):
+            p = subprocess.Popen([VMCTL, "-s", silent.sock, *args], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=dict(os.environ, **{HOOK: "1"}))
+            try:
+                p.wait(5)
+                raise Failure(f"vmctl {' '.join(args)} gave up: {p.returncode} {p.stderr.read()!r}")
+            except subprocess.TimeoutExpired:
+                pass
+            finally:
+                p.kill()
+                p.communicate()
+    finally:
+        silent.close()
+    full = SilentVmd(accept=False)
+    try:
+        p = subprocess.run([VMCTL, "-s", full.sock, "status"], capture_output=True, text=True,
+                           env=env, timeout=60)
+        expect("vmctl against a vmd that does not accept", (p.returncode, p.stderr),
+               (1, f"vmctl: connect: {full.sock}: vmd did not take the connection within 2s; see vmd's log\n"))
+    finally:
+        full.close()
+
+
+def test_too_long_paths_refused_by_vmctl_as_by_vmd():
+    long_path = "/" + "a" * 5000
+    why = "path too long: 5001 bytes, at most 4095"
+    with Vmd(THREE_VMS) as vmd:
+        for opt, what in (("-d", "disk"), ("-b", "boot image"), ("-r", "iso image"), ("--initrd", "initrd")):
+            expect(f"start {opt} with a long path", vmd.vmctl("start", "x", "-m", "1G", opt, long_path),
+                   (1, "", f"vmctl: invalid {what} path: {why}\n"))
+        by_vmd = subprocess.run([VMD, "-n", "-f", long_path], capture_output=True, text=True)
+        expect("vmd -n -f with a long path", (by_vmd.returncode, by_vmd.stderr),
+               (1, f"failed to open {long_path}: {why}\n"))
+        expect("load with a long path", vmd.vmctl("load", long_path), (1, "", "vmctl: " + by_vmd.stderr))
+        vmd.check_alive()
+
+
 def main():
     global ACCOUNTS
     if not t.prepare(guest=False):
@@ -765,6 +877,9 @@ def main():
         case("load_50x1000", test_load_50x1000)
         case("many_connections", test_many_connections)
         case("descriptor_flood", test_descriptor_flood)
+        case("status_into_a_closed_pipe_or_a_full_disk", test_status_into_a_closed_pipe_or_a_full_disk)
+        case("vmctl_gives_up_on_a_silent_vmd", test_vmctl_gives_up_on_a_silent_vmd)
+        case("too_long_paths_refused_by_vmctl_as_by_vmd", test_too_long_paths_refused_by_vmctl_as_by_vmd)
     except Exception as e:
         t.fail("control", f"{type(e).__name__}: {e}")
     finally:

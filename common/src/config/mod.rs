@@ -22,7 +22,7 @@ pub use types::*;
 use lexer::Lexer;
 use parser::Parser;
 use std::io::{self, Read};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use thiserror::Error;
 
@@ -51,6 +51,9 @@ fn strerror(e: &io::Error) -> String {
 pub enum ConfigFileError {
     #[error("{}", strerror(.0))]
     Io(#[from] io::Error),
+    /// [`check_request_path`]'s refusal.
+    #[error("{0}")]
+    Path(String),
     #[error("a {0}, not a regular file")]
     NotRegular(&'static str),
     #[error("larger than {} MiB, the most a configuration file may have", MAX_CONFIG_FILE >> 20)]
@@ -61,7 +64,7 @@ impl ConfigFileError {
     /// `failed to open PATH: why` or `failed to read PATH: why`.
     pub fn line(&self, path: &Path) -> String {
         let verb = match self {
-            ConfigFileError::Io(_) => "open",
+            ConfigFileError::Io(_) | ConfigFileError::Path(_) => "open",
             _ => "read",
         };
         format!("failed to {verb} {}: {self}", path.display())
@@ -72,13 +75,18 @@ impl ConfigFileError {
 /// non-blocking and without taking a controlling terminal, it must be a
 /// regular file (judged on the open descriptor, so a FIFO or a device
 /// named by a path is refused before a read) of at most
-/// [`MAX_CONFIG_FILE`] bytes.
+/// [`MAX_CONFIG_FILE`] bytes, or /dev/null (the empty configuration).
 pub fn read_config_file(path: &Path) -> Result<Vec<u8>, ConfigFileError> {
+    check_request_path(path).map_err(ConfigFileError::Path)?;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)?;
-    let kind = file.metadata()?.file_type();
+    let meta = file.metadata()?;
+    let kind = meta.file_type();
+    if kind.is_char_device() && meta.rdev() == libc::makedev(1, 3) {
+        return Ok(Vec::new());
+    }
     if !kind.is_file() {
         return Err(ConfigFileError::NotRegular(if kind.is_dir() {
             "directory"

@@ -560,6 +560,13 @@ fn only_regular_files_up_to_the_cap_are_read() {
             );
         }
     }
+    // /dev/null, by its device number: the empty configuration.
+    assert_eq!(
+        load(Path::new("/dev/null"), &[], true)
+            .expect("empty")
+            .config,
+        Config::default()
+    );
     // Exactly the cap is read (NUL bytes: a lexer error, not a refusal).
     assert_eq!(
         read_config_file(&cap).unwrap().len() as u64,
@@ -638,7 +645,7 @@ fn limits_of_a_vm_from_elsewhere() {
     vm.vcpus = Some(2);
     assert_eq!(vm.check_limits(), Ok(()));
     type Breaks = fn(&mut VmConfig);
-    let broken: [(&str, Breaks); 6] = [
+    let broken: [(&str, Breaks); 8] = [
         ("memory", |vm| vm.memory = Some(1 << 19)),
         ("memory", |vm| vm.memory = Some(MAX_MEMORY + 1)),
         ("vcpu", |vm| vm.vcpus = Some(MAX_VCPUS + 1)),
@@ -654,7 +661,16 @@ fn limits_of_a_vm_from_elsewhere() {
         ("too many network", |vm| {
             vm.interface_count = Some(MAX_INTERFACES + 1)
         }),
-        ("path", |vm| vm.boot = Some(String::new())),
+        ("empty path", |vm| vm.boot = Some(String::new())),
+        ("path too long: 4096 bytes, at most 4095", |vm| {
+            vm.initrd = Some("/".repeat(MAX_REQUEST_PATH + 1))
+        }),
+        ("path too long", |vm| {
+            vm.disks = vec![Disk {
+                path: "/".repeat(MAX_REQUEST_PATH + 1),
+                format: DiskFormat::Raw,
+            }]
+        }),
     ];
     for (what, breaks) in broken {
         let mut bad = vm.clone();
@@ -662,4 +678,9 @@ fn limits_of_a_vm_from_elsewhere() {
         let err = bad.check_limits().expect_err(what);
         assert!(err.contains(what), "{err} lacks {what}");
     }
+    vm.disks = vec![Disk {
+        path: "/".repeat(MAX_REQUEST_PATH),
+        format: DiskFormat::Raw,
+    }];
+    assert_eq!(vm.check_limits(), Ok(()));
 }
