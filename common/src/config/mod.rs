@@ -26,11 +26,15 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use thiserror::Error;
 
-/// The largest configuration file (or included file) read, in bytes. A
-/// vm.conf is a few kilobytes; the cap bounds what a wrong path
+/// The most a configuration file and everything it includes may hold, in
+/// bytes. A vm.conf is a few kilobytes; the cap bounds what a wrong path
 /// (`/dev/zero` is refused anyway, a huge log file is not) costs the
 /// parent, which reads it in its event loop.
 pub const MAX_CONFIG_FILE: u64 = 4 << 20;
+/// The most files one configuration reads (itself and its includes), so
+/// that files including each other twice over cannot keep the parent
+/// reading for hours.
+pub const MAX_CONFIG_FILES: usize = 1000;
 
 /// A parsed configuration and the warnings to print (each a full line).
 #[derive(Debug)]

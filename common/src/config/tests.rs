@@ -589,6 +589,40 @@ fn only_regular_files_up_to_the_cap_are_read() {
     );
 }
 
+/// Includes add up: 4 MiB and 1000 files in all, so files that include
+/// each other twice over (2^25 reads) end at once.
+#[test]
+fn includes_are_capped_in_all() {
+    let dir = TempDir::new("include-caps");
+    let half = "#".repeat((MAX_CONFIG_FILE / 2) as usize - 1) + "\n";
+    dir.write("h1.inc", &half);
+    dir.write("h2.inc", &half);
+    let top = dir.write("top.conf", "include \"h1.inc\"\ninclude \"h2.inc\"\n");
+    assert_eq!(
+        load(&top, &[], true).expect_err("over 4 MiB in all"),
+        vec![format!(
+            "{}:2: failed to include file h2.inc: more than 4 MiB in all",
+            top.display()
+        )]
+    );
+    for i in 0..25 {
+        let next = i + 1;
+        dir.write(
+            &format!("f{i}.conf"),
+            &format!("include \"f{next}.conf\"\ninclude \"f{next}.conf\"\n"),
+        );
+    }
+    dir.write("f25.conf", "");
+    let lines = load(&dir.0.join("f0.conf"), &[], true).expect_err("bomb");
+    assert!(!lines.is_empty());
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.ends_with(": more than 1000 files in all")),
+        "{lines:?}"
+    );
+}
+
 #[test]
 fn the_printed_configuration_reads_back_the_same() {
     let text = r#"local prefix 10.8.0.0/16
