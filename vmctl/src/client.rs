@@ -36,12 +36,13 @@ pub fn socket_path(option: Option<&str>) -> PathBuf {
 /// of a vmd that does not answer need not wait a minute.
 const TEST_TIMEOUT_VARIABLE: &str = "VMCTL_TEST_ANSWER_TIMEOUT";
 
-/// `bound`, or the test hook's shorter one.
+/// `bound`, or the test hook's shorter one (at least a second: a zero
+/// SO_SNDTIMEO would mean no bound at all).
 fn client_bound(bound: Duration) -> Duration {
     std::env::var(TEST_TIMEOUT_VARIABLE)
         .ok()
         .and_then(|secs| secs.parse::<u64>().ok())
-        .map_or(bound, |secs| bound.min(Duration::from_secs(secs)))
+        .map_or(bound, |secs| bound.min(Duration::from_secs(secs.max(1))))
 }
 
 pub struct Client {
