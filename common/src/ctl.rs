@@ -10,17 +10,6 @@
 use crate::config::VmConfig;
 use nix::errno::Errno;
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
-
-/// How long vmctl waits for each answer from vmd before it gives up.
-/// Longer than every deadline vmd keeps while it answers a request (10 s
-/// for the users'-files helper, `userfiles::OPEN_TIMEOUT`; 10 s for a VM
-/// to confirm a pause or unpause, `parent::COMMAND_REPLY_TIMEOUT`; vmd
-/// asserts this at build time), so a working vmd always answers first.
-pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
-/// The same for `start`, which opens the VM's files and then has the VM
-/// started: generous, so that a start may wait for QEMU to confirm.
-pub const START_ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A VM named on vmctl's command line: a number is an id, anything else a
 /// name.
@@ -114,10 +103,20 @@ pub enum CtlRequest {
     },
 }
 
+/// How long vmctl waits for each answer from vmd before it gives up.
+/// Longer than every deadline vmd keeps while it answers a request (10 s
+/// for the users'-files helper, `userfiles::OPEN_TIMEOUT`; 10 s for a VM
+/// to confirm a pause or unpause, `parent::COMMAND_REPLY_TIMEOUT`; vmd
+/// asserts this at build time), so a working vmd always answers first.
+pub const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// The same for `start`, which opens the VM's files and then has the VM
+/// started: generous, so that a start may wait for QEMU to confirm.
+pub const START_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 impl CtlRequest {
     /// How long vmctl waits for each answer to this request: without
     /// bound only where the user asked to wait (`wait`, `stop -w`).
-    pub fn answer_timeout(&self) -> Option<Duration> {
+    pub fn answer_timeout(&self) -> Option<std::time::Duration> {
         match self {
             CtlRequest::Wait { .. } | CtlRequest::Stop { wait: true, .. } => None,
             CtlRequest::Start(_) => Some(START_ANSWER_TIMEOUT),
