@@ -111,7 +111,28 @@ pub enum CtlRequest {
     },
 }
 
+/// How long vmctl waits for each answer from vmd before it gives up.
+/// Longer than every deadline vmd keeps while it answers a request (10 s
+/// for the users'-files helper, `userfiles::OPEN_TIMEOUT`; 10 s for a VM
+/// to confirm a pause or unpause, `parent::COMMAND_REPLY_TIMEOUT`; vmd
+/// asserts this at build time), so a working vmd always answers first.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// The same for `start`, which opens the VM's files and then has the VM
+/// started: longer than the helper's deadline and [`VM_START_TIMEOUT`]
+/// together (vmd asserts this at build time).
+pub const START_ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+
 impl CtlRequest {
+    /// How long vmctl waits for each answer to this request: without
+    /// bound only where the user asked to wait (`wait`, `stop -w`).
+    pub fn answer_timeout(&self) -> Option<std::time::Duration> {
+        match self {
+            CtlRequest::Wait { .. } | CtlRequest::Stop { wait: true, .. } => None,
+            CtlRequest::Start(_) => Some(START_ANSWER_TIMEOUT),
+            _ => Some(ANSWER_TIMEOUT),
+        }
+    }
+
     /// Whether a user other than root may ask this (then only for VMs
     /// they own, which the parent checks). Everything else is root's.
     pub fn open_to_users(&self) -> bool {
@@ -259,5 +280,24 @@ mod tests {
         assert_eq!(missing.describe(), "vm not found");
         assert_eq!(missing.errno_code(), Some(libc::ENOENT));
         assert_eq!(CtlError::TemplateInvalid.errno_code(), None);
+    }
+
+    #[test]
+    fn vmctl_waits_without_bound_only_when_asked_to_wait() {
+        let x = || VmTarget::Name("x".into());
+        assert_eq!(CtlRequest::Wait { target: x() }.answer_timeout(), None);
+        let stop = |wait| CtlRequest::Stop {
+            target: x(),
+            force: false,
+            wait,
+        };
+        assert_eq!(stop(true).answer_timeout(), None);
+        assert_eq!(stop(false).answer_timeout(), Some(ANSWER_TIMEOUT));
+        assert_eq!(CtlRequest::Status.answer_timeout(), Some(ANSWER_TIMEOUT));
+        let start = CtlRequest::Start(Box::new(StartRequest {
+            target: x(),
+            vm: VmConfig::new("x"),
+        }));
+        assert_eq!(start.answer_timeout(), Some(START_ANSWER_TIMEOUT));
     }
 }

@@ -22,12 +22,12 @@ use crate::status::VmInfo;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use thiserror::Error;
 
 use nix::errno::Errno;
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 20;
@@ -38,7 +38,7 @@ pub const MAX_PAYLOAD: usize = MAX_FRAME - HEADER_LEN;
 /// Header flag: one file descriptor travels with this frame.
 pub const FLAG_FD: u16 = 1;
 /// Received descriptors not yet claimed by a frame; more is a broken peer.
-const MAX_PENDING_FDS: usize = 16;
+pub const MAX_PENDING_FDS: usize = 16;
 /// Bytes queued for a peer that does not read; more is a broken peer.
 const MAX_QUEUED: usize = 1024 * 1024;
 
@@ -329,10 +329,14 @@ pub enum ImsgError {
     TrailingBytes(usize),
     #[error("frame announces a file descriptor that did not arrive")]
     MissingFd,
-    #[error("peer sent more than {MAX_PENDING_FDS} file descriptors without frames for them")]
-    TooManyFds,
-    #[error("file descriptors were lost in transit (control message truncated)")]
+    #[error("peer sent more than {0} file descriptors without frames for them")]
+    TooManyFds(usize),
+    #[error("peer sent more file descriptors with one message than fit (control message truncated); a frame carries one")]
     FdsTruncated,
+    #[error("peer sent {0} file descriptors with one message; a frame carries one")]
+    ExtraFds(usize),
+    #[error("peer sent a file descriptor; this channel takes none")]
+    FdRefused,
     #[error("message does not encode: {0}")]
     Encode(String),
     #[error("peer does not read: more than {MAX_QUEUED} bytes queued")]
@@ -450,10 +454,22 @@ pub fn decode_payload(header: &Header, payload: &[u8]) -> Result<Message, ImsgEr
 
 /// Incoming side of a channel: bytes and descriptors received so far, cut
 /// into frames.
-#[derive(Default)]
 pub struct Reader {
     buf: Vec<u8>,
     fds: VecDeque<OwnedFd>,
+    /// How many received descriptors may wait for their frames: 0 for a
+    /// peer that never sends any (a vmctl client, vmd to vmctl).
+    fd_limit: usize,
+}
+
+impl Default for Reader {
+    fn default() -> Reader {
+        Reader {
+            buf: Vec::new(),
+            fds: VecDeque::new(),
+            fd_limit: MAX_PENDING_FDS,
+        }
+    }
 }
 
 /// What one read from the socket gave.
@@ -472,52 +488,47 @@ impl Reader {
         Reader::default()
     }
 
+    /// A reader for a peer that sends no descriptors: one that arrives
+    /// anyway is closed and the read fails.
+    pub fn without_fds() -> Reader {
+        Reader {
+            fd_limit: 0,
+            ..Reader::default()
+        }
+    }
+
     /// Reads once from `sock` without blocking (MSG_DONTWAIT), keeping any
-    /// descriptors that arrive for the frames they belong to.
+    /// descriptor that arrives for the frame it belongs to. A read that
+    /// brings more than one descriptor, or more than this peer may send,
+    /// is an error; every descriptor it brought is closed by then.
     pub fn read_some(&mut self, sock: BorrowedFd) -> Result<ReadStatus, ImsgError> {
         let mut chunk = [0u8; 16 * 1024];
-        let mut cmsg = nix::cmsg_space!([RawFd; MAX_PENDING_FDS]);
-        let (bytes, truncated, received) = loop {
-            let mut iov = [IoSliceMut::new(&mut chunk)];
-            match recvmsg::<()>(
-                sock.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Ok(msg) => {
-                    let mut received = Vec::new();
-                    for c in msg.cmsgs().map_err(ImsgError::Io)? {
-                        if let ControlMessageOwned::ScmRights(fds) = c {
-                            received.extend(fds);
-                        }
-                    }
-                    break (
-                        msg.bytes,
-                        msg.flags.contains(MsgFlags::MSG_CTRUNC),
-                        received,
-                    );
-                }
+        let received = loop {
+            match imsg_recv(sock, &mut chunk) {
+                Ok(received) => break received,
                 Err(Errno::EINTR) => continue,
                 Err(Errno::EAGAIN) => return Ok(ReadStatus::WouldBlock),
                 Err(e) => return Err(ImsgError::Io(e)),
             }
         };
-        for fd in received {
-            // SAFETY: the kernel just installed this descriptor in our
-            // table for us; nothing else owns it.
-            self.fds.push_back(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
-        if truncated {
+        // Dropping `received.fds` on the way out closes them.
+        if received.truncated {
             return Err(ImsgError::FdsTruncated);
         }
-        if self.fds.len() > MAX_PENDING_FDS {
-            return Err(ImsgError::TooManyFds);
+        if received.fds.len() > 1 {
+            return Err(ImsgError::ExtraFds(received.fds.len()));
         }
-        if bytes == 0 {
+        if !received.fds.is_empty() && self.fd_limit == 0 {
+            return Err(ImsgError::FdRefused);
+        }
+        self.fds.extend(received.fds);
+        if self.fds.len() > self.fd_limit {
+            return Err(ImsgError::TooManyFds(self.fd_limit));
+        }
+        if received.bytes == 0 {
             return Ok(ReadStatus::Eof);
         }
-        self.buf.extend_from_slice(&chunk[..bytes]);
+        self.buf.extend_from_slice(&chunk[..received.bytes]);
         Ok(ReadStatus::Data)
     }
 
@@ -556,6 +567,84 @@ impl Reader {
     pub fn has_partial_frame(&self) -> bool {
         !self.buf.is_empty()
     }
+}
+
+/// What one recvmsg(2) brought.
+struct Received {
+    bytes: usize,
+    /// Every SCM_RIGHTS descriptor the kernel installed, owned.
+    fds: Vec<OwnedFd>,
+    /// MSG_CTRUNC: the peer sent more descriptors than the control buffer
+    /// holds (the kernel closed those that did not fit).
+    truncated: bool,
+}
+
+/// Room for the control data of one descriptor: the most a frame carries,
+/// and the most one read returns from a peer that sends them as
+/// [`Writer`] does (the kernel ends a read after the data a descriptor
+/// came with).
+const CONTROL_LEN: usize =
+    // SAFETY: CMSG_SPACE only computes a size.
+    unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+
+/// One recvmsg(2) (MSG_DONTWAIT, MSG_CMSG_CLOEXEC) into `buf`. Walks the
+/// control data itself, so that descriptors the kernel installed are
+/// owned even when it was truncated (nix's `cmsgs()` then returns an
+/// error and they would leak).
+fn imsg_recv(sock: BorrowedFd, buf: &mut [u8]) -> Result<Received, Errno> {
+    // u64 words: cmsghdr's alignment.
+    let mut control = [0u64; CONTROL_LEN.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: a zeroed msghdr is valid (no name, no buffers yet).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = CONTROL_LEN as _;
+    // SAFETY: `msg` points at `iov` (over `buf`) and `control`, which
+    // outlive the call and are as long as it says.
+    let n = unsafe {
+        libc::recvmsg(
+            sock.as_raw_fd(),
+            &mut msg,
+            libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+        )
+    };
+    if n < 0 {
+        return Err(Errno::last());
+    }
+    let mut fds = Vec::new();
+    let control_end = control.as_ptr() as usize + CONTROL_LEN;
+    // SAFETY: CMSG_FIRSTHDR and CMSG_NXTHDR stay within msg_controllen,
+    // which the kernel set to what it wrote into `control`; each header's
+    // data is read only up to the end of `control`. Every SCM_RIGHTS
+    // descriptor is one the kernel has just installed for us and nothing
+    // else owns.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            let header = std::ptr::read_unaligned(cmsg);
+            if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg);
+                let len = (header.cmsg_len as usize)
+                    .saturating_sub(libc::CMSG_LEN(0) as usize)
+                    .min(control_end.saturating_sub(data as usize));
+                for i in 0..len / std::mem::size_of::<RawFd>() {
+                    let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                    fds.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok(Received {
+        bytes: n as usize,
+        fds,
+        truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
+    })
 }
 
 struct Pending {
@@ -682,6 +771,15 @@ impl Channel {
             sock,
             reader: Reader::new(),
             writer: Writer::new(),
+        }
+    }
+
+    /// A channel whose peer sends no descriptors (see
+    /// [`Reader::without_fds`]).
+    pub fn without_fds(sock: OwnedFd) -> Channel {
+        Channel {
+            reader: Reader::without_fds(),
+            ..Channel::new(sock)
         }
     }
 
@@ -938,6 +1036,93 @@ mod tests {
         // Same open file: writes through one show through the other.
         file.write_all(b"!").unwrap();
         assert_eq!(received.metadata().unwrap().len(), 13);
+    }
+
+    /// Sends `count` copies of a pipe's write end with one byte and one
+    /// sendmsg (as a hostile peer would), closes every copy of ours, and
+    /// returns the read end: it reads EOF once the receiver has closed
+    /// every copy it got, and would block while one is left open.
+    fn send_pipe_copies(sock: &OwnedFd, count: usize) -> OwnedFd {
+        let (read_end, write_end) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                .unwrap();
+        let raw = vec![write_end.as_raw_fd(); count];
+        let rights = [ControlMessage::ScmRights(&raw)];
+        sendmsg::<()>(
+            sock.as_raw_fd(),
+            &[IoSlice::new(&[0])],
+            &rights,
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        read_end
+    }
+
+    fn all_copies_closed(read_end: &OwnedFd) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(nix::unistd::read(read_end.as_raw_fd(), &mut byte), Ok(0))
+    }
+
+    #[test]
+    fn truncated_descriptors_are_closed_and_the_peer_refused() {
+        let (a, b) = pair();
+        let read_end = send_pipe_copies(&a, 64);
+        let mut receiver = Channel::new(b);
+        assert!(matches!(receiver.receive(), Err(ImsgError::FdsTruncated)));
+        assert!(all_copies_closed(&read_end), "a descriptor leaked");
+    }
+
+    #[test]
+    fn two_descriptors_with_one_message_are_closed_and_refused() {
+        let (a, b) = pair();
+        let read_end = send_pipe_copies(&a, 2);
+        let mut receiver = Channel::new(b);
+        assert!(matches!(receiver.receive(), Err(ImsgError::ExtraFds(2))));
+        assert!(all_copies_closed(&read_end), "a descriptor leaked");
+    }
+
+    #[test]
+    fn a_channel_without_fds_closes_one_and_refuses_it() {
+        let (a, b) = pair();
+        let read_end = send_pipe_copies(&a, 1);
+        let mut receiver = Channel::without_fds(b);
+        assert!(matches!(receiver.receive(), Err(ImsgError::FdRefused)));
+        assert!(all_copies_closed(&read_end), "a descriptor leaked");
+    }
+
+    #[test]
+    fn descriptors_without_frames_are_bounded() {
+        let (a, b) = pair();
+        let mut receiver = Channel::new(b);
+        let mut ends = Vec::new();
+        for _ in 0..=MAX_PENDING_FDS {
+            ends.push(send_pipe_copies(&a, 1));
+        }
+        // One read per descriptor: the 17th is one too many.
+        assert!(matches!(
+            receiver.receive(),
+            Err(ImsgError::TooManyFds(MAX_PENDING_FDS))
+        ));
+        drop(receiver);
+        assert!(ends.iter().all(all_copies_closed), "a descriptor leaked");
+    }
+
+    #[test]
+    fn consecutive_frames_with_fds_arrive_one_per_read() {
+        let (a, b) = pair();
+        let mut sender = Channel::new(a);
+        let mut receiver = Channel::new(b);
+        for level in 0..8 {
+            let frame = Frame {
+                fd: Some(OwnedFd::from(tempfile_with(b"x"))),
+                ..Frame::new(Message::SetVerbosity { level })
+            };
+            sender.send(frame).unwrap();
+        }
+        let (frames, _) = receiver.receive().unwrap();
+        assert_eq!(frames.len(), 8);
+        assert!(frames.iter().all(|f| f.fd.is_some()));
     }
 
     fn tempfile_with(content: &[u8]) -> std::fs::File {

@@ -15,6 +15,7 @@ type codes are pinned by the unit test raw_status_request_and_reply_codes.
 Shared helpers live in regress/lib/vmdregress.py.
 """
 
+import array
 import grp
 import os
 import pwd
@@ -337,8 +338,12 @@ def test_non_root_permissions():
         # are refused.
         no_backend = "vmctl: start vm command failed: could not open kernel /k: No such file or directory\n"
         expect("alice start va", as_alice("start", "va"), (1, "", no_backend))
+        refusal = f"vr: uid {alice.pw_uid} is not permitted"
+        refusals = vmd.log().count(refusal)
         expect("alice start vr", as_alice("start", "vr"),
                (1, "", "vmctl: start vm command failed: Operation not permitted\n"))
+        # Logged as refused stops are (the attempt on another's VM).
+        wait_for("the refused start in the log", lambda: vmd.log().count(refusal) == refusals + 1)
         expect("bob start vg", as_bob("start", "vg", extra=[vm_gid]), (1, "", no_backend))
         # Only root creates brand-new VMs; instances as `allow instance` says.
         expect("alice new vm", as_alice("start", "fresh", "-b", "/dev/null"),
@@ -451,6 +456,40 @@ def test_load_bad_file_changes_nothing():
         expect("after load", [n for _, n, _ in names], ["one", "two", "three", "x1"])
         if "2.0G" in vmd.vmctl("status", "one")[1]:
             raise Failure("load replaced an existing vm")
+
+
+def test_load_never_waits_on_a_file():
+    """The attack: `vmctl load FIFO` left the parent blocked in open until
+    something wrote to the FIFO, and every client hung; `load /dev/zero`
+    would read without end. Now each is refused at once with the file's
+    name while another client's status answers."""
+    with Vmd(THREE_VMS) as vmd:
+        fifo = os.path.join(vmd.dir, "fifo.conf")
+        os.mkfifo(fifo)
+        big = os.path.join(vmd.dir, "big.conf")
+        with open(big, "w") as f:
+            f.truncate(4 * 1024 * 1024 + 1)
+        load = subprocess.Popen([VMCTL, "-s", vmd.sock, "load", fifo], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            expect("status beside the load", vmd.vmctl("status")[0], 0)
+            out, err = load.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            raise Failure("vmctl load FIFO still waits after 20s")
+        finally:
+            if load.poll() is None:
+                load.kill()
+                load.communicate()
+        expect("load FIFO", (load.returncode, out, err),
+               (1, "", f"failed to read {fifo}: a FIFO, not a regular file\nvmctl: command failed\n"))
+        expect("load /dev/zero", vmd.vmctl("load", "/dev/zero"),
+               (1, "", "failed to read /dev/zero: a character device, not a regular file\n"
+                       "vmctl: command failed\n"))
+        expect("load of an oversized file", vmd.vmctl("load", big),
+               (1, "", f"failed to read {big}: larger than 4 MiB, the most a configuration file may have\n"
+                       "vmctl: command failed\n"))
+        expect("vms unchanged", [n for _, n, _ in vm_names(vmd)], ["one", "two", "three"])
+        vmd.check_alive()
 
 
 def test_reload_and_sighup():
@@ -833,6 +872,204 @@ def test_one_vmd_per_socket():
             expect("the lock file's mode", stat.S_IMODE(os.stat(sock + ".lock").st_mode), 0o600)
         finally:
             end_vmd(proc, children_of(proc.pid))
+def control_pid(vmd):
+    """The pid of vmd's control child."""
+    return wait_for("the control child", lambda: next(
+        (p for p in children_of(vmd.proc.pid) if t.cmdline(p) == "vmd: control"), None))
+
+
+def send_with_fds(s, data, fds):
+    """Sends `data` with `fds` as SCM_RIGHTS in one sendmsg."""
+    s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+
+
+def test_descriptor_flood():
+    """The attack: an unprivileged user's connections send frames with 64
+    descriptors each, more than control's receive buffer holds (the
+    kernel installs some, truncates the rest). Control must close what
+    arrived and the connection; root's status answers at once, and
+    control's and the parent's descriptor counts return to baseline.
+    Then the user holds its 256 connections, half of which sent a
+    descriptor (refused and closed): each of the others costs control
+    exactly one descriptor, and root is still served."""
+    alice = ACCOUNTS.alice
+    with Vmd(socket_group_config(THREE_VMS)) as vmd:
+        gid = grp.getgrnam(TAG + "s").gr_gid
+        wait_for("the socket's group", lambda: os.stat(vmd.sock).st_gid == gid)
+        control = control_pid(vmd)
+        expect("status before", vmd.vmctl("status")[0], 0)
+        base_control, base_parent = t.fd_count(control), t.fd_count(vmd.proc.pid)
+        verdict_r, verdict_w = os.pipe()
+        release_r, release_w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            try:
+                os.close(verdict_r)
+                os.close(release_w)
+                os.setgroups([ACCOUNTS.sock_group])
+                os.setgid(alice.pw_gid)
+                os.setuid(alice.pw_uid)
+                payload = [os.open("/dev/null", os.O_RDONLY) for _ in range(64)]
+                closed = 0
+                # 16 leaked per frame before: 1,300 connections filled
+                # control's table of 4,096.
+                for i in range(1500):
+                    with connect(vmd) as s:
+                        send_with_fds(s, CTL_STATUS_FRAME if i % 2 else b"x", payload)
+                        closed += closed_by_daemon(s)
+                held = []
+                for i in range(256):
+                    s = connect(vmd)
+                    if i % 2:
+                        send_with_fds(s, CTL_STATUS_FRAME[:7], payload[:1])
+                    else:
+                        s.sendall(CTL_STATUS_FRAME[:7])
+                    held.append(s)
+                closed += sum(closed_by_daemon(s) for s in held[1::2])
+                os.write(verdict_w, b"%d\n" % closed)
+                os.read(release_r, 1)  # hold them until root has looked
+            except Exception as e:
+                os.write(verdict_w, f"{type(e).__name__}: {e}\n".encode())
+            finally:
+                os._exit(0)
+        os.close(verdict_w)
+        os.close(release_r)
+        try:
+            got = b""
+            while not got.endswith(b"\n"):
+                chunk = os.read(verdict_r, 16)
+                if not chunk:
+                    raise Failure(f"the flooding user failed before it said; got {got!r}")
+                got += chunk
+            if not got.strip().isdigit():
+                raise Failure(f"the flooding user failed: {got.decode(errors='replace').strip()}")
+            expect("connections with descriptors closed by control", int(got), 1500 + 128)
+            wait_for("one descriptor per held connection",
+                     lambda: t.fd_count(control) == base_control + 128, timeout=30)
+            start = time.monotonic()
+            code, out, err = vmd.vmctl("status")
+            expect("root's status beside the flood", (code, len(out.splitlines())), (0, 4))
+            if time.monotonic() - start > 10:
+                raise Failure(f"root's status took {time.monotonic() - start:.1f}s")
+        finally:
+            os.close(release_w)
+            os.close(verdict_r)
+            os.waitpid(child, 0)
+        wait_for("control's descriptors back at baseline",
+                 lambda: t.fd_count(control) == base_control, timeout=30)
+        expect("the parent's descriptors", t.fd_count(vmd.proc.pid), base_parent)
+        if "refused" in vmd.log() or "restarting" in vmd.log():
+            raise Failure(f"unexpected lines in the log: {vmd.log()[-1000:]}")
+        vmd.check_alive()
+        expect("control is the same process", control_pid(vmd), control)
+
+
+def test_status_into_a_closed_pipe_or_a_full_disk():
+    """`vmctl status | head` and stdout on /dev/full: no panic. A reader
+    that went away ends vmctl quietly; a full disk says so; exit 1."""
+    with Vmd(THREE_VMS) as vmd:
+        r, w = os.pipe()
+        os.close(r)  # closed before vmctl writes: EPIPE for sure
+        try:
+            p = subprocess.run([VMCTL, "-s", vmd.sock, "status"], stdout=w, stderr=subprocess.PIPE,
+                               text=True, timeout=30)
+        finally:
+            os.close(w)
+        expect("status into a closed pipe", (p.returncode, p.stderr), (1, ""))
+        p = subprocess.run(f"'{VMCTL}' -s '{vmd.sock}' status | head -0", shell=True,
+                           capture_output=True, text=True, timeout=30)
+        expect("status | head -0", (p.returncode, p.stdout, p.stderr), (0, "", ""))
+        with open("/dev/full", "w") as full:
+            p = subprocess.run([VMCTL, "-s", vmd.sock, "status"], stdout=full, stderr=subprocess.PIPE,
+                               text=True, timeout=30)
+        expect("status > /dev/full", (p.returncode, p.stderr),
+               (1, "vmctl: stdout: No space left on device\n"))
+        vmd.check_alive()
+
+
+class SilentVmd:
+    """A socket that stands for a vmd that does not answer: it accepts
+    connections and never writes (or, with `accept=False`, never accepts,
+    its backlog of one filled)."""
+
+    def __init__(self, accept=True):
+        self.dir = tempfile.mkdtemp(prefix="vmd-silent-")
+        self.sock = os.path.join(self.dir, "vmd.sock")
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(self.sock)
+        self.server.listen(0)
+        self.held = []
+        if accept:
+            threading.Thread(target=self.accept, daemon=True).start()
+        else:
+            filler = socket.socket(socket.AF_UNIX)
+            filler.connect(self.sock)
+            self.held.append(filler)
+
+    def accept(self):
+        while True:
+            try:
+                self.held.append(self.server.accept()[0])
+            except OSError:
+                return
+
+    def close(self):
+        self.server.close()
+        for s in self.held:
+            s.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# The test hook that shortens vmctl's bound (client.rs); the real bound is
+# ANSWER_TIMEOUT, 60s (START_ANSWER_TIMEOUT, 120s, for a start).
+HOOK = "VMCTL_TEST_ANSWER_TIMEOUT"
+
+
+def test_vmctl_gives_up_on_a_silent_vmd():
+    env = dict(os.environ, **{HOOK: "2"})
+    silent = SilentVmd()
+    try:
+        for args in (["status"], ["start", "x"], ["pause", "x"], ["load", "/dev/null"]):
+            p = subprocess.run([VMCTL, "-s", silent.sock, *args], capture_output=True, text=True,
+                               env=env, timeout=60)
+            expect(f"vmctl {' '.join(args)} against a silent vmd", (p.returncode, p.stdout, p.stderr),
+                   (1, "", f"vmctl: vmd did not answer within 2s on {silent.sock}; see vmd's log\n"))
+        # Waiting is what the user asked for: no bound.
+        for args in (["wait", "x"], ["stop", "x", "-w"]):
+            p = subprocess.Popen([VMCTL, "-s", silent.sock, *args], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=dict(os.environ, **{HOOK: "1"}))
+            try:
+                p.wait(5)
+                raise Failure(f"vmctl {' '.join(args)} gave up: {p.returncode} {p.stderr.read()!r}")
+            except subprocess.TimeoutExpired:
+                pass
+            finally:
+                p.kill()
+                p.communicate()
+    finally:
+        silent.close()
+    full = SilentVmd(accept=False)
+    try:
+        p = subprocess.run([VMCTL, "-s", full.sock, "status"], capture_output=True, text=True,
+                           env=env, timeout=60)
+        expect("vmctl against a vmd that does not accept", (p.returncode, p.stderr),
+               (1, f"vmctl: connect: {full.sock}: vmd did not take the connection within 2s; see vmd's log\n"))
+    finally:
+        full.close()
+
+
+def test_too_long_paths_refused_by_vmctl_as_by_vmd():
+    long_path = "/" + "a" * 5000
+    why = "path too long: 5001 bytes, at most 4095"
+    with Vmd(THREE_VMS) as vmd:
+        for opt, what in (("-d", "disk"), ("-b", "boot image"), ("-r", "iso image"), ("--initrd", "initrd")):
+            expect(f"start {opt} with a long path", vmd.vmctl("start", "x", "-m", "1G", opt, long_path),
+                   (1, "", f"vmctl: invalid {what} path: {why}\n"))
+        by_vmd = subprocess.run([VMD, "-n", "-f", long_path], capture_output=True, text=True)
+        expect("vmd -n -f with a long path", (by_vmd.returncode, by_vmd.stderr),
+               (1, f"failed to open {long_path}: {why}\n"))
+        expect("load with a long path", vmd.vmctl("load", long_path), (1, "", "vmctl: " + by_vmd.stderr))
+        vmd.check_alive()
 
 
 def main():
@@ -852,6 +1089,7 @@ def main():
         case("start_rate_limit", test_start_rate_limit)
         case("vmctl_command_line", test_vmctl_command_line)
         case("load_bad_file_changes_nothing", test_load_bad_file_changes_nothing)
+        case("load_never_waits_on_a_file", test_load_never_waits_on_a_file)
         case("reload_and_sighup", test_reload_and_sighup)
         case("reset", test_reset)
         case("bad_frames", test_bad_frames)
@@ -861,6 +1099,10 @@ def main():
         case("help_and_usage", test_help_and_usage)
         case("create_records_normalized_backing", test_create_records_normalized_backing)
         case("one_vmd_per_socket", test_one_vmd_per_socket)
+        case("descriptor_flood", test_descriptor_flood)
+        case("status_into_a_closed_pipe_or_a_full_disk", test_status_into_a_closed_pipe_or_a_full_disk)
+        case("vmctl_gives_up_on_a_silent_vmd", test_vmctl_gives_up_on_a_silent_vmd)
+        case("too_long_paths_refused_by_vmctl_as_by_vmd", test_too_long_paths_refused_by_vmctl_as_by_vmd)
     except Exception as e:
         t.fail("control", f"{type(e).__name__}: {e}")
     finally:

@@ -35,7 +35,7 @@ LOGGED_NAME = {"execve": "execve", "open": "openat", "socket": "socket", "ptrace
 class Vmd:
     """A vmd in the foreground with its own socket, log and config."""
 
-    def __init__(self, binary=VMD, args=()):
+    def __init__(self, binary=VMD, args=(), cwd=None):
         self.dir = tempfile.mkdtemp(prefix="vmd-privsep-")
         self.sock = os.path.join(self.dir, "vmd.sock")
         self.log_path = os.path.join(self.dir, "vmd.log")
@@ -45,7 +45,7 @@ class Vmd:
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
                 [binary, "-d", *args, "-f", conf, "-s", self.sock],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd=cwd)
 
     def log(self):
         with open(self.log_path, errors="replace") as f:
@@ -125,6 +125,20 @@ def test_ps_titles():
                 raise Failure(f"ps shows no 'vmd:' line for pid {pid}")
             if (found[0][0], found[0][2].strip()) != (user, args):
                 raise Failure(f"ps shows {found[0]}, want {user} {args}")
+
+
+def test_foreground_runs_in_root():
+    """vmd -d, started in some directory, runs in / as vmd.8 says (and
+    holds no directory it was started from)."""
+    start_dir = tempfile.mkdtemp(prefix="vmd-privsep-cwd-")
+    try:
+        with Vmd(cwd=start_dir) as vmd:
+            vmd.ready()
+            cwd = os.readlink(f"/proc/{vmd.proc.pid}/cwd")
+            if cwd != "/":
+                raise Failure(f"vmd -d runs in {cwd}, want /")
+    finally:
+        shutil.rmtree(start_dir, ignore_errors=True)
 
 
 def test_control_socket():
@@ -294,6 +308,8 @@ def test_daemonize():
             raise Failure(f"pid {daemon_pid} is not a running 'vmd: parent'")
         if st["PPid"] == str(os.getpid()):
             raise Failure("vmd did not detach")
+        if os.readlink(f"/proc/{daemon_pid}/cwd") != "/":
+            raise Failure(f"the daemon runs in {os.readlink(f'/proc/{daemon_pid}/cwd')}, want /")
         if not all(wait_for(f"{r}", lambda r=r: [p for p in children_of(daemon_pid) if cmdline(p) == f"vmd: {r}"])
                    for r in ROLES):
             raise Failure("children missing")
@@ -315,6 +331,7 @@ def main():
     build_triggers()
     case("children_dropped", test_children_dropped)
     case("ps_titles", test_ps_titles)
+    case("foreground_runs_in_root", test_foreground_runs_in_root)
     case("control_socket", test_control_socket)
     case("second_vmd_refused", test_second_vmd_refused)
     case("control_restarted", test_control_restarted)

@@ -1,13 +1,21 @@
 //! vmctl's connection to vmd's control socket: one request out, frames
 //! back, in the same imsg framing the daemon's processes use.
+//!
+//! vmctl never waits without bound unless the user asked to wait (`wait`,
+//! `stop -w`): each answer must come within the request's
+//! [`CtlRequest::answer_timeout`], and vmd must take the connection
+//! within [`ANSWER_TIMEOUT`].
 
-use common::ctl::CtlRequest;
+use common::ctl::{CtlRequest, ANSWER_TIMEOUT};
 use common::imsg::{self, Channel, Frame, Message};
+use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, UnixAddr};
+use nix::sys::time::TimeVal;
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::UnixStream;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Where vmd listens unless `-s` or `VMD_SOCKET` says otherwise.
 pub const DEFAULT_SOCKET: &str = "/var/run/vmd.sock";
@@ -23,36 +31,106 @@ pub fn socket_path(option: Option<&str>) -> PathBuf {
     }
 }
 
+/// Test hook, for the regress suites only: `VMCTL_TEST_ANSWER_TIMEOUT=N`
+/// shortens every bound to N seconds (it never lengthens one), so a test
+/// of a vmd that does not answer need not wait a minute.
+const TEST_TIMEOUT_VARIABLE: &str = "VMCTL_TEST_ANSWER_TIMEOUT";
+
+/// `bound`, or the test hook's shorter one (at least a second: a zero
+/// SO_SNDTIMEO would mean no bound at all).
+fn client_bound(bound: Duration) -> Duration {
+    std::env::var(TEST_TIMEOUT_VARIABLE)
+        .ok()
+        .and_then(|secs| secs.parse::<u64>().ok())
+        .map_or(bound, |secs| bound.min(Duration::from_secs(secs.max(1))))
+}
+
 pub struct Client {
     channel: Channel,
     frames: VecDeque<Frame>,
+    socket: PathBuf,
+    /// How long the next answer may take; None: as long as it takes.
+    patience: Option<Duration>,
 }
 
 impl Client {
-    /// Connects, or says why not (`vmctl: connect: PATH: reason`).
+    /// Connects, or says why not (`vmctl: connect: PATH: reason`). A vmd
+    /// that does not take the connection in time is a reason too.
     pub fn connect(path: &Path) -> Result<Client, String> {
-        let stream = UnixStream::connect(path)
-            .map_err(|e| format!("connect: {}: {}", path.display(), strerror(&e)))?;
+        let bound = client_bound(ANSWER_TIMEOUT);
+        let refused = |e: Errno| {
+            let why = match e {
+                // SO_SNDTIMEO ran out: connect waited in a full backlog.
+                Errno::EAGAIN => format!(
+                    "vmd did not take the connection within {}s; see vmd's log",
+                    bound.as_secs()
+                ),
+                e => e.desc().to_string(),
+            };
+            format!("connect: {}: {why}", path.display())
+        };
+        let sock = socket::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(refused)?;
+        // Bounds connect (and later writes) on a UNIX socket.
+        let timeval = TimeVal::new(bound.as_secs() as _, bound.subsec_micros() as _);
+        socket::setsockopt(&sock, sockopt::SendTimeout, &timeval).map_err(refused)?;
+        let addr = UnixAddr::new(path).map_err(refused)?;
+        loop {
+            match socket::connect(sock.as_raw_fd(), &addr) {
+                Ok(()) => break,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(refused(e)),
+            }
+        }
         Ok(Client {
-            channel: Channel::new(OwnedFd::from(stream)),
+            channel: Channel::without_fds(sock),
             frames: VecDeque::new(),
+            socket: path.to_path_buf(),
+            patience: Some(bound),
         })
     }
 
+    /// Sends `request`; its answers may take as long as it allows.
     pub fn send(&mut self, request: CtlRequest) -> Result<(), String> {
+        self.patience = request.answer_timeout().map(client_bound);
         imsg::send_blocking(self.channel.sock.as_fd(), Frame::new(Message::Ctl(request)))
             .map_err(|e| format!("write error: {e}"))
     }
 
-    /// The next message from vmd, waiting for it.
+    /// The next message from vmd, waiting for it as long as the request
+    /// allows.
     pub fn receive(&mut self) -> Result<Message, String> {
+        let deadline = self.patience.map(|p| (p, Instant::now() + p));
         loop {
             if let Some(frame) = self.frames.pop_front() {
                 return Ok(frame.message);
             }
+            let timeout = match deadline {
+                None => PollTimeout::NONE,
+                Some((patience, at)) => {
+                    let left = at.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(format!(
+                            "vmd did not answer within {}s on {}; see vmd's log",
+                            patience.as_secs(),
+                            self.socket.display()
+                        ));
+                    }
+                    // Rounded up, so the deadline has passed when poll ends.
+                    let ms = left.as_millis().saturating_add(1);
+                    PollTimeout::try_from(ms.min(i32::MAX as u128) as i32)
+                        .unwrap_or(PollTimeout::MAX)
+                }
+            };
             let mut fds = [PollFd::new(self.channel.sock.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            match poll(&mut fds, timeout) {
+                Ok(0) => continue,
+                Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => return Err(format!("poll: {e}")),
             }
             let (frames, eof) = self
@@ -64,12 +142,5 @@ impl Client {
                 return Err("pipe closed".into());
             }
         }
-    }
-}
-
-fn strerror(e: &std::io::Error) -> String {
-    match e.raw_os_error() {
-        Some(code) => nix::errno::Errno::from_raw(code).desc().to_string(),
-        None => e.to_string(),
     }
 }

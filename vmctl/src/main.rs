@@ -6,6 +6,7 @@ mod create;
 mod vms;
 
 use common::getopt::{Getopt, Opt};
+use std::io::{ErrorKind, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -165,6 +166,25 @@ fn command_line(name: &str, usage: &str) -> String {
         name.to_string()
     } else {
         format!("{name} {usage}")
+    }
+}
+
+/// Writes `text` to standard output, all of it (print! would panic on a
+/// write error). A reader that went away (`vmctl status | head`) ends
+/// vmctl quietly; any other failure says what it was (`vmctl: stdout: No
+/// space left on device`). Either way the exit status is 1.
+pub fn write_stdout(text: &str) -> Result<(), ExitCode> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::BrokenPipe => Err(ExitCode::FAILURE),
+        Err(e) => {
+            let why = e.raw_os_error().map_or(e.to_string(), |n| {
+                nix::errno::Errno::from_raw(n).desc().to_string()
+            });
+            eprintln!("vmctl: stdout: {why}");
+            Err(ExitCode::FAILURE)
+        }
     }
 }
 

@@ -7,7 +7,8 @@ use crate::client::Client;
 use crate::console::{self, Ended};
 use crate::{command_usage, Global};
 use common::config::{
-    BootDevice, Disk, Interface, VmConfig, MAX_CMDLINE, MAX_DISKS, MAX_INTERFACES,
+    check_request_path, BootDevice, ConfigFileError, Disk, Interface, VmConfig, MAX_CMDLINE,
+    MAX_DISKS, MAX_INTERFACES,
 };
 use common::ctl::{CtlError, CtlRequest, ResetWhat, StartRequest, VmTarget};
 use common::disk::DiskFormat;
@@ -148,7 +149,9 @@ pub fn status(global: &Global, args: &[String]) -> ExitCode {
         .filter(|vm| !running_only || vm.state.is_active())
         .filter(|vm| target.as_ref().is_none_or(|t| t.matches(vm.id, &vm.name)))
         .collect();
-    print!("{}", status::format_table(&shown));
+    if let Err(code) = crate::write_stdout(&status::format_table(&shown)) {
+        return code;
+    }
     if shown.is_empty() {
         ExitCode::FAILURE
     } else {
@@ -159,16 +162,21 @@ pub fn status(global: &Global, args: &[String]) -> ExitCode {
 // --- start ---
 
 /// A path made absolute and checked to exist (realpath), as vmctl sends
-/// every path; `what` names it in the error.
+/// every path, and no longer than vmd takes (its own words if not);
+/// `what` names it in the error.
 fn real_path(path: &str, what: &str) -> Result<String, ExitCode> {
-    std::fs::canonicalize(path)
-        .map(|p| p.display().to_string())
-        .map_err(|e| {
-            let why = e
-                .raw_os_error()
-                .map_or(e.to_string(), |n| strerror(n).to_string());
-            fail(&format!("invalid {what} path: {why}"))
-        })
+    let invalid = |why: &str| fail(&format!("invalid {what} path: {why}"));
+    check_request_path(path).map_err(|e| invalid(&e))?;
+    let real = std::fs::canonicalize(path).map_err(|e| {
+        let why = e
+            .raw_os_error()
+            .map_or(e.to_string(), |n| strerror(n).to_string());
+        invalid(&why)
+    })?;
+    check_request_path(&real).map_err(|e| invalid(&e))?;
+    real.into_os_string()
+        .into_string()
+        .map_err(|_| invalid("not valid UTF-8"))
 }
 
 /// Parses `-m SIZE` (parse_size): at least a megabyte, rounded down.
@@ -651,6 +659,10 @@ pub fn load(global: &Global, args: &[String]) -> ExitCode {
         Ok(path) => path.display().to_string(),
         Err(e) => return fail(&format!("{file}: {e}")),
     };
+    // vmd would refuse it with these words.
+    if let Err(why) = check_request_path(&path) {
+        return fail(&ConfigFileError::Path(why).line(Path::new(&path)));
+    }
     simple(global, CtlRequest::Load { path })
 }
 
@@ -740,6 +752,8 @@ mod tests {
         assert_eq!(req.target, VmTarget::Id(7));
         assert!(start_parse(&args(&["x", "-m", "1K"])).is_err());
         assert!(start_parse(&args(&["x", "-d", "/nonexistent/disk"])).is_err());
+        let long = format!("/{}", "a".repeat(common::config::MAX_REQUEST_PATH));
+        assert!(start_parse(&args(&["x", "-d", &long])).is_err());
         assert!(start_parse(&args(&["-x"])).is_err());
         assert!(start_parse(&args(&["x", "-m", "1G", "-m", "2G"])).is_err());
     }

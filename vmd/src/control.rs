@@ -18,6 +18,12 @@
 //! at most one request at the parent at a time (later ones wait in its
 //! queue, which is bounded), and a client that does not read its replies
 //! is dropped once too much is queued for it.
+//!
+//! Descriptors: a client sends none (a descriptor that arrives anyway is
+//! closed at once, and so is the connection), so each connection holds
+//! exactly one and the connection limits below keep the table from
+//! filling: the last ROOT_RESERVED places stay root's whatever other
+//! users send.
 
 use crate::log::{log_debug, log_info, log_warn};
 use crate::proc;
@@ -92,6 +98,10 @@ struct Conn {
 
 struct Control {
     poll: Poll,
+    listener: UnixListener,
+    /// accept failed for want of descriptors (EMFILE, ENFILE): connections
+    /// wait in the backlog, and the next close accepts them.
+    accept_stalled: bool,
     parent: Channel,
     conns: HashMap<u32, Conn>,
     next_id: u32,
@@ -152,6 +162,8 @@ pub fn control_main(verbosity: u8, socket: &Path) -> ExitCode {
 
     let mut control = Control {
         poll,
+        listener,
+        accept_stalled: false,
         parent: start.channel,
         conns: HashMap::new(),
         next_id: 1,
@@ -170,7 +182,7 @@ pub fn control_main(verbosity: u8, socket: &Path) -> ExitCode {
         for event in events.iter() {
             match event.token() {
                 PARENT => control.dispatch_parent(),
-                LISTENER => control.accept(&listener),
+                LISTENER => control.accept(),
                 #[cfg(feature = "test-triggers")]
                 TRIGGER => trigger.fire("control"),
                 Token(t) if t >= FIRST_CONN_TOKEN => {
@@ -248,12 +260,22 @@ impl Control {
     }
 
     /// Accepts every pending connection.
-    fn accept(&mut self, listener: &UnixListener) {
+    fn accept(&mut self) {
+        self.accept_stalled = false;
         loop {
-            let sock = match control_accept_one(listener) {
+            let sock = match control_accept_one(&self.listener) {
                 Ok(sock) => sock,
                 Err(Errno::EAGAIN) => return,
                 Err(Errno::EINTR | Errno::ECONNABORTED) => continue,
+                Err(e @ (Errno::EMFILE | Errno::ENFILE)) => {
+                    // The limits keep our table from filling (each
+                    // connection holds one descriptor); should the
+                    // system's fill, retry when a connection closes.
+                    // Readiness is edge-triggered: it would not come back.
+                    log_warn!("accept: {e}; connections wait until one closes");
+                    self.accept_stalled = true;
+                    return;
+                }
                 Err(e) => {
                     log_warn!("accept: {e}");
                     return;
@@ -296,7 +318,7 @@ impl Control {
             self.conns.insert(
                 id,
                 Conn {
-                    channel: Channel::new(sock),
+                    channel: Channel::without_fds(sock),
                     creds,
                     queued: VecDeque::new(),
                     pending: None,
@@ -433,6 +455,10 @@ impl Control {
         };
         log_debug!("connection {id} closed: {why}");
         deregister(self.poll.registry(), &conn.channel);
+        drop(conn);
+        if self.accept_stalled {
+            self.accept();
+        }
     }
 }
 

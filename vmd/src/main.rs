@@ -249,6 +249,12 @@ fn run_daemon(opts: Options) -> ExitCode {
     if let Err(e) = lock.record_pid() {
         log::log_warn!("{}: {e}", socketlock::lock_path(&socket).display());
     }
+    // In the foreground too (daemon() did it otherwise): vmd runs in /,
+    // holding no directory it was started from.
+    if let Err(e) = nix::unistd::chdir("/") {
+        eprintln!("vmd: cannot change directory to /: {e}");
+        return ExitCode::FAILURE;
+    }
     let code = parent::parent_main(parent::ParentOptions {
         socket,
         config_path: path,

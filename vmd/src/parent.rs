@@ -39,6 +39,16 @@ const RESTART_BACKOFF: Duration = Duration::from_secs(10);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// How long a pause or unpause waits for the VM process to confirm.
 const COMMAND_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+// vmctl gives up on an answer after ANSWER_TIMEOUT (START_ANSWER_TIMEOUT
+// for a start): every deadline vmd keeps before it answers ends first.
+const _: () = assert!(
+    common::ctl::ANSWER_TIMEOUT.as_secs()
+        > crate::userfiles::OPEN_TIMEOUT.as_secs() + COMMAND_REPLY_TIMEOUT.as_secs()
+);
+const _: () = assert!(
+    common::ctl::START_ANSWER_TIMEOUT.as_secs()
+        > crate::userfiles::OPEN_TIMEOUT.as_secs() + VM_START_TIMEOUT.as_secs()
+);
 
 pub struct ParentOptions {
     pub socket: PathBuf,

@@ -352,10 +352,8 @@ impl Registry {
         }
         let index = match self.find(&req.target) {
             Some(i) => {
+                self.check_permitted(i, creds)?;
                 let vm = &self.vms[i];
-                if !vm.permits(creds) {
-                    return Err(errno(Errno::EPERM));
-                }
                 if vm.state.is_active() {
                     let why = match vm.state {
                         VmState::Stopping => format!("vm {} is still stopping", vm.name()),
@@ -615,15 +613,21 @@ impl Registry {
     /// it: permission is checked before the VM's state.
     fn find_permitted(&self, target: &VmTarget, creds: &Credentials) -> Result<usize, CtlError> {
         let index = self.find(target).ok_or_else(CtlError::not_found)?;
-        if !self.vms[index].permits(creds) {
-            log_warn!(
-                "{}: uid {} is not permitted",
-                self.vms[index].name(),
-                creds.uid
-            );
-            return Err(errno(Errno::EPERM));
-        }
+        self.check_permitted(index, creds)?;
         Ok(index)
+    }
+
+    /// EPERM, logged, unless `creds` may act on VM `index`.
+    fn check_permitted(&self, index: usize, creds: &Credentials) -> Result<(), CtlError> {
+        if self.vms[index].permits(creds) {
+            return Ok(());
+        }
+        log_warn!(
+            "{}: uid {} is not permitted",
+            self.vms[index].name(),
+            creds.uid
+        );
+        Err(errno(Errno::EPERM))
     }
 
     /// `vmctl stop`: asks the VM to shut down (or, with `force`, kills it).

@@ -183,6 +183,8 @@ pub struct Lexer {
     last_pos: Pos,
     /// Where the token being read started.
     token_pos: Pos,
+    /// Bytes of every file read so far (see MAX_CONFIG_FILE).
+    pub bytes_read: u64,
 }
 
 fn is_alnum(c: u8) -> bool {
@@ -214,6 +216,7 @@ impl Lexer {
             errors: 0,
             last_pos: Pos { file: 0, line: 1 },
             token_pos: Pos { file: 0, line: 1 },
+            bytes_read: 0,
         };
         for (name, value) in defines {
             lexer.define(name, value, true);
@@ -224,6 +227,7 @@ impl Lexer {
     /// Starts reading `data` as file `name`; reading returns to the
     /// current file at its end.
     pub fn push(&mut self, name: String, canonical: PathBuf, data: Vec<u8>) {
+        self.bytes_read += data.len() as u64;
         self.files.push(OpenFile { name, canonical });
         self.stack.push(Source {
             file: self.files.len() - 1,

@@ -312,9 +312,18 @@ impl Parser {
             self.error(pos, &format!("failed to include file {name}: include loop"));
             return Ok(());
         }
-        match std::fs::read(&canonical) {
+        if self.lex.files.len() >= super::MAX_CONFIG_FILES {
+            let why = format!("more than {} files in all", super::MAX_CONFIG_FILES);
+            self.error(pos, &format!("failed to include file {name}: {why}"));
+            return Ok(());
+        }
+        match super::read_config_file(&canonical) {
+            Ok(data) if self.lex.bytes_read + data.len() as u64 > super::MAX_CONFIG_FILE => {
+                let why = format!("more than {} MiB in all", super::MAX_CONFIG_FILE >> 20);
+                self.error(pos, &format!("failed to include file {name}: {why}"));
+            }
             Ok(data) => self.lex.push(path.display().to_string(), canonical, data),
-            Err(_) => self.error(pos, &format!("failed to include file {name}")),
+            Err(e) => self.error(pos, &format!("failed to include file {name}: {e}")),
         }
         Ok(())
     }

@@ -526,6 +526,103 @@ fn missing_files() {
     );
 }
 
+/// The parent reads these in its event loop: nothing may make it wait
+/// (a FIFO without a writer) or read without end (/dev/zero).
+#[test]
+fn only_regular_files_up_to_the_cap_are_read() {
+    let dir = TempDir::new("special");
+    let fifo = dir.0.join("fifo.conf");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let big = dir.0.join("big.conf");
+    let file = std::fs::File::create(&big).unwrap();
+    file.set_len(MAX_CONFIG_FILE + 1).unwrap();
+    let cap = dir.write("cap.conf", "");
+    std::fs::File::options()
+        .write(true)
+        .open(&cap)
+        .unwrap()
+        .set_len(MAX_CONFIG_FILE)
+        .unwrap();
+    let zero = Path::new("/dev/zero");
+    for (path, why) in [
+        (fifo.as_path(), "a FIFO, not a regular file"),
+        (zero, "a character device, not a regular file"),
+        (dir.0.as_path(), "a directory, not a regular file"),
+        (
+            big.as_path(),
+            "larger than 4 MiB, the most a configuration file may have",
+        ),
+    ] {
+        for required in [true, false] {
+            assert_eq!(
+                load(path, &[], required).expect_err("refused"),
+                vec![format!("failed to read {}: {why}", path.display())]
+            );
+        }
+    }
+    // /dev/null, by its device number: the empty configuration.
+    assert_eq!(
+        load(Path::new("/dev/null"), &[], true)
+            .expect("empty")
+            .config,
+        Config::default()
+    );
+    // Exactly the cap is read (NUL bytes: a lexer error, not a refusal).
+    assert_eq!(
+        read_config_file(&cap).unwrap().len() as u64,
+        MAX_CONFIG_FILE
+    );
+
+    let top = dir.write("top.conf", "include \"fifo.conf\"\ninclude \"/dev/zero\"\n");
+    assert_eq!(
+        load(&top, &[], true).expect_err("includes refused"),
+        vec![
+            format!(
+                "{}:1: failed to include file fifo.conf: a FIFO, not a regular file",
+                top.display()
+            ),
+            format!(
+                "{}:2: failed to include file /dev/zero: a character device, not a regular file",
+                top.display()
+            ),
+        ]
+    );
+}
+
+/// Includes add up: 4 MiB and 1000 files in all, so files that include
+/// each other twice over (2^25 reads) end at once.
+#[test]
+fn includes_are_capped_in_all() {
+    let dir = TempDir::new("include-caps");
+    let half = "#".repeat((MAX_CONFIG_FILE / 2) as usize - 1) + "\n";
+    dir.write("h1.inc", &half);
+    dir.write("h2.inc", &half);
+    let top = dir.write("top.conf", "include \"h1.inc\"\ninclude \"h2.inc\"\n");
+    assert_eq!(
+        load(&top, &[], true).expect_err("over 4 MiB in all"),
+        vec![format!(
+            "{}:2: failed to include file h2.inc: more than 4 MiB in all",
+            top.display()
+        )]
+    );
+    for i in 0..25 {
+        let next = i + 1;
+        dir.write(
+            &format!("f{i}.conf"),
+            &format!("include \"f{next}.conf\"\ninclude \"f{next}.conf\"\n"),
+        );
+    }
+    dir.write("f25.conf", "");
+    let lines = load(&dir.0.join("f0.conf"), &[], true).expect_err("bomb");
+    assert!(!lines.is_empty());
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.ends_with(": more than 1000 files in all")),
+        "{lines:?}"
+    );
+}
+
 #[test]
 fn the_printed_configuration_reads_back_the_same() {
     let text = r#"local prefix 10.8.0.0/16
@@ -582,7 +679,7 @@ fn limits_of_a_vm_from_elsewhere() {
     vm.vcpus = Some(2);
     assert_eq!(vm.check_limits(), Ok(()));
     type Breaks = fn(&mut VmConfig);
-    let broken: [(&str, Breaks); 7] = [
+    let broken: [(&str, Breaks); 9] = [
         ("/d is given twice", |vm| {
             vm.disks = vec![
                 Disk {
@@ -607,7 +704,16 @@ fn limits_of_a_vm_from_elsewhere() {
         ("too many network", |vm| {
             vm.interface_count = Some(MAX_INTERFACES + 1)
         }),
-        ("path", |vm| vm.boot = Some(String::new())),
+        ("empty path", |vm| vm.boot = Some(String::new())),
+        ("path too long: 4096 bytes, at most 4095", |vm| {
+            vm.initrd = Some("/".repeat(MAX_REQUEST_PATH + 1))
+        }),
+        ("path too long", |vm| {
+            vm.disks = vec![Disk {
+                path: "/".repeat(MAX_REQUEST_PATH + 1),
+                format: DiskFormat::Raw,
+            }]
+        }),
     ];
     for (what, breaks) in broken {
         let mut bad = vm.clone();
@@ -615,4 +721,9 @@ fn limits_of_a_vm_from_elsewhere() {
         let err = bad.check_limits().expect_err(what);
         assert!(err.contains(what), "{err} lacks {what}");
     }
+    vm.disks = vec![Disk {
+        path: "/".repeat(MAX_REQUEST_PATH),
+        format: DiskFormat::Raw,
+    }];
+    assert_eq!(vm.check_limits(), Ok(()));
 }

@@ -14,6 +14,26 @@ pub const MAX_DISKS: usize = 4;
 pub const MAX_INTERFACES: usize = 4;
 /// Boot, initrd, cdrom and disk paths are shorter than this many bytes.
 pub const MAX_PATH: usize = 128;
+/// The longest path a request from vmctl may name (a start's files, the
+/// file of `load`), in bytes: PATH_MAX less its NUL. Longer ones are
+/// refused by [`check_request_path`], in vmd and in vmctl alike.
+pub const MAX_REQUEST_PATH: usize = libc::PATH_MAX as usize - 1;
+
+/// vmd's check of a path a request names; vmctl makes the same check,
+/// with the same words, before it sends one.
+pub fn check_request_path(path: impl AsRef<std::ffi::OsStr>) -> Result<(), String> {
+    let path = path.as_ref();
+    if path.is_empty() {
+        return Err("empty path".to_string());
+    }
+    if path.len() > MAX_REQUEST_PATH {
+        return Err(format!(
+            "path too long: {} bytes, at most {MAX_REQUEST_PATH}",
+            path.len()
+        ));
+    }
+    Ok(())
+}
 /// Interface, bridge and group names are shorter than this (IFNAMSIZ).
 pub const IF_NAMESIZE: usize = 16;
 /// Highest routing domain number (RT_TABLEID_MAX).
@@ -335,11 +355,8 @@ impl VmConfig {
             .chain(&self.initrd)
             .chain(&self.cdrom)
             .chain(self.disks.iter().map(|d| &d.path));
-        if let Some(path) = paths
-            .into_iter()
-            .find(|p| p.is_empty() || p.len() >= libc::PATH_MAX as usize)
-        {
-            return Err(format!("invalid path length: {}", path.len()));
+        for path in paths {
+            check_request_path(path)?;
         }
         if self
             .memory
