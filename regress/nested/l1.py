@@ -15,6 +15,7 @@ fails at once with the reason.
 """
 
 import base64
+import ctypes
 import os
 import re
 import select
@@ -30,6 +31,13 @@ from vmdregress import Failure
 # TCG L1 is slow and this machine is shared: generous bounds.
 L1_BOOT_TIMEOUT = 300
 COMMAND_TIMEOUT = 300
+
+
+def die_with_parent():
+    """In the child before exec: SIGKILL when the suite dies, however it
+    dies, so no L1 outlives it."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
 
 
 class L1:
@@ -52,7 +60,7 @@ class L1:
         self.started = time.monotonic()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, pass_fds=[theirs.fileno()],
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=die_with_parent)
         theirs.close()
 
     @classmethod

@@ -20,6 +20,7 @@ a shared machine and L2 under L1's emulated SVM.
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -245,7 +246,6 @@ def qemu_credentials(vmd):
     dev = vmd.l1.check("stat -c '%a %U %G' /dev/kvm").split()
     if dev != ["660", "root", "kvm"]:
         raise Failure(f"/dev/kvm is {dev}; the test needs 660 root kvm")
-    vmd.wait_console("l2creds", "VMD-GUEST: ready")
 
 
 def pause_unpause(vmd):
@@ -380,6 +380,10 @@ def main():
         fail("setup", why)
         return summary()
 
+    # SIGTERM or SIGINT (regress/run stopped): through the finally below,
+    # which stops L1.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
     if os.geteuid() != 0:
         return setup_failed("the suite runs as root")
     if not os.path.exists("/usr/bin/qemu-system-x86_64"):
