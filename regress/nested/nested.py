@@ -41,6 +41,8 @@ GUEST_CMDLINE = "console=ttyS0 quiet"
 L2_BOOT_TIMEOUT = 300
 # vmctl commands that wait for a guest (stop -w) get as long.
 VMCTL_TIMEOUT = 300
+# vm.conf's default `uid range` (vm.conf.5): the uids VMs run as.
+UID_RANGE = (0x70000000, 0x70000000 + 2047)
 # Modules L1 must have loaded besides kvm (kernel-dependent suites use them).
 L1_MODULES = ["tun", "bridge", "vrf", "vhost_net", "nf_tables"]
 
@@ -88,10 +90,15 @@ class L1Vmd(t.Vmd):
         return self.l1.read(self.log_path)
 
     def vmctl(self, *args, user=None, timeout=VMCTL_TIMEOUT):
+        """vmctl in L1, killed after `timeout` seconds there (a hung vmctl
+        fails its case, not the whole L1)."""
         if user:
             raise Failure("L1 has no users to run vmctl as")
-        return self.l1.sh(" ".join(shlex.quote(a) for a in ["vmctl", "-s", self.sock, *args]) + " 2>&1",
-                          timeout)
+        argv = ["timeout", "-s", "KILL", str(timeout), "vmctl", "-s", self.sock, *args]
+        rc, out = self.l1.sh(" ".join(shlex.quote(a) for a in argv), timeout + 60)
+        if rc == 128 + 9:
+            raise Failure(f"vmctl {' '.join(args)} still ran after {timeout}s in L1")
+        return rc, out
 
     def start(self, name, *extra, cmdline=GUEST_CMDLINE, memory="256M"):
         self.names.append(name)
@@ -116,14 +123,14 @@ class L1Vmd(t.Vmd):
         return self.l1.sh(f"tr '\\0' ' ' </proc/{pid}/cmdline")[1].strip()
 
     def processes(self):
-        """{pid: /proc/PID/status} of every process in L1."""
-        out = self.l1.check("for d in /proc/[0-9]*; do echo \"@@ ${d#/proc/}\"; cat $d/status; done 2>/dev/null")
+        """{pid: its /proc/PID/status fields Name, State, PPid, Uid} for every
+        process in L1 (one grep: a fork per process is slow under TCG)."""
+        out = self.l1.sh("grep -hE '^(Name|State|Pid|PPid|Uid):' /proc/[0-9]*/status 2>/dev/null")[1]
         procs = {}
-        for chunk in out.split("@@ ")[1:]:
-            pid, _, text = chunk.partition("\n")
-            st = parse_status(text)
-            if st:
-                procs[int(pid)] = st
+        for record in out.split("Name:\t")[1:]:
+            st = parse_status("Name:\t" + record)
+            if st and "Pid" in st:
+                procs[int(st["Pid"])] = st
         return procs
 
     def vm_pids(self, vmid):
@@ -192,15 +199,24 @@ def kvm_gid(l1):
 
 
 def check_runs_on_kvm(vmd, qemu):
-    """QEMU was told `-accel kvm` and holds KVM's VM and vCPU descriptors."""
+    """QEMU was told `-accel kvm` and opens /dev/kvm and KVM's VM and vCPU
+    descriptors."""
     args = vmd.cmdline(qemu).split()
     accel = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "-accel"]
     if accel != ["kvm"]:
         raise Failure(f"QEMU's -accel is {accel}, want ['kvm']: {' '.join(args)}")
-    fds = vmd.l1.check(f"ls -l /proc/{qemu}/fd")
-    for want in ("/dev/kvm", "anon_inode:kvm-vm", "anon_inode:kvm-vcpu:0"):
-        if want not in fds:
-            raise Failure(f"QEMU holds no {want}: {fds}")
+    wants = ("/dev/kvm", "anon_inode:kvm-vm", "anon_inode:kvm-vcpu:0")
+    fds = ""
+
+    def kvm_open():
+        nonlocal fds
+        fds = vmd.l1.sh(f"ls -l /proc/{qemu}/fd")[1]
+        return all(w in fds for w in wants)
+    try:
+        # QEMU opens them while it starts up.
+        wait_for("QEMU's KVM descriptors", kvm_open, 120)
+    except Failure as e:
+        raise Failure(f"{e}; want {wants} among: {fds}") from None
 
 
 # --- cases
@@ -231,9 +247,12 @@ def qemu_credentials(vmd):
     if not st:
         raise Failure("QEMU is gone")
     uids, gids = st["Uid"].split(), st["Gid"].split()
-    vm_uid = vmd.proc_status(vm_pid)["Uid"].split()[0]
-    if set(uids) != {vm_uid} or vm_uid in ("0", "999"):
-        raise Failure(f"QEMU's Uid {uids}; want the VM's uid {vm_uid} (neither root nor _vmd) in all four")
+    vm_uid = uids[0]
+    if set(uids) != {vm_uid} or not UID_RANGE[0] <= int(vm_uid) <= UID_RANGE[1]:
+        raise Failure(f"QEMU's Uid {uids}; want one uid of vmd's range {UID_RANGE} in all four")
+    # The VM process drops to the same uid once QEMU runs.
+    wait_for("the VM process to run as the VM's uid",
+             lambda: (vmd.proc_status(vm_pid) or {}).get("Uid", "").split() == uids, 60)
     if set(gids) != {vm_uid}:
         raise Failure(f"QEMU's Gid {gids}; want the VM's gid {vm_uid} in all four")
     if st["Groups"].split() != [kvm_gid(vmd.l1)]:
