@@ -14,162 +14,23 @@ each case starts its own vmd in L1 (own dir, socket, vm.conf, console
 logs) and kills it and everything it started at the end, even on
 failure. A failing case prints the tail of its VMs' consoles and of vmd's
 log. Every wait is for an event, bounded generously: L1 runs under TCG on
-a shared machine and L2 under L1's emulated SVM.
+a shared machine and L2 under L1's emulated SVM. L1, its vmd harness and
+the setup are in l1.py, for other suites to reuse.
 """
 
 import os
 import re
-import shlex
-import signal
-import subprocess
 import sys
 import time
 
 NESTED_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(NESTED_DIR), "lib"))
 sys.path.insert(0, NESTED_DIR)
-import vmdregress as t  # noqa: E402
-from vmdregress import ROOT, Failure, case, fail, summary, wait_for  # noqa: E402
-from l1 import L1  # noqa: E402
+from vmdregress import Failure, case, summary, wait_for  # noqa: E402
+from l1 import GUEST_CMDLINE, GUEST_INITRD, GUEST_KERNEL, L2_BOOT_TIMEOUT, in_l1, setup  # noqa: E402
 
-NESTED_BUILD = os.path.join(NESTED_DIR, "build")
-# The test guest inside L1 (regress/nested/build puts it there).
-GUEST_KERNEL = "/guest/vmlinuz"
-GUEST_INITRD = "/guest/initramfs.gz"
-GUEST_CMDLINE = "console=ttyS0 quiet"
-# L2 boots under L1's KVM, which TCG emulates: ~15 s on an idle machine.
-L2_BOOT_TIMEOUT = 300
-# vmctl commands that wait for a guest (stop -w) get as long.
-VMCTL_TIMEOUT = 300
 # vm.conf's default `uid range` (vm.conf.5): the uids VMs run as.
 UID_RANGE = (0x70000000, 0x70000000 + 2047)
-# Modules L1 must have loaded besides kvm (kernel-dependent suites use them).
-L1_MODULES = ["tun", "bridge", "vrf", "vhost_net", "nf_tables"]
-
-
-def tail(text, lines=20):
-    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
-
-
-def parse_status(text):
-    """/proc/PID/status text as a dict, or None if empty or a zombie."""
-    fields = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
-    if not fields or fields.get("State", "").startswith(("Z", "X")):
-        return None
-    return fields
-
-
-class L1Vmd(t.Vmd):
-    """vmdregress.Vmd's vmd, inside L1: the same status parsing, starts and
-    console waits, with vmctl, files and processes reached through L1."""
-
-    def __init__(self, l1, conf_extra=""):
-        self.l1 = l1
-        self.dir = l1.check("mktemp -d /tmp/vmd-regress-XXXXXX").strip()
-        self.sock = f"{self.dir}/vmd.sock"
-        self.log_path = f"{self.dir}/vmd.log"
-        self.console_dir = f"{self.dir}/console"
-        self.conf = f"{self.dir}/vm.conf"
-        self.tracked = set()
-        self.names = []
-        conf = f'console log "{self.console_dir}"\n{conf_extra}'
-        q = shlex.quote
-        self.pid = int(l1.check(
-            f"printf %s {q(conf)} >{q(self.conf)}\n"
-            f"setsid vmd -d -v -f {q(self.conf)} -s {q(self.sock)} </dev/null >{q(self.log_path)} 2>&1 &\n"
-            "echo $!").strip())
-        self.tracked.add(self.pid)
-        wait_for("vmd's control socket in L1",
-                 lambda: l1.sh(f"test -S {q(self.sock)} || ! kill -0 {self.pid}")[0] == 0, 60)
-        if not self.proc_status(self.pid):
-            raise Failure(f"vmd exited at startup: {self.log()}")
-
-    # --- what vmdregress.Vmd does locally, through L1
-
-    def log(self):
-        return self.l1.read(self.log_path)
-
-    def vmctl(self, *args, user=None, timeout=VMCTL_TIMEOUT):
-        """vmctl in L1, killed after `timeout` seconds there (a hung vmctl
-        fails its case, not the whole L1)."""
-        if user:
-            raise Failure("L1 has no users to run vmctl as")
-        argv = ["timeout", "-s", "KILL", str(timeout), "vmctl", "-s", self.sock, *args]
-        rc, out = self.l1.sh(" ".join(shlex.quote(a) for a in argv), timeout + 60)
-        if rc == 128 + 9:
-            raise Failure(f"vmctl {' '.join(args)} still ran after {timeout}s in L1")
-        return rc, out
-
-    def start(self, name, *extra, cmdline=GUEST_CMDLINE, memory="256M"):
-        self.names.append(name)
-        return self.start_with(name, "-b", GUEST_KERNEL, "--initrd", GUEST_INITRD, "--cmdline", cmdline,
-                               "-m", memory, *extra)
-
-    def track(self, vm_pid):
-        self.tracked.add(vm_pid)
-
-    def console_log(self, name, suffix=""):
-        return self.l1.read(f"{self.console_dir}/{name}.console{suffix}")
-
-    def wait_console(self, name, text, timeout=L2_BOOT_TIMEOUT):
-        if name not in self.names:
-            self.names.append(name)
-        super().wait_console(name, text, timeout)
-
-    def proc_status(self, pid):
-        return parse_status(self.l1.read(f"/proc/{pid}/status"))
-
-    def cmdline(self, pid):
-        return self.l1.sh(f"tr '\\0' ' ' </proc/{pid}/cmdline")[1].strip()
-
-    def processes(self):
-        """{pid: its /proc/PID/status fields Name, State, PPid, Uid} for every
-        process in L1 (one grep: a fork per process is slow under TCG)."""
-        out = self.l1.sh("grep -hE '^(Name|State|Pid|PPid|Uid):' /proc/[0-9]*/status 2>/dev/null")[1]
-        procs = {}
-        for record in out.split("Name:\t")[1:]:
-            st = parse_status("Name:\t" + record)
-            if st and "Pid" in st:
-                procs[int(st["Pid"])] = st
-        return procs
-
-    def vm_pids(self, vmid):
-        """(VM process pid, QEMU pid) once QEMU runs."""
-        row = self.status_row(vmid)
-        if not row or row["PID"] == "-":
-            raise Failure(f"vm {vmid} has no PID in status: {row}")
-        vm_pid = int(row["PID"])
-        self.track(vm_pid)
-
-        def qemu():
-            return [pid for pid, st in self.processes().items()
-                    if st.get("PPid") == str(vm_pid) and st.get("Name", "").startswith("qemu-system")]
-        found = wait_for(f"QEMU of vm {vmid}", qemu, 60)
-        self.track(found[0])
-        return vm_pid, found[0]
-
-    def stop(self):
-        """SIGTERM to vmd (SIGKILL after 30 s), then SIGKILL to everything it
-        started and to any QEMU left in L1; removes its dir. Nothing to do
-        once L1 is gone."""
-        if self.l1.dead:
-            return
-        pids = " ".join(str(p) for p in sorted(self.tracked))
-        self.l1.sh(f"""
-            kill -TERM {self.pid} 2>/dev/null
-            i=0
-            while kill -0 {self.pid} 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
-            kill -KILL -{self.pid} {pids} $(pidof qemu-system-x86_64) 2>/dev/null
-            rm -rf {shlex.quote(self.dir)}
-        """, 120)
-
-    def diagnostics(self):
-        """The tails of its VMs' consoles and of its log."""
-        parts = []
-        for name in self.names:
-            parts.append(f"--- console of {name}, last lines:\n{tail(self.console_log(name))}")
-        parts.append(f"--- vmd.log, last lines:\n{tail(self.log(), 30)}")
-        return "\n".join(parts)
 
 
 def expect(rc_out, rc, pattern, what):
@@ -340,45 +201,10 @@ CASES = [
     ("graceful-stop-w-on-kvm", graceful_stop, "accel kvm\n"),
     ("sigkill-vm-process-leaves-nothing", killed_vm_process, "accel kvm\n" + config_vm("l2kill")),
 ]
-# What `make test` runs (regress/run); `make regress-nested` runs all.
+# What `make test` runs (regress/run): every case while the suite takes
+# about 1.5 to 3 minutes; slow cases added later go to --all only
+# (`make regress-nested`).
 DEFAULT = [name for name, _, _ in CASES]
-
-
-def in_l1(l1, fn, conf):
-    """A case with its own vmd in L1; a failure carries the tails of the
-    VMs' consoles and of vmd's log."""
-    def run():
-        vmd = L1Vmd(l1, conf)
-        try:
-            fn(vmd)
-        except Exception as e:
-            why = str(e) if isinstance(e, Failure) else f"{type(e).__name__}: {e}"
-            try:
-                why += "\n" + vmd.diagnostics()
-            except Failure as d:
-                why += f"\n(no diagnostics: {d})"
-            raise Failure(why) from e
-        finally:
-            vmd.stop()
-    return run
-
-
-def check_l1(l1):
-    """L1 is a KVM host: SVM (or VMX) visible, kvm_amd (or kvm_intel) and
-    the other modules loaded, /dev/kvm KVM's device for group kvm."""
-    flags = l1.check("grep -m1 '^flags' /proc/cpuinfo").split()
-    if "svm" not in flags and "vmx" not in flags:
-        raise Failure(f"L1's CPU has neither svm nor vmx: {' '.join(flags)}")
-    loaded = l1.check("ls /sys/module").split()
-    vendor = [m for m in ("kvm_amd", "kvm_intel") if m in loaded]
-    missing = [m for m in ["kvm"] + L1_MODULES if m not in loaded]
-    if not vendor or missing:
-        raise Failure(f"modules missing in L1: {missing + ([] if vendor else ['kvm_amd|kvm_intel'])}; "
-                      f"its console: {tail(l1.console(), 30)}")
-    dev = l1.check("stat -c '%F %t:%T %a %G' /dev/kvm").split()
-    if dev[-3:] != ["a:e8", "660", "kvm"]:
-        raise Failure(f"/dev/kvm in L1 is {dev}; want KVM's device (10:232) 660 group kvm")
-    return vendor[0]
 
 
 def main():
@@ -395,39 +221,12 @@ def main():
     else:
         wanted = DEFAULT
 
-    def setup_failed(why):
-        fail("setup", why)
-        return summary()
-
-    # SIGTERM or SIGINT (regress/run stopped): through the finally below,
-    # which stops L1.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
-    if os.geteuid() != 0:
-        return setup_failed("the suite runs as root")
-    if not os.path.exists("/usr/bin/qemu-system-x86_64"):
-        return setup_failed("/usr/bin/qemu-system-x86_64 is missing: run sh regress/setup")
     began = time.monotonic()
-    p = subprocess.run(["cargo", "build", "-q", "--release", "-p", "vmd", "-p", "vmctl"], cwd=ROOT,
-                       capture_output=True, text=True)
-    if p.returncode != 0:
-        return setup_failed(f"cargo build --release failed: {tail(p.stderr)}")
-    p = subprocess.run([NESTED_BUILD, "--print"], capture_output=True, text=True)
-    m = re.search(r"KERNEL=(\S+) INITRD=(\S+)", p.stdout)
-    if p.returncode != 0 or not m:
-        return setup_failed(f"{NESTED_BUILD} failed: {p.stderr.strip()}")
-    try:
-        l1 = L1.boot(m.group(1), m.group(2))
-    except Failure as e:
-        return setup_failed(f"L1 did not boot: {e}")
+    l1 = setup()
+    if not l1:
+        return summary()
     times = [f"L1 boot {l1.boot_seconds:.1f}s"]
     try:
-        try:
-            vendor = check_l1(l1)
-        except Failure as e:
-            return setup_failed(f"L1 is no KVM host, so nothing here can run: {e}")
-        print(f"nested: L1 booted in {l1.boot_seconds:.1f}s; {vendor} loaded, /dev/kvm for group kvm",
-              flush=True)
         for name, fn, conf in CASES:
             if name in wanted:
                 start = time.monotonic()
