@@ -171,7 +171,10 @@ def graceful_stop(vmd):
 
 def killed_vm_process(vmd):
     """SIGKILL of the VM process mid-run: QEMU dies with it, nothing of the
-    VM's uid is left, /dev/kvm is free and the VM shows stopped."""
+    VM's uid is left, /dev/kvm is free, the VM shows stopped and vmd's
+    parent holds no descriptor of it any more."""
+    fd_count = f"ls /proc/{vmd.pid}/fd | wc -l"
+    baseline = vmd.l1.check(fd_count).strip()
     out = expect(vmd.vmctl("start", "l2kill"), 0, r"^vmctl: started vm \d+ successfully", "start l2kill")
     vmid = int(re.search(r"started vm (\d+)", out).group(1))
     vmd.names.append("l2kill")
@@ -188,6 +191,8 @@ def killed_vm_process(vmd):
     holders = vmd.l1.sh("ls -l /proc/[0-9]*/fd 2>/dev/null | grep -c /dev/kvm")[1].strip()
     if holders != "0":
         raise Failure(f"{holders} descriptors of /dev/kvm still open")
+    wait_for(f"vmd's parent back to {baseline} descriptors",
+             lambda: vmd.l1.check(fd_count).strip() == baseline, 60)
     if "VM process was killed by SIGKILL" not in vmd.log():
         raise Failure("vmd did not log the VM process's death")
 
