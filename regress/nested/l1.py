@@ -364,5 +364,5 @@ def setup():
     except Failure as e:
         l1.stop()
         return failed(f"L1 is no KVM host, so nothing here can run: {e}")
-    print(f"nested: L1 booted in {l1.boot_seconds:.1f}s; {vendor} loaded, /dev/kvm for group kvm", flush=True)
+    print(f"# L1 booted in {l1.boot_seconds:.1f}s; {vendor} loaded, /dev/kvm for group kvm", flush=True)
     return l1

@@ -240,7 +240,7 @@ def main():
     finally:
         l1.stop()
     times.append(f"total {time.monotonic() - began:.1f}s")
-    print(f"nested: times: {', '.join(times)}")
+    print(f"# times: {', '.join(times)}")
     return summary()
 
 
