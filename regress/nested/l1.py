@@ -202,10 +202,14 @@ class L1Vmd(t.Vmd):
             f"setsid vmd -d -v -f {q(self.conf)} -s {q(self.sock)} </dev/null >{q(self.log_path)} 2>&1 &\n"
             "echo $!").strip())
         self.tracked.add(self.pid)
-        wait_for("vmd's control socket in L1",
-                 lambda: l1.sh(f"test -S {q(self.sock)} || ! kill -0 {self.pid}")[0] == 0, 60)
-        if not self.proc_status(self.pid):
-            raise Failure(f"vmd exited at startup: {self.log()}")
+        try:
+            wait_for("vmd's control socket in L1",
+                     lambda: l1.sh(f"test -S {q(self.sock)} || ! kill -0 {self.pid}")[0] == 0, 60)
+            if not self.proc_status(self.pid):
+                raise Failure(f"vmd exited at startup: {self.log()}")
+        except Failure:
+            self.stop()
+            raise
 
     # --- what vmdregress.Vmd does locally, through L1
 
