@@ -6,7 +6,7 @@ SBINDIR = $(DESTDIR)$(PREFIX)/sbin
 MANDIR = $(DESTDIR)$(PREFIX)/share/man
 CARGO ?= cargo
 
-.PHONY: all build test regress install demo bench setup clean
+.PHONY: all build test regress regress-nested install demo bench setup clean
 
 all:
 	$(CARGO) build --release --workspace
@@ -25,6 +25,11 @@ setup:
 
 regress: build
 	sh regress/run
+
+# Only regress/nested, every case: vmd with real KVM inside a nested KVM
+# host that QEMU emulates (make test runs its default cases).
+regress-nested: build
+	sh regress/nested/run --all
 
 bench: all
 	sh regress/bench

@@ -1,0 +1,372 @@
+"""The nested KVM host ("L1") of regress/nested, for the suites that run
+cases inside it: boots regress/nested/build's initramfs under
+`qemu-system-x86_64 -accel tcg -cpu max` (TCG emulates AMD's SVM, so L1
+loads kvm_amd and has a real /dev/kvm), and runs shell commands in it over
+its second serial port (protocol: regress/nested/init).
+
+    l1 = setup()                         # builds, boots, checks; or None
+    rc, out = l1.sh("cat /proc/cpuinfo")
+    l1.check("...")                      # raises Failure unless exit 0
+    l1.console()                         # L1's own console (ttyS0) so far
+    case(NAME, in_l1(l1, fn, conf))      # fn(vmd): an L1Vmd of its own
+    l1.stop()
+
+Every wait is bounded; when L1 stops answering, every later command
+fails at once with the reason.
+"""
+
+import base64
+import ctypes
+import os
+import re
+import select
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import vmdregress as t
+from vmdregress import ROOT, Failure, fail, wait_for
+
+NESTED_DIR = os.path.dirname(os.path.abspath(__file__))
+NESTED_BUILD = os.path.join(NESTED_DIR, "build")
+# The test guest inside L1 (regress/nested/build puts it there).
+GUEST_KERNEL = "/guest/vmlinuz"
+GUEST_INITRD = "/guest/initramfs.gz"
+GUEST_CMDLINE = "console=ttyS0 quiet"
+# L2 boots under L1's KVM, which TCG emulates: ~15 s on an idle machine.
+L2_BOOT_TIMEOUT = 300
+# vmctl commands that wait for a guest (stop -w) get as long.
+VMCTL_TIMEOUT = 300
+# Modules L1 must have loaded besides kvm (kernel-dependent suites use them).
+L1_MODULES = ["tun", "bridge", "vrf", "vhost_net", "nf_tables"]
+
+# TCG L1 is slow and this machine is shared: generous bounds.
+L1_BOOT_TIMEOUT = 300
+COMMAND_TIMEOUT = 300
+
+
+def die_with_parent():
+    """In the child before exec: SIGKILL when the suite dies, however it
+    dies, so no L1 outlives it."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
+
+
+class L1:
+    def __init__(self, kernel, initrd, memory="2G", append=""):
+        self.dir = tempfile.mkdtemp(prefix="vmd-regress-nested-")
+        self.console_path = os.path.join(self.dir, "console.log")
+        self.dead = None
+        self.seq = 0
+        self.buf = b""
+        ours, theirs = socket.socketpair()
+        self.sock = ours
+        argv = [
+            "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", memory, "-smp", "1",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-kernel", kernel, "-initrd", initrd,
+            "-append", f"console=ttyS0 panic=-1 {append}".strip(),
+            "-chardev", f"file,id=console,path={self.console_path}", "-serial", "chardev:console",
+            "-chardev", f"socket,id=commands,fd={theirs.fileno()}", "-serial", "chardev:commands",
+        ]
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, pass_fds=[theirs.fileno()],
+                                     start_new_session=True, preexec_fn=die_with_parent)
+        theirs.close()
+
+    @classmethod
+    def boot(cls, kernel, initrd, **kw):
+        """Boots L1 and waits until it answers; stops it on failure."""
+        l1 = cls(kernel, initrd, **kw)
+        try:
+            l1._read_until(re.compile(rb"^NESTED-L1 ready\r?\n", re.M), L1_BOOT_TIMEOUT, "L1's boot")
+        except Failure:
+            l1.stop()
+            raise
+        l1.boot_seconds = time.monotonic() - l1.started
+        return l1
+
+    def console(self):
+        """What L1 printed on its console (ttyS0) so far."""
+        try:
+            with open(self.console_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def _gone(self, why):
+        self.dead = why
+        raise Failure(why)
+
+    def _read_until(self, pattern, timeout, what):
+        """Reads the command channel until `pattern` matches; returns the
+        match and drops what it covers from the buffer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = pattern.search(self.buf)
+            if m:
+                self.buf = self.buf[m.end():]
+                return m
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._gone(f"L1 gave no answer within {timeout}s for {what}; "
+                           f"its console ends: {self.console()[-1500:]}")
+            r, _, _ = select.select([self.sock], [], [], min(left, 1.0))
+            if r:
+                data = self.sock.recv(65536)
+                if not data:
+                    self._gone(f"L1's QEMU closed the command channel during {what}: "
+                               f"{self._qemu_output()} console: {self.console()[-1500:]}")
+                self.buf += data
+            elif self.proc.poll() is not None:
+                self._gone(f"L1's QEMU exited ({self.proc.returncode}) during {what}: "
+                           f"{self._qemu_output()} console: {self.console()[-1500:]}")
+
+    def _qemu_output(self):
+        if self.proc.poll() is None:
+            return ""
+        return self.proc.stdout.read().decode(errors="replace").strip()
+
+    def sh(self, script, timeout=COMMAND_TIMEOUT):
+        """Runs `script` with sh in L1: (exit status, output)."""
+        if self.dead:
+            raise Failure(f"L1 is gone: {self.dead}")
+        self.seq += 1
+        line = f"{self.seq} {base64.b64encode(script.encode()).decode()}\n"
+        self.sock.sendall(line.encode())
+        self._read_until(re.compile(rb"^NESTED-L1 begin %d\r?\n" % self.seq, re.M), timeout,
+                         f"command {script[:80]!r}")
+        m = self._read_until(re.compile(rb"^NESTED-L1 end %d (\d+)\r?\n" % self.seq, re.M), timeout,
+                             f"command {script[:80]!r}")
+        # Everything before the end line is the base64 of the output.
+        body = m.string[:m.start()]
+        out = base64.b64decode(b"".join(body.split())).decode(errors="replace")
+        return int(m.group(1)), out
+
+    def check(self, script, timeout=COMMAND_TIMEOUT):
+        """sh() that must exit 0; returns the output."""
+        rc, out = self.sh(script, timeout)
+        if rc != 0:
+            raise Failure(f"in L1: {script.strip()!r}: exit {rc}: {out.strip()}")
+        return out
+
+    def read(self, path):
+        """A file of L1's, or "" if it does not exist."""
+        rc, out = self.sh(f"cat {shlex.quote(path)} 2>/dev/null")
+        return out if rc == 0 else ""
+
+    def stop(self):
+        """Powers L1 off (SIGKILL: nothing in it outlives it)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.sock.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def tail(text, lines=20):
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+
+def parse_status(text):
+    """/proc/PID/status text as a dict, or None if empty or a zombie."""
+    fields = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+    if not fields or fields.get("State", "").startswith(("Z", "X")):
+        return None
+    return fields
+
+
+class L1Vmd(t.Vmd):
+    """vmdregress.Vmd's vmd, inside L1: the same status parsing, starts and
+    console waits, with vmctl, files and processes reached through L1."""
+
+    def __init__(self, l1, conf_extra=""):
+        self.l1 = l1
+        self.dir = l1.check("mktemp -d /tmp/vmd-regress-XXXXXX").strip()
+        self.sock = f"{self.dir}/vmd.sock"
+        self.log_path = f"{self.dir}/vmd.log"
+        self.console_dir = f"{self.dir}/console"
+        self.conf = f"{self.dir}/vm.conf"
+        self.tracked = set()
+        self.names = []
+        conf = f'console log "{self.console_dir}"\n{conf_extra}'
+        q = shlex.quote
+        self.pid = int(l1.check(
+            f"printf %s {q(conf)} >{q(self.conf)}\n"
+            f"setsid vmd -d -v -f {q(self.conf)} -s {q(self.sock)} </dev/null >{q(self.log_path)} 2>&1 &\n"
+            "echo $!").strip())
+        self.tracked.add(self.pid)
+        try:
+            wait_for("vmd's control socket in L1",
+                     lambda: l1.sh(f"test -S {q(self.sock)} || ! kill -0 {self.pid}")[0] == 0, 60)
+            if not self.proc_status(self.pid):
+                raise Failure(f"vmd exited at startup: {self.log()}")
+        except Failure:
+            self.stop()
+            raise
+
+    # --- what vmdregress.Vmd does locally, through L1
+
+    def log(self):
+        return self.l1.read(self.log_path)
+
+    def vmctl(self, *args, user=None, timeout=VMCTL_TIMEOUT):
+        """vmctl in L1, killed after `timeout` seconds there (a hung vmctl
+        fails its case, not the whole L1)."""
+        if user:
+            raise Failure("L1 has no users to run vmctl as")
+        argv = ["timeout", "-s", "KILL", str(timeout), "vmctl", "-s", self.sock, *args]
+        rc, out = self.l1.sh(" ".join(shlex.quote(a) for a in argv), timeout + 60)
+        if rc == 128 + 9:
+            raise Failure(f"vmctl {' '.join(args)} still ran after {timeout}s in L1")
+        return rc, out
+
+    def start(self, name, *extra, cmdline=GUEST_CMDLINE, memory="256M"):
+        self.names.append(name)
+        return self.start_with(name, "-b", GUEST_KERNEL, "--initrd", GUEST_INITRD, "--cmdline", cmdline,
+                               "-m", memory, *extra)
+
+    def track(self, vm_pid):
+        self.tracked.add(vm_pid)
+
+    def console_log(self, name, suffix=""):
+        return self.l1.read(f"{self.console_dir}/{name}.console{suffix}")
+
+    def wait_console(self, name, text, timeout=L2_BOOT_TIMEOUT):
+        if name not in self.names:
+            self.names.append(name)
+        super().wait_console(name, text, timeout)
+
+    def proc_status(self, pid):
+        return parse_status(self.l1.read(f"/proc/{pid}/status"))
+
+    def cmdline(self, pid):
+        return self.l1.sh(f"tr '\\0' ' ' </proc/{pid}/cmdline")[1].strip()
+
+    def processes(self):
+        """{pid: its /proc/PID/status fields Name, State, PPid, Uid} for every
+        process in L1 (one grep: a fork per process is slow under TCG)."""
+        out = self.l1.sh("grep -hE '^(Name|State|Pid|PPid|Uid):' /proc/[0-9]*/status 2>/dev/null")[1]
+        procs = {}
+        for record in out.split("Name:\t")[1:]:
+            st = parse_status("Name:\t" + record)
+            if st and "Pid" in st:
+                procs[int(st["Pid"])] = st
+        return procs
+
+    def vm_pids(self, vmid):
+        """(VM process pid, QEMU pid) once QEMU runs."""
+        row = self.status_row(vmid)
+        if not row or row["PID"] == "-":
+            raise Failure(f"vm {vmid} has no PID in status: {row}")
+        vm_pid = int(row["PID"])
+        self.track(vm_pid)
+
+        def qemu():
+            return [pid for pid, st in self.processes().items()
+                    if st.get("PPid") == str(vm_pid) and st.get("Name", "").startswith("qemu-system")]
+        found = wait_for(f"QEMU of vm {vmid}", qemu, 60)
+        self.track(found[0])
+        return vm_pid, found[0]
+
+    def stop(self):
+        """SIGTERM to vmd (SIGKILL after 30 s), then SIGKILL to everything it
+        started and to any QEMU left in L1; removes its dir. Nothing to do
+        once L1 is gone."""
+        if self.l1.dead:
+            return
+        pids = " ".join(str(p) for p in sorted(self.tracked))
+        self.l1.sh(f"""
+            kill -TERM {self.pid} 2>/dev/null
+            i=0
+            while kill -0 {self.pid} 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+            kill -KILL -{self.pid} {pids} $(pidof qemu-system-x86_64) 2>/dev/null
+            rm -rf {shlex.quote(self.dir)}
+        """, 120)
+
+    def diagnostics(self):
+        """The tails of its VMs' consoles and of its log."""
+        parts = []
+        for name in self.names:
+            parts.append(f"--- console of {name}, last lines:\n{tail(self.console_log(name))}")
+        parts.append(f"--- vmd.log, last lines:\n{tail(self.log(), 30)}")
+        return "\n".join(parts)
+
+
+def in_l1(l1, fn, conf):
+    """A case with its own vmd in L1; a failure carries the tails of the
+    VMs' consoles and of vmd's log."""
+    def run():
+        vmd = L1Vmd(l1, conf)
+        try:
+            fn(vmd)
+        except Exception as e:
+            why = str(e) if isinstance(e, Failure) else f"{type(e).__name__}: {e}"
+            try:
+                why += "\n" + vmd.diagnostics()
+            except Failure as d:
+                why += f"\n(no diagnostics: {d})"
+            raise Failure(why) from e
+        finally:
+            vmd.stop()
+    return run
+
+
+def check_kvm_host(l1):
+    """L1 is a KVM host: SVM (or VMX) visible, kvm_amd (or kvm_intel) and
+    the other modules loaded, /dev/kvm KVM's device for group kvm."""
+    flags = l1.check("grep -m1 '^flags' /proc/cpuinfo").split()
+    if "svm" not in flags and "vmx" not in flags:
+        raise Failure(f"L1's CPU has neither svm nor vmx: {' '.join(flags)}")
+    loaded = l1.check("ls /sys/module").split()
+    vendor = [m for m in ("kvm_amd", "kvm_intel") if m in loaded]
+    missing = [m for m in ["kvm"] + L1_MODULES if m not in loaded]
+    if not vendor or missing:
+        raise Failure(f"modules missing in L1: {missing + ([] if vendor else ['kvm_amd|kvm_intel'])}; "
+                      f"its console: {tail(l1.console(), 30)}")
+    dev = l1.check("stat -c '%F %t:%T %a %G' /dev/kvm").split()
+    if dev[-3:] != ["a:e8", "660", "kvm"]:
+        raise Failure(f"/dev/kvm in L1 is {dev}; want KVM's device (10:232) 660 group kvm")
+    return vendor[0]
+
+
+def setup():
+    """What a suite in L1 needs: root, QEMU, the release vmd and vmctl
+    (built), L1 built and booted, and a KVM host. The running L1 (stop it
+    with l1.stop()), or None after printing `FAIL setup: why`. SIGTERM and
+    SIGINT exit through the caller's `finally`."""
+    def failed(why):
+        fail("setup", why)
+        return None
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _: sys.exit(128 + signum))
+    if os.geteuid() != 0:
+        return failed("the suite runs as root")
+    if not os.path.exists("/usr/bin/qemu-system-x86_64"):
+        return failed("/usr/bin/qemu-system-x86_64 is missing: run sh regress/setup")
+    p = subprocess.run(["cargo", "build", "-q", "--release", "-p", "vmd", "-p", "vmctl"], cwd=ROOT,
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        return failed(f"cargo build --release failed: {tail(p.stderr)}")
+    p = subprocess.run([NESTED_BUILD, "--print"], capture_output=True, text=True)
+    m = re.search(r"KERNEL=(\S+) INITRD=(\S+)", p.stdout)
+    if p.returncode != 0 or not m:
+        return failed(f"{NESTED_BUILD} failed: {p.stderr.strip()}")
+    try:
+        l1 = L1.boot(m.group(1), m.group(2))
+    except Failure as e:
+        return failed(f"L1 did not boot: {e}")
+    try:
+        vendor = check_kvm_host(l1)
+    except Failure as e:
+        l1.stop()
+        return failed(f"L1 is no KVM host, so nothing here can run: {e}")
+    print(f"# L1 booted in {l1.boot_seconds:.1f}s; {vendor} loaded, /dev/kvm for group kvm", flush=True)
+    return l1

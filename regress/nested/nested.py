@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""regress/nested: vmd on a real KVM host. This machine's /dev/kvm is not
+hardware KVM (and CI's may be missing), so the suite boots a nested KVM
+host, L1 (regress/nested/build, l1.py: Debian's cloud kernel under TCG
+with `-cpu max`, which has AMD's SVM, and kvm_amd loaded), and runs the
+release vmd and vmctl inside it, where `accel kvm` is the real thing: the
+test guest (L2) runs under L1's KVM.
+
+    regress/nested/run [--all] [CASE...]
+
+Without arguments it runs the short default set (DEFAULT below), with
+--all every case, or the cases named. As root. One L1 serves every case;
+each case starts its own vmd in L1 (own dir, socket, vm.conf, console
+logs) and kills it and everything it started at the end, even on
+failure. A failing case prints the tail of its VMs' consoles and of vmd's
+log. Every wait is for an event, bounded generously: L1 runs under TCG on
+a shared machine and L2 under L1's emulated SVM. L1, its vmd harness and
+the setup are in l1.py, for other suites to reuse.
+"""
+
+import os
+import re
+import sys
+import time
+
+NESTED_DIR = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(NESTED_DIR), "lib"))
+sys.path.insert(0, NESTED_DIR)
+from vmdregress import Failure, case, summary, wait_for  # noqa: E402
+from l1 import GUEST_CMDLINE, GUEST_INITRD, GUEST_KERNEL, L2_BOOT_TIMEOUT, in_l1, setup  # noqa: E402
+
+# vm.conf's default `uid range` (vm.conf.5): the uids VMs run as.
+UID_RANGE = (0x70000000, 0x70000000 + 2047)
+
+
+def expect(rc_out, rc, pattern, what):
+    """Checks a vmctl result: exit status `rc` and `pattern` in its output."""
+    got_rc, out = rc_out
+    if got_rc != rc or not re.search(pattern, out, re.M):
+        raise Failure(f"{what}: exit {got_rc}, output {out.strip()!r}; want exit {rc} and /{pattern}/")
+    return out
+
+
+def ticks(text):
+    return [int(n) for n in re.findall(r"^VMD-GUEST: tick (\d+)\r?$", text, re.M)]
+
+
+def config_vm(name):
+    """A disabled vm.conf VM running the test guest (listed when stopped)."""
+    return (f'vm "{name}" {{\n disable\n boot "{GUEST_KERNEL}"\n initrd "{GUEST_INITRD}"\n'
+            f' cmdline "{GUEST_CMDLINE}"\n memory 256M\n}}\n')
+
+
+def kvm_gid(l1):
+    for line in l1.read("/etc/group").splitlines():
+        fields = line.split(":")
+        if fields[0] == "kvm":
+            return fields[2]
+    raise Failure("L1 has no kvm group")
+
+
+def check_runs_on_kvm(vmd, qemu):
+    """QEMU was told `-accel kvm` and opens /dev/kvm and KVM's VM and vCPU
+    descriptors."""
+    args = vmd.cmdline(qemu).split()
+    accel = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "-accel"]
+    if accel != ["kvm"]:
+        raise Failure(f"QEMU's -accel is {accel}, want ['kvm']: {' '.join(args)}")
+    wants = ("/dev/kvm", "anon_inode:kvm-vm", "anon_inode:kvm-vcpu:0")
+    fds = ""
+
+    def kvm_open():
+        nonlocal fds
+        fds = vmd.l1.sh(f"ls -l /proc/{qemu}/fd")[1]
+        return all(w in fds for w in wants)
+    try:
+        # QEMU opens them while it starts up.
+        wait_for("QEMU's KVM descriptors", kvm_open, 120)
+    except Failure as e:
+        raise Failure(f"{e}; want {wants} among: {fds}") from None
+
+
+# --- cases
+
+
+def guest_boots_on_kvm(vmd):
+    """The test guest boots to `ready` under vmd's QEMU on L1's KVM."""
+    vmid, _ = vmd.start("l2boot")
+    _, qemu = vmd.vm_pids(vmid)
+    check_runs_on_kvm(vmd, qemu)
+    vmd.wait_console("l2boot", "VMD-GUEST: ready")
+    log = vmd.console_log("l2boot")
+    for want in ("VMD-GUEST: booted", "VMD-GUEST: cpus 1"):
+        if want not in log:
+            raise Failure(f"no {want!r} on the console")
+    if vmd.state(vmid) != "running":
+        raise Failure(f"status: {vmd.status_row(vmid)}")
+
+
+def qemu_credentials(vmd):
+    """QEMU runs as the VM's uid and gid, with the kvm group as its only
+    supplementary group and no capability; /dev/kvm (root:kvm 0660) is
+    open to it through that group alone."""
+    vmid, _ = vmd.start("l2creds")
+    vm_pid, qemu = vmd.vm_pids(vmid)
+    check_runs_on_kvm(vmd, qemu)
+    st = vmd.proc_status(qemu)
+    if not st:
+        raise Failure("QEMU is gone")
+    uids, gids = st["Uid"].split(), st["Gid"].split()
+    vm_uid = uids[0]
+    if set(uids) != {vm_uid} or not UID_RANGE[0] <= int(vm_uid) <= UID_RANGE[1]:
+        raise Failure(f"QEMU's Uid {uids}; want one uid of vmd's range {UID_RANGE} in all four")
+    # The VM process drops to the same uid once QEMU runs.
+    wait_for("the VM process to run as the VM's uid",
+             lambda: (vmd.proc_status(vm_pid) or {}).get("Uid", "").split() == uids, 60)
+    if set(gids) != {vm_uid}:
+        raise Failure(f"QEMU's Gid {gids}; want the VM's gid {vm_uid} in all four")
+    if st["Groups"].split() != [kvm_gid(vmd.l1)]:
+        raise Failure(f"QEMU's Groups {st['Groups']!r}; want only kvm ({kvm_gid(vmd.l1)})")
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+        if int(st[cap], 16) != 0:
+            raise Failure(f"QEMU's {cap} is {st[cap]}")
+    if st.get("NoNewPrivs") != "1":
+        raise Failure(f"QEMU's NoNewPrivs is {st.get('NoNewPrivs')}")
+    dev = vmd.l1.check("stat -c '%a %U %G' /dev/kvm").split()
+    if dev != ["660", "root", "kvm"]:
+        raise Failure(f"/dev/kvm is {dev}; the test needs 660 root kvm")
+
+
+def pause_unpause(vmd):
+    """Pause stops the guest's ticks for at least three tick intervals (as
+    measured just before, so a slow machine only widens the window);
+    unpause brings them back."""
+    vmid, _ = vmd.start("l2pause")
+    vmd.vm_pids(vmid)
+    vmd.wait_console("l2pause", "VMD-GUEST: tick 2")
+    first = time.monotonic()
+    vmd.wait_console("l2pause", "VMD-GUEST: tick 3")
+    interval = time.monotonic() - first
+    expect(vmd.vmctl("pause", "l2pause"), 0, rf"^vmctl: paused vm {vmid} successfully$", "pause")
+    if vmd.state(vmid) != "paused":
+        raise Failure(f"status after pause: {vmd.status_row(vmid)}")
+    # A tick already on its way out when the vCPU stopped may still arrive.
+    before = ticks(vmd.console_log("l2pause"))
+    time.sleep(max(3.0, 3 * interval))
+    after = ticks(vmd.console_log("l2pause"))
+    if len(after) > len(before) + 1:
+        raise Failure(f"ticks while paused: {after[len(before):]} (interval {interval:.1f}s)")
+    expect(vmd.vmctl("unpause", "l2pause"), 0, rf"^vmctl: unpaused vm {vmid} successfully$", "unpause")
+    if vmd.state(vmid) != "running":
+        raise Failure(f"status after unpause: {vmd.status_row(vmid)}")
+    wait_for("ticks to resume", lambda: len(ticks(vmd.console_log("l2pause"))) >= len(after) + 2,
+             L2_BOOT_TIMEOUT)
+
+
+def graceful_stop(vmd):
+    """stop -w presses the power button; the guest powers off; QEMU and the
+    VM process are gone and the vmctl-started VM is no longer listed."""
+    vmid, _ = vmd.start("l2stop")
+    vm_pid, qemu = vmd.vm_pids(vmid)
+    vmd.wait_console("l2stop", "VMD-GUEST: ready")
+    expect(vmd.vmctl("stop", "-w", "l2stop"), 0, rf"^stopping vm l2stop: terminated vm {vmid}$", "stop -w")
+    if "VMD-GUEST: power button, powering off" not in vmd.console_log("l2stop"):
+        raise Failure("the guest's power-off path did not run")
+    if vmd.proc_status(vm_pid) or vmd.proc_status(qemu):
+        raise Failure("the VM process or QEMU outlived stop -w")
+    if vmd.status_row(vmid) is not None:
+        raise Failure(f"a vmctl-started VM is still listed: {vmd.status_row(vmid)}")
+
+
+def killed_vm_process(vmd):
+    """SIGKILL of the VM process mid-run: QEMU dies with it, nothing of the
+    VM's uid is left, /dev/kvm is free, the VM shows stopped and vmd's
+    parent holds no descriptor of it any more."""
+    fd_count = f"ls /proc/{vmd.pid}/fd | wc -l"
+    baseline = vmd.l1.check(fd_count).strip()
+    out = expect(vmd.vmctl("start", "l2kill"), 0, r"^vmctl: started vm \d+ successfully", "start l2kill")
+    vmid = int(re.search(r"started vm (\d+)", out).group(1))
+    vmd.names.append("l2kill")
+    vm_pid, qemu = vmd.vm_pids(vmid)
+    vm_uid = vmd.proc_status(qemu)["Uid"].split()[0]
+    vmd.wait_console("l2kill", "VMD-GUEST: tick 1")
+    vmd.l1.check(f"kill -KILL {vm_pid}")
+    wait_for("the VM to show stopped", lambda: vmd.state(vmid) == "stopped", 60)
+
+    def leftovers():
+        return {pid: st["Name"] for pid, st in vmd.processes().items()
+                if st["Uid"].split()[0] == vm_uid or st["Name"].startswith("qemu-system")}
+    wait_for("QEMU and every process of the VM's uid to be gone", lambda: not leftovers(), 60)
+    holders = vmd.l1.sh("ls -l /proc/[0-9]*/fd 2>/dev/null | grep -c /dev/kvm")[1].strip()
+    if holders != "0":
+        raise Failure(f"{holders} descriptors of /dev/kvm still open")
+    wait_for(f"vmd's parent back to {baseline} descriptors",
+             lambda: vmd.l1.check(fd_count).strip() == baseline, 60)
+    if "VM process was killed by SIGKILL" not in vmd.log():
+        raise Failure("vmd did not log the VM process's death")
+
+
+# (name, function, vm.conf lines); every case runs with its own vmd.
+CASES = [
+    ("accel-kvm-guest-boots-on-kvm", guest_boots_on_kvm, "accel kvm\n"),
+    ("accel-auto-picks-kvm-guest-boots", guest_boots_on_kvm, "accel auto\n"),
+    ("qemu-vm-uid-kvm-group-no-caps", qemu_credentials, "accel kvm\n"),
+    ("pause-unpause-on-kvm", pause_unpause, "accel kvm\n"),
+    ("graceful-stop-w-on-kvm", graceful_stop, "accel kvm\n"),
+    ("sigkill-vm-process-leaves-nothing", killed_vm_process, "accel kvm\n" + config_vm("l2kill")),
+]
+# What `make test` runs (regress/run): every case while the suite takes
+# about 1.5 to 3 minutes; slow cases added later go to --all only
+# (`make regress-nested`).
+DEFAULT = [name for name, _, _ in CASES]
+
+
+def main():
+    args = sys.argv[1:]
+    names = [n for n, _, _ in CASES]
+    if "--all" in args:
+        wanted = names
+    elif args:
+        unknown = [a for a in args if a not in names]
+        if unknown:
+            print(f"usage: run [--all] [CASE...]; unknown {unknown}; cases: {' '.join(names)}", file=sys.stderr)
+            return 2
+        wanted = args
+    else:
+        wanted = DEFAULT
+
+    began = time.monotonic()
+    l1 = setup()
+    if not l1:
+        return summary()
+    times = [f"L1 boot {l1.boot_seconds:.1f}s"]
+    try:
+        for name, fn, conf in CASES:
+            if name in wanted:
+                start = time.monotonic()
+                case(name, in_l1(l1, fn, conf))
+                times.append(f"{name} {time.monotonic() - start:.1f}s")
+    finally:
+        l1.stop()
+    times.append(f"total {time.monotonic() - began:.1f}s")
+    print(f"# times: {', '.join(times)}")
+    return summary()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
