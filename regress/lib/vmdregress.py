@@ -86,10 +86,10 @@ def selected(*names):
 
 def case(name, fn, always=False):
     """Runs one case, if selected (or `always`), and prints `ok NAME
-    (1.2s)` or `FAIL NAME (1.2s): why`."""
+    (1.2s)` or `FAIL NAME (1.2s): why`; whether it passed."""
     global passed
     if not selected(name) and not always:
-        return
+        return False
     start = time.monotonic()
     try:
         fn()
@@ -102,6 +102,8 @@ def case(name, fn, always=False):
     else:
         passed += 1
         print(f"ok {name} ({time.monotonic() - start:.1f}s)", flush=True)
+        return True
+    return False
 
 
 def summary():
