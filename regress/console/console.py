@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
 import vmdregress  # noqa: E402
-from vmdregress import VMCTL, BOOT_TIMEOUT, Failure, TestUser, case, wait_for, with_vmd  # noqa: E402
+from vmdregress import VMCTL, VMCTL_TIMEOUT, WAIT_TIMEOUT, BOOT_TIMEOUT, Failure, TestUser, case, wait_for, with_vmd  # noqa: E402
 
 DEMO_CMDLINE = "console=ttyS0 quiet vmd.mode=demo"
 PROMPT = "vmd-guest:/# "
@@ -50,7 +50,7 @@ class Client:
         self.text = ""
         clients.append(self)
 
-    def read_until(self, regex, timeout=10):
+    def read_until(self, regex, timeout=WAIT_TIMEOUT):
         pattern = re.compile(regex, re.M)
         deadline = time.monotonic() + timeout
         while not pattern.search(self.text):
@@ -83,19 +83,20 @@ class Client:
         """Waits until vmctl has made its terminal raw."""
         self.read_until(r"^Connected to /dev/pts/\d+")
         wait_for("the client's terminal to be raw",
-                 lambda: not termios.tcgetattr(self.slave)[3] & termios.ICANON, 5)
+                 lambda: not termios.tcgetattr(self.slave)[3] & termios.ICANON)
 
     def type(self, data):
         os.write(self.master, data.encode() if isinstance(data, str) else data)
 
-    def converse(self):
-        """Types a line the guest's shell answers and checks the answer."""
+    def converse(self, timeout=60):
+        """Types a line the guest's shell answers and checks the answer
+        within `timeout`."""
         token = f"{random.randrange(10**8):08d}"
         self.type(f"echo hello-$((6*7))-{token}\r")
         # The echo of the line shows $((6*7)); only the shell's answer has 42.
-        self.read_until(rf"^hello-42-{token}$", 20)
+        self.read_until(rf"^hello-42-{token}$", timeout)
 
-    def wait(self, timeout=10):
+    def wait(self, timeout=WAIT_TIMEOUT):
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -161,8 +162,10 @@ def attach_type_leave(vmd):
     c.type("echo tilde~~x\r")
     c.read_until(r"^tilde~~x$")  # cu semantics apply at line starts only
     # At the start of a line ~~ sends one ~ (cat shows what arrived).
-    c.type("cat\r")
-    time.sleep(0.3)
+    # The shell prints the marker once it has left its line editor, so
+    # what follows is cat's input.
+    c.type("echo cat-$((1+1)); cat\r")
+    c.read_until(r"^cat-2$")
     c.type("~~tilde-line\r")
     c.read_until(r"^~tilde-line$")
     if "~~tilde-line" in c.text:
@@ -183,7 +186,7 @@ def attach_type_leave(vmd):
     c2.type("\r~.")
     if c2.wait() != 0:
         raise Failure(f"console {vmid}: {c2.text[-300:]!r}")
-    wait_for("the session in the console log", lambda: "hello-42-" in vmd.console_log("con1"), 5)
+    wait_for("the session in the console log", lambda: "hello-42-" in vmd.console_log("con1"))
 
 
 def second_console_in_use(vmd):
@@ -232,10 +235,13 @@ def terminal_restored_on_signals_and_vm_end(vmd):
     # Ctrl-C typed on the console is the guest's, not vmctl's.
     c = Client(vmd, "console", "term1")
     c.attached()
-    c.type("sleep 30\r")
-    time.sleep(0.5)
+    # ^C once the job is the terminal's foreground (its shell prints the
+    # marker, then becomes sleep): the answer within 60s shows it ended
+    # the 600s sleep.
+    c.type("sh -c 'echo sleeping-$((2+2)); exec sleep 600'\r")
+    c.read_until(r"^sleeping-4$")
     c.type("\x03")
-    c.converse()
+    c.converse(60)
     # The VM ending closes the pty: vmctl leaves and restores the terminal.
     rc, out = vmd.vmctl("stop", "-f", str(vmid))
     if rc != 0:
@@ -274,7 +280,7 @@ def not_found(vmd):
     if rc != 1 or out.strip() != "vmctl: console not found":
         raise Failure(f"console of an unknown VM: exit {rc}: {out.strip()!r}")
     missing = os.path.join(vmd.dir, "missing.sock")
-    p = subprocess.run([VMCTL, "-s", missing, "console", "1"], capture_output=True, text=True, timeout=10)
+    p = subprocess.run([VMCTL, "-s", missing, "console", "1"], capture_output=True, text=True, timeout=WAIT_TIMEOUT)
     if p.returncode != 1 or p.stderr.strip() != f"vmctl: connect: {missing}: No such file or directory":
         raise Failure(f"console without vmd: exit {p.returncode}: {p.stderr.strip()!r}")
     rc, out = vmd.vmctl("console")
@@ -328,7 +334,7 @@ def owner_case(vmd, user):
     if rc != 1 or not re.search(rf"^vmctl: open {tty}: Permission denied$", c.text, re.M):
         raise Failure(f"non-owner console: exit {rc}: {c.text.strip()!r}")
     # The owner starts its VM: the pty is the owner's, 0620.
-    p = subprocess.run([VMCTL, "-s", vmd.sock, "start", "own1"], capture_output=True, text=True, timeout=30,
+    p = subprocess.run([VMCTL, "-s", vmd.sock, "start", "own1"], capture_output=True, text=True, timeout=VMCTL_TIMEOUT,
                        user=user.uid, group=user.gid, extra_groups=[])
     m = re.search(r"started vm (\d+) successfully, tty (/dev/pts/\d+)", p.stderr)
     if p.returncode != 0 or not m:
@@ -362,9 +368,9 @@ def owner_case(vmd, user):
                           f"want 0:{user.gid} 0660")
         # When the VM ends its pty goes back to root, 0600.
         rc, out = vmd.vmctl("stop", "-f", "grp1")
-        wait_for("grp1 to stop", lambda: not running(vmd, grp_id), 10)
+        wait_for("grp1 to stop", lambda: not running(vmd, grp_id))
         wait_for("grp1's pty to go back to root",
-                 lambda: (os.fstat(held).st_gid, os.fstat(held).st_mode & 0o777) == (0, 0o600), 5)
+                 lambda: (os.fstat(held).st_gid, os.fstat(held).st_mode & 0o777) == (0, 0o600))
     finally:
         os.close(held)
 

@@ -5,8 +5,10 @@ Builds (or reuses) the cached guest with regress/guest/build, then boots it a
 few times and checks: the boot markers and the ticks, the disks and NICs it
 lists, DHCP on a user-mode NIC, the ACPI power button (QMP system_powerdown)
 powering it off or being ignored, the self-reboot and self-poweroff hooks,
-and demo mode's shell with job control. Prints `ok NAME` / `FAIL NAME: why`
-and ends with `N passed, M failed`.
+and demo mode's shell with job control. Cases are checks on one boot each;
+naming a check (`run CHECK...`) runs its boot's checks. Reports through
+regress/lib/vmdregress.py: `ok NAME (1.2s)` / `FAIL NAME (1.2s): why`, then
+`N passed, M failed`.
 """
 
 import atexit
@@ -23,22 +25,15 @@ import threading
 import time
 
 GUEST_DIR = os.path.dirname(os.path.abspath(__file__))
-BOOT_TIMEOUT = 60  # seconds to "ready"; about 2 s here under TCG
-STEP_TIMEOUT = 15  # seconds for anything after "ready"
+sys.path.insert(0, os.path.join(os.path.dirname(GUEST_DIR), "lib"))
+import vmdregress as t  # noqa: E402
+from vmdregress import fail  # noqa: E402
 
-results = {"passed": 0, "failed": 0}
+BOOT_TIMEOUT = t.BOOT_TIMEOUT  # seconds to "ready"; about 2 s here under TCG
+STEP_TIMEOUT = 60  # seconds for anything after "ready", on a loaded machine too
+
 guests = []
 tmpdir = tempfile.mkdtemp(prefix="vmd-regress-guest.")
-
-
-def ok(name):
-    results["passed"] += 1
-    print(f"ok {name}", flush=True)
-
-
-def fail(name, why):
-    results["failed"] += 1
-    print(f"FAIL {name}: {why}", flush=True)
 
 
 def cleanup():
@@ -52,8 +47,7 @@ signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
 signal.signal(signal.SIGINT, lambda *_: sys.exit(1))
 
 
-class CheckFailed(Exception):
-    pass
+CheckFailed = t.Failure
 
 
 class Guest:
@@ -196,18 +190,10 @@ class Guest:
                 pass
 
 
-def check(name, fn, *args):
-    """Runs one check; a CheckFailed or any error is that check's FAIL."""
-    try:
-        fn(*args)
-    except CheckFailed as e:
-        fail(name, str(e))
-        return False
-    except Exception as e:  # noqa: BLE001 - report, never crash the suite
-        fail(name, f"{type(e).__name__}: {e}")
-        return False
-    ok(name)
-    return True
+def check(name, fn):
+    """Runs one check of a boot the command line selected (the checks
+    before it are its steps); a CheckFailed or any error is its FAIL."""
+    return t.case(name, fn, always=True)
 
 
 def expect(cond, why):
@@ -266,12 +252,14 @@ def case_devices(files):
             g.wait_for(f"^VMD-GUEST: {line}$", 1)
 
     def ticks():
+        # Seen late (a loaded machine), tick 1 may come just before the
+        # next ticks; 5 ticks apart, a second a tick still shows.
         m1 = g.wait_for(r"^VMD-GUEST: tick 1$")
         t1 = time.monotonic()
         g.wait_for(r"^VMD-GUEST: tick 2$", since=m1.end())
-        g.wait_for(r"^VMD-GUEST: tick 3$", since=m1.end())
-        expect(time.monotonic() - t1 > 1.2,
-               "ticks 1 to 3 came faster than once a second")
+        g.wait_for(r"^VMD-GUEST: tick 6$", since=m1.end())
+        expect(time.monotonic() - t1 > 2,
+               "ticks 1 to 6 came faster than once a second")
 
     def disks():
         g.wait_for(r"^VMD-GUEST: disks vda vdb$", 1)
@@ -293,7 +281,7 @@ def case_devices(files):
         g.command("system_powerdown")
         g.wait_for(r"^VMD-GUEST: power button, powering off$")
         status = g.wait_exit()
-        event = g.wait_event("SHUTDOWN", 1)
+        event = g.wait_event("SHUTDOWN")
         expect(event["data"].get("reason") == "guest-shutdown",
                f"SHUTDOWN reason {event['data']} is not guest-shutdown")
         expect(status == 0, f"QEMU exited with status {status}")
@@ -301,6 +289,8 @@ def case_devices(files):
             start = f.read(len(word) + 1)
         expect(start == word.encode() + b"\0", f"vda starts with {start!r} after the guest wrote {word!r}")
 
+    if not t.selected("boot-markers", "ticks", "disks", "nics", "dhcp", "powerbutton"):
+        return
     try:
         if not check("boot-markers", booted):
             for name in ["ticks", "disks", "nics", "dhcp", "powerbutton"]:
@@ -338,6 +328,8 @@ def case_ignore(files):
         expect(not any(e["event"] == "SHUTDOWN" for e in g.events),
                "QEMU reported a SHUTDOWN")
 
+    if not t.selected("no-devices", "powerbutton-ignore"):
+        return
     try:
         if check("no-devices", booted):
             check("powerbutton-ignore", ignored)
@@ -376,6 +368,8 @@ def case_action(files, action, no_reboot, name):
             g.wait_for(r"^VMD-GUEST: booted$", BOOT_TIMEOUT, since=m.end())
             expect(g.proc.poll() is None, "QEMU exited instead of rebooting")
 
+    if not t.selected(name):
+        return
     try:
         check(name, run)
     finally:
@@ -396,20 +390,23 @@ def case_demo(files):
         m = g.wait_for(r"vmd-guest:/# (\x1b\[6n)?$", since=m.end())
         g.send("echo sum=$((6 * 7))\r")
         m = g.wait_for(r"^sum=42$", since=m.end())
-        # Ctrl-C must interrupt the foreground job, or "after" waits 60 s.
-        g.send("sleep 60\r")
-        g.wait_for(r"sleep 60\n", since=m.end())
-        time.sleep(0.5)
+        # Ctrl-C must interrupt the foreground job, or "after" waits 600 s.
+        # The job prints the marker once it is the terminal's foreground,
+        # then becomes sleep.
+        g.send("sh -c 'echo sleeping=$((2 * 2)); exec sleep 600'\r")
+        m = g.wait_for(r"^sleeping=4$", since=m.end())
         g.send("\x03")
         g.send("echo after=$((1 + 1))\r")
-        g.wait_for(r"^after=2$", 10, since=m.end())
+        g.wait_for(r"^after=2$", STEP_TIMEOUT, since=m.end())
 
     def powerbutton():
         g.command("system_powerdown")
         g.wait_for(r"VMD-GUEST: power button, powering off")
         g.wait_exit()
-        g.wait_event("SHUTDOWN", 1)
+        g.wait_event("SHUTDOWN")
 
+    if not t.selected("demo-shell", "demo-powerbutton"):
+        return
     try:
         if check("demo-shell", shell):
             check("demo-powerbutton", powerbutton)
@@ -436,18 +433,17 @@ def build_guest():
 
 def main():
     start = time.monotonic()
-    files = None
-    if os.geteuid() != 0:
-        fail("build", "must run as root (the guest build uses apt-get)")
-    elif not shutil.which("qemu-system-x86_64"):
-        fail("build", "qemu-system-x86_64 is missing: run regress/setup")
-    else:
-        try:
-            files = build_guest()
-            ok("build")
-        except CheckFailed as e:
-            fail("build", str(e))
-    if files:
+    files = []
+
+    def build():
+        if os.geteuid() != 0:
+            raise CheckFailed("must run as root (the guest build uses apt-get)")
+        if not shutil.which("qemu-system-x86_64"):
+            raise CheckFailed("qemu-system-x86_64 is missing: run regress/setup")
+        files.extend(build_guest())
+
+    # Every other check needs the guest.
+    if check("build", build):
         case_devices(files)
         case_ignore(files)
         case_action(files, "poweroff", True, "action-poweroff")
@@ -455,8 +451,7 @@ def main():
         case_action(files, "reboot", False, "action-reboot")
         case_demo(files)
     print(f"# {time.monotonic() - start:.0f}s", flush=True)
-    print(f"{results['passed']} passed, {results['failed']} failed", flush=True)
-    return 1 if results["failed"] or not files else 0
+    return t.summary()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,18 @@
-"""Shared helpers of the regress suites written in Python (regress/vm,
+"""The harness of the regress suites written in Python (regress/vm,
 regress/lifecycle, regress/console, regress/boot, regress/privsep,
-regress/control): case reporting, waiting, /proc inspection, setup, a test
-user of its own; and, for the suites that boot real guests, a vmd of its
-own per case and a guest's pty.
+regress/control, regress/guest, regress/tour): case selection and
+reporting, waiting, /proc inspection, setup, a test user of its own, a vmd
+of its own per case (Vmd) and a guest's pty.
+
+Each suite runs as `sh regress/SUITE/run [CASE...]`: with names (or shell
+patterns) it runs only the cases they match; a name that matches nothing is
+a failure. Each case prints `ok NAME (1.2s)`, `FAIL NAME (1.2s): why` or
+`skip NAME: why`; the suite ends with `N passed, M failed`.
+
+Waits are for events (a log line, a marker on the console, a process's
+end), bounded generously so that a loaded machine only makes them slower;
+a window or rate limit a case exercises is vmd's own (its log), or one the
+test build sets (VMD_TEST_START_RATE_WINDOW), never how fast a guest boots.
 
 Runs as root. The guest is regress/guest's (`build --print`). Each Vmd
 has its own temp dir, socket, vm.conf and console log directory, and
@@ -10,6 +20,7 @@ stop() kills vmd and every VM process and QEMU it started, even after a
 failure.
 """
 
+import fnmatch
 import os
 import pwd
 import random
@@ -31,10 +42,20 @@ TRIGGER_DIR = os.path.join(ROOT, "target", "test-triggers")
 TRIGGER_VMD = os.path.join(TRIGGER_DIR, "debug", "vmd")
 GUEST_BUILD = os.environ.get("VMD_GUEST_BUILD", os.path.join(ROOT, "regress", "guest", "build"))
 EMPTY_DIR = "/var/lib/vmd/empty"
-BOOT_TIMEOUT = 60
+# Bounds on waits for events: a TCG guest on a loaded machine is slow, and
+# a bound only matters when the event never comes.
+BOOT_TIMEOUT = 120
+WAIT_TIMEOUT = 30
+# Above vmctl's own bound on a start's answer (START_ANSWER_TIMEOUT, 120s),
+# so vmctl's message is what a case sees.
+VMCTL_TIMEOUT = 150
 
 passed = 0
 failed = 0
+# The case names or shell patterns given to the suite (all cases when
+# none), and the names the suite has.
+SELECTED = sys.argv[1:]
+known_cases = []
 # Set by prepare().
 KERNEL = INITRD = None
 
@@ -48,35 +69,50 @@ class Skip(Exception):
     neither as passed nor as failed."""
 
 
-def fail(name, why):
-    """Counts and prints one failure: `FAIL NAME: why`."""
+def fail(name, why, took=None):
+    """Counts and prints one failure: `FAIL NAME (1.2s): why`."""
     global failed
     failed += 1
-    print(f"FAIL {name}: {why}")
-    sys.stdout.flush()
+    when = f" ({took:.1f}s)" if took is not None else ""
+    print(f"FAIL {name}{when}: {why}", flush=True)
 
 
-def case(name, fn):
-    """Runs one case and prints `ok NAME` or `FAIL NAME: why`."""
+def selected(*names):
+    """Whether any of `names` was asked for (every name is when the suite
+    got none); notes them as the suite's."""
+    known_cases.extend(n for n in names if n not in known_cases)
+    return not SELECTED or any(fnmatch.fnmatchcase(n, p) for n in names for p in SELECTED)
+
+
+def case(name, fn, always=False):
+    """Runs one case, if selected (or `always`), and prints `ok NAME
+    (1.2s)` or `FAIL NAME (1.2s): why`; whether it passed."""
     global passed
+    if not selected(name) and not always:
+        return False
+    start = time.monotonic()
     try:
         fn()
     except Skip as e:
-        print(f"skip {name}: {e}")
-        sys.stdout.flush()
+        print(f"skip {name}: {e}", flush=True)
     except Failure as e:
-        fail(name, e)
+        fail(name, e, time.monotonic() - start)
     except Exception as e:  # a broken test is a failure, never a pass
-        fail(name, f"{type(e).__name__}: {e}")
+        fail(name, f"{type(e).__name__}: {e}", time.monotonic() - start)
     else:
         passed += 1
-        print(f"ok {name}")
-        sys.stdout.flush()
+        print(f"ok {name} ({time.monotonic() - start:.1f}s)", flush=True)
+        return True
+    return False
 
 
 def summary():
-    """Prints the suite's last line; returns the exit status."""
-    print(f"{passed} passed, {failed} failed")
+    """Prints the suite's last line; returns the exit status. A name given
+    on the command line that matched no case is a failure."""
+    for pattern in SELECTED:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in known_cases):
+            fail(pattern, f"no such case; this suite has: {', '.join(known_cases)}")
+    print(f"{passed} passed, {failed} failed", flush=True)
     return 1 if failed else 0
 
 
@@ -112,7 +148,8 @@ def prepare(guest=True):
     return True
 
 
-def wait_for(what, check, timeout=10.0):
+def wait_for(what, check, timeout=WAIT_TIMEOUT):
+    """Waits until check() is true (returns it); fails after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
         result = check()
@@ -121,6 +158,21 @@ def wait_for(what, check, timeout=10.0):
         if time.monotonic() > deadline:
             raise Failure(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+def wait_steady(what, get, quiet=1.0, timeout=WAIT_TIMEOUT):
+    """Waits until get() returns the same value for `quiet` seconds (what
+    was under way has arrived, however slowly); returns that value."""
+    deadline = time.monotonic() + timeout
+    value, since = get(), time.monotonic()
+    while time.monotonic() - since < quiet:
+        if time.monotonic() > deadline:
+            raise Failure(f"{what} still changed after {timeout}s")
+        time.sleep(0.1)
+        now = get()
+        if now != value:
+            value, since = now, time.monotonic()
+    return value
 
 
 def status_of(pid):
@@ -191,40 +243,95 @@ def end_vmd(proc, pids=()):
 
 
 class Vmd:
-    """A vmd in the foreground with its own dir, socket, config, logs."""
+    """A vmd in the foreground (-d) with its own temp dir, socket, vm.conf
+    and log, listening once constructed; a context manager.
 
-    def __init__(self, conf_extra="", log_size=None, binary=VMD, env=None):
+    The vm.conf is `conf` as given, or (the default, for the suites that
+    boot guests) `accel tcg`, a console log directory (with `log_size`)
+    and `conf_extra`. `binary` (VMD or TRIGGER_VMD), `verbose` (-v),
+    `env` (added to the environment), `cwd` and `dir_mode` (of the temp
+    dir: 0700, or 0755 for users who connect) as a case needs."""
+
+    def __init__(self, conf_extra="", *, conf=None, log_size=None, binary=VMD, verbose=True,
+                 env=None, cwd=None, dir_mode=0o700):
         self.dir = tempfile.mkdtemp(prefix="vmd-regress-")
+        os.chmod(self.dir, dir_mode)
         self.sock = os.path.join(self.dir, "vmd.sock")
         self.log_path = os.path.join(self.dir, "vmd.log")
         self.console_dir = os.path.join(self.dir, "console")
-        size = f" size {log_size}" if log_size else ""
         self.conf = os.path.join(self.dir, "vm.conf")
-        with open(self.conf, "w") as f:
-            f.write(f'accel tcg\nconsole log "{self.console_dir}"{size}\n{conf_extra}')
+        if conf is None:
+            size = f" size {log_size}" if log_size else ""
+            conf = f'accel tcg\nconsole log "{self.console_dir}"{size}\n{conf_extra}'
+        self.write_config(conf)
+        # Processes to kill at the end: vmd's children and the VMs' (which
+        # run in sessions of their own).
         self.tracked = set()
+        args = [binary, "-d", *(["-v"] if verbose else []), "-f", self.conf, "-s", self.sock]
         with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                [binary, "-d", "-v", "-f", self.conf, "-s", self.sock],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                env={**os.environ, **(env or {})})
-        wait_for("the control socket", lambda: os.path.exists(self.sock) or self.proc.poll() is not None)
-        if self.proc.poll() is not None:
-            raise Failure(f"vmd exited at startup: {self.log()}")
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         start_new_session=True, cwd=cwd, env={**os.environ, **(env or {})})
+        try:
+            wait_for("vmd to listen", lambda: "control: listening" in self.log() or not self.alive())
+            if not self.alive():
+                raise Failure(f"vmd exited at startup: {self.log()}")
+            self.tracked.update(children_of(self.proc.pid))
+        except BaseException:
+            self.stop()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def write_config(self, text):
+        with open(self.conf, "w") as f:
+            f.write(text)
 
     def log(self):
         with open(self.log_path, errors="replace") as f:
             return f.read()
 
-    def vmctl(self, *args, user=None, timeout=30):
-        """Runs vmctl (as `user`, a name, if given): (exit status, output)."""
+    def alive(self):
+        return self.proc.poll() is None
+
+    def check_alive(self):
+        if not self.alive():
+            raise Failure(f"vmd died: {self.log()[-2000:]}")
+
+    def child(self, role):
+        """The pid of the role's child (control, switch) once its filter
+        is in place, or None."""
+        for pid in children_of(self.proc.pid):
+            st = status_of(pid)
+            if st and cmdline(pid) == f"vmd: {role}" and st.get("Seccomp") == "2":
+                self.tracked.add(pid)
+                return pid
+        return None
+
+    def ready(self):
+        """Waits for the control and switch children; their pids."""
+        return [wait_for(f"the {r} child", lambda r=r: self.child(r)) for r in ("control", "switch")]
+
+    def vmctl_streams(self, *args, user=None, groups=(), gid=None, env=None, cwd="/",
+                      timeout=VMCTL_TIMEOUT):
+        """Runs vmctl -s SOCK ARGS as root or as `user` (a name or a pwd
+        entry) with primary group `gid` (default the user's) and exactly
+        the supplementary `groups`: (exit status, stdout, stderr)."""
         kw = {}
-        if user:
-            pw = pwd.getpwnam(user)
-            kw = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
-        p = subprocess.run([VMCTL, "-s", self.sock, *args], stdin=subprocess.DEVNULL,
-                           capture_output=True, text=True, timeout=timeout, **kw)
-        return p.returncode, p.stdout + p.stderr
+        if user is not None:
+            pw = pwd.getpwnam(user) if isinstance(user, str) else user
+            kw = {"user": pw.pw_uid, "group": pw.pw_gid if gid is None else gid, "extra_groups": list(groups)}
+        p = subprocess.run([VMCTL, "-s", self.sock, *args], stdin=subprocess.DEVNULL, capture_output=True,
+                           text=True, timeout=timeout, env=env, cwd=cwd, **kw)
+        return p.returncode, p.stdout, p.stderr
+
+    def vmctl(self, *args, **kw):
+        """vmctl_streams, its output in one: (exit status, output)."""
+        rc, out, err = self.vmctl_streams(*args, **kw)
+        return rc, out + err
 
     def vmctl_background(self, *args):
         """Starts vmctl without waiting for it (a Popen, output on pipes)."""
@@ -296,7 +403,10 @@ class Vmd:
         wait_for(f"{text!r} in {name}'s console log", lambda: text in self.console_log(name), timeout)
 
     def stop(self):
-        if self.proc.poll() is None:
+        """Ends vmd (SIGTERM, SIGKILL to its process group after 10s) and
+        kills every process it started, whatever happened."""
+        if self.alive():
+            self.tracked.update(children_of(self.proc.pid))
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(10)
@@ -307,8 +417,6 @@ class Vmd:
         except ProcessLookupError:
             pass
         self.proc.wait()
-        # VM processes and QEMUs are in sessions of their own: kill the
-        # ones this vmd started by pid.
         kill_pids(self.tracked)
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -26,6 +26,9 @@ from vmdregress import (TRIGGER_VMD, Failure, Pty, Vmd, build_triggers, case, fd
                         status_of, wait_for, with_vmd)
 
 QUIET = "console=ttyS0 quiet"
+# ign1's shutdown timeout: long enough for the case's commands to reach vmd
+# while it waits, however loaded the machine.
+SHUTDOWN_TIMEOUT = 15
 
 
 def expect(rc_out, rc, pattern, what):
@@ -64,9 +67,9 @@ def pause_unpause(vmd):
     expect(vmd.vmctl("pause", "pause1"), 0, rf"^vmctl: paused vm {vmid} successfully$", "pause")
     if vmd.state(vmid) != "paused":
         raise Failure(f"status after pause: {vmd.status_row(vmid)}")
-    # What was on its way out when the vCPUs stopped may still arrive.
-    time.sleep(0.3)
-    before = ticks(vmd.console_log("pause1"))
+    # What was on its way out when the vCPUs stopped may still arrive:
+    # wait until the log is steady, then check that nothing comes.
+    before = ticks(t.wait_steady("pause1's console log", lambda: vmd.console_log("pause1")))
     time.sleep(3)
     after = ticks(vmd.console_log("pause1"))
     if after != before:
@@ -76,7 +79,7 @@ def pause_unpause(vmd):
     expect(vmd.vmctl("unpause", str(vmid)), 0, rf"^vmctl: unpaused vm {vmid} successfully$", "unpause")
     if vmd.state(vmid) != "running":
         raise Failure(f"status after unpause: {vmd.status_row(vmid)}")
-    wait_for("ticks to resume", lambda: len(ticks(vmd.console_log("pause1"))) >= len(after) + 2, 15)
+    wait_for("ticks to resume", lambda: len(ticks(vmd.console_log("pause1"))) >= len(after) + 2)
     # A paused VM can be stopped, gracefully too: its guest powers off.
     expect(vmd.vmctl("pause", "pause1"), 0, r"paused vm \d+ successfully", "second pause")
     expect(vmd.vmctl("stop", "-w", "pause1"), 0, rf"^stopping vm pause1: terminated vm {vmid}$",
@@ -94,11 +97,11 @@ def stopped_vm_process(vmd):
     vmd.wait_console("sigstop1", "VMD-GUEST: ready")
     os.kill(vm_pid, signal.SIGSTOP)
     try:
-        expect(vmd.vmctl("pause", "sigstop1", timeout=30), 1,
+        expect(vmd.vmctl("pause", "sigstop1"), 1,
                r"^vmctl: pause vm command failed: Connection timed out$", "pause of a stopped VM process")
     finally:
         os.kill(vm_pid, signal.SIGCONT)
-    wait_for("the late pause to be carried out", lambda: vmd.state(vmid) == "paused", 10)
+    wait_for("the late pause to be carried out", lambda: vmd.state(vmid) == "paused")
     if not status_of(vm_pid):
         raise Failure(f"the VM process died after SIGCONT: {vmd.log()[-500:]}")
     expect(vmd.vmctl("unpause", "sigstop1"), 0, rf"^vmctl: unpaused vm {vmid} successfully$", "unpause")
@@ -111,12 +114,14 @@ def graceful_stop_and_wait(vmd):
     # A second client waits for the VM's end.
     waiter = vmd.vmctl_background("wait", "grace1")
     try:
-        time.sleep(0.5)
+        # control logs (vmd runs with -v) once the connection waits.
+        wait_for("control to note the waiter",
+                 lambda: re.search(rf"^control: connection \d+ waits for vm {vmid}$", vmd.log(), re.M))
         if waiter.poll() is not None:
             raise Failure(f"wait returned while the VM runs: {waiter.communicate()[0]!r}")
         expect(vmd.vmctl("stop", "-w", "grace1"), 0, rf"^stopping vm grace1: terminated vm {vmid}$",
                "stop -w")
-        out, _ = waiter.communicate(timeout=10)
+        out, _ = waiter.communicate(timeout=t.WAIT_TIMEOUT)
     finally:
         if waiter.poll() is None:
             waiter.kill()
@@ -142,14 +147,14 @@ def forced_after_timeout(vmd):
     stopper = vmd.vmctl_background("stop", "-w", "ign1")
     second = None
     try:
-        wait_for("the VM to be stopping", lambda: vmd.state(vmid) == "stopping", 5)
+        wait_for("the VM to be stopping", lambda: vmd.state(vmid) == "stopping")
         expect(vmd.vmctl("stop", "ign1"), 1,
                r"^stopping vm ign1: vm ign1 is already stopping: -f forces it$",
                "a second stop without -f")
         # stop -w of a VM already stopping waits for that stop to end.
         second = vmd.vmctl_background("stop", "-w", "ign1")
-        out, _ = stopper.communicate(timeout=20)
-        second_out, _ = second.communicate(timeout=20)
+        out, _ = stopper.communicate(timeout=SHUTDOWN_TIMEOUT + t.WAIT_TIMEOUT)
+        second_out, _ = second.communicate(timeout=t.WAIT_TIMEOUT)
     finally:
         for p in (stopper, second):
             if p is not None and p.poll() is None:
@@ -162,8 +167,8 @@ def forced_after_timeout(vmd):
     if stopper.returncode != 0 or not re.search(
             rf"^stopping vm ign1: forced to terminate vm {vmid} after the shutdown timeout$", out, re.M):
         raise Failure(f"stop -w: exit {stopper.returncode}: {out!r}")
-    if took < 2:
-        raise Failure(f"forced after {took:.1f}s with a 2s shutdown timeout")
+    if took < SHUTDOWN_TIMEOUT:
+        raise Failure(f"forced after {took:.1f}s with a {SHUTDOWN_TIMEOUT}s shutdown timeout")
     if "VMD-GUEST: power button, ignored" not in vmd.console_log("ign1"):
         raise Failure("the guest never saw its power button")
     # Defined in vm.conf: listed as stopped.
@@ -178,7 +183,7 @@ def stop_all(vmd):
     b, _ = vmd.start("all2")
     for name in ("all1", "all2"):
         vmd.wait_console(name, "VMD-GUEST: ready")
-    out = expect(vmd.vmctl("stop", "-a", "-w", timeout=60), 0,
+    out = expect(vmd.vmctl("stop", "-a", "-w"), 0,
                  rf"^stopping vm all1: terminated vm {a}$", "stop -a -w")
     if not re.search(rf"^stopping vm all2: terminated vm {b}$", out, re.M):
         raise Failure(f"stop -a -w did not stop all2: {out!r}")
@@ -235,8 +240,8 @@ def reboot_rate_limit(vmd):
         return "restarted too quickly" in vmd.log()
     # The test build's window (an hour) holds every boot, however slow:
     # the count below depends on vmd's rule, not on this machine's speed.
-    wait_for("the start rate limit", track, 180)
-    wait_for("the VM to end", lambda: vmd.status_row(vmid) is None, 30)
+    wait_for("the start rate limit", track, 3 * t.BOOT_TIMEOUT)
+    wait_for("the VM to end", lambda: vmd.status_row(vmid) is None)
     boots = vmd.console_log("loop1").count("VMD-GUEST: booted")
     if boots != 3:
         raise Failure(f"{boots} boots before the rate limit; want 3 (a start and two restarts)")
@@ -254,8 +259,7 @@ def crash(which):
             subprocess.run(["qemu-img", "create", "-q", "-f", "raw", disk, "16M"], check=True)
             vmd = Vmd(conf_extra=config_vm("crash1", extra=f' disk "{disk}"\n'))
             parent = vmd.proc.pid
-            time.sleep(0.5)
-            baseline = fd_count(parent)
+            baseline = t.wait_steady("the parent's descriptors", lambda: fd_count(parent))
             for attempt in (1, 2):
                 vmid, _ = start_config_vm(vmd, "crash1")
                 vm_pid, qemu = vmd.vm_pids(vmid)
@@ -263,16 +267,16 @@ def crash(which):
                 if attempt == 2:
                     break
                 os.kill(qemu if which == "qemu" else vm_pid, signal.SIGKILL)
-                wait_for("the VM to be stopped", lambda: vmd.state(vmid) == "stopped", 10)
+                wait_for("the VM to be stopped", lambda: vmd.state(vmid) == "stopped")
                 wait_for("QEMU and the VM process to be gone",
-                         lambda: not status_of(vm_pid) and not status_of(qemu), 5)
-                wait_for(f"the parent's fds back to {baseline}", lambda: fd_count(parent) == baseline, 5)
+                         lambda: not status_of(vm_pid) and not status_of(qemu))
+                wait_for(f"the parent's fds back to {baseline}", lambda: fd_count(parent) == baseline)
                 want = "QEMU was killed by SIGKILL" if which == "qemu" else "VM process was killed by SIGKILL"
                 if want not in vmd.log():
                     raise Failure(f"vmd did not log {want!r}")
             expect(vmd.vmctl("stop", "-f", "crash1"), 0, r"forced to terminate", "stop -f after the restart")
-            wait_for("the VM to be stopped", lambda: vmd.state(vmid) == "stopped", 10)
-            wait_for(f"the parent's fds back to {baseline}", lambda: fd_count(parent) == baseline, 5)
+            wait_for("the VM to be stopped", lambda: vmd.state(vmid) == "stopped")
+            wait_for(f"the parent's fds back to {baseline}", lambda: fd_count(parent) == baseline)
         finally:
             if vmd:
                 vmd.stop()
@@ -317,8 +321,8 @@ def reset_vms(vmd):
     vmid, _ = vmd.start("rst2")
     pids = [pid for v in (cfg_id, vmid) for pid in vmd.vm_pids(v)]
     expect(vmd.vmctl("reset", "vms"), 0, r"^$", "reset vms")
-    wait_for("the VMs' processes to end", lambda: not any(status_of(p) for p in pids), 10)
-    wait_for("status to list no VM", lambda: not vmd.status(), 5)
+    wait_for("the VMs' processes to end", lambda: not any(status_of(p) for p in pids))
+    wait_for("status to list no VM", lambda: not vmd.status())
     vmd.start("rst2")
 
 
@@ -331,7 +335,7 @@ def main():
     case("graceful-stop-w-and-wait-from-second-client", with_vmd(graceful_stop_and_wait))
     case("ignored-power-button-forced-after-timeout",
          with_vmd(forced_after_timeout, conf_extra=config_vm(
-             "ign1", f"{QUIET} vmd.powerbutton=ignore", " shutdown timeout 2\n")))
+             "ign1", f"{QUIET} vmd.powerbutton=ignore", f" shutdown timeout {SHUTDOWN_TIMEOUT}\n")))
     case("stop-all-two-vms", with_vmd(stop_all))
     case("guest-reboot-same-tty", with_vmd(reboot_same_tty))
     case("reboot-loop-hits-rate-limit", with_vmd(reboot_rate_limit, binary=TRIGGER_VMD,

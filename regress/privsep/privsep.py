@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """regress/privsep: vmd's process model, checked from the outside.
 
-Runs as root. Each case starts its own vmd (-d, its own socket, its own
-log and an empty config in a temp dir), checks it through /proc and ps, and
-kills it and its children at the end, even on failure. The refused-call
+Runs as root. Each case starts its own vmd (vmdregress.Vmd: -d, its own
+socket, its own log and an empty config in a temp dir), checks it through
+/proc and ps, and kills it and its children at the end, even on failure. The refused-call
 cases use a build with the `test-triggers` feature, made here into
 target/test-triggers so target/debug never contains the triggers.
 Shared helpers live in regress/lib/vmdregress.py.
@@ -19,12 +19,11 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
 import vmdregress as t  # noqa: E402
-from vmdregress import (TRIGGER_VMD, VMD, Failure, Skip, build_triggers, case,  # noqa: E402
-                        children_of, cmdline, end_vmd, kill_pids, status_of, wait_for)
+from vmdregress import (TRIGGER_VMD, VMD, WAIT_TIMEOUT, Failure, Skip, build_triggers, case,  # noqa: E402
+                        children_of, cmdline, kill_pids, status_of, wait_for)
 
 ROLES = ("control", "switch")
 # Signals the test-triggers build reads (src/trigger.rs).
@@ -32,52 +31,10 @@ TRIGGERS = {"execve": 1, "open": 2, "socket": 3, "ptrace": 4}
 LOGGED_NAME = {"execve": "execve", "open": "openat", "socket": "socket", "ptrace": "ptrace"}
 
 
-class Vmd:
-    """A vmd in the foreground with its own socket, log and config."""
-
-    def __init__(self, binary=VMD, args=(), cwd=None):
-        self.dir = tempfile.mkdtemp(prefix="vmd-privsep-")
-        self.sock = os.path.join(self.dir, "vmd.sock")
-        self.log_path = os.path.join(self.dir, "vmd.log")
-        conf = os.path.join(self.dir, "vm.conf")
-        open(conf, "w").close()
-        self.known = set()
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                [binary, "-d", *args, "-f", conf, "-s", self.sock],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, cwd=cwd)
-
-    def log(self):
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-    def child(self, role):
-        """The pid of the role's child once its filter is in place."""
-        for pid in children_of(self.proc.pid):
-            st = status_of(pid)
-            if st and cmdline(pid) == f"vmd: {role}" and st.get("Seccomp") == "2":
-                self.known.add(pid)
-                return pid
-        return None
-
-    def ready(self):
-        pids = [wait_for(f"the {r} child", lambda r=r: self.child(r)) for r in ROLES]
-        wait_for("the control socket", lambda: os.path.exists(self.sock))
-        return pids
-
-    def alive(self):
-        return self.proc.poll() is None
-
-    def stop(self):
-        """Kills the parent and every child it ever had, whatever happened."""
-        end_vmd(self.proc, self.known)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
+def plain_vmd(binary=VMD, cwd=None):
+    """The harness's vmd with an empty config and no -v (debug lines are
+    what runtime_verbosity turns on)."""
+    return t.Vmd(conf="", binary=binary, verbose=False, cwd=cwd)
 
 
 def check_child_dropped(role, pid, vmd_uid, vmd_gid):
@@ -104,7 +61,7 @@ def check_child_dropped(role, pid, vmd_uid, vmd_gid):
 
 def test_children_dropped():
     user = pwd.getpwnam("_vmd")
-    with Vmd() as vmd:
+    with plain_vmd() as vmd:
         for role, pid in zip(ROLES, vmd.ready()):
             check_child_dropped(role, pid, user.pw_uid, user.pw_gid)
         parent = status_of(vmd.proc.pid)
@@ -113,7 +70,7 @@ def test_children_dropped():
 
 
 def test_ps_titles():
-    with Vmd() as vmd:
+    with plain_vmd() as vmd:
         control, switch = vmd.ready()
         out = subprocess.run(["ps", "-eo", "user,pid,args"], capture_output=True, text=True, check=True).stdout
         lines = [l.split(None, 2) for l in out.splitlines() if "vmd:" in l]
@@ -132,7 +89,7 @@ def test_foreground_runs_in_root():
     holds no directory it was started from)."""
     start_dir = tempfile.mkdtemp(prefix="vmd-privsep-cwd-")
     try:
-        with Vmd(cwd=start_dir) as vmd:
+        with plain_vmd(cwd=start_dir) as vmd:
             vmd.ready()
             cwd = os.readlink(f"/proc/{vmd.proc.pid}/cwd")
             if cwd != "/":
@@ -142,7 +99,7 @@ def test_foreground_runs_in_root():
 
 
 def test_control_socket():
-    with Vmd() as vmd:
+    with plain_vmd() as vmd:
         vmd.ready()
         st = os.stat(vmd.sock)
         if not stat.S_ISSOCK(st.st_mode) or stat.S_IMODE(st.st_mode) != 0o660:
@@ -150,7 +107,7 @@ def test_control_socket():
         if (st.st_uid, st.st_gid) != (0, 0):
             raise Failure(f"socket owner is {st.st_uid}:{st.st_gid}, want root:root")
         with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(5)
+            s.settimeout(WAIT_TIMEOUT)
             s.connect(vmd.sock)
             # Garbage closes this connection (regress/control tests the rest).
             s.sendall(b"\xff" * 20)
@@ -161,10 +118,10 @@ def test_control_socket():
 
 
 def test_second_vmd_refused():
-    with Vmd() as first:
+    with plain_vmd() as first:
         first.ready()
         second = subprocess.run([VMD, "-d", "-f", "/dev/null", "-s", first.sock],
-                                capture_output=True, text=True, timeout=15)
+                                capture_output=True, text=True, timeout=WAIT_TIMEOUT)
         if second.returncode == 0 or "in use" not in second.stderr:
             raise Failure(f"second vmd on the same socket: status {second.returncode}, {second.stderr!r}")
         if not os.path.exists(first.sock) or not first.alive():
@@ -172,7 +129,7 @@ def test_second_vmd_refused():
 
 
 def test_control_restarted():
-    with Vmd() as vmd:
+    with plain_vmd() as vmd:
         control, switch = vmd.ready()
         os.kill(control, signal.SIGKILL)
         new = wait_for("a new control", lambda: (p := vmd.child("control")) != control and p)
@@ -188,12 +145,13 @@ def test_control_restarted():
 def test_control_crash_loop_backs_off():
     # The 11th death within a minute delays the restart instead of ending
     # vmd (and its VMs).
-    with Vmd() as vmd:
+    with plain_vmd() as vmd:
         control, switch = vmd.ready()
         for _ in range(11):
             os.kill(control, signal.SIGKILL)
+            # The last restart comes after the 10s back-off.
             control = wait_for("a new control", lambda: (p := vmd.child("control")) not in (control, None) and p,
-                               timeout=15)
+                               timeout=10 + WAIT_TIMEOUT)
         if "restarted 10 times in 60s, restarting it in 10s" not in vmd.log():
             raise Failure(f"no back-off logged: {vmd.log()[-400:]}")
         if not vmd.alive() or vmd.child("switch") != switch:
@@ -203,25 +161,24 @@ def test_control_crash_loop_backs_off():
 
 
 def test_parent_sigkill():
-    with Vmd() as vmd:
+    with plain_vmd() as vmd:
         pids = vmd.ready()
         vmd.proc.kill()
         vmd.proc.wait()
-        start = time.monotonic()
-        wait_for("every child to die", lambda: all(status_of(p) is None for p in pids), timeout=1.0)
-        if time.monotonic() - start > 1.0:
-            raise Failure("children outlived the parent by more than a second")
+        # PR_SET_PDEATHSIG: the kernel kills them with the parent; the
+        # bound only allows for a loaded machine.
+        wait_for("every child to die with the parent", lambda: all(status_of(p) is None for p in pids))
 
 
 def test_sigterm_shutdown():
     for sig in (signal.SIGTERM, signal.SIGINT):
-        with Vmd() as vmd:
+        with plain_vmd() as vmd:
             pids = vmd.ready()
             vmd.proc.send_signal(sig)
-            code = vmd.proc.wait(10)
+            code = vmd.proc.wait(WAIT_TIMEOUT)
             if code != 0:
                 raise Failure(f"vmd exited {code} after {sig.name}, want 0")
-            wait_for("every child to die", lambda: all(status_of(p) is None for p in pids), timeout=2.0)
+            wait_for("every child to die", lambda: all(status_of(p) is None for p in pids))
             if os.path.exists(vmd.sock):
                 raise Failure(f"the socket was left behind after {sig.name}")
             if "terminating" not in vmd.log():
@@ -235,7 +192,7 @@ def test_refused_syscalls():
 
 
 def refused_one(role, call, n):
-    with Vmd(TRIGGER_VMD) as vmd:
+    with plain_vmd(TRIGGER_VMD) as vmd:
         vmd.ready()
         pid = vmd.child(role)
         os.kill(pid, signal.SIGRTMIN + n)
@@ -253,7 +210,7 @@ def refused_one(role, call, n):
 
 
 def test_runtime_verbosity():
-    with Vmd(TRIGGER_VMD) as vmd:
+    with plain_vmd(TRIGGER_VMD) as vmd:
         vmd.ready()
         if "verbosity now" in vmd.log():
             raise Failure("debug lines before -v")
@@ -275,10 +232,10 @@ def test_debug_build_has_no_triggers():
 def test_not_root_refused():
     nobody = ["setpriv", "--reuid=_vmd", "--regid=_vmd", "--clear-groups", "--"]
     out = subprocess.run(nobody + [VMD, "-d", "-f", "/dev/null", "-s", "/tmp/never.sock"],
-                         capture_output=True, text=True, timeout=10)
+                         capture_output=True, text=True, timeout=WAIT_TIMEOUT)
     if out.returncode == 0 or "need root privileges" not in out.stderr:
         raise Failure(f"non-root vmd: status {out.returncode}, {out.stderr!r}")
-    out = subprocess.run(nobody + [VMD, "-n", "-f", "/dev/null"], capture_output=True, text=True, timeout=10)
+    out = subprocess.run(nobody + [VMD, "-n", "-f", "/dev/null"], capture_output=True, text=True, timeout=WAIT_TIMEOUT)
     if out.returncode != 0 or "configuration OK" not in out.stderr:
         raise Failure(f"non-root vmd -n: status {out.returncode}, {out.stderr!r}")
 
@@ -291,7 +248,7 @@ def test_daemonize():
     logfile = "/var/log/vmd/vmd.log"
     daemon_pid = None
     try:
-        out = subprocess.run([VMD, "-f", "/dev/null", "-s", sock], capture_output=True, text=True, timeout=10)
+        out = subprocess.run([VMD, "-f", "/dev/null", "-s", sock], capture_output=True, text=True, timeout=WAIT_TIMEOUT)
         if out.returncode != 0:
             raise Failure(f"vmd exited {out.returncode}: {out.stderr!r}")
         if f"logging to {logfile}" not in out.stderr:

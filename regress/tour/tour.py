@@ -36,7 +36,7 @@ def expect(what, got, want):
 
 def run_as(user, args, cwd):
     """Runs a command as `user` (a TestUser) in `cwd`: (status, out+err)."""
-    p = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120,
+    p = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=t.VMCTL_TIMEOUT,
                        user=user.uid, group=user.gid, extra_groups=user.groups)
     return p.returncode, p.stdout + p.stderr
 

@@ -22,7 +22,7 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
 import vmdregress as t  # noqa: E402
-from vmdregress import (BOOT_TIMEOUT, EMPTY_DIR, Failure, Pty, TestUser, Vmd, case,  # noqa: E402
+from vmdregress import (BOOT_TIMEOUT, EMPTY_DIR, WAIT_TIMEOUT, Failure, Pty, TestUser, Vmd, case,  # noqa: E402
                         children_of, cmdline, in_passwd, status_of, wait_for, with_vmd)
 
 
@@ -34,7 +34,7 @@ def boot(vmd):
     pty = Pty(tty)
     try:
         pty.wait_for(r"^VMD-GUEST: ready$")
-        pty.wait_for(r"^VMD-GUEST: tick 2$", 15)
+        pty.wait_for(r"^VMD-GUEST: tick 2$")
     finally:
         pty.close()
     log = wait_for("the markers in the console log",
@@ -117,7 +117,7 @@ def own_namespaces(vmd):
                  "    else:\n"
                  "        print(addr[0], 'connected')\n")
         p = subprocess.run(["nsenter", f"--net=/proc/{qemu}/ns/net", "python3", "-c", probe],
-                           capture_output=True, text=True, timeout=10)
+                           capture_output=True, text=True, timeout=WAIT_TIMEOUT)
         want = f"192.0.2.1 {errno.ENETUNREACH}\n127.0.0.1 {errno.ENETUNREACH}\n"
         if p.returncode != 0 or p.stdout != want:
             raise Failure(f"AF_INET from QEMU's namespace: exit {p.returncode}: {p.stdout!r} {p.stderr.strip()}")
@@ -164,7 +164,7 @@ def stop_force_and_uid_reuse(vmd):
     rc, out = vmd.vmctl("stop", "-f", str(vmid))
     if rc != 0 or not re.search(rf"^stopping vm.*: forced to terminate vm {vmid}$", out, re.M):
         raise Failure(f"stop -f: exit {rc}: {out.strip()}")
-    wait_for("the VM process and QEMU to end", lambda: not status_of(vm_pid) and not status_of(qemu), 5)
+    wait_for("the VM process and QEMU to end", lambda: not status_of(vm_pid) and not status_of(qemu))
     row = vmd.status_row(vmid)
     if row is not None and row["STATE"] != "stopped":
         raise Failure(f"after stop -f: {row}")
@@ -185,10 +185,10 @@ def disk_in_use(vmd):
     if rc == 0 or "could not open disk image(s)" not in out:
         raise Failure(f"second VM on a writable disk in use: exit {rc}: {out.strip()}")
     rc, out = vmd.vmctl("stop", "-f", str(vmid))
-    wait_for("disk1 to stop", lambda: (vmd.status_row(vmid) or {"STATE": "stopped"})["STATE"] == "stopped", 5)
+    wait_for("disk1 to stop", lambda: (vmd.status_row(vmid) or {"STATE": "stopped"})["STATE"] == "stopped")
     # Freed: a new VM may have it.
     wait_for("the disk to be free", lambda: vmd.vmctl("start", "disk3", "-b", t.KERNEL, "--initrd", t.INITRD,
-                                                       "-d", disk)[0] == 0, 5)
+                                                       "-d", disk)[0] == 0)
 
 
 def qcow2_chain(vmd):
@@ -265,7 +265,7 @@ def guest_poweroff_stops_the_vm(vmd):
     vm_pid, qemu = vmd.vm_pids(vmid)
     wait_for("the VM to stop after the guest powered off",
              lambda: not status_of(vm_pid) and not status_of(qemu), BOOT_TIMEOUT)
-    wait_for("status to show it gone", lambda: (vmd.status_row(vmid) or {"STATE": "stopped"})["STATE"] == "stopped", 5)
+    wait_for("status to show it gone", lambda: (vmd.status_row(vmid) or {"STATE": "stopped"})["STATE"] == "stopped")
 
 
 def started_once_the_guest_runs(vmd):
@@ -410,7 +410,7 @@ def start_timeout_stops_the_vm(vmd):
         want = rf"^vmctl: start vm command failed: vm \d+ did not start within {START_TIMEOUT} seconds; it was stopped$"
         if client.returncode != 1 or not re.search(want, out, re.M):
             raise Failure(f"start {name}: exit {client.returncode}: {out.strip()!r}")
-        wait_for(f"{name} to be gone", lambda: name not in {r["NAME"] for r in vmd.status()}, 10)
+        wait_for(f"{name} to be gone", lambda: name not in {r["NAME"] for r in vmd.status()})
         if status_of(vm_pid):
             raise Failure(f"the VM process {vm_pid} still exists")
         return
