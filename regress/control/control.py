@@ -34,18 +34,14 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
 import vmdregress as t  # noqa: E402
-from vmdregress import TRIGGER_VMD, VMCTL, VMD, Failure, build_triggers, case, children_of, end_vmd, wait_for  # noqa: E402
+from vmdregress import (TRIGGER_VMD, VMCTL, VMD, Failure, build_triggers, case, children_of,  # noqa: E402
+                        end_vmd, expect_equal, wait_for)
 
 HEADER = struct.Struct("<IIHHII")
 # Message::Ctl(CtlRequest::Status) and the answers' type codes.
 CTL_STATUS_FRAME = HEADER.pack(5, 2, 0, 0, 0, 0) + b"\x04\x00"
 CTL_VM, CTL_VM_END, CTL_FAIL = 7, 8, 12
 TABLE_HEAD = "   ID   PID VCPUS  MAXMEM  CURMEM     TTY        OWNER    STATE NAME\n"
-
-
-def expect(what, got, want):
-    if got != want:
-        raise Failure(f"{what}: got {got!r}, want {want!r}")
 
 
 # --- users and groups --------------------------------------------------------
@@ -186,19 +182,19 @@ vm "grp" {{ disable
                 row(4, "-", 1, "4.0G", "-", "-", a, "stopped", "mine") +
                 row(5, "-", 1, "512M", "-", "-", f"{a}:{g}", "stopped", "ours") +
                 row(6, "-", 1, "512M", "-", "-", f"root:{g}", "stopped", "grp"))
-        expect("status output", out, want)
-        expect("status exit code", code, 0)
-        expect("status stderr", err, "")
+        expect_equal("status output", out, want)
+        expect_equal("status exit code", code, 0)
+        expect_equal("status stderr", err, "")
         if len(f"{a}:{g}") > 15 and f"{a}:{g}" in out:
             raise Failure("OWNER was not cut to 15 bytes")
-        expect("show = status", vmd.vmctl_streams("show")[1], want)
-        expect("status two", vmd.vmctl_streams("status", "two")[1], TABLE_HEAD + want.splitlines(True)[2])
-        expect("status 3", vmd.vmctl_streams("status", "3")[1], TABLE_HEAD + want.splitlines(True)[3])
-        expect("status -r (nothing runs)", vmd.vmctl_streams("status", "-r"), (1, TABLE_HEAD, ""))
-        expect("status of an unknown vm", vmd.vmctl_streams("status", "nope"), (1, "", "vmctl: vm not found\n"))
-        expect("status of an unknown id", vmd.vmctl_streams("status", "42"), (1, "", "vmctl: vm not found\n"))
+        expect_equal("show = status", vmd.vmctl_streams("show")[1], want)
+        expect_equal("status two", vmd.vmctl_streams("status", "two")[1], TABLE_HEAD + want.splitlines(True)[2])
+        expect_equal("status 3", vmd.vmctl_streams("status", "3")[1], TABLE_HEAD + want.splitlines(True)[3])
+        expect_equal("status -r (nothing runs)", vmd.vmctl_streams("status", "-r"), (1, TABLE_HEAD, ""))
+        expect_equal("status of an unknown vm", vmd.vmctl_streams("status", "nope"), (1, "", "vmctl: vm not found\n"))
+        expect_equal("status of an unknown id", vmd.vmctl_streams("status", "42"), (1, "", "vmctl: vm not found\n"))
         code, _, err = vmd.vmctl_streams("status", "-x")
-        expect("status -x", (code, err), (1, "usage:\tvmctl [-v] status [-r] [id]\n"))
+        expect_equal("status -x", (code, err), (1, "usage:\tvmctl [-v] status [-r] [id]\n"))
 
 
 def test_socket_mode_and_owner():
@@ -209,7 +205,7 @@ def test_socket_mode_and_owner():
             raise Failure(f"socket mode {oct(st.st_mode)} owner {st.st_uid}:{st.st_gid}")
         # Not in the group: cannot connect at all.
         code, _, err = vmd.vmctl_streams("status", user=ACCOUNTS.alice)
-        expect("outsider", (code, err), (1, f"vmctl: connect: {vmd.sock}: Permission denied\n"))
+        expect_equal("outsider", (code, err), (1, f"vmctl: connect: {vmd.sock}: Permission denied\n"))
 
 
 def perm_config():
@@ -249,67 +245,67 @@ def test_non_root_permissions():
 
         code, out, _ = as_alice("status")
         names = [line.split()[-1] for line in out.splitlines()[1:]]
-        expect("alice sees every vm", (code, names), (0, ["va", "vg", "vr", "tmpl"]))
+        expect_equal("alice sees every vm", (code, names), (0, ["va", "vg", "vr", "tmpl"]))
         eperm = "vmctl: command failed: Operation not permitted\n"
         for cmd in (["reload"], ["load", "/dev/null"], ["reset"], ["reset", "vms"],
                     ["log", "verbose"]):
-            expect(f"alice {' '.join(cmd)}", as_alice(*cmd), (1, "", eperm))
+            expect_equal(f"alice {' '.join(cmd)}", as_alice(*cmd), (1, "", eperm))
         # Permission is checked before the state: EPERM for others' VMs,
         # "not running" for one's own.
-        expect("alice stop vr", as_alice("stop", "vr"),
+        expect_equal("alice stop vr", as_alice("stop", "vr"),
                (1, "", "stopping vm vr: failed: Operation not permitted\n"))
-        expect("alice stop va", as_alice("stop", "va"),
+        expect_equal("alice stop va", as_alice("stop", "va"),
                (1, "", "stopping vm va: cannot stop vm that is not running\n"))
-        expect("alice stop vg (not in the group)", as_alice("stop", "vg"),
+        expect_equal("alice stop vg (not in the group)", as_alice("stop", "vg"),
                (1, "", "stopping vm vg: failed: Operation not permitted\n"))
-        expect("alice wait vr", as_alice("wait", "vr"),
+        expect_equal("alice wait vr", as_alice("wait", "vr"),
                (1, "", "waiting for vm vr: failed: Operation not permitted\n"))
-        expect("alice pause vr", as_alice("pause", "vr"),
+        expect_equal("alice pause vr", as_alice("pause", "vr"),
                (1, "", "vmctl: pause vm command failed: Operation not permitted\n"))
-        expect("alice pause va", as_alice("pause", "va"),
+        expect_equal("alice pause va", as_alice("pause", "va"),
                (1, "", "vmctl: pause vm command failed: vm va is not running\n"))
-        expect("alice unpause 1", as_alice("unpause", "1"),
+        expect_equal("alice unpause 1", as_alice("unpause", "1"),
                (1, "", "vmctl: unpause vm command failed: vm va is not running\n"))
         # bob holds the VM's group only as a supplementary group.
-        expect("bob stop vg with the group", as_bob("stop", "vg", extra=[vm_gid]),
+        expect_equal("bob stop vg with the group", as_bob("stop", "vg", extra=[vm_gid]),
                (1, "", "stopping vm vg: cannot stop vm that is not running\n"))
-        expect("bob pause vg with the group", as_bob("pause", "vg", extra=[vm_gid]),
+        expect_equal("bob pause vg with the group", as_bob("pause", "vg", extra=[vm_gid]),
                (1, "", "vmctl: pause vm command failed: vm vg is not running\n"))
-        expect("bob stop vg without it", as_bob("stop", "vg"),
+        expect_equal("bob stop vg without it", as_bob("stop", "vg"),
                (1, "", "stopping vm vg: failed: Operation not permitted\n"))
-        expect("bob stop va", as_bob("stop", "va", extra=[vm_gid]),
+        expect_equal("bob stop va", as_bob("stop", "va", extra=[vm_gid]),
                (1, "", "stopping vm va: failed: Operation not permitted\n"))
         # The primary group counts too (SO_PEERCRED's gid).
         code, _, err = vmd.vmctl_streams("stop", "vg", user=bob, gid=vm_gid, groups=[sock_gid])
-        expect("bob with the group as primary", err, "stopping vm vg: cannot stop vm that is not running\n")
+        expect_equal("bob with the group as primary", err, "stopping vm vg: cannot stop vm that is not running\n")
         # start: own VMs reach the backend (which finds no /k), others'
         # are refused.
         no_backend = "vmctl: start vm command failed: could not open kernel /k: No such file or directory\n"
-        expect("alice start va", as_alice("start", "va"), (1, "", no_backend))
+        expect_equal("alice start va", as_alice("start", "va"), (1, "", no_backend))
         refusal = f"vr: uid {alice.pw_uid} is not permitted"
         refusals = vmd.log().count(refusal)
-        expect("alice start vr", as_alice("start", "vr"),
+        expect_equal("alice start vr", as_alice("start", "vr"),
                (1, "", "vmctl: start vm command failed: Operation not permitted\n"))
         # Logged as refused stops are (the attempt on another's VM).
         wait_for("the refused start in the log", lambda: vmd.log().count(refusal) == refusals + 1)
-        expect("bob start vg", as_bob("start", "vg", extra=[vm_gid]), (1, "", no_backend))
+        expect_equal("bob start vg", as_bob("start", "vg", extra=[vm_gid]), (1, "", no_backend))
         # Only root creates brand-new VMs; instances as `allow instance` says.
-        expect("alice new vm", as_alice("start", "fresh", "-b", "/dev/null"),
+        expect_equal("alice new vm", as_alice("start", "fresh", "-b", "/dev/null"),
                (1, "", "vmctl: start vm command failed: vm fresh is not defined: "
                        "only root may create a vm without -t template\n"))
-        expect("alice unknown vm, nothing to create it", as_alice("start", "gamma"),
+        expect_equal("alice unknown vm, nothing to create it", as_alice("start", "gamma"),
                (1, "", "vmctl: start vm command failed: vm not found\n"))
-        expect("alice instance", as_alice("start", "inst1", "-t", "tmpl", "-m", "1G"), (1, "", no_backend))
-        expect("alice instance with a disk", as_alice("start", "inst2", "-t", "tmpl", "-d", "/dev/null"),
+        expect_equal("alice instance", as_alice("start", "inst1", "-t", "tmpl", "-m", "1G"), (1, "", no_backend))
+        expect_equal("alice instance with a disk", as_alice("start", "inst2", "-t", "tmpl", "-d", "/dev/null"),
                (1, "", "vmctl: start vm command failed: the template tmpl does not allow changing disks\n"))
-        expect("bob instance (not allowed: an invalid template for him)", as_bob("start", "inst3", "-t", "tmpl"),
+        expect_equal("bob instance (not allowed: an invalid template for him)", as_bob("start", "inst3", "-t", "tmpl"),
                (1, "", "vmctl: invalid template\n"))
-        expect("bad template", vmd.vmctl_streams("start", "inst4", "-t", "nope"), (1, "", "vmctl: invalid template\n"))
-        expect("root new vm", vmd.vmctl_streams("start", "fresh", "-b", "/dev/null", "-L"),
+        expect_equal("bad template", vmd.vmctl_streams("start", "inst4", "-t", "nope"), (1, "", "vmctl: invalid template\n"))
+        expect_equal("root new vm", vmd.vmctl_streams("start", "fresh", "-b", "/dev/null", "-L"),
                (1, "", "vmctl: start vm command failed: network interfaces (-i, -L, -n, interface) are not built yet\n"))
         # Failed starts of new VMs leave nothing behind.
         code, out, _ = vmd.vmctl_streams("status")
-        expect("vms after failed starts", [l.split()[-1] for l in out.splitlines()[1:]],
+        expect_equal("vms after failed starts", [l.split()[-1] for l in out.splitlines()[1:]],
                ["va", "vg", "vr", "tmpl"])
         if "denied reload from uid" not in vmd.log():
             raise Failure("control did not log the refusal")
@@ -318,16 +314,16 @@ def test_non_root_permissions():
 
 def test_unknown_vm():
     with control_vmd(THREE_VMS) as vmd:
-        expect("stop", vmd.vmctl_streams("stop", "nope"), (1, "", "stopping vm nope: vm not found\n"))
-        expect("stop by id", vmd.vmctl_streams("stop", "42"), (1, "", "stopping vm: vm not found\n"))
-        expect("wait", vmd.vmctl_streams("wait", "nope"), (1, "", "waiting for vm nope: vm not found\n"))
-        expect("pause", vmd.vmctl_streams("pause", "nope"),
+        expect_equal("stop", vmd.vmctl_streams("stop", "nope"), (1, "", "stopping vm nope: vm not found\n"))
+        expect_equal("stop by id", vmd.vmctl_streams("stop", "42"), (1, "", "stopping vm: vm not found\n"))
+        expect_equal("wait", vmd.vmctl_streams("wait", "nope"), (1, "", "waiting for vm nope: vm not found\n"))
+        expect_equal("pause", vmd.vmctl_streams("pause", "nope"),
                (1, "", "vmctl: pause vm command failed: vm not found\n"))
-        expect("start by id", vmd.vmctl_streams("start", "42"),
+        expect_equal("start by id", vmd.vmctl_streams("start", "42"),
                (1, "", "vmctl: start vm command failed: vm not found\n"))
-        expect("start by name", vmd.vmctl_streams("start", "gamma"),
+        expect_equal("start by name", vmd.vmctl_streams("start", "gamma"),
                (1, "", "vmctl: start vm command failed: vm not found\n"))
-        expect("stop -a (nothing runs)", vmd.vmctl_streams("stop", "-a"), (0, "", ""))
+        expect_equal("stop -a (nothing runs)", vmd.vmctl_streams("stop", "-a"), (0, "", ""))
 
 
 def test_start_rate_limit():
@@ -336,8 +332,8 @@ def test_start_rate_limit():
     with control_vmd(THREE_VMS, binary=TRIGGER_VMD, env={"VMD_TEST_START_RATE_WINDOW": "3600"}) as vmd:
         no_backend = (1, "", "vmctl: start vm command failed: could not open kernel /k: No such file or directory\n")
         for i in range(3):
-            expect(f"start {i + 1}", vmd.vmctl_streams("start", "three"), no_backend)
-        expect("start 4", vmd.vmctl_streams("start", "three"),
+            expect_equal(f"start {i + 1}", vmd.vmctl_streams("start", "three"), no_backend)
+        expect_equal("start 4", vmd.vmctl_streams("start", "three"),
                (1, "", "vmctl: start vm command failed: vm three restarted too quickly: try again later\n"))
         if "three: vm 3 restarted too quickly" not in vmd.log():
             raise Failure("no rate limit line in the log")
@@ -351,31 +347,31 @@ def test_vmctl_command_line():
         code, _, err = vmd.vmctl_streams("frobnicate")
         if code != 1 or not err.startswith("unknown argument: frobnicate\nusage:\tvmctl"):
             raise Failure(f"frobnicate: {code} {err!r}")
-        expect("prefix stat", vmd.vmctl_streams("stat")[0], 0)
-        expect("log bogus", vmd.vmctl_streams("log", "bogus"), (1, "", "usage:\tvmctl [-v] log brief | verbose\n"))
-        expect("log alone", vmd.vmctl_streams("log"), (1, "", "usage:\tvmctl [-v] log brief | verbose\n"))
-        expect("reset bogus", vmd.vmctl_streams("reset", "x"), (1, "", "usage:\tvmctl [-v] reset [all | switches | vms]\n"))
-        expect("stop usage", vmd.vmctl_streams("stop"), (1, "", "usage:\tvmctl [-v] stop [id | -a] [-fw]\n"))
-        expect("stop id and -a", vmd.vmctl_streams("stop", "one", "-a"), (1, "", "vmctl: invalid id: one\n"))
-        expect("console", vmd.vmctl_streams("console", "one"), (1, "", "vmctl: console not found\n"))
-        expect("send", vmd.vmctl_streams("send", "one"), (1, "", "vmctl: send is not built yet\n"))
-        expect("receive", vmd.vmctl_streams("receive", "x"), (1, "", "vmctl: receive is not built yet\n"))
-        expect("invalid name", vmd.vmctl_streams("start", "b@d", "-b", "/dev/null"),
+        expect_equal("prefix stat", vmd.vmctl_streams("stat")[0], 0)
+        expect_equal("log bogus", vmd.vmctl_streams("log", "bogus"), (1, "", "usage:\tvmctl [-v] log brief | verbose\n"))
+        expect_equal("log alone", vmd.vmctl_streams("log"), (1, "", "usage:\tvmctl [-v] log brief | verbose\n"))
+        expect_equal("reset bogus", vmd.vmctl_streams("reset", "x"), (1, "", "usage:\tvmctl [-v] reset [all | switches | vms]\n"))
+        expect_equal("stop usage", vmd.vmctl_streams("stop"), (1, "", "usage:\tvmctl [-v] stop [id | -a] [-fw]\n"))
+        expect_equal("stop id and -a", vmd.vmctl_streams("stop", "one", "-a"), (1, "", "vmctl: invalid id: one\n"))
+        expect_equal("console", vmd.vmctl_streams("console", "one"), (1, "", "vmctl: console not found\n"))
+        expect_equal("send", vmd.vmctl_streams("send", "one"), (1, "", "vmctl: send is not built yet\n"))
+        expect_equal("receive", vmd.vmctl_streams("receive", "x"), (1, "", "vmctl: receive is not built yet\n"))
+        expect_equal("invalid name", vmd.vmctl_streams("start", "b@d", "-b", "/dev/null"),
                (1, "", "vmctl: invalid VM name\n"))
-        expect("start warnings", vmd.vmctl_streams("start", "x", "-r", "/dev/null"),
+        expect_equal("start warnings", vmd.vmctl_streams("start", "x", "-r", "/dev/null"),
                (1, "", "vmctl: starting without disks\nvmctl: starting without network interfaces\n"
                        "vmctl: specified iso image is not a regular file\n"))
-        expect("missing disk", vmd.vmctl_streams("start", "x", "-d", "/nonexistent/d.img"),
+        expect_equal("missing disk", vmd.vmctl_streams("start", "x", "-d", "/nonexistent/d.img"),
                (1, "", "vmctl: invalid disk path: No such file or directory\n"))
-        expect("no socket", subprocess.run([VMCTL, "-s", "/nonexistent/s", "status"],
+        expect_equal("no socket", subprocess.run([VMCTL, "-s", "/nonexistent/s", "status"],
                                            capture_output=True, text=True).stderr,
                "vmctl: connect: /nonexistent/s: No such file or directory\n")
         env = dict(os.environ, VMD_SOCKET=vmd.sock)
         out = subprocess.run([VMCTL, "status"], capture_output=True, text=True, env=env)
-        expect("VMD_SOCKET", (out.returncode, out.stdout.splitlines()[0] + "\n"), (0, TABLE_HEAD))
-        expect("log verbose", vmd.vmctl_streams("log", "verbose"), (0, "", ""))
+        expect_equal("VMD_SOCKET", (out.returncode, out.stdout.splitlines()[0] + "\n"), (0, TABLE_HEAD))
+        expect_equal("log verbose", vmd.vmctl_streams("log", "verbose"), (0, "", ""))
         wait_for("verbose logging", lambda: "control: verbosity now 2" in vmd.log())
-        expect("log brief", vmd.vmctl_streams("log", "b"), (0, "", ""))
+        expect_equal("log brief", vmd.vmctl_streams("log", "b"), (0, "", ""))
 
 
 def vm_names(vmd):
@@ -392,18 +388,18 @@ def test_load_bad_file_changes_nothing():
         code, out, err = vmd.vmctl_streams("load", "bad.conf", cwd=vmd.dir)
         want = (f"memory size must be at least 1MB\n{bad}:2: failed to parse size: 1048575\n"
                 f"{bad}:3: syntax error\nvmctl: command failed\n")
-        expect("load of a bad file", (code, out, err), (1, "", want))
-        expect("status after", vmd.vmctl_streams("status"), before)
-        expect("missing file", vmd.vmctl_streams("load", "/nonexistent.conf"),
+        expect_equal("load of a bad file", (code, out, err), (1, "", want))
+        expect_equal("status after", vmd.vmctl_streams("status"), before)
+        expect_equal("missing file", vmd.vmctl_streams("load", "/nonexistent.conf"),
                (1, "", "failed to open /nonexistent.conf: No such file or directory\nvmctl: command failed\n"))
         good = os.path.join(vmd.dir, "good.conf")
         with open(good, "w") as f:
             f.write('vm "x1" { disable\n boot "/k" }\nvm "one" { disable\n boot "/k"\n memory 2G }\n')
         # "one" exists: load keeps it and says so.
-        expect("load a good file (relative path)", vmd.vmctl_streams("load", "good.conf", cwd=vmd.dir),
+        expect_equal("load a good file (relative path)", vmd.vmctl_streams("load", "good.conf", cwd=vmd.dir),
                (0, "", f'vmctl: vm "one" ({good}:3): skipped: vm one already exists\n'))
         names = vm_names(vmd)
-        expect("after load", [n for _, n, _ in names], ["one", "two", "three", "x1"])
+        expect_equal("after load", [n for _, n, _ in names], ["one", "two", "three", "x1"])
         if "2.0G" in vmd.vmctl_streams("status", "one")[1]:
             raise Failure("load replaced an existing vm")
 
@@ -422,7 +418,7 @@ def test_load_never_waits_on_a_file():
         load = subprocess.Popen([VMCTL, "-s", vmd.sock, "load", fifo], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         try:
-            expect("status beside the load", vmd.vmctl_streams("status")[0], 0)
+            expect_equal("status beside the load", vmd.vmctl_streams("status")[0], 0)
             out, err = load.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             raise Failure("vmctl load FIFO still waits after 60s")
@@ -430,15 +426,15 @@ def test_load_never_waits_on_a_file():
             if load.poll() is None:
                 load.kill()
                 load.communicate()
-        expect("load FIFO", (load.returncode, out, err),
+        expect_equal("load FIFO", (load.returncode, out, err),
                (1, "", f"failed to read {fifo}: a FIFO, not a regular file\nvmctl: command failed\n"))
-        expect("load /dev/zero", vmd.vmctl_streams("load", "/dev/zero"),
+        expect_equal("load /dev/zero", vmd.vmctl_streams("load", "/dev/zero"),
                (1, "", "failed to read /dev/zero: a character device, not a regular file\n"
                        "vmctl: command failed\n"))
-        expect("load of an oversized file", vmd.vmctl_streams("load", big),
+        expect_equal("load of an oversized file", vmd.vmctl_streams("load", big),
                (1, "", f"failed to read {big}: larger than 4 MiB, the most a configuration file may have\n"
                        "vmctl: command failed\n"))
-        expect("vms unchanged", [n for _, n, _ in vm_names(vmd)], ["one", "two", "three"])
+        expect_equal("vms unchanged", [n for _, n, _ in vm_names(vmd)], ["one", "two", "three"])
         vmd.check_alive()
 
 
@@ -448,12 +444,12 @@ def test_reload_and_sighup():
         vmd.write_config('vm "three" { disable\n boot "/k" }\nvm "four" { disable\n boot "/k" }\n')
         vmd.proc.send_signal(signal.SIGHUP)
         wait_for("the reload", lambda: "reloaded " in vmd.log())
-        expect("after SIGHUP", vm_names(vmd), [(3, "three", "stopped"), (4, "four", "stopped")])
+        expect_equal("after SIGHUP", vm_names(vmd), [(3, "three", "stopped"), (4, "four", "stopped")])
         # Ids are kept per name and owner: "one" comes back as 1.
         vmd.write_config('vm "one" { disable\n boot "/k" }\nvm "four" { disable\n boot "/k" }\n'
                          'vm "five" { disable\n boot "/k" }\n')
-        expect("vmctl reload", vmd.vmctl_streams("reload"), (0, "", ""))
-        expect("after reload", vm_names(vmd), [(1, "one", "stopped"), (4, "four", "stopped"), (5, "five", "stopped")])
+        expect_equal("vmctl reload", vmd.vmctl_streams("reload"), (0, "", ""))
+        expect_equal("after reload", vm_names(vmd), [(1, "one", "stopped"), (4, "four", "stopped"), (5, "five", "stopped")])
         # A broken file changes nothing.
         vmd.write_config('vm "six" { frob }\n')
         code, _, err = vmd.vmctl_streams("reload")
@@ -461,17 +457,17 @@ def test_reload_and_sighup():
             raise Failure(f"reload of a broken file: {code} {err!r}")
         vmd.proc.send_signal(signal.SIGHUP)
         wait_for("the failed reload", lambda: "reload failed; nothing changed" in vmd.log())
-        expect("after broken reloads", [n for _, n, _ in vm_names(vmd)], ["one", "four", "five"])
+        expect_equal("after broken reloads", [n for _, n, _ in vm_names(vmd)], ["one", "four", "five"])
         vmd.check_alive()
 
 
 def test_reset():
     with control_vmd(THREE_VMS) as vmd:
-        expect("reset switches", vmd.vmctl_streams("reset", "switches"), (0, "", ""))
-        expect("vms kept", len(vm_names(vmd)), 3)
-        expect("reset vms", vmd.vmctl_streams("reset", "vms"), (0, "", ""))
-        expect("status after reset", vmd.vmctl_streams("status"), (1, TABLE_HEAD, ""))
-        expect("reset", vmd.vmctl_streams("reset"), (0, "", ""))
+        expect_equal("reset switches", vmd.vmctl_streams("reset", "switches"), (0, "", ""))
+        expect_equal("vms kept", len(vm_names(vmd)), 3)
+        expect_equal("reset vms", vmd.vmctl_streams("reset", "vms"), (0, "", ""))
+        expect_equal("status after reset", vmd.vmctl_streams("status"), (1, TABLE_HEAD, ""))
+        expect_equal("reset", vmd.vmctl_streams("reset"), (0, "", ""))
 
 
 def test_bad_frames():
@@ -493,12 +489,12 @@ def test_bad_frames():
                 s.sendall(data)
                 if not closed_by_daemon(s):
                     raise Failure(f"{what}: the connection stayed open")
-            expect(f"status after {what}", vmd.vmctl_streams("status")[0], 0)
+            expect_equal(f"status after {what}", vmd.vmctl_streams("status")[0], 0)
         # Truncated: half a frame, then close; half a header, then close.
         for cut in (HEADER.size // 2, len(CTL_STATUS_FRAME) - 1):
             with connect(vmd) as s:
                 s.sendall(CTL_STATUS_FRAME[:cut])
-            expect(f"status after a frame cut at {cut}", vmd.vmctl_streams("status")[0], 0)
+            expect_equal(f"status after a frame cut at {cut}", vmd.vmctl_streams("status")[0], 0)
         # A request whose asker leaves before the answer.
         for _ in range(20):
             with connect(vmd) as s:
@@ -509,9 +505,9 @@ def test_bad_frames():
         half.sendall(CTL_STATUS_FRAME[:7])
         try:
             for _ in range(5):
-                expect("status beside silent clients", vmd.vmctl_streams("status")[0], 0)
+                expect_equal("status beside silent clients", vmd.vmctl_streams("status")[0], 0)
             with connect(vmd) as s:
-                expect("raw status", raw_status(s), 3)
+                expect_equal("raw status", raw_status(s), 3)
         finally:
             for s in silent + [half]:
                 s.close()
@@ -551,7 +547,7 @@ def test_load_50x1000():
         half.close()
         if errors:
             raise Failure(f"{len(errors)} errors, first: {errors[0]}")
-        expect("requests answered", done[0], 50 * 1000)
+        expect_equal("requests answered", done[0], 50 * 1000)
         vmd.check_alive()
         print(f"# 50 clients x 1000 status requests in {elapsed:.1f}s")
         # And 50 concurrent vmctl processes.
@@ -561,7 +557,7 @@ def test_load_50x1000():
         for p in procs:
             p.stdout.close()
             p.stderr.close()
-        expect("failed vmctl processes", len(bad), 0)
+        expect_equal("failed vmctl processes", len(bad), 0)
 
 
 def test_many_connections():
@@ -569,8 +565,8 @@ def test_many_connections():
         conns = [connect(vmd) for _ in range(300)]
         try:
             for s in conns[::37]:
-                expect("status on one of many", raw_status(s), 3)
-            expect("vmctl beside 300 connections", vmd.vmctl_streams("status")[0], 0)
+                expect_equal("status on one of many", raw_status(s), 3)
+            expect_equal("vmctl beside 300 connections", vmd.vmctl_streams("status")[0], 0)
         finally:
             for s in conns:
                 s.close()
@@ -602,8 +598,8 @@ def test_per_user_connection_limit():
         try:
             # Empty when the child failed before it could say.
             got = os.read(verdict_r, 1)
-            expect("alice's first 256 served, the 257th closed", got, b"1")
-            expect("root's vmctl beside alice's connections", vmd.vmctl_streams("status")[0], 0)
+            expect_equal("alice's first 256 served, the 257th closed", got, b"1")
+            expect_equal("root's vmctl beside alice's connections", vmd.vmctl_streams("status")[0], 0)
             if f"refusing a connection from uid {alice.pw_uid}: it has 256 connections open" not in vmd.log():
                 raise Failure("the refusal was not logged")
         finally:
@@ -618,42 +614,42 @@ def test_messages_say_why():
     """A new user's mistakes, each answered with its reason instead of a
     bare errno (or two messages)."""
     with control_vmd('vm "beta" { disable\n boot "/k" }\n') as vmd:
-        expect("options for a configured vm", vmd.vmctl_streams("start", "beta", "-m", "1G"),
+        expect_equal("options for a configured vm", vmd.vmctl_streams("start", "beta", "-m", "1G"),
                (1, "", f"vmctl: start vm command failed: vm beta is defined in {vmd.conf}: "
                        "only -b and -B may change it\n"))
-        expect("memory beyond the limit", vmd.vmctl_streams("start", "big", "-m", "2T", "-b", "/dev/null"),
+        expect_equal("memory beyond the limit", vmd.vmctl_streams("start", "big", "-m", "2T", "-b", "/dev/null"),
                (1, "", "vmctl: start vm command failed: memory size out of range: 2.0T (from 1M to 1.0T)\n"))
         if "memory size out of range" not in vmd.log():
             raise Failure("vmd did not log the refused memory size")
-        expect("unreadable memory size", vmd.vmctl_streams("start", "big", "-m", "1Q", "-b", "/dev/null"),
+        expect_equal("unreadable memory size", vmd.vmctl_streams("start", "big", "-m", "1Q", "-b", "/dev/null"),
                (1, "", "vmctl: invalid memory size: 1Q: invalid size\n"))
-        expect("memory below 1M", vmd.vmctl_streams("start", "big", "-m", "1K", "-b", "/dev/null"),
+        expect_equal("memory below 1M", vmd.vmctl_streams("start", "big", "-m", "1K", "-b", "/dev/null"),
                (1, "", "vmctl: invalid memory size: 1K: must be at least one megabyte\n"))
         long_name = "n" * 70
         for cmd in (["start", long_name], ["stop", long_name], ["status", long_name],
                     ["pause", long_name]):
-            expect(f"{cmd[0]} of a 70-byte name", vmd.vmctl_streams(*cmd), (1, "", "vmctl: vm name too long\n"))
+            expect_equal(f"{cmd[0]} of a 70-byte name", vmd.vmctl_streams(*cmd), (1, "", "vmctl: vm name too long\n"))
         disk = os.path.join(vmd.dir, "raw.img")
         with open(disk, "wb") as f:
             f.truncate(1 << 20)
-        expect("one disk given twice", vmd.vmctl_streams("start", "two", "-b", "/dev/null", "-d", disk, "-d", disk),
+        expect_equal("one disk given twice", vmd.vmctl_streams("start", "two", "-b", "/dev/null", "-d", disk, "-d", disk),
                (1, "", f"vmctl: disk {disk} is given twice\n"))
         # wait: the condition waited for already holds (OpenBSD: EINVAL).
-        expect("wait for a stopped vm", vmd.vmctl_streams("wait", "beta"),
+        expect_equal("wait for a stopped vm", vmd.vmctl_streams("wait", "beta"),
                (0, "", "waiting for vm beta: vm beta is not running\n"))
-        expect("wait for a stopped vm by id", vmd.vmctl_streams("wait", "1"),
+        expect_equal("wait for a stopped vm by id", vmd.vmctl_streams("wait", "1"),
                (0, "", "waiting for vm: vm 1 is not running\n"))
         # A new VM whose start fails keeps its id for the next try.
         refused = ("vmctl: start vm command failed: network interfaces (-i, -L, -n, interface) "
                    "are not built yet\n")
         for _ in range(2):
-            expect("failing ad hoc start", vmd.vmctl_streams("start", "adhoc", "-b", "/dev/null", "-L"),
+            expect_equal("failing ad hoc start", vmd.vmctl_streams("start", "adhoc", "-b", "/dev/null", "-L"),
                    (1, "", refused))
-        expect("another ad hoc start", vmd.vmctl_streams("start", "other", "-b", "/dev/null", "-L"), (1, "", refused))
+        expect_equal("another ad hoc start", vmd.vmctl_streams("start", "other", "-b", "/dev/null", "-L"), (1, "", refused))
         log = vmd.log()
         ids = [line.split("failed to start vm ")[1].split(":")[0]
                for line in log.splitlines() if "failed to start vm" in line]
-        expect("ids of the failed starts (adhoc, adhoc, other)", ids, ["2", "2", "3"])
+        expect_equal("ids of the failed starts (adhoc, adhoc, other)", ids, ["2", "2", "3"])
         vmd.check_alive()
 
 
@@ -664,16 +660,16 @@ def test_help_and_usage():
             or "\tvmctl wait id\n" not in p.stdout or p.stderr:
         raise Failure(f"vmctl --help: {p.returncode} {p.stdout!r} {p.stderr!r}")
     p = subprocess.run([VMCTL, "-s", "/nonexistent/s", "-h"], capture_output=True, text=True)
-    expect("vmctl -s S -h", (p.returncode, p.stdout.splitlines()[:1], p.stderr),
+    expect_equal("vmctl -s S -h", (p.returncode, p.stdout.splitlines()[:1], p.stderr),
            (0, ["usage:\tvmctl [-v] [-s socket] command [arg ...]"], ""))
     for cmd, line in (("stop", "usage:\tvmctl [-v] stop [id | -a] [-fw]\n"),
                       ("log", "usage:\tvmctl [-v] log brief | verbose\n"),
                       ("stat", "usage:\tvmctl [-v] status [-r] [id]\n")):
         for flag in ("-h", "--help"):
             p = subprocess.run([VMCTL, "-s", "/nonexistent/s", cmd, flag], capture_output=True, text=True)
-            expect(f"vmctl {cmd} {flag}", (p.returncode, p.stdout, p.stderr), (0, line, ""))
+            expect_equal(f"vmctl {cmd} {flag}", (p.returncode, p.stdout, p.stderr), (0, line, ""))
     p = subprocess.run([VMCTL, "-s", "/nonexistent/s", "log"], capture_output=True, text=True)
-    expect("vmctl log alone", (p.returncode, p.stdout, p.stderr),
+    expect_equal("vmctl log alone", (p.returncode, p.stdout, p.stderr),
            (1, "", "usage:\tvmctl [-v] log brief | verbose\n"))
 
 
@@ -701,14 +697,14 @@ def test_create_records_normalized_backing():
 
         create("base.img", "-s", "16M")
         create("ov.qcow2", "-b", "sub/../base.img")
-        expect("overlay in the cwd", qcow2_backing_name(os.path.join(d, "ov.qcow2")), "base.img")
+        expect_equal("overlay in the cwd", qcow2_backing_name(os.path.join(d, "ov.qcow2")), "base.img")
         create("ov2.qcow2", "-b", "./base.img")
-        expect("./base.img", qcow2_backing_name(os.path.join(d, "ov2.qcow2")), "base.img")
+        expect_equal("./base.img", qcow2_backing_name(os.path.join(d, "ov2.qcow2")), "base.img")
         create("sub/ov3.qcow2", "-b", "sub/../base.img")
-        expect("overlay elsewhere", qcow2_backing_name(os.path.join(d, "sub", "ov3.qcow2")),
+        expect_equal("overlay elsewhere", qcow2_backing_name(os.path.join(d, "sub", "ov3.qcow2")),
                os.path.join(real, "base.img"))
         create("plain.qcow2", "-b", "base.img")
-        expect("a plain name stays as given", qcow2_backing_name(os.path.join(d, "plain.qcow2")), "base.img")
+        expect_equal("a plain name stays as given", qcow2_backing_name(os.path.join(d, "plain.qcow2")), "base.img")
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -748,15 +744,15 @@ def test_one_vmd_per_socket():
             if proc.poll() is None:
                 end_vmd(proc, children_of(proc.pid))
         out = read(log_path)
-        expect("second vmd", (proc.returncode, out),
+        expect_equal("second vmd", (proc.returncode, out),
                (1, f"vmd: socket {vmd.sock} is in use by another vmd (pid {vmd.proc.pid})\n"))
         vmd.check_alive()
         if not stat.S_ISSOCK(os.lstat(vmd.sock).st_mode):
             raise Failure("the first vmd's socket is gone")
-        expect("the first vmd still answers", [l.split()[-1] for l in vmd.vmctl_streams("status")[1].splitlines()[1:]],
+        expect_equal("the first vmd still answers", [l.split()[-1] for l in vmd.vmctl_streams("status")[1].splitlines()[1:]],
                ["busy"])
         # Different sockets: side by side.
-        expect("the vmd beside it answers", beside.vmctl_streams("status")[0], 0)
+        expect_equal("the vmd beside it answers", beside.vmctl_streams("status")[0], 0)
         beside.check_alive()
 
         # A program other than vmd answering on a socket: not replaced.
@@ -769,7 +765,7 @@ def test_one_vmd_per_socket():
             proc.wait(timeout=30)
         finally:
             listener.close()
-        expect("vmd on another program's socket", (proc.returncode, read(log_path)),
+        expect_equal("vmd on another program's socket", (proc.returncode, read(log_path)),
                (1, f"vmd: socket {other_sock} is in use by another process; "
                    "stop it or choose another path with -s\n"))
 
@@ -781,9 +777,9 @@ def test_one_vmd_per_socket():
         os.symlink(target, planted + ".lock")
         proc, log_path = run_vmd_on(planted, "", vmd.dir)
         proc.wait(timeout=30)
-        expect("planted symlink", (proc.returncode, read(log_path)),
+        expect_equal("planted symlink", (proc.returncode, read(log_path)),
                (1, f"vmd: {planted}.lock is a symbolic link; remove it or choose another socket path with -s\n"))
-        expect("the link's target", read(target), "keep me\n")
+        expect_equal("the link's target", read(target), "keep me\n")
 
         # A lock file others may open (and so hold): refused.
         opened = os.path.join(vmd.dir, "opened.sock")
@@ -792,7 +788,7 @@ def test_one_vmd_per_socket():
         os.chmod(opened + ".lock", 0o644)
         proc, log_path = run_vmd_on(opened, "", vmd.dir)
         proc.wait(timeout=30)
-        expect("lock file open to others", (proc.returncode, read(log_path)),
+        expect_equal("lock file open to others", (proc.returncode, read(log_path)),
                (1, f"vmd: {opened}.lock is open to other users (mode 0600 expected); "
                    "remove it or choose another socket path with -s\n"))
 
@@ -810,7 +806,7 @@ def test_one_vmd_per_socket():
             except OSError:
                 return True
         wait_for("nobody to answer on the socket", nobody_answers)
-        expect("left behind", (os.path.exists(sock), os.path.exists(sock + ".lock")), (True, True))
+        expect_equal("left behind", (os.path.exists(sock), os.path.exists(sock + ".lock")), (True, True))
         proc, log_path = run_vmd_on(sock, "", d)
         try:
             wait_for("the next vmd to listen", lambda: "control: listening" in read(log_path)
@@ -818,8 +814,8 @@ def test_one_vmd_per_socket():
             if proc.poll() is not None:
                 raise Failure(f"the next vmd exited: {read(log_path)}")
             with open(sock + ".lock") as f:
-                expect("the pid in the lock file", f.read(), f"{proc.pid}\n")
-            expect("the lock file's mode", stat.S_IMODE(os.stat(sock + ".lock").st_mode), 0o600)
+                expect_equal("the pid in the lock file", f.read(), f"{proc.pid}\n")
+            expect_equal("the lock file's mode", stat.S_IMODE(os.stat(sock + ".lock").st_mode), 0o600)
         finally:
             end_vmd(proc, children_of(proc.pid))
 def control_pid(vmd):
@@ -847,7 +843,7 @@ def test_descriptor_flood():
         gid = grp.getgrnam(TAG + "s").gr_gid
         wait_for("the socket's group", lambda: os.stat(vmd.sock).st_gid == gid)
         control = control_pid(vmd)
-        expect("status before", vmd.vmctl_streams("status")[0], 0)
+        expect_equal("status before", vmd.vmctl_streams("status")[0], 0)
         base_control, base_parent = t.fd_count(control), t.fd_count(vmd.proc.pid)
         verdict_r, verdict_w = os.pipe()
         release_r, release_w = os.pipe()
@@ -893,12 +889,12 @@ def test_descriptor_flood():
                 got += chunk
             if not got.strip().isdigit():
                 raise Failure(f"the flooding user failed: {got.decode(errors='replace').strip()}")
-            expect("connections with descriptors closed by control", int(got), 1500 + 128)
+            expect_equal("connections with descriptors closed by control", int(got), 1500 + 128)
             wait_for("one descriptor per held connection",
                      lambda: t.fd_count(control) == base_control + 128, timeout=30)
             start = time.monotonic()
             code, out, err = vmd.vmctl_streams("status")
-            expect("root's status beside the flood", (code, len(out.splitlines())), (0, 4))
+            expect_equal("root's status beside the flood", (code, len(out.splitlines())), (0, 4))
             if time.monotonic() - start > 10:
                 raise Failure(f"root's status took {time.monotonic() - start:.1f}s")
         finally:
@@ -907,11 +903,11 @@ def test_descriptor_flood():
             os.waitpid(child, 0)
         wait_for("control's descriptors back at baseline",
                  lambda: t.fd_count(control) == base_control, timeout=30)
-        expect("the parent's descriptors", t.fd_count(vmd.proc.pid), base_parent)
+        expect_equal("the parent's descriptors", t.fd_count(vmd.proc.pid), base_parent)
         if "refused" in vmd.log() or "restarting" in vmd.log():
             raise Failure(f"unexpected lines in the log: {vmd.log()[-1000:]}")
         vmd.check_alive()
-        expect("control is the same process", control_pid(vmd), control)
+        expect_equal("control is the same process", control_pid(vmd), control)
 
 
 def test_status_into_a_closed_pipe_or_a_full_disk():
@@ -925,14 +921,14 @@ def test_status_into_a_closed_pipe_or_a_full_disk():
                                text=True, timeout=30)
         finally:
             os.close(w)
-        expect("status into a closed pipe", (p.returncode, p.stderr), (1, ""))
+        expect_equal("status into a closed pipe", (p.returncode, p.stderr), (1, ""))
         p = subprocess.run(f"'{VMCTL}' -s '{vmd.sock}' status | head -0", shell=True,
                            capture_output=True, text=True, timeout=30)
-        expect("status | head -0", (p.returncode, p.stdout, p.stderr), (0, "", ""))
+        expect_equal("status | head -0", (p.returncode, p.stdout, p.stderr), (0, "", ""))
         with open("/dev/full", "w") as full:
             p = subprocess.run([VMCTL, "-s", vmd.sock, "status"], stdout=full, stderr=subprocess.PIPE,
                                text=True, timeout=30)
-        expect("status > /dev/full", (p.returncode, p.stderr),
+        expect_equal("status > /dev/full", (p.returncode, p.stderr),
                (1, "vmctl: stdout: No space left on device\n"))
         vmd.check_alive()
 
@@ -982,7 +978,7 @@ def test_vmctl_gives_up_on_a_silent_vmd():
         for args in (["status"], ["start", "x"], ["pause", "x"], ["load", "/dev/null"]):
             p = subprocess.run([VMCTL, "-s", silent.sock, *args], capture_output=True, text=True,
                                env=env, timeout=60)
-            expect(f"vmctl {' '.join(args)} against a silent vmd", (p.returncode, p.stdout, p.stderr),
+            expect_equal(f"vmctl {' '.join(args)} against a silent vmd", (p.returncode, p.stdout, p.stderr),
                    (1, "", f"vmctl: vmd did not answer within 2s on {silent.sock}; see vmd's log\n"))
         # Waiting is what the user asked for: no bound.
         for args in (["wait", "x"], ["stop", "x", "-w"]):
@@ -1002,7 +998,7 @@ def test_vmctl_gives_up_on_a_silent_vmd():
     try:
         p = subprocess.run([VMCTL, "-s", full.sock, "status"], capture_output=True, text=True,
                            env=env, timeout=60)
-        expect("vmctl against a vmd that does not accept", (p.returncode, p.stderr),
+        expect_equal("vmctl against a vmd that does not accept", (p.returncode, p.stderr),
                (1, f"vmctl: connect: {full.sock}: vmd did not take the connection within 2s; see vmd's log\n"))
     finally:
         full.close()
@@ -1013,12 +1009,12 @@ def test_too_long_paths_refused_by_vmctl_as_by_vmd():
     why = "path too long: 5001 bytes, at most 4095"
     with control_vmd(THREE_VMS) as vmd:
         for opt, what in (("-d", "disk"), ("-b", "boot image"), ("-r", "iso image"), ("--initrd", "initrd")):
-            expect(f"start {opt} with a long path", vmd.vmctl_streams("start", "x", "-m", "1G", opt, long_path),
+            expect_equal(f"start {opt} with a long path", vmd.vmctl_streams("start", "x", "-m", "1G", opt, long_path),
                    (1, "", f"vmctl: invalid {what} path: {why}\n"))
         by_vmd = subprocess.run([VMD, "-n", "-f", long_path], capture_output=True, text=True)
-        expect("vmd -n -f with a long path", (by_vmd.returncode, by_vmd.stderr),
+        expect_equal("vmd -n -f with a long path", (by_vmd.returncode, by_vmd.stderr),
                (1, f"failed to open {long_path}: {why}\n"))
-        expect("load with a long path", vmd.vmctl_streams("load", long_path), (1, "", "vmctl: " + by_vmd.stderr))
+        expect_equal("load with a long path", vmd.vmctl_streams("load", long_path), (1, "", "vmctl: " + by_vmd.stderr))
         vmd.check_alive()
 
 

@@ -148,6 +148,24 @@ def prepare(guest=True):
     return True
 
 
+def expect(rc_out, rc, pattern, what):
+    """Checks a vmctl result: exit status `rc` and `pattern` in its output."""
+    got_rc, out = rc_out
+    if got_rc != rc or not re.search(pattern, out, re.M):
+        raise Failure(f"{what}: exit {got_rc}, output {out.strip()!r}; want exit {rc} and /{pattern}/")
+    return out
+
+
+def expect_equal(what, got, want):
+    if got != want:
+        raise Failure(f"{what}: got {got!r}, want {want!r}")
+
+
+def ticks(text):
+    """The test guest's `VMD-GUEST: tick N` numbers in a console text."""
+    return [int(n) for n in re.findall(r"^VMD-GUEST: tick (\d+)\r?$", text, re.M)]
+
+
 def wait_for(what, check, timeout=WAIT_TIMEOUT):
     """Waits until check() is true (returns it); fails after `timeout`."""
     deadline = time.monotonic() + timeout

@@ -22,25 +22,13 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
 import vmdregress as t  # noqa: E402
-from vmdregress import (TRIGGER_VMD, Failure, Pty, Vmd, build_triggers, case, fd_count,  # noqa: E402
-                        status_of, wait_for, with_vmd)
+from vmdregress import (TRIGGER_VMD, Failure, Pty, Vmd, build_triggers, case, expect,  # noqa: E402
+                        fd_count, status_of, ticks, wait_for, with_vmd)
 
 QUIET = "console=ttyS0 quiet"
 # ign1's shutdown timeout: long enough for the case's commands to reach vmd
 # while it waits, however loaded the machine.
 SHUTDOWN_TIMEOUT = 15
-
-
-def expect(rc_out, rc, pattern, what):
-    """Checks a vmctl result: exit status `rc` and `pattern` in its output."""
-    got_rc, out = rc_out
-    if got_rc != rc or not re.search(pattern, out, re.M):
-        raise Failure(f"{what}: exit {got_rc}, output {out.strip()!r}; want exit {rc} and /{pattern}/")
-    return out
-
-
-def ticks(text):
-    return [int(n) for n in re.findall(r"^VMD-GUEST: tick (\d+)$", text, re.M)]
 
 
 def config_vm(name, cmdline=QUIET, extra=""):

@@ -26,23 +26,11 @@ import time
 NESTED_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(NESTED_DIR), "lib"))
 sys.path.insert(0, NESTED_DIR)
-from vmdregress import Failure, case, summary, wait_for  # noqa: E402
+from vmdregress import Failure, case, expect, summary, ticks, wait_for  # noqa: E402
 from l1 import GUEST_CMDLINE, GUEST_INITRD, GUEST_KERNEL, L2_BOOT_TIMEOUT, in_l1, setup  # noqa: E402
 
 # vm.conf's default `uid range` (vm.conf.5): the uids VMs run as.
 UID_RANGE = (0x70000000, 0x70000000 + 2047)
-
-
-def expect(rc_out, rc, pattern, what):
-    """Checks a vmctl result: exit status `rc` and `pattern` in its output."""
-    got_rc, out = rc_out
-    if got_rc != rc or not re.search(pattern, out, re.M):
-        raise Failure(f"{what}: exit {got_rc}, output {out.strip()!r}; want exit {rc} and /{pattern}/")
-    return out
-
-
-def ticks(text):
-    return [int(n) for n in re.findall(r"^VMD-GUEST: tick (\d+)\r?$", text, re.M)]
 
 
 def config_vm(name):

@@ -23,15 +23,10 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
 import vmdregress as t  # noqa: E402
-from vmdregress import VMCTL, VMD, Failure, Vmd, case  # noqa: E402
+from vmdregress import VMCTL, VMD, Failure, Vmd, case, expect_equal  # noqa: E402
 
 WEB_DISK = "web.qcow2"
 SIZE_4_5G = 4831838208
-
-
-def expect(what, got, want):
-    if got != want:
-        raise Failure(f"{what}: got {got!r}, want {want!r}")
 
 
 def run_as(user, args, cwd):
@@ -82,14 +77,14 @@ def test_tour():
         for cmd, said in ((["create", "disk.qcow2", "-s", "4.5G"], "vmctl: qcow2 imagefile created\n"),
                           (["create", "overlay.qcow2", "-b", "disk.qcow2"], "vmctl: qcow2 imagefile created\n"),
                           (["create", "copy.img", "-i", "overlay.qcow2"], "vmctl: raw imagefile created\n")):
-            expect(f"vmctl {' '.join(cmd)}", run_as(alice, [VMCTL, *cmd], home), (0, said))
-        expect("overlay's base", qcow2_backing(os.path.join(home, "overlay.qcow2")), "disk.qcow2")
+            expect_equal(f"vmctl {' '.join(cmd)}", run_as(alice, [VMCTL, *cmd], home), (0, said))
+        expect_equal("overlay's base", qcow2_backing(os.path.join(home, "overlay.qcow2")), "disk.qcow2")
         st = os.stat(os.path.join(home, "copy.img"))
-        expect("copy.img: alice's, 4.5G", (st.st_uid, st.st_size), (alice.uid, SIZE_4_5G))
+        expect_equal("copy.img: alice's, 4.5G", (st.st_uid, st.st_size), (alice.uid, SIZE_4_5G))
 
         # web's disk, and the README's vm.conf with its paths here.
         web_disk = os.path.join(lib, WEB_DISK)
-        expect(f"create {WEB_DISK}", subprocess.run([VMCTL, "create", web_disk, "-s", "4.5G"],
+        expect_equal(f"create {WEB_DISK}", subprocess.run([VMCTL, "create", web_disk, "-s", "4.5G"],
                                                    capture_output=True).returncode, 0)
         conf = f'''ramdisk = "{t.KERNEL}"
 socket owner :{alice.group}
@@ -112,7 +107,7 @@ switch "uplink" {{
         with open(conf_path, "w") as f:
             f.write(conf)
         p = subprocess.run([VMD, "-n", "-f", conf_path], capture_output=True, text=True)
-        expect("vmd -n", (p.returncode, p.stderr), (0, "configuration OK\n"))
+        expect_equal("vmd -n", (p.returncode, p.stderr), (0, "configuration OK\n"))
 
         vmd = Vmd(conf_extra=conf)
         os.chmod(vmd.dir, 0o755)
@@ -127,7 +122,7 @@ switch "uplink" {{
         want = ("   ID   PID VCPUS  MAXMEM  CURMEM     TTY        OWNER    STATE NAME\n"
                 "%5s %5s %5s %7s %7s %7s %12s %8s %s\n" % (1, "-", 1, "1.0G", "-", "-", alice.name[:15],
                                                            "stopped", "web"))
-        expect("vmctl status as alice", (rc, out), (0, want))
+        expect_equal("vmctl status as alice", (rc, out), (0, want))
 
         # $ vmctl start web (alice, the owner).
         rc, out = vmctl_alice("start", "web")
@@ -139,7 +134,7 @@ switch "uplink" {{
         if row["PID"] != "-":
             vmd.track(int(row["PID"]))
         # The console: the pty is alice's, and the guest is up with its disk.
-        expect("owner of web's tty", os.stat(tty).st_uid, alice.uid)
+        expect_equal("owner of web's tty", os.stat(tty).st_uid, alice.uid)
         vmd.wait_console("web", "VMD-GUEST: ready")
         if f"VMD-GUEST: disk vda {SIZE_4_5G} bytes rw" not in vmd.console_log("web"):
             raise Failure(f"the guest did not see its 4.5G disk: {vmd.console_log('web')[-1500:]}")
@@ -148,18 +143,18 @@ switch "uplink" {{
         more = os.path.join(home, "more.conf")
         with open(more, "w") as f:
             f.write(f'vm "db" {{\n disable\n boot "{t.KERNEL}"\n}}\n')
-        expect("vmctl load", vmd.vmctl("load", more), (0, ""))
-        expect("vmctl load again", vmd.vmctl("load", more),
+        expect_equal("vmctl load", vmd.vmctl("load", more), (0, ""))
+        expect_equal("vmctl load again", vmd.vmctl("load", more),
                (0, f'vmctl: vm "db" ({more}:1): skipped: vm db already exists\n'))
         # # vmctl reload: web keeps running.
-        expect("vmctl reload", vmd.vmctl("reload"), (0, ""))
-        expect("web after reload", vmd.state(1), "running")
+        expect_equal("vmctl reload", vmd.vmctl("reload"), (0, ""))
+        expect_equal("web after reload", vmd.state(1), "running")
         # # vmctl log verbose
-        expect("vmctl log verbose", vmd.vmctl("log", "verbose"), (0, ""))
+        expect_equal("vmctl log verbose", vmd.vmctl("log", "verbose"), (0, ""))
         t.wait_for("verbose logging", lambda: "control: verbosity now 2" in vmd.log())
 
         rc, out = vmctl_alice("stop", "web", "-w")
-        expect("alice stops web", (rc, out), (0, "stopping vm web: terminated vm 1\n"))
+        expect_equal("alice stops web", (rc, out), (0, "stopping vm web: terminated vm 1\n"))
     finally:
         if vmd is not None:
             vmd.stop()
