@@ -28,8 +28,8 @@
 //! below a layer another user can write, the chain is opened by the helper
 //! with that layer's owner's rights.
 
+use crate::parent::launch::Requester;
 use crate::proc;
-use crate::vmm::Requester;
 use common::config::Owner;
 use common::image::{self, ImageError};
 use common::imsg::{self, Channel, FileRefusal, Frame, Message, RefusalReason, VmFdKind};

@@ -8,7 +8,7 @@
 //! stopping. A VM defined in a configuration file stays listed after it
 //! stops; one started only by vmctl is removed when it ends.
 //!
-//! The VM backend (vmm.rs, [`Registry::backend`]) plugs in at three
+//! The VM backend (launch.rs, [`Registry::backend`]) plugs in at three
 //! functions and nowhere else: [`Registry::launch`],
 //! [`Registry::backend_stop`] and [`Registry::backend_command`]; the
 //! parent reports what the backend answers with
@@ -23,7 +23,7 @@
 //! the start rate limit refuses it.
 
 use crate::log::{log_debug, log_info, log_warn};
-use crate::vmm::{Requester, VmEnded, Vmm};
+use crate::parent::launch::{Launcher, Requester, VmEnded};
 use common::config::{Config, Globals, Owner, SwitchConfig, VmConfig, DEFAULT_STAGGERED_DELAY};
 use common::ctl::{Credentials, CtlError, ResetWhat, StartRequest, VmTarget};
 use common::imsg::VmCommand;
@@ -168,7 +168,7 @@ pub struct Registry {
     pub globals: Globals,
     next_batch: Option<Instant>,
     /// The VM processes (None in unit tests).
-    pub backend: Option<Vmm>,
+    pub backend: Option<Launcher>,
 }
 
 fn errno(e: Errno) -> CtlError {
@@ -186,7 +186,7 @@ impl Registry {
         Registry::default()
     }
 
-    pub fn with_backend(backend: Vmm) -> Registry {
+    pub fn with_backend(backend: Launcher) -> Registry {
         Registry {
             backend: Some(backend),
             ..Registry::default()
@@ -780,7 +780,7 @@ impl Registry {
         Ok(vmid)
     }
 
-    /// VM `vmid`'s process ended (vmm.rs has released what it held). A
+    /// VM `vmid`'s process ended (launch.rs has released what it held). A
     /// guest reset starts it again, unless a stop was asked for or the
     /// rate limit refuses; otherwise it has terminated.
     pub fn ended(&mut self, ended: &VmEnded) -> Ended {
@@ -848,7 +848,7 @@ impl Registry {
     // --- the VM backend's entry points ---
 
     /// Launches VM `vmid` with `settings` for user `uid`, opening its
-    /// files as `requester`: its files, tty and process (vmm.rs). The one
+    /// files as `requester`: its files, tty and process (launch.rs). The one
     /// place a VM is started; every check (permissions, names, templates,
     /// rate limit) is done before it is called.
     fn launch(

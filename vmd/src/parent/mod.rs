@@ -1,4 +1,10 @@
-//! The parent process (root, no filter): starts control and switch,
+//! The parent process (root, no filter). Everything it does lives in
+//! this folder: its event loop (here), the VM registry (registry.rs),
+//! launching VM processes (launch.rs) and opening VMs' files with the
+//! right user's rights (userfiles.rs); networking (net/) and a state
+//! file come later, each in its own file.
+//!
+//! The loop starts control and switch,
 //! writes their log lines, restarts them when they die, and stops them on
 //! SIGTERM or SIGINT. It holds the VM registry (registry.rs) and answers
 //! the commands control forwards; SIGHUP reloads the configuration.
@@ -10,10 +16,14 @@
 //! the guest runs (or why it could not start), pause and unpause when it
 //! reports QEMU's answer.
 
+pub mod launch;
+pub mod registry;
+pub mod userfiles;
+
 use crate::log::{self, log_debug, log_info, log_warn};
+use crate::parent::launch::{CommandDone, Launcher, VmEnded, VmEvent};
+use crate::parent::registry::{Ended, Registry};
 use crate::proc;
-use crate::registry::{Ended, Registry};
-use crate::vmm::{CommandDone, VmEnded, VmEvent, Vmm};
 use common::config::{self, Config};
 use common::ctl::{Credentials, CtlError, CtlRequest, VmTarget, VM_START_TIMEOUT};
 use common::imsg::{Channel, Frame, Message, Role, VmCommand};
@@ -43,11 +53,11 @@ const COMMAND_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 // for a start): every deadline vmd keeps before it answers ends first.
 const _: () = assert!(
     common::ctl::ANSWER_TIMEOUT.as_secs()
-        > crate::userfiles::OPEN_TIMEOUT.as_secs() + COMMAND_REPLY_TIMEOUT.as_secs()
+        > crate::parent::userfiles::OPEN_TIMEOUT.as_secs() + COMMAND_REPLY_TIMEOUT.as_secs()
 );
 const _: () = assert!(
     common::ctl::START_ANSWER_TIMEOUT.as_secs()
-        > crate::userfiles::OPEN_TIMEOUT.as_secs() + VM_START_TIMEOUT.as_secs()
+        > crate::parent::userfiles::OPEN_TIMEOUT.as_secs() + VM_START_TIMEOUT.as_secs()
 );
 
 pub struct ParentOptions {
@@ -212,7 +222,7 @@ fn parent_init(opts: ParentOptions) -> Result<Parent, String> {
         respawns: Vec::new(),
         socket_bound: false,
         shutdown: None,
-        registry: Registry::with_backend(Vmm::new(vm_registry)),
+        registry: Registry::with_backend(Launcher::new(vm_registry)),
         replies: Vec::new(),
     })
 }
@@ -252,7 +262,11 @@ impl Parent {
         loop {
             if let Some((code, deadline)) = &self.shutdown {
                 if self.children.is_empty()
-                    && self.registry.backend.as_ref().is_none_or(Vmm::is_empty)
+                    && self
+                        .registry
+                        .backend
+                        .as_ref()
+                        .is_none_or(Launcher::is_empty)
                 {
                     self.cleanup();
                     log_info!("terminating");
@@ -267,8 +281,8 @@ impl Parent {
                         );
                         let _ = kill(child.pid, Signal::SIGKILL);
                     }
-                    if let Some(vmm) = &self.registry.backend {
-                        vmm.kill_all();
+                    if let Some(backend) = &self.registry.backend {
+                        backend.kill_all();
                     }
                     self.shutdown = Some((*code, Instant::now() + SHUTDOWN_GRACE));
                 }
@@ -297,9 +311,9 @@ impl Parent {
             for event in events.iter() {
                 match event.token() {
                     SIGNALS => self.handle_signals(),
-                    token if Vmm::owns_token(token) => {
+                    token if Launcher::owns_token(token) => {
                         let events = match self.registry.backend.as_mut() {
-                            Some(vmm) => vmm.handle_event(token),
+                            Some(backend) => backend.handle_event(token),
                             None => Vec::new(),
                         };
                         for event in events {
@@ -658,7 +672,7 @@ impl Parent {
         }
     }
 
-    /// A VM process has ended (it was reaped and vmm.rs released what it
+    /// A VM process has ended (it was reaped and launch.rs released what it
     /// held): the registry restarts the VM after a reboot or else marks
     /// it terminated, and then control releases everyone waiting for it.
     fn vm_ended(&mut self, ended: VmEnded) {
@@ -798,7 +812,7 @@ impl Parent {
                     .registry
                     .backend
                     .as_mut()
-                    .and_then(|vmm| vmm.reaped(pid, status));
+                    .and_then(|backend| backend.reaped(pid, status));
                 if let Some(ended) = ended {
                     self.vm_ended(ended);
                 }
@@ -887,8 +901,8 @@ impl Parent {
         for child in &self.children {
             let _ = kill(child.pid, Signal::SIGTERM);
         }
-        if let Some(vmm) = &self.registry.backend {
-            vmm.stop_all();
+        if let Some(backend) = &self.registry.backend {
+            backend.stop_all();
         }
         self.shutdown = Some((code, Instant::now() + SHUTDOWN_GRACE));
     }
@@ -897,8 +911,8 @@ impl Parent {
         for child in &self.children {
             let _ = kill(child.pid, Signal::SIGKILL);
         }
-        if let Some(vmm) = &self.registry.backend {
-            vmm.kill_all();
+        if let Some(backend) = &self.registry.backend {
+            backend.kill_all();
         }
         self.cleanup();
     }

@@ -3,27 +3,27 @@
 //! (that is the registry's).
 //!
 //! The interface, for the registry:
-//! - [`Vmm::start`] opens the VM's files (kernel or BIOS, initrd, disk
+//! - [`Launcher::start`] opens the VM's files (kernel or BIOS, initrd, disk
 //!   chains, cdrom; a non-root requester's own paths through
 //!   userfiles.rs, with its rights), allocates a uid/gid from `uid range`, opens the pty
 //!   and the console log, spawns the VM process and hands it all that;
 //!   it returns the VM process's pid and the tty, or a [`StartError`]
 //!   whose text is the message for vmctl.
 //! - The guest runs only once QEMU accepted its arguments and `cont`
-//!   succeeded: [`Vmm::handle_event`] reports it ([`VmEvent::Running`]);
+//!   succeeded: [`Launcher::handle_event`] reports it ([`VmEvent::Running`]);
 //!   a VM that ends before that carries the reason in
 //!   [`VmEnded::start_failure`].
-//! - [`Vmm::force_stop`] kills a VM at once; [`Vmm::command`] asks its
+//! - [`Launcher::force_stop`] kills a VM at once; [`Launcher::command`] asks its
 //!   guest to pause, unpause or power down (answered later, through
-//!   [`Vmm::handle_event`]'s [`VmEvent::CommandDone`]s).
-//! - [`Vmm::info`] is what `status` shows of a running VM.
-//! - The parent's loop passes events on tokens [`Vmm::owns_token`] says
-//!   are ours to [`Vmm::handle_event`], and every pid it reaps that is not
-//!   one of its own children to [`Vmm::reaped`], which returns
+//!   [`Launcher::handle_event`]'s [`VmEvent::CommandDone`]s).
+//! - [`Launcher::info`] is what `status` shows of a running VM.
+//! - The parent's loop passes events on tokens [`Launcher::owns_token`] says
+//!   are ours to [`Launcher::handle_event`], and every pid it reaps that is not
+//!   one of its own children to [`Launcher::reaped`], which returns
 //!   [`VmEnded`] for a VM process: the VM is stopped and its uid, disk
 //!   locks, pty and console log are released. After a guest reset the
-//!   pty is kept instead, for the restart ([`Vmm::start`] takes it up;
-//!   [`Vmm::discard_parked`] closes it when there is no restart).
+//!   pty is kept instead, for the restart ([`Launcher::start`] takes it up;
+//!   [`Launcher::discard_parked`] closes it when there is no restart).
 //!
 //! The pty's slave belongs to the user who started the VM while it runs
 //! (mode 0620, or 0660 and the VM's owner group when it has one), so
@@ -31,8 +31,8 @@
 //! root, mode 0600, when the VM ends.
 
 use crate::log::{self, log_debug, log_info, log_warn};
+use crate::parent::userfiles::{self, Opened, UserFilesError, Want};
 use crate::proc;
-use crate::userfiles::{self, Opened, UserFilesError, Want};
 use crate::vm::qemu::BootFile;
 use common::config::{Accel, BootDevice, Globals, UidRange, VmConfig};
 use common::ctl::CtlError;
@@ -128,7 +128,7 @@ impl VmEnded {
     }
 }
 
-/// A VM process's answer to [`Vmm::command`].
+/// A VM process's answer to [`Launcher::command`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandDone {
     pub id: u32,
@@ -265,7 +265,7 @@ struct VmProc {
     events: Vec<VmEvent>,
 }
 
-pub struct Vmm {
+pub struct Launcher {
     registry: Registry,
     vms: Vec<VmProc>,
     parked: Vec<ParkedPty>,
@@ -274,10 +274,10 @@ pub struct Vmm {
     lingering: Vec<(u32, u32)>,
 }
 
-impl Vmm {
+impl Launcher {
     /// `registry` is the parent loop's (a clone), for the VM channels.
-    pub fn new(registry: Registry) -> Vmm {
-        Vmm {
+    pub fn new(registry: Registry) -> Launcher {
+        Launcher {
             registry,
             vms: Vec::new(),
             parked: Vec::new(),
@@ -307,10 +307,10 @@ impl Vmm {
         if self.vms.iter().any(|v| v.id == id) {
             return Err(StartError::AlreadyRunning(id));
         }
-        vmm_check_built(vm)?;
-        let kvm = vmm_use_kvm(vm.accel_or(globals))?;
-        let mut files = vmm_open_files(vm, requester)?;
-        vmm_lock_disks(&files)?;
+        launch_check_built(vm)?;
+        let kvm = launch_use_kvm(vm.accel_or(globals))?;
+        let mut files = launch_open_files(vm, requester)?;
+        launch_lock_disks(&files)?;
         let uid = self.allocate_uid(globals.uid_range)?;
         let (master, slave, tty) = match self.take_parked(id) {
             Some(parked) => reuse_pty(parked, tty_owner, vm.owner.gid).map_err(StartError::Pty)?,
@@ -426,7 +426,7 @@ impl Vmm {
     }
 
     /// Ends VM `id` at once (QEMU and its VM process); false if it does
-    /// not run. [`Vmm::reaped`] reports the end.
+    /// not run. [`Launcher::reaped`] reports the end.
     pub fn force_stop(&mut self, id: u32) -> bool {
         let Some(vm) = self.vms.iter().find(|v| v.id == id) else {
             return false;
@@ -436,7 +436,7 @@ impl Vmm {
     }
 
     /// Asks VM `id`'s guest to pause, unpause or power down; false if it
-    /// does not run. The answer comes through [`Vmm::handle_event`].
+    /// does not run. The answer comes through [`Launcher::handle_event`].
     pub fn command(&mut self, id: u32, command: VmCommand) -> bool {
         let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) else {
             return false;
@@ -684,7 +684,7 @@ impl Vmm {
 
 /// Refuses what a VM asks for that is not built yet, rather than
 /// ignoring it (at start, and as a warning of `vmd -n`).
-pub fn vmm_check_built(vm: &VmConfig) -> Result<(), StartError> {
+pub fn launch_check_built(vm: &VmConfig) -> Result<(), StartError> {
     if vm.interface_total() > 0 {
         return Err(StartError::NotBuilt(
             "network interfaces (-i, -L, -n, interface) are",
@@ -706,7 +706,7 @@ pub fn vmm_check_built(vm: &VmConfig) -> Result<(), StartError> {
 /// rights by the helper (userfiles.rs); the others (the configuration's,
 /// and root's) as root where root alone controls them, else with the
 /// VM's owner's rights (`userfiles_open_root`).
-fn vmm_open_files(vm: &VmConfig, requester: &Requester) -> Result<Vec<Opened>, StartError> {
+fn launch_open_files(vm: &VmConfig, requester: &Requester) -> Result<Vec<Opened>, StartError> {
     let mut wants = Vec::new();
     let mut want = |kind, path: &str| {
         wants.push(Want {
@@ -754,14 +754,14 @@ fn vmm_open_files(vm: &VmConfig, requester: &Requester) -> Result<Vec<Opened>, S
         })?;
         opened.extend(bios);
     }
-    vmm_check_boot_sizes(&opened)?;
+    launch_check_boot_sizes(&opened)?;
     Ok(opened)
 }
 
 /// Refuses a kernel, initrd or BIOS larger than the VM process copies
 /// into memory, here where the path is known (the VM process checks
 /// again as it copies: a file may grow).
-fn vmm_check_boot_sizes(opened: &[Opened]) -> Result<(), StartError> {
+fn launch_check_boot_sizes(opened: &[Opened]) -> Result<(), StartError> {
     for o in opened {
         let file = match o.kind {
             VmFdKind::Kernel => BootFile::Kernel,
@@ -785,7 +785,7 @@ fn vmm_check_boot_sizes(opened: &[Opened]) -> Result<(), StartError> {
 /// the kvm_intel or kvm_amd module is loaded (other KVM providers, such
 /// as kvm_pvm, are not hardware virtualization), /dev/kvm exists and a
 /// group kvm can be given to QEMU.
-fn vmm_use_kvm(accel: Accel) -> Result<bool, StartError> {
+fn launch_use_kvm(accel: Accel) -> Result<bool, StartError> {
     match accel {
         Accel::Tcg => Ok(false),
         Accel::Kvm => {
@@ -816,7 +816,7 @@ fn kvm_group() -> Option<Gid> {
 /// Locks every disk's image chain: the top of a writable disk
 /// exclusively, the files below shared, so no other VM writes to a file
 /// this one reads or writes.
-fn vmm_lock_disks(files: &[Opened]) -> Result<(), StartError> {
+fn launch_lock_disks(files: &[Opened]) -> Result<(), StartError> {
     for f in files {
         let VmFdKind::Disk { writable, .. } = f.kind else {
             continue;
@@ -1023,8 +1023,8 @@ mod tests {
 
     #[test]
     fn tcg_never_and_auto_only_with_hardware_modules() {
-        assert!(!vmm_use_kvm(Accel::Tcg).expect("tcg"));
-        let auto = vmm_use_kvm(Accel::Auto).expect("auto");
+        assert!(!launch_use_kvm(Accel::Tcg).expect("tcg"));
+        let auto = launch_use_kvm(Accel::Auto).expect("auto");
         assert_eq!(
             auto,
             hardware_kvm() && Path::new("/dev/kvm").exists() && kvm_group().is_some()
@@ -1109,13 +1109,13 @@ mod tests {
             userfiles::userfiles_open(&wants).expect("open")
         };
         let first = open();
-        vmm_lock_disks(&first).expect("first lock");
+        launch_lock_disks(&first).expect("first lock");
         assert!(matches!(
-            vmm_lock_disks(&open()),
+            launch_lock_disks(&open()),
             Err(StartError::DiskInUse(_))
         ));
         drop(first);
-        assert!(vmm_lock_disks(&open()).is_ok());
+        assert!(launch_lock_disks(&open()).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1139,12 +1139,12 @@ mod tests {
         let mut net = vm.clone();
         net.boot_device = Some(BootDevice::Net);
         assert!(matches!(
-            vmm_check_built(&net),
+            launch_check_built(&net),
             Err(StartError::NotBuilt(_))
         ));
         let mut cd = vm;
         cd.cdrom = Some("/x.iso".into());
         cd.boot_device = Some(BootDevice::Cdrom);
-        assert!(vmm_check_built(&cd).is_ok());
+        assert!(launch_check_built(&cd).is_ok());
     }
 }
