@@ -175,6 +175,34 @@ pub enum Message {
     UserFile { kind: VmFdKind, path: String },
     /// The helper is done: every file was sent, or it stopped at `refusal`.
     UserFilesDone { refusal: Option<FileRefusal> },
+
+    // --- the parent's forked root helpers (parent/helper.rs) -> parent ---
+    /// The last frame of a helper's answer, after its `UserFile`s: what
+    /// it found, or why it failed (as vmctl is to be told).
+    HelperDone {
+        outcome: Result<HelperAnswer, CtlError>,
+    },
+}
+
+/// What a forked helper of the parent did, besides the files it sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelperAnswer {
+    /// A VM's files are open and its disks locked; what its launch needs
+    /// from the system's databases.
+    Start {
+        /// Hardware KVM, and the groups that gives the guest's process.
+        kvm: bool,
+        groups: Vec<u32>,
+        /// Group `tty`, for the VM's pty.
+        tty_gid: Option<u32>,
+        /// The first uids of `uid range` that no user or group has and no
+        /// VM held when the start was asked for.
+        free_uids: Vec<u32>,
+        /// The console log's size as opened.
+        console_log_size: u64,
+    },
+    /// A console log was rotated and opened again: its size.
+    ConsoleLog { size: u64 },
 }
 
 /// What the parent asks of a running guest.
@@ -291,6 +319,7 @@ impl Message {
             Message::VmStartFailed { .. } => (109, "VM_START_FAILED"),
             Message::UserFile { .. } => (200, "USER_FILE"),
             Message::UserFilesDone { .. } => (201, "USER_FILES_DONE"),
+            Message::HelperDone { .. } => (202, "HELPER_DONE"),
         }
     }
 }
@@ -912,6 +941,18 @@ mod tests {
                 path: "/home/u/x.iso".into(),
             },
             Message::UserFilesDone { refusal: None },
+            Message::HelperDone {
+                outcome: Ok(HelperAnswer::Start {
+                    kvm: true,
+                    groups: vec![106],
+                    tty_gid: Some(5),
+                    free_uids: vec![3000, 3001],
+                    console_log_size: 42,
+                }),
+            },
+            Message::HelperDone {
+                outcome: Err(CtlError::BiosMissing),
+            },
             Message::UserFilesDone {
                 refusal: Some(FileRefusal {
                     kind: VmFdKind::Disk {

@@ -31,13 +31,15 @@
 //! root, mode 0600, when the VM ends.
 
 use crate::log::{self, log_debug, log_info, log_warn};
-use crate::parent::userfiles::{self, Opened, UserFilesError, Want};
+use crate::parent::helper::{self, Answered, Helper, HelperError};
+use crate::parent::userfiles::{self, Opened, UserFilesError, Want, OPEN_TIMEOUT};
 use crate::proc;
 use crate::vm::qemu::BootFile;
 use common::config::{Accel, BootDevice, Globals, UidRange, VmConfig};
 use common::ctl::CtlError;
 use common::imsg::{
-    Channel, FileRefusal, Frame, Message, RefusalReason, Role, VmCommand, VmFdKind, VmParams,
+    Channel, FileRefusal, Frame, HelperAnswer, Message, RefusalReason, Role, VmCommand, VmFdKind,
+    VmParams,
 };
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
@@ -52,8 +54,15 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
-/// Tokens from here up are VM processes' channels (base + VM id).
+/// Tokens from here up are the launcher's: VM processes' channels (base
+/// + VM id), then from HELPER_TOKEN_BASE its helpers' sockets.
 pub const VM_TOKEN_BASE: usize = 1 << 24;
+const HELPER_TOKEN_BASE: usize = 1 << 25;
+/// How long a start's helper has for everything: its own user helpers
+/// share OPEN_TIMEOUT of it, so their time-out is what vmctl reads.
+pub const FILES_TIMEOUT: Duration = Duration::from_secs(OPEN_TIMEOUT.as_secs() + 2);
+/// How often a reaped VM's QEMU is looked for while it exits.
+const GONE_POLL: Duration = Duration::from_millis(10);
 /// How long the parent waits for a reaped VM's QEMU to disappear (so its
 /// disks are unlocked when the VM is reported stopped); a QEMU still there
 /// after that keeps its uid from being reused until it is gone.
@@ -89,14 +98,6 @@ impl Requester {
     }
 }
 
-/// A VM that started: its VM process and its pty.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Started {
-    pub pid: u32,
-    /// `/dev/pts/N`.
-    pub tty: String,
-}
-
 /// What `status` shows of a running VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunInfo {
@@ -118,6 +119,8 @@ pub struct VmEnded {
     /// The guest never ran: why (QEMU's first error line, the VM
     /// process's error, or how it ended).
     pub start_failure: Option<String>,
+    /// It was never launched: the error vmctl is to be told.
+    pub launch_error: Option<CtlError>,
 }
 
 impl VmEnded {
@@ -145,6 +148,14 @@ pub enum VmEvent {
         id: u32,
     },
     CommandDone(CommandDone),
+    /// VM `id`'s files are open and its VM process runs.
+    Launched {
+        id: u32,
+        pid: u32,
+        tty: String,
+    },
+    /// VM `id` ended, or its start failed before it was launched.
+    Ended(VmEnded),
 }
 
 /// A rebooting VM's pty, between its VM processes.
@@ -197,6 +208,8 @@ pub enum StartError {
     ConsoleLog { path: String, why: String },
     #[error("cannot start the VM process: {0}")]
     Spawn(String),
+    #[error("opening the VM's files: {0}")]
+    Helper(HelperError),
 }
 
 impl StartError {
@@ -206,6 +219,7 @@ impl StartError {
             StartError::BiosMissing => CtlError::BiosMissing,
             StartError::CdromMissing => CtlError::CdromMissing,
             StartError::CdromInvalid => CtlError::CdromInvalid,
+            StartError::Helper(e @ HelperError::Refused(_)) => e.to_ctl(),
             other => CtlError::Text(other.to_string()),
         }
     }
@@ -261,41 +275,89 @@ struct VmProc {
     /// when the VM ends.
     pty_master: OwnedFd,
     pty_slave: OwnedFd,
-    /// Events for the parent's loop to collect.
-    events: Vec<VmEvent>,
+}
+
+/// A start whose files a helper is opening.
+struct PendingStart {
+    id: u32,
+    vm: VmConfig,
+    tty_owner: u32,
+    console_log: PathBuf,
+    console_log_cap: u64,
+    uid_range: UidRange,
+    /// The pty of the run before a reboot, taken up by this start.
+    parked: Option<ParkedPty>,
+    helper: Helper,
+}
+
+/// A console log a helper is rotating for VM `id`.
+struct PendingLog {
+    id: u32,
+    helper: Helper,
+}
+
+/// A VM whose process was reaped while its guest process was still
+/// exiting: reported once that has gone (its disks unlocked) or at
+/// `until`.
+struct Ending {
+    ended: VmEnded,
+    pid: u32,
+    uid: u32,
+    until: Instant,
 }
 
 pub struct Launcher {
     registry: Registry,
     vms: Vec<VmProc>,
     parked: Vec<ParkedPty>,
+    pending: Vec<PendingStart>,
+    logs: Vec<PendingLog>,
+    ending: Vec<Ending>,
     /// (uid, pid) of QEMUs of ended VMs that had not exited yet: their
     /// uids are not given to another VM until they have.
     lingering: Vec<(u32, u32)>,
+    /// Events for the parent's loop to collect.
+    events: Vec<VmEvent>,
+    next_helper: usize,
 }
 
 impl Launcher {
-    /// `registry` is the parent loop's (a clone), for the VM channels.
+    /// `registry` is the parent loop's (a clone), for the VM channels
+    /// and the helpers' sockets.
     pub fn new(registry: Registry) -> Launcher {
         Launcher {
             registry,
             vms: Vec::new(),
             parked: Vec::new(),
+            pending: Vec::new(),
+            logs: Vec::new(),
+            ending: Vec::new(),
             lingering: Vec::new(),
+            events: Vec::new(),
+            next_helper: HELPER_TOKEN_BASE,
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.vms.is_empty()
+        self.vms.is_empty() && self.pending.is_empty() && self.ending.is_empty()
     }
 
     pub fn owns_token(token: Token) -> bool {
         token.0 >= VM_TOKEN_BASE
     }
 
+    fn helper_token(&mut self) -> Token {
+        let token = Token(self.next_helper);
+        self.next_helper = self.next_helper.checked_add(1).unwrap_or(HELPER_TOKEN_BASE);
+        token
+    }
+
     /// Starts VM `id` as configured in `vm` (kernel, initrd, cmdline,
     /// disks, memory, vcpus, accel), opening its files as `requester`;
     /// its tty belongs to `tty_owner` (and to the VM's owner group).
+    /// What can wait (opening files, looking up users and groups) is a
+    /// helper's: the launch follows its answer, reported as
+    /// [`VmEvent::Launched`], or as [`VmEvent::Ended`] with the reason.
     pub fn start(
         &mut self,
         id: u32,
@@ -303,45 +365,124 @@ impl Launcher {
         globals: &Globals,
         requester: &Requester,
         tty_owner: u32,
-    ) -> Result<Started, StartError> {
-        if self.vms.iter().any(|v| v.id == id) {
+    ) -> Result<(), StartError> {
+        if self.vms.iter().any(|v| v.id == id) || self.pending.iter().any(|p| p.id == id) {
             return Err(StartError::AlreadyRunning(id));
         }
         launch_check_built(vm)?;
-        let kvm = launch_use_kvm(vm.accel_or(globals))?;
-        let mut files = launch_open_files(vm, requester)?;
-        launch_lock_disks(&files)?;
-        let uid = self.allocate_uid(globals.uid_range)?;
-        let (master, slave, tty) = match self.take_parked(id) {
-            Some(parked) => reuse_pty(parked, tty_owner, vm.owner.gid).map_err(StartError::Pty)?,
-            None => open_pty(tty_owner, vm.owner.gid).map_err(StartError::Pty)?,
+        let accel = launch_accel(vm.accel_or(globals))?;
+        let console_log = Path::new(&globals.console_log_dir).join(format!("{}.console", vm.name));
+        let taken = self.taken_uids();
+        let range = globals.uid_range;
+        let token = self.helper_token();
+        let helper = {
+            let (vm, requester, console_log) = (vm.clone(), requester.clone(), console_log.clone());
+            Helper::spawn(&self.registry, token, FILES_TIMEOUT, move || {
+                launch_files_work(&vm, &requester, accel, range, &taken, &console_log)
+            })
+            .map_err(StartError::Helper)?
         };
+        log_debug!(
+            "vm {} (vm {id}): opening its files (helper {})",
+            vm.name,
+            helper.pid()
+        );
+        let parked = self.take_parked(id);
+        self.pending.push(PendingStart {
+            id,
+            vm: vm.clone(),
+            tty_owner,
+            console_log,
+            console_log_cap: globals.console_log_size,
+            uid_range: range,
+            parked,
+            helper,
+        });
+        Ok(())
+    }
+
+    /// A start's helper is done: the VM process is launched with its
+    /// files, or the start has failed.
+    fn start_answered(
+        &mut self,
+        mut pending: PendingStart,
+        outcome: Result<Answered, HelperError>,
+    ) {
+        let id = pending.id;
+        let name = pending.vm.name.clone();
+        let parked = pending.parked.take();
+        let launched = outcome
+            .map_err(StartError::Helper)
+            .and_then(|(files, answer)| self.launch(&pending, parked, files, answer));
+        match launched {
+            Ok((pid, tty)) => self.events.push(VmEvent::Launched { id, pid, tty }),
+            Err(e) => {
+                log_debug!("vm {name} (vm {id}): not launched: {e}");
+                self.events.push(VmEvent::Ended(VmEnded {
+                    id,
+                    name,
+                    why: e.to_string(),
+                    guest_reason: None,
+                    start_failure: Some(e.to_string()),
+                    launch_error: Some(e.to_ctl()),
+                }));
+            }
+        }
+    }
+
+    /// Launches a VM process with the files its helper opened: a uid, the
+    /// pty, and everything sent to the VM process. Nothing here waits.
+    fn launch(
+        &mut self,
+        pending: &PendingStart,
+        parked: Option<ParkedPty>,
+        files: Vec<Opened>,
+        answer: HelperAnswer,
+    ) -> Result<(u32, String), StartError> {
+        let HelperAnswer::Start {
+            kvm,
+            groups,
+            tty_gid,
+            free_uids,
+            console_log_size,
+        } = answer
+        else {
+            return Err(StartError::Helper(HelperError::Garbled(
+                "not the answer to a start".into(),
+            )));
+        };
+        let (id, vm) = (pending.id, &pending.vm);
+        let taken = self.taken_uids();
+        let uid = free_uids
+            .into_iter()
+            .find(|uid| !taken.contains(uid))
+            .ok_or(StartError::NoUid {
+                first: pending.uid_range.first,
+                last: pending.uid_range.last,
+            })?;
+        let pty = match parked {
+            Some(parked) => reuse_pty(parked, pending.tty_owner, vm.owner.gid, tty_gid),
+            None => open_pty(pending.tty_owner, vm.owner.gid, tty_gid),
+        };
+        let (master, slave, tty) = pty.map_err(StartError::Pty)?;
         let pty_master = master
             .try_clone()
             .map_err(|e| StartError::Pty(errno_of(&e)))?;
         let pty_slave = slave
             .try_clone()
             .map_err(|e| StartError::Pty(errno_of(&e)))?;
-        let console_log = Path::new(&globals.console_log_dir).join(format!("{}.console", vm.name));
-        let (log_fd, log_size) =
-            open_console_log(&console_log).map_err(|why| StartError::ConsoleLog {
-                path: console_log.display().to_string(),
-                why,
-            })?;
-
+        let release = |e: StartError| {
+            release_pty(&pty_slave, &tty);
+            e
+        };
+        let (logs, files): (Vec<Opened>, Vec<Opened>) = files
+            .into_iter()
+            .partition(|o| o.kind == VmFdKind::ConsoleLog);
         let mut fds: Vec<(VmFdKind, OwnedFd)> =
-            files.drain(..).map(|o| (o.kind, o.file.into())).collect();
+            files.into_iter().map(|o| (o.kind, o.file.into())).collect();
         fds.push((VmFdKind::PtyMaster, master));
         fds.push((VmFdKind::PtySlave, slave));
-        fds.push((VmFdKind::ConsoleLog, log_fd));
-
-        let qemu_groups = if kvm {
-            vec![kvm_group()
-                .map(|g| g.as_raw())
-                .ok_or_else(|| StartError::Kvm("group kvm does not exist".into()))?]
-        } else {
-            Vec::new()
-        };
+        fds.extend(logs.into_iter().map(|o| (o.kind, o.file.into())));
         let params = VmParams {
             id,
             name: vm.name.clone(),
@@ -355,17 +496,17 @@ impl Launcher {
             kvm,
             uid,
             gid: uid,
-            qemu_groups,
-            console_log_cap: globals.console_log_size,
-            console_log_size: log_size,
+            qemu_groups: groups,
+            console_log_cap: pending.console_log_cap,
+            console_log_size,
             fd_count: fds.len() as u32,
         };
 
         let mut args = vec!["-P".to_string(), Role::Vm.name().to_string()];
         args.extend((0..log::verbosity()).map(|_| "-v".to_string()));
         args.extend(["-N".to_string(), vm.name.clone()]);
-        let (pid, sock) =
-            proc::spawn(Role::Vm.name(), &args).map_err(|e| StartError::Spawn(e.to_string()))?;
+        let (pid, sock) = proc::spawn(Role::Vm.name(), &args)
+            .map_err(|e| release(StartError::Spawn(e.to_string())))?;
         let token = Token(VM_TOKEN_BASE + id as usize);
         let mut channel = Channel::new(sock);
         let sent = channel
@@ -394,7 +535,7 @@ impl Launcher {
         if let Err(e) = sent {
             let _ = kill(pid, Signal::SIGKILL);
             // The parent's reaping collects it; nothing else refers to it.
-            return Err(StartError::Spawn(e));
+            return Err(release(StartError::Spawn(e)));
         }
         log_debug!(
             "vm {} (vm {id}): VM process {pid}, tty {tty}, uid {uid}{}",
@@ -410,24 +551,48 @@ impl Launcher {
             uid,
             tty: tty.clone(),
             qemu_pid: None,
-            console_log,
-            console_log_cap: globals.console_log_size,
+            console_log: pending.console_log.clone(),
+            console_log_cap: pending.console_log_cap,
             guest_reason: None,
             qemu_end: None,
             start_failed: None,
             pty_master,
             pty_slave,
-            events: Vec::new(),
         });
-        Ok(Started {
-            pid: pid.as_raw() as u32,
-            tty,
-        })
+        Ok((pid.as_raw() as u32, tty))
     }
 
-    /// Ends VM `id` at once (QEMU and its VM process); false if it does
-    /// not run. [`Launcher::reaped`] reports the end.
+    /// Gives up VM `id`'s start while its files are being opened: the
+    /// helper is killed and the start ends; false if none is pending.
+    fn cancel_start(&mut self, id: u32) -> bool {
+        let Some(index) = self.pending.iter().position(|p| p.id == id) else {
+            return false;
+        };
+        let mut pending = self.pending.remove(index);
+        pending.helper.cancel(&self.registry);
+        if let Some(parked) = pending.parked.take() {
+            release_pty(&parked.slave, &parked.tty);
+        }
+        let why = "stopped while its files were being opened".to_string();
+        log_info!("vm {} (vm {id}): {why}", pending.vm.name);
+        self.events.push(VmEvent::Ended(VmEnded {
+            id,
+            name: pending.vm.name.clone(),
+            why: why.clone(),
+            guest_reason: None,
+            start_failure: Some(why),
+            launch_error: None,
+        }));
+        true
+    }
+
+    /// Ends VM `id` at once (QEMU and its VM process, or the helper
+    /// opening its files); false if it does not run. Its end is reported
+    /// as [`VmEvent::Ended`].
     pub fn force_stop(&mut self, id: u32) -> bool {
+        if self.cancel_start(id) {
+            return true;
+        }
         let Some(vm) = self.vms.iter().find(|v| v.id == id) else {
             return false;
         };
@@ -436,8 +601,12 @@ impl Launcher {
     }
 
     /// Asks VM `id`'s guest to pause, unpause or power down; false if it
-    /// does not run. The answer comes through [`Launcher::handle_event`].
+    /// does not run. The answer comes as a [`VmEvent::CommandDone`]. A
+    /// start still opening its files is powered down by giving it up.
     pub fn command(&mut self, id: u32, command: VmCommand) -> bool {
+        if command == VmCommand::Powerdown && self.cancel_start(id) {
+            return true;
+        }
         let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) else {
             return false;
         };
@@ -476,25 +645,107 @@ impl Launcher {
         })
     }
 
-    /// The daemon stops: SIGTERM every VM process (QEMU dies with it).
-    pub fn stop_all(&self) {
+    /// The daemon stops: SIGTERM every VM process (QEMU dies with it);
+    /// starts still opening their files are given up.
+    pub fn stop_all(&mut self) {
+        self.cancel_all();
         for vm in &self.vms {
             let _ = kill(vm.pid, Signal::SIGTERM);
         }
     }
 
     /// The daemon stops and a VM did not: SIGKILL.
-    pub fn kill_all(&self) {
+    pub fn kill_all(&mut self) {
+        self.cancel_all();
         self.vms.iter().for_each(kill_vm);
     }
 
-    /// Reads and writes a VM process's channel; returns what it brought.
-    pub fn handle_event(&mut self, token: Token) -> Vec<VmEvent> {
+    fn cancel_all(&mut self) {
+        let ids: Vec<u32> = self.pending.iter().map(|p| p.id).collect();
+        for id in ids {
+            self.cancel_start(id);
+        }
+        for job in &mut self.logs {
+            job.helper.cancel(&self.registry);
+        }
+        self.logs.clear();
+    }
+
+    /// What happened since the last call, for the parent's loop.
+    pub fn take_events(&mut self) -> Vec<VmEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// When [`Launcher::tick`] has something to do next.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let helpers = self
+            .pending
+            .iter()
+            .map(|p| p.helper.deadline())
+            .chain(self.logs.iter().map(|l| l.helper.deadline()));
+        // A VM whose guest process is still exiting is looked at again soon.
+        let poll = Instant::now() + GONE_POLL;
+        let ending = self.ending.iter().map(|e| e.until.min(poll));
+        helpers.chain(ending).min()
+    }
+
+    /// Times out the helpers whose deadline passed, and reports the VMs
+    /// whose guest process has gone (or that waited long enough).
+    pub fn tick(&mut self) {
+        let now = Instant::now();
+        while let Some(index) = self.pending.iter().position(|p| p.helper.deadline() <= now) {
+            let mut pending = self.pending.remove(index);
+            let e = pending.helper.expire(&self.registry);
+            log_warn!(
+                "vm {} (vm {}): opening its files: {e}",
+                pending.vm.name,
+                pending.id
+            );
+            self.start_answered(pending, Err(e));
+        }
+        while let Some(index) = self.logs.iter().position(|l| l.helper.deadline() <= now) {
+            let mut job = self.logs.remove(index);
+            let e = job.helper.expire(&self.registry);
+            log_warn!("vm {}: rotating its console log: {e}", job.id);
+        }
+        let (gone, ending): (Vec<Ending>, Vec<Ending>) = std::mem::take(&mut self.ending)
+            .into_iter()
+            .partition(|e| !qemu_holds_files(e.pid, e.uid) || e.until <= now);
+        self.ending = ending;
+        for e in gone {
+            if qemu_holds_files(e.pid, e.uid) {
+                log_warn!(
+                    "vm {}: QEMU (pid {}) is still exiting; uid {} stays reserved",
+                    e.ended.name,
+                    e.pid,
+                    e.uid
+                );
+                self.lingering.push((e.uid, e.pid));
+            }
+            self.events.push(VmEvent::Ended(e.ended));
+        }
+    }
+
+    /// Reads a VM process's channel or a helper's socket.
+    pub fn handle_event(&mut self, token: Token) {
+        if let Some(index) = self.pending.iter().position(|p| p.helper.token() == token) {
+            if let Some(outcome) = self.pending[index].helper.read(&self.registry) {
+                let pending = self.pending.remove(index);
+                self.start_answered(pending, outcome);
+            }
+            return;
+        }
+        if let Some(index) = self.logs.iter().position(|l| l.helper.token() == token) {
+            if let Some(outcome) = self.logs[index].helper.read(&self.registry) {
+                let job = self.logs.remove(index);
+                self.log_answered(job.id, outcome);
+            }
+            return;
+        }
         let Some(index) = self.vms.iter().position(|v| v.token == token) else {
-            return Vec::new();
+            return;
         };
         self.handle_channel(index);
-        std::mem::take(&mut self.vms[index].events)
     }
 
     fn handle_channel(&mut self, index: usize) {
@@ -538,15 +789,14 @@ impl Launcher {
             Message::VmRunning { qemu_pid } => {
                 log_debug!("vm {name}: QEMU (pid {qemu_pid}) runs the guest");
                 vm.qemu_pid = Some(qemu_pid);
-                vm.events.push(VmEvent::Running { id: vm.id });
+                let id = vm.id;
+                self.events.push(VmEvent::Running { id });
             }
             Message::VmShutdown { reason } => vm.guest_reason = Some(reason),
             Message::VmCommandDone { command, error } => {
-                vm.events.push(VmEvent::CommandDone(CommandDone {
-                    id: vm.id,
-                    command,
-                    error,
-                }))
+                let id = vm.id;
+                self.events
+                    .push(VmEvent::CommandDone(CommandDone { id, command, error }))
             }
             Message::VmQemuEnded { why } => vm.qemu_end = Some(why),
             Message::VmStartFailed { reason } => {
@@ -561,28 +811,53 @@ impl Launcher {
         }
     }
 
-    /// Rotates a VM's console log if it really reached its cap (one old
-    /// copy, NAME.console.0) and sends the VM process the current file.
+    /// Has a helper rotate a VM's console log if it really reached its
+    /// cap (one old copy, NAME.console.0) and open it again; the VM
+    /// process gets the file when the helper answers.
     fn rotate_console_log(&mut self, index: usize) {
-        let vm = &mut self.vms[index];
-        let path = vm.console_log.clone();
-        let full = std::fs::metadata(&path).map_or(true, |m| m.len() >= vm.console_log_cap);
-        if full {
-            let mut old = path.clone().into_os_string();
-            old.push(".0");
-            if let Err(e) = std::fs::rename(&path, &old) {
-                log_warn!("vm {}: cannot rotate {}: {e}", vm.name, path.display());
-            }
+        let (id, path, cap) = {
+            let vm = &self.vms[index];
+            (vm.id, vm.console_log.clone(), vm.console_log_cap)
+        };
+        if self.logs.iter().any(|l| l.id == id) {
+            return;
         }
-        let (fd, size) = match open_console_log(&path) {
-            Ok(opened) => opened,
-            Err(why) => {
-                log_warn!("vm {}: cannot open {}: {why}", vm.name, path.display());
+        let token = self.helper_token();
+        match Helper::spawn(&self.registry, token, FILES_TIMEOUT, move || {
+            rotate_console_log_work(&path, cap)
+        }) {
+            Ok(helper) => self.logs.push(PendingLog { id, helper }),
+            Err(e) => log_warn!(
+                "vm {}: cannot rotate its console log: {e}",
+                self.vms[index].name
+            ),
+        }
+    }
+
+    /// A console log helper answered: the VM process gets the new file.
+    fn log_answered(&mut self, id: u32, outcome: Result<Answered, HelperError>) {
+        let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) else {
+            return;
+        };
+        let (file, size) = match outcome {
+            Ok((mut files, HelperAnswer::ConsoleLog { size })) if files.len() == 1 => {
+                (files.remove(0).file, size)
+            }
+            Ok(_) => {
+                log_warn!("vm {}: the console log helper's answer is garbled", vm.name);
+                return;
+            }
+            Err(e) => {
+                log_warn!(
+                    "vm {}: cannot open {}: {e}",
+                    vm.name,
+                    vm.console_log.display()
+                );
                 return;
             }
         };
         let mut frame = Frame::new(Message::VmConsoleLog { size });
-        frame.fd = Some(fd);
+        frame.fd = Some(file.into());
         if let Some(channel) = vm.channel.as_mut() {
             if let Err(e) = channel.send(frame) {
                 log_warn!("vm {}: sending the console log: {e}", vm.name);
@@ -590,10 +865,25 @@ impl Launcher {
         }
     }
 
-    /// A child the parent reaped: if it is a VM process, the VM ended and
-    /// everything it held is released.
-    pub fn reaped(&mut self, pid: Pid, status: WaitStatus) -> Option<VmEnded> {
-        let index = self.vms.iter().position(|v| v.pid == pid)?;
+    /// A child the parent reaped: a start's or a console log's helper, or
+    /// a VM process (the VM ended: everything it held is released, and
+    /// the end is reported once its guest process has gone too).
+    pub fn reaped(&mut self, pid: Pid, status: WaitStatus) {
+        if let Some(index) = self.pending.iter().position(|p| p.helper.pid() == pid) {
+            let outcome = self.pending[index].helper.reaped(&self.registry);
+            let pending = self.pending.remove(index);
+            self.start_answered(pending, outcome);
+            return;
+        }
+        if let Some(index) = self.logs.iter().position(|l| l.helper.pid() == pid) {
+            let outcome = self.logs[index].helper.reaped(&self.registry);
+            let job = self.logs.remove(index);
+            self.log_answered(job.id, outcome);
+            return;
+        }
+        let Some(index) = self.vms.iter().position(|v| v.pid == pid) else {
+            return;
+        };
         // What it said last (why it failed, a refused call).
         if let Some(channel) = self.vms[index].channel.as_mut() {
             if let Ok((frames, _)) = channel.receive() {
@@ -604,20 +894,9 @@ impl Launcher {
         }
         self.close_channel(index);
         let vm = self.vms.remove(index);
-        // Its QEMU dies with it (PDEATHSIG); the uid is free once it is gone.
-        if let Some(qemu) = vm.qemu_pid {
-            let deadline = Instant::now() + QEMU_GONE_WAIT;
-            while qemu_holds_files(qemu, vm.uid) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            if qemu_holds_files(qemu, vm.uid) {
-                log_warn!(
-                    "vm {}: QEMU (pid {qemu}) is still exiting; uid {} stays reserved",
-                    vm.name,
-                    vm.uid
-                );
-                self.lingering.push((vm.uid, qemu));
-            }
+        if let Some(job) = self.logs.iter().position(|l| l.id == vm.id) {
+            let mut job = self.logs.remove(job);
+            job.helper.cancel(&self.registry);
         }
         let process = proc::describe_exit(status);
         // A VM process killed from outside cannot say how its QEMU ended:
@@ -649,6 +928,7 @@ impl Launcher {
             why,
             guest_reason: vm.guest_reason,
             start_failure,
+            launch_error: None,
         };
         if ended.is_reboot() {
             self.parked.push(ParkedPty {
@@ -660,25 +940,125 @@ impl Launcher {
         } else {
             release_pty(&vm.pty_slave, &vm.tty);
         }
-        Some(ended)
+        // Its QEMU dies with it (PDEATHSIG): the VM is reported stopped
+        // once it has gone (its disks unlocked), or after QEMU_GONE_WAIT,
+        // its uid then kept until it is gone. A timer, not a wait.
+        match vm.qemu_pid.filter(|&qemu| qemu_holds_files(qemu, vm.uid)) {
+            Some(qemu) => self.ending.push(Ending {
+                ended,
+                pid: qemu,
+                uid: vm.uid,
+                until: Instant::now() + QEMU_GONE_WAIT,
+            }),
+            None => self.events.push(VmEvent::Ended(ended)),
+        }
     }
 
-    /// The first uid of `range` no running VM uses and that is neither a
-    /// user nor a group in the system's databases.
-    fn allocate_uid(&mut self, range: UidRange) -> Result<u32, StartError> {
+    /// The uids a new VM may not have: running VMs', and those of QEMUs
+    /// of ended VMs still exiting.
+    fn taken_uids(&mut self) -> Vec<u32> {
         self.lingering
             .retain(|&(uid, qemu)| qemu_holds_files(qemu, uid));
-        (range.first..=range.last)
-            .find(|&uid| {
-                !self.vms.iter().any(|v| v.uid == uid)
-                    && !self.lingering.iter().any(|&(u, _)| u == uid)
-                    && matches!(User::from_uid(Uid::from_raw(uid)), Ok(None))
-                    && matches!(Group::from_gid(Gid::from_raw(uid)), Ok(None))
-            })
-            .ok_or(StartError::NoUid {
+        self.vms
+            .iter()
+            .map(|v| v.uid)
+            .chain(self.lingering.iter().map(|&(uid, _)| uid))
+            .chain(self.ending.iter().map(|e| e.uid))
+            .collect()
+    }
+}
+
+/// A start's helper (runs in it, as root): looks up the kvm and tty
+/// groups and the free uids, opens the VM's files and console log and
+/// locks its disks.
+fn launch_files_work(
+    vm: &VmConfig,
+    requester: &Requester,
+    accel: Accel,
+    range: UidRange,
+    taken: &[u32],
+    console_log: &Path,
+) -> helper::Work {
+    let deadline = Instant::now() + OPEN_TIMEOUT;
+    let work = || -> Result<(Vec<Opened>, HelperAnswer), StartError> {
+        let (kvm, groups) = launch_kvm_groups(accel)?;
+        let mut files = launch_open_files(vm, requester, deadline)?;
+        launch_lock_disks(&files)?;
+        let (log, console_log_size) =
+            open_console_log(console_log).map_err(|why| StartError::ConsoleLog {
+                path: console_log.display().to_string(),
+                why,
+            })?;
+        let free_uids = free_uids(range, taken);
+        if free_uids.is_empty() {
+            return Err(StartError::NoUid {
                 first: range.first,
                 last: range.last,
-            })
+            });
+        }
+        files.push(Opened {
+            kind: VmFdKind::ConsoleLog,
+            path: console_log.display().to_string(),
+            file: log.into(),
+        });
+        let tty_gid = Group::from_name("tty")
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw());
+        let answer = HelperAnswer::Start {
+            kvm,
+            groups,
+            tty_gid,
+            free_uids,
+            console_log_size,
+        };
+        Ok((files, answer))
+    };
+    match work() {
+        Ok((files, answer)) => (files, Ok(answer)),
+        Err(e) => (Vec::new(), Err(e.to_ctl())),
+    }
+}
+
+/// How many free uids a start's helper finds: the parent takes the
+/// first one no VM launched meanwhile has.
+const FREE_UIDS: usize = 16;
+
+/// The first uids of `range` not `taken` that are neither a user nor a
+/// group in the system's databases (runs in a helper: lookups can hang).
+fn free_uids(range: UidRange, taken: &[u32]) -> Vec<u32> {
+    (range.first..=range.last)
+        .filter(|uid| !taken.contains(uid))
+        .filter(|&uid| {
+            matches!(User::from_uid(Uid::from_raw(uid)), Ok(None))
+                && matches!(Group::from_gid(Gid::from_raw(uid)), Ok(None))
+        })
+        .take(FREE_UIDS)
+        .collect()
+}
+
+/// A console log helper (runs in it): rotates the log if it really
+/// reached its cap and opens it again.
+fn rotate_console_log_work(path: &Path, cap: u64) -> helper::Work {
+    let full = std::fs::metadata(path).map_or(true, |m| m.len() >= cap);
+    if full {
+        let mut old = path.to_path_buf().into_os_string();
+        old.push(".0");
+        if let Err(e) = std::fs::rename(path, &old) {
+            let why = format!("cannot rotate {}: {e}", path.display());
+            return (Vec::new(), Err(CtlError::Text(why)));
+        }
+    }
+    match open_console_log(path) {
+        Ok((fd, size)) => (
+            vec![Opened {
+                kind: VmFdKind::ConsoleLog,
+                path: path.display().to_string(),
+                file: fd.into(),
+            }],
+            Ok(HelperAnswer::ConsoleLog { size }),
+        ),
+        Err(why) => (Vec::new(), Err(CtlError::Text(why))),
     }
 }
 
@@ -706,7 +1086,11 @@ pub fn launch_check_built(vm: &VmConfig) -> Result<(), StartError> {
 /// rights by the helper (userfiles.rs); the others (the configuration's,
 /// and root's) as root where root alone controls them, else with the
 /// VM's owner's rights (`userfiles_open_root`).
-fn launch_open_files(vm: &VmConfig, requester: &Requester) -> Result<Vec<Opened>, StartError> {
+fn launch_open_files(
+    vm: &VmConfig,
+    requester: &Requester,
+    deadline: Instant,
+) -> Result<Vec<Opened>, StartError> {
     let mut wants = Vec::new();
     let mut want = |kind, path: &str| {
         wants.push(Want {
@@ -734,24 +1118,21 @@ fn launch_open_files(vm: &VmConfig, requester: &Requester) -> Result<Vec<Opened>
     }
     let (theirs, ours): (Vec<Want>, Vec<Want>) =
         wants.into_iter().partition(|w| requester.opens(&w.path));
-    let mut opened = userfiles::userfiles_open_as(requester, &theirs)?;
+    let mut opened = userfiles::userfiles_open_as(requester, &theirs, deadline)?;
     let rights = if ours.is_empty() {
         userfiles::Rights::Ownerless
     } else {
         userfiles::userfiles_owner_rights(&vm.owner)?
     };
     for want in &ours {
-        opened.extend(userfiles::userfiles_open_root(want, &rights)?);
+        opened.extend(userfiles::userfiles_open_root(want, &rights, deadline)?);
     }
     if vm.boot.is_none() {
         let bios = userfiles::userfiles_open(&[Want {
             kind: VmFdKind::Bios,
             path: BIOS_PATH.to_string(),
         }])
-        .map_err(|r| {
-            log_warn!("can't open {BIOS_PATH}: {}", userfiles::refusal_text(&r));
-            StartError::BiosMissing
-        })?;
+        .map_err(|_| StartError::BiosMissing)?;
         opened.extend(bios);
     }
     launch_check_boot_sizes(&opened)?;
@@ -781,25 +1162,32 @@ fn launch_check_boot_sizes(opened: &[Opened]) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Whether a VM uses hardware KVM: `kvm` always, `tcg` never, `auto` when
-/// the kvm_intel or kvm_amd module is loaded (other KVM providers, such
-/// as kvm_pvm, are not hardware virtualization), /dev/kvm exists and a
-/// group kvm can be given to QEMU.
-fn launch_use_kvm(accel: Accel) -> Result<bool, StartError> {
+/// Whether a VM may use hardware KVM, as far as the parent can tell
+/// without a lookup: `kvm` needs /dev/kvm, `tcg` never uses it, `auto`
+/// only when the kvm_intel or kvm_amd module is loaded (other KVM
+/// providers, such as kvm_pvm, are not hardware virtualization) and
+/// /dev/kvm exists (else it is `tcg`). The helper then needs a group
+/// kvm to give QEMU ([`launch_kvm_groups`]).
+fn launch_accel(accel: Accel) -> Result<Accel, StartError> {
     match accel {
-        Accel::Tcg => Ok(false),
-        Accel::Kvm => {
-            if !Path::new("/dev/kvm").exists() {
-                return Err(StartError::Kvm("/dev/kvm does not exist".into()));
-            }
-            if kvm_group().is_none() {
-                return Err(StartError::Kvm("group kvm does not exist".into()));
-            }
-            Ok(true)
+        Accel::Tcg => Ok(Accel::Tcg),
+        Accel::Kvm if !Path::new("/dev/kvm").exists() => {
+            Err(StartError::Kvm("/dev/kvm does not exist".into()))
         }
-        Accel::Auto => {
-            Ok(hardware_kvm() && Path::new("/dev/kvm").exists() && kvm_group().is_some())
-        }
+        Accel::Kvm => Ok(Accel::Kvm),
+        Accel::Auto if hardware_kvm() && Path::new("/dev/kvm").exists() => Ok(Accel::Auto),
+        Accel::Auto => Ok(Accel::Tcg),
+    }
+}
+
+/// In a helper (the lookup can hang): whether the VM uses hardware KVM,
+/// and the groups that gives QEMU (group kvm, which `kvm` requires and
+/// without which `auto` is `tcg`).
+fn launch_kvm_groups(accel: Accel) -> Result<(bool, Vec<u32>), StartError> {
+    match (accel, kvm_group()) {
+        (Accel::Tcg, _) | (Accel::Auto, None) => Ok((false, Vec::new())),
+        (_, Some(gid)) => Ok((true, vec![gid.as_raw()])),
+        (Accel::Kvm, None) => Err(StartError::Kvm("group kvm does not exist".into())),
     }
 }
 
@@ -838,8 +1226,13 @@ fn launch_lock_disks(files: &[Opened]) -> Result<(), StartError> {
 }
 
 /// A new pty, its slave raw at once and given to `owner` (see
-/// [`give_pty`]): the master, the slave and the slave's name.
-fn open_pty(owner: u32, group: Option<u32>) -> Result<(OwnedFd, OwnedFd, String), Errno> {
+/// [`give_pty`]; `tty_gid` is group tty's, looked up by a helper): the
+/// master, the slave and the slave's name.
+fn open_pty(
+    owner: u32,
+    group: Option<u32>,
+    tty_gid: Option<u32>,
+) -> Result<(OwnedFd, OwnedFd, String), Errno> {
     use nix::fcntl::OFlag;
     let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY)?;
     nix::fcntl::fcntl(
@@ -859,7 +1252,7 @@ fn open_pty(owner: u32, group: Option<u32>) -> Result<(OwnedFd, OwnedFd, String)
     let mut termios = nix::sys::termios::tcgetattr(&slave)?;
     nix::sys::termios::cfmakeraw(&mut termios);
     nix::sys::termios::tcsetattr(&slave, nix::sys::termios::SetArg::TCSANOW, &termios)?;
-    give_pty(&slave, owner, group)?;
+    give_pty(&slave, owner, group, tty_gid)?;
     // SAFETY: PtyMaster owns the descriptor; into_raw_fd hands it over.
     let master = unsafe {
         <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(
@@ -894,21 +1287,25 @@ fn reuse_pty(
     parked: ParkedPty,
     owner: u32,
     group: Option<u32>,
+    tty_gid: Option<u32>,
 ) -> Result<(OwnedFd, OwnedFd, String), Errno> {
-    give_pty(&parked.slave, owner, group)?;
+    give_pty(&parked.slave, owner, group, tty_gid)?;
     Ok((parked.master, parked.slave, parked.tty))
 }
 
 /// Gives a pty's slave to `owner` and group `tty` (mode 0620, as a login
 /// terminal; 0600 and group root without a `tty` group), or to `owner`
 /// and `group` (mode 0660).
-fn give_pty(slave: &OwnedFd, owner: u32, group: Option<u32>) -> Result<(), Errno> {
-    let (gid, mode) = match group {
-        Some(gid) => (Gid::from_raw(gid), 0o660),
-        None => match Group::from_name("tty").ok().flatten() {
-            Some(tty) => (tty.gid, 0o620),
-            None => (Gid::from_raw(0), 0o600),
-        },
+fn give_pty(
+    slave: &OwnedFd,
+    owner: u32,
+    group: Option<u32>,
+    tty_gid: Option<u32>,
+) -> Result<(), Errno> {
+    let (gid, mode) = match (group, tty_gid) {
+        (Some(gid), _) => (Gid::from_raw(gid), 0o660),
+        (None, Some(tty)) => (Gid::from_raw(tty), 0o620),
+        (None, None) => (Gid::from_raw(0), 0o600),
     };
     nix::unistd::fchown(slave.as_raw_fd(), Some(Uid::from_raw(owner)), Some(gid))?;
     nix::sys::stat::fchmod(
@@ -1023,8 +1420,12 @@ mod tests {
 
     #[test]
     fn tcg_never_and_auto_only_with_hardware_modules() {
-        assert!(!launch_use_kvm(Accel::Tcg).expect("tcg"));
-        let auto = launch_use_kvm(Accel::Auto).expect("auto");
+        assert_eq!(launch_accel(Accel::Tcg).expect("tcg"), Accel::Tcg);
+        assert!(!launch_kvm_groups(Accel::Tcg).expect("tcg").0);
+        let auto = launch_accel(Accel::Auto)
+            .and_then(launch_kvm_groups)
+            .expect("auto")
+            .0;
         assert_eq!(
             auto,
             hardware_kvm() && Path::new("/dev/kvm").exists() && kvm_group().is_some()
@@ -1058,17 +1459,17 @@ mod tests {
 
     #[test]
     fn pty_slave_is_raw_owned_and_released() {
-        let (_master, slave, name) = open_pty(1, None).expect("pty");
+        let tty = Group::from_name("tty")
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw());
+        let (_master, slave, name) = open_pty(1, None, tty).expect("pty");
         assert!(name.starts_with("/dev/pts/"));
         let t = nix::sys::termios::tcgetattr(&slave).expect("tcgetattr");
         assert!(!t
             .local_flags
             .contains(nix::sys::termios::LocalFlags::ECHO | nix::sys::termios::LocalFlags::ICANON));
         let owned = nix::sys::stat::fstat(slave.as_raw_fd()).expect("fstat");
-        let tty = Group::from_name("tty")
-            .ok()
-            .flatten()
-            .map(|g| g.gid.as_raw());
         assert_eq!(
             (owned.st_uid, owned.st_gid, owned.st_mode & 0o777),
             match tty {
@@ -1082,7 +1483,7 @@ mod tests {
             (released.st_uid, released.st_gid, released.st_mode & 0o777),
             (0, 0, 0o600)
         );
-        let (_master, slave, _) = open_pty(1, Some(2)).expect("pty");
+        let (_master, slave, _) = open_pty(1, Some(2), tty).expect("pty");
         let grouped = nix::sys::stat::fstat(slave.as_raw_fd()).expect("fstat");
         assert_eq!(
             (grouped.st_uid, grouped.st_gid, grouped.st_mode & 0o777),

@@ -16,12 +16,13 @@
 //! the guest runs (or why it could not start), pause and unpause when it
 //! reports QEMU's answer.
 
+pub mod helper;
 pub mod launch;
 pub mod registry;
 pub mod userfiles;
 
 use crate::log::{self, log_debug, log_info, log_warn};
-use crate::parent::launch::{CommandDone, Launcher, VmEnded, VmEvent};
+use crate::parent::launch::{CommandDone, Launcher, VmEnded, VmEvent, FILES_TIMEOUT};
 use crate::parent::registry::{Ended, Registry};
 use crate::proc;
 use common::config::{self, Config};
@@ -53,11 +54,11 @@ const COMMAND_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 // for a start): every deadline vmd keeps before it answers ends first.
 const _: () = assert!(
     common::ctl::ANSWER_TIMEOUT.as_secs()
-        > crate::parent::userfiles::OPEN_TIMEOUT.as_secs() + COMMAND_REPLY_TIMEOUT.as_secs()
+        > FILES_TIMEOUT.as_secs() + COMMAND_REPLY_TIMEOUT.as_secs()
 );
 const _: () = assert!(
     common::ctl::START_ANSWER_TIMEOUT.as_secs()
-        > crate::parent::userfiles::OPEN_TIMEOUT.as_secs() + VM_START_TIMEOUT.as_secs()
+        > FILES_TIMEOUT.as_secs() + VM_START_TIMEOUT.as_secs()
 );
 
 pub struct ParentOptions {
@@ -108,21 +109,34 @@ struct Child {
 enum Held {
     /// A pause or unpause: QEMU's answer.
     Command(VmCommand),
-    /// A start: the guest running (the answer carries its tty).
-    Start { tty: String },
+    /// A start: its files opened and the guest running (the answer
+    /// carries its tty).
+    Start,
 }
 
 impl Held {
     fn is_start(&self) -> bool {
-        matches!(self, Held::Start { .. })
+        matches!(self, Held::Start)
     }
 
-    /// How long vmctl waits at most for the answer.
+    /// How long vmctl waits at most for the answer (a start: once its
+    /// VM process was launched).
     fn timeout(&self) -> Duration {
         match self {
             Held::Command(_) => COMMAND_REPLY_TIMEOUT,
-            Held::Start { .. } => VM_START_TIMEOUT,
+            Held::Start => VM_START_TIMEOUT,
         }
+    }
+
+    /// How long vmctl waits at most from now: a start's files are opened
+    /// first (their helper has FILES_TIMEOUT).
+    fn first_deadline(&self) -> Instant {
+        let files = if self.is_start() {
+            FILES_TIMEOUT
+        } else {
+            Duration::ZERO
+        };
+        Instant::now() + files + self.timeout()
     }
 }
 
@@ -281,15 +295,21 @@ impl Parent {
                         );
                         let _ = kill(child.pid, Signal::SIGKILL);
                     }
-                    if let Some(backend) = &self.registry.backend {
+                    if let Some(backend) = self.registry.backend.as_mut() {
                         backend.kill_all();
                     }
                     self.shutdown = Some((*code, Instant::now() + SHUTDOWN_GRACE));
                 }
             }
+            let backend_due = self
+                .registry
+                .backend
+                .as_ref()
+                .and_then(Launcher::next_deadline);
             let deadline = match &self.shutdown {
-                Some((_, d)) => Some(*d),
+                Some((_, d)) => Some(*d).into_iter().chain(backend_due).min(),
                 None => [
+                    backend_due,
                     self.registry.next_batch(),
                     self.registry.next_stop_deadline(),
                     self.replies.iter().map(|r| r.deadline).min(),
@@ -312,20 +332,22 @@ impl Parent {
                 match event.token() {
                     SIGNALS => self.handle_signals(),
                     token if Launcher::owns_token(token) => {
-                        let events = match self.registry.backend.as_mut() {
-                            Some(backend) => backend.handle_event(token),
-                            None => Vec::new(),
-                        };
-                        for event in events {
-                            match event {
-                                VmEvent::Running { id } => self.vm_running(id),
-                                VmEvent::CommandDone(done) => self.vm_command_done(done),
-                            }
+                        if let Some(backend) = self.registry.backend.as_mut() {
+                            backend.handle_event(token);
                         }
                     }
                     token => self.handle_child(token),
                 }
             }
+            if let Some(backend) = self.registry.backend.as_mut() {
+                if backend
+                    .next_deadline()
+                    .is_some_and(|due| due <= Instant::now())
+                {
+                    backend.tick();
+                }
+            }
+            self.backend_events();
             if self.shutdown.is_none()
                 && self
                     .registry
@@ -344,6 +366,28 @@ impl Parent {
             self.expire_replies();
             if self.shutdown.is_none() {
                 self.respawn_due();
+            }
+        }
+    }
+
+    /// Handles what the backend reported (events can bring more: a
+    /// reboot's restart that fails at once).
+    fn backend_events(&mut self) {
+        loop {
+            let events = match self.registry.backend.as_mut() {
+                Some(backend) => backend.take_events(),
+                None => return,
+            };
+            if events.is_empty() {
+                return;
+            }
+            for event in events {
+                match event {
+                    VmEvent::Running { id } => self.vm_running(id),
+                    VmEvent::CommandDone(done) => self.vm_command_done(done),
+                    VmEvent::Launched { id, pid, tty } => self.vm_launched(id, pid, tty),
+                    VmEvent::Ended(ended) => self.vm_ended(ended),
+                }
             }
         }
     }
@@ -537,11 +581,7 @@ impl Parent {
                 // Answered once the guest runs (vm_running) or could not
                 // start (vm_ended).
                 let result = self.registry.start(&req, creds);
-                let (result, tty) = match result {
-                    Ok(started) => (Ok(started.vmid), started.tty),
-                    Err(error) => (Err(error), String::new()),
-                };
-                match self.hold_reply(result, Held::Start { tty }, token, peer) {
+                match self.hold_reply(result, Held::Start, token, peer) {
                     Some(error) => vm_result(Err(error)),
                     None => return,
                 }
@@ -598,7 +638,7 @@ impl Parent {
     ) -> Option<CtlError> {
         match result {
             Ok(vmid) => {
-                let deadline = Instant::now() + held.timeout();
+                let deadline = held.first_deadline();
                 self.replies.push(PendingReply {
                     vmid,
                     held,
@@ -609,6 +649,18 @@ impl Parent {
                 None
             }
             Err(error) => Some(error),
+        }
+    }
+
+    /// VM `vmid` was launched: its start has VM_START_TIMEOUT from now
+    /// for the guest to run.
+    fn vm_launched(&mut self, vmid: u32, pid: u32, tty: String) {
+        self.registry.launched(vmid, pid, tty);
+        let deadline = Instant::now() + VM_START_TIMEOUT;
+        for reply in &mut self.replies {
+            if reply.vmid == vmid && reply.held.is_start() {
+                reply.deadline = deadline;
+            }
         }
     }
 
@@ -652,7 +704,7 @@ impl Parent {
                     vmid: *vmid,
                     error: None,
                     tty: match reply.held {
-                        Held::Start { tty } => Some(tty),
+                        Held::Start => Some(self.registry.tty(*vmid).unwrap_or_default()),
                         Held::Command(_) => None,
                     },
                 },
@@ -679,11 +731,13 @@ impl Parent {
         let vmid = ended.id;
         // A start still held failed: the guest never ran, or ended before
         // its running was read.
-        let why = ended
-            .start_failure
-            .clone()
-            .unwrap_or_else(|| format!("it ended as it started ({})", ended.why));
-        let error = CtlError::Text(format!("vm {}: {why}", ended.name));
+        let error = ended.launch_error.clone().unwrap_or_else(|| {
+            let why = ended
+                .start_failure
+                .clone()
+                .unwrap_or_else(|| format!("it ended as it started ({})", ended.why));
+            CtlError::Text(format!("vm {}: {why}", ended.name))
+        });
         self.answer_pending(vmid, Held::is_start, Err(error));
         let outcome = self.registry.ended(&ended);
         if outcome == Ended::Restarted {
@@ -808,13 +862,10 @@ impl Parent {
             };
             let Some(pid) = status.pid() else { continue };
             let Some(index) = self.children.iter().position(|c| c.pid == pid) else {
-                let ended = self
-                    .registry
-                    .backend
-                    .as_mut()
-                    .and_then(|backend| backend.reaped(pid, status));
-                if let Some(ended) = ended {
-                    self.vm_ended(ended);
+                // A VM process, a helper, or an orphan (a QEMU whose VM
+                // process was killed, a helper's own helper).
+                if let Some(backend) = self.registry.backend.as_mut() {
+                    backend.reaped(pid, status);
                 }
                 continue;
             };
@@ -901,7 +952,7 @@ impl Parent {
         for child in &self.children {
             let _ = kill(child.pid, Signal::SIGTERM);
         }
-        if let Some(backend) = &self.registry.backend {
+        if let Some(backend) = self.registry.backend.as_mut() {
             backend.stop_all();
         }
         self.shutdown = Some((code, Instant::now() + SHUTDOWN_GRACE));
@@ -911,7 +962,7 @@ impl Parent {
         for child in &self.children {
             let _ = kill(child.pid, Signal::SIGKILL);
         }
-        if let Some(backend) = &self.registry.backend {
+        if let Some(backend) = self.registry.backend.as_mut() {
             backend.kill_all();
         }
         self.cleanup();

@@ -135,20 +135,6 @@ impl Vm {
     }
 }
 
-/// What a successful launch gives back.
-#[derive(Debug)]
-pub struct Launched {
-    pub pid: u32,
-    pub tty: String,
-}
-
-/// A successful start, for vmctl.
-#[derive(Debug)]
-pub struct Started {
-    pub vmid: u32,
-    pub tty: String,
-}
-
 /// What became of a VM whose process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
@@ -344,7 +330,7 @@ impl Registry {
 
     /// `vmctl start`: an existing VM by name or id, a new instance of a
     /// template, or (root only) a brand-new VM.
-    pub fn start(&mut self, req: &StartRequest, creds: &Credentials) -> Result<Started, CtlError> {
+    pub fn start(&mut self, req: &StartRequest, creds: &Credentials) -> Result<u32, CtlError> {
         // vmctl checks these too, but any client may write to the socket.
         if let Err(why) = req.vm.check_limits() {
             log_warn!("start request from uid {}: {why}", creds.uid);
@@ -508,7 +494,9 @@ impl Registry {
         Ok(vm.inherit_from(parent))
     }
 
-    /// Applies the start rate limit, then launches.
+    /// Applies the start rate limit, then launches: the VM runs from now
+    /// on (its pid and tty come with [`Registry::launched`]; a launch
+    /// that fails later ends it, [`Registry::ended`]).
     /// `uid` is who starts it (the VM's user while it runs, owner of its
     /// tty); `requester` whose credentials open its files.
     fn start_vm(
@@ -517,7 +505,7 @@ impl Registry {
         settings: VmConfig,
         uid: u32,
         requester: &Requester,
-    ) -> Result<Started, CtlError> {
+    ) -> Result<u32, CtlError> {
         let now = Instant::now();
         let vm = &mut self.vms[index];
         if let Some(last) = vm.last_start {
@@ -536,21 +524,17 @@ impl Registry {
         vm.state = VmState::Stopped;
         let vmid = vm.vmid;
         match self.launch(vmid, &settings, uid, requester) {
-            Ok(launched) => {
+            Ok(()) => {
                 let vm = &mut self.vms[index];
-                log_debug!("starting {} (vm {vmid}), tty {}", vm.name(), launched.tty);
+                log_debug!("starting {} (vm {vmid})", vm.name());
                 vm.state = VmState::Running;
-                vm.pid = Some(launched.pid);
-                vm.tty = Some(launched.tty.clone());
+                vm.pid = None;
                 vm.started_by = Some(uid);
                 vm.requester = Some(requester.clone());
                 vm.stop_deadline = None;
                 vm.timed_out = false;
                 vm.running = Some(settings);
-                Ok(Started {
-                    vmid,
-                    tty: launched.tty,
-                })
+                Ok(vmid)
             }
             Err(e) => {
                 log_warn!(
@@ -561,6 +545,21 @@ impl Registry {
                 Err(e)
             }
         }
+    }
+
+    /// VM `vmid` was launched: its VM process and tty.
+    pub fn launched(&mut self, vmid: u32, pid: u32, tty: String) {
+        if let Some(vm) = self.vms.iter_mut().find(|vm| vm.vmid == vmid) {
+            log_debug!("{}: vm {vmid} launched (pid {pid}, tty {tty})", vm.name());
+            vm.pid = Some(pid);
+            vm.tty = Some(tty);
+        }
+    }
+
+    /// VM `vmid`'s tty, once it was launched.
+    pub fn tty(&self, vmid: u32) -> Option<String> {
+        let vm = self.vms.iter().find(|vm| vm.vmid == vmid)?;
+        vm.tty.clone()
     }
 
     /// VM `vmid`'s guest runs (QEMU accepted its arguments and `cont`
@@ -792,6 +791,14 @@ impl Registry {
             return Ended::Terminated { timed_out: false };
         };
         let vm = &self.vms[index];
+        if let Some(e) = &ended.launch_error {
+            log_warn!(
+                "{}: failed to start vm {}: {}",
+                vm.name(),
+                vm.vmid,
+                e.describe()
+            );
+        }
         let timed_out = vm.timed_out;
         let restart = match (&vm.running, vm.started_by, &vm.requester) {
             (Some(settings), Some(uid), Some(req))
@@ -857,17 +864,13 @@ impl Registry {
         settings: &VmConfig,
         uid: u32,
         requester: &Requester,
-    ) -> Result<Launched, CtlError> {
+    ) -> Result<(), CtlError> {
         let Some(backend) = self.backend.as_mut() else {
             log_debug!("launch vm {vmid} ({}): no backend", settings.name);
             return Err(CtlError::Text(BACKEND_MISSING.into()));
         };
         backend
             .start(vmid, settings, &self.globals, requester, uid)
-            .map(|started| Launched {
-                pid: started.pid,
-                tty: started.tty,
-            })
             .map_err(|e| e.to_ctl())
     }
 
@@ -1085,7 +1088,7 @@ mod tests {
                 Some(CtlError::Text(BACKEND_MISSING.into()))
             );
         }
-        let code = |r: Result<Started, CtlError>| r.err().and_then(|e| e.errno_code());
+        let code = |r: Result<u32, CtlError>| r.err().and_then(|e| e.errno_code());
         assert_eq!(code(r.start(&req("a"), &root)), Some(libc::EPERM));
         // Only root creates brand-new VMs; a failed one is not kept, and
         // keeps its id for the next try.

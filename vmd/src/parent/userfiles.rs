@@ -137,7 +137,11 @@ pub fn userfiles_open(wants: &[Want]) -> Result<Vec<Opened>, FileRefusal> {
 
 /// Opens `wants` with `req`'s file system identity in a helper process;
 /// root's own requests are opened here directly.
-pub fn userfiles_open_as(req: &Requester, wants: &[Want]) -> Result<Vec<Opened>, UserFilesError> {
+pub fn userfiles_open_as(
+    req: &Requester,
+    wants: &[Want],
+    deadline: Instant,
+) -> Result<Vec<Opened>, UserFilesError> {
     if wants.is_empty() {
         return Ok(Vec::new());
     }
@@ -163,7 +167,7 @@ pub fn userfiles_open_as(req: &Requester, wants: &[Want]) -> Result<Vec<Opened>,
         }
         Ok(ForkResult::Parent { child }) => {
             drop(theirs);
-            let result = userfiles_collect(Channel::new(mine), OPEN_TIMEOUT, req.uid);
+            let result = userfiles_collect(Channel::new(mine), deadline, req.uid);
             userfiles_end(child);
             result
         }
@@ -210,7 +214,11 @@ pub fn userfiles_owner_rights(owner: &Owner) -> Result<Rights, UserFilesError> {
 /// helper with that owner's rights (an overlay cannot make root hand
 /// /etc/shadow to a guest), and a root-owned layer others may write is
 /// refused.
-pub fn userfiles_open_root(want: &Want, rights: &Rights) -> Result<Vec<Opened>, UserFilesError> {
+pub fn userfiles_open_root(
+    want: &Want,
+    rights: &Rights,
+    deadline: Instant,
+) -> Result<Vec<Opened>, UserFilesError> {
     let VmFdKind::Disk {
         disk,
         format,
@@ -226,7 +234,7 @@ pub fn userfiles_open_root(want: &Want, rights: &Rights) -> Result<Vec<Opened>, 
             }]),
             Ok(Walked::Hole(hole)) => {
                 let who = hole_rights(want, &hole, rights)?;
-                userfiles_open_as(&who, std::slice::from_ref(want))
+                userfiles_open_as(&who, std::slice::from_ref(want), deadline)
             }
             Err(e) => Err(UserFilesError::Refused(FileRefusal {
                 kind: want.kind,
@@ -300,7 +308,7 @@ pub fn userfiles_open_root(want: &Want, rights: &Rights) -> Result<Vec<Opened>, 
         Handover::LayerOwner(owner) => owner_identity(owner, &rest.path)?,
         Handover::Hole(hole) => hole_rights(&rest, &hole, rights)?,
     };
-    let below = userfiles_open_as(&who, &[rest])?;
+    let below = userfiles_open_as(&who, &[rest], deadline)?;
     let offset = opened.len() as u8;
     opened.extend(below.into_iter().map(|mut o| {
         if let VmFdKind::Disk { layer, .. } = &mut o.kind {
@@ -432,11 +440,10 @@ fn userfiles_helper(req: &Requester, wants: &[Want], sock: OwnedFd, parent: Pid)
 /// `timeout`.
 fn userfiles_collect(
     mut channel: Channel,
-    timeout: Duration,
+    deadline: Instant,
     uid: u32,
 ) -> Result<Vec<Opened>, UserFilesError> {
     let helper_err = |why: String| UserFilesError::Helper { uid, why };
-    let deadline = Instant::now() + timeout;
     let mut opened = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -509,7 +516,7 @@ fn helper_become(req: &Requester, parent: Pid) -> Result<(), proc::ProcError> {
 /// Closes every descriptor the helper inherited from the parent (control
 /// connections, other VMs' channels and disks) but stdio and `keep`, its
 /// socket: the process the user may signal holds nothing of root's.
-fn helper_close_inherited(keep: i32) {
+pub fn helper_close_inherited(keep: i32) {
     let keep = keep as libc::c_uint;
     // SAFETY: close_range only closes descriptors of this process, which
     // owns no Rust object for any of them past this point but `keep`.
@@ -833,6 +840,10 @@ mod tests {
         d
     }
 
+    fn soon() -> Instant {
+        Instant::now() + OPEN_TIMEOUT
+    }
+
     fn disk(index: u8, path: &Path, format: DiskFormat) -> Want {
         Want {
             kind: VmFdKind::Disk {
@@ -951,9 +962,10 @@ mod tests {
             groups: Vec::new(),
             named: Vec::new(),
         };
-        let got = userfiles_open_as(&nobody, &[disk(0, &open, DiskFormat::Raw)]).expect("open");
+        let got =
+            userfiles_open_as(&nobody, &[disk(0, &open, DiskFormat::Raw)], soon()).expect("open");
         assert_eq!(got.len(), 1);
-        match userfiles_open_as(&nobody, &[disk(0, &closed, DiskFormat::Raw)]) {
+        match userfiles_open_as(&nobody, &[disk(0, &closed, DiskFormat::Raw)], soon()) {
             Err(UserFilesError::Refused(r)) => {
                 assert_eq!(r.why, RefusalReason::PermissionDenied);
                 assert_eq!(r.path, closed.display().to_string());
@@ -961,9 +973,12 @@ mod tests {
             other => panic!("expected a refusal, got {other:?}"),
         }
         // Root itself opens it.
-        assert!(
-            userfiles_open_as(&Requester::root(), &[disk(0, &closed, DiskFormat::Raw)]).is_ok()
-        );
+        assert!(userfiles_open_as(
+            &Requester::root(),
+            &[disk(0, &closed, DiskFormat::Raw)],
+            soon()
+        )
+        .is_ok());
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -977,7 +992,11 @@ mod tests {
         )
         .expect("socketpair");
         let started = Instant::now();
-        let result = userfiles_collect(Channel::new(mine), Duration::from_millis(200), 1000);
+        let result = userfiles_collect(
+            Channel::new(mine),
+            Instant::now() + Duration::from_millis(200),
+            1000,
+        );
         assert!(matches!(result, Err(UserFilesError::Timeout { uid: 1000 })));
         assert!(started.elapsed() < Duration::from_secs(5));
     }
@@ -1139,12 +1158,12 @@ mod tests {
         let nobody = Rights::Owner(owner_identity(OVERFLOW_UID, "").expect("nobody"));
         for rights in [&nobody, &Rights::Ownerless] {
             assert_eq!(
-                userfiles_open_root(&disk(0, &own, DiskFormat::Raw), rights)
+                userfiles_open_root(&disk(0, &own, DiskFormat::Raw), rights, soon())
                     .expect("own")
                     .len(),
                 1
             );
-            match userfiles_open_root(&disk(0, &link, DiskFormat::Raw), rights) {
+            match userfiles_open_root(&disk(0, &link, DiskFormat::Raw), rights, soon()) {
                 Err(UserFilesError::Refused(r)) => {
                     assert_eq!(r.why, RefusalReason::PermissionDenied)
                 }
@@ -1155,7 +1174,7 @@ mod tests {
         // for a VM without an owner, the owner's rights for the others.
         chmod(&user_dir, 0o775);
         chown(&user_dir, 0);
-        match userfiles_open_root(&disk(0, &own, DiskFormat::Raw), &Rights::Ownerless) {
+        match userfiles_open_root(&disk(0, &own, DiskFormat::Raw), &Rights::Ownerless, soon()) {
             Err(UserFilesError::Refused(r)) => match r.why {
                 RefusalReason::Other(why) => {
                     assert!(why.contains("is writable by group"), "{why}");
@@ -1165,7 +1184,7 @@ mod tests {
             },
             other => panic!("a shared directory passed: {other:?}"),
         }
-        assert!(userfiles_open_root(&disk(0, &own, DiskFormat::Raw), &nobody).is_ok());
+        assert!(userfiles_open_root(&disk(0, &own, DiskFormat::Raw), &nobody, soon()).is_ok());
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -1184,7 +1203,7 @@ mod tests {
                 matches!(&refused.why, RefusalReason::Other(w) if w.contains("pseudo file system")),
                 "{path}: {refused:?}"
             );
-            match userfiles_open_root(&want, &Rights::Ownerless) {
+            match userfiles_open_root(&want, &Rights::Ownerless, soon()) {
                 Err(UserFilesError::Refused(r)) => {
                     assert!(matches!(r.why, RefusalReason::Other(_)), "{path}: {r:?}")
                 }
@@ -1219,7 +1238,7 @@ mod tests {
         let want = disk(0, Path::new(&via_proc), DiskFormat::Raw);
         // Root itself gets there.
         assert!(userfiles_open(std::slice::from_ref(&want)).is_ok());
-        let result = userfiles_open_as(&nobody, &[want]);
+        let result = userfiles_open_as(&nobody, &[want], soon());
         let _ = sleeper.kill();
         let _ = sleeper.wait();
         match result {
@@ -1278,7 +1297,7 @@ mod tests {
             kind: VmFdKind::Initrd,
             path: "/proc/self/status".into(),
         };
-        match userfiles_open_as(&nobody, &[want]) {
+        match userfiles_open_as(&nobody, &[want], soon()) {
             Err(UserFilesError::Refused(r)) => assert!(
                 matches!(&r.why, RefusalReason::Other(w) if w.contains("procfs")),
                 "{r:?}"
