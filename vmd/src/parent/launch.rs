@@ -342,6 +342,11 @@ impl Launcher {
         self.vms.is_empty() && self.pending.is_empty() && self.ending.is_empty()
     }
 
+    /// Whether a VM process has ended whose QEMU is still exiting.
+    pub fn is_ending(&self) -> bool {
+        !self.ending.is_empty()
+    }
+
     pub fn owns_token(token: Token) -> bool {
         token.0 >= VM_TOKEN_BASE
     }
@@ -708,6 +713,16 @@ impl Launcher {
             let e = job.helper.expire(&self.registry);
             log_warn!("vm {}: rotating its console log: {e}", job.id);
         }
+        self.settle_ending(now);
+    }
+
+    /// Reports the VMs whose QEMU has gone since, or that waited long
+    /// enough (done before every request, so that what vmctl is told
+    /// follows what it can see in /proc).
+    pub fn settle_ending(&mut self, now: Instant) {
+        if self.ending.is_empty() {
+            return;
+        }
         let (gone, ending): (Vec<Ending>, Vec<Ending>) = std::mem::take(&mut self.ending)
             .into_iter()
             .partition(|e| !qemu_holds_files(e.pid, e.uid) || e.until <= now);
@@ -879,6 +894,14 @@ impl Launcher {
             let outcome = self.logs[index].helper.reaped(&self.registry);
             let job = self.logs.remove(index);
             self.log_answered(job.id, outcome);
+            return;
+        }
+        // A QEMU reparented to us once its VM process died: gone now.
+        let raw = pid.as_raw() as u32;
+        self.lingering.retain(|&(_, qemu)| qemu != raw);
+        if let Some(index) = self.ending.iter().position(|e| e.pid == raw) {
+            let ending = self.ending.remove(index);
+            self.events.push(VmEvent::Ended(ending.ended));
             return;
         }
         let Some(index) = self.vms.iter().position(|v| v.pid == pid) else {

@@ -167,6 +167,8 @@ struct Parent {
     shutdown: Option<(ExitCode, Instant)>,
     registry: Registry,
     replies: Vec<PendingReply>,
+    /// `status` requests held while a VM ends: (control's token, peer).
+    held_status: Vec<(Token, u32)>,
 }
 
 pub fn parent_main(opts: ParentOptions) -> ExitCode {
@@ -238,6 +240,7 @@ fn parent_init(opts: ParentOptions) -> Result<Parent, String> {
         shutdown: None,
         registry: Registry::with_backend(Launcher::new(vm_registry)),
         replies: Vec::new(),
+        held_status: Vec::new(),
     })
 }
 
@@ -338,14 +341,11 @@ impl Parent {
                     }
                     token => self.handle_child(token),
                 }
+                // Before the next event: a status must see a VM that ended.
+                self.backend_events();
             }
             if let Some(backend) = self.registry.backend.as_mut() {
-                if backend
-                    .next_deadline()
-                    .is_some_and(|due| due <= Instant::now())
-                {
-                    backend.tick();
-                }
+                backend.tick();
             }
             self.backend_events();
             if self.shutdown.is_none()
@@ -370,8 +370,21 @@ impl Parent {
         }
     }
 
+    /// The `status` table for connection `peer`.
+    fn answer_status(&mut self, token: Token, peer: u32) {
+        let reply = |message: Message| Frame {
+            peer_id: peer,
+            ..Frame::new(message)
+        };
+        for info in self.registry.status() {
+            self.send(token, reply(Message::CtlVm(info)));
+        }
+        self.send(token, reply(Message::CtlVmEnd));
+    }
+
     /// Handles what the backend reported (events can bring more: a
-    /// reboot's restart that fails at once).
+    /// reboot's restart that fails at once), then answers the `status`
+    /// requests held for a VM that was ending.
     fn backend_events(&mut self) {
         loop {
             let events = match self.registry.backend.as_mut() {
@@ -379,6 +392,17 @@ impl Parent {
                 None => return,
             };
             if events.is_empty() {
+                if !self.held_status.is_empty()
+                    && !self
+                        .registry
+                        .backend
+                        .as_ref()
+                        .is_some_and(Launcher::is_ending)
+                {
+                    for (token, peer) in std::mem::take(&mut self.held_status) {
+                        self.answer_status(token, peer);
+                    }
+                }
                 return;
             }
             for event in events {
@@ -565,6 +589,10 @@ impl Parent {
                 tty: None,
             }),
         };
+        if let Some(backend) = self.registry.backend.as_mut() {
+            backend.settle_ending(Instant::now());
+        }
+        self.backend_events();
         // Control refuses these already; a second look costs nothing.
         if !creds.is_root() && !request.open_to_users() {
             self.send(token, fail(libc::EPERM, Vec::new()));
@@ -572,10 +600,20 @@ impl Parent {
         }
         let answer = match request {
             CtlRequest::Status => {
-                for info in self.registry.status() {
-                    self.send(token, reply(Message::CtlVm(info)));
+                // A VM whose QEMU is still exiting (its disks still
+                // locked) is shown once it has ended: at most
+                // QEMU_GONE_WAIT later.
+                if self
+                    .registry
+                    .backend
+                    .as_ref()
+                    .is_some_and(Launcher::is_ending)
+                {
+                    self.held_status.push((token, peer));
+                    return;
                 }
-                reply(Message::CtlVmEnd)
+                self.answer_status(token, peer);
+                return;
             }
             CtlRequest::Start(req) => {
                 // Answered once the guest runs (vm_running) or could not
