@@ -37,8 +37,11 @@ pub type Work = (Vec<Opened>, Result<HelperAnswer, CtlError>);
 
 #[derive(Debug, Error)]
 pub enum HelperError {
-    #[error("cannot start a helper: {0}")]
-    Spawn(String),
+    #[error("cannot start a helper: {step}: {source}")]
+    Spawn {
+        step: &'static str,
+        source: std::io::Error,
+    },
     #[error("no answer within {secs}s (a file system or a name service does not respond?)")]
     Timeout { secs: u64 },
     #[error("the helper ended without an answer")]
@@ -88,12 +91,18 @@ impl Helper {
             None,
             SockFlag::SOCK_CLOEXEC,
         )
-        .map_err(|e| HelperError::Spawn(format!("socketpair: {e}")))?;
+        .map_err(|e| HelperError::Spawn {
+            step: "socketpair",
+            source: e.into(),
+        })?;
         let parent = nix::unistd::getpid();
         // SAFETY: the parent is single-threaded, so the child may allocate;
         // it does its work, writes to its socket and _exits.
         match unsafe { nix::unistd::fork() } {
-            Err(e) => Err(HelperError::Spawn(format!("fork: {e}"))),
+            Err(e) => Err(HelperError::Spawn {
+                step: "fork",
+                source: e.into(),
+            }),
             Ok(ForkResult::Child) => {
                 drop(mine);
                 // The log file's or syslog's descriptor is closed next.
@@ -135,9 +144,12 @@ impl Helper {
                     token,
                     Interest::READABLE,
                 );
-                if let Err(e) = registered {
+                if let Err(source) = registered {
                     let _ = kill(child, Signal::SIGKILL);
-                    return Err(HelperError::Spawn(format!("cannot watch it: {e}")));
+                    return Err(HelperError::Spawn {
+                        step: "registering its socket",
+                        source,
+                    });
                 }
                 Ok(Helper {
                     pid: child,

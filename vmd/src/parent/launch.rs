@@ -189,13 +189,13 @@ pub enum StartError {
     #[error("could not open iso image {path}: {why}")]
     Cdrom { path: String, why: String },
     #[error("{0}")]
-    UserFiles(String),
+    UserFiles(UserFilesError),
     #[error("could not open disk image(s): {0} is in use by another VM")]
     DiskInUse(String),
     #[error("no free uid in uid range {first}-{last}: stop a VM or widen `uid range` in vm.conf")]
     NoUid { first: u32, last: u32 },
     #[error("accel kvm: {0}")]
-    Kvm(String),
+    Kvm(KvmMissing),
     #[error("{what} {path} is larger than {limit}, the most vmd loads")]
     TooLarge {
         what: &'static str,
@@ -205,7 +205,7 @@ pub enum StartError {
     #[error("cannot open a pty: {0}")]
     Pty(Errno),
     #[error("cannot open console log {path}: {why}")]
-    ConsoleLog { path: String, why: String },
+    ConsoleLog { path: String, why: ConsoleLogError },
     #[error("cannot start the VM process: {0}")]
     Spawn(String),
     #[error("opening the VM's files: {0}")]
@@ -249,7 +249,7 @@ impl From<UserFilesError> for StartError {
     fn from(e: UserFilesError) -> StartError {
         match e {
             UserFilesError::Refused(r) => StartError::from_refusal(r),
-            other => StartError::UserFiles(other.to_string()),
+            other => StartError::UserFiles(other),
         }
     }
 }
@@ -1081,7 +1081,7 @@ fn rotate_console_log_work(path: &Path, cap: u64) -> helper::Work {
             }],
             Ok(HelperAnswer::ConsoleLog { size }),
         ),
-        Err(why) => (Vec::new(), Err(CtlError::Text(why))),
+        Err(why) => (Vec::new(), Err(CtlError::Text(why.to_string()))),
     }
 }
 
@@ -1194,9 +1194,7 @@ fn launch_check_boot_sizes(opened: &[Opened]) -> Result<(), StartError> {
 fn launch_accel(accel: Accel) -> Result<Accel, StartError> {
     match accel {
         Accel::Tcg => Ok(Accel::Tcg),
-        Accel::Kvm if !Path::new("/dev/kvm").exists() => {
-            Err(StartError::Kvm("/dev/kvm does not exist".into()))
-        }
+        Accel::Kvm if !Path::new("/dev/kvm").exists() => Err(StartError::Kvm(KvmMissing::Device)),
         Accel::Kvm => Ok(Accel::Kvm),
         Accel::Auto if hardware_kvm() && Path::new("/dev/kvm").exists() => Ok(Accel::Auto),
         Accel::Auto => Ok(Accel::Tcg),
@@ -1210,7 +1208,7 @@ fn launch_kvm_groups(accel: Accel) -> Result<(bool, Vec<u32>), StartError> {
     match (accel, kvm_group()) {
         (Accel::Tcg, _) | (Accel::Auto, None) => Ok((false, Vec::new())),
         (_, Some(gid)) => Ok((true, vec![gid.as_raw()])),
-        (Accel::Kvm, None) => Err(StartError::Kvm("group kvm does not exist".into())),
+        (Accel::Kvm, None) => Err(StartError::Kvm(KvmMissing::Group)),
     }
 }
 
@@ -1343,13 +1341,16 @@ fn errno_of(e: &std::io::Error) -> Errno {
 
 /// Opens (creating) a console log for appending: root-owned, mode 0600,
 /// never through a symlink. Returns it and its size.
-fn open_console_log(path: &Path) -> Result<(OwnedFd, u64), String> {
+fn open_console_log(path: &Path) -> Result<(OwnedFd, u64), ConsoleLogError> {
     if let Some(dir) = path.parent() {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o755)
             .create(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            .map_err(|source| ConsoleLogError::Dir {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
     }
     let file = OpenOptions::new()
         .append(true)
@@ -1357,15 +1358,40 @@ fn open_console_log(path: &Path) -> Result<(OwnedFd, u64), String> {
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY)
         .open(path)
-        .map_err(|e| common::qcow2::io_message(&e))?;
-    let meta = file.metadata().map_err(|e| e.to_string())?;
+        .map_err(ConsoleLogError::Open)?;
+    let meta = file.metadata().map_err(ConsoleLogError::Open)?;
     if !meta.is_file() {
-        return Err("not a regular file".into());
+        return Err(ConsoleLogError::NotRegular);
     }
     if meta.uid() != 0 {
-        return Err("not owned by root: remove it or give it to root".into());
+        return Err(ConsoleLogError::NotRoots);
     }
     Ok((file.into(), meta.len()))
+}
+
+/// Why a console log could not be opened.
+#[derive(Debug, Error)]
+pub enum ConsoleLogError {
+    #[error("cannot create {}: {source}", dir.display())]
+    Dir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", common::qcow2::io_message(.0))]
+    Open(std::io::Error),
+    #[error("not a regular file")]
+    NotRegular,
+    #[error("not owned by root: remove it or give it to root")]
+    NotRoots,
+}
+
+/// What hardware KVM lacks on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum KvmMissing {
+    #[error("/dev/kvm does not exist")]
+    Device,
+    #[error("group kvm does not exist")]
+    Group,
 }
 
 /// The `Uid:` (real) of /proc/PID/status and the rest of the file, if

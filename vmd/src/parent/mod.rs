@@ -39,6 +39,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
+use thiserror::Error;
 
 const SIGNALS: Token = Token(0);
 /// A role restarted this often within RESTART_WINDOW is given up on.
@@ -60,6 +61,32 @@ const _: () = assert!(
     common::ctl::START_ANSWER_TIMEOUT.as_secs()
         > FILES_TIMEOUT.as_secs() + VM_START_TIMEOUT.as_secs()
 );
+
+/// Why the parent could not set itself up or start a child.
+#[derive(Debug, Error)]
+pub enum ParentError {
+    #[error("cannot {what}: {source}")]
+    Setup {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Spawn(#[from] proc::ProcError),
+    #[error("cannot register {role}: {source}")]
+    Register {
+        role: &'static str,
+        source: std::io::Error,
+    },
+}
+
+impl ParentError {
+    fn setup<E: Into<std::io::Error>>(what: &'static str) -> impl FnOnce(E) -> ParentError {
+        move |e| ParentError::Setup {
+            what,
+            source: e.into(),
+        }
+    }
+}
 
 pub struct ParentOptions {
     pub socket: PathBuf,
@@ -194,7 +221,7 @@ pub fn parent_main(opts: ParentOptions) -> ExitCode {
     parent.run()
 }
 
-fn parent_init(opts: ParentOptions) -> Result<Parent, String> {
+fn parent_init(opts: ParentOptions) -> Result<Parent, ParentError> {
     let mut mask = SigSet::empty();
     for sig in [
         Signal::SIGCHLD,
@@ -207,27 +234,27 @@ fn parent_init(opts: ParentOptions) -> Result<Parent, String> {
     #[cfg(feature = "test-triggers")]
     mask.add(Signal::SIGUSR1);
     mask.thread_block()
-        .map_err(|e| format!("cannot block signals: {e}"))?;
+        .map_err(ParentError::setup("block signals"))?;
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-        .map_err(|e| format!("cannot create a signalfd: {e}"))?;
+        .map_err(ParentError::setup("create a signalfd"))?;
     // A QEMU whose VM process was killed is reparented to us and reaped
     // by our loop, not left a zombie where init does not reap.
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
         log_warn!("cannot become a subreaper: {}", nix::errno::Errno::last());
     }
-    let poll = Poll::new().map_err(|e| format!("cannot create the event loop: {e}"))?;
+    let poll = Poll::new().map_err(ParentError::setup("create the event loop"))?;
     poll.registry()
         .register(
             &mut SourceFd(&signals.as_raw_fd()),
             SIGNALS,
             Interest::READABLE,
         )
-        .map_err(|e| format!("cannot register signals: {e}"))?;
+        .map_err(ParentError::setup("register signals"))?;
     let vm_registry = poll
         .registry()
         .try_clone()
-        .map_err(|e| format!("cannot share the event loop: {e}"))?;
+        .map_err(ParentError::setup("share the event loop"))?;
     Ok(Parent {
         opts,
         poll,
@@ -245,14 +272,14 @@ fn parent_init(opts: ParentOptions) -> Result<Parent, String> {
 }
 
 impl Parent {
-    fn spawn(&mut self, role: Role) -> Result<(), String> {
+    fn spawn(&mut self, role: Role) -> Result<(), ParentError> {
         let mut args = vec!["-P".to_string(), role.name().to_string()];
         args.extend((0..log::verbosity()).map(|_| "-v".to_string()));
         if role == Role::Control {
             args.push("-s".to_string());
             args.push(self.opts.socket.display().to_string());
         }
-        let (pid, sock) = proc::spawn(role.name(), &args).map_err(|e| e.to_string())?;
+        let (pid, sock) = proc::spawn(role.name(), &args)?;
         let token = Token(self.next_token);
         self.next_token += 1;
         self.poll
@@ -262,7 +289,10 @@ impl Parent {
                 token,
                 Interest::READABLE | Interest::WRITABLE,
             )
-            .map_err(|e| format!("cannot register {}: {e}", role.name()))?;
+            .map_err(|source| ParentError::Register {
+                role: role.name(),
+                source,
+            })?;
         log_debug!("started {} (pid {pid})", role.name());
         self.children.push(Child {
             role,

@@ -263,7 +263,7 @@ pub fn userfiles_open_root(
                 };
                 let path = path.display().to_string();
                 *rest = Some((to, Want { kind, path }));
-                io::Error::other(UNTRUSTED)
+                FileError::Untrusted.into()
             };
             if let Some(owner) = written_by.take() {
                 return Err(stop(&mut rest, Handover::LayerOwner(owner)));
@@ -326,8 +326,6 @@ enum Handover {
     /// The path runs through a directory root does not alone control.
     Hole(Hole),
 }
-
-const UNTRUSTED: &str = "backing file named by a layer root does not alone control";
 
 /// Whose rights open `want`, whose path runs through `hole`: the VM
 /// owner's; for a VM without an owner, the one user who controls the
@@ -559,14 +557,12 @@ const OPEN_FLAGS: i32 = libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
 /// guarded the open).
 fn file_checked(file: File) -> io::Result<File> {
     if !file.metadata()?.is_file() {
-        return Err(io::Error::other(NOT_REGULAR));
+        return Err(FileError::NotRegular.into());
     }
     // Magic numbers are 32 bits wide (f_type is signed on 32-bit systems).
     let fs = nix::sys::statfs::fstatfs(&file)?.filesystem_type().0 as u32;
     if let Some((_, name)) = PSEUDO_FILE_SYSTEMS.iter().find(|(magic, _)| *magic == fs) {
-        return Err(io::Error::other(format!(
-            "on {name}, a pseudo file system: not a file for a VM"
-        )));
+        return Err(FileError::PseudoFileSystem(name).into());
     }
     nix::fcntl::fcntl(
         file.as_raw_fd(),
@@ -741,7 +737,7 @@ pub fn walk_open(path: &Path, writable: bool) -> io::Result<Walked> {
             let file = File::from(at(dir, &name, flags)?);
             let meta = file.metadata()?;
             if (meta.dev(), meta.ino()) != (entry_stat.st_dev, entry_stat.st_ino) {
-                return Err(io::Error::other("replaced while it was opened"));
+                return Err(FileError::Replaced.into());
             }
             return file_checked(file).map(Walked::Root);
         }
@@ -788,14 +784,39 @@ pub fn entry_writer(
     }
 }
 
-const NOT_REGULAR: &str = "not a regular file";
+/// What refuses a file that opened: carried inside the io::Error that
+/// the image chain's opener must return, and told apart by type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum FileError {
+    #[error("not a regular file")]
+    NotRegular,
+    #[error("on {0}, a pseudo file system: not a file for a VM")]
+    PseudoFileSystem(&'static str),
+    #[error("replaced while it was opened")]
+    Replaced,
+    /// Root stops following a disk's chain here: someone else's rights
+    /// open the rest.
+    #[error("backing file named by a layer root does not alone control")]
+    Untrusted,
+}
+
+impl From<FileError> for io::Error {
+    fn from(e: FileError) -> io::Error {
+        io::Error::other(e)
+    }
+}
+
+/// The [`FileError`] inside `e`, if that is what it carries.
+fn file_error(e: &io::Error) -> Option<FileError> {
+    e.get_ref()?.downcast_ref::<FileError>().copied()
+}
 
 fn io_reason(e: &io::Error) -> RefusalReason {
     match e.raw_os_error().map(Errno::from_raw) {
         Some(Errno::EACCES | Errno::EPERM) => RefusalReason::PermissionDenied,
         Some(Errno::ENOENT | Errno::ENOTDIR) => RefusalReason::Missing,
         Some(Errno::EISDIR | Errno::ENXIO) => RefusalReason::NotRegular,
-        None if e.to_string() == NOT_REGULAR => RefusalReason::NotRegular,
+        None if file_error(e) == Some(FileError::NotRegular) => RefusalReason::NotRegular,
         _ => RefusalReason::Other(common::qcow2::io_message(e)),
     }
 }
