@@ -1,28 +1,35 @@
-//! Running VMs, the parent's side: everything the parent does so that a
-//! VM process (vm/) can run a guest, and nothing about which VMs exist
-//! (that is the registry's).
+//! Launching VMs, the parent's side: everything the parent does so that
+//! a VM process (vm/) can run a guest, and nothing about which VMs exist
+//! (that is the registry's) or how the guest is run (that is the VM
+//! process's backend; the parent passes its settings through, built by
+//! vm/, and hears back neutral facts: the guest's process ids, how they
+//! ended).
 //!
-//! The interface, for the registry:
-//! - [`Launcher::start`] opens the VM's files (kernel or BIOS, initrd, disk
-//!   chains, cdrom; a non-root requester's own paths through
-//!   userfiles.rs, with its rights), allocates a uid/gid from `uid range`, opens the pty
-//!   and the console log, spawns the VM process and hands it all that;
-//!   it returns the VM process's pid and the tty, or a [`StartError`]
-//!   whose text is the message for vmctl.
-//! - The guest runs only once QEMU accepted its arguments and `cont`
-//!   succeeded: [`Launcher::handle_event`] reports it ([`VmEvent::Running`]);
-//!   a VM that ends before that carries the reason in
-//!   [`VmEnded::start_failure`].
-//! - [`Launcher::force_stop`] kills a VM at once; [`Launcher::command`] asks its
-//!   guest to pause, unpause or power down (answered later, through
-//!   [`Launcher::handle_event`]'s [`VmEvent::CommandDone`]s).
+//! Nothing here waits. The interface, for the registry:
+//! - [`Launcher::start`] checks what it can at once and hands the rest to
+//!   a forked helper (helper.rs): the VM's files (kernel or BIOS, initrd,
+//!   disk chains, cdrom; a non-root requester's own paths with its
+//!   rights, userfiles.rs), its disks' locks, its console log, the kvm
+//!   and tty groups and the free uids of `uid range`. When the helper
+//!   answers, the VM process is spawned with all that and a pty
+//!   ([`VmEvent::Launched`]), or the start ends ([`VmEvent::Ended`] with
+//!   [`VmEnded::launch_error`], the message for vmctl).
+//! - The guest runs only once its backend accepted its arguments and the
+//!   guest was resumed: [`VmEvent::Running`]; a VM that ends before that
+//!   carries the reason in [`VmEnded::start_failure`].
+//! - [`Launcher::force_stop`] kills a VM at once (or gives up its start);
+//!   [`Launcher::command`] asks its guest to pause, unpause or power down
+//!   (answered later, as [`VmEvent::CommandDone`]).
 //! - [`Launcher::info`] is what `status` shows of a running VM.
-//! - The parent's loop passes events on tokens [`Launcher::owns_token`] says
-//!   are ours to [`Launcher::handle_event`], and every pid it reaps that is not
-//!   one of its own children to [`Launcher::reaped`], which returns
-//!   [`VmEnded`] for a VM process: the VM is stopped and its uid, disk
-//!   locks, pty and console log are released. After a guest reset the
-//!   pty is kept instead, for the restart ([`Launcher::start`] takes it up;
+//! - The parent's loop passes events on tokens [`Launcher::owns_token`]
+//!   says are ours to [`Launcher::handle_event`], every pid it reaps that
+//!   is not one of its own children to [`Launcher::reaped`], calls
+//!   [`Launcher::tick`] for the timers ([`Launcher::next_deadline`]) and
+//!   collects [`Launcher::take_events`]. A VM process that ended is
+//!   reported once its guest's processes have gone too (its disks
+//!   unlocked), or after GUEST_GONE_WAIT: its uid, disk locks, pty and
+//!   console log are then released. After a guest reset the pty is kept
+//!   instead, for the restart ([`Launcher::start`] takes it up;
 //!   [`Launcher::discard_parked`] closes it when there is no restart).
 //!
 //! The pty's slave belongs to the user who started the VM while it runs
@@ -34,7 +41,6 @@ use crate::log::{self, log_debug, log_info, log_warn};
 use crate::parent::helper::{self, Answered, Helper, HelperError};
 use crate::parent::userfiles::{self, Opened, UserFilesError, Want, OPEN_TIMEOUT};
 use crate::proc;
-use crate::vm::qemu::BootFile;
 use common::config::{Accel, BootDevice, Globals, UidRange, VmConfig};
 use common::ctl::CtlError;
 use common::imsg::{
@@ -61,12 +67,15 @@ const HELPER_TOKEN_BASE: usize = 1 << 25;
 /// How long a start's helper has for everything: its own user helpers
 /// share OPEN_TIMEOUT of it, so their time-out is what vmctl reads.
 pub const FILES_TIMEOUT: Duration = Duration::from_secs(OPEN_TIMEOUT.as_secs() + 2);
-/// How often a reaped VM's QEMU is looked for while it exits.
+/// At most this many processes of a guest are believed (the VM process
+/// names them).
+const MAX_GUEST_PIDS: usize = 16;
+/// How often a reaped VM's guest processes are looked for while they exit.
 const GONE_POLL: Duration = Duration::from_millis(10);
-/// How long the parent waits for a reaped VM's QEMU to disappear (so its
-/// disks are unlocked when the VM is reported stopped); a QEMU still there
-/// after that keeps its uid from being reused until it is gone.
-const QEMU_GONE_WAIT: Duration = Duration::from_secs(2);
+/// How long a reaped VM's guest processes have to disappear before the
+/// VM is reported stopped (so its disks are unlocked by then); one still
+/// there after that keeps its uid from being reused until it is gone.
+const GUEST_GONE_WAIT: Duration = Duration::from_secs(2);
 /// The BIOS of VMs that boot without a kernel (Debian `seabios`).
 pub const BIOS_PATH: &str = "/usr/share/seabios/bios.bin";
 
@@ -103,7 +112,7 @@ impl Requester {
 pub struct RunInfo {
     pub pid: u32,
     pub tty: String,
-    /// QEMU's resident memory, once QEMU runs.
+    /// The guest processes' resident memory, once the guest runs.
     pub cur_memory: Option<u64>,
 }
 
@@ -116,7 +125,7 @@ pub struct VmEnded {
     pub why: String,
     /// The guest's own shutdown (QMP SHUTDOWN reason), if it reported one.
     pub guest_reason: Option<String>,
-    /// The guest never ran: why (QEMU's first error line, the VM
+    /// The guest never ran: why (the backend's first error line, the VM
     /// process's error, or how it ended).
     pub start_failure: Option<String>,
     /// It was never launched: the error vmctl is to be told.
@@ -124,8 +133,8 @@ pub struct VmEnded {
 }
 
 impl VmEnded {
-    /// The guest reset itself (a reboot): QEMU runs with -no-reboot, so
-    /// it exits and vmd decides whether the VM starts again.
+    /// The guest reset itself (a reboot): the VM process ends, and vmd
+    /// decides whether the VM starts again.
     pub fn is_reboot(&self) -> bool {
         self.guest_reason.as_deref() == Some("guest-reset")
     }
@@ -142,8 +151,8 @@ pub struct CommandDone {
 /// What a VM process's channel brought, for the parent's loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmEvent {
-    /// VM `id`'s guest runs: QEMU accepted its arguments and `cont`
-    /// succeeded.
+    /// VM `id`'s guest runs: its backend accepted its arguments and the
+    /// guest was resumed.
     Running {
         id: u32,
     },
@@ -262,12 +271,13 @@ struct VmProc {
     channel: Option<Channel>,
     uid: u32,
     tty: String,
-    qemu_pid: Option<u32>,
+    /// The processes that run the guest, as the VM process said.
+    guest_pids: Vec<u32>,
     console_log: PathBuf,
     console_log_cap: u64,
     guest_reason: Option<String>,
-    /// How QEMU ended, as the VM process reported it.
-    qemu_end: Option<String>,
+    /// How the guest's processes ended, as the VM process reported it.
+    guest_end: Option<String>,
     /// Why the guest could not start, as the VM process reported it.
     start_failed: Option<String>,
     /// The pty's master and slave: kept here so that a reboot restarts
@@ -301,7 +311,8 @@ struct PendingLog {
 /// `until`.
 struct Ending {
     ended: VmEnded,
-    pid: u32,
+    /// Its guest's processes that still held files.
+    pids: Vec<u32>,
     uid: u32,
     until: Instant,
 }
@@ -313,7 +324,7 @@ pub struct Launcher {
     pending: Vec<PendingStart>,
     logs: Vec<PendingLog>,
     ending: Vec<Ending>,
-    /// (uid, pid) of QEMUs of ended VMs that had not exited yet: their
+    /// (uid, pid) of guest processes of ended VMs that had not exited yet: their
     /// uids are not given to another VM until they have.
     lingering: Vec<(u32, u32)>,
     /// Events for the parent's loop to collect.
@@ -342,7 +353,7 @@ impl Launcher {
         self.vms.is_empty() && self.pending.is_empty() && self.ending.is_empty()
     }
 
-    /// Whether a VM process has ended whose QEMU is still exiting.
+    /// Whether a VM process has ended whose guest processes still exit.
     pub fn is_ending(&self) -> bool {
         !self.ending.is_empty()
     }
@@ -493,15 +504,9 @@ impl Launcher {
             name: vm.name.clone(),
             memory: vm.memory_bytes(),
             vcpus: vm.vcpu_count(),
-            cmdline: vm
-                .cmdline
-                .clone()
-                .unwrap_or_else(|| crate::vm::qemu::DEFAULT_CMDLINE.to_string()),
-            boot_device: vm.boot_device,
-            kvm,
             uid,
             gid: uid,
-            qemu_groups: groups,
+            backend: crate::vm::backend_params(vm, kvm, groups),
             console_log_cap: pending.console_log_cap,
             console_log_size,
             fd_count: fds.len() as u32,
@@ -555,11 +560,11 @@ impl Launcher {
             channel: Some(channel),
             uid,
             tty: tty.clone(),
-            qemu_pid: None,
+            guest_pids: Vec::new(),
             console_log: pending.console_log.clone(),
             console_log_cap: pending.console_log_cap,
             guest_reason: None,
-            qemu_end: None,
+            guest_end: None,
             start_failed: None,
             pty_master,
             pty_slave,
@@ -591,7 +596,7 @@ impl Launcher {
         true
     }
 
-    /// Ends VM `id` at once (QEMU and its VM process, or the helper
+    /// Ends VM `id` at once (its VM process and guest, or the helper
     /// opening its files); false if it does not run. Its end is reported
     /// as [`VmEvent::Ended`].
     pub fn force_stop(&mut self, id: u32) -> bool {
@@ -646,11 +651,11 @@ impl Launcher {
         Some(RunInfo {
             pid: vm.pid.as_raw() as u32,
             tty: vm.tty.clone(),
-            cur_memory: vm.qemu_pid.and_then(|pid| qemu_rss(pid, vm.uid)),
+            cur_memory: guest_memory(&vm.guest_pids, vm.uid),
         })
     }
 
-    /// The daemon stops: SIGTERM every VM process (QEMU dies with it);
+    /// The daemon stops: SIGTERM every VM process (its guest dies with it);
     /// starts still opening their files are given up.
     pub fn stop_all(&mut self) {
         self.cancel_all();
@@ -716,26 +721,29 @@ impl Launcher {
         self.settle_ending(now);
     }
 
-    /// Reports the VMs whose QEMU has gone since, or that waited long
+    /// Reports the VMs whose guest processes have gone since, or that waited long
     /// enough (done before every request, so that what vmctl is told
     /// follows what it can see in /proc).
     pub fn settle_ending(&mut self, now: Instant) {
         if self.ending.is_empty() {
             return;
         }
+        for e in &mut self.ending {
+            let uid = e.uid;
+            e.pids.retain(|&pid| holds_files(pid, uid));
+        }
         let (gone, ending): (Vec<Ending>, Vec<Ending>) = std::mem::take(&mut self.ending)
             .into_iter()
-            .partition(|e| !qemu_holds_files(e.pid, e.uid) || e.until <= now);
+            .partition(|e| e.pids.is_empty() || e.until <= now);
         self.ending = ending;
         for e in gone {
-            if qemu_holds_files(e.pid, e.uid) {
+            for pid in e.pids {
                 log_warn!(
-                    "vm {}: QEMU (pid {}) is still exiting; uid {} stays reserved",
+                    "vm {}: its guest's process {pid} is still exiting; uid {} stays reserved",
                     e.ended.name,
-                    e.pid,
                     e.uid
                 );
-                self.lingering.push((e.uid, e.pid));
+                self.lingering.push((e.uid, pid));
             }
             self.events.push(VmEvent::Ended(e.ended));
         }
@@ -801,9 +809,9 @@ impl Launcher {
             Message::RefusedSyscall { nr, name: call } => {
                 log_warn!("vm {name}: refused system call {call} ({nr})")
             }
-            Message::VmRunning { qemu_pid } => {
-                log_debug!("vm {name}: QEMU (pid {qemu_pid}) runs the guest");
-                vm.qemu_pid = Some(qemu_pid);
+            Message::VmRunning { pids } => {
+                log_debug!("vm {name}: the guest runs (pids {pids:?})");
+                vm.guest_pids = pids.into_iter().take(MAX_GUEST_PIDS).collect();
                 let id = vm.id;
                 self.events.push(VmEvent::Running { id });
             }
@@ -813,11 +821,11 @@ impl Launcher {
                 self.events
                     .push(VmEvent::CommandDone(CommandDone { id, command, error }))
             }
-            Message::VmQemuEnded { why } => vm.qemu_end = Some(why),
+            Message::VmGuestEnded { why } => vm.guest_end = Some(why),
             Message::VmStartFailed { reason } => {
                 // The VM process is less trusted than we are: its text
                 // reaches the user bounded and on one line.
-                let reason = crate::vm::qemu::start_reason(&reason);
+                let reason = crate::vm::start_reason(&reason);
                 log_warn!("vm {name}: the guest did not start: {reason}");
                 vm.start_failed = Some(reason);
             }
@@ -896,12 +904,13 @@ impl Launcher {
             self.log_answered(job.id, outcome);
             return;
         }
-        // A QEMU reparented to us once its VM process died: gone now.
+        // A guest's process reparented to us once its VM process died:
+        // gone now.
         let raw = pid.as_raw() as u32;
-        self.lingering.retain(|&(_, qemu)| qemu != raw);
-        if let Some(index) = self.ending.iter().position(|e| e.pid == raw) {
-            let ending = self.ending.remove(index);
-            self.events.push(VmEvent::Ended(ending.ended));
+        self.lingering.retain(|&(_, held_by)| held_by != raw);
+        if let Some(index) = self.ending.iter().position(|e| e.pids.contains(&raw)) {
+            self.ending[index].pids.retain(|&p| p != raw);
+            self.settle_ending(Instant::now());
             return;
         }
         let Some(index) = self.vms.iter().position(|v| v.pid == pid) else {
@@ -922,16 +931,19 @@ impl Launcher {
             job.helper.cancel(&self.registry);
         }
         let process = proc::describe_exit(status);
-        // A VM process killed from outside cannot say how its QEMU ended:
-        // it died of PDEATHSIG (SIGKILL) with it.
-        let qemu = vm.qemu_end.as_deref().unwrap_or(if vm.qemu_pid.is_some() {
-            "was killed with it"
-        } else {
-            "had not started"
-        });
+        // A VM process killed from outside cannot say how its guest's
+        // processes ended: they died of PDEATHSIG (SIGKILL) with it.
+        let guest = vm
+            .guest_end
+            .as_deref()
+            .unwrap_or(if vm.guest_pids.is_empty() {
+                "its guest had not started"
+            } else {
+                "its guest was killed with it"
+            });
         let why = match &vm.guest_reason {
-            Some(reason) => format!("VM process {process}, QEMU {qemu} (guest: {reason})"),
-            None => format!("VM process {process}, QEMU {qemu}"),
+            Some(reason) => format!("VM process {process}, {guest} (guest: {reason})"),
+            None => format!("VM process {process}, {guest}"),
         };
         let clean = matches!(status, WaitStatus::Exited(_, 0)) && vm.guest_reason.is_some();
         if clean {
@@ -941,9 +953,9 @@ impl Launcher {
         }
         // A guest that never ran: what the VM process said, else how it
         // ended (killed from outside, or before it could say).
-        let start_failure = match (vm.qemu_pid, vm.start_failed) {
-            (None, failed) => Some(failed.unwrap_or_else(|| why.clone())),
-            (Some(_), failed) => failed,
+        let start_failure = match (vm.guest_pids.is_empty(), vm.start_failed) {
+            (true, failed) => Some(failed.unwrap_or_else(|| why.clone())),
+            (false, failed) => failed,
         };
         let ended = VmEnded {
             id: vm.id,
@@ -963,25 +975,29 @@ impl Launcher {
         } else {
             release_pty(&vm.pty_slave, &vm.tty);
         }
-        // Its QEMU dies with it (PDEATHSIG): the VM is reported stopped
-        // once it has gone (its disks unlocked), or after QEMU_GONE_WAIT,
-        // its uid then kept until it is gone. A timer, not a wait.
-        match vm.qemu_pid.filter(|&qemu| qemu_holds_files(qemu, vm.uid)) {
-            Some(qemu) => self.ending.push(Ending {
+        // Its guest's processes die with it (PDEATHSIG): the VM is
+        // reported stopped once they have gone (its disks unlocked), or
+        // after GUEST_GONE_WAIT, its uid then kept until they are gone.
+        // A timer, not a wait.
+        let holding: Vec<u32> = (vm.guest_pids.iter().copied())
+            .filter(|&pid| holds_files(pid, vm.uid))
+            .collect();
+        if holding.is_empty() {
+            self.events.push(VmEvent::Ended(ended));
+        } else {
+            self.ending.push(Ending {
                 ended,
-                pid: qemu,
+                pids: holding,
                 uid: vm.uid,
-                until: Instant::now() + QEMU_GONE_WAIT,
-            }),
-            None => self.events.push(VmEvent::Ended(ended)),
+                until: Instant::now() + GUEST_GONE_WAIT,
+            });
         }
     }
 
-    /// The uids a new VM may not have: running VMs', and those of QEMUs
+    /// The uids a new VM may not have: running VMs', and those of guest processes
     /// of ended VMs still exiting.
     fn taken_uids(&mut self) -> Vec<u32> {
-        self.lingering
-            .retain(|&(uid, qemu)| qemu_holds_files(qemu, uid));
+        self.lingering.retain(|&(uid, pid)| holds_files(pid, uid));
         self.vms
             .iter()
             .map(|v| v.uid)
@@ -1098,7 +1114,7 @@ pub fn launch_check_built(vm: &VmConfig) -> Result<(), StartError> {
             "boot device net (-B net) arrives with networking and is",
         ));
     }
-    if vm.backend() != common::config::Backend::Qemu {
+    if !crate::vm::backend_built(vm) {
         return Err(StartError::NotBuilt("backend kvm is"));
     }
     Ok(())
@@ -1167,18 +1183,15 @@ fn launch_open_files(
 /// again as it copies: a file may grow).
 fn launch_check_boot_sizes(opened: &[Opened]) -> Result<(), StartError> {
     for o in opened {
-        let file = match o.kind {
-            VmFdKind::Kernel => BootFile::Kernel,
-            VmFdKind::Initrd => BootFile::Initrd,
-            VmFdKind::Bios => BootFile::Bios,
-            _ => continue,
+        let Some((what, limit)) = crate::vm::boot_file_limit(o.kind) else {
+            continue;
         };
         let size = o.file.metadata().map(|m| m.len()).unwrap_or(0);
-        if size > file.limit() {
+        if size > limit {
             return Err(StartError::TooLarge {
-                what: file.what(),
+                what,
                 path: o.path.clone(),
-                limit: common::size::format(file.limit()),
+                limit: common::size::format(limit),
             });
         }
     }
@@ -1190,7 +1203,7 @@ fn launch_check_boot_sizes(opened: &[Opened]) -> Result<(), StartError> {
 /// only when the kvm_intel or kvm_amd module is loaded (other KVM
 /// providers, such as kvm_pvm, are not hardware virtualization) and
 /// /dev/kvm exists (else it is `tcg`). The helper then needs a group
-/// kvm to give QEMU ([`launch_kvm_groups`]).
+/// kvm to give the guest's processes ([`launch_kvm_groups`]).
 fn launch_accel(accel: Accel) -> Result<Accel, StartError> {
     match accel {
         Accel::Tcg => Ok(Accel::Tcg),
@@ -1202,7 +1215,7 @@ fn launch_accel(accel: Accel) -> Result<Accel, StartError> {
 }
 
 /// In a helper (the lookup can hang): whether the VM uses hardware KVM,
-/// and the groups that gives QEMU (group kvm, which `kvm` requires and
+/// and the groups that gives the guest's processes (group kvm, which `kvm` requires and
 /// without which `auto` is `tcg`).
 fn launch_kvm_groups(accel: Accel) -> Result<(bool, Vec<u32>), StartError> {
     match (accel, kvm_group()) {
@@ -1416,12 +1429,16 @@ fn proc_status_any(pid: u32) -> Option<(u32, bool, String)> {
     Some((uid, zombie, status))
 }
 
-/// SIGKILLs a VM's QEMU and VM process. QEMU's pid comes from the VM
-/// process, which is less trusted than we are: it is killed only if it
-/// runs as the VM's own uid.
+/// SIGKILLs a VM's process and its guest's. The guest's pids come from
+/// the VM process, which is less trusted than we are: each is killed
+/// only if it runs as the VM's own uid.
 fn kill_vm(vm: &VmProc) {
-    if let Some(qemu) = vm.qemu_pid.filter(|&pid| process_alive_as(pid, vm.uid)) {
-        let _ = kill(Pid::from_raw(qemu as i32), Signal::SIGKILL);
+    for &pid in vm
+        .guest_pids
+        .iter()
+        .filter(|&&pid| process_alive_as(pid, vm.uid))
+    {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
     }
     let _ = kill(vm.pid, Signal::SIGKILL);
 }
@@ -1430,10 +1447,11 @@ fn process_alive_as(pid: u32, uid: u32) -> bool {
     proc_status(pid).is_some_and(|(u, _)| u == uid)
 }
 
-/// Whether `pid` (a QEMU of `uid`) still holds what it opened: alive, or
-/// a zombie leader whose other threads are still exiting (they hold its
-/// descriptors, and so the disks' locks, until the last one is gone).
-fn qemu_holds_files(pid: u32, uid: u32) -> bool {
+/// Whether `pid` (a guest's process of `uid`) still holds what it
+/// opened: alive, or a zombie leader whose other threads are still
+/// exiting (they hold its descriptors, and so the disks' locks, until the
+/// last one is gone).
+fn holds_files(pid: u32, uid: u32) -> bool {
     match proc_status_any(pid) {
         Some((u, false, _)) => u == uid,
         // A pid reused by someone else's process holds nothing of ours.
@@ -1444,9 +1462,17 @@ fn qemu_holds_files(pid: u32, uid: u32) -> bool {
     }
 }
 
-/// QEMU's resident memory in bytes (VmRSS), if `pid` is still the QEMU
-/// running as `uid`.
-fn qemu_rss(pid: u32, uid: u32) -> Option<u64> {
+/// The resident memory of a guest's processes (VmRSS), those of `pids`
+/// that still run as `uid`; None if none does.
+fn guest_memory(pids: &[u32], uid: u32) -> Option<u64> {
+    pids.iter()
+        .filter_map(|&pid| process_rss(pid, uid))
+        .reduce(|a, b| a + b)
+}
+
+/// A process's resident memory in bytes (VmRSS), if `pid` still runs as
+/// `uid`.
+fn process_rss(pid: u32, uid: u32) -> Option<u64> {
     let (u, status) = proc_status(pid)?;
     if u != uid {
         return None;
@@ -1485,8 +1511,13 @@ mod tests {
     fn own_rss_is_read_from_proc() {
         let me = std::process::id();
         let uid = nix::unistd::getuid().as_raw();
-        assert!(qemu_rss(me, uid).is_some_and(|b| b > 0));
-        assert_eq!(qemu_rss(me, uid.wrapping_add(1)), None);
+        assert!(process_rss(me, uid).is_some_and(|b| b > 0));
+        assert_eq!(process_rss(me, uid.wrapping_add(1)), None);
+        assert_eq!(
+            guest_memory(&[me, me], uid),
+            process_rss(me, uid).map(|b| 2 * b)
+        );
+        assert_eq!(guest_memory(&[], uid), None);
         assert!(process_alive_as(me, uid));
     }
 

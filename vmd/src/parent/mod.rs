@@ -14,7 +14,7 @@
 //! or the next graceful stop to force. Start, pause and unpause are
 //! held replies: a start is answered when the VM process reports that
 //! the guest runs (or why it could not start), pause and unpause when it
-//! reports QEMU's answer.
+//! reports the guest's answer.
 
 pub mod helper;
 pub mod launch;
@@ -134,7 +134,7 @@ struct Child {
 /// What a held reply waits for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Held {
-    /// A pause or unpause: QEMU's answer.
+    /// A pause or unpause: the guest's answer.
     Command(VmCommand),
     /// A start: its files opened and the guest running (the answer
     /// carries its tty).
@@ -237,7 +237,7 @@ fn parent_init(opts: ParentOptions) -> Result<Parent, ParentError> {
         .map_err(ParentError::setup("block signals"))?;
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .map_err(ParentError::setup("create a signalfd"))?;
-    // A QEMU whose VM process was killed is reparented to us and reaped
+    // A guest process whose VM process was killed is reparented to us and reaped
     // by our loop, not left a zombie where init does not reap.
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
@@ -630,9 +630,9 @@ impl Parent {
         }
         let answer = match request {
             CtlRequest::Status => {
-                // A VM whose QEMU is still exiting (its disks still
+                // A VM whose guest processes still exit (its disks still
                 // locked) is shown once it has ended: at most
-                // QEMU_GONE_WAIT later.
+                // GUEST_GONE_WAIT later.
                 if self
                     .registry
                     .backend
@@ -930,7 +930,7 @@ impl Parent {
             };
             let Some(pid) = status.pid() else { continue };
             let Some(index) = self.children.iter().position(|c| c.pid == pid) else {
-                // A VM process, a helper, or an orphan (a QEMU whose VM
+                // A VM process, a helper, or an orphan (a guest process whose VM
                 // process was killed, a helper's own helper).
                 if let Some(backend) = self.registry.backend.as_mut() {
                     backend.reaped(pid, status);

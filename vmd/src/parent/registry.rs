@@ -314,7 +314,7 @@ impl Registry {
             .map(|vm| {
                 let mut info = vm.info();
                 if vm.state.is_active() {
-                    // QEMU's resident memory: the guest's, not the relay's.
+                    // The guest processes' resident memory, not the relay's.
                     info.cur_memory = self
                         .backend
                         .as_ref()
@@ -562,8 +562,8 @@ impl Registry {
         vm.tty.clone()
     }
 
-    /// VM `vmid`'s guest runs (QEMU accepted its arguments and `cont`
-    /// succeeded): its start, or its restart after a reboot, is done.
+    /// VM `vmid`'s guest runs (its backend accepted its arguments and
+    /// resumed it): its start, or its restart after a reboot, is done.
     pub fn guest_running(&mut self, vmid: u32) {
         if let Some(vm) = self.vms.iter().find(|vm| vm.vmid == vmid) {
             let tty = vm.tty.as_deref().unwrap_or("-");
@@ -747,7 +747,7 @@ impl Registry {
     }
 
     /// The backend's answer to a pause or unpause of VM `vmid`: the VM's
-    /// state follows what QEMU did.
+    /// state follows what the guest did.
     pub fn command_done(
         &mut self,
         vmid: u32,
@@ -1045,7 +1045,7 @@ mod tests {
             r.stop(&target, false, false, &root),
             Err(CtlError::Text(BACKEND_MISSING.into()))
         );
-        // QEMU's answers decide the state.
+        // The backend's answers decide the state.
         assert_eq!(
             r.command_done(1, VmCommand::Pause, Some("no".into())),
             Err(CtlError::Text("no".into()))

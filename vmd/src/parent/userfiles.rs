@@ -553,7 +553,7 @@ fn open_file(path: &Path, writable: bool) -> io::Result<File> {
 const OPEN_FLAGS: i32 = libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
 
 /// Keeps a just-opened file only if it is a regular file on a real file
-/// system, then makes its I/O blocking again for QEMU (O_NONBLOCK only
+/// system, then makes its I/O blocking again for the guest (O_NONBLOCK only
 /// guarded the open).
 fn file_checked(file: File) -> io::Result<File> {
     if !file.metadata()?.is_file() {
