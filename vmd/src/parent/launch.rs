@@ -38,6 +38,7 @@
 //! root, mode 0600, when the VM ends.
 
 use crate::log::{self, log_debug, log_info, log_warn};
+use crate::parent::backend::{Backend, CommandDone, Requester, RunInfo, VmEnded, VmEvent};
 use crate::parent::helper::{self, Answered, Helper, HelperError};
 use crate::parent::userfiles::{self, Opened, UserFilesError, Want, OPEN_TIMEOUT};
 use crate::proc;
@@ -78,94 +79,6 @@ const GONE_POLL: Duration = Duration::from_millis(10);
 const GUEST_GONE_WAIT: Duration = Duration::from_secs(2);
 /// The BIOS of VMs that boot without a kernel (Debian `seabios`).
 pub const BIOS_PATH: &str = "/usr/share/seabios/bios.bin";
-
-/// Who asked for the start, and the paths they named themselves: those
-/// are opened with the requester's credentials (userfiles.rs); the rest
-/// come from root's configuration (or root) and are opened as root where
-/// root alone controls them, else with the VM owner's rights.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Requester {
-    pub uid: u32,
-    pub gid: u32,
-    pub groups: Vec<u32>,
-    pub named: Vec<String>,
-}
-
-impl Requester {
-    pub fn root() -> Requester {
-        Requester {
-            uid: 0,
-            gid: 0,
-            groups: Vec::new(),
-            named: Vec::new(),
-        }
-    }
-
-    /// Whether `path` is opened with the requester's rights.
-    fn opens(&self, path: &str) -> bool {
-        self.uid != 0 && self.named.iter().any(|p| p == path)
-    }
-}
-
-/// What `status` shows of a running VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunInfo {
-    pub pid: u32,
-    pub tty: String,
-    /// The guest processes' resident memory, once the guest runs.
-    pub cur_memory: Option<u64>,
-}
-
-/// A VM process ended; everything it held is released.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmEnded {
-    pub id: u32,
-    pub name: String,
-    /// How the VM process ended, for the log.
-    pub why: String,
-    /// The guest's own shutdown (QMP SHUTDOWN reason), if it reported one.
-    pub guest_reason: Option<String>,
-    /// The guest never ran: why (the backend's first error line, the VM
-    /// process's error, or how it ended).
-    pub start_failure: Option<String>,
-    /// It was never launched: the error vmctl is to be told.
-    pub launch_error: Option<CtlError>,
-}
-
-impl VmEnded {
-    /// The guest reset itself (a reboot): the VM process ends, and vmd
-    /// decides whether the VM starts again.
-    pub fn is_reboot(&self) -> bool {
-        self.guest_reason.as_deref() == Some("guest-reset")
-    }
-}
-
-/// A VM process's answer to [`Launcher::command`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommandDone {
-    pub id: u32,
-    pub command: VmCommand,
-    pub error: Option<String>,
-}
-
-/// What a VM process's channel brought, for the parent's loop.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmEvent {
-    /// VM `id`'s guest runs: its backend accepted its arguments and the
-    /// guest was resumed.
-    Running {
-        id: u32,
-    },
-    CommandDone(CommandDone),
-    /// VM `id`'s files are open and its VM process runs.
-    Launched {
-        id: u32,
-        pid: u32,
-        tty: String,
-    },
-    /// VM `id` ended, or its start failed before it was launched.
-    Ended(VmEnded),
-}
 
 /// A rebooting VM's pty, between its VM processes.
 struct ParkedPty {
@@ -351,15 +264,6 @@ impl Launcher {
 
     pub fn is_empty(&self) -> bool {
         self.vms.is_empty() && self.pending.is_empty() && self.ending.is_empty()
-    }
-
-    /// Whether a VM process has ended whose guest processes still exit.
-    pub fn is_ending(&self) -> bool {
-        !self.ending.is_empty()
-    }
-
-    pub fn owns_token(token: Token) -> bool {
-        token.0 >= VM_TOKEN_BASE
     }
 
     fn helper_token(&mut self) -> Token {
@@ -681,11 +585,6 @@ impl Launcher {
         self.logs.clear();
     }
 
-    /// What happened since the last call, for the parent's loop.
-    pub fn take_events(&mut self) -> Vec<VmEvent> {
-        std::mem::take(&mut self.events)
-    }
-
     /// When [`Launcher::tick`] has something to do next.
     pub fn next_deadline(&self) -> Option<Instant> {
         let helpers = self
@@ -1004,6 +903,79 @@ impl Launcher {
             .chain(self.lingering.iter().map(|&(uid, _)| uid))
             .chain(self.ending.iter().map(|e| e.uid))
             .collect()
+    }
+}
+
+impl Backend for Launcher {
+    fn start(
+        &mut self,
+        id: u32,
+        vm: &VmConfig,
+        globals: &Globals,
+        requester: &Requester,
+        tty_owner: u32,
+    ) -> Result<(), CtlError> {
+        Launcher::start(self, id, vm, globals, requester, tty_owner).map_err(|e| e.to_ctl())
+    }
+
+    fn force_stop(&mut self, id: u32) -> bool {
+        Launcher::force_stop(self, id)
+    }
+
+    fn command(&mut self, id: u32, command: VmCommand) -> bool {
+        Launcher::command(self, id, command)
+    }
+
+    fn discard_parked(&mut self, id: u32) {
+        Launcher::discard_parked(self, id)
+    }
+
+    fn info(&self, id: u32) -> Option<RunInfo> {
+        Launcher::info(self, id)
+    }
+
+    fn owns_token(&self, token: Token) -> bool {
+        token.0 >= VM_TOKEN_BASE
+    }
+
+    fn handle_event(&mut self, token: Token) {
+        Launcher::handle_event(self, token)
+    }
+
+    fn reaped(&mut self, pid: Pid, status: WaitStatus) {
+        Launcher::reaped(self, pid, status)
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        Launcher::next_deadline(self)
+    }
+
+    fn tick(&mut self) {
+        Launcher::tick(self)
+    }
+
+    fn settle(&mut self) {
+        self.settle_ending(Instant::now())
+    }
+
+    fn is_ending(&self) -> bool {
+        !self.ending.is_empty()
+    }
+
+    fn take_events(&mut self) -> Vec<VmEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn is_empty(&self) -> bool {
+        Launcher::is_empty(self)
+    }
+
+    fn stop_all(&mut self) {
+        Launcher::stop_all(self)
+    }
+
+    fn kill_all(&mut self) {
+        Launcher::kill_all(self)
     }
 }
 

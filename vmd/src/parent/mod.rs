@@ -16,13 +16,15 @@
 //! the guest runs (or why it could not start), pause and unpause when it
 //! reports the guest's answer.
 
+pub mod backend;
 pub mod helper;
 pub mod launch;
 pub mod registry;
 pub mod userfiles;
 
 use crate::log::{self, log_debug, log_info, log_warn};
-use crate::parent::launch::{CommandDone, Launcher, VmEnded, VmEvent, FILES_TIMEOUT};
+use crate::parent::backend::{CommandDone, VmEnded, VmEvent};
+use crate::parent::launch::{Launcher, FILES_TIMEOUT};
 use crate::parent::registry::{Ended, Registry};
 use crate::proc;
 use common::config::{self, Config};
@@ -265,7 +267,7 @@ fn parent_init(opts: ParentOptions) -> Result<Parent, ParentError> {
         respawns: Vec::new(),
         socket_bound: false,
         shutdown: None,
-        registry: Registry::with_backend(Launcher::new(vm_registry)),
+        registry: Registry::with_backend(Box::new(Launcher::new(vm_registry))),
         replies: Vec::new(),
         held_status: Vec::new(),
     })
@@ -309,11 +311,7 @@ impl Parent {
         loop {
             if let Some((code, deadline)) = &self.shutdown {
                 if self.children.is_empty()
-                    && self
-                        .registry
-                        .backend
-                        .as_ref()
-                        .is_none_or(Launcher::is_empty)
+                    && self.registry.backend_ref().is_none_or(|b| b.is_empty())
                 {
                     self.cleanup();
                     log_info!("terminating");
@@ -328,17 +326,13 @@ impl Parent {
                         );
                         let _ = kill(child.pid, Signal::SIGKILL);
                     }
-                    if let Some(backend) = self.registry.backend.as_mut() {
+                    if let Some(backend) = self.registry.backend() {
                         backend.kill_all();
                     }
                     self.shutdown = Some((*code, Instant::now() + SHUTDOWN_GRACE));
                 }
             }
-            let backend_due = self
-                .registry
-                .backend
-                .as_ref()
-                .and_then(Launcher::next_deadline);
+            let backend_due = self.registry.backend_ref().and_then(|b| b.next_deadline());
             let deadline = match &self.shutdown {
                 Some((_, d)) => Some(*d).into_iter().chain(backend_due).min(),
                 None => [
@@ -364,8 +358,13 @@ impl Parent {
             for event in events.iter() {
                 match event.token() {
                     SIGNALS => self.handle_signals(),
-                    token if Launcher::owns_token(token) => {
-                        if let Some(backend) = self.registry.backend.as_mut() {
+                    token
+                        if self
+                            .registry
+                            .backend_ref()
+                            .is_some_and(|b| b.owns_token(token)) =>
+                    {
+                        if let Some(backend) = self.registry.backend() {
                             backend.handle_event(token);
                         }
                     }
@@ -374,7 +373,7 @@ impl Parent {
                 // Before the next event: a status must see a VM that ended.
                 self.backend_events();
             }
-            if let Some(backend) = self.registry.backend.as_mut() {
+            if let Some(backend) = self.registry.backend() {
                 backend.tick();
             }
             self.backend_events();
@@ -417,17 +416,13 @@ impl Parent {
     /// requests held for a VM that was ending.
     fn backend_events(&mut self) {
         loop {
-            let events = match self.registry.backend.as_mut() {
+            let events = match self.registry.backend() {
                 Some(backend) => backend.take_events(),
                 None => return,
             };
             if events.is_empty() {
                 if !self.held_status.is_empty()
-                    && !self
-                        .registry
-                        .backend
-                        .as_ref()
-                        .is_some_and(Launcher::is_ending)
+                    && !self.registry.backend_ref().is_some_and(|b| b.is_ending())
                 {
                     for (token, peer) in std::mem::take(&mut self.held_status) {
                         self.answer_status(token, peer);
@@ -619,8 +614,8 @@ impl Parent {
                 tty: None,
             }),
         };
-        if let Some(backend) = self.registry.backend.as_mut() {
-            backend.settle_ending(Instant::now());
+        if let Some(backend) = self.registry.backend() {
+            backend.settle();
         }
         self.backend_events();
         // Control refuses these already; a second look costs nothing.
@@ -633,12 +628,7 @@ impl Parent {
                 // A VM whose guest processes still exit (its disks still
                 // locked) is shown once it has ended: at most
                 // GUEST_GONE_WAIT later.
-                if self
-                    .registry
-                    .backend
-                    .as_ref()
-                    .is_some_and(Launcher::is_ending)
-                {
+                if self.registry.backend_ref().is_some_and(|b| b.is_ending()) {
                     self.held_status.push((token, peer));
                     return;
                 }
@@ -932,7 +922,7 @@ impl Parent {
             let Some(index) = self.children.iter().position(|c| c.pid == pid) else {
                 // A VM process, a helper, or an orphan (a guest process whose VM
                 // process was killed, a helper's own helper).
-                if let Some(backend) = self.registry.backend.as_mut() {
+                if let Some(backend) = self.registry.backend() {
                     backend.reaped(pid, status);
                 }
                 continue;
@@ -1020,7 +1010,7 @@ impl Parent {
         for child in &self.children {
             let _ = kill(child.pid, Signal::SIGTERM);
         }
-        if let Some(backend) = self.registry.backend.as_mut() {
+        if let Some(backend) = self.registry.backend() {
             backend.stop_all();
         }
         self.shutdown = Some((code, Instant::now() + SHUTDOWN_GRACE));
@@ -1030,7 +1020,7 @@ impl Parent {
         for child in &self.children {
             let _ = kill(child.pid, Signal::SIGKILL);
         }
-        if let Some(backend) = self.registry.backend.as_mut() {
+        if let Some(backend) = self.registry.backend() {
             backend.kill_all();
         }
         self.cleanup();

@@ -23,7 +23,7 @@
 //! the start rate limit refuses it.
 
 use crate::log::{log_debug, log_info, log_warn};
-use crate::parent::launch::{Launcher, Requester, VmEnded};
+use crate::parent::backend::{Backend, Requester, VmEnded};
 use common::config::{Config, Globals, Owner, SwitchConfig, VmConfig, DEFAULT_STAGGERED_DELAY};
 use common::ctl::{Credentials, CtlError, ResetWhat, StartRequest, VmTarget};
 use common::imsg::VmCommand;
@@ -153,8 +153,8 @@ pub struct Registry {
     pub switches: Vec<SwitchConfig>,
     pub globals: Globals,
     next_batch: Option<Instant>,
-    /// The VM processes (None in unit tests).
-    pub backend: Option<Launcher>,
+    /// What runs the VMs (None: nothing pretends to run).
+    backend: Option<Box<dyn Backend>>,
 }
 
 fn errno(e: Errno) -> CtlError {
@@ -172,11 +172,21 @@ impl Registry {
         Registry::default()
     }
 
-    pub fn with_backend(backend: Launcher) -> Registry {
+    pub fn with_backend(backend: Box<dyn Backend>) -> Registry {
         Registry {
             backend: Some(backend),
             ..Registry::default()
         }
+    }
+
+    /// The backend, for the parent's loop: its events, reaped pids and
+    /// timers, and the daemon's end.
+    pub fn backend(&mut self) -> Option<&mut (dyn Backend + 'static)> {
+        self.backend.as_deref_mut()
+    }
+
+    pub fn backend_ref(&self) -> Option<&(dyn Backend + 'static)> {
+        self.backend.as_deref()
     }
 
     fn find(&self, target: &VmTarget) -> Option<usize> {
@@ -869,9 +879,7 @@ impl Registry {
             log_debug!("launch vm {vmid} ({}): no backend", settings.name);
             return Err(CtlError::Text(BACKEND_MISSING.into()));
         };
-        backend
-            .start(vmid, settings, &self.globals, requester, uid)
-            .map_err(|e| e.to_ctl())
+        backend.start(vmid, settings, &self.globals, requester, uid)
     }
 
     /// Asks the running VM at `index` to shut down (its power button), or

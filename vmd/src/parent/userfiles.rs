@@ -28,7 +28,7 @@
 //! below a layer another user can write, the chain is opened by the helper
 //! with that layer's owner's rights.
 
-use crate::parent::launch::Requester;
+use crate::parent::backend::Requester;
 use crate::proc;
 use common::config::Owner;
 use common::image::{self, ImageError};
