@@ -1,20 +1,27 @@
 //! The parent process (root, no filter). Everything it does lives in
 //! this folder: its event loop (here), the VM registry (registry.rs),
-//! launching VM processes (launch.rs) and opening VMs' files with the
-//! right user's rights (userfiles.rs); networking (net/) and a state
-//! file come later, each in its own file.
+//! the seam to what runs VMs (backend.rs) and the real backend, which
+//! launches VM processes (launch.rs), the forked helpers that do
+//! whatever could wait (helper.rs) and the rules that open VMs' files
+//! with the right user's rights (userfiles.rs); networking (net/) and a
+//! state file come later, each in its own file.
 //!
-//! The loop starts control and switch,
-//! writes their log lines, restarts them when they die, and stops them on
-//! SIGTERM or SIGINT. It holds the VM registry (registry.rs) and answers
-//! the commands control forwards; SIGHUP reloads the configuration.
+//! The loop starts control and switch, writes their log lines, restarts
+//! them when they die, and stops them on SIGTERM or SIGINT. It holds the
+//! VM registry and answers the commands control forwards; SIGHUP reloads
+//! the configuration.
 //!
-//! One mio loop: a signalfd (SIGCHLD, SIGTERM, SIGINT, SIGHUP), one
-//! channel per child, and a timeout for the next staggered start batch
-//! or the next graceful stop to force. Start, pause and unpause are
-//! held replies: a start is answered when the VM process reports that
-//! the guest runs (or why it could not start), pause and unpause when it
-//! reports the guest's answer.
+//! One mio loop, and nothing in it waits: a signalfd (SIGCHLD, SIGTERM,
+//! SIGINT, SIGHUP), one channel per child, the backend's descriptors
+//! (VM processes' channels, helpers' sockets), and a timeout for the
+//! next timer (a staggered start batch, a graceful stop to force, a held
+//! reply's deadline, a child's restart, the backend's own). A slow step
+//! is a pending state that an event or a timer ends, never a wait.
+//! Start, pause and unpause are held replies: a start is answered when
+//! its files were opened and the VM process reports that the guest runs
+//! (or why it could not start), pause and unpause when it reports the
+//! guest's answer; a `status` is held while a VM's guest processes are
+//! still exiting (at most GUEST_GONE_WAIT).
 
 pub mod backend;
 pub mod helper;

@@ -1,9 +1,12 @@
-//! Opening the files a start request names (parent side), with the
-//! rights of whoever asked.
+//! Opening the files a start request names, with the rights of whoever
+//! asked.
 //!
-//! The parent is root. A path a non-root user named (`-b`, `--initrd`,
+//! Everything here may wait (an open on a hung file system, a user
+//! lookup), so none of it runs in the parent's loop: it runs in the
+//! start's helper (helper.rs, launch.rs), a fork of the parent that stays
+//! root. A path a non-root user named (`-b`, `--initrd`,
 //! `-d` and every backing file of its qcow2 chain, `-r`) is opened by a
-//! short-lived helper the parent forks: it becomes the requester entirely
+//! short-lived helper the start's helper forks: it becomes the requester entirely
 //! (groups, real, effective and saved ids, every capability set empty,
 //! killed with the parent) before its first open, opens each path and
 //! passes the descriptors back over a socketpair (imsg frames,
@@ -15,13 +18,15 @@
 //! Every open is `O_NONBLOCK | O_NOCTTY` (a FIFO or a device cannot block
 //! it or become a controlling terminal) and must give a regular file that
 //! is not on a pseudo file system (procfs, sysfs...: the kernel's state,
-//! readable without capabilities), for root too. The parent waits at
-//! most [`OPEN_TIMEOUT`] for the helper, so an open that hangs (a dead
-//! network file system) cannot stall it; the helper is then killed and
-//! reaped by the parent's loop.
+//! readable without capabilities), for root too. The start's helper
+//! waits at most until its deadline ([`OPEN_TIMEOUT`] from its start)
+//! for the user's helper, so an open that hangs (a dead network file
+//! system) ends with [`UserFilesError::Timeout`]; the user's helper is
+//! then killed, and reaped by the start's helper or, once that has
+//! ended, by the parent's loop (it is the subreaper).
 //!
 //! Paths from root's own configuration, and every path root names, are
-//! opened by the parent itself ([`userfiles_open_root`]) only where root
+//! opened as root ([`userfiles_open_root`]) only where root
 //! alone controls every name on the path ([`walk_open`]); otherwise by
 //! the helper with the VM owner's rights ([`Rights`]). A disk's backing
 //! file is opened as root only when named by a layer only root can write:
@@ -47,7 +52,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
-/// How long the parent waits for the helper to open everything.
+/// How long a start's user helpers have, together, to open everything.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A file a VM needs: what it is for (a disk's top image, with its index
