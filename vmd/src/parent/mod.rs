@@ -465,7 +465,7 @@ impl Parent {
                     log_warn!("vm {}: no answer to {command:?} within {secs}s", reply.vmid);
                     CtlError::Errno(libc::ETIMEDOUT)
                 }
-                Held::Start { .. } => {
+                Held::Start => {
                     let vmid = reply.vmid;
                     log_warn!("vm {vmid}: the guest did not start within {secs}s; stopping it");
                     let root = Credentials::default();
