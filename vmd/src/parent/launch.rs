@@ -62,9 +62,9 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 /// Tokens from here up are the launcher's: VM processes' channels (base
-/// + VM id), then from HELPER_TOKEN_BASE its helpers' sockets.
+/// + VM id, any u32), then from HELPER_TOKEN_BASE its helpers' sockets.
 pub const VM_TOKEN_BASE: usize = 1 << 24;
-const HELPER_TOKEN_BASE: usize = 1 << 25;
+const HELPER_TOKEN_BASE: usize = VM_TOKEN_BASE + u32::MAX as usize + 1;
 /// How long a start's helper has for everything: its own user helpers
 /// share OPEN_TIMEOUT of it, so their time-out is what vmctl reads.
 pub const FILES_TIMEOUT: Duration = Duration::from_secs(OPEN_TIMEOUT.as_secs() + 2);
