@@ -330,14 +330,17 @@ impl Launcher {
     ) {
         let id = pending.id;
         let name = pending.vm.name.clone();
-        let parked = pending.parked.take();
         let launched = outcome
             .map_err(StartError::Helper)
-            .and_then(|(files, answer)| self.launch(&pending, parked, files, answer));
+            .and_then(|(files, answer)| self.launch(&mut pending, files, answer));
         match launched {
             Ok((pid, tty)) => self.events.push(VmEvent::Launched { id, pid, tty }),
             Err(e) => {
                 log_debug!("vm {name} (vm {id}): not launched: {e}");
+                // A reboot's pty not taken up goes back to root.
+                if let Some(parked) = pending.parked.take() {
+                    release_pty(&parked.slave, &parked.tty);
+                }
                 self.events.push(VmEvent::Ended(VmEnded {
                     id,
                     name,
@@ -354,8 +357,7 @@ impl Launcher {
     /// pty, and everything sent to the VM process. Nothing here waits.
     fn launch(
         &mut self,
-        pending: &PendingStart,
-        parked: Option<ParkedPty>,
+        pending: &mut PendingStart,
         files: Vec<Opened>,
         answer: HelperAnswer,
     ) -> Result<(u32, String), StartError> {
@@ -380,7 +382,7 @@ impl Launcher {
                 first: pending.uid_range.first,
                 last: pending.uid_range.last,
             })?;
-        let pty = match parked {
+        let pty = match pending.parked.take() {
             Some(parked) => reuse_pty(parked, pending.tty_owner, vm.owner.gid, tty_gid),
             None => open_pty(pending.tty_owner, vm.owner.gid, tty_gid),
         };
