@@ -179,15 +179,17 @@ pub enum Message {
     UserFilesDone { refusal: Option<FileRefusal> },
 
     // --- the parent's forked root helpers (parent/helper.rs) -> parent ---
-    /// The last frame of a helper's answer, after its `UserFile`s: what
-    /// it found, or why it failed (as vmctl is to be told).
-    HelperDone {
-        outcome: Result<HelperAnswer, CtlError>,
-    },
+    /// A piece of a helper's answer, after its `UserFile`s: together, in
+    /// order, the bincode of a `Result<HelperAnswer, CtlError>` (what it
+    /// found, or why it failed as vmctl is to be told), which can be
+    /// larger than a frame (a configuration).
+    HelperChunk { bytes: Vec<u8> },
+    /// The helper's answer is complete.
+    HelperEnd,
 }
 
 /// What a forked helper of the parent did, besides the files it sent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum HelperAnswer {
     /// A VM's files are open and its disks locked; what its launch needs
     /// from the system's databases.
@@ -205,6 +207,13 @@ pub enum HelperAnswer {
     },
     /// A console log was rotated and opened again: its size.
     ConsoleLog { size: u64 },
+    /// A configuration file was read and parsed, with its warnings.
+    Config {
+        config: crate::config::Config,
+        warnings: Vec<String>,
+    },
+    /// A configuration file could not be read or has errors: each a line.
+    ConfigRefused { lines: Vec<String> },
 }
 
 /// What the parent asks of a running guest.
@@ -335,7 +344,8 @@ impl Message {
             Message::VmStartFailed { .. } => (109, "VM_START_FAILED"),
             Message::UserFile { .. } => (200, "USER_FILE"),
             Message::UserFilesDone { .. } => (201, "USER_FILES_DONE"),
-            Message::HelperDone { .. } => (202, "HELPER_DONE"),
+            Message::HelperChunk { .. } => (202, "HELPER_CHUNK"),
+            Message::HelperEnd => (203, "HELPER_END"),
         }
     }
 }
@@ -958,18 +968,10 @@ mod tests {
                 path: "/home/u/x.iso".into(),
             },
             Message::UserFilesDone { refusal: None },
-            Message::HelperDone {
-                outcome: Ok(HelperAnswer::Start {
-                    kvm: true,
-                    groups: vec![106],
-                    tty_gid: Some(5),
-                    free_uids: vec![3000, 3001],
-                    console_log_size: 42,
-                }),
+            Message::HelperChunk {
+                bytes: vec![1, 2, 3],
             },
-            Message::HelperDone {
-                outcome: Err(CtlError::BiosMissing),
-            },
+            Message::HelperEnd,
             Message::UserFilesDone {
                 refusal: Some(FileRefusal {
                     kind: VmFdKind::Disk {

@@ -454,6 +454,7 @@ def hung_file_system_stalls_only_its_start():
     # that only an open hangs). Only that start waits: while its helper
     # hangs in open(), other clients' `vmctl status` is answered, and
     # the start fails with the helper's time-out when its deadline passes.
+    # Then root loads a vm.conf from there: the same.
     if not shutil.which("bindfs"):
         raise t.Skip("bindfs is not installed (regress/setup installs it)")
     user = TestUser("vmdhang")
@@ -475,14 +476,17 @@ def hung_file_system_stalls_only_its_start():
         with open(os.path.join(src, "disk.img"), "wb") as f:
             f.truncate(1 << 20)
         os.chown(os.path.join(src, "disk.img"), user.uid, user.gid)
+        with open(os.path.join(src, "more.conf"), "w") as f:
+            f.write('vm "more" {\n\tdisable\n\tmemory 256M\n}\n')
         bindfs = subprocess.Popen(["bindfs", "-f", "-o", "allow_other", src, mnt],
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         wait_for("the bindfs mount", lambda: os.path.ismount(mnt) or bindfs.poll() is not None)
         if bindfs.poll() is not None:
             raise Failure(f"bindfs exited with {bindfs.returncode}")
-        disk = os.path.join(mnt, "disk.img")
+        disk, conf = os.path.join(mnt, "disk.img"), os.path.join(mnt, "more.conf")
         os.stat(disk)
+        os.stat(conf)
         os.kill(bindfs.pid, signal.SIGSTOP)
         client = subprocess.Popen([t.VMCTL, "-s", vmd.sock, "start", "stuck", "-t", "tpl", "-b", kernel,
                                    "--initrd", initrd, "-d", disk],
@@ -510,6 +514,18 @@ def hung_file_system_stalls_only_its_start():
         rc, out = vmd.vmctl("status")
         if rc != 0 or "stuck" in out:
             raise Failure(f"status after the hung start: exit {rc}: {out.strip()!r}")
+        load = vmd.vmctl_background("load", conf)
+        wait_for("the load's helper to hang in its open",
+                 lambda: hung_in_fuse_open(vmd, 0) or load.poll() is not None, 20)
+        if load.poll() is not None:
+            raise Failure(f"the load ended before its open hung: {load.communicate()[0].strip()!r}")
+        rc, out = vmd.vmctl("status", timeout=OPEN_TIMEOUT / 2)
+        if rc != 0 or load.poll() is not None:
+            raise Failure(f"status while a load hangs: exit {rc}: {out.strip()!r}, load done: {load.poll()}")
+        out, _ = load.communicate(timeout=OPEN_TIMEOUT + 60)
+        want = rf"reading {re.escape(conf)}: no answer within {OPEN_TIMEOUT}s"
+        if load.returncode != 1 or not re.search(want, out):
+            raise Failure(f"the hung load: exit {load.returncode}: {out.strip()!r}")
     finally:
         if bindfs:
             for sig in (signal.SIGCONT, signal.SIGKILL):

@@ -28,6 +28,15 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
+/// A helper's answer is sent in pieces of this size (a frame holds one).
+const CHUNK: usize = 32 * 1024;
+/// The largest answer read (a configuration file is at most 4 MiB).
+const MAX_ANSWER: usize = 64 << 20;
+
+fn answer_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_ANSWER>()
+}
+
 /// A helper's files and its answer.
 pub type Answered = (Vec<Opened>, HelperAnswer);
 
@@ -71,7 +80,9 @@ pub struct Helper {
     deadline: Instant,
     timeout: Duration,
     files: Vec<Opened>,
-    answer: Option<Result<HelperAnswer, CtlError>>,
+    /// The answer's bincode so far, and whether it is complete.
+    answer: Vec<u8>,
+    ended: bool,
     /// Not reaped yet: its pid is still its own to signal.
     alive: bool,
 }
@@ -125,10 +136,14 @@ impl Helper {
                             imsg::send_blocking(theirs.as_fd(), frame)
                         })
                         .and_then(|()| {
-                            imsg::send_blocking(
-                                theirs.as_fd(),
-                                Frame::new(Message::HelperDone { outcome }),
-                            )
+                            let bytes = bincode::serde::encode_to_vec(&outcome, answer_config())
+                                .map_err(|e| imsg::ImsgError::Encode(e.to_string()))?;
+                            for chunk in bytes.chunks(CHUNK) {
+                                let bytes = chunk.to_vec();
+                                let frame = Frame::new(Message::HelperChunk { bytes });
+                                imsg::send_blocking(theirs.as_fd(), frame)?;
+                            }
+                            imsg::send_blocking(theirs.as_fd(), Frame::new(Message::HelperEnd))
                         })
                         .is_ok()
                 };
@@ -158,7 +173,8 @@ impl Helper {
                     deadline: Instant::now() + timeout,
                     timeout,
                     files: Vec::new(),
-                    answer: None,
+                    answer: Vec::new(),
+                    ended: false,
                     alive: true,
                 })
             }
@@ -192,18 +208,25 @@ impl Helper {
                     path,
                     file: File::from(fd),
                 }),
-                (Message::HelperDone { outcome }, None) => self.answer = Some(outcome),
+                (Message::HelperChunk { bytes }, None)
+                    if self.answer.len() + bytes.len() <= MAX_ANSWER =>
+                {
+                    self.answer.extend(bytes)
+                }
+                (Message::HelperEnd, None) => self.ended = true,
                 (other, _) => {
                     let why = format!("unexpected {}", other.type_code().1);
                     return Some(self.finish(registry, Err(HelperError::Garbled(why))));
                 }
             }
         }
-        if let Some(answer) = self.answer.take() {
-            let files = std::mem::take(&mut self.files);
-            let outcome = match answer {
-                Ok(answer) => Ok((files, answer)),
-                Err(e) => Err(HelperError::Refused(e)),
+        if self.ended {
+            let decoded: Result<(Result<HelperAnswer, CtlError>, usize), _> =
+                bincode::serde::decode_from_slice(&self.answer, answer_config());
+            let outcome = match decoded {
+                Ok((Ok(answer), _)) => Ok((std::mem::take(&mut self.files), answer)),
+                Ok((Err(e), _)) => Err(HelperError::Refused(e)),
+                Err(e) => Err(HelperError::Garbled(e.to_string())),
             };
             return Some(self.finish(registry, outcome));
         }

@@ -31,12 +31,14 @@ pub mod userfiles;
 
 use crate::log::{self, log_debug, log_info, log_warn};
 use crate::parent::backend::{CommandDone, VmEnded, VmEvent};
+use crate::parent::helper::{Answered, Helper, HelperError};
 use crate::parent::launch::{Launcher, FILES_TIMEOUT};
 use crate::parent::registry::{Ended, Registry};
+use crate::parent::userfiles::OPEN_TIMEOUT;
 use crate::proc;
 use common::config::{self, Config};
 use common::ctl::{Credentials, CtlError, CtlRequest, VmTarget, VM_START_TIMEOUT};
-use common::imsg::{Channel, Frame, Message, Role, VmCommand};
+use common::imsg::{Channel, Frame, HelperAnswer, Message, Role, VmCommand};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::{kill, SigSet, Signal};
@@ -205,6 +207,17 @@ struct Parent {
     replies: Vec<PendingReply>,
     /// `status` requests held while a VM ends: (control's token, peer).
     held_status: Vec<(Token, u32)>,
+    /// Configuration files helpers are reading.
+    loads: Vec<PendingLoad>,
+}
+
+/// A configuration file a helper reads for `load`, `reload` or SIGHUP.
+struct PendingLoad {
+    helper: Helper,
+    path: PathBuf,
+    reload: bool,
+    /// Control's token and the connection's peer id; None for SIGHUP.
+    reply: Option<(Token, u32)>,
 }
 
 pub fn parent_main(opts: ParentOptions) -> ExitCode {
@@ -277,6 +290,7 @@ fn parent_init(opts: ParentOptions) -> Result<Parent, ParentError> {
         registry: Registry::with_backend(Box::new(Launcher::new(vm_registry))),
         replies: Vec::new(),
         held_status: Vec::new(),
+        loads: Vec::new(),
     })
 }
 
@@ -344,6 +358,7 @@ impl Parent {
                 Some((_, d)) => Some(*d).into_iter().chain(backend_due).min(),
                 None => [
                     backend_due,
+                    self.loads.iter().map(|l| l.helper.deadline()).min(),
                     self.registry.next_batch(),
                     self.registry.next_stop_deadline(),
                     self.replies.iter().map(|r| r.deadline).min(),
@@ -365,6 +380,13 @@ impl Parent {
             for event in events.iter() {
                 match event.token() {
                     SIGNALS => self.handle_signals(),
+                    token if self.loads.iter().any(|l| l.helper.token() == token) => {
+                        if let Some(index) =
+                            self.loads.iter().position(|l| l.helper.token() == token)
+                        {
+                            self.load_event(index);
+                        }
+                    }
                     token
                         if self
                             .registry
@@ -400,6 +422,7 @@ impl Parent {
                 self.registry.expire_stops();
             }
             self.expire_replies();
+            self.expire_loads();
             if self.shutdown.is_none() {
                 self.respawn_due();
             }
@@ -499,7 +522,7 @@ impl Parent {
                 }
                 Ok(Signal::SIGHUP) => {
                     log_info!("SIGHUP: reloading {}", self.opts.config_path.display());
-                    if let Err(lines) = self.reload(None) {
+                    if let Err(lines) = self.load_start(None, None) {
                         for line in lines {
                             log_warn!("{line}");
                         }
@@ -671,12 +694,15 @@ impl Parent {
                     None => return,
                 }
             }
-            CtlRequest::Load { path } => match self.reload(Some(PathBuf::from(path))) {
-                Ok(warnings) => reply(Message::CtlOk { lines: warnings }),
-                Err(lines) => fail(0, lines),
-            },
-            CtlRequest::Reload => match self.reload(None) {
-                Ok(warnings) => reply(Message::CtlOk { lines: warnings }),
+            // Answered once a helper read the file (load_answered).
+            CtlRequest::Load { path } => {
+                match self.load_start(Some(PathBuf::from(path)), Some((token, peer))) {
+                    Ok(()) => return,
+                    Err(lines) => fail(0, lines),
+                }
+            }
+            CtlRequest::Reload => match self.load_start(None, Some((token, peer))) {
+                Ok(()) => return,
                 Err(lines) => fail(0, lines),
             },
             CtlRequest::Reset { what } => {
@@ -830,41 +856,126 @@ impl Parent {
     }
 
     /// `vmctl load FILE` (`file`), or `vmctl reload` and SIGHUP (None: the
-    /// file vmd started with). A file with errors changes nothing: the
-    /// error lines come back, cut to what fits in one answer.
-    fn reload(&mut self, file: Option<PathBuf>) -> Result<Vec<String>, Vec<String>> {
+    /// file vmd started with): a helper reads and parses the file (it may
+    /// lie on a file system that hangs, and owners are looked up by
+    /// name), and [`Parent::load_answered`] applies it; `reply` is whom
+    /// to answer then (None for SIGHUP). Err: the helper did not start.
+    fn load_start(
+        &mut self,
+        file: Option<PathBuf>,
+        reply: Option<(Token, u32)>,
+    ) -> Result<(), Vec<String>> {
         let reload = file.is_none();
         let (path, required) = match file {
             Some(path) => (path, true),
             None => (self.opts.config_path.clone(), self.opts.config_required),
         };
-        match config::load(&path, &self.opts.defines, required) {
-            Ok(loaded) => {
-                for line in &loaded.warnings {
-                    log_warn!("{line}");
-                }
-                let skipped = self.registry.apply(&loaded.config, reload);
-                for line in &skipped {
-                    log_warn!("{line}");
-                }
-                log_info!(
-                    "{} {}",
-                    if reload { "reloaded" } else { "loaded" },
-                    path.display()
-                );
-                if reload {
-                    self.set_socket_owner();
-                }
-                Ok(fit_lines(
-                    loaded.warnings.into_iter().chain(skipped).collect(),
-                ))
+        let token = Token(self.next_token);
+        self.next_token += 1;
+        let defines = self.opts.defines.clone();
+        let work_path = path.clone();
+        let helper = Helper::spawn(self.poll.registry(), token, OPEN_TIMEOUT, move || {
+            let answer = match config::load(&work_path, &defines, required) {
+                Ok(loaded) => HelperAnswer::Config {
+                    config: loaded.config,
+                    warnings: loaded.warnings,
+                },
+                Err(lines) => HelperAnswer::ConfigRefused { lines },
+            };
+            (Vec::new(), Ok(answer))
+        })
+        .map_err(|e| vec![format!("cannot read {}: {e}", path.display())])?;
+        self.loads.push(PendingLoad {
+            helper,
+            path,
+            reload,
+            reply,
+        });
+        Ok(())
+    }
+
+    /// A configuration's helper answered (or failed): a file with errors
+    /// changes nothing, the error lines come back, cut to what fits in
+    /// one answer; else it is applied and its warnings come back.
+    fn load_answered(&mut self, load: PendingLoad, outcome: Result<Answered, HelperError>) {
+        let path = load.path.display().to_string();
+        let result = match outcome {
+            Ok((_, HelperAnswer::Config { config, warnings })) => {
+                Ok(self.load_apply(&load.path, load.reload, &config, warnings))
             }
-            Err(lines) => {
-                for line in &lines {
-                    log_warn!("{line}");
-                }
-                Err(fit_lines(lines))
+            Ok((_, HelperAnswer::ConfigRefused { lines })) => Err(lines),
+            Ok(_) => Err(vec![format!(
+                "reading {path}: the helper's answer is garbled"
+            )]),
+            Err(e) => Err(vec![format!("reading {path}: {e}")]),
+        };
+        let result = result.map_err(|lines| {
+            for line in &lines {
+                log_warn!("{line}");
             }
+            fit_lines(lines)
+        });
+        let Some((token, peer)) = load.reply else {
+            if result.is_err() {
+                log_warn!("reload failed; nothing changed");
+            }
+            return;
+        };
+        let message = match result {
+            Ok(lines) => Message::CtlOk { lines },
+            Err(lines) => Message::CtlFail { errno: 0, lines },
+        };
+        self.send(
+            token,
+            Frame {
+                peer_id: peer,
+                ..Frame::new(message)
+            },
+        );
+    }
+
+    /// Applies a configuration read from `path`; the lines to show.
+    fn load_apply(
+        &mut self,
+        path: &std::path::Path,
+        reload: bool,
+        config: &Config,
+        warnings: Vec<String>,
+    ) -> Vec<String> {
+        for line in &warnings {
+            log_warn!("{line}");
+        }
+        let skipped = self.registry.apply(config, reload);
+        for line in &skipped {
+            log_warn!("{line}");
+        }
+        log_info!(
+            "{} {}",
+            if reload { "reloaded" } else { "loaded" },
+            path.display()
+        );
+        if reload {
+            self.set_socket_owner();
+        }
+        fit_lines(warnings.into_iter().chain(skipped).collect())
+    }
+
+    /// Reads a configuration helper's socket.
+    fn load_event(&mut self, index: usize) {
+        let registry = self.poll.registry();
+        if let Some(outcome) = self.loads[index].helper.read(registry) {
+            let load = self.loads.remove(index);
+            self.load_answered(load, outcome);
+        }
+    }
+
+    /// Gives up the configuration helpers whose deadline passed.
+    fn expire_loads(&mut self) {
+        let now = Instant::now();
+        while let Some(index) = self.loads.iter().position(|l| l.helper.deadline() <= now) {
+            let mut load = self.loads.remove(index);
+            let e = load.helper.expire(self.poll.registry());
+            self.load_answered(load, Err(e));
         }
     }
 
@@ -926,6 +1037,12 @@ impl Parent {
                 }
             };
             let Some(pid) = status.pid() else { continue };
+            if let Some(index) = self.loads.iter().position(|l| l.helper.pid() == pid) {
+                let outcome = self.loads[index].helper.reaped(self.poll.registry());
+                let load = self.loads.remove(index);
+                self.load_answered(load, outcome);
+                continue;
+            }
             let Some(index) = self.children.iter().position(|c| c.pid == pid) else {
                 // A VM process, a helper, or an orphan (a guest process whose VM
                 // process was killed, a helper's own helper).
