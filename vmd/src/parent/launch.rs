@@ -262,7 +262,7 @@ impl Launcher {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
+    fn is_empty(&self) -> bool {
         self.vms.is_empty() && self.pending.is_empty() && self.ending.is_empty()
     }
 
@@ -278,7 +278,7 @@ impl Launcher {
     /// What can wait (opening files, looking up users and groups) is a
     /// helper's: the launch follows its answer, reported as
     /// [`VmEvent::Launched`], or as [`VmEvent::Ended`] with the reason.
-    pub fn start(
+    fn start(
         &mut self,
         id: u32,
         vm: &VmConfig,
@@ -505,7 +505,7 @@ impl Launcher {
     /// Ends VM `id` at once (its VM process and guest, or the helper
     /// opening its files); false if it does not run. Its end is reported
     /// as [`VmEvent::Ended`].
-    pub fn force_stop(&mut self, id: u32) -> bool {
+    fn force_stop(&mut self, id: u32) -> bool {
         if self.cancel_start(id) {
             return true;
         }
@@ -519,7 +519,7 @@ impl Launcher {
     /// Asks VM `id`'s guest to pause, unpause or power down; false if it
     /// does not run. The answer comes as a [`VmEvent::CommandDone`]. A
     /// start still opening its files is powered down by giving it up.
-    pub fn command(&mut self, id: u32, command: VmCommand) -> bool {
+    fn command(&mut self, id: u32, command: VmCommand) -> bool {
         if command == VmCommand::Powerdown && self.cancel_start(id) {
             return true;
         }
@@ -544,7 +544,7 @@ impl Launcher {
     }
 
     /// Closes the pty kept for VM `id`'s restart, if it was not taken up.
-    pub fn discard_parked(&mut self, id: u32) {
+    fn discard_parked(&mut self, id: u32) {
         if let Some(parked) = self.take_parked(id) {
             release_pty(&parked.slave, &parked.tty);
             log_debug!("vm {id}: released {}", parked.tty);
@@ -552,7 +552,7 @@ impl Launcher {
     }
 
     /// PID, TTY and CURMEM of a running VM.
-    pub fn info(&self, id: u32) -> Option<RunInfo> {
+    fn info(&self, id: u32) -> Option<RunInfo> {
         let vm = self.vms.iter().find(|v| v.id == id)?;
         Some(RunInfo {
             pid: vm.pid.as_raw() as u32,
@@ -563,7 +563,7 @@ impl Launcher {
 
     /// The daemon stops: SIGTERM every VM process (its guest dies with it);
     /// starts still opening their files are given up.
-    pub fn stop_all(&mut self) {
+    fn stop_all(&mut self) {
         self.cancel_all();
         for vm in &self.vms {
             let _ = kill(vm.pid, Signal::SIGTERM);
@@ -571,7 +571,7 @@ impl Launcher {
     }
 
     /// The daemon stops and a VM did not: SIGKILL.
-    pub fn kill_all(&mut self) {
+    fn kill_all(&mut self) {
         self.cancel_all();
         self.vms.iter().for_each(kill_vm);
     }
@@ -588,7 +588,7 @@ impl Launcher {
     }
 
     /// When [`Launcher::tick`] has something to do next.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    fn next_deadline(&self) -> Option<Instant> {
         let helpers = self
             .pending
             .iter()
@@ -602,7 +602,7 @@ impl Launcher {
 
     /// Times out the helpers whose deadline passed, and reports the VMs
     /// whose guest process has gone (or that waited long enough).
-    pub fn tick(&mut self) {
+    fn tick(&mut self) {
         let now = Instant::now();
         while let Some(index) = self.pending.iter().position(|p| p.helper.deadline() <= now) {
             let mut pending = self.pending.remove(index);
@@ -625,7 +625,7 @@ impl Launcher {
     /// Reports the VMs whose guest processes have gone since, or that waited long
     /// enough (done before every request, so that what vmctl is told
     /// follows what it can see in /proc).
-    pub fn settle_ending(&mut self, now: Instant) {
+    fn settle_ending(&mut self, now: Instant) {
         if self.ending.is_empty() {
             return;
         }
@@ -651,7 +651,7 @@ impl Launcher {
     }
 
     /// Reads a VM process's channel or a helper's socket.
-    pub fn handle_event(&mut self, token: Token) {
+    fn handle_event(&mut self, token: Token) {
         if let Some(index) = self.pending.iter().position(|p| p.helper.token() == token) {
             if let Some(outcome) = self.pending[index].helper.read(&self.registry) {
                 let pending = self.pending.remove(index);
@@ -792,7 +792,7 @@ impl Launcher {
     /// A child the parent reaped: a start's or a console log's helper, or
     /// a VM process (the VM ended: everything it held is released, and
     /// the end is reported once its guest process has gone too).
-    pub fn reaped(&mut self, pid: Pid, status: WaitStatus) {
+    fn reaped(&mut self, pid: Pid, status: WaitStatus) {
         if let Some(index) = self.pending.iter().position(|p| p.helper.pid() == pid) {
             let outcome = self.pending[index].helper.reaped(&self.registry);
             let pending = self.pending.remove(index);
