@@ -644,6 +644,9 @@ impl Parent {
                 tty: None,
             }),
         };
+        // What a client can see in /proc is what it is told: a child that
+        // has died is reaped (without waiting) before the answer.
+        self.reap();
         if let Some(backend) = self.registry.backend() {
             backend.settle();
         }
