@@ -142,9 +142,11 @@ pub enum Message {
     VmStart { params: Box<VmParams> },
     /// parent -> vm: one descriptor of the start sequence (with the fd).
     VmFd { kind: VmFdKind },
-    /// vm -> parent: QEMU runs the guest (`cont` done); its pid, for the
-    /// memory figure the parent reads from /proc.
-    VmRunning { qemu_pid: u32 },
+    /// vm -> parent: the guest runs. `pids`: the processes that run it
+    /// besides the VM process, as the VM process says (the parent kills
+    /// them with it if they run as the VM's uid, and shows their memory
+    /// as the VM's).
+    VmRunning { pids: Vec<u32> },
     /// vm -> parent: the console log reached its size cap; rotate it.
     VmConsoleLogFull,
     /// parent -> vm: the console log (with the fd) after a rotation
@@ -161,9 +163,9 @@ pub enum Message {
         command: VmCommand,
         error: Option<String>,
     },
-    /// vm -> parent, last thing: how QEMU ended (`exited`, `was killed by
-    /// SIGKILL`, ...).
-    VmQemuEnded { why: String },
+    /// vm -> parent, last thing: how the processes that ran the guest
+    /// ended, in words (`QEMU was killed by SIGKILL`).
+    VmGuestEnded { why: String },
     /// vm -> parent, before it ends: the guest never ran, and why (QEMU's
     /// first error line, or the VM process's own error), for the vmctl
     /// waiting for the start.
@@ -175,6 +177,43 @@ pub enum Message {
     UserFile { kind: VmFdKind, path: String },
     /// The helper is done: every file was sent, or it stopped at `refusal`.
     UserFilesDone { refusal: Option<FileRefusal> },
+
+    // --- the parent's forked root helpers (parent/helper.rs) -> parent ---
+    /// A piece of a helper's answer, after its `UserFile`s: together, in
+    /// order, the bincode of a `Result<HelperAnswer, CtlError>` (what it
+    /// found, or why it failed as vmctl is to be told), which can be
+    /// larger than a frame (a configuration).
+    HelperChunk { bytes: Vec<u8> },
+    /// The helper's answer is complete.
+    HelperEnd,
+}
+
+/// What a forked helper of the parent did, besides the files it sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum HelperAnswer {
+    /// A VM's files are open and its disks locked; what its launch needs
+    /// from the system's databases.
+    Start {
+        /// Hardware KVM, and the groups that gives the guest's process.
+        kvm: bool,
+        groups: Vec<u32>,
+        /// Group `tty`, for the VM's pty.
+        tty_gid: Option<u32>,
+        /// The first uids of `uid range` that no user or group has and no
+        /// VM held when the start was asked for.
+        free_uids: Vec<u32>,
+        /// The console log's size as opened.
+        console_log_size: u64,
+    },
+    /// A console log was rotated and opened again: its size.
+    ConsoleLog { size: u64 },
+    /// A configuration file was read and parsed, with its warnings.
+    Config {
+        config: crate::config::Config,
+        warnings: Vec<String>,
+    },
+    /// A configuration file could not be read or has errors: each a line.
+    ConfigRefused { lines: Vec<String> },
 }
 
 /// What the parent asks of a running guest.
@@ -219,6 +258,28 @@ pub struct VmParams {
     /// Guest memory in bytes.
     pub memory: u64,
     pub vcpus: u32,
+    /// The VM's own uid and gid (the VM process and the guest's
+    /// processes run as them).
+    pub uid: u32,
+    pub gid: u32,
+    /// The backend that runs the guest, and its own settings.
+    pub backend: BackendParams,
+    /// The console log's size cap and its size when sent.
+    pub console_log_cap: u64,
+    pub console_log_size: u64,
+    /// How many `VmFd` frames follow.
+    pub fd_count: u32,
+}
+
+/// The backend a VM process runs its guest with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BackendParams {
+    Qemu(QemuParams),
+}
+
+/// QEMU's settings for one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuParams {
     /// The kernel command line.
     pub cmdline: String,
     /// What a VM without a kernel boots first (`boot device`, `-B`):
@@ -226,16 +287,8 @@ pub struct VmParams {
     pub boot_device: Option<crate::config::BootDevice>,
     /// Hardware KVM (else QEMU's TCG).
     pub kvm: bool,
-    /// The VM's own uid and gid (the VM process and QEMU run as them).
-    pub uid: u32,
-    pub gid: u32,
     /// QEMU's supplementary groups (`kvm` with hardware KVM, else none).
-    pub qemu_groups: Vec<u32>,
-    /// The console log's size cap and its size when sent.
-    pub console_log_cap: u64,
-    pub console_log_size: u64,
-    /// How many `VmFd` frames follow.
-    pub fd_count: u32,
+    pub groups: Vec<u32>,
 }
 
 /// Which descriptor a `VmFd` frame carries.
@@ -287,10 +340,12 @@ impl Message {
             Message::VmShutdown { .. } => (105, "VM_SHUTDOWN"),
             Message::VmCommand { .. } => (106, "VM_COMMAND"),
             Message::VmCommandDone { .. } => (107, "VM_COMMAND_DONE"),
-            Message::VmQemuEnded { .. } => (108, "VM_QEMU_ENDED"),
+            Message::VmGuestEnded { .. } => (108, "VM_GUEST_ENDED"),
             Message::VmStartFailed { .. } => (109, "VM_START_FAILED"),
             Message::UserFile { .. } => (200, "USER_FILE"),
             Message::UserFilesDone { .. } => (201, "USER_FILES_DONE"),
+            Message::HelperChunk { .. } => (202, "HELPER_CHUNK"),
+            Message::HelperEnd => (203, "HELPER_END"),
         }
     }
 }
@@ -894,9 +949,10 @@ mod tests {
                 command: VmCommand::Pause,
                 error: Some("not running".into()),
             },
-            Message::VmQemuEnded {
-                why: "was killed by SIGKILL".into(),
+            Message::VmGuestEnded {
+                why: "QEMU was killed by SIGKILL".into(),
             },
+            Message::VmRunning { pids: vec![4242] },
             Message::CtlOk {
                 lines: vec!["vm \"a\" (x.conf:1): skipped: vm a already exists".into()],
             },
@@ -912,6 +968,10 @@ mod tests {
                 path: "/home/u/x.iso".into(),
             },
             Message::UserFilesDone { refusal: None },
+            Message::HelperChunk {
+                bytes: vec![1, 2, 3],
+            },
+            Message::HelperEnd,
             Message::UserFilesDone {
                 refusal: Some(FileRefusal {
                     kind: VmFdKind::Disk {

@@ -417,6 +417,130 @@ def start_timeout_stops_the_vm(vmd):
     raise Failure("the guest ran before its VM process could be frozen, 5 times")
 
 
+# vmd's OPEN_TIMEOUT (vmd/src/parent/userfiles.rs): how long a user's
+# file-opening helper has.
+OPEN_TIMEOUT = 10
+
+
+def descendants_of(pid):
+    """Every process under `pid` (its children, theirs...)."""
+    found, todo = [], [pid]
+    while todo:
+        kids = children_of(todo.pop())
+        found += kids
+        todo += kids
+    return found
+
+
+def hung_in_fuse_open(vmd, uid):
+    """A process under vmd running as `uid` that waits for a FUSE answer
+    (the user's file-opening helper, stuck in its open), or None."""
+    for pid in descendants_of(vmd.proc.pid):
+        st = status_of(pid)
+        if not st or st["Uid"].split()[0] != str(uid):
+            continue
+        try:
+            with open(f"/proc/{pid}/wchan") as f:
+                if f.read().strip() == "request_wait_answer":
+                    return pid
+        except OSError:
+            pass
+    return None
+
+
+def hung_file_system_stalls_only_its_start():
+    # A user names a disk on a FUSE file system whose daemon is stopped
+    # (bindfs, SIGSTOPped after a stat cached the file's attributes, so
+    # that only an open hangs). Only that start waits: while its helper
+    # hangs in open(), other clients' `vmctl status` is answered, and
+    # the start fails with the helper's time-out when its deadline passes.
+    # Then root loads a vm.conf from there: the same.
+    if not shutil.which("bindfs"):
+        raise t.Skip("bindfs is not installed (regress/setup installs it)")
+    user = TestUser("vmdhang")
+    vmd = bindfs = mnt = None
+    try:
+        conf = (f"socket owner :{user.name}\n"
+                f'vm "tpl" {{\n\tdisable\n\tmemory 256M\n'
+                f"\tallow instance {{ boot, disk, memory, owner {user.name} }}\n}}\n")
+        vmd = Vmd(conf_extra=conf)
+        os.chmod(vmd.dir, 0o711)
+        files, src, mnt = (os.path.join(vmd.dir, d) for d in ("files", "src", "mnt"))
+        for d in (files, src, mnt):
+            os.mkdir(d)
+            os.chmod(d, 0o755)
+        kernel, initrd = os.path.join(files, "vmlinuz"), os.path.join(files, "initrd.gz")
+        for path, copy in ((t.KERNEL, kernel), (t.INITRD, initrd)):
+            shutil.copyfile(path, copy)
+            os.chown(copy, user.uid, user.gid)
+        with open(os.path.join(src, "disk.img"), "wb") as f:
+            f.truncate(1 << 20)
+        os.chown(os.path.join(src, "disk.img"), user.uid, user.gid)
+        with open(os.path.join(src, "more.conf"), "w") as f:
+            f.write('vm "more" {\n\tdisable\n\tmemory 256M\n}\n')
+        bindfs = subprocess.Popen(["bindfs", "-f", "-o", "allow_other", src, mnt],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        wait_for("the bindfs mount", lambda: os.path.ismount(mnt) or bindfs.poll() is not None)
+        if bindfs.poll() is not None:
+            raise Failure(f"bindfs exited with {bindfs.returncode}")
+        disk, conf = os.path.join(mnt, "disk.img"), os.path.join(mnt, "more.conf")
+        os.stat(disk)
+        os.stat(conf)
+        os.kill(bindfs.pid, signal.SIGSTOP)
+        client = subprocess.Popen([t.VMCTL, "-s", vmd.sock, "start", "stuck", "-t", "tpl", "-b", kernel,
+                                   "--initrd", initrd, "-d", disk],
+                                  user=user.uid, group=user.gid, extra_groups=[],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        helper = wait_for("the user's helper to hang in its open",
+                          lambda: hung_in_fuse_open(vmd, user.uid) or client.poll() is not None, 20)
+        if client.poll() is not None:
+            raise Failure(f"the start ended before its open hung: {client.communicate()[0].strip()!r}")
+        # Other clients, while that start waits: answered, and before it.
+        for _ in range(3):
+            rc, out = vmd.vmctl("status", timeout=OPEN_TIMEOUT / 2)
+            if rc != 0 or "stuck" not in out:
+                raise Failure(f"status while a start hangs: exit {rc}: {out.strip()!r}")
+            if client.poll() is not None:
+                raise Failure("status was answered only once the hung start was")
+        if status_of(helper) is None:
+            raise Failure(f"the helper {helper} is gone before its deadline")
+        out, _ = client.communicate(timeout=OPEN_TIMEOUT + 60)
+        want = rf"opening files as uid {user.uid}: no answer within {OPEN_TIMEOUT}s"
+        if client.returncode != 1 or not re.search(want, out):
+            raise Failure(f"the hung start: exit {client.returncode}: {out.strip()!r}")
+        wait_for("the helper to be gone", lambda: status_of(helper) is None)
+        rc, out = vmd.vmctl("status")
+        if rc != 0 or "stuck" in out:
+            raise Failure(f"status after the hung start: exit {rc}: {out.strip()!r}")
+        load = vmd.vmctl_background("load", conf)
+        wait_for("the load's helper to hang in its open",
+                 lambda: hung_in_fuse_open(vmd, 0) or load.poll() is not None, 20)
+        if load.poll() is not None:
+            raise Failure(f"the load ended before its open hung: {load.communicate()[0].strip()!r}")
+        rc, out = vmd.vmctl("status", timeout=OPEN_TIMEOUT / 2)
+        if rc != 0 or load.poll() is not None:
+            raise Failure(f"status while a load hangs: exit {rc}: {out.strip()!r}, load done: {load.poll()}")
+        out, _ = load.communicate(timeout=OPEN_TIMEOUT + 60)
+        want = rf"reading {re.escape(conf)}: no answer within {OPEN_TIMEOUT}s"
+        if load.returncode != 1 or not re.search(want, out):
+            raise Failure(f"the hung load: exit {load.returncode}: {out.strip()!r}")
+    finally:
+        if bindfs:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(bindfs.pid, sig)
+                except ProcessLookupError:
+                    pass
+            bindfs.wait()
+        if mnt:
+            subprocess.run(["umount", "-l", mnt], capture_output=True)
+        if vmd:
+            vmd.stop()
+        user.remove()
+
+
 def main():
     if not t.prepare():
         return 1
@@ -437,6 +561,7 @@ def main():
     case("start-refused-by-qemu-says-why-exit-1", with_vmd(start_failures_as_root))
     case("start-refused-by-qemu-says-why-to-a-user", start_failures_as_a_user)
     case("start-not-running-in-time-times-out-and-stops", with_vmd(start_timeout_stops_the_vm))
+    case("hung-file-system-stalls-only-its-start", hung_file_system_stalls_only_its_start)
     return t.summary()
 
 

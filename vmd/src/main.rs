@@ -8,7 +8,6 @@ mod control;
 mod log;
 mod parent;
 mod proc;
-mod registry;
 mod seccomp;
 mod socketlock;
 mod switch;
@@ -16,9 +15,7 @@ mod switch;
 mod syscall_names;
 #[cfg(feature = "test-triggers")]
 mod trigger;
-mod userfiles;
 mod vm;
-mod vmm;
 
 use common::config;
 use common::getopt::{Getopt, Opt};
@@ -91,7 +88,7 @@ fn check_config(opts: &Options) -> ExitCode {
             let config = &loaded.config;
             let mut unstartable = 0;
             for vm in &config.vms {
-                if let Err(e) = vmm::vmm_check_built(&config.resolved_vm(vm)) {
+                if let Err(e) = parent::launch::launch_check_built(&config.resolved_vm(vm)) {
                     eprintln!(
                         "{}: warning: vm \"{}\": {e}: vmd will not start it",
                         vm.source, vm.name

@@ -21,7 +21,7 @@
 //! the start then). It ends when QEMU does (QMP closes): it tells the
 //! parent why the start failed if the guest never ran (`VmStartFailed`:
 //! QEMU's first error line, or its own error), how QEMU ended
-//! (`VmQemuEnded`), and exits 0 if QEMU exited cleanly, else 1.
+//! (`VmGuestEnded`), and exits 0 if QEMU exited cleanly, else 1.
 //!
 //! What QEMU writes is bounded: a QMP line longer than [`QMP_LINE_MAX`]
 //! or not JSON is a protocol error that gets QEMU killed; its stderr
@@ -29,6 +29,49 @@
 //! [`STDERR_LINES_PER_SECOND`] a second.
 
 pub mod qemu;
+
+use common::config::VmConfig;
+use common::imsg::{BackendParams, QemuParams};
+
+// --- what the parent asks of the VM side, in neutral terms ---
+
+/// The backend settings of a VM process for `vm`: `kvm` and `groups`
+/// as the parent's helper found them (hardware KVM, and the groups that
+/// gives the guest's processes).
+pub fn backend_params(vm: &VmConfig, kvm: bool, groups: Vec<u32>) -> BackendParams {
+    BackendParams::Qemu(QemuParams {
+        cmdline: vm
+            .cmdline
+            .clone()
+            .unwrap_or_else(|| qemu::DEFAULT_CMDLINE.to_string()),
+        boot_device: vm.boot_device,
+        kvm,
+        groups,
+    })
+}
+
+/// Whether the backend `vm` asks for runs here.
+pub fn backend_built(vm: &VmConfig) -> bool {
+    vm.backend() == common::config::Backend::Qemu
+}
+
+/// The largest kernel, initrd or BIOS a VM process loads, with the word
+/// for messages; None for other files.
+pub fn boot_file_limit(kind: VmFdKind) -> Option<(&'static str, u64)> {
+    let file = match kind {
+        VmFdKind::Kernel => qemu::BootFile::Kernel,
+        VmFdKind::Initrd => qemu::BootFile::Initrd,
+        VmFdKind::Bios => qemu::BootFile::Bios,
+        _ => return None,
+    };
+    Some((file.what(), file.limit()))
+}
+
+/// A VM process's start failure as users read it: sanitized, bounded,
+/// on one line (it is less trusted than the parent).
+pub fn start_reason(text: &str) -> String {
+    qemu::start_reason(text)
+}
 
 use crate::log::{log_debug, log_info, log_warn};
 use crate::proc::{self, ChildStart, Identity, CHILD_FD};
@@ -677,7 +720,7 @@ impl Vm {
                 QmpReply::Running => {
                     log_info!("guest running");
                     self.send(Message::VmRunning {
-                        qemu_pid: self.qemu.as_raw() as u32,
+                        pids: vec![self.qemu.as_raw() as u32],
                     });
                 }
                 QmpReply::Shutdown(reason) => {
@@ -834,7 +877,8 @@ impl Vm {
             let _ = nix::poll::poll(&mut pfd, PollTimeout::from(100u8));
         }
         let failed = start_failed.map(|reason| Message::VmStartFailed { reason });
-        for message in failed.into_iter().chain([Message::VmQemuEnded { why }]) {
+        let why = format!("QEMU {why}");
+        for message in failed.into_iter().chain([Message::VmGuestEnded { why }]) {
             if let Err(e) = imsg::send_blocking(self.channel.sock.as_fd(), Frame::new(message)) {
                 log_warn!("telling the parent how QEMU ended: {e}");
             }

@@ -19,7 +19,7 @@
 
 use common::config::BootDevice;
 use common::disk::DiskFormat;
-use common::imsg::VmParams;
+use common::imsg::{BackendParams, QemuParams, VmParams};
 use nix::errno::Errno;
 use nix::unistd::Pid;
 use std::ffi::CString;
@@ -169,6 +169,13 @@ fn memfd(what: &'static str) -> Result<std::fs::File, QemuError> {
 }
 
 /// QEMU's arguments (after argv[0]) for `params` with `files`.
+/// QEMU's own settings in `params`.
+pub fn qemu_settings(params: &VmParams) -> &QemuParams {
+    match &params.backend {
+        BackendParams::Qemu(q) => q,
+    }
+}
+
 pub fn qemu_args(params: &VmParams, files: &QemuFiles) -> Vec<String> {
     let mut args: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
@@ -179,7 +186,7 @@ pub fn qemu_args(params: &VmParams, files: &QemuFiles) -> Vec<String> {
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
     ]);
     push(&["-display", "none"]);
-    if params.kvm {
+    if qemu_settings(params).kvm {
         push(&["-accel", "kvm", "-cpu", "host"]);
     } else {
         push(&["-accel", "tcg"]);
@@ -207,7 +214,7 @@ pub fn qemu_args(params: &VmParams, files: &QemuFiles) -> Vec<String> {
             if let Some(initrd) = initrd {
                 push(&["-initrd", &proc_fd(initrd.as_raw_fd())]);
             }
-            push(&["-append", &params.cmdline]);
+            push(&["-append", &qemu_settings(params).cmdline]);
             (None, None)
         }
         Boot::Bios { bios, sercon } => {
@@ -216,7 +223,7 @@ pub fn qemu_args(params: &VmParams, files: &QemuFiles) -> Vec<String> {
                 "-fw_cfg",
                 &format!("name=etc/sercon-port,file={}", proc_fd(sercon.as_raw_fd())),
             ]);
-            match params.boot_device {
+            match qemu_settings(params).boot_device {
                 Some(BootDevice::Disk) => (Some(1), Some(2)),
                 _ => (Some(2), Some(1)),
             }
@@ -357,7 +364,7 @@ pub fn spawn(
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let envp: [*const libc::c_char; 1] = [std::ptr::null()];
-    let groups: Vec<libc::gid_t> = params.qemu_groups.clone();
+    let groups: Vec<libc::gid_t> = qemu_settings(params).groups.clone();
     let (uid, gid) = (params.uid, params.gid);
     let devnull = nix::fcntl::open(
         "/dev/null",
@@ -710,12 +717,14 @@ mod tests {
             name: "b".into(),
             memory: 64 << 20,
             vcpus: 1,
-            cmdline: DEFAULT_CMDLINE.into(),
-            boot_device,
-            kvm: false,
             uid: 1,
             gid: 1,
-            qemu_groups: Vec::new(),
+            backend: BackendParams::Qemu(QemuParams {
+                cmdline: DEFAULT_CMDLINE.into(),
+                boot_device,
+                kvm: false,
+                groups: Vec::new(),
+            }),
             console_log_cap: 1 << 20,
             console_log_size: 0,
             fd_count: 0,

@@ -8,12 +8,17 @@
 //! stopping. A VM defined in a configuration file stays listed after it
 //! stops; one started only by vmctl is removed when it ends.
 //!
-//! The VM backend (vmm.rs, [`Registry::backend`]) plugs in at three
-//! functions and nowhere else: [`Registry::launch`],
-//! [`Registry::backend_stop`] and [`Registry::backend_command`]; the
-//! parent reports what the backend answers with
-//! [`Registry::command_done`] (pause, unpause) and a VM's end with
-//! [`Registry::ended`]. Without a backend (unit tests) they fail with
+//! The VM backend is a trait object ([`Backend`], backend.rs; launch.rs
+//! is the real one, the unit tests below use a fake) that the registry
+//! calls at three functions and nowhere else: [`Registry::launch`],
+//! [`Registry::backend_stop`] and [`Registry::backend_command`]. A start
+//! is two-phase: the VM runs (state running) as soon as the backend took
+//! it, and the parent reports what follows: [`Registry::launched`] (its
+//! process and tty), [`Registry::guest_running`],
+//! [`Registry::command_done`] (pause, unpause) and its end, or a launch
+//! that failed, with [`Registry::ended`]. The parent's loop reaches the
+//! backend only for its events, timers and reaped pids
+//! ([`Registry::backend`]). Without a backend they fail with
 //! [`BACKEND_MISSING`]: nothing pretends to run.
 //!
 //! A graceful stop presses the guest's power button and gives it the
@@ -23,7 +28,7 @@
 //! the start rate limit refuses it.
 
 use crate::log::{log_debug, log_info, log_warn};
-use crate::vmm::{Requester, VmEnded, Vmm};
+use crate::parent::backend::{Backend, Requester, VmEnded};
 use common::config::{Config, Globals, Owner, SwitchConfig, VmConfig, DEFAULT_STAGGERED_DELAY};
 use common::ctl::{Credentials, CtlError, ResetWhat, StartRequest, VmTarget};
 use common::imsg::VmCommand;
@@ -135,20 +140,6 @@ impl Vm {
     }
 }
 
-/// What a successful launch gives back.
-#[derive(Debug)]
-pub struct Launched {
-    pub pid: u32,
-    pub tty: String,
-}
-
-/// A successful start, for vmctl.
-#[derive(Debug)]
-pub struct Started {
-    pub vmid: u32,
-    pub tty: String,
-}
-
 /// What became of a VM whose process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
@@ -167,8 +158,8 @@ pub struct Registry {
     pub switches: Vec<SwitchConfig>,
     pub globals: Globals,
     next_batch: Option<Instant>,
-    /// The VM processes (None in unit tests).
-    pub backend: Option<Vmm>,
+    /// What runs the VMs (None: nothing pretends to run).
+    backend: Option<Box<dyn Backend>>,
 }
 
 fn errno(e: Errno) -> CtlError {
@@ -186,11 +177,21 @@ impl Registry {
         Registry::default()
     }
 
-    pub fn with_backend(backend: Vmm) -> Registry {
+    pub fn with_backend(backend: Box<dyn Backend>) -> Registry {
         Registry {
             backend: Some(backend),
             ..Registry::default()
         }
+    }
+
+    /// The backend, for the parent's loop: its events, reaped pids and
+    /// timers, and the daemon's end.
+    pub fn backend(&mut self) -> Option<&mut (dyn Backend + 'static)> {
+        self.backend.as_deref_mut()
+    }
+
+    pub fn backend_ref(&self) -> Option<&(dyn Backend + 'static)> {
+        self.backend.as_deref()
     }
 
     fn find(&self, target: &VmTarget) -> Option<usize> {
@@ -328,7 +329,7 @@ impl Registry {
             .map(|vm| {
                 let mut info = vm.info();
                 if vm.state.is_active() {
-                    // QEMU's resident memory: the guest's, not the relay's.
+                    // The guest processes' resident memory, not the relay's.
                     info.cur_memory = self
                         .backend
                         .as_ref()
@@ -344,7 +345,7 @@ impl Registry {
 
     /// `vmctl start`: an existing VM by name or id, a new instance of a
     /// template, or (root only) a brand-new VM.
-    pub fn start(&mut self, req: &StartRequest, creds: &Credentials) -> Result<Started, CtlError> {
+    pub fn start(&mut self, req: &StartRequest, creds: &Credentials) -> Result<u32, CtlError> {
         // vmctl checks these too, but any client may write to the socket.
         if let Err(why) = req.vm.check_limits() {
             log_warn!("start request from uid {}: {why}", creds.uid);
@@ -508,7 +509,9 @@ impl Registry {
         Ok(vm.inherit_from(parent))
     }
 
-    /// Applies the start rate limit, then launches.
+    /// Applies the start rate limit, then launches: the VM runs from now
+    /// on (its pid and tty come with [`Registry::launched`]; a launch
+    /// that fails later ends it, [`Registry::ended`]).
     /// `uid` is who starts it (the VM's user while it runs, owner of its
     /// tty); `requester` whose credentials open its files.
     fn start_vm(
@@ -517,7 +520,7 @@ impl Registry {
         settings: VmConfig,
         uid: u32,
         requester: &Requester,
-    ) -> Result<Started, CtlError> {
+    ) -> Result<u32, CtlError> {
         let now = Instant::now();
         let vm = &mut self.vms[index];
         if let Some(last) = vm.last_start {
@@ -536,21 +539,17 @@ impl Registry {
         vm.state = VmState::Stopped;
         let vmid = vm.vmid;
         match self.launch(vmid, &settings, uid, requester) {
-            Ok(launched) => {
+            Ok(()) => {
                 let vm = &mut self.vms[index];
-                log_debug!("starting {} (vm {vmid}), tty {}", vm.name(), launched.tty);
+                log_debug!("starting {} (vm {vmid})", vm.name());
                 vm.state = VmState::Running;
-                vm.pid = Some(launched.pid);
-                vm.tty = Some(launched.tty.clone());
+                vm.pid = None;
                 vm.started_by = Some(uid);
                 vm.requester = Some(requester.clone());
                 vm.stop_deadline = None;
                 vm.timed_out = false;
                 vm.running = Some(settings);
-                Ok(Started {
-                    vmid,
-                    tty: launched.tty,
-                })
+                Ok(vmid)
             }
             Err(e) => {
                 log_warn!(
@@ -563,8 +562,23 @@ impl Registry {
         }
     }
 
-    /// VM `vmid`'s guest runs (QEMU accepted its arguments and `cont`
-    /// succeeded): its start, or its restart after a reboot, is done.
+    /// VM `vmid` was launched: its VM process and tty.
+    pub fn launched(&mut self, vmid: u32, pid: u32, tty: String) {
+        if let Some(vm) = self.vms.iter_mut().find(|vm| vm.vmid == vmid) {
+            log_debug!("{}: vm {vmid} launched (pid {pid}, tty {tty})", vm.name());
+            vm.pid = Some(pid);
+            vm.tty = Some(tty);
+        }
+    }
+
+    /// VM `vmid`'s tty, once it was launched.
+    pub fn tty(&self, vmid: u32) -> Option<String> {
+        let vm = self.vms.iter().find(|vm| vm.vmid == vmid)?;
+        vm.tty.clone()
+    }
+
+    /// VM `vmid`'s guest runs (its backend accepted its arguments and
+    /// resumed it): its start, or its restart after a reboot, is done.
     pub fn guest_running(&mut self, vmid: u32) {
         if let Some(vm) = self.vms.iter().find(|vm| vm.vmid == vmid) {
             let tty = vm.tty.as_deref().unwrap_or("-");
@@ -748,7 +762,7 @@ impl Registry {
     }
 
     /// The backend's answer to a pause or unpause of VM `vmid`: the VM's
-    /// state follows what QEMU did.
+    /// state follows what the guest did.
     pub fn command_done(
         &mut self,
         vmid: u32,
@@ -780,7 +794,7 @@ impl Registry {
         Ok(vmid)
     }
 
-    /// VM `vmid`'s process ended (vmm.rs has released what it held). A
+    /// VM `vmid`'s process ended (launch.rs has released what it held). A
     /// guest reset starts it again, unless a stop was asked for or the
     /// rate limit refuses; otherwise it has terminated.
     pub fn ended(&mut self, ended: &VmEnded) -> Ended {
@@ -792,6 +806,14 @@ impl Registry {
             return Ended::Terminated { timed_out: false };
         };
         let vm = &self.vms[index];
+        if let Some(e) = &ended.launch_error {
+            log_warn!(
+                "{}: failed to start vm {}: {}",
+                vm.name(),
+                vm.vmid,
+                e.describe()
+            );
+        }
         let timed_out = vm.timed_out;
         let restart = match (&vm.running, vm.started_by, &vm.requester) {
             (Some(settings), Some(uid), Some(req))
@@ -848,7 +870,7 @@ impl Registry {
     // --- the VM backend's entry points ---
 
     /// Launches VM `vmid` with `settings` for user `uid`, opening its
-    /// files as `requester`: its files, tty and process (vmm.rs). The one
+    /// files as `requester`: its files, tty and process (launch.rs). The one
     /// place a VM is started; every check (permissions, names, templates,
     /// rate limit) is done before it is called.
     fn launch(
@@ -857,18 +879,12 @@ impl Registry {
         settings: &VmConfig,
         uid: u32,
         requester: &Requester,
-    ) -> Result<Launched, CtlError> {
+    ) -> Result<(), CtlError> {
         let Some(backend) = self.backend.as_mut() else {
             log_debug!("launch vm {vmid} ({}): no backend", settings.name);
             return Err(CtlError::Text(BACKEND_MISSING.into()));
         };
-        backend
-            .start(vmid, settings, &self.globals, requester, uid)
-            .map(|started| Launched {
-                pid: started.pid,
-                tty: started.tty,
-            })
-            .map_err(|e| e.to_ctl())
+        backend.start(vmid, settings, &self.globals, requester, uid)
     }
 
     /// Asks the running VM at `index` to shut down (its power button), or
@@ -964,7 +980,10 @@ fn owner_matches(owner: &Owner, creds: &Credentials) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::parent::backend::RunInfo;
     use common::config::parse_str;
+    use std::cell::RefCell;
+    use std::rc::Rc;
 
     fn user(uid: u32, gid: u32, groups: &[u32]) -> Credentials {
         Credentials {
@@ -980,6 +999,120 @@ mod tests {
         let mut r = Registry::new();
         r.apply(&loaded.config, true);
         r
+    }
+
+    /// What the fake backend was asked, and how it answers.
+    #[derive(Default)]
+    struct FakeState {
+        /// Each start: the VM's id, its settings, whose rights open its
+        /// files and who owns its tty.
+        starts: Vec<(u32, VmConfig, Requester, u32)>,
+        running: Vec<u32>,
+        force_stops: Vec<u32>,
+        commands: Vec<(u32, VmCommand)>,
+        /// What the next starts are refused with.
+        refuse: Option<CtlError>,
+    }
+
+    /// A backend that runs nothing: it records what it is asked; the
+    /// tests play the events a real one reports (launched, running,
+    /// ended) on the registry.
+    struct Fake(Rc<RefCell<FakeState>>);
+
+    impl Backend for Fake {
+        fn start(
+            &mut self,
+            id: u32,
+            vm: &VmConfig,
+            _globals: &Globals,
+            requester: &Requester,
+            tty_owner: u32,
+        ) -> Result<(), CtlError> {
+            let mut state = self.0.borrow_mut();
+            if let Some(e) = state.refuse.clone() {
+                return Err(e);
+            }
+            state
+                .starts
+                .push((id, vm.clone(), requester.clone(), tty_owner));
+            state.running.push(id);
+            Ok(())
+        }
+        fn force_stop(&mut self, id: u32) -> bool {
+            let mut state = self.0.borrow_mut();
+            state.force_stops.push(id);
+            state.running.contains(&id)
+        }
+        fn command(&mut self, id: u32, command: VmCommand) -> bool {
+            let mut state = self.0.borrow_mut();
+            state.commands.push((id, command));
+            state.running.contains(&id)
+        }
+        fn discard_parked(&mut self, _id: u32) {}
+        fn info(&self, id: u32) -> Option<RunInfo> {
+            self.0.borrow().running.contains(&id).then(|| RunInfo {
+                pid: 1000 + id,
+                tty: format!("/dev/pts/{id}"),
+                cur_memory: Some(42 << 20),
+            })
+        }
+        fn owns_token(&self, _token: mio::Token) -> bool {
+            false
+        }
+        fn handle_event(&mut self, _token: mio::Token) {}
+        fn reaped(&mut self, _pid: nix::unistd::Pid, _status: nix::sys::wait::WaitStatus) {}
+        fn next_deadline(&self) -> Option<Instant> {
+            None
+        }
+        fn tick(&mut self) {}
+        fn settle(&mut self) {}
+        fn is_ending(&self) -> bool {
+            false
+        }
+        fn take_events(&mut self) -> Vec<crate::parent::backend::VmEvent> {
+            Vec::new()
+        }
+        fn is_empty(&self) -> bool {
+            self.0.borrow().running.is_empty()
+        }
+        fn stop_all(&mut self) {}
+        fn kill_all(&mut self) {}
+    }
+
+    fn with_fake(text: &str) -> (Registry, Rc<RefCell<FakeState>>) {
+        let state = Rc::new(RefCell::new(FakeState::default()));
+        let loaded = parse_str("test.conf", text, &[]).expect("config parses");
+        let mut r = Registry::with_backend(Box::new(Fake(state.clone())));
+        r.apply(&loaded.config, true);
+        (r, state)
+    }
+
+    /// VM `id`'s process ended: `reason` is the guest's own shutdown
+    /// (`guest-reset` for a reboot), None when it was killed.
+    fn end(state: &Rc<RefCell<FakeState>>, id: u32, reason: Option<&str>) -> VmEnded {
+        state.borrow_mut().running.retain(|&r| r != id);
+        VmEnded {
+            id,
+            name: String::new(),
+            why: "VM process exited".into(),
+            guest_reason: reason.map(String::from),
+            start_failure: None,
+            launch_error: None,
+        }
+    }
+
+    fn start_req(name: &str) -> StartRequest {
+        StartRequest {
+            target: VmTarget::Name(name.into()),
+            vm: VmConfig::new(""),
+        }
+    }
+
+    fn state_of(r: &Registry, vmid: u32) -> VmState {
+        r.status()
+            .into_iter()
+            .find(|i| i.id == vmid)
+            .map_or(VmState::Stopped, |i| i.state)
     }
 
     #[test]
@@ -1042,7 +1175,7 @@ mod tests {
             r.stop(&target, false, false, &root),
             Err(CtlError::Text(BACKEND_MISSING.into()))
         );
-        // QEMU's answers decide the state.
+        // The backend's answers decide the state.
         assert_eq!(
             r.command_done(1, VmCommand::Pause, Some("no".into())),
             Err(CtlError::Text("no".into()))
@@ -1085,7 +1218,7 @@ mod tests {
                 Some(CtlError::Text(BACKEND_MISSING.into()))
             );
         }
-        let code = |r: Result<Started, CtlError>| r.err().and_then(|e| e.errno_code());
+        let code = |r: Result<u32, CtlError>| r.err().and_then(|e| e.errno_code());
         assert_eq!(code(r.start(&req("a"), &root)), Some(libc::EPERM));
         // Only root creates brand-new VMs; a failed one is not kept, and
         // keeps its id for the next try.
@@ -1241,5 +1374,174 @@ mod tests {
         let r = registry(&text);
         let names: Vec<String> = r.status().into_iter().map(|i| i.name).collect();
         assert_eq!(names, ["tpl", "ok"]);
+    }
+
+    const VM_A: &str = "vm \"a\" { disable\n boot \"/k\" }\n";
+
+    #[test]
+    fn a_start_is_launched_then_runs() {
+        let (mut r, fake) = with_fake(VM_A);
+        let root = user(0, 0, &[]);
+        assert_eq!(r.start(&start_req("a"), &root), Ok(1));
+        // Running from the start on: a second start is refused.
+        assert_eq!(state_of(&r, 1), VmState::Running);
+        assert_eq!(r.status()[0].pid, None);
+        assert_eq!(
+            r.start(&start_req("a"), &root).map_err(|e| e.errno_code()),
+            Err(Some(libc::EALREADY))
+        );
+        let (id, settings, requester, tty_owner) = fake.borrow().starts[0].clone();
+        assert_eq!(
+            (id, settings.boot.as_deref(), requester.uid, tty_owner),
+            (1, Some("/k"), 0, 0)
+        );
+        r.launched(1, 4242, "/dev/pts/9".into());
+        r.guest_running(1);
+        let info = &r.status()[0];
+        assert_eq!(info.pid, Some(4242));
+        assert_eq!(info.tty.as_deref(), Some("/dev/pts/9"));
+        assert_eq!(info.cur_memory, Some(42 << 20));
+        assert_eq!(r.tty(1).as_deref(), Some("/dev/pts/9"));
+    }
+
+    #[test]
+    fn a_guest_reset_restarts_it_as_it_was_started() {
+        let (mut r, fake) = with_fake(VM_A);
+        let mut req = start_req("a");
+        req.vm.boot = Some("/other".into());
+        assert_eq!(r.start(&req, &user(0, 0, &[])), Ok(1));
+        r.launched(1, 4242, "/dev/pts/9".into());
+        let outcome = r.ended(&end(&fake, 1, Some("guest-reset")));
+        assert_eq!(outcome, Ended::Restarted);
+        assert_eq!(state_of(&r, 1), VmState::Running);
+        let starts = fake.borrow().starts.clone();
+        assert_eq!(starts.len(), 2);
+        // The same settings (-b kept), requester and tty owner.
+        assert_eq!(starts[1].1.boot.as_deref(), Some("/other"));
+        assert_eq!(starts[1].2, starts[0].2);
+        assert_eq!(starts[1].3, starts[0].3);
+        // Its tty stays listed while it relaunches.
+        assert_eq!(r.tty(1).as_deref(), Some("/dev/pts/9"));
+        // The guest's own power-off ends it.
+        assert_eq!(
+            r.ended(&end(&fake, 1, Some("guest-shutdown"))),
+            Ended::Terminated { timed_out: false }
+        );
+        assert_eq!(state_of(&r, 1), VmState::Stopped);
+        assert_eq!(fake.borrow().starts.len(), 2);
+    }
+
+    #[test]
+    fn a_reboot_loop_hits_the_start_rate_limit() {
+        let (mut r, fake) = with_fake(VM_A);
+        assert_eq!(r.start(&start_req("a"), &user(0, 0, &[])), Ok(1));
+        let mut outcomes = Vec::new();
+        for _ in 0..START_RATE_LIMIT {
+            outcomes.push(r.ended(&end(&fake, 1, Some("guest-reset"))));
+        }
+        // The first start and START_RATE_LIMIT - 1 quick restarts run;
+        // the next restart is refused and the VM has terminated.
+        let restarted = START_RATE_LIMIT as usize - 1;
+        assert!(outcomes[..restarted].iter().all(|o| *o == Ended::Restarted));
+        assert_eq!(outcomes[restarted], Ended::Terminated { timed_out: false });
+        assert_eq!(fake.borrow().starts.len(), START_RATE_LIMIT as usize);
+        assert_eq!(state_of(&r, 1), VmState::Stopped);
+    }
+
+    #[test]
+    fn a_graceful_stop_is_forced_when_its_time_is_up() {
+        let (mut r, fake) = with_fake(VM_A);
+        let root = user(0, 0, &[]);
+        r.start(&start_req("a"), &root).expect("start");
+        r.launched(1, 4242, "/dev/pts/9".into());
+        let target = VmTarget::Name("a".into());
+        assert_eq!(r.stop(&target, false, false, &root), Ok(1));
+        assert_eq!(fake.borrow().commands, [(1, VmCommand::Powerdown)]);
+        assert_eq!(state_of(&r, 1), VmState::Stopping);
+        let due = r.next_stop_deadline().expect("a stop deadline");
+        assert!(due > Instant::now());
+        // Not yet due: nothing is forced.
+        r.expire_stops();
+        assert!(fake.borrow().force_stops.is_empty());
+        r.vms[0].stop_deadline = Some(Instant::now());
+        r.expire_stops();
+        assert_eq!(fake.borrow().force_stops, [1]);
+        assert_eq!(r.next_stop_deadline(), None);
+        // A reset under way is not restarted once a stop was asked for.
+        assert_eq!(
+            r.ended(&end(&fake, 1, Some("guest-reset"))),
+            Ended::Terminated { timed_out: true }
+        );
+        assert_eq!(state_of(&r, 1), VmState::Stopped);
+        assert_eq!(fake.borrow().starts.len(), 1);
+    }
+
+    #[test]
+    fn a_crashed_vm_ends_and_starts_again() {
+        let (mut r, fake) = with_fake(VM_A);
+        let root = user(0, 0, &[]);
+        r.start(&start_req("a"), &root).expect("start");
+        r.launched(1, 4242, "/dev/pts/9".into());
+        // Killed from outside: no guest reason, not restarted.
+        assert_eq!(
+            r.ended(&end(&fake, 1, None)),
+            Ended::Terminated { timed_out: false }
+        );
+        let info = &r.status()[0];
+        assert_eq!(
+            (info.state, info.pid, info.tty.clone()),
+            (VmState::Stopped, None, None)
+        );
+        assert_eq!(r.start(&start_req("a"), &root), Ok(1));
+        assert_eq!(fake.borrow().starts.len(), 2);
+        // stop -f while it is still being launched.
+        let target = VmTarget::Name("a".into());
+        assert_eq!(r.stop(&target, true, false, &root), Ok(1));
+        assert_eq!(fake.borrow().force_stops, [1]);
+        assert_eq!(
+            r.ended(&end(&fake, 1, None)),
+            Ended::Terminated { timed_out: false }
+        );
+    }
+
+    #[test]
+    fn a_failed_launch_ends_the_start() {
+        let (mut r, fake) = with_fake(VM_A);
+        let root = user(0, 0, &[]);
+        // Refused at once: a vmctl-only VM is not kept.
+        fake.borrow_mut().refuse = Some(CtlError::BiosMissing);
+        let mut fresh = start_req("fresh");
+        fresh.vm.disks.push(common::config::Disk {
+            path: "/d.img".into(),
+            format: common::disk::DiskFormat::Raw,
+        });
+        assert_eq!(r.start(&fresh, &root), Err(CtlError::BiosMissing));
+        assert_eq!(r.status().len(), 1);
+        // Refused once its files were looked at: it ends with the reason.
+        fake.borrow_mut().refuse = None;
+        let vmid = r.start(&fresh, &root).expect("start");
+        let mut ended = end(&fake, vmid, None);
+        ended.launch_error = Some(CtlError::BiosMissing);
+        assert_eq!(r.ended(&ended), Ended::Terminated { timed_out: false });
+        assert_eq!(r.status().len(), 1);
+        // A configured VM stays listed, stopped.
+        r.start(&start_req("a"), &root).expect("start a");
+        let mut ended = end(&fake, 1, None);
+        ended.launch_error = Some(CtlError::Text("no".into()));
+        r.ended(&ended);
+        assert_eq!(state_of(&r, 1), VmState::Stopped);
+    }
+
+    #[test]
+    fn reset_terminates_running_vms_through_the_backend() {
+        let (mut r, fake) = with_fake(VM_A);
+        r.start(&start_req("a"), &user(0, 0, &[])).expect("start");
+        r.reset(ResetWhat::Vms);
+        assert_eq!(fake.borrow().force_stops, [1]);
+        // Listed, stopping, until its end; then forgotten.
+        assert_eq!(state_of(&r, 1), VmState::Stopping);
+        r.ended(&end(&fake, 1, Some("guest-reset")));
+        assert!(r.status().is_empty());
+        assert_eq!(fake.borrow().starts.len(), 1);
     }
 }

@@ -1,22 +1,44 @@
-//! The parent process (root, no filter): starts control and switch,
-//! writes their log lines, restarts them when they die, and stops them on
-//! SIGTERM or SIGINT. It holds the VM registry (registry.rs) and answers
-//! the commands control forwards; SIGHUP reloads the configuration.
+//! The parent process (root, no filter). Everything it does lives in
+//! this folder: its event loop (here), the VM registry (registry.rs),
+//! the seam to what runs VMs (backend.rs) and the real backend, which
+//! launches VM processes (launch.rs), the forked helpers that do
+//! whatever could wait (helper.rs) and the rules that open VMs' files
+//! with the right user's rights (userfiles.rs); networking (net/) and a
+//! state file come later, each in its own file.
 //!
-//! One mio loop: a signalfd (SIGCHLD, SIGTERM, SIGINT, SIGHUP), one
-//! channel per child, and a timeout for the next staggered start batch
-//! or the next graceful stop to force. Start, pause and unpause are
-//! held replies: a start is answered when the VM process reports that
-//! the guest runs (or why it could not start), pause and unpause when it
-//! reports QEMU's answer.
+//! The loop starts control and switch, writes their log lines, restarts
+//! them when they die, and stops them on SIGTERM or SIGINT. It holds the
+//! VM registry and answers the commands control forwards; SIGHUP reloads
+//! the configuration.
+//!
+//! One mio loop, and nothing in it waits: a signalfd (SIGCHLD, SIGTERM,
+//! SIGINT, SIGHUP), one channel per child, the backend's descriptors
+//! (VM processes' channels, helpers' sockets), and a timeout for the
+//! next timer (a staggered start batch, a graceful stop to force, a held
+//! reply's deadline, a child's restart, the backend's own). A slow step
+//! is a pending state that an event or a timer ends, never a wait.
+//! Start, pause and unpause are held replies: a start is answered when
+//! its files were opened and the VM process reports that the guest runs
+//! (or why it could not start), pause and unpause when it reports the
+//! guest's answer; a `status` is held while a VM's guest processes are
+//! still exiting (at most GUEST_GONE_WAIT).
+
+pub mod backend;
+pub mod helper;
+pub mod launch;
+pub mod registry;
+pub mod userfiles;
 
 use crate::log::{self, log_debug, log_info, log_warn};
+use crate::parent::backend::{CommandDone, VmEnded, VmEvent};
+use crate::parent::helper::{Answered, Helper, HelperError};
+use crate::parent::launch::{Launcher, FILES_TIMEOUT};
+use crate::parent::registry::{Ended, Registry};
+use crate::parent::userfiles::OPEN_TIMEOUT;
 use crate::proc;
-use crate::registry::{Ended, Registry};
-use crate::vmm::{CommandDone, VmEnded, VmEvent, Vmm};
 use common::config::{self, Config};
 use common::ctl::{Credentials, CtlError, CtlRequest, VmTarget, VM_START_TIMEOUT};
-use common::imsg::{Channel, Frame, Message, Role, VmCommand};
+use common::imsg::{Channel, Frame, HelperAnswer, Message, Role, VmCommand};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::{kill, SigSet, Signal};
@@ -28,6 +50,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
+use thiserror::Error;
 
 const SIGNALS: Token = Token(0);
 /// A role restarted this often within RESTART_WINDOW is given up on.
@@ -43,12 +66,38 @@ const COMMAND_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 // for a start): every deadline vmd keeps before it answers ends first.
 const _: () = assert!(
     common::ctl::ANSWER_TIMEOUT.as_secs()
-        > crate::userfiles::OPEN_TIMEOUT.as_secs() + COMMAND_REPLY_TIMEOUT.as_secs()
+        > FILES_TIMEOUT.as_secs() + COMMAND_REPLY_TIMEOUT.as_secs()
 );
 const _: () = assert!(
     common::ctl::START_ANSWER_TIMEOUT.as_secs()
-        > crate::userfiles::OPEN_TIMEOUT.as_secs() + VM_START_TIMEOUT.as_secs()
+        > FILES_TIMEOUT.as_secs() + VM_START_TIMEOUT.as_secs()
 );
+
+/// Why the parent could not set itself up or start a child.
+#[derive(Debug, Error)]
+pub enum ParentError {
+    #[error("cannot {what}: {source}")]
+    Setup {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Spawn(#[from] proc::ProcError),
+    #[error("cannot register {role}: {source}")]
+    Register {
+        role: &'static str,
+        source: std::io::Error,
+    },
+}
+
+impl ParentError {
+    fn setup<E: Into<std::io::Error>>(what: &'static str) -> impl FnOnce(E) -> ParentError {
+        move |e| ParentError::Setup {
+            what,
+            source: e.into(),
+        }
+    }
+}
 
 pub struct ParentOptions {
     pub socket: PathBuf,
@@ -96,23 +145,36 @@ struct Child {
 /// What a held reply waits for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Held {
-    /// A pause or unpause: QEMU's answer.
+    /// A pause or unpause: the guest's answer.
     Command(VmCommand),
-    /// A start: the guest running (the answer carries its tty).
-    Start { tty: String },
+    /// A start: its files opened and the guest running (the answer
+    /// carries its tty).
+    Start,
 }
 
 impl Held {
     fn is_start(&self) -> bool {
-        matches!(self, Held::Start { .. })
+        matches!(self, Held::Start)
     }
 
-    /// How long vmctl waits at most for the answer.
+    /// How long vmctl waits at most for the answer (a start: once its
+    /// VM process was launched).
     fn timeout(&self) -> Duration {
         match self {
             Held::Command(_) => COMMAND_REPLY_TIMEOUT,
-            Held::Start { .. } => VM_START_TIMEOUT,
+            Held::Start => VM_START_TIMEOUT,
         }
+    }
+
+    /// How long vmctl waits at most from now: a start's files are opened
+    /// first (their helper has FILES_TIMEOUT).
+    fn first_deadline(&self) -> Instant {
+        let files = if self.is_start() {
+            FILES_TIMEOUT
+        } else {
+            Duration::ZERO
+        };
+        Instant::now() + files + self.timeout()
     }
 }
 
@@ -143,6 +205,19 @@ struct Parent {
     shutdown: Option<(ExitCode, Instant)>,
     registry: Registry,
     replies: Vec<PendingReply>,
+    /// `status` requests held while a VM ends: (control's token, peer).
+    held_status: Vec<(Token, u32)>,
+    /// Configuration files helpers are reading.
+    loads: Vec<PendingLoad>,
+}
+
+/// A configuration file a helper reads for `load`, `reload` or SIGHUP.
+struct PendingLoad {
+    helper: Helper,
+    path: PathBuf,
+    reload: bool,
+    /// Control's token and the connection's peer id; None for SIGHUP.
+    reply: Option<(Token, u32)>,
 }
 
 pub fn parent_main(opts: ParentOptions) -> ExitCode {
@@ -168,7 +243,7 @@ pub fn parent_main(opts: ParentOptions) -> ExitCode {
     parent.run()
 }
 
-fn parent_init(opts: ParentOptions) -> Result<Parent, String> {
+fn parent_init(opts: ParentOptions) -> Result<Parent, ParentError> {
     let mut mask = SigSet::empty();
     for sig in [
         Signal::SIGCHLD,
@@ -181,27 +256,27 @@ fn parent_init(opts: ParentOptions) -> Result<Parent, String> {
     #[cfg(feature = "test-triggers")]
     mask.add(Signal::SIGUSR1);
     mask.thread_block()
-        .map_err(|e| format!("cannot block signals: {e}"))?;
+        .map_err(ParentError::setup("block signals"))?;
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
-        .map_err(|e| format!("cannot create a signalfd: {e}"))?;
-    // A QEMU whose VM process was killed is reparented to us and reaped
+        .map_err(ParentError::setup("create a signalfd"))?;
+    // A guest process whose VM process was killed is reparented to us and reaped
     // by our loop, not left a zombie where init does not reap.
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
         log_warn!("cannot become a subreaper: {}", nix::errno::Errno::last());
     }
-    let poll = Poll::new().map_err(|e| format!("cannot create the event loop: {e}"))?;
+    let poll = Poll::new().map_err(ParentError::setup("create the event loop"))?;
     poll.registry()
         .register(
             &mut SourceFd(&signals.as_raw_fd()),
             SIGNALS,
             Interest::READABLE,
         )
-        .map_err(|e| format!("cannot register signals: {e}"))?;
+        .map_err(ParentError::setup("register signals"))?;
     let vm_registry = poll
         .registry()
         .try_clone()
-        .map_err(|e| format!("cannot share the event loop: {e}"))?;
+        .map_err(ParentError::setup("share the event loop"))?;
     Ok(Parent {
         opts,
         poll,
@@ -212,20 +287,22 @@ fn parent_init(opts: ParentOptions) -> Result<Parent, String> {
         respawns: Vec::new(),
         socket_bound: false,
         shutdown: None,
-        registry: Registry::with_backend(Vmm::new(vm_registry)),
+        registry: Registry::with_backend(Box::new(Launcher::new(vm_registry))),
         replies: Vec::new(),
+        held_status: Vec::new(),
+        loads: Vec::new(),
     })
 }
 
 impl Parent {
-    fn spawn(&mut self, role: Role) -> Result<(), String> {
+    fn spawn(&mut self, role: Role) -> Result<(), ParentError> {
         let mut args = vec!["-P".to_string(), role.name().to_string()];
         args.extend((0..log::verbosity()).map(|_| "-v".to_string()));
         if role == Role::Control {
             args.push("-s".to_string());
             args.push(self.opts.socket.display().to_string());
         }
-        let (pid, sock) = proc::spawn(role.name(), &args).map_err(|e| e.to_string())?;
+        let (pid, sock) = proc::spawn(role.name(), &args)?;
         let token = Token(self.next_token);
         self.next_token += 1;
         self.poll
@@ -235,7 +312,10 @@ impl Parent {
                 token,
                 Interest::READABLE | Interest::WRITABLE,
             )
-            .map_err(|e| format!("cannot register {}: {e}", role.name()))?;
+            .map_err(|source| ParentError::Register {
+                role: role.name(),
+                source,
+            })?;
         log_debug!("started {} (pid {pid})", role.name());
         self.children.push(Child {
             role,
@@ -252,7 +332,7 @@ impl Parent {
         loop {
             if let Some((code, deadline)) = &self.shutdown {
                 if self.children.is_empty()
-                    && self.registry.backend.as_ref().is_none_or(Vmm::is_empty)
+                    && self.registry.backend_ref().is_none_or(|b| b.is_empty())
                 {
                     self.cleanup();
                     log_info!("terminating");
@@ -267,15 +347,18 @@ impl Parent {
                         );
                         let _ = kill(child.pid, Signal::SIGKILL);
                     }
-                    if let Some(vmm) = &self.registry.backend {
-                        vmm.kill_all();
+                    if let Some(backend) = self.registry.backend() {
+                        backend.kill_all();
                     }
                     self.shutdown = Some((*code, Instant::now() + SHUTDOWN_GRACE));
                 }
             }
+            let backend_due = self.registry.backend_ref().and_then(|b| b.next_deadline());
             let deadline = match &self.shutdown {
-                Some((_, d)) => Some(*d),
+                Some((_, d)) => Some(*d).into_iter().chain(backend_due).min(),
                 None => [
+                    backend_due,
+                    self.loads.iter().map(|l| l.helper.deadline()).min(),
                     self.registry.next_batch(),
                     self.registry.next_stop_deadline(),
                     self.replies.iter().map(|r| r.deadline).min(),
@@ -297,21 +380,32 @@ impl Parent {
             for event in events.iter() {
                 match event.token() {
                     SIGNALS => self.handle_signals(),
-                    token if Vmm::owns_token(token) => {
-                        let events = match self.registry.backend.as_mut() {
-                            Some(vmm) => vmm.handle_event(token),
-                            None => Vec::new(),
-                        };
-                        for event in events {
-                            match event {
-                                VmEvent::Running { id } => self.vm_running(id),
-                                VmEvent::CommandDone(done) => self.vm_command_done(done),
-                            }
+                    token if self.loads.iter().any(|l| l.helper.token() == token) => {
+                        if let Some(index) =
+                            self.loads.iter().position(|l| l.helper.token() == token)
+                        {
+                            self.load_event(index);
+                        }
+                    }
+                    token
+                        if self
+                            .registry
+                            .backend_ref()
+                            .is_some_and(|b| b.owns_token(token)) =>
+                    {
+                        if let Some(backend) = self.registry.backend() {
+                            backend.handle_event(token);
                         }
                     }
                     token => self.handle_child(token),
                 }
+                // Before the next event: a status must see a VM that ended.
+                self.backend_events();
             }
+            if let Some(backend) = self.registry.backend() {
+                backend.tick();
+            }
+            self.backend_events();
             if self.shutdown.is_none()
                 && self
                     .registry
@@ -328,8 +422,51 @@ impl Parent {
                 self.registry.expire_stops();
             }
             self.expire_replies();
+            self.expire_loads();
             if self.shutdown.is_none() {
                 self.respawn_due();
+            }
+        }
+    }
+
+    /// The `status` table for connection `peer`.
+    fn answer_status(&mut self, token: Token, peer: u32) {
+        let reply = |message: Message| Frame {
+            peer_id: peer,
+            ..Frame::new(message)
+        };
+        for info in self.registry.status() {
+            self.send(token, reply(Message::CtlVm(info)));
+        }
+        self.send(token, reply(Message::CtlVmEnd));
+    }
+
+    /// Handles what the backend reported (events can bring more: a
+    /// reboot's restart that fails at once), then answers the `status`
+    /// requests held for a VM that was ending.
+    fn backend_events(&mut self) {
+        loop {
+            let events = match self.registry.backend() {
+                Some(backend) => backend.take_events(),
+                None => return,
+            };
+            if events.is_empty() {
+                if !self.held_status.is_empty()
+                    && !self.registry.backend_ref().is_some_and(|b| b.is_ending())
+                {
+                    for (token, peer) in std::mem::take(&mut self.held_status) {
+                        self.answer_status(token, peer);
+                    }
+                }
+                return;
+            }
+            for event in events {
+                match event {
+                    VmEvent::Running { id } => self.vm_running(id),
+                    VmEvent::CommandDone(done) => self.vm_command_done(done),
+                    VmEvent::Launched { id, pid, tty } => self.vm_launched(id, pid, tty),
+                    VmEvent::Ended(ended) => self.vm_ended(ended),
+                }
             }
         }
     }
@@ -351,7 +488,7 @@ impl Parent {
                     log_warn!("vm {}: no answer to {command:?} within {secs}s", reply.vmid);
                     CtlError::Errno(libc::ETIMEDOUT)
                 }
-                Held::Start { .. } => {
+                Held::Start => {
                     let vmid = reply.vmid;
                     log_warn!("vm {vmid}: the guest did not start within {secs}s; stopping it");
                     let root = Credentials::default();
@@ -385,7 +522,7 @@ impl Parent {
                 }
                 Ok(Signal::SIGHUP) => {
                     log_info!("SIGHUP: reloading {}", self.opts.config_path.display());
-                    if let Err(lines) = self.reload(None) {
+                    if let Err(lines) = self.load_start(None, None) {
                         for line in lines {
                             log_warn!("{line}");
                         }
@@ -507,6 +644,13 @@ impl Parent {
                 tty: None,
             }),
         };
+        // What a client can see in /proc is what it is told: a child that
+        // has died is reaped (without waiting) before the answer.
+        self.reap();
+        if let Some(backend) = self.registry.backend() {
+            backend.settle();
+        }
+        self.backend_events();
         // Control refuses these already; a second look costs nothing.
         if !creds.is_root() && !request.open_to_users() {
             self.send(token, fail(libc::EPERM, Vec::new()));
@@ -514,20 +658,21 @@ impl Parent {
         }
         let answer = match request {
             CtlRequest::Status => {
-                for info in self.registry.status() {
-                    self.send(token, reply(Message::CtlVm(info)));
+                // A VM whose guest processes still exit (its disks still
+                // locked) is shown once it has ended: at most
+                // GUEST_GONE_WAIT later.
+                if self.registry.backend_ref().is_some_and(|b| b.is_ending()) {
+                    self.held_status.push((token, peer));
+                    return;
                 }
-                reply(Message::CtlVmEnd)
+                self.answer_status(token, peer);
+                return;
             }
             CtlRequest::Start(req) => {
                 // Answered once the guest runs (vm_running) or could not
                 // start (vm_ended).
                 let result = self.registry.start(&req, creds);
-                let (result, tty) = match result {
-                    Ok(started) => (Ok(started.vmid), started.tty),
-                    Err(error) => (Err(error), String::new()),
-                };
-                match self.hold_reply(result, Held::Start { tty }, token, peer) {
+                match self.hold_reply(result, Held::Start, token, peer) {
                     Some(error) => vm_result(Err(error)),
                     None => return,
                 }
@@ -552,12 +697,15 @@ impl Parent {
                     None => return,
                 }
             }
-            CtlRequest::Load { path } => match self.reload(Some(PathBuf::from(path))) {
-                Ok(warnings) => reply(Message::CtlOk { lines: warnings }),
-                Err(lines) => fail(0, lines),
-            },
-            CtlRequest::Reload => match self.reload(None) {
-                Ok(warnings) => reply(Message::CtlOk { lines: warnings }),
+            // Answered once a helper read the file (load_answered).
+            CtlRequest::Load { path } => {
+                match self.load_start(Some(PathBuf::from(path)), Some((token, peer))) {
+                    Ok(()) => return,
+                    Err(lines) => fail(0, lines),
+                }
+            }
+            CtlRequest::Reload => match self.load_start(None, Some((token, peer))) {
+                Ok(()) => return,
                 Err(lines) => fail(0, lines),
             },
             CtlRequest::Reset { what } => {
@@ -584,7 +732,7 @@ impl Parent {
     ) -> Option<CtlError> {
         match result {
             Ok(vmid) => {
-                let deadline = Instant::now() + held.timeout();
+                let deadline = held.first_deadline();
                 self.replies.push(PendingReply {
                     vmid,
                     held,
@@ -595,6 +743,18 @@ impl Parent {
                 None
             }
             Err(error) => Some(error),
+        }
+    }
+
+    /// VM `vmid` was launched: its start has VM_START_TIMEOUT from now
+    /// for the guest to run.
+    fn vm_launched(&mut self, vmid: u32, pid: u32, tty: String) {
+        self.registry.launched(vmid, pid, tty);
+        let deadline = Instant::now() + VM_START_TIMEOUT;
+        for reply in &mut self.replies {
+            if reply.vmid == vmid && reply.held.is_start() {
+                reply.deadline = deadline;
+            }
         }
     }
 
@@ -638,7 +798,7 @@ impl Parent {
                     vmid: *vmid,
                     error: None,
                     tty: match reply.held {
-                        Held::Start { tty } => Some(tty),
+                        Held::Start => Some(self.registry.tty(*vmid).unwrap_or_default()),
                         Held::Command(_) => None,
                     },
                 },
@@ -658,18 +818,20 @@ impl Parent {
         }
     }
 
-    /// A VM process has ended (it was reaped and vmm.rs released what it
+    /// A VM process has ended (it was reaped and launch.rs released what it
     /// held): the registry restarts the VM after a reboot or else marks
     /// it terminated, and then control releases everyone waiting for it.
     fn vm_ended(&mut self, ended: VmEnded) {
         let vmid = ended.id;
         // A start still held failed: the guest never ran, or ended before
         // its running was read.
-        let why = ended
-            .start_failure
-            .clone()
-            .unwrap_or_else(|| format!("it ended as it started ({})", ended.why));
-        let error = CtlError::Text(format!("vm {}: {why}", ended.name));
+        let error = ended.launch_error.clone().unwrap_or_else(|| {
+            let why = ended
+                .start_failure
+                .clone()
+                .unwrap_or_else(|| format!("it ended as it started ({})", ended.why));
+            CtlError::Text(format!("vm {}: {why}", ended.name))
+        });
         self.answer_pending(vmid, Held::is_start, Err(error));
         let outcome = self.registry.ended(&ended);
         if outcome == Ended::Restarted {
@@ -697,41 +859,126 @@ impl Parent {
     }
 
     /// `vmctl load FILE` (`file`), or `vmctl reload` and SIGHUP (None: the
-    /// file vmd started with). A file with errors changes nothing: the
-    /// error lines come back, cut to what fits in one answer.
-    fn reload(&mut self, file: Option<PathBuf>) -> Result<Vec<String>, Vec<String>> {
+    /// file vmd started with): a helper reads and parses the file (it may
+    /// lie on a file system that hangs, and owners are looked up by
+    /// name), and [`Parent::load_answered`] applies it; `reply` is whom
+    /// to answer then (None for SIGHUP). Err: the helper did not start.
+    fn load_start(
+        &mut self,
+        file: Option<PathBuf>,
+        reply: Option<(Token, u32)>,
+    ) -> Result<(), Vec<String>> {
         let reload = file.is_none();
         let (path, required) = match file {
             Some(path) => (path, true),
             None => (self.opts.config_path.clone(), self.opts.config_required),
         };
-        match config::load(&path, &self.opts.defines, required) {
-            Ok(loaded) => {
-                for line in &loaded.warnings {
-                    log_warn!("{line}");
-                }
-                let skipped = self.registry.apply(&loaded.config, reload);
-                for line in &skipped {
-                    log_warn!("{line}");
-                }
-                log_info!(
-                    "{} {}",
-                    if reload { "reloaded" } else { "loaded" },
-                    path.display()
-                );
-                if reload {
-                    self.set_socket_owner();
-                }
-                Ok(fit_lines(
-                    loaded.warnings.into_iter().chain(skipped).collect(),
-                ))
+        let token = Token(self.next_token);
+        self.next_token += 1;
+        let defines = self.opts.defines.clone();
+        let work_path = path.clone();
+        let helper = Helper::spawn(self.poll.registry(), token, OPEN_TIMEOUT, move || {
+            let answer = match config::load(&work_path, &defines, required) {
+                Ok(loaded) => HelperAnswer::Config {
+                    config: loaded.config,
+                    warnings: loaded.warnings,
+                },
+                Err(lines) => HelperAnswer::ConfigRefused { lines },
+            };
+            (Vec::new(), Ok(answer))
+        })
+        .map_err(|e| vec![format!("cannot read {}: {e}", path.display())])?;
+        self.loads.push(PendingLoad {
+            helper,
+            path,
+            reload,
+            reply,
+        });
+        Ok(())
+    }
+
+    /// A configuration's helper answered (or failed): a file with errors
+    /// changes nothing, the error lines come back, cut to what fits in
+    /// one answer; else it is applied and its warnings come back.
+    fn load_answered(&mut self, load: PendingLoad, outcome: Result<Answered, HelperError>) {
+        let path = load.path.display().to_string();
+        let result = match outcome {
+            Ok((_, HelperAnswer::Config { config, warnings })) => {
+                Ok(self.load_apply(&load.path, load.reload, &config, warnings))
             }
-            Err(lines) => {
-                for line in &lines {
-                    log_warn!("{line}");
-                }
-                Err(fit_lines(lines))
+            Ok((_, HelperAnswer::ConfigRefused { lines })) => Err(lines),
+            Ok(_) => Err(vec![format!(
+                "reading {path}: the helper's answer is garbled"
+            )]),
+            Err(e) => Err(vec![format!("reading {path}: {e}")]),
+        };
+        let result = result.map_err(|lines| {
+            for line in &lines {
+                log_warn!("{line}");
             }
+            fit_lines(lines)
+        });
+        let Some((token, peer)) = load.reply else {
+            if result.is_err() {
+                log_warn!("reload failed; nothing changed");
+            }
+            return;
+        };
+        let message = match result {
+            Ok(lines) => Message::CtlOk { lines },
+            Err(lines) => Message::CtlFail { errno: 0, lines },
+        };
+        self.send(
+            token,
+            Frame {
+                peer_id: peer,
+                ..Frame::new(message)
+            },
+        );
+    }
+
+    /// Applies a configuration read from `path`; the lines to show.
+    fn load_apply(
+        &mut self,
+        path: &std::path::Path,
+        reload: bool,
+        config: &Config,
+        warnings: Vec<String>,
+    ) -> Vec<String> {
+        for line in &warnings {
+            log_warn!("{line}");
+        }
+        let skipped = self.registry.apply(config, reload);
+        for line in &skipped {
+            log_warn!("{line}");
+        }
+        log_info!(
+            "{} {}",
+            if reload { "reloaded" } else { "loaded" },
+            path.display()
+        );
+        if reload {
+            self.set_socket_owner();
+        }
+        fit_lines(warnings.into_iter().chain(skipped).collect())
+    }
+
+    /// Reads a configuration helper's socket.
+    fn load_event(&mut self, index: usize) {
+        let registry = self.poll.registry();
+        if let Some(outcome) = self.loads[index].helper.read(registry) {
+            let load = self.loads.remove(index);
+            self.load_answered(load, outcome);
+        }
+    }
+
+    /// Gives up the configuration helpers whose deadline passed.
+    fn expire_loads(&mut self) {
+        let now = Instant::now();
+        while let Some(index) = self.loads.iter().position(|l| l.helper.deadline() <= now) {
+            let mut load = self.loads.remove(index);
+            let e = load.helper.expire(self.poll.registry());
+            self.load_answered(load, Err(e));
         }
     }
 
@@ -793,14 +1040,17 @@ impl Parent {
                 }
             };
             let Some(pid) = status.pid() else { continue };
+            if let Some(index) = self.loads.iter().position(|l| l.helper.pid() == pid) {
+                let outcome = self.loads[index].helper.reaped(self.poll.registry());
+                let load = self.loads.remove(index);
+                self.load_answered(load, outcome);
+                continue;
+            }
             let Some(index) = self.children.iter().position(|c| c.pid == pid) else {
-                let ended = self
-                    .registry
-                    .backend
-                    .as_mut()
-                    .and_then(|vmm| vmm.reaped(pid, status));
-                if let Some(ended) = ended {
-                    self.vm_ended(ended);
+                // A VM process, a helper, or an orphan (a guest process whose VM
+                // process was killed, a helper's own helper).
+                if let Some(backend) = self.registry.backend() {
+                    backend.reaped(pid, status);
                 }
                 continue;
             };
@@ -887,8 +1137,8 @@ impl Parent {
         for child in &self.children {
             let _ = kill(child.pid, Signal::SIGTERM);
         }
-        if let Some(vmm) = &self.registry.backend {
-            vmm.stop_all();
+        if let Some(backend) = self.registry.backend() {
+            backend.stop_all();
         }
         self.shutdown = Some((code, Instant::now() + SHUTDOWN_GRACE));
     }
@@ -897,8 +1147,8 @@ impl Parent {
         for child in &self.children {
             let _ = kill(child.pid, Signal::SIGKILL);
         }
-        if let Some(vmm) = &self.registry.backend {
-            vmm.kill_all();
+        if let Some(backend) = self.registry.backend() {
+            backend.kill_all();
         }
         self.cleanup();
     }

@@ -1,9 +1,12 @@
-//! Opening the files a start request names (parent side), with the
-//! rights of whoever asked.
+//! Opening the files a start request names, with the rights of whoever
+//! asked.
 //!
-//! The parent is root. A path a non-root user named (`-b`, `--initrd`,
+//! Everything here may wait (an open on a hung file system, a user
+//! lookup), so none of it runs in the parent's loop: it runs in the
+//! start's helper (helper.rs, launch.rs), a fork of the parent that stays
+//! root. A path a non-root user named (`-b`, `--initrd`,
 //! `-d` and every backing file of its qcow2 chain, `-r`) is opened by a
-//! short-lived helper the parent forks: it becomes the requester entirely
+//! short-lived helper the start's helper forks: it becomes the requester entirely
 //! (groups, real, effective and saved ids, every capability set empty,
 //! killed with the parent) before its first open, opens each path and
 //! passes the descriptors back over a socketpair (imsg frames,
@@ -15,21 +18,23 @@
 //! Every open is `O_NONBLOCK | O_NOCTTY` (a FIFO or a device cannot block
 //! it or become a controlling terminal) and must give a regular file that
 //! is not on a pseudo file system (procfs, sysfs...: the kernel's state,
-//! readable without capabilities), for root too. The parent waits at
-//! most [`OPEN_TIMEOUT`] for the helper, so an open that hangs (a dead
-//! network file system) cannot stall it; the helper is then killed and
-//! reaped by the parent's loop.
+//! readable without capabilities), for root too. The start's helper
+//! waits at most until its deadline ([`OPEN_TIMEOUT`] from its start)
+//! for the user's helper, so an open that hangs (a dead network file
+//! system) ends with [`UserFilesError::Timeout`]; the user's helper is
+//! then killed, and reaped by the start's helper or, once that has
+//! ended, by the parent's loop (it is the subreaper).
 //!
 //! Paths from root's own configuration, and every path root names, are
-//! opened by the parent itself ([`userfiles_open_root`]) only where root
+//! opened as root ([`userfiles_open_root`]) only where root
 //! alone controls every name on the path ([`walk_open`]); otherwise by
 //! the helper with the VM owner's rights ([`Rights`]). A disk's backing
 //! file is opened as root only when named by a layer only root can write:
 //! below a layer another user can write, the chain is opened by the helper
 //! with that layer's owner's rights.
 
+use crate::parent::backend::Requester;
 use crate::proc;
-use crate::vmm::Requester;
 use common::config::Owner;
 use common::image::{self, ImageError};
 use common::imsg::{self, Channel, FileRefusal, Frame, Message, RefusalReason, VmFdKind};
@@ -47,7 +52,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
-/// How long the parent waits for the helper to open everything.
+/// How long a start's user helpers have, together, to open everything.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A file a VM needs: what it is for (a disk's top image, with its index
@@ -137,7 +142,11 @@ pub fn userfiles_open(wants: &[Want]) -> Result<Vec<Opened>, FileRefusal> {
 
 /// Opens `wants` with `req`'s file system identity in a helper process;
 /// root's own requests are opened here directly.
-pub fn userfiles_open_as(req: &Requester, wants: &[Want]) -> Result<Vec<Opened>, UserFilesError> {
+pub fn userfiles_open_as(
+    req: &Requester,
+    wants: &[Want],
+    deadline: Instant,
+) -> Result<Vec<Opened>, UserFilesError> {
     if wants.is_empty() {
         return Ok(Vec::new());
     }
@@ -163,7 +172,7 @@ pub fn userfiles_open_as(req: &Requester, wants: &[Want]) -> Result<Vec<Opened>,
         }
         Ok(ForkResult::Parent { child }) => {
             drop(theirs);
-            let result = userfiles_collect(Channel::new(mine), OPEN_TIMEOUT, req.uid);
+            let result = userfiles_collect(Channel::new(mine), deadline, req.uid);
             userfiles_end(child);
             result
         }
@@ -210,7 +219,11 @@ pub fn userfiles_owner_rights(owner: &Owner) -> Result<Rights, UserFilesError> {
 /// helper with that owner's rights (an overlay cannot make root hand
 /// /etc/shadow to a guest), and a root-owned layer others may write is
 /// refused.
-pub fn userfiles_open_root(want: &Want, rights: &Rights) -> Result<Vec<Opened>, UserFilesError> {
+pub fn userfiles_open_root(
+    want: &Want,
+    rights: &Rights,
+    deadline: Instant,
+) -> Result<Vec<Opened>, UserFilesError> {
     let VmFdKind::Disk {
         disk,
         format,
@@ -226,7 +239,7 @@ pub fn userfiles_open_root(want: &Want, rights: &Rights) -> Result<Vec<Opened>, 
             }]),
             Ok(Walked::Hole(hole)) => {
                 let who = hole_rights(want, &hole, rights)?;
-                userfiles_open_as(&who, std::slice::from_ref(want))
+                userfiles_open_as(&who, std::slice::from_ref(want), deadline)
             }
             Err(e) => Err(UserFilesError::Refused(FileRefusal {
                 kind: want.kind,
@@ -255,7 +268,7 @@ pub fn userfiles_open_root(want: &Want, rights: &Rights) -> Result<Vec<Opened>, 
                 };
                 let path = path.display().to_string();
                 *rest = Some((to, Want { kind, path }));
-                io::Error::other(UNTRUSTED)
+                FileError::Untrusted.into()
             };
             if let Some(owner) = written_by.take() {
                 return Err(stop(&mut rest, Handover::LayerOwner(owner)));
@@ -300,7 +313,7 @@ pub fn userfiles_open_root(want: &Want, rights: &Rights) -> Result<Vec<Opened>, 
         Handover::LayerOwner(owner) => owner_identity(owner, &rest.path)?,
         Handover::Hole(hole) => hole_rights(&rest, &hole, rights)?,
     };
-    let below = userfiles_open_as(&who, &[rest])?;
+    let below = userfiles_open_as(&who, &[rest], deadline)?;
     let offset = opened.len() as u8;
     opened.extend(below.into_iter().map(|mut o| {
         if let VmFdKind::Disk { layer, .. } = &mut o.kind {
@@ -318,8 +331,6 @@ enum Handover {
     /// The path runs through a directory root does not alone control.
     Hole(Hole),
 }
-
-const UNTRUSTED: &str = "backing file named by a layer root does not alone control";
 
 /// Whose rights open `want`, whose path runs through `hole`: the VM
 /// owner's; for a VM without an owner, the one user who controls the
@@ -432,11 +443,10 @@ fn userfiles_helper(req: &Requester, wants: &[Want], sock: OwnedFd, parent: Pid)
 /// `timeout`.
 fn userfiles_collect(
     mut channel: Channel,
-    timeout: Duration,
+    deadline: Instant,
     uid: u32,
 ) -> Result<Vec<Opened>, UserFilesError> {
     let helper_err = |why: String| UserFilesError::Helper { uid, why };
-    let deadline = Instant::now() + timeout;
     let mut opened = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -509,7 +519,7 @@ fn helper_become(req: &Requester, parent: Pid) -> Result<(), proc::ProcError> {
 /// Closes every descriptor the helper inherited from the parent (control
 /// connections, other VMs' channels and disks) but stdio and `keep`, its
 /// socket: the process the user may signal holds nothing of root's.
-fn helper_close_inherited(keep: i32) {
+pub fn helper_close_inherited(keep: i32) {
     let keep = keep as libc::c_uint;
     // SAFETY: close_range only closes descriptors of this process, which
     // owns no Rust object for any of them past this point but `keep`.
@@ -548,18 +558,16 @@ fn open_file(path: &Path, writable: bool) -> io::Result<File> {
 const OPEN_FLAGS: i32 = libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
 
 /// Keeps a just-opened file only if it is a regular file on a real file
-/// system, then makes its I/O blocking again for QEMU (O_NONBLOCK only
+/// system, then makes its I/O blocking again for the guest (O_NONBLOCK only
 /// guarded the open).
 fn file_checked(file: File) -> io::Result<File> {
     if !file.metadata()?.is_file() {
-        return Err(io::Error::other(NOT_REGULAR));
+        return Err(FileError::NotRegular.into());
     }
     // Magic numbers are 32 bits wide (f_type is signed on 32-bit systems).
     let fs = nix::sys::statfs::fstatfs(&file)?.filesystem_type().0 as u32;
     if let Some((_, name)) = PSEUDO_FILE_SYSTEMS.iter().find(|(magic, _)| *magic == fs) {
-        return Err(io::Error::other(format!(
-            "on {name}, a pseudo file system: not a file for a VM"
-        )));
+        return Err(FileError::PseudoFileSystem(name).into());
     }
     nix::fcntl::fcntl(
         file.as_raw_fd(),
@@ -734,7 +742,7 @@ pub fn walk_open(path: &Path, writable: bool) -> io::Result<Walked> {
             let file = File::from(at(dir, &name, flags)?);
             let meta = file.metadata()?;
             if (meta.dev(), meta.ino()) != (entry_stat.st_dev, entry_stat.st_ino) {
-                return Err(io::Error::other("replaced while it was opened"));
+                return Err(FileError::Replaced.into());
             }
             return file_checked(file).map(Walked::Root);
         }
@@ -781,14 +789,39 @@ pub fn entry_writer(
     }
 }
 
-const NOT_REGULAR: &str = "not a regular file";
+/// What refuses a file that opened: carried inside the io::Error that
+/// the image chain's opener must return, and told apart by type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum FileError {
+    #[error("not a regular file")]
+    NotRegular,
+    #[error("on {0}, a pseudo file system: not a file for a VM")]
+    PseudoFileSystem(&'static str),
+    #[error("replaced while it was opened")]
+    Replaced,
+    /// Root stops following a disk's chain here: someone else's rights
+    /// open the rest.
+    #[error("backing file named by a layer root does not alone control")]
+    Untrusted,
+}
+
+impl From<FileError> for io::Error {
+    fn from(e: FileError) -> io::Error {
+        io::Error::other(e)
+    }
+}
+
+/// The [`FileError`] inside `e`, if that is what it carries.
+fn file_error(e: &io::Error) -> Option<FileError> {
+    e.get_ref()?.downcast_ref::<FileError>().copied()
+}
 
 fn io_reason(e: &io::Error) -> RefusalReason {
     match e.raw_os_error().map(Errno::from_raw) {
         Some(Errno::EACCES | Errno::EPERM) => RefusalReason::PermissionDenied,
         Some(Errno::ENOENT | Errno::ENOTDIR) => RefusalReason::Missing,
         Some(Errno::EISDIR | Errno::ENXIO) => RefusalReason::NotRegular,
-        None if e.to_string() == NOT_REGULAR => RefusalReason::NotRegular,
+        None if file_error(e) == Some(FileError::NotRegular) => RefusalReason::NotRegular,
         _ => RefusalReason::Other(common::qcow2::io_message(e)),
     }
 }
@@ -831,6 +864,10 @@ mod tests {
         let d = std::env::temp_dir().join(format!("vmd-userfiles-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&d).expect("dir");
         d
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + OPEN_TIMEOUT
     }
 
     fn disk(index: u8, path: &Path, format: DiskFormat) -> Want {
@@ -951,9 +988,10 @@ mod tests {
             groups: Vec::new(),
             named: Vec::new(),
         };
-        let got = userfiles_open_as(&nobody, &[disk(0, &open, DiskFormat::Raw)]).expect("open");
+        let got =
+            userfiles_open_as(&nobody, &[disk(0, &open, DiskFormat::Raw)], soon()).expect("open");
         assert_eq!(got.len(), 1);
-        match userfiles_open_as(&nobody, &[disk(0, &closed, DiskFormat::Raw)]) {
+        match userfiles_open_as(&nobody, &[disk(0, &closed, DiskFormat::Raw)], soon()) {
             Err(UserFilesError::Refused(r)) => {
                 assert_eq!(r.why, RefusalReason::PermissionDenied);
                 assert_eq!(r.path, closed.display().to_string());
@@ -961,9 +999,12 @@ mod tests {
             other => panic!("expected a refusal, got {other:?}"),
         }
         // Root itself opens it.
-        assert!(
-            userfiles_open_as(&Requester::root(), &[disk(0, &closed, DiskFormat::Raw)]).is_ok()
-        );
+        assert!(userfiles_open_as(
+            &Requester::root(),
+            &[disk(0, &closed, DiskFormat::Raw)],
+            soon()
+        )
+        .is_ok());
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -977,7 +1018,11 @@ mod tests {
         )
         .expect("socketpair");
         let started = Instant::now();
-        let result = userfiles_collect(Channel::new(mine), Duration::from_millis(200), 1000);
+        let result = userfiles_collect(
+            Channel::new(mine),
+            Instant::now() + Duration::from_millis(200),
+            1000,
+        );
         assert!(matches!(result, Err(UserFilesError::Timeout { uid: 1000 })));
         assert!(started.elapsed() < Duration::from_secs(5));
     }
@@ -1139,12 +1184,12 @@ mod tests {
         let nobody = Rights::Owner(owner_identity(OVERFLOW_UID, "").expect("nobody"));
         for rights in [&nobody, &Rights::Ownerless] {
             assert_eq!(
-                userfiles_open_root(&disk(0, &own, DiskFormat::Raw), rights)
+                userfiles_open_root(&disk(0, &own, DiskFormat::Raw), rights, soon())
                     .expect("own")
                     .len(),
                 1
             );
-            match userfiles_open_root(&disk(0, &link, DiskFormat::Raw), rights) {
+            match userfiles_open_root(&disk(0, &link, DiskFormat::Raw), rights, soon()) {
                 Err(UserFilesError::Refused(r)) => {
                     assert_eq!(r.why, RefusalReason::PermissionDenied)
                 }
@@ -1155,7 +1200,7 @@ mod tests {
         // for a VM without an owner, the owner's rights for the others.
         chmod(&user_dir, 0o775);
         chown(&user_dir, 0);
-        match userfiles_open_root(&disk(0, &own, DiskFormat::Raw), &Rights::Ownerless) {
+        match userfiles_open_root(&disk(0, &own, DiskFormat::Raw), &Rights::Ownerless, soon()) {
             Err(UserFilesError::Refused(r)) => match r.why {
                 RefusalReason::Other(why) => {
                     assert!(why.contains("is writable by group"), "{why}");
@@ -1165,7 +1210,7 @@ mod tests {
             },
             other => panic!("a shared directory passed: {other:?}"),
         }
-        assert!(userfiles_open_root(&disk(0, &own, DiskFormat::Raw), &nobody).is_ok());
+        assert!(userfiles_open_root(&disk(0, &own, DiskFormat::Raw), &nobody, soon()).is_ok());
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -1184,7 +1229,7 @@ mod tests {
                 matches!(&refused.why, RefusalReason::Other(w) if w.contains("pseudo file system")),
                 "{path}: {refused:?}"
             );
-            match userfiles_open_root(&want, &Rights::Ownerless) {
+            match userfiles_open_root(&want, &Rights::Ownerless, soon()) {
                 Err(UserFilesError::Refused(r)) => {
                     assert!(matches!(r.why, RefusalReason::Other(_)), "{path}: {r:?}")
                 }
@@ -1219,7 +1264,7 @@ mod tests {
         let want = disk(0, Path::new(&via_proc), DiskFormat::Raw);
         // Root itself gets there.
         assert!(userfiles_open(std::slice::from_ref(&want)).is_ok());
-        let result = userfiles_open_as(&nobody, &[want]);
+        let result = userfiles_open_as(&nobody, &[want], soon());
         let _ = sleeper.kill();
         let _ = sleeper.wait();
         match result {
@@ -1278,7 +1323,7 @@ mod tests {
             kind: VmFdKind::Initrd,
             path: "/proc/self/status".into(),
         };
-        match userfiles_open_as(&nobody, &[want]) {
+        match userfiles_open_as(&nobody, &[want], soon()) {
             Err(UserFilesError::Refused(r)) => assert!(
                 matches!(&r.why, RefusalReason::Other(w) if w.contains("procfs")),
                 "{r:?}"

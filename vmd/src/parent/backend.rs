@@ -1,0 +1,153 @@
+//! The VM backend, as the registry and the parent's loop see it: a
+//! trait object the registry holds ([`Backend`]), and the neutral facts
+//! it reports ([`VmEvent`]). The parent knows nothing else of how a
+//! guest runs: launch.rs is the real backend (VM processes), the
+//! registry's unit tests use a fake one.
+
+use common::config::{Globals, VmConfig};
+use common::ctl::CtlError;
+use common::imsg::VmCommand;
+use mio::Token;
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+use std::time::Instant;
+
+/// What runs VMs. The registry starts, stops and commands VMs through
+/// it; the parent's loop routes it its descriptors' events, the pids it
+/// reaps and its timers, and hands what it reports back to the registry.
+/// Nothing here may wait: a slow step is a pending state that ends in an
+/// event.
+pub trait Backend {
+    /// Starts VM `id` with `vm`'s settings, opening its files as
+    /// `requester`; its tty belongs to `tty_owner`. Err only for what can
+    /// be told at once; the rest comes as [`VmEvent::Launched`] or
+    /// [`VmEvent::Ended`] with its `launch_error`.
+    fn start(
+        &mut self,
+        id: u32,
+        vm: &VmConfig,
+        globals: &Globals,
+        requester: &Requester,
+        tty_owner: u32,
+    ) -> Result<(), CtlError>;
+    /// Ends VM `id` at once; false if it does not run. Its end comes as
+    /// [`VmEvent::Ended`].
+    fn force_stop(&mut self, id: u32) -> bool;
+    /// Asks VM `id`'s guest to pause, unpause or power down; false if it
+    /// does not run. The answer comes as [`VmEvent::CommandDone`].
+    fn command(&mut self, id: u32, command: VmCommand) -> bool;
+    /// Releases what was kept of VM `id` for a restart that did not come.
+    fn discard_parked(&mut self, id: u32);
+    /// What `status` shows of a running VM.
+    fn info(&self, id: u32) -> Option<RunInfo>;
+
+    // --- the parent's loop ---
+    /// Whether an event of the loop's is the backend's.
+    fn owns_token(&self, token: Token) -> bool;
+    fn handle_event(&mut self, token: Token);
+    /// A child the loop reaped that is none of its own.
+    fn reaped(&mut self, pid: Pid, status: WaitStatus);
+    /// When [`Backend::tick`] has something to do.
+    fn next_deadline(&self) -> Option<Instant>;
+    fn tick(&mut self);
+    /// Brings what it reports up to date with what a client can see
+    /// (done before every request).
+    fn settle(&mut self);
+    /// Whether a VM is ending (what `status` would show is about to
+    /// change).
+    fn is_ending(&self) -> bool;
+    fn take_events(&mut self) -> Vec<VmEvent>;
+    /// Nothing runs and nothing is pending.
+    fn is_empty(&self) -> bool;
+    /// The daemon stops: every VM is asked to end, then killed.
+    fn stop_all(&mut self);
+    fn kill_all(&mut self);
+}
+
+/// Who asked for the start, and the paths they named themselves: those
+/// are opened with the requester's credentials (userfiles.rs); the rest
+/// come from root's configuration (or root) and are opened as root where
+/// root alone controls them, else with the VM owner's rights.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requester {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub named: Vec<String>,
+}
+
+impl Requester {
+    pub fn root() -> Requester {
+        Requester {
+            uid: 0,
+            gid: 0,
+            groups: Vec::new(),
+            named: Vec::new(),
+        }
+    }
+
+    /// Whether `path` is opened with the requester's rights.
+    pub fn opens(&self, path: &str) -> bool {
+        self.uid != 0 && self.named.iter().any(|p| p == path)
+    }
+}
+
+/// What `status` shows of a running VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunInfo {
+    pub pid: u32,
+    pub tty: String,
+    /// The guest processes' resident memory, once the guest runs.
+    pub cur_memory: Option<u64>,
+}
+
+/// A VM process ended; everything it held is released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmEnded {
+    pub id: u32,
+    pub name: String,
+    /// How the VM process ended, for the log.
+    pub why: String,
+    /// The guest's own shutdown (QMP SHUTDOWN reason), if it reported one.
+    pub guest_reason: Option<String>,
+    /// The guest never ran: why (the backend's first error line, the VM
+    /// process's error, or how it ended).
+    pub start_failure: Option<String>,
+    /// It was never launched: the error vmctl is to be told.
+    pub launch_error: Option<CtlError>,
+}
+
+impl VmEnded {
+    /// The guest reset itself (a reboot): the VM process ends, and vmd
+    /// decides whether the VM starts again.
+    pub fn is_reboot(&self) -> bool {
+        self.guest_reason.as_deref() == Some("guest-reset")
+    }
+}
+
+/// A VM process's answer to [`Backend::command`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandDone {
+    pub id: u32,
+    pub command: VmCommand,
+    pub error: Option<String>,
+}
+
+/// What a VM process's channel brought, for the parent's loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// VM `id`'s guest runs: its backend accepted its arguments and the
+    /// guest was resumed.
+    Running {
+        id: u32,
+    },
+    CommandDone(CommandDone),
+    /// VM `id`'s files are open and its VM process runs.
+    Launched {
+        id: u32,
+        pid: u32,
+        tty: String,
+    },
+    /// VM `id` ended, or its start failed before it was launched.
+    Ended(VmEnded),
+}

@@ -1,0 +1,1605 @@
+//! Launching VMs, the parent's side: everything the parent does so that
+//! a VM process (vm/) can run a guest, and nothing about which VMs exist
+//! (that is the registry's) or how the guest is run (that is the VM
+//! process's backend; the parent passes its settings through, built by
+//! vm/, and hears back neutral facts: the guest's process ids, how they
+//! ended).
+//!
+//! Nothing here waits. The interface, for the registry:
+//! - [`Launcher::start`] checks what it can at once and hands the rest to
+//!   a forked helper (helper.rs): the VM's files (kernel or BIOS, initrd,
+//!   disk chains, cdrom; a non-root requester's own paths with its
+//!   rights, userfiles.rs), its disks' locks, its console log, the kvm
+//!   and tty groups and the free uids of `uid range`. When the helper
+//!   answers, the VM process is spawned with all that and a pty
+//!   ([`VmEvent::Launched`]), or the start ends ([`VmEvent::Ended`] with
+//!   [`VmEnded::launch_error`], the message for vmctl).
+//! - The guest runs only once its backend accepted its arguments and the
+//!   guest was resumed: [`VmEvent::Running`]; a VM that ends before that
+//!   carries the reason in [`VmEnded::start_failure`].
+//! - [`Launcher::force_stop`] kills a VM at once (or gives up its start);
+//!   [`Launcher::command`] asks its guest to pause, unpause or power down
+//!   (answered later, as [`VmEvent::CommandDone`]).
+//! - [`Launcher::info`] is what `status` shows of a running VM.
+//! - The parent's loop passes events on tokens [`Launcher::owns_token`]
+//!   says are ours to [`Launcher::handle_event`], every pid it reaps that
+//!   is not one of its own children to [`Launcher::reaped`], calls
+//!   [`Launcher::tick`] for the timers ([`Launcher::next_deadline`]) and
+//!   collects [`Launcher::take_events`]. A VM process that ended is
+//!   reported once its guest's processes have gone too (its disks
+//!   unlocked), or after GUEST_GONE_WAIT: its uid, disk locks, pty and
+//!   console log are then released. After a guest reset the pty is kept
+//!   instead, for the restart ([`Launcher::start`] takes it up;
+//!   [`Launcher::discard_parked`] closes it when there is no restart).
+//!
+//! The pty's slave belongs to the user who started the VM while it runs
+//! (mode 0620, or 0660 and the VM's owner group when it has one), so
+//! that user and root may open it (`vmctl console`); it goes back to
+//! root, mode 0600, when the VM ends.
+
+use crate::log::{self, log_debug, log_info, log_warn};
+use crate::parent::backend::{Backend, CommandDone, Requester, RunInfo, VmEnded, VmEvent};
+use crate::parent::helper::{self, Answered, Helper, HelperError};
+use crate::parent::userfiles::{self, Opened, UserFilesError, Want, OPEN_TIMEOUT};
+use crate::proc;
+use common::config::{Accel, BootDevice, Globals, UidRange, VmConfig};
+use common::ctl::CtlError;
+use common::imsg::{
+    Channel, FileRefusal, Frame, HelperAnswer, Message, RefusalReason, Role, VmCommand, VmFdKind,
+    VmParams,
+};
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::WaitStatus;
+use nix::unistd::{Gid, Group, Pid, Uid, User};
+use std::fs::OpenOptions;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// Tokens from here up are the launcher's: VM processes' channels (base
+/// + VM id, any u32), then from HELPER_TOKEN_BASE its helpers' sockets.
+pub const VM_TOKEN_BASE: usize = 1 << 24;
+const HELPER_TOKEN_BASE: usize = VM_TOKEN_BASE + u32::MAX as usize + 1;
+/// How long a start's helper has for everything: its own user helpers
+/// share OPEN_TIMEOUT of it, so their time-out is what vmctl reads.
+pub const FILES_TIMEOUT: Duration = Duration::from_secs(OPEN_TIMEOUT.as_secs() + 2);
+/// At most this many processes of a guest are believed (the VM process
+/// names them).
+const MAX_GUEST_PIDS: usize = 16;
+/// How often a reaped VM's guest processes are looked for while they exit.
+const GONE_POLL: Duration = Duration::from_millis(10);
+/// How long a reaped VM's guest processes have to disappear before the
+/// VM is reported stopped (so its disks are unlocked by then); one still
+/// there after that keeps its uid from being reused until it is gone.
+const GUEST_GONE_WAIT: Duration = Duration::from_secs(2);
+/// The BIOS of VMs that boot without a kernel (Debian `seabios`).
+pub const BIOS_PATH: &str = "/usr/share/seabios/bios.bin";
+
+/// A rebooting VM's pty, between its VM processes.
+struct ParkedPty {
+    id: u32,
+    master: OwnedFd,
+    slave: OwnedFd,
+    tty: String,
+}
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("vm {0} is already running")]
+    AlreadyRunning(u32),
+    #[error("{0} not built yet")]
+    NotBuilt(&'static str),
+    #[error("vmm bios firmware file not found.")]
+    BiosMissing,
+    #[error("could not find specified iso image")]
+    CdromMissing,
+    #[error("specified iso image is not a regular file")]
+    CdromInvalid,
+    #[error("{0}: permission denied")]
+    PermissionDenied(String),
+    #[error("could not open kernel {path}: {why}")]
+    Kernel { path: String, why: String },
+    #[error("could not open initrd {path}: {why}")]
+    Initrd { path: String, why: String },
+    #[error("could not open disk image(s): {0}")]
+    Disk(String),
+    #[error("could not open iso image {path}: {why}")]
+    Cdrom { path: String, why: String },
+    #[error("{0}")]
+    UserFiles(UserFilesError),
+    #[error("could not open disk image(s): {0} is in use by another VM")]
+    DiskInUse(String),
+    #[error("no free uid in uid range {first}-{last}: stop a VM or widen `uid range` in vm.conf")]
+    NoUid { first: u32, last: u32 },
+    #[error("accel kvm: {0}")]
+    Kvm(KvmMissing),
+    #[error("{what} {path} is larger than {limit}, the most vmd loads")]
+    TooLarge {
+        what: &'static str,
+        path: String,
+        limit: String,
+    },
+    #[error("cannot open a pty: {0}")]
+    Pty(Errno),
+    #[error("cannot open console log {path}: {why}")]
+    ConsoleLog { path: String, why: ConsoleLogError },
+    #[error("cannot start the VM process: {0}")]
+    Spawn(String),
+    #[error("opening the VM's files: {0}")]
+    Helper(HelperError),
+}
+
+impl StartError {
+    /// As vmctl reports it: vmd's own codes where OpenBSD has one.
+    pub fn to_ctl(&self) -> CtlError {
+        match self {
+            StartError::BiosMissing => CtlError::BiosMissing,
+            StartError::CdromMissing => CtlError::CdromMissing,
+            StartError::CdromInvalid => CtlError::CdromInvalid,
+            StartError::Helper(e @ HelperError::Refused(_)) => e.to_ctl(),
+            other => CtlError::Text(other.to_string()),
+        }
+    }
+
+    /// A file the helper (or root) could not open, as the error for the
+    /// kind of file it is.
+    fn from_refusal(r: FileRefusal) -> StartError {
+        let text = userfiles::refusal_text(&r);
+        let why = match &r.why {
+            RefusalReason::PermissionDenied => return StartError::PermissionDenied(r.path),
+            RefusalReason::Missing => "No such file or directory".to_string(),
+            RefusalReason::NotRegular => "not a regular file".to_string(),
+            RefusalReason::Other(why) => why.clone(),
+        };
+        match (r.kind, &r.why) {
+            (VmFdKind::Cdrom, RefusalReason::Missing) => StartError::CdromMissing,
+            (VmFdKind::Cdrom, RefusalReason::NotRegular) => StartError::CdromInvalid,
+            (VmFdKind::Cdrom, _) => StartError::Cdrom { path: r.path, why },
+            (VmFdKind::Kernel, _) => StartError::Kernel { path: r.path, why },
+            (VmFdKind::Initrd, _) => StartError::Initrd { path: r.path, why },
+            _ => StartError::Disk(text),
+        }
+    }
+}
+
+impl From<UserFilesError> for StartError {
+    fn from(e: UserFilesError) -> StartError {
+        match e {
+            UserFilesError::Refused(r) => StartError::from_refusal(r),
+            other => StartError::UserFiles(other),
+        }
+    }
+}
+
+struct VmProc {
+    id: u32,
+    name: String,
+    pid: Pid,
+    token: Token,
+    channel: Option<Channel>,
+    uid: u32,
+    tty: String,
+    /// The processes that run the guest, as the VM process said.
+    guest_pids: Vec<u32>,
+    console_log: PathBuf,
+    console_log_cap: u64,
+    guest_reason: Option<String>,
+    /// How the guest's processes ended, as the VM process reported it.
+    guest_end: Option<String>,
+    /// Why the guest could not start, as the VM process reported it.
+    start_failed: Option<String>,
+    /// The pty's master and slave: kept here so that a reboot restarts
+    /// the VM on the same tty, and so that the slave goes back to root
+    /// when the VM ends.
+    pty_master: OwnedFd,
+    pty_slave: OwnedFd,
+}
+
+/// A start whose files a helper is opening.
+struct PendingStart {
+    id: u32,
+    vm: VmConfig,
+    tty_owner: u32,
+    console_log: PathBuf,
+    console_log_cap: u64,
+    uid_range: UidRange,
+    /// The pty of the run before a reboot, taken up by this start.
+    parked: Option<ParkedPty>,
+    helper: Helper,
+}
+
+/// A console log a helper is rotating for VM `id`.
+struct PendingLog {
+    id: u32,
+    helper: Helper,
+}
+
+/// A VM whose process was reaped while its guest process was still
+/// exiting: reported once that has gone (its disks unlocked) or at
+/// `until`.
+struct Ending {
+    ended: VmEnded,
+    /// Its guest's processes that still held files.
+    pids: Vec<u32>,
+    uid: u32,
+    until: Instant,
+}
+
+pub struct Launcher {
+    registry: Registry,
+    vms: Vec<VmProc>,
+    parked: Vec<ParkedPty>,
+    pending: Vec<PendingStart>,
+    logs: Vec<PendingLog>,
+    ending: Vec<Ending>,
+    /// (uid, pid) of guest processes of ended VMs that had not exited yet: their
+    /// uids are not given to another VM until they have.
+    lingering: Vec<(u32, u32)>,
+    /// Events for the parent's loop to collect.
+    events: Vec<VmEvent>,
+    next_helper: usize,
+}
+
+impl Launcher {
+    /// `registry` is the parent loop's (a clone), for the VM channels
+    /// and the helpers' sockets.
+    pub fn new(registry: Registry) -> Launcher {
+        Launcher {
+            registry,
+            vms: Vec::new(),
+            parked: Vec::new(),
+            pending: Vec::new(),
+            logs: Vec::new(),
+            ending: Vec::new(),
+            lingering: Vec::new(),
+            events: Vec::new(),
+            next_helper: HELPER_TOKEN_BASE,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.vms.is_empty() && self.pending.is_empty() && self.ending.is_empty()
+    }
+
+    fn helper_token(&mut self) -> Token {
+        let token = Token(self.next_helper);
+        self.next_helper = self.next_helper.checked_add(1).unwrap_or(HELPER_TOKEN_BASE);
+        token
+    }
+
+    /// Starts VM `id` as configured in `vm` (kernel, initrd, cmdline,
+    /// disks, memory, vcpus, accel), opening its files as `requester`;
+    /// its tty belongs to `tty_owner` (and to the VM's owner group).
+    /// What can wait (opening files, looking up users and groups) is a
+    /// helper's: the launch follows its answer, reported as
+    /// [`VmEvent::Launched`], or as [`VmEvent::Ended`] with the reason.
+    fn start(
+        &mut self,
+        id: u32,
+        vm: &VmConfig,
+        globals: &Globals,
+        requester: &Requester,
+        tty_owner: u32,
+    ) -> Result<(), StartError> {
+        if self.vms.iter().any(|v| v.id == id) || self.pending.iter().any(|p| p.id == id) {
+            return Err(StartError::AlreadyRunning(id));
+        }
+        launch_check_built(vm)?;
+        let accel = launch_accel(vm.accel_or(globals))?;
+        let console_log = Path::new(&globals.console_log_dir).join(format!("{}.console", vm.name));
+        let taken = self.taken_uids();
+        let range = globals.uid_range;
+        let token = self.helper_token();
+        let helper = {
+            let (vm, requester, console_log) = (vm.clone(), requester.clone(), console_log.clone());
+            Helper::spawn(&self.registry, token, FILES_TIMEOUT, move || {
+                launch_files_work(&vm, &requester, accel, range, &taken, &console_log)
+            })
+            .map_err(StartError::Helper)?
+        };
+        log_debug!(
+            "vm {} (vm {id}): opening its files (helper {})",
+            vm.name,
+            helper.pid()
+        );
+        let parked = self.take_parked(id);
+        self.pending.push(PendingStart {
+            id,
+            vm: vm.clone(),
+            tty_owner,
+            console_log,
+            console_log_cap: globals.console_log_size,
+            uid_range: range,
+            parked,
+            helper,
+        });
+        Ok(())
+    }
+
+    /// A start's helper is done: the VM process is launched with its
+    /// files, or the start has failed.
+    fn start_answered(
+        &mut self,
+        mut pending: PendingStart,
+        outcome: Result<Answered, HelperError>,
+    ) {
+        let id = pending.id;
+        let name = pending.vm.name.clone();
+        let launched = outcome
+            .map_err(StartError::Helper)
+            .and_then(|(files, answer)| self.launch(&mut pending, files, answer));
+        match launched {
+            Ok((pid, tty)) => self.events.push(VmEvent::Launched { id, pid, tty }),
+            Err(e) => {
+                log_debug!("vm {name} (vm {id}): not launched: {e}");
+                // A reboot's pty not taken up goes back to root.
+                if let Some(parked) = pending.parked.take() {
+                    release_pty(&parked.slave, &parked.tty);
+                }
+                self.events.push(VmEvent::Ended(VmEnded {
+                    id,
+                    name,
+                    why: e.to_string(),
+                    guest_reason: None,
+                    start_failure: Some(e.to_string()),
+                    launch_error: Some(e.to_ctl()),
+                }));
+            }
+        }
+    }
+
+    /// Launches a VM process with the files its helper opened: a uid, the
+    /// pty, and everything sent to the VM process. Nothing here waits.
+    fn launch(
+        &mut self,
+        pending: &mut PendingStart,
+        files: Vec<Opened>,
+        answer: HelperAnswer,
+    ) -> Result<(u32, String), StartError> {
+        let HelperAnswer::Start {
+            kvm,
+            groups,
+            tty_gid,
+            free_uids,
+            console_log_size,
+        } = answer
+        else {
+            return Err(StartError::Helper(HelperError::Garbled(
+                "not the answer to a start".into(),
+            )));
+        };
+        let (id, vm) = (pending.id, &pending.vm);
+        let taken = self.taken_uids();
+        let uid = free_uids
+            .into_iter()
+            .find(|uid| !taken.contains(uid))
+            .ok_or(StartError::NoUid {
+                first: pending.uid_range.first,
+                last: pending.uid_range.last,
+            })?;
+        let pty = match pending.parked.take() {
+            Some(parked) => reuse_pty(parked, pending.tty_owner, vm.owner.gid, tty_gid),
+            None => open_pty(pending.tty_owner, vm.owner.gid, tty_gid),
+        };
+        let (master, slave, tty) = pty.map_err(StartError::Pty)?;
+        let pty_master = master
+            .try_clone()
+            .map_err(|e| StartError::Pty(errno_of(&e)))?;
+        let pty_slave = slave
+            .try_clone()
+            .map_err(|e| StartError::Pty(errno_of(&e)))?;
+        let release = |e: StartError| {
+            release_pty(&pty_slave, &tty);
+            e
+        };
+        let (logs, files): (Vec<Opened>, Vec<Opened>) = files
+            .into_iter()
+            .partition(|o| o.kind == VmFdKind::ConsoleLog);
+        let mut fds: Vec<(VmFdKind, OwnedFd)> =
+            files.into_iter().map(|o| (o.kind, o.file.into())).collect();
+        fds.push((VmFdKind::PtyMaster, master));
+        fds.push((VmFdKind::PtySlave, slave));
+        fds.extend(logs.into_iter().map(|o| (o.kind, o.file.into())));
+        let params = VmParams {
+            id,
+            name: vm.name.clone(),
+            memory: vm.memory_bytes(),
+            vcpus: vm.vcpu_count(),
+            uid,
+            gid: uid,
+            backend: crate::vm::backend_params(vm, kvm, groups),
+            console_log_cap: pending.console_log_cap,
+            console_log_size,
+            fd_count: fds.len() as u32,
+        };
+
+        let mut args = vec!["-P".to_string(), Role::Vm.name().to_string()];
+        args.extend((0..log::verbosity()).map(|_| "-v".to_string()));
+        args.extend(["-N".to_string(), vm.name.clone()]);
+        let (pid, sock) = proc::spawn(Role::Vm.name(), &args)
+            .map_err(|e| release(StartError::Spawn(e.to_string())))?;
+        let token = Token(VM_TOKEN_BASE + id as usize);
+        let mut channel = Channel::new(sock);
+        let sent = channel
+            .writer
+            .push(Frame::new(Message::VmStart {
+                params: Box::new(params),
+            }))
+            .and_then(|()| {
+                for (kind, fd) in fds {
+                    let mut frame = Frame::new(Message::VmFd { kind });
+                    frame.fd = Some(fd);
+                    channel.writer.push(frame)?;
+                }
+                channel.flush()
+            })
+            .map_err(|e| e.to_string())
+            .and_then(|_| {
+                self.registry
+                    .register(
+                        &mut SourceFd(&channel.sock.as_raw_fd()),
+                        token,
+                        Interest::READABLE | Interest::WRITABLE,
+                    )
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = sent {
+            let _ = kill(pid, Signal::SIGKILL);
+            // The parent's reaping collects it; nothing else refers to it.
+            return Err(release(StartError::Spawn(e)));
+        }
+        log_debug!(
+            "vm {} (vm {id}): VM process {pid}, tty {tty}, uid {uid}{}",
+            vm.name,
+            if kvm { ", kvm" } else { ", tcg" }
+        );
+        self.vms.push(VmProc {
+            id,
+            name: vm.name.clone(),
+            pid,
+            token,
+            channel: Some(channel),
+            uid,
+            tty: tty.clone(),
+            guest_pids: Vec::new(),
+            console_log: pending.console_log.clone(),
+            console_log_cap: pending.console_log_cap,
+            guest_reason: None,
+            guest_end: None,
+            start_failed: None,
+            pty_master,
+            pty_slave,
+        });
+        Ok((pid.as_raw() as u32, tty))
+    }
+
+    /// Gives up VM `id`'s start while its files are being opened: the
+    /// helper is killed and the start ends; false if none is pending.
+    fn cancel_start(&mut self, id: u32) -> bool {
+        let Some(index) = self.pending.iter().position(|p| p.id == id) else {
+            return false;
+        };
+        let mut pending = self.pending.remove(index);
+        pending.helper.cancel(&self.registry);
+        if let Some(parked) = pending.parked.take() {
+            release_pty(&parked.slave, &parked.tty);
+        }
+        let why = "stopped while its files were being opened".to_string();
+        log_info!("vm {} (vm {id}): {why}", pending.vm.name);
+        self.events.push(VmEvent::Ended(VmEnded {
+            id,
+            name: pending.vm.name.clone(),
+            why: why.clone(),
+            guest_reason: None,
+            start_failure: Some(why),
+            launch_error: None,
+        }));
+        true
+    }
+
+    /// Ends VM `id` at once (its VM process and guest, or the helper
+    /// opening its files); false if it does not run. Its end is reported
+    /// as [`VmEvent::Ended`].
+    fn force_stop(&mut self, id: u32) -> bool {
+        if self.cancel_start(id) {
+            return true;
+        }
+        let Some(vm) = self.vms.iter().find(|v| v.id == id) else {
+            return false;
+        };
+        kill_vm(vm);
+        true
+    }
+
+    /// Asks VM `id`'s guest to pause, unpause or power down; false if it
+    /// does not run. The answer comes as a [`VmEvent::CommandDone`]. A
+    /// start still opening its files is powered down by giving it up.
+    fn command(&mut self, id: u32, command: VmCommand) -> bool {
+        if command == VmCommand::Powerdown && self.cancel_start(id) {
+            return true;
+        }
+        let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) else {
+            return false;
+        };
+        let Some(channel) = vm.channel.as_mut() else {
+            return false;
+        };
+        match channel.send(Frame::new(Message::VmCommand { command })) {
+            Ok(_) => true,
+            Err(e) => {
+                log_warn!("vm {}: sending {command:?}: {e}", vm.name);
+                false
+            }
+        }
+    }
+
+    fn take_parked(&mut self, id: u32) -> Option<ParkedPty> {
+        let index = self.parked.iter().position(|p| p.id == id)?;
+        Some(self.parked.remove(index))
+    }
+
+    /// Closes the pty kept for VM `id`'s restart, if it was not taken up.
+    fn discard_parked(&mut self, id: u32) {
+        if let Some(parked) = self.take_parked(id) {
+            release_pty(&parked.slave, &parked.tty);
+            log_debug!("vm {id}: released {}", parked.tty);
+        }
+    }
+
+    /// PID, TTY and CURMEM of a running VM.
+    fn info(&self, id: u32) -> Option<RunInfo> {
+        let vm = self.vms.iter().find(|v| v.id == id)?;
+        Some(RunInfo {
+            pid: vm.pid.as_raw() as u32,
+            tty: vm.tty.clone(),
+            cur_memory: guest_memory(&vm.guest_pids, vm.uid),
+        })
+    }
+
+    /// The daemon stops: SIGTERM every VM process (its guest dies with it);
+    /// starts still opening their files are given up.
+    fn stop_all(&mut self) {
+        self.cancel_all();
+        for vm in &self.vms {
+            let _ = kill(vm.pid, Signal::SIGTERM);
+        }
+    }
+
+    /// The daemon stops and a VM did not: SIGKILL.
+    fn kill_all(&mut self) {
+        self.cancel_all();
+        self.vms.iter().for_each(kill_vm);
+    }
+
+    fn cancel_all(&mut self) {
+        let ids: Vec<u32> = self.pending.iter().map(|p| p.id).collect();
+        for id in ids {
+            self.cancel_start(id);
+        }
+        for job in &mut self.logs {
+            job.helper.cancel(&self.registry);
+        }
+        self.logs.clear();
+    }
+
+    /// When [`Launcher::tick`] has something to do next.
+    fn next_deadline(&self) -> Option<Instant> {
+        let helpers = self
+            .pending
+            .iter()
+            .map(|p| p.helper.deadline())
+            .chain(self.logs.iter().map(|l| l.helper.deadline()));
+        // A VM whose guest process is still exiting is looked at again soon.
+        let poll = Instant::now() + GONE_POLL;
+        let ending = self.ending.iter().map(|e| e.until.min(poll));
+        helpers.chain(ending).min()
+    }
+
+    /// Times out the helpers whose deadline passed, and reports the VMs
+    /// whose guest process has gone (or that waited long enough).
+    fn tick(&mut self) {
+        let now = Instant::now();
+        while let Some(index) = self.pending.iter().position(|p| p.helper.deadline() <= now) {
+            let mut pending = self.pending.remove(index);
+            let e = pending.helper.expire(&self.registry);
+            log_warn!(
+                "vm {} (vm {}): opening its files: {e}",
+                pending.vm.name,
+                pending.id
+            );
+            self.start_answered(pending, Err(e));
+        }
+        while let Some(index) = self.logs.iter().position(|l| l.helper.deadline() <= now) {
+            let mut job = self.logs.remove(index);
+            let e = job.helper.expire(&self.registry);
+            log_warn!("vm {}: rotating its console log: {e}", job.id);
+        }
+        self.settle_ending(now);
+    }
+
+    /// Reports the VMs whose guest processes have gone since, or that waited long
+    /// enough (done before every request, so that what vmctl is told
+    /// follows what it can see in /proc).
+    fn settle_ending(&mut self, now: Instant) {
+        if self.ending.is_empty() {
+            return;
+        }
+        for e in &mut self.ending {
+            let uid = e.uid;
+            e.pids.retain(|&pid| holds_files(pid, uid));
+        }
+        let (gone, ending): (Vec<Ending>, Vec<Ending>) = std::mem::take(&mut self.ending)
+            .into_iter()
+            .partition(|e| e.pids.is_empty() || e.until <= now);
+        self.ending = ending;
+        for e in gone {
+            for pid in e.pids {
+                log_warn!(
+                    "vm {}: its guest's process {pid} is still exiting; uid {} stays reserved",
+                    e.ended.name,
+                    e.uid
+                );
+                self.lingering.push((e.uid, pid));
+            }
+            self.events.push(VmEvent::Ended(e.ended));
+        }
+    }
+
+    /// Reads a VM process's channel or a helper's socket.
+    fn handle_event(&mut self, token: Token) {
+        if let Some(index) = self.pending.iter().position(|p| p.helper.token() == token) {
+            if let Some(outcome) = self.pending[index].helper.read(&self.registry) {
+                let pending = self.pending.remove(index);
+                self.start_answered(pending, outcome);
+            }
+            return;
+        }
+        if let Some(index) = self.logs.iter().position(|l| l.helper.token() == token) {
+            if let Some(outcome) = self.logs[index].helper.read(&self.registry) {
+                let job = self.logs.remove(index);
+                self.log_answered(job.id, outcome);
+            }
+            return;
+        }
+        let Some(index) = self.vms.iter().position(|v| v.token == token) else {
+            return;
+        };
+        self.handle_channel(index);
+    }
+
+    fn handle_channel(&mut self, index: usize) {
+        let Some(channel) = self.vms[index].channel.as_mut() else {
+            return;
+        };
+        let (frames, eof) = match channel.flush().and_then(|_| channel.receive()) {
+            Ok(received) => received,
+            Err(e) => {
+                log_warn!("vm {}: closing its channel: {e}", self.vms[index].name);
+                self.close_channel(index);
+                let _ = kill(self.vms[index].pid, Signal::SIGKILL);
+                return;
+            }
+        };
+        for frame in frames {
+            self.dispatch(index, frame);
+        }
+        if eof {
+            self.close_channel(index);
+        }
+    }
+
+    fn close_channel(&mut self, index: usize) {
+        if let Some(channel) = self.vms[index].channel.take() {
+            let _ = self
+                .registry
+                .deregister(&mut SourceFd(&channel.sock.as_raw_fd()));
+        }
+    }
+
+    fn dispatch(&mut self, index: usize, frame: Frame) {
+        let vm = &mut self.vms[index];
+        let name = vm.name.clone();
+        match frame.message {
+            Message::Ready { role: Role::Vm } => log_debug!("vm {name} (pid {}) ready", vm.pid),
+            Message::Log { level, text } => log::write_line(level, &format!("vm {name}: {text}")),
+            Message::RefusedSyscall { nr, name: call } => {
+                log_warn!("vm {name}: refused system call {call} ({nr})")
+            }
+            Message::VmRunning { pids } => {
+                log_debug!("vm {name}: the guest runs (pids {pids:?})");
+                vm.guest_pids = pids.into_iter().take(MAX_GUEST_PIDS).collect();
+                let id = vm.id;
+                self.events.push(VmEvent::Running { id });
+            }
+            Message::VmShutdown { reason } => vm.guest_reason = Some(reason),
+            Message::VmCommandDone { command, error } => {
+                let id = vm.id;
+                self.events
+                    .push(VmEvent::CommandDone(CommandDone { id, command, error }))
+            }
+            Message::VmGuestEnded { why } => vm.guest_end = Some(why),
+            Message::VmStartFailed { reason } => {
+                // The VM process is less trusted than we are: its text
+                // reaches the user bounded and on one line.
+                let reason = crate::vm::start_reason(&reason);
+                log_warn!("vm {name}: the guest did not start: {reason}");
+                vm.start_failed = Some(reason);
+            }
+            Message::VmConsoleLogFull => self.rotate_console_log(index),
+            other => log_warn!("vm {name}: unexpected message {}", other.type_code().1),
+        }
+    }
+
+    /// Has a helper rotate a VM's console log if it really reached its
+    /// cap (one old copy, NAME.console.0) and open it again; the VM
+    /// process gets the file when the helper answers.
+    fn rotate_console_log(&mut self, index: usize) {
+        let (id, path, cap) = {
+            let vm = &self.vms[index];
+            (vm.id, vm.console_log.clone(), vm.console_log_cap)
+        };
+        if self.logs.iter().any(|l| l.id == id) {
+            return;
+        }
+        let token = self.helper_token();
+        match Helper::spawn(&self.registry, token, FILES_TIMEOUT, move || {
+            rotate_console_log_work(&path, cap)
+        }) {
+            Ok(helper) => self.logs.push(PendingLog { id, helper }),
+            Err(e) => log_warn!(
+                "vm {}: cannot rotate its console log: {e}",
+                self.vms[index].name
+            ),
+        }
+    }
+
+    /// A console log helper answered: the VM process gets the new file.
+    fn log_answered(&mut self, id: u32, outcome: Result<Answered, HelperError>) {
+        let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) else {
+            return;
+        };
+        let (file, size) = match outcome {
+            Ok((mut files, HelperAnswer::ConsoleLog { size })) if files.len() == 1 => {
+                (files.remove(0).file, size)
+            }
+            Ok(_) => {
+                log_warn!("vm {}: the console log helper's answer is garbled", vm.name);
+                return;
+            }
+            Err(e) => {
+                log_warn!(
+                    "vm {}: cannot open {}: {e}",
+                    vm.name,
+                    vm.console_log.display()
+                );
+                return;
+            }
+        };
+        let mut frame = Frame::new(Message::VmConsoleLog { size });
+        frame.fd = Some(file.into());
+        if let Some(channel) = vm.channel.as_mut() {
+            if let Err(e) = channel.send(frame) {
+                log_warn!("vm {}: sending the console log: {e}", vm.name);
+            }
+        }
+    }
+
+    /// A child the parent reaped: a start's or a console log's helper, or
+    /// a VM process (the VM ended: everything it held is released, and
+    /// the end is reported once its guest process has gone too).
+    fn reaped(&mut self, pid: Pid, status: WaitStatus) {
+        if let Some(index) = self.pending.iter().position(|p| p.helper.pid() == pid) {
+            let outcome = self.pending[index].helper.reaped(&self.registry);
+            let pending = self.pending.remove(index);
+            self.start_answered(pending, outcome);
+            return;
+        }
+        if let Some(index) = self.logs.iter().position(|l| l.helper.pid() == pid) {
+            let outcome = self.logs[index].helper.reaped(&self.registry);
+            let job = self.logs.remove(index);
+            self.log_answered(job.id, outcome);
+            return;
+        }
+        // A guest's process reparented to us once its VM process died:
+        // gone now.
+        let raw = pid.as_raw() as u32;
+        self.lingering.retain(|&(_, held_by)| held_by != raw);
+        if let Some(index) = self.ending.iter().position(|e| e.pids.contains(&raw)) {
+            self.ending[index].pids.retain(|&p| p != raw);
+            self.settle_ending(Instant::now());
+            return;
+        }
+        let Some(index) = self.vms.iter().position(|v| v.pid == pid) else {
+            return;
+        };
+        // What it said last (why it failed, a refused call).
+        if let Some(channel) = self.vms[index].channel.as_mut() {
+            if let Ok((frames, _)) = channel.receive() {
+                for frame in frames {
+                    self.dispatch(index, frame);
+                }
+            }
+        }
+        self.close_channel(index);
+        let vm = self.vms.remove(index);
+        if let Some(job) = self.logs.iter().position(|l| l.id == vm.id) {
+            let mut job = self.logs.remove(job);
+            job.helper.cancel(&self.registry);
+        }
+        let process = proc::describe_exit(status);
+        // A VM process killed from outside cannot say how its guest's
+        // processes ended: they died of PDEATHSIG (SIGKILL) with it.
+        let guest = vm
+            .guest_end
+            .as_deref()
+            .unwrap_or(if vm.guest_pids.is_empty() {
+                "its guest had not started"
+            } else {
+                "its guest was killed with it"
+            });
+        let why = match &vm.guest_reason {
+            Some(reason) => format!("VM process {process}, {guest} (guest: {reason})"),
+            None => format!("VM process {process}, {guest}"),
+        };
+        let clean = matches!(status, WaitStatus::Exited(_, 0)) && vm.guest_reason.is_some();
+        if clean {
+            log_info!("vm {} (vm {}, pid {}): {why}", vm.name, vm.id, vm.pid);
+        } else {
+            log_warn!("vm {} (vm {}, pid {}): {why}", vm.name, vm.id, vm.pid);
+        }
+        // A guest that never ran: what the VM process said, else how it
+        // ended (killed from outside, or before it could say).
+        let start_failure = match (vm.guest_pids.is_empty(), vm.start_failed) {
+            (true, failed) => Some(failed.unwrap_or_else(|| why.clone())),
+            (false, failed) => failed,
+        };
+        let ended = VmEnded {
+            id: vm.id,
+            name: vm.name,
+            why,
+            guest_reason: vm.guest_reason,
+            start_failure,
+            launch_error: None,
+        };
+        if ended.is_reboot() {
+            self.parked.push(ParkedPty {
+                id: vm.id,
+                master: vm.pty_master,
+                slave: vm.pty_slave,
+                tty: vm.tty,
+            });
+        } else {
+            release_pty(&vm.pty_slave, &vm.tty);
+        }
+        // Its guest's processes die with it (PDEATHSIG): the VM is
+        // reported stopped once they have gone (its disks unlocked), or
+        // after GUEST_GONE_WAIT, its uid then kept until they are gone.
+        // A timer, not a wait.
+        let holding: Vec<u32> = (vm.guest_pids.iter().copied())
+            .filter(|&pid| holds_files(pid, vm.uid))
+            .collect();
+        if holding.is_empty() {
+            self.events.push(VmEvent::Ended(ended));
+        } else {
+            self.ending.push(Ending {
+                ended,
+                pids: holding,
+                uid: vm.uid,
+                until: Instant::now() + GUEST_GONE_WAIT,
+            });
+        }
+    }
+
+    /// The uids a new VM may not have: running VMs', and those of guest processes
+    /// of ended VMs still exiting.
+    fn taken_uids(&mut self) -> Vec<u32> {
+        self.lingering.retain(|&(uid, pid)| holds_files(pid, uid));
+        self.vms
+            .iter()
+            .map(|v| v.uid)
+            .chain(self.lingering.iter().map(|&(uid, _)| uid))
+            .chain(self.ending.iter().map(|e| e.uid))
+            .collect()
+    }
+}
+
+impl Backend for Launcher {
+    fn start(
+        &mut self,
+        id: u32,
+        vm: &VmConfig,
+        globals: &Globals,
+        requester: &Requester,
+        tty_owner: u32,
+    ) -> Result<(), CtlError> {
+        Launcher::start(self, id, vm, globals, requester, tty_owner).map_err(|e| e.to_ctl())
+    }
+
+    fn force_stop(&mut self, id: u32) -> bool {
+        Launcher::force_stop(self, id)
+    }
+
+    fn command(&mut self, id: u32, command: VmCommand) -> bool {
+        Launcher::command(self, id, command)
+    }
+
+    fn discard_parked(&mut self, id: u32) {
+        Launcher::discard_parked(self, id)
+    }
+
+    fn info(&self, id: u32) -> Option<RunInfo> {
+        Launcher::info(self, id)
+    }
+
+    fn owns_token(&self, token: Token) -> bool {
+        token.0 >= VM_TOKEN_BASE
+    }
+
+    fn handle_event(&mut self, token: Token) {
+        Launcher::handle_event(self, token)
+    }
+
+    fn reaped(&mut self, pid: Pid, status: WaitStatus) {
+        Launcher::reaped(self, pid, status)
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        Launcher::next_deadline(self)
+    }
+
+    fn tick(&mut self) {
+        Launcher::tick(self)
+    }
+
+    fn settle(&mut self) {
+        self.settle_ending(Instant::now())
+    }
+
+    fn is_ending(&self) -> bool {
+        !self.ending.is_empty()
+    }
+
+    fn take_events(&mut self) -> Vec<VmEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn is_empty(&self) -> bool {
+        Launcher::is_empty(self)
+    }
+
+    fn stop_all(&mut self) {
+        Launcher::stop_all(self)
+    }
+
+    fn kill_all(&mut self) {
+        Launcher::kill_all(self)
+    }
+}
+
+/// A start's helper (runs in it, as root): looks up the kvm and tty
+/// groups and the free uids, opens the VM's files and console log and
+/// locks its disks.
+fn launch_files_work(
+    vm: &VmConfig,
+    requester: &Requester,
+    accel: Accel,
+    range: UidRange,
+    taken: &[u32],
+    console_log: &Path,
+) -> helper::Work {
+    let deadline = Instant::now() + OPEN_TIMEOUT;
+    let work = || -> Result<(Vec<Opened>, HelperAnswer), StartError> {
+        let (kvm, groups) = launch_kvm_groups(accel)?;
+        let mut files = launch_open_files(vm, requester, deadline)?;
+        launch_lock_disks(&files)?;
+        let (log, console_log_size) =
+            open_console_log(console_log).map_err(|why| StartError::ConsoleLog {
+                path: console_log.display().to_string(),
+                why,
+            })?;
+        let free_uids = free_uids(range, taken);
+        if free_uids.is_empty() {
+            return Err(StartError::NoUid {
+                first: range.first,
+                last: range.last,
+            });
+        }
+        files.push(Opened {
+            kind: VmFdKind::ConsoleLog,
+            path: console_log.display().to_string(),
+            file: log.into(),
+        });
+        let tty_gid = Group::from_name("tty")
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw());
+        let answer = HelperAnswer::Start {
+            kvm,
+            groups,
+            tty_gid,
+            free_uids,
+            console_log_size,
+        };
+        Ok((files, answer))
+    };
+    match work() {
+        Ok((files, answer)) => (files, Ok(answer)),
+        Err(e) => (Vec::new(), Err(e.to_ctl())),
+    }
+}
+
+/// How many free uids a start's helper finds: the parent takes the
+/// first one no VM launched meanwhile has.
+const FREE_UIDS: usize = 16;
+
+/// The first uids of `range` not `taken` that are neither a user nor a
+/// group in the system's databases (runs in a helper: lookups can hang).
+fn free_uids(range: UidRange, taken: &[u32]) -> Vec<u32> {
+    (range.first..=range.last)
+        .filter(|uid| !taken.contains(uid))
+        .filter(|&uid| {
+            matches!(User::from_uid(Uid::from_raw(uid)), Ok(None))
+                && matches!(Group::from_gid(Gid::from_raw(uid)), Ok(None))
+        })
+        .take(FREE_UIDS)
+        .collect()
+}
+
+/// A console log helper (runs in it): rotates the log if it really
+/// reached its cap and opens it again.
+fn rotate_console_log_work(path: &Path, cap: u64) -> helper::Work {
+    let full = std::fs::metadata(path).map_or(true, |m| m.len() >= cap);
+    if full {
+        let mut old = path.to_path_buf().into_os_string();
+        old.push(".0");
+        if let Err(e) = std::fs::rename(path, &old) {
+            let why = format!("cannot rotate {}: {e}", path.display());
+            return (Vec::new(), Err(CtlError::Text(why)));
+        }
+    }
+    match open_console_log(path) {
+        Ok((fd, size)) => (
+            vec![Opened {
+                kind: VmFdKind::ConsoleLog,
+                path: path.display().to_string(),
+                file: fd.into(),
+            }],
+            Ok(HelperAnswer::ConsoleLog { size }),
+        ),
+        Err(why) => (Vec::new(), Err(CtlError::Text(why.to_string()))),
+    }
+}
+
+/// Refuses what a VM asks for that is not built yet, rather than
+/// ignoring it (at start, and as a warning of `vmd -n`).
+pub fn launch_check_built(vm: &VmConfig) -> Result<(), StartError> {
+    if vm.interface_total() > 0 {
+        return Err(StartError::NotBuilt(
+            "network interfaces (-i, -L, -n, interface) are",
+        ));
+    }
+    if vm.boot_device == Some(BootDevice::Net) {
+        return Err(StartError::NotBuilt(
+            "boot device net (-B net) arrives with networking and is",
+        ));
+    }
+    if !crate::vm::backend_built(vm) {
+        return Err(StartError::NotBuilt("backend kvm is"));
+    }
+    Ok(())
+}
+
+/// Opens every file VM `vm` needs: its kernel or else the BIOS, initrd,
+/// disk chains and cdrom. The paths `requester` named are opened with its
+/// rights by the helper (userfiles.rs); the others (the configuration's,
+/// and root's) as root where root alone controls them, else with the
+/// VM's owner's rights (`userfiles_open_root`).
+fn launch_open_files(
+    vm: &VmConfig,
+    requester: &Requester,
+    deadline: Instant,
+) -> Result<Vec<Opened>, StartError> {
+    let mut wants = Vec::new();
+    let mut want = |kind, path: &str| {
+        wants.push(Want {
+            kind,
+            path: path.to_string(),
+        })
+    };
+    if let Some(kernel) = &vm.boot {
+        want(VmFdKind::Kernel, kernel);
+    }
+    if let Some(initrd) = &vm.initrd {
+        want(VmFdKind::Initrd, initrd);
+    }
+    for (i, disk) in vm.disks.iter().enumerate() {
+        let kind = VmFdKind::Disk {
+            disk: i as u8,
+            layer: 0,
+            format: disk.format,
+            writable: true,
+        };
+        want(kind, &disk.path);
+    }
+    if let Some(cdrom) = &vm.cdrom {
+        want(VmFdKind::Cdrom, cdrom);
+    }
+    let (theirs, ours): (Vec<Want>, Vec<Want>) =
+        wants.into_iter().partition(|w| requester.opens(&w.path));
+    let mut opened = userfiles::userfiles_open_as(requester, &theirs, deadline)?;
+    let rights = if ours.is_empty() {
+        userfiles::Rights::Ownerless
+    } else {
+        userfiles::userfiles_owner_rights(&vm.owner)?
+    };
+    for want in &ours {
+        opened.extend(userfiles::userfiles_open_root(want, &rights, deadline)?);
+    }
+    if vm.boot.is_none() {
+        let bios = userfiles::userfiles_open(&[Want {
+            kind: VmFdKind::Bios,
+            path: BIOS_PATH.to_string(),
+        }])
+        .map_err(|_| StartError::BiosMissing)?;
+        opened.extend(bios);
+    }
+    launch_check_boot_sizes(&opened)?;
+    Ok(opened)
+}
+
+/// Refuses a kernel, initrd or BIOS larger than the VM process copies
+/// into memory, here where the path is known (the VM process checks
+/// again as it copies: a file may grow).
+fn launch_check_boot_sizes(opened: &[Opened]) -> Result<(), StartError> {
+    for o in opened {
+        let Some((what, limit)) = crate::vm::boot_file_limit(o.kind) else {
+            continue;
+        };
+        let size = o.file.metadata().map(|m| m.len()).unwrap_or(0);
+        if size > limit {
+            return Err(StartError::TooLarge {
+                what,
+                path: o.path.clone(),
+                limit: common::size::format(limit),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether a VM may use hardware KVM, as far as the parent can tell
+/// without a lookup: `kvm` needs /dev/kvm, `tcg` never uses it, `auto`
+/// only when the kvm_intel or kvm_amd module is loaded (other KVM
+/// providers, such as kvm_pvm, are not hardware virtualization) and
+/// /dev/kvm exists (else it is `tcg`). The helper then needs a group
+/// kvm to give the guest's processes ([`launch_kvm_groups`]).
+fn launch_accel(accel: Accel) -> Result<Accel, StartError> {
+    match accel {
+        Accel::Tcg => Ok(Accel::Tcg),
+        Accel::Kvm if !Path::new("/dev/kvm").exists() => Err(StartError::Kvm(KvmMissing::Device)),
+        Accel::Kvm => Ok(Accel::Kvm),
+        Accel::Auto if hardware_kvm() && Path::new("/dev/kvm").exists() => Ok(Accel::Auto),
+        Accel::Auto => Ok(Accel::Tcg),
+    }
+}
+
+/// In a helper (the lookup can hang): whether the VM uses hardware KVM,
+/// and the groups that gives the guest's processes (group kvm, which `kvm` requires and
+/// without which `auto` is `tcg`).
+fn launch_kvm_groups(accel: Accel) -> Result<(bool, Vec<u32>), StartError> {
+    match (accel, kvm_group()) {
+        (Accel::Tcg, _) | (Accel::Auto, None) => Ok((false, Vec::new())),
+        (_, Some(gid)) => Ok((true, vec![gid.as_raw()])),
+        (Accel::Kvm, None) => Err(StartError::Kvm(KvmMissing::Group)),
+    }
+}
+
+fn hardware_kvm() -> bool {
+    ["kvm_intel", "kvm_amd"]
+        .iter()
+        .any(|m| Path::new("/sys/module").join(m).exists())
+}
+
+fn kvm_group() -> Option<Gid> {
+    Group::from_name("kvm").ok().flatten().map(|g| g.gid)
+}
+
+/// Locks every disk's image chain: the top of a writable disk
+/// exclusively, the files below shared, so no other VM writes to a file
+/// this one reads or writes.
+fn launch_lock_disks(files: &[Opened]) -> Result<(), StartError> {
+    for f in files {
+        let VmFdKind::Disk { writable, .. } = f.kind else {
+            continue;
+        };
+        let op = if writable {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(f.file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+            return Err(match Errno::last() {
+                Errno::EWOULDBLOCK => StartError::DiskInUse(f.path.clone()),
+                e => StartError::Disk(format!("{}: cannot lock: {e}", f.path)),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A new pty, its slave raw at once and given to `owner` (see
+/// [`give_pty`]; `tty_gid` is group tty's, looked up by a helper): the
+/// master, the slave and the slave's name.
+fn open_pty(
+    owner: u32,
+    group: Option<u32>,
+    tty_gid: Option<u32>,
+) -> Result<(OwnedFd, OwnedFd, String), Errno> {
+    use nix::fcntl::OFlag;
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY)?;
+    nix::fcntl::fcntl(
+        master.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    nix::pty::grantpt(&master)?;
+    nix::pty::unlockpt(&master)?;
+    let name = nix::pty::ptsname_r(&master)?;
+    let slave_raw = nix::fcntl::open(
+        name.as_str(),
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    // SAFETY: open just returned this descriptor; nothing else owns it.
+    let slave = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(slave_raw) };
+    let mut termios = nix::sys::termios::tcgetattr(&slave)?;
+    nix::sys::termios::cfmakeraw(&mut termios);
+    nix::sys::termios::tcsetattr(&slave, nix::sys::termios::SetArg::TCSANOW, &termios)?;
+    give_pty(&slave, owner, group, tty_gid)?;
+    // SAFETY: PtyMaster owns the descriptor; into_raw_fd hands it over.
+    let master = unsafe {
+        <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(
+            master,
+        ))
+    };
+    Ok((master, slave, name))
+}
+
+/// Gives a VM's pty back to root, mode 0600, once the VM ended (a console
+/// client may still hold it open).
+fn release_pty(slave: &OwnedFd, tty: &str) {
+    let released = nix::unistd::fchown(
+        slave.as_raw_fd(),
+        Some(Uid::from_raw(0)),
+        Some(Gid::from_raw(0)),
+    )
+    .and_then(|()| {
+        nix::sys::stat::fchmod(
+            slave.as_raw_fd(),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+    });
+    if let Err(e) = released {
+        log_warn!("{tty}: cannot give it back to root: {e}");
+    }
+}
+
+/// A parked pty for a restart, its slave given to `owner` (and `group`)
+/// again.
+fn reuse_pty(
+    parked: ParkedPty,
+    owner: u32,
+    group: Option<u32>,
+    tty_gid: Option<u32>,
+) -> Result<(OwnedFd, OwnedFd, String), Errno> {
+    give_pty(&parked.slave, owner, group, tty_gid)?;
+    Ok((parked.master, parked.slave, parked.tty))
+}
+
+/// Gives a pty's slave to `owner` and group `tty` (mode 0620, as a login
+/// terminal; 0600 and group root without a `tty` group), or to `owner`
+/// and `group` (mode 0660).
+fn give_pty(
+    slave: &OwnedFd,
+    owner: u32,
+    group: Option<u32>,
+    tty_gid: Option<u32>,
+) -> Result<(), Errno> {
+    let (gid, mode) = match (group, tty_gid) {
+        (Some(gid), _) => (Gid::from_raw(gid), 0o660),
+        (None, Some(tty)) => (Gid::from_raw(tty), 0o620),
+        (None, None) => (Gid::from_raw(0), 0o600),
+    };
+    nix::unistd::fchown(slave.as_raw_fd(), Some(Uid::from_raw(owner)), Some(gid))?;
+    nix::sys::stat::fchmod(
+        slave.as_raw_fd(),
+        nix::sys::stat::Mode::from_bits_truncate(mode),
+    )
+}
+
+fn errno_of(e: &std::io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+/// Opens (creating) a console log for appending: root-owned, mode 0600,
+/// never through a symlink. Returns it and its size.
+fn open_console_log(path: &Path) -> Result<(OwnedFd, u64), ConsoleLogError> {
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(|source| ConsoleLogError::Dir {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
+    }
+    let file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY)
+        .open(path)
+        .map_err(ConsoleLogError::Open)?;
+    let meta = file.metadata().map_err(ConsoleLogError::Open)?;
+    if !meta.is_file() {
+        return Err(ConsoleLogError::NotRegular);
+    }
+    if meta.uid() != 0 {
+        return Err(ConsoleLogError::NotRoots);
+    }
+    Ok((file.into(), meta.len()))
+}
+
+/// Why a console log could not be opened.
+#[derive(Debug, Error)]
+pub enum ConsoleLogError {
+    #[error("cannot create {}: {source}", dir.display())]
+    Dir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", common::qcow2::io_message(.0))]
+    Open(std::io::Error),
+    #[error("not a regular file")]
+    NotRegular,
+    #[error("not owned by root: remove it or give it to root")]
+    NotRoots,
+}
+
+/// What hardware KVM lacks on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum KvmMissing {
+    #[error("/dev/kvm does not exist")]
+    Device,
+    #[error("group kvm does not exist")]
+    Group,
+}
+
+/// The `Uid:` (real) of /proc/PID/status and the rest of the file, if
+/// the process exists and is not a zombie.
+fn proc_status(pid: u32) -> Option<(u32, String)> {
+    proc_status_any(pid)
+        .filter(|(_, zombie, _)| !zombie)
+        .map(|(uid, _, status)| (uid, status))
+}
+
+/// A process's real uid, whether it is a zombie, and its whole status.
+fn proc_status_any(pid: u32) -> Option<(u32, bool, String)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|rest| rest.trim().to_string())
+    };
+    let zombie = field("State:").is_some_and(|s| s.starts_with('Z'));
+    let uid = field("Uid:")?.split_whitespace().next()?.parse().ok()?;
+    Some((uid, zombie, status))
+}
+
+/// SIGKILLs a VM's process and its guest's. The guest's pids come from
+/// the VM process, which is less trusted than we are: each is killed
+/// only if it runs as the VM's own uid.
+fn kill_vm(vm: &VmProc) {
+    for &pid in vm
+        .guest_pids
+        .iter()
+        .filter(|&&pid| process_alive_as(pid, vm.uid))
+    {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    let _ = kill(vm.pid, Signal::SIGKILL);
+}
+
+fn process_alive_as(pid: u32, uid: u32) -> bool {
+    proc_status(pid).is_some_and(|(u, _)| u == uid)
+}
+
+/// Whether `pid` (a guest's process of `uid`) still holds what it
+/// opened: alive, or a zombie leader whose other threads are still
+/// exiting (they hold its descriptors, and so the disks' locks, until the
+/// last one is gone).
+fn holds_files(pid: u32, uid: u32) -> bool {
+    match proc_status_any(pid) {
+        Some((u, false, _)) => u == uid,
+        // A pid reused by someone else's process holds nothing of ours.
+        Some((u, true, _)) if u == uid => {
+            std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| tasks.count() > 1)
+        }
+        _ => false,
+    }
+}
+
+/// The resident memory of a guest's processes (VmRSS), those of `pids`
+/// that still run as `uid`; None if none does.
+fn guest_memory(pids: &[u32], uid: u32) -> Option<u64> {
+    pids.iter()
+        .filter_map(|&pid| process_rss(pid, uid))
+        .reduce(|a, b| a + b)
+}
+
+/// A process's resident memory in bytes (VmRSS), if `pid` still runs as
+/// `uid`.
+fn process_rss(pid: u32, uid: u32) -> Option<u64> {
+    let (u, status) = proc_status(pid)?;
+    if u != uid {
+        return None;
+    }
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+
+    #[test]
+    fn tcg_never_and_auto_only_with_hardware_modules() {
+        assert_eq!(launch_accel(Accel::Tcg).expect("tcg"), Accel::Tcg);
+        assert!(!launch_kvm_groups(Accel::Tcg).expect("tcg").0);
+        let auto = launch_accel(Accel::Auto)
+            .and_then(launch_kvm_groups)
+            .expect("auto")
+            .0;
+        assert_eq!(
+            auto,
+            hardware_kvm() && Path::new("/dev/kvm").exists() && kvm_group().is_some()
+        );
+    }
+
+    #[test]
+    fn own_rss_is_read_from_proc() {
+        let me = std::process::id();
+        let uid = nix::unistd::getuid().as_raw();
+        assert!(process_rss(me, uid).is_some_and(|b| b > 0));
+        assert_eq!(process_rss(me, uid.wrapping_add(1)), None);
+        assert_eq!(
+            guest_memory(&[me, me], uid),
+            process_rss(me, uid).map(|b| 2 * b)
+        );
+        assert_eq!(guest_memory(&[], uid), None);
+        assert!(process_alive_as(me, uid));
+    }
+
+    #[test]
+    fn console_log_is_appended_and_refuses_symlinks() {
+        let dir = std::env::temp_dir().join(format!("vmd-vmm-test-{}", std::process::id()));
+        let path = dir.join("sub").join("x.console");
+        let (fd, size) = open_console_log(&path).expect("open");
+        assert_eq!(size, 0);
+        let mut file = File::from(fd);
+        std::io::Write::write_all(&mut file, b"hello").expect("write");
+        let (_, size) = open_console_log(&path).expect("reopen");
+        assert_eq!(size, 5);
+        let link = dir.join("link.console");
+        std::os::unix::fs::symlink(&path, &link).expect("symlink");
+        assert!(open_console_log(&link).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn pty_slave_is_raw_owned_and_released() {
+        let tty = Group::from_name("tty")
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw());
+        let (_master, slave, name) = open_pty(1, None, tty).expect("pty");
+        assert!(name.starts_with("/dev/pts/"));
+        let t = nix::sys::termios::tcgetattr(&slave).expect("tcgetattr");
+        assert!(!t
+            .local_flags
+            .contains(nix::sys::termios::LocalFlags::ECHO | nix::sys::termios::LocalFlags::ICANON));
+        let owned = nix::sys::stat::fstat(slave.as_raw_fd()).expect("fstat");
+        assert_eq!(
+            (owned.st_uid, owned.st_gid, owned.st_mode & 0o777),
+            match tty {
+                Some(gid) => (1, gid, 0o620),
+                None => (1, 0, 0o600),
+            }
+        );
+        release_pty(&slave, &name);
+        let released = nix::sys::stat::fstat(slave.as_raw_fd()).expect("fstat");
+        assert_eq!(
+            (released.st_uid, released.st_gid, released.st_mode & 0o777),
+            (0, 0, 0o600)
+        );
+        let (_master, slave, _) = open_pty(1, Some(2), tty).expect("pty");
+        let grouped = nix::sys::stat::fstat(slave.as_raw_fd()).expect("fstat");
+        assert_eq!(
+            (grouped.st_uid, grouped.st_gid, grouped.st_mode & 0o777),
+            (1, 2, 0o660)
+        );
+    }
+
+    #[test]
+    fn writable_disk_is_locked_against_a_second_user() {
+        let dir = std::env::temp_dir().join(format!("vmd-vmm-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("d.img");
+        std::fs::write(&path, vec![0u8; 4096]).expect("image");
+        let open = || {
+            let wants = [Want {
+                kind: VmFdKind::Disk {
+                    disk: 0,
+                    layer: 0,
+                    format: common::disk::DiskFormat::Raw,
+                    writable: true,
+                },
+                path: path.display().to_string(),
+            }];
+            userfiles::userfiles_open(&wants).expect("open")
+        };
+        let first = open();
+        launch_lock_disks(&first).expect("first lock");
+        assert!(matches!(
+            launch_lock_disks(&open()),
+            Err(StartError::DiskInUse(_))
+        ));
+        drop(first);
+        assert!(launch_lock_disks(&open()).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn refusals_read_as_vmd_messages() {
+        let refusal = |kind, why| FileRefusal {
+            kind,
+            path: "/u/x".into(),
+            why,
+        };
+        let cd = StartError::from_refusal(refusal(VmFdKind::Cdrom, RefusalReason::Missing));
+        assert_eq!(cd.to_ctl(), CtlError::CdromMissing);
+        assert_eq!(cd.to_ctl().describe(), "could not find specified iso image");
+        let cd = StartError::from_refusal(refusal(VmFdKind::Cdrom, RefusalReason::NotRegular));
+        assert_eq!(cd.to_ctl(), CtlError::CdromInvalid);
+        assert_eq!(StartError::BiosMissing.to_ctl(), CtlError::BiosMissing);
+        let denied =
+            StartError::from_refusal(refusal(VmFdKind::Kernel, RefusalReason::PermissionDenied));
+        assert_eq!(denied.to_string(), "/u/x: permission denied");
+        let vm = VmConfig::new("x");
+        let mut net = vm.clone();
+        net.boot_device = Some(BootDevice::Net);
+        assert!(matches!(
+            launch_check_built(&net),
+            Err(StartError::NotBuilt(_))
+        ));
+        let mut cd = vm;
+        cd.cdrom = Some("/x.iso".into());
+        cd.boot_device = Some(BootDevice::Cdrom);
+        assert!(launch_check_built(&cd).is_ok());
+    }
+}
