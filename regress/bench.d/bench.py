@@ -146,6 +146,15 @@ class OurVmd:
     def console(self, name):
         return c.Console(lambda: self.vmd.console_log(name))
 
+    def diagnose(self):
+        """vmctl status and the tail of vmd's log, for a failure."""
+        try:
+            status = subprocess.run(self.vmctl_argv("status"), capture_output=True, text=True, timeout=30).stdout
+        except subprocess.TimeoutExpired:
+            status = "(vmctl status hung)"
+        return f"--- vmctl status:\n{status}--- vmd's log, last lines:\n" + "\n".join(
+            self.vmd.log().splitlines()[-30:])
+
     def stop_all(self):
         """Forces every VM off and waits until their processes are gone."""
         pids = [p for p in self.status().values() if p]
@@ -369,6 +378,10 @@ def section_qcow2(plan, work):
         ("empty 4.5G qcow2 | qemu-img create",
          lambda: [c.VMCTL, "create", p("e.qcow2"), "-s", "4.5G"],
          lambda: [qemu_img, "create", "-q", "-f", "qcow2", p("qe.qcow2"), "4.5G"], ["e.qcow2", "qe.qcow2"]),
+        ("overlay on a qcow2 base | qemu-img create -b",
+         lambda: [c.VMCTL, "create", p("o.qcow2"), "-b", p("q-in.qcow2")],
+         lambda: [qemu_img, "create", "-q", "-f", "qcow2", "-b", p("q-in.qcow2"), "-F", "qcow2", p("qo.qcow2")],
+         ["o.qcow2", "qo.qcow2"]),
     ]
     # One qcow2 input for both sides of the second case, written by
     # qemu-img (the reference).
@@ -458,7 +471,8 @@ def libvirt_growth(plan, lv):
         for p in procs:
             if p.wait(BOOT_TIMEOUT) != 0:
                 raise CannotRun(f"{' '.join(p.args[-2:])} failed: {p.stdout.read().strip()}")
-        c.wait_markers(consoles, c.READY, t0, BOOT_TIMEOUT)
+        c.wait_markers(consoles, c.READY, t0, BOOT_TIMEOUT, what=f"{DEFINED} libvirt domains up",
+                       diagnose=lambda: c.read_file(lv.log_path)[-1500:])
         growth.append((lv.rss() - before) / DEFINED / 1024)
         lv.destroy_all()
     return growth
@@ -472,13 +486,16 @@ def section_start(plan, vmd, work, kernel, initrd, cleanup):
     bare = BareQemus(work, cleanup)
     template = None
     one_ours, one_theirs = [], []
-    for _ in range(plan.single_pairs):
-        name = vmd.names[0]
+    for i in range(plan.single_pairs):
+        # A different VM each time: vmd refuses a third start of one VM
+        # within 6 s of the previous (its start rate limit).
+        name = vmd.names[i % DEFINED]
         con = vmd.console(name)
         t0 = time.perf_counter()
         starter = subprocess.Popen(vmd.vmctl_argv("start", name), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
-        one_ours.append(c.wait_markers([con], c.MARKER, t0, BOOT_TIMEOUT)[0])
+        one_ours.append(c.wait_markers([con], c.MARKER, t0, BOOT_TIMEOUT, [starter], f"vmctl start {name}, run {i + 1}",
+                                       vmd.diagnose, may_exit=True)[0])
         if starter.wait(60) != 0:
             raise CannotRun(f"vmctl start {name}: {starter.stdout.read().strip()}")
         if template is None:
@@ -492,23 +509,25 @@ def section_start(plan, vmd, work, kernel, initrd, cleanup):
             return c.bare_argv(template, kernel, initrd, serial, qname)
         t0 = time.perf_counter()
         p, con = bare.start(argv_for)
-        one_theirs.append(c.wait_markers([con], c.MARKER, t0, BOOT_TIMEOUT, [p])[0])
+        one_theirs.append(c.wait_markers([con], c.MARKER, t0, BOOT_TIMEOUT, [p], what=f"bare QEMU, run {i + 1}")[0])
         bare.kill_all()
     rows = [Row(S2, "one VM: vmctl start | qemu-system-x86_64", "s", one_ours, one_theirs)]
 
     ten_ours, ten_theirs = [], []
     vm_rss, vm_pss, qemu_rss, qemu_pss, daemon_growth = [], [], [], [], []
-    for _ in range(plan.ten_rounds):
+    for i in range(plan.ten_rounds):
         idle = vmd.daemon_rss()
         consoles = [vmd.console(n) for n in vmd.names]
         t0 = time.perf_counter()
         starters = [subprocess.Popen(vmd.vmctl_argv("start", n), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True) for n in vmd.names]
-        ten_ours.append(max(c.wait_markers(consoles, c.MARKER, t0, BOOT_TIMEOUT)))
+        ten_ours.append(max(c.wait_markers(consoles, c.MARKER, t0, BOOT_TIMEOUT, starters,
+                                           f"{DEFINED} vmctl starts, round {i + 1}", vmd.diagnose, may_exit=True)))
         for s in starters:
             if s.wait(120) != 0:
                 raise CannotRun(f"{' '.join(s.args[-2:])}: {s.stdout.read().strip()}")
-        c.wait_markers(consoles, c.READY, t0, BOOT_TIMEOUT)
+        c.wait_markers(consoles, c.READY, t0, BOOT_TIMEOUT, what=f"{DEFINED} vmd guests up, round {i + 1}",
+                       diagnose=vmd.diagnose)
         daemon_growth.append((vmd.daemon_rss() - idle) / DEFINED / 1024)
         for n in vmd.names:
             vm, qemu = vmd.vm_and_qemu(n)
@@ -522,7 +541,7 @@ def section_start(plan, vmd, work, kernel, initrd, cleanup):
         started = [bare.start(lambda serial, qname: c.bare_argv(template, kernel, initrd, serial, qname))
                    for _ in range(DEFINED)]
         ten_theirs.append(max(c.wait_markers([con for _, con in started], c.MARKER, t0, BOOT_TIMEOUT,
-                                             [p for p, _ in started])))
+                                             [p for p, _ in started], what=f"{DEFINED} bare QEMUs, round {i + 1}")))
         bare.kill_all()
     rows.append(Row(S2, f"{DEFINED} VMs at once, until all are up: vmctl start | QEMUs", "s",
                     ten_ours, ten_theirs))

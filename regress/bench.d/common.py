@@ -202,10 +202,19 @@ class Console:
             self.offset = 0
         return text in data[self.offset:]
 
+    def tail(self, lines=15):
+        """The last lines written since the watch began (all if it was
+        truncated)."""
+        data = self.read()
+        data = data[self.offset:] if len(data) >= self.offset else data
+        return "\n".join(data.rstrip("\n").splitlines()[-lines:]) or f"(nothing; {len(data)} bytes in all)"
 
-def wait_markers(consoles, text, t0, timeout, procs=()):
+
+def wait_markers(consoles, text, t0, timeout, procs=(), what="", diagnose=lambda: "", may_exit=False):
     """Polls every console (10 ms) until each shows `text`; returns the
-    seconds from t0 at which each did. `procs` (Popen) must not exit."""
+    seconds from t0 at which each did. `procs` (Popen) must not exit,
+    except with status 0 if `may_exit`. `what` names the run and
+    `diagnose()` adds to a failure."""
     seen = {}
     deadline = time.monotonic() + timeout
     while len(seen) < len(consoles):
@@ -215,11 +224,14 @@ def wait_markers(consoles, text, t0, timeout, procs=()):
         if len(seen) == len(consoles):
             break
         for p in procs:
-            if p.poll() is not None:
-                raise CannotRun(f"{p.args[0]} exited ({p.returncode}) before {text!r}: "
+            if p.poll() is not None and not (may_exit and p.returncode == 0):
+                raise CannotRun(f"{what}: {' '.join(p.args)} exited ({p.returncode}) before {text!r}: "
                                 f"{(p.stdout.read() if p.stdout else '')[-800:]}")
         if time.monotonic() > deadline:
-            raise CannotRun(f"{len(consoles) - len(seen)} of {len(consoles)} consoles lacked {text!r} after {timeout}s")
+            tails = "\n".join(f"--- console {i}, last lines:\n{c.tail()}"
+                              for i, c in enumerate(consoles) if i not in seen)
+            raise CannotRun(f"{what}: {len(consoles) - len(seen)} of {len(consoles)} consoles lacked {text!r} "
+                            f"after {timeout}s\n{tails}\n{diagnose()}")
         time.sleep(0.01)
     return [seen[i] for i in range(len(consoles))]
 
