@@ -292,20 +292,28 @@ class Libvirt:
                 pass
         return [p for p in pids if c.alive(p)]
 
-    def destroy_all(self):
-        procs = [subprocess.Popen(self.virsh_argv("destroy", n), stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL) for n in self.names]
+    def virsh_each(self, verb, names):
+        """`virsh VERB NAME` for each of names at once, errors ignored (a
+        domain that is not running cannot be destroyed)."""
+        procs = [subprocess.Popen(self.virsh_argv(verb, n), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL) for n in names]
         for p in procs:
-            p.wait(120)
+            try:
+                p.wait(120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def destroy_all(self):
+        self.virsh_each("destroy", self.names)
         c.wait_for("libvirt's QEMUs to exit", lambda: not self.qemu_pids(), 60)
 
     def stop(self):
         leftover = []
         if self.proc.poll() is None:
             leftover = self.qemu_pids()
-            for name in self.defined:
-                subprocess.run(self.virsh_argv("destroy", name), capture_output=True, timeout=60)
-                subprocess.run(self.virsh_argv("undefine", name), capture_output=True, timeout=60)
+            self.virsh_each("destroy", self.defined)
+            self.virsh_each("undefine", self.defined)
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(15)
@@ -543,7 +551,7 @@ def section_start(plan, vmd, work, kernel, initrd, cleanup):
         ten_theirs.append(max(c.wait_markers([con for _, con in started], c.MARKER, t0, BOOT_TIMEOUT,
                                              [p for p, _ in started], what=f"{DEFINED} bare QEMUs, round {i + 1}")))
         bare.kill_all()
-    rows.append(Row(S2, f"{DEFINED} VMs at once, until all are up: vmctl start | QEMUs", "s",
+    rows.append(Row(S2, f"{DEFINED} VMs at once, until all {DEFINED} booted: vmctl start | QEMUs", "s",
                     ten_ours, ten_theirs))
     S3 = f"3 overhead per VM ({DEFINED} guests up)"
     rows.append(Row(S3, "VM process RSS | its QEMU's RSS", "MiB", vm_rss, qemu_rss))
@@ -583,11 +591,12 @@ def main():
     work = tempfile.mkdtemp(prefix="vmd-bench-")
     os.chmod(work, 0o755)
     cleanup.push(f"rm -rf {work}", lambda: shutil.rmtree(work, ignore_errors=True))
-    links_before = host_links()
+    links_before = None
     rows, notes = [], []
-    title = f"make bench: vmd against the alternatives, {c.machine_line()}"
     try:
         check_ready(work)
+        title = f"make bench: vmd against the alternatives, {c.machine_line()}"
+        links_before = host_links()
         if "qcow2" in sections:
             log("qcow2: vmctl create against qemu-img")
             rows += section_qcow2(plan, work)
@@ -621,11 +630,15 @@ def main():
     except CannotRun as e:
         print(f"regress/bench: cannot run: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("regress/bench: interrupted; cleaning up", file=sys.stderr)
+        return 130
     finally:
         cleanup.run()
-        new = {link for link in host_links() - links_before if link.startswith("virbr")}
-        if new:
-            print(f"regress/bench: the host gained {sorted(new)} during the run", file=sys.stderr)
+        if links_before is not None:
+            new = {link for link in host_links() - links_before if link.startswith("virbr")}
+            if new:
+                print(f"regress/bench: the host gained {sorted(new)} during the run", file=sys.stderr)
     rows.sort(key=lambda r: r.section)
     notes.append("each cell: median (min-max; 10th-90th percentile beyond 10 runs); n = runs vmd/alternative; "
                  "ratio = vmd's median / the alternative's (below 1: vmd takes less; for req/s above 1 is better)")

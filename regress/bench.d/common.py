@@ -366,7 +366,11 @@ def render(title, notes, rows):
 
 
 def machine_line():
-    qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    try:
+        qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
+                              text=True).stdout.split("\n")[0]
+    except OSError:
+        qemu = "no qemu-system-x86_64"
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = os.getloadavg()
     return (f"{now}, {platform.node()}, {os.cpu_count()} CPUs, load {load[0]:.1f} at the start, "
