@@ -48,14 +48,13 @@ class Plan:
     """How many runs each figure takes."""
 
     def __init__(self, quick):
-        self.status_runs = 20 if quick else 100
+        self.status_runs = 20 if quick else 200
         self.rss_samples = 3 if quick else 5
         self.clients = 8
         self.per_client = 5 if quick else 25
-        self.rate_rounds = 1 if quick else 3
-        self.single_pairs = 1 if quick else 5
-        self.ten_rounds = 1 if quick else 3
-        self.libvirt_rounds = 1 if quick else 3
+        self.rate_rounds = 1 if quick else 5
+        self.single_pairs = 1 if quick else 7
+        self.ten_rounds = 1 if quick else 4
         self.qcow2_runs = 1 if quick else 5
 
 
@@ -466,97 +465,123 @@ def section_control(plan, vmd, lv):
     return rows, base
 
 
-def libvirt_growth(plan, lv):
-    """libvirtd's RSS growth per running domain: all DEFINED domains
-    started at once and up (READY on their consoles), per round."""
-    growth = []
-    for _ in range(plan.libvirt_rounds):
-        before = lv.rss()
-        consoles = [lv.console(n) for n in lv.names]
+class Side:
+    """One way of starting guests, for the start rows: `start(names)`
+    returns (processes, consoles), the consoles watched from before the
+    start; `stop()` ends every guest it started."""
+
+    def __init__(self, label, start, stop, may_exit, diagnose=lambda: ""):
+        self.label, self.start, self.stop = label, start, stop
+        self.may_exit, self.diagnose = may_exit, diagnose
+
+    def time_to(self, names, what):
+        """Seconds from the start of `names` until every guest printed
+        its first console line (the processes and consoles returned too)."""
         t0 = time.perf_counter()
-        procs = [subprocess.Popen(lv.virsh_argv("start", n), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True) for n in lv.names]
-        for p in procs:
-            if p.wait(BOOT_TIMEOUT) != 0:
-                raise CannotRun(f"{' '.join(p.args[-2:])} failed: {p.stdout.read().strip()}")
-        c.wait_markers(consoles, c.READY, t0, BOOT_TIMEOUT, what=f"{DEFINED} libvirt domains up",
-                       diagnose=lambda: c.read_file(lv.log_path)[-1500:])
-        growth.append((lv.rss() - before) / DEFINED / 1024)
-        lv.destroy_all()
-    return growth
+        procs, consoles = self.start(names)
+        times = c.wait_markers(consoles, c.MARKER, t0, BOOT_TIMEOUT, procs, f"{self.label}, {what}",
+                               self.diagnose, self.may_exit)
+        for p in procs if self.may_exit else ():
+            if p.wait(120) != 0:
+                raise CannotRun(f"{' '.join(p.args)}: exit {p.returncode}: {p.stdout.read().strip()}")
+        return max(times), consoles
 
 
-def section_start(plan, vmd, work, kernel, initrd, cleanup):
-    """Start to the first console marker, vmd against bare QEMU, one VM
-    and DEFINED at once; the VM process and the daemon's memory while
-    DEFINED VMs run."""
-    S2 = "2 start to guest (TCG; first console line of the guest)"
+def spawn_each(argv_of, names):
+    return [subprocess.Popen(argv_of(n), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for n in names]
+
+
+def section_start(plan, vmd, lv, work, kernel, initrd, cleanup):
+    """Start to the first console line: vmd against bare QEMU (with vmd's
+    own QEMU arguments) and against libvirt, one VM and DEFINED at once,
+    the sides alternating; while DEFINED guests are up, the VM process
+    beside its QEMU and the daemons' growth."""
     bare = BareQemus(work, cleanup)
-    template = None
-    one_ours, one_theirs = [], []
+    template = []
+
+    def vmd_start(names):
+        consoles = [vmd.console(n) for n in names]
+        return spawn_each(lambda n: vmd.vmctl_argv("start", n), names), consoles
+
+    def bare_start(names):
+        started = [bare.start(lambda serial, qname: c.bare_argv(template, kernel, initrd, serial, qname))
+                   for _ in names]
+        return [p for p, _ in started], [con for _, con in started]
+
+    def libvirt_start(names):
+        consoles = [lv.console(n) for n in names]
+        return spawn_each(lambda n: lv.virsh_argv("start", n), names), consoles
+
+    ours = Side("vmctl start", vmd_start, vmd.stop_all, True, vmd.diagnose)
+    sides = [Side("bare QEMU", bare_start, bare.kill_all, False),
+             Side("virsh start", libvirt_start, lv.destroy_all, True,
+                  lambda: "--- libvirtd's log:\n" + c.read_file(lv.log_path)[-1500:])]
+
+    S2 = "2 start to guest (TCG; to the guest's first console line)"
+    one = {s.label: [] for s in [ours] + sides}
     for i in range(plan.single_pairs):
         # A different VM each time: vmd refuses a third start of one VM
         # within 6 s of the previous (its start rate limit).
-        name = vmd.names[i % DEFINED]
-        con = vmd.console(name)
-        t0 = time.perf_counter()
-        starter = subprocess.Popen(vmd.vmctl_argv("start", name), stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
-        one_ours.append(c.wait_markers([con], c.MARKER, t0, BOOT_TIMEOUT, [starter], f"vmctl start {name}, run {i + 1}",
-                                       vmd.diagnose, may_exit=True)[0])
-        if starter.wait(60) != 0:
-            raise CannotRun(f"vmctl start {name}: {starter.stdout.read().strip()}")
-        if template is None:
-            _, qemu = vmd.vm_and_qemu(name)
-            template = c.cmdline(qemu)
+        t, _ = ours.time_to([vmd.names[i % DEFINED]], f"one VM, run {i + 1}")
+        one[ours.label].append(t)
+        if not template:
+            _, qemu = vmd.vm_and_qemu(vmd.names[i % DEFINED])
+            template[:] = c.cmdline(qemu)
             log("vmd's QEMU: " + " ".join(template))
             log("bare QEMU:  " + " ".join(c.bare_argv(template, kernel, initrd, "SERIAL", "NAME")))
-        vmd.stop_all()
+        ours.stop()
+        for side in sides:
+            t, _ = side.time_to([lv.names[i % DEFINED]], f"one VM, run {i + 1}")
+            one[side.label].append(t)
+            side.stop()
 
-        def argv_for(serial, qname):
-            return c.bare_argv(template, kernel, initrd, serial, qname)
-        t0 = time.perf_counter()
-        p, con = bare.start(argv_for)
-        one_theirs.append(c.wait_markers([con], c.MARKER, t0, BOOT_TIMEOUT, [p], what=f"bare QEMU, run {i + 1}")[0])
-        bare.kill_all()
-    rows = [Row(S2, "one VM: vmctl start | qemu-system-x86_64", "s", one_ours, one_theirs)]
-
-    ten_ours, ten_theirs = [], []
-    vm_rss, vm_pss, qemu_rss, qemu_pss, daemon_growth = [], [], [], [], []
+    ten = {s.label: [] for s in [ours] + sides}
+    vm_rss, vm_pss, qemu_rss, qemu_pss, vm_total_rss, vm_total_pss = [], [], [], [], [], []
+    lv_qemu_rss, lv_qemu_pss, vmd_growth, lv_growth = [], [], [], []
     for i in range(plan.ten_rounds):
         idle = vmd.daemon_rss()
-        consoles = [vmd.console(n) for n in vmd.names]
-        t0 = time.perf_counter()
-        starters = [subprocess.Popen(vmd.vmctl_argv("start", n), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True) for n in vmd.names]
-        ten_ours.append(max(c.wait_markers(consoles, c.MARKER, t0, BOOT_TIMEOUT, starters,
-                                           f"{DEFINED} vmctl starts, round {i + 1}", vmd.diagnose, may_exit=True)))
-        for s in starters:
-            if s.wait(120) != 0:
-                raise CannotRun(f"{' '.join(s.args[-2:])}: {s.stdout.read().strip()}")
-        c.wait_markers(consoles, c.READY, t0, BOOT_TIMEOUT, what=f"{DEFINED} vmd guests up, round {i + 1}",
+        t, consoles = ours.time_to(vmd.names, f"{DEFINED} VMs, round {i + 1}")
+        ten[ours.label].append(t)
+        c.wait_markers(consoles, c.READY, 0, BOOT_TIMEOUT, what=f"{DEFINED} vmd guests up, round {i + 1}",
                        diagnose=vmd.diagnose)
-        daemon_growth.append((vmd.daemon_rss() - idle) / DEFINED / 1024)
+        vmd_growth.append((vmd.daemon_rss() - idle) / DEFINED / 1024)
         for n in vmd.names:
             vm, qemu = vmd.vm_and_qemu(n)
             vm_rss.append(c.rss_kib(vm) / 1024)
             vm_pss.append(c.pss_kib(vm) / 1024)
             qemu_rss.append(c.rss_kib(qemu) / 1024)
             qemu_pss.append(c.pss_kib(qemu) / 1024)
-        vmd.stop_all()
+            vm_total_rss.append(vm_rss[-1] + qemu_rss[-1])
+            vm_total_pss.append(vm_pss[-1] + qemu_pss[-1])
+        ours.stop()
+        for side in sides:
+            idle = lv.rss()
+            t, consoles = side.time_to(lv.names if side.label == "virsh start" else vmd.names,
+                                       f"{DEFINED} VMs, round {i + 1}")
+            ten[side.label].append(t)
+            if side.label == "virsh start":
+                c.wait_markers(consoles, c.READY, 0, BOOT_TIMEOUT, what=f"{DEFINED} libvirt guests up, round {i + 1}",
+                               diagnose=side.diagnose)
+                lv_growth.append((lv.rss() - idle) / DEFINED / 1024)
+                for q in lv.qemu_pids():
+                    lv_qemu_rss.append(c.rss_kib(q) / 1024)
+                    lv_qemu_pss.append(c.pss_kib(q) / 1024)
+            side.stop()
 
-        t0 = time.perf_counter()
-        started = [bare.start(lambda serial, qname: c.bare_argv(template, kernel, initrd, serial, qname))
-                   for _ in range(DEFINED)]
-        ten_theirs.append(max(c.wait_markers([con for _, con in started], c.MARKER, t0, BOOT_TIMEOUT,
-                                             [p for p, _ in started], what=f"{DEFINED} bare QEMUs, round {i + 1}")))
-        bare.kill_all()
-    rows.append(Row(S2, f"{DEFINED} VMs at once, until all {DEFINED} booted: vmctl start | QEMUs", "s",
-                    ten_ours, ten_theirs))
+    rows = []
+    for side, alt in zip(sides, ["qemu-system-x86_64", "virsh start"]):
+        rows.append(Row(S2, f"one VM: vmctl start | {alt}", "s", one[ours.label], one[side.label]))
+    for side, alt in zip(sides, [f"{DEFINED} bare QEMUs", f"{DEFINED} virsh start"]):
+        rows.append(Row(S2, f"{DEFINED} at once, until all booted: vmctl start | {alt}", "s",
+                        ten[ours.label], ten[side.label]))
     S3 = f"3 overhead per VM ({DEFINED} guests up)"
     rows.append(Row(S3, "VM process RSS | its QEMU's RSS", "MiB", vm_rss, qemu_rss))
     rows.append(Row(S3, "VM process PSS | its QEMU's PSS", "MiB", vm_pss, qemu_pss))
-    return rows, daemon_growth
+    rows.append(Row(S3, "per guest RSS: VM process + QEMU | libvirt's QEMU", "MiB", vm_total_rss, lv_qemu_rss))
+    rows.append(Row(S3, "per guest PSS: VM process + QEMU | libvirt's QEMU", "MiB", vm_total_pss, lv_qemu_pss))
+    rows.append(Row(S3, "daemon RSS growth per running guest: vmd | libvirtd", "MiB", vmd_growth, lv_growth))
+    return rows
 
 
 def check_ready(work):
@@ -605,28 +630,19 @@ def main():
             netns = Netns(cleanup)
             log(f"vmd in network namespace {netns.name}")
             vmd = OurVmd(work, netns, kernel, initrd, cleanup)
-            daemon_growth = []
-            if "start" in sections:
-                log("start to guest: vmd and bare QEMU, alternating")
-                start_rows, daemon_growth = section_start(plan, vmd, work, kernel, initrd, cleanup)
+            log(f"libvirtd in {netns.name}: defining {DEFINED} domains")
+            lv = Libvirt(work, netns, kernel, initrd, cleanup)
+            version = c.run(lv.virsh_argv("version")).strip().splitlines()
+            notes.append(f"libvirt: {'; '.join(v.strip() for v in version if v.strip())}; "
+                         f"{DEFINED} domains defined in {lv.define_seconds:.1f}s")
             if "control" in sections:
-                log(f"libvirtd in {netns.name}: defining {DEFINED} domains")
-                lv = Libvirt(work, netns, kernel, initrd, cleanup)
-                version = c.run(lv.virsh_argv("version")).strip().splitlines()
-                notes.append(f"libvirt: {'; '.join(v.strip() for v in version if v.strip())}; "
-                             f"{DEFINED} domains defined in {lv.define_seconds:.1f}s")
-                log("control plane: vmctl against virsh")
+                log("control plane: vmctl against virsh, idle daemons")
                 control_rows, base = section_control(plan, vmd, lv)
                 notes.append(f"starting any process (/bin/true) takes {base:.2f} ms here")
                 rows = control_rows + rows
-                log(f"libvirtd with {DEFINED} running domains")
-                lv_growth = libvirt_growth(plan, lv)
             if "start" in sections:
-                rows += start_rows
-                if "control" in sections:
-                    rows.append(Row(f"3 overhead per VM ({DEFINED} guests up)",
-                                    "daemon RSS growth per running VM: vmd | libvirtd", "MiB",
-                                    daemon_growth, lv_growth))
+                log("start to guest: vmd, bare QEMU and libvirt, alternating")
+                rows += section_start(plan, vmd, lv, work, kernel, initrd, cleanup)
     except CannotRun as e:
         print(f"regress/bench: cannot run: {e}", file=sys.stderr)
         return 1
