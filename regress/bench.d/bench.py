@@ -18,6 +18,7 @@ on failure and on Ctrl-C too.
 """
 
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -133,6 +134,9 @@ class OurVmd:
 
     def daemon_rss(self):
         return sum(c.rss_kib(p) for p in self.daemon_pids())
+
+    def daemon_pss(self):
+        return sum(c.pss_kib(p) for p in self.daemon_pids())
 
     def vm_and_qemu(self, name):
         pid = self.status().get(name)
@@ -280,6 +284,10 @@ class Libvirt:
         if not c.alive(self.pid):
             raise CannotRun(f"libvirtd is gone: {c.read_file(self.log_path)[-1500:]}")
         return c.rss_kib(self.pid)
+
+    def pss(self):
+        self.rss()
+        return c.pss_kib(self.pid)
 
     def qemu_pids(self):
         """The running domains' QEMUs (libvirt's NAME.pid files)."""
@@ -429,12 +437,16 @@ def section_control(plan, vmd, lv):
     rows.append(Row(S, "vmctl status | virsh list --all, whole process", "ms", ours, theirs))
     base = statistics.median(true)
 
-    ours, theirs = [], []
+    ours, theirs, ours_pss, theirs_pss = [], [], [], []
     for _ in range(plan.rss_samples):
         ours.append(vmd.daemon_rss() / 1024)
         theirs.append(lv.rss() / 1024)
+        ours_pss.append(vmd.daemon_pss() / 1024)
+        theirs_pss.append(lv.pss() / 1024)
         time.sleep(0.2)
     rows.append(Row(S, "daemon RSS, idle: parent+control+switch | libvirtd", "MiB", ours, theirs))
+    # RSS counts the pages vmd's three processes share three times.
+    rows.append(Row(S, "daemon PSS, idle: parent+control+switch | libvirtd", "MiB", ours_pss, theirs_pss))
 
     def rate(argv):
         errors = []
@@ -545,7 +557,7 @@ def section_start(plan, vmd, lv, work, kernel, initrd, cleanup):
         ten[ours.label].append(t)
         c.wait_markers(consoles, c.READY, 0, BOOT_TIMEOUT, what=f"{DEFINED} vmd guests up, round {i + 1}",
                        diagnose=vmd.diagnose)
-        vmd_growth.append((vmd.daemon_rss() - idle) / DEFINED / 1024)
+        vmd_growth.append((vmd.daemon_rss() - idle) / DEFINED)
         for n in vmd.names:
             vm, qemu = vmd.vm_and_qemu(n)
             vm_rss.append(c.rss_kib(vm) / 1024)
@@ -563,7 +575,7 @@ def section_start(plan, vmd, lv, work, kernel, initrd, cleanup):
             if side.label == "virsh start":
                 c.wait_markers(consoles, c.READY, 0, BOOT_TIMEOUT, what=f"{DEFINED} libvirt guests up, round {i + 1}",
                                diagnose=side.diagnose)
-                lv_growth.append((lv.rss() - idle) / DEFINED / 1024)
+                lv_growth.append((lv.rss() - idle) / DEFINED)
                 for q in lv.qemu_pids():
                     lv_qemu_rss.append(c.rss_kib(q) / 1024)
                     lv_qemu_pss.append(c.pss_kib(q) / 1024)
@@ -580,11 +592,11 @@ def section_start(plan, vmd, lv, work, kernel, initrd, cleanup):
     rows.append(Row(S3, "VM process PSS | its QEMU's PSS", "MiB", vm_pss, qemu_pss))
     rows.append(Row(S3, "per guest RSS: VM process + QEMU | libvirt's QEMU", "MiB", vm_total_rss, lv_qemu_rss))
     rows.append(Row(S3, "per guest PSS: VM process + QEMU | libvirt's QEMU", "MiB", vm_total_pss, lv_qemu_pss))
-    rows.append(Row(S3, "daemon RSS growth per running guest: vmd | libvirtd", "MiB", vmd_growth, lv_growth))
+    rows.append(Row(S3, "daemon RSS growth per running guest: vmd | libvirtd", "KiB", vmd_growth, lv_growth))
     return rows
 
 
-def check_ready(work):
+def check_ready():
     """What the bench needs, or CannotRun saying what to do."""
     if os.geteuid() != 0:
         raise CannotRun("the bench runs as root")
@@ -596,7 +608,6 @@ def check_ready(work):
             raise CannotRun(f"{tool} missing: run sh regress/setup --bench")
     for user in ("_vmd", "libvirt-qemu"):
         try:
-            import pwd
             pwd.getpwnam(user)
         except KeyError:
             raise CannotRun(f"user {user} missing: run sh regress/setup --bench")
@@ -619,7 +630,7 @@ def main():
     links_before = None
     rows, notes = [], []
     try:
-        check_ready(work)
+        check_ready()
         title = f"make bench: vmd against the alternatives, {c.machine_line()}"
         links_before = host_links()
         if "qcow2" in sections:

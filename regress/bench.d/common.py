@@ -310,7 +310,7 @@ def fmt_num(x):
         return f"{x:.1f}"
     if a >= 1:
         return f"{x:.2f}"
-    return f"{x:.3f}"
+    return f"{x:.3g}"
 
 
 def summary(samples):
