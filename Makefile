@@ -6,7 +6,7 @@ SBINDIR = $(DESTDIR)$(PREFIX)/sbin
 MANDIR = $(DESTDIR)$(PREFIX)/share/man
 CARGO ?= cargo
 
-.PHONY: all build test regress regress-nested install demo bench setup clean
+.PHONY: all build test regress regress-nested install demo bench bench-nested setup setup-bench clean
 
 all:
 	$(CARGO) build --release --workspace
@@ -31,8 +31,18 @@ regress: build
 regress-nested: build
 	sh regress/nested/run --all
 
-bench: all
+# vmd against what users would pick instead (libvirt, bare QEMU,
+# qemu-img), side by side in one run: prints one table and writes it to
+# target/bench/ (regress/bench.d/README.md). Installs libvirt for it.
+bench: setup-bench all
 	sh regress/bench
+
+setup-bench:
+	sh regress/setup --bench
+
+# Start to guest under real KVM, inside regress/nested's KVM host.
+bench-nested: setup all
+	sh regress/bench --nested
 
 # Boots the test guest in demo mode under vmd and attaches to its shell
 # with vmctl console (examples/demo; ~. leaves, then the demo stops the
