@@ -398,6 +398,10 @@ def test_load_bad_file_changes_nothing():
         # "one" exists: load keeps it and says so.
         expect_equal("load a good file (relative path)", vmd.vmctl_streams("load", "good.conf", cwd=vmd.dir),
                (0, "", f'vmctl: vm "one" ({good}:3): skipped: vm one already exists\n'))
+        # The load runs the next staggered batch: "two" tries to start (its
+        # files are opened off the loop, so it is listed first, as running,
+        # until its start fails): wait for that to end.
+        wait_for("the batch's start to end", lambda: all(s != "running" for _, _, s in vm_names(vmd)))
         names = vm_names(vmd)
         expect_equal("after load", [n for _, n, _ in names], ["one", "two", "three", "x1"])
         if "2.0G" in vmd.vmctl_streams("status", "one")[1]:

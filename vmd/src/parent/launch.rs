@@ -1487,10 +1487,27 @@ mod tests {
         let uid = nix::unistd::getuid().as_raw();
         assert!(process_rss(me, uid).is_some_and(|b| b > 0));
         assert_eq!(process_rss(me, uid.wrapping_add(1)), None);
-        assert_eq!(
-            guest_memory(&[me, me], uid),
-            process_rss(me, uid).map(|b| 2 * b)
-        );
+        // A sleeping child's RSS holds still (this process's moves with
+        // the other tests' threads).
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("sleep");
+        let pid = child.id();
+        // Asleep in nanosleep once exec and its start-up are done.
+        let asleep = || {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            status.contains("Name:\tsleep\n") && status.contains("State:\tS")
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !asleep() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let doubled = guest_memory(&[pid, pid], uid);
+        let single = process_rss(pid, uid);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(doubled, single.map(|b| 2 * b));
         assert_eq!(guest_memory(&[], uid), None);
         assert!(process_alive_as(me, uid));
     }
