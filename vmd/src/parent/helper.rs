@@ -125,16 +125,7 @@ impl Helper {
                     || nix::unistd::getppid() != parent;
                 let sent = !orphan && {
                     let (files, outcome) = work();
-                    files
-                        .into_iter()
-                        .try_for_each(|o| {
-                            let mut frame = Frame::new(Message::UserFile {
-                                kind: o.kind,
-                                path: o.path,
-                            });
-                            frame.fd = Some(o.file.into());
-                            imsg::send_blocking(theirs.as_fd(), frame)
-                        })
+                    userfiles::send_opened(theirs.as_fd(), files)
                         .and_then(|()| {
                             let bytes = bincode::serde::encode_to_vec(&outcome, answer_config())
                                 .map_err(|e| imsg::ImsgError::Encode(e.to_string()))?;

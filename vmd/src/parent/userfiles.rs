@@ -46,7 +46,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -395,6 +395,19 @@ fn owner_identity(uid: u32, path: &str) -> Result<Requester, UserFilesError> {
 const OVERFLOW_UID: u32 = 65534;
 const OVERFLOW_GID: u32 = 65534;
 
+/// Sends each opened file to the parent: a UserFile frame with its
+/// descriptor (a helper's answer, before its outcome).
+pub fn send_opened(sock: BorrowedFd, opened: Vec<Opened>) -> Result<(), imsg::ImsgError> {
+    opened.into_iter().try_for_each(|o| {
+        let mut frame = Frame::new(Message::UserFile {
+            kind: o.kind,
+            path: o.path,
+        });
+        frame.fd = Some(o.file.into());
+        imsg::send_blocking(sock, frame)
+    })
+}
+
 /// The helper: becomes the requester entirely, opens, sends every
 /// descriptor and the outcome, exits. Never returns.
 fn userfiles_helper(req: &Requester, wants: &[Want], sock: OwnedFd, parent: Pid) -> ! {
@@ -411,22 +424,12 @@ fn userfiles_helper(req: &Requester, wants: &[Want], sock: OwnedFd, parent: Pid)
         }),
     };
     let sent = match outcome {
-        Ok(opened) => opened
-            .into_iter()
-            .try_for_each(|o| {
-                let mut frame = Frame::new(Message::UserFile {
-                    kind: o.kind,
-                    path: o.path,
-                });
-                frame.fd = Some(o.file.into());
-                imsg::send_blocking(sock.as_fd(), frame)
-            })
-            .and_then(|()| {
-                imsg::send_blocking(
-                    sock.as_fd(),
-                    Frame::new(Message::UserFilesDone { refusal: None }),
-                )
-            }),
+        Ok(opened) => send_opened(sock.as_fd(), opened).and_then(|()| {
+            imsg::send_blocking(
+                sock.as_fd(),
+                Frame::new(Message::UserFilesDone { refusal: None }),
+            )
+        }),
         Err(refusal) => imsg::send_blocking(
             sock.as_fd(),
             Frame::new(Message::UserFilesDone {
