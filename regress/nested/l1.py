@@ -336,6 +336,15 @@ def check_kvm_host(l1):
     return vendor[0]
 
 
+def nested_build():
+    """L1's kernel and initramfs, built (or cached) by regress/nested/build."""
+    p = subprocess.run([NESTED_BUILD, "--print"], capture_output=True, text=True)
+    m = re.search(r"KERNEL=(\S+) INITRD=(\S+)", p.stdout)
+    if p.returncode != 0 or not m:
+        raise Failure(f"{NESTED_BUILD} failed: {p.stderr.strip()}")
+    return m.group(1), m.group(2)
+
+
 def setup():
     """What a suite in L1 needs: root, QEMU, the release vmd and vmctl
     (built), L1 built and booted, and a KVM host. The running L1 (stop it
@@ -355,12 +364,12 @@ def setup():
                        capture_output=True, text=True)
     if p.returncode != 0:
         return failed(f"cargo build --release failed: {tail(p.stderr)}")
-    p = subprocess.run([NESTED_BUILD, "--print"], capture_output=True, text=True)
-    m = re.search(r"KERNEL=(\S+) INITRD=(\S+)", p.stdout)
-    if p.returncode != 0 or not m:
-        return failed(f"{NESTED_BUILD} failed: {p.stderr.strip()}")
     try:
-        l1 = L1.boot(m.group(1), m.group(2))
+        kernel, initrd = nested_build()
+    except Failure as e:
+        return failed(str(e))
+    try:
+        l1 = L1.boot(kernel, initrd)
     except Failure as e:
         return failed(f"L1 did not boot: {e}")
     try:
