@@ -5,7 +5,6 @@
 //! (see proc.rs).
 
 mod control;
-mod exec;
 mod log;
 mod parent;
 mod proc;
