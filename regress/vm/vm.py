@@ -350,15 +350,22 @@ def start_failures_as_root(vmd):
         raise Failure(f"cfgbad after its failed start: {row}")
 
 
+def user_template_vmd(user):
+    """A vmd whose socket `user` may use, with a template "tpl" from which
+    it may start instances with its own boot files and disks."""
+    conf = (f"socket owner :{user.name}\n"
+            f'vm "tpl" {{\n\tdisable\n\tmemory 256M\n'
+            f"\tallow instance {{ boot, disk, memory, owner {user.name} }}\n}}\n")
+    vmd = Vmd(conf_extra=conf)
+    os.chmod(vmd.dir, 0o711)
+    return vmd
+
+
 def start_failures_as_a_user():
     user = TestUser("vmdstart")
     vmd = None
     try:
-        conf = (f"socket owner :{user.name}\n"
-                f'vm "tpl" {{\n\tdisable\n\tmemory 256M\n'
-                f"\tallow instance {{ boot, disk, memory, owner {user.name} }}\n}}\n")
-        vmd = Vmd(conf_extra=conf)
-        os.chmod(vmd.dir, 0o711)
+        vmd = user_template_vmd(user)
         # The user's own copies of the guest and a broken disk of its own.
         files = os.path.join(vmd.dir, "files")
         os.mkdir(files)
@@ -460,11 +467,7 @@ def hung_file_system_stalls_only_its_start():
     user = TestUser("vmdhang")
     vmd = bindfs = mnt = None
     try:
-        conf = (f"socket owner :{user.name}\n"
-                f'vm "tpl" {{\n\tdisable\n\tmemory 256M\n'
-                f"\tallow instance {{ boot, disk, memory, owner {user.name} }}\n}}\n")
-        vmd = Vmd(conf_extra=conf)
-        os.chmod(vmd.dir, 0o711)
+        vmd = user_template_vmd(user)
         files, src, mnt = (os.path.join(vmd.dir, d) for d in ("files", "src", "mnt"))
         for d in (files, src, mnt):
             os.mkdir(d)
