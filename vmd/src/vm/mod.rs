@@ -11,10 +11,10 @@
 //! [`seccomp::CHILD_SYSCALLS`]. Only then does it let the guest run (QMP
 //! `cont`).
 //!
-//! Then it relays the console: guest output (the serial socketpair) goes
-//! to the pty without blocking (dropped while nobody drains it) and all
-//! of it to the console log; pty input goes to the guest. At the log's
-//! size cap it asks the parent to rotate the file and send a fresh one.
+//! Then its mio loop (the epoll instance is created before the drop, so
+//! the filter needs no epoll_create1) relays the console ([`console`]:
+//! guest output to the pty and the console log, pty input to the guest,
+//! rotation of the log at its cap by the parent).
 //! The parent's [`VmCommand`]s become QMP commands (`stop`, `cont`,
 //! `system_powerdown`) whose answers go back as `VmCommandDone`.
 //! The guest runs once `cont` succeeded (`VmRunning`: the parent answers
@@ -28,6 +28,7 @@
 //! lines are cut at [`STDERR_LINE_MAX`] and logged at most
 //! [`STDERR_LINES_PER_SECOND`] a second.
 
+mod console;
 pub mod qemu;
 
 use common::config::VmConfig;
@@ -77,6 +78,9 @@ use crate::log::{log_debug, log_info, log_warn};
 use crate::proc::{self, ChildStart, Identity, CHILD_FD};
 use crate::seccomp::{self, Allowed};
 use common::imsg::{self, Channel, Frame, Message, Role, VmCommand, VmFdKind, VmParams};
+use console::{read_some, write_all, Console};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
@@ -99,10 +103,9 @@ pub const VM_SYSCALLS: &[Allowed] = &[
         libc::SYS_write,
         "write to the pty, the guest, QMP and the console log",
     ),
-    (libc::SYS_poll, "wait for the console, QMP and the parent"),
     (
-        libc::SYS_ppoll,
-        "wait for the console, QMP and the parent (newer libc)",
+        libc::SYS_epoll_ctl,
+        "register the console, QMP, QEMU's stderr and the parent with mio",
     ),
     (libc::SYS_wait4, "collect QEMU's exit status"),
     (libc::SYS_kill, "kill QEMU when the guest cannot be started"),
@@ -110,9 +113,12 @@ pub const VM_SYSCALLS: &[Allowed] = &[
 
 /// How long the parent has to send the start sequence.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
-/// Console output written past the log's cap while the parent rotates it;
-/// beyond this, output is left out of the log until the fresh file comes.
-const LOG_SLACK: u64 = 64 * 1024;
+
+const PARENT: Token = Token(0);
+const QMP: Token = Token(1);
+const SERIAL: Token = Token(2);
+const PTY: Token = Token(3);
+const STDERR: Token = Token(4);
 /// The longest QMP line: QEMU's greeting, events and answers to our
 /// commands are a few hundred bytes; a longer line is a protocol error.
 const QMP_LINE_MAX: usize = 64 * 1024;
@@ -186,7 +192,15 @@ pub fn vm_main(verbosity: u8) -> ExitCode {
             std::process::exit(1)
         }
     };
-    let mut vm = Vm::new(start.channel, launched, &params);
+    let qemu_pid = launched.qemu;
+    let mut vm = match Vm::new(start.channel, launched, &params) {
+        Ok(vm) => vm,
+        Err(e) => {
+            log_warn!("{e}");
+            let _ = nix::sys::signal::kill(qemu_pid, nix::sys::signal::Signal::SIGKILL);
+            std::process::exit(1)
+        }
+    };
     std::process::exit(if vm.run() { 0 } else { 1 })
 }
 
@@ -293,6 +307,8 @@ fn set_nonblocking(fd: RawFd) -> Result<(), VmError> {
 
 /// What the VM process holds once QEMU runs and it has dropped.
 struct Launched {
+    /// Created before the drop: the filter has no epoll_create1.
+    poll: Poll,
     qemu: Pid,
     qmp: OwnedFd,
     serial: OwnedFd,
@@ -363,6 +379,13 @@ fn vm_launch(start: &ChildStart, params: &VmParams, fds: StartFds) -> Result<Lau
     drop(files);
     drop(stderr_qemu);
 
+    let poll = match Poll::new() {
+        Ok(poll) => poll,
+        Err(e) => {
+            let _ = nix::sys::signal::kill(qemu_pid, nix::sys::signal::Signal::SIGKILL);
+            return Err(VmError::Drop(format!("cannot create the event loop: {e}")));
+        }
+    };
     let id = Identity {
         uid: Uid::from_raw(params.uid),
         gid: Gid::from_raw(params.gid),
@@ -393,6 +416,7 @@ fn vm_launch(start: &ChildStart, params: &VmParams, fds: StartFds) -> Result<Lau
     }
 
     Ok(Launched {
+        poll,
         qemu: qemu_pid,
         qmp,
         serial,
@@ -403,91 +427,9 @@ fn vm_launch(start: &ChildStart, params: &VmParams, fds: StartFds) -> Result<Lau
     })
 }
 
-/// The console log as the VM process writes it.
-struct ConsoleLog {
-    fd: OwnedFd,
-    size: u64,
-    cap: u64,
-    /// Rotation asked for, fresh file not yet received.
-    asked: bool,
-    /// A write failed (said once).
-    failed: bool,
-}
-
-impl ConsoleLog {
-    /// Appends `data`; returns true when the parent should now be asked to
-    /// rotate.
-    fn write(&mut self, data: &[u8]) -> bool {
-        if self.size >= self.cap + LOG_SLACK {
-            return false;
-        }
-        match write_all(self.fd.as_raw_fd(), data) {
-            Ok(()) => self.size += data.len() as u64,
-            Err(e) if !self.failed => {
-                self.failed = true;
-                log_warn!("writing the console log: {e}");
-            }
-            Err(_) => {}
-        }
-        if self.size >= self.cap && !self.asked {
-            self.asked = true;
-            return true;
-        }
-        false
-    }
-
-    fn replace(&mut self, fd: OwnedFd, size: u64) {
-        self.fd = fd;
-        self.size = size;
-        self.asked = false;
-        self.failed = false;
-    }
-}
-
-fn write_all(fd: RawFd, mut data: &[u8]) -> Result<(), Errno> {
-    while !data.is_empty() {
-        match nix::unistd::write(
-            // SAFETY: fd is open for the duration of this call (owned by
-            // the caller).
-            unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
-            data,
-        ) {
-            Ok(0) => return Err(Errno::EIO),
-            Ok(n) => data = &data[n..],
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Writes what fits without blocking; the rest is dropped.
-fn write_some(fd: RawFd, mut data: &[u8]) {
-    while !data.is_empty() {
-        // SAFETY: as in write_all.
-        match nix::unistd::write(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }, data) {
-            Ok(0) => return,
-            Ok(n) => data = &data[n..],
-            Err(Errno::EINTR) => continue,
-            Err(_) => return,
-        }
-    }
-}
-
-/// Reads once; Ok(None) when nothing is there now, Ok(Some(0)) at EOF.
-fn read_some(fd: RawFd, buf: &mut [u8]) -> Result<Option<usize>, Errno> {
-    loop {
-        match nix::unistd::read(fd, buf) {
-            Ok(n) => return Ok(Some(n)),
-            Err(Errno::EINTR) => continue,
-            Err(Errno::EAGAIN) => return Ok(None),
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 struct Vm {
     channel: Channel,
+    poll: Poll,
     qemu: Pid,
     qmp: Option<OwnedFd>,
     qmp_lines: LineBuffer,
@@ -496,117 +438,98 @@ struct Vm {
     qmp_state: QmpState,
     /// QEMU confirmed a `stop` (and no `cont` since).
     paused: bool,
-    serial: Option<OwnedFd>,
-    pty: OwnedFd,
-    /// Kept open so the master never reads EIO when no one is attached.
-    _pty_slave: OwnedFd,
+    console: Console,
     stderr: Option<OwnedFd>,
     stderr_lines: LineBuffer,
     stderr_limit: RateLimit,
     /// Why the guest could not start: QEMU's first error line before the
     /// guest ran (or a refused QMP command).
     start_error: Option<String>,
-    log: ConsoleLog,
 }
 
 impl Vm {
-    fn new(channel: Channel, launched: Launched, params: &VmParams) -> Vm {
-        Vm {
+    fn new(channel: Channel, launched: Launched, params: &VmParams) -> Result<Vm, VmError> {
+        let registry = launched.poll.registry();
+        let watched = [
+            (
+                channel.sock.as_raw_fd(),
+                PARENT,
+                Interest::READABLE | Interest::WRITABLE,
+            ),
+            (launched.qmp.as_raw_fd(), QMP, Interest::READABLE),
+            (launched.serial.as_raw_fd(), SERIAL, Interest::READABLE),
+            (launched.pty.as_raw_fd(), PTY, Interest::READABLE),
+            (launched.stderr.as_raw_fd(), STDERR, Interest::READABLE),
+        ];
+        for (fd, token, interest) in watched {
+            registry
+                .register(&mut SourceFd(&fd), token, interest)
+                .map_err(|e| VmError::Create {
+                    what: "mio registration",
+                    err: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+                })?;
+        }
+        Ok(Vm {
             channel,
+            poll: launched.poll,
             qemu: launched.qemu,
             qmp: Some(launched.qmp),
             qmp_lines: LineBuffer::new(QMP_LINE_MAX),
             qmp_broken: false,
             qmp_state: QmpState::Greeting,
             paused: false,
-            serial: Some(launched.serial),
-            pty: launched.pty,
-            _pty_slave: launched.pty_slave,
+            console: Console::new(
+                launched.serial,
+                launched.pty,
+                launched.pty_slave,
+                launched.console_log,
+                params.console_log_size,
+                params.console_log_cap,
+            ),
             stderr: Some(launched.stderr),
             stderr_lines: LineBuffer::new(STDERR_LINE_MAX),
             stderr_limit: RateLimit::new(STDERR_LINES_PER_SECOND, Duration::from_secs(1)),
             start_error: None,
-            log: ConsoleLog {
-                fd: launched.console_log,
-                size: params.console_log_size,
-                cap: params.console_log_cap,
-                asked: false,
-                failed: false,
-            },
-        }
+        })
     }
 
     /// Relays until QEMU ends; true if it exited cleanly.
     fn run(&mut self) -> bool {
         let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            let Some(qmp) = self.qmp.as_ref().map(|fd| fd.as_raw_fd()) else {
-                return self.finish();
-            };
-            let serial = self.serial.as_ref().map(|fd| fd.as_raw_fd());
-            let stderr = self.stderr.as_ref().map(|fd| fd.as_raw_fd());
-            let parent = self.channel.sock.as_raw_fd();
-            let mut parent_flags = PollFlags::POLLIN;
-            if !self.channel.writer.is_empty() {
-                parent_flags |= PollFlags::POLLOUT;
+        let mut events = Events::with_capacity(16);
+        while self.qmp.is_some() {
+            // Wake up when dropped stderr lines are due to be reported.
+            let timeout = self.stderr_limit.due().map(|due| {
+                due.saturating_duration_since(Instant::now()) + Duration::from_millis(1)
+            });
+            let polled = self.poll.poll(&mut events, timeout);
+            if let Some(dropped) = self.stderr_limit.expire(Instant::now()) {
+                log_dropped(dropped);
             }
-            let watched: Vec<(RawFd, PollFlags)> = [
-                Some((parent, parent_flags)),
-                Some((qmp, PollFlags::POLLIN)),
-                serial.map(|fd| (fd, PollFlags::POLLIN)),
-                Some((self.pty.as_raw_fd(), PollFlags::POLLIN)),
-                stderr.map(|fd| (fd, PollFlags::POLLIN)),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
-            let ready = {
-                // SAFETY: every descriptor polled is owned by self and
-                // stays open for this call.
-                let mut pfds: Vec<PollFd> = watched
-                    .iter()
-                    .map(|(fd, flags)| {
-                        PollFd::new(unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) }, *flags)
-                    })
-                    .collect();
-                // Wake up when dropped stderr lines are due to be reported.
-                let timeout = self.stderr_limit.due().map_or(PollTimeout::NONE, |due| {
-                    let ms = due.saturating_duration_since(Instant::now()).as_millis() + 1;
-                    PollTimeout::try_from(ms.min(i32::MAX as u128) as i32)
-                        .unwrap_or(PollTimeout::MAX)
-                });
-                let polled = nix::poll::poll(&mut pfds, timeout);
-                if let Some(dropped) = self.stderr_limit.expire(Instant::now()) {
-                    log_dropped(dropped);
+            match polled {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log_warn!("waiting for events: {e}");
+                    return self.kill_and_finish();
                 }
-                match polled {
-                    Ok(_) => {}
-                    Err(Errno::EINTR) => continue,
-                    Err(e) => {
-                        log_warn!("poll: {e}");
-                        return self.kill_and_finish();
+            }
+            for event in events.iter() {
+                match event.token() {
+                    PARENT => self.on_parent(),
+                    QMP => self.on_qmp(&mut buf),
+                    SERIAL => {
+                        if self.console.on_guest(&mut buf) {
+                            self.send(Message::VmConsoleLogFull);
+                        }
                     }
-                }
-                pfds.iter()
-                    .zip(&watched)
-                    .filter(|(p, _)| p.revents().is_some_and(|r| !r.is_empty()))
-                    .map(|(_, (fd, _))| *fd)
-                    .collect::<Vec<RawFd>>()
-            };
-            for fd in ready {
-                if fd == parent {
-                    self.on_parent();
-                } else if fd == qmp {
-                    self.on_qmp(&mut buf);
-                } else if Some(fd) == serial {
-                    self.on_guest(&mut buf);
-                } else if fd == self.pty.as_raw_fd() {
-                    self.on_pty(&mut buf);
-                } else if Some(fd) == stderr {
-                    self.on_stderr(&mut buf);
+                    PTY => self.console.on_pty(&mut buf),
+                    STDERR => self.on_stderr(&mut buf),
+                    _ => {}
                 }
             }
         }
+        self.finish()
     }
 
     fn send(&mut self, message: Message) {
@@ -623,7 +546,7 @@ impl Vm {
             match (frame.message, frame.fd) {
                 (Message::VmConsoleLog { size }, Some(fd)) => {
                     log_debug!("console log rotated");
-                    self.log.replace(fd, size);
+                    self.console.replace_log(fd, size);
                 }
                 (Message::VmCommand { command }, None) => self.on_command(command),
                 (other, _) => {
@@ -693,23 +616,29 @@ impl Vm {
     }
 
     fn on_qmp(&mut self, buf: &mut [u8]) {
+        while self.qmp_read(buf) {}
+    }
+
+    /// Reads QMP once and acts on its complete lines; false once there is
+    /// nothing more to read now.
+    fn qmp_read(&mut self, buf: &mut [u8]) -> bool {
         let Some(fd) = self.qmp.as_ref().map(|fd| fd.as_raw_fd()) else {
-            return;
+            return false;
         };
         let lines = match read_some(fd, buf) {
-            Ok(None) => return,
+            Ok(None) => return false,
             Ok(Some(0)) | Err(_) => {
                 // QEMU is exiting.
                 self.qmp = None;
-                return;
+                return false;
             }
-            Ok(Some(_)) if self.qmp_broken => return,
+            Ok(Some(_)) if self.qmp_broken => return true,
             Ok(Some(n)) => self.qmp_lines.push(&buf[..n]),
         };
         for line in lines {
             if line.truncated {
-                return self
-                    .qmp_protocol_error(&format!("a line longer than {QMP_LINE_MAX} bytes"));
+                self.qmp_protocol_error(&format!("a line longer than {QMP_LINE_MAX} bytes"));
+                return true;
             }
             match qemu::qmp_line(&mut self.qmp_state, line.text.trim()) {
                 QmpReply::Send(command) => {
@@ -727,7 +656,10 @@ impl Vm {
                     log_info!("guest shutdown ({reason})");
                     self.send(Message::VmShutdown { reason });
                 }
-                QmpReply::Protocol(e) => return self.qmp_protocol_error(&e),
+                QmpReply::Protocol(e) => {
+                    self.qmp_protocol_error(&e);
+                    return true;
+                }
                 QmpReply::Error(e) if self.qmp_state != QmpState::Running => {
                     log_warn!("QMP: {e}; stopping QEMU");
                     self.start_error
@@ -742,6 +674,7 @@ impl Vm {
         if self.qmp_lines.overlong() {
             self.qmp_protocol_error(&format!("a line longer than {QMP_LINE_MAX} bytes"));
         }
+        true
     }
 
     /// QEMU broke the QMP protocol: it is misbehaving, so it is killed
@@ -753,39 +686,18 @@ impl Vm {
         let _ = nix::sys::signal::kill(self.qemu, nix::sys::signal::Signal::SIGKILL);
     }
 
-    fn on_guest(&mut self, buf: &mut [u8]) {
-        let Some(fd) = self.serial.as_ref().map(|fd| fd.as_raw_fd()) else {
-            return;
-        };
-        match read_some(fd, buf) {
-            Ok(None) => {}
-            Ok(Some(0)) | Err(_) => self.serial = None,
-            Ok(Some(n)) => {
-                write_some(self.pty.as_raw_fd(), &buf[..n]);
-                if self.log.write(&buf[..n]) {
-                    self.send(Message::VmConsoleLogFull);
-                }
-            }
-        }
-    }
-
-    fn on_pty(&mut self, buf: &mut [u8]) {
-        match read_some(self.pty.as_raw_fd(), buf) {
-            Ok(Some(n)) if n > 0 => {
-                if let Some(serial) = &self.serial {
-                    write_some(serial.as_raw_fd(), &buf[..n]);
-                }
-            }
-            _ => {}
-        }
-    }
-
     fn on_stderr(&mut self, buf: &mut [u8]) {
+        while self.stderr_read(buf) {}
+    }
+
+    /// Reads QEMU's stderr once and logs its complete lines; false once
+    /// there is nothing more to read now.
+    fn stderr_read(&mut self, buf: &mut [u8]) -> bool {
         let Some(fd) = self.stderr.as_ref().map(|fd| fd.as_raw_fd()) else {
-            return;
+            return false;
         };
         let lines = match read_some(fd, buf) {
-            Ok(None) => return,
+            Ok(None) => return false,
             Ok(Some(0)) | Err(_) => {
                 self.stderr = None;
                 self.stderr_lines.finish().into_iter().collect()
@@ -813,6 +725,7 @@ impl Vm {
         if self.stderr.is_none() {
             self.stderr_report_dropped();
         }
+        true
     }
 
     /// Reports the stderr lines dropped and not reported yet.
@@ -820,6 +733,19 @@ impl Vm {
         if let Some(dropped) = self.stderr_limit.flush() {
             log_dropped(dropped);
         }
+    }
+
+    /// Waits for any event until `deadline`; false once it has passed.
+    fn wait_until(&mut self, deadline: Instant) -> bool {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let mut events = Events::with_capacity(16);
+        let _ = self
+            .poll
+            .poll(&mut events, Some(left.min(Duration::from_millis(100))));
+        true
     }
 
     fn kill_and_finish(&mut self) -> bool {
@@ -831,14 +757,9 @@ impl Vm {
     fn finish(&mut self) -> bool {
         let mut buf = vec![0u8; 4096];
         // Its stderr closes when it is gone; read it to the end.
-        while let Some(fd) = self.stderr.as_ref().map(|fd| fd.as_raw_fd()) {
-            // SAFETY: fd is owned by self.stderr, open during the call.
-            if !wait_readable(
-                unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
-                Duration::from_secs(5),
-            ) {
-                break;
-            }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        self.on_stderr(&mut buf);
+        while self.stderr.is_some() && self.wait_until(deadline) {
             self.on_stderr(&mut buf);
         }
         self.stderr_report_dropped();
@@ -872,10 +793,7 @@ impl Vm {
     /// it reaps us.
     fn finish_report(&mut self, start_failed: Option<String>, why: String) {
         let deadline = Instant::now() + Duration::from_secs(2);
-        while !matches!(self.channel.flush(), Ok(true) | Err(_)) && Instant::now() < deadline {
-            let mut pfd = [PollFd::new(self.channel.sock.as_fd(), PollFlags::POLLOUT)];
-            let _ = nix::poll::poll(&mut pfd, PollTimeout::from(100u8));
-        }
+        while !matches!(self.channel.flush(), Ok(true) | Err(_)) && self.wait_until(deadline) {}
         let failed = start_failed.map(|reason| Message::VmStartFailed { reason });
         let why = format!("QEMU {why}");
         for message in failed.into_iter().chain([Message::VmGuestEnded { why }]) {
