@@ -202,7 +202,12 @@ mod tests {
     fn compiles_every_role_and_keeps_the_death_call_refused() {
         assert!(compile(&[CHILD_SYSCALLS, crate::control::CONTROL_SYSCALLS]).is_ok());
         assert!(compile(&[CHILD_SYSCALLS]).is_ok());
-        assert!(compile(&[CHILD_SYSCALLS, crate::vm::VM_SYSCALLS]).is_ok());
+        assert!(compile(&[
+            CHILD_SYSCALLS,
+            crate::vm::VM_SYSCALLS,
+            crate::vm::qemu::QEMU_SYSCALLS
+        ])
+        .is_ok());
         assert!(compile(&[CHILD_SYSCALLS, &[(DEATH_SYSCALL, "no")]]).is_err());
     }
 
@@ -212,6 +217,7 @@ mod tests {
             .iter()
             .chain(crate::control::CONTROL_SYSCALLS)
             .chain(crate::vm::VM_SYSCALLS)
+            .chain(crate::vm::qemu::QEMU_SYSCALLS)
         {
             assert!(!why.is_empty(), "system call {nr} has no reason");
         }

@@ -24,11 +24,16 @@
 //! QEMU's standard error).
 
 mod args;
+mod backend;
+mod lines;
 mod qmp;
 mod reason;
 mod spawn;
 
 pub use args::*;
+pub use backend::prepare;
+#[cfg(test)]
+pub use backend::QEMU_SYSCALLS;
 pub use qmp::*;
 pub use reason::*;
 pub use spawn::*;

@@ -1,0 +1,83 @@
+//! The seam between the VM process and what runs the guest.
+//!
+//! The VM process (mod.rs) receives the start sequence, lets a backend
+//! prepare as root (QEMU: spawned paused under the VM's uid; next, our own
+//! /dev/kvm monitor: the VM created, memory mapped, the kernel loaded),
+//! drops its own privileges with the filter the backend asks for on top
+//! of the VM process's, then resumes the backend and runs one mio loop:
+//! the parent's channel and the console relay ([`super::console`]) are its
+//! own, the backend's descriptors are registered with tokens from
+//! [`FIRST_BACKEND_TOKEN`] on. The backend answers the parent's commands
+//! and tells what happened as [`BackendEvent`]s; when it has ended the
+//! loop asks it how ([`Ended`]) and reports that to the parent.
+
+use crate::seccomp::Allowed;
+use common::imsg::VmCommand;
+use mio::{Registry, Token};
+use std::time::Instant;
+
+/// Tokens below this are the VM process's own (parent, console).
+pub const FIRST_BACKEND_TOKEN: usize = 16;
+
+/// What a backend tells the VM process, which tells the parent.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BackendEvent {
+    /// The guest runs; `pids` are the processes that run it.
+    Running { pids: Vec<u32> },
+    /// The guest powered off or reset (`reason` as the backend names it).
+    Shutdown { reason: String },
+    /// A command from the parent is done (or refused, with why).
+    CommandDone {
+        command: VmCommand,
+        error: Option<String>,
+    },
+}
+
+/// How a backend ended.
+#[derive(Debug)]
+pub struct Ended {
+    /// It ended cleanly (the VM process exits 0).
+    pub clean: bool,
+    /// How, for the parent's log (`VmGuestEnded`).
+    pub why: String,
+    /// The guest never ran: why its start failed.
+    pub start_failed: Option<String>,
+}
+
+/// What runs a guest inside the VM process.
+pub trait Backend {
+    /// The system calls the VM process's main thread makes for this
+    /// backend, on top of [`crate::seccomp::CHILD_SYSCALLS`] and
+    /// [`super::VM_SYSCALLS`].
+    fn main_thread_syscalls(&self) -> &'static [Allowed];
+
+    /// After the drop: lets the guest run. Registers the backend's
+    /// descriptors with `registry` under its tokens.
+    fn resume(&mut self, registry: &Registry) -> std::io::Result<()>;
+
+    /// One of the backend's tokens is ready.
+    fn on_ready(&mut self, token: Token, buf: &mut [u8]);
+
+    /// A command from the parent; its answer comes as
+    /// [`BackendEvent::CommandDone`].
+    fn command(&mut self, command: VmCommand);
+
+    /// What happened since the last call.
+    fn take_events(&mut self) -> Vec<BackendEvent>;
+
+    /// When the backend wants [`Backend::on_timer`] called (None: never).
+    fn timer(&self) -> Option<Instant>;
+
+    fn on_timer(&mut self, now: Instant);
+
+    /// The guest has ended (or is ending): the loop stops and calls
+    /// [`Backend::finish`].
+    fn has_ended(&self) -> bool;
+
+    /// Stops the guest now (the loop cannot go on).
+    fn kill(&mut self);
+
+    /// Collects what is left and says how the backend ended. `wait_until`
+    /// waits for events until a deadline (false once it has passed).
+    fn finish(&mut self, wait_until: &mut dyn FnMut(Instant) -> bool) -> Ended;
+}

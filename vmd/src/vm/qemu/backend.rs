@@ -1,0 +1,430 @@
+//! The QEMU backend of the VM process: QEMU spawned paused before the
+//! drop ([`prepare`]), then its QMP monitor and standard error read from
+//! the VM process's loop.
+//!
+//! What QEMU writes is bounded: a QMP line longer than [`QMP_LINE_MAX`]
+//! or not JSON is a protocol error that gets QEMU killed; its stderr
+//! lines are cut at [`STDERR_LINE_MAX`] and logged at most
+//! [`STDERR_LINES_PER_SECOND`] a second.
+
+use super::lines::{LineBuffer, RateLimit};
+use super::*;
+use crate::log::{log_debug, log_info, log_warn};
+use crate::seccomp::Allowed;
+use crate::vm::backend::{Backend, BackendEvent, Ended, FIRST_BACKEND_TOKEN};
+use crate::vm::console::{read_some, write_all};
+use crate::vm::{set_nonblocking, sock_pair, StartFds, VmError};
+use common::imsg::{VmCommand, VmParams};
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+use nix::errno::Errno;
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+/// What the VM process's main thread adds for QEMU.
+pub const QEMU_SYSCALLS: &[Allowed] = &[
+    (libc::SYS_wait4, "collect QEMU's exit status"),
+    (libc::SYS_kill, "kill QEMU when the guest cannot be started"),
+];
+
+/// The longest QMP line: QEMU's greeting, events and answers to our
+/// commands are a few hundred bytes; a longer line is a protocol error.
+const QMP_LINE_MAX: usize = 64 * 1024;
+/// The longest line of QEMU's standard error logged; the rest of a
+/// longer line is dropped.
+const STDERR_LINE_MAX: usize = 1024;
+/// Lines of QEMU's standard error logged per second; the others are
+/// counted and reported in one line when the second is over.
+const STDERR_LINES_PER_SECOND: u32 = 10;
+
+const QMP: Token = Token(FIRST_BACKEND_TOKEN);
+const STDERR: Token = Token(FIRST_BACKEND_TOKEN + 1);
+
+pub struct QemuBackend {
+    qemu: Pid,
+    qmp: Option<OwnedFd>,
+    qmp_lines: LineBuffer,
+    /// QEMU broke the protocol and was killed: QMP is only read to its end.
+    qmp_broken: bool,
+    qmp_state: QmpState,
+    /// QEMU confirmed a `stop` (and no `cont` since).
+    paused: bool,
+    stderr: Option<OwnedFd>,
+    stderr_lines: LineBuffer,
+    stderr_limit: RateLimit,
+    /// Why the guest could not start: QEMU's first error line before the
+    /// guest ran (or a refused QMP command).
+    start_error: Option<String>,
+    events: Vec<BackendEvent>,
+}
+
+/// As root, before the drop: copies the boot files into memfds and
+/// starts QEMU paused (`-S`) with the disks, the CD-ROM, QMP and `serial`
+/// (the guest's end of the console relay).
+pub fn prepare(
+    params: &VmParams,
+    fds: &mut StartFds,
+    serial: OwnedFd,
+) -> Result<QemuBackend, VmError> {
+    let missing = |what: &str| VmError::Receive(format!("no {what} descriptor"));
+    let boot = match (fds.kernel.take(), fds.bios.take()) {
+        (Some(kernel), _) => Boot::Kernel {
+            kernel: to_memfd(BootFile::Kernel, kernel)?,
+            initrd: fds
+                .initrd
+                .take()
+                .map(|fd| to_memfd(BootFile::Initrd, fd))
+                .transpose()?,
+        },
+        (None, Some(bios)) => Boot::Bios {
+            bios: to_memfd(BootFile::Bios, bios)?,
+            sercon: memfd_with("sercon-port", &SERCON_PORT)?,
+        },
+        (None, None) => return Err(missing("kernel or BIOS")),
+    };
+    let (qmp, qmp_qemu) = sock_pair("QMP socketpair")?;
+    let (stderr, stderr_qemu) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|err| VmError::Create {
+            what: "pipe for QEMU's stderr",
+            err,
+        })?;
+    let files = QemuFiles {
+        boot,
+        disks: std::mem::take(&mut fds.disks),
+        cdrom: fds.cdrom.take(),
+        qmp: qmp_qemu,
+        serial,
+    };
+    let args = qemu_args(params, &files);
+    let mut keep: Vec<RawFd> = vec![files.qmp.as_raw_fd(), files.serial.as_raw_fd()];
+    match &files.boot {
+        Boot::Kernel { kernel, initrd } => {
+            keep.push(kernel.as_raw_fd());
+            keep.extend(initrd.as_ref().map(|fd| fd.as_raw_fd()));
+        }
+        Boot::Bios { bios, sercon } => keep.extend([bios.as_raw_fd(), sercon.as_raw_fd()]),
+    }
+    keep.extend(files.disks.iter().map(|l| l.fd.as_raw_fd()));
+    keep.extend(files.cdrom.as_ref().map(|fd| fd.as_raw_fd()));
+    for fd in [qmp.as_raw_fd(), stderr.as_raw_fd()] {
+        set_nonblocking(fd)?;
+    }
+    let qemu_pid = spawn(params, &args, &keep, &stderr_qemu)?;
+    log_debug!("QEMU (pid {qemu_pid}): {}", args.join(" "));
+    // QEMU holds its own copies now (and so the disks' locks).
+    drop(files);
+    drop(stderr_qemu);
+    Ok(QemuBackend {
+        qemu: qemu_pid,
+        qmp: Some(qmp),
+        qmp_lines: LineBuffer::new(QMP_LINE_MAX),
+        qmp_broken: false,
+        qmp_state: QmpState::Greeting,
+        paused: false,
+        stderr: Some(stderr),
+        stderr_lines: LineBuffer::new(STDERR_LINE_MAX),
+        stderr_limit: RateLimit::new(STDERR_LINES_PER_SECOND, Duration::from_secs(1)),
+        start_error: None,
+        events: Vec::new(),
+    })
+}
+
+impl Backend for QemuBackend {
+    fn main_thread_syscalls(&self) -> &'static [Allowed] {
+        QEMU_SYSCALLS
+    }
+
+    /// Reads QMP from here on: the handshake ends with `cont`.
+    fn resume(&mut self, registry: &Registry) -> std::io::Result<()> {
+        for (fd, token) in [(self.qmp.as_ref(), QMP), (self.stderr.as_ref(), STDERR)] {
+            if let Some(fd) = fd {
+                registry.register(&mut SourceFd(&fd.as_raw_fd()), token, Interest::READABLE)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_ready(&mut self, token: Token, buf: &mut [u8]) {
+        match token {
+            QMP => self.on_qmp(buf),
+            STDERR => self.on_stderr(buf),
+            _ => {}
+        }
+    }
+
+    fn command(&mut self, command: VmCommand) {
+        self.on_command(command)
+    }
+
+    fn take_events(&mut self) -> Vec<BackendEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// When dropped stderr lines are due to be reported.
+    fn timer(&self) -> Option<Instant> {
+        self.stderr_limit.due()
+    }
+
+    fn on_timer(&mut self, now: Instant) {
+        if let Some(dropped) = self.stderr_limit.expire(now) {
+            log_dropped(dropped);
+        }
+    }
+
+    /// QEMU closed QMP: it is exiting.
+    fn has_ended(&self) -> bool {
+        self.qmp.is_none()
+    }
+
+    fn kill(&mut self) {
+        let _ = nix::sys::signal::kill(self.qemu, nix::sys::signal::Signal::SIGKILL);
+    }
+
+    fn finish(&mut self, wait_until: &mut dyn FnMut(Instant) -> bool) -> Ended {
+        QemuBackend::finish(self, wait_until)
+    }
+}
+
+impl QemuBackend {
+    /// A command from the parent: sent to QMP with an id; the answer
+    /// comes back in [`QemuBackend::on_answer`].
+    fn on_command(&mut self, command: VmCommand) {
+        let Some(fd) = self.qmp.as_ref().map(|fd| fd.as_raw_fd()) else {
+            return self.command_done(command, Some("QEMU is exiting".into()));
+        };
+        if self.qmp_state != QmpState::Running {
+            return self.command_done(command, Some("the guest is not running yet".into()));
+        }
+        let mut lines = Vec::new();
+        if command == VmCommand::Powerdown && self.paused {
+            // A paused guest cannot see the power button.
+            lines.push(qmp_command_with_id("cont", "resume"));
+        }
+        lines.push(qmp_command_with_id(
+            vm_qmp_command(command),
+            vm_command_id(command),
+        ));
+        for line in lines {
+            if let Err(e) = write_all(fd, line.as_bytes()) {
+                return self.command_done(command, Some(format!("writing to QMP: {e}")));
+            }
+        }
+        log_debug!("QMP {}", vm_qmp_command(command));
+    }
+
+    fn command_done(&mut self, command: VmCommand, error: Option<String>) {
+        if let Some(e) = &error {
+            log_warn!("{}: {e}", vm_command_id(command));
+        }
+        self.events
+            .push(BackendEvent::CommandDone { command, error });
+    }
+
+    /// QEMU answered a command sent with an id.
+    fn on_answer(&mut self, id: &str, error: Option<String>) {
+        if id == "resume" {
+            match error {
+                None => self.paused = false,
+                Some(e) => log_warn!("QMP cont before the power button: {e}"),
+            }
+            return;
+        }
+        let Some(command) = [VmCommand::Pause, VmCommand::Unpause, VmCommand::Powerdown]
+            .into_iter()
+            .find(|c| vm_command_id(*c) == id)
+        else {
+            log_warn!("QMP answer for unknown id {id}");
+            return;
+        };
+        if error.is_none() {
+            match command {
+                VmCommand::Pause => self.paused = true,
+                VmCommand::Unpause => self.paused = false,
+                VmCommand::Powerdown => {}
+            }
+        }
+        self.command_done(command, error);
+    }
+
+    fn on_qmp(&mut self, buf: &mut [u8]) {
+        while self.qmp_read(buf) {}
+    }
+
+    /// Reads QMP once and acts on its complete lines; false once there is
+    /// nothing more to read now.
+    fn qmp_read(&mut self, buf: &mut [u8]) -> bool {
+        let Some(fd) = self.qmp.as_ref().map(|fd| fd.as_raw_fd()) else {
+            return false;
+        };
+        let lines = match read_some(fd, buf) {
+            Ok(None) => return false,
+            Ok(Some(0)) | Err(_) => {
+                // QEMU is exiting.
+                self.qmp = None;
+                return false;
+            }
+            Ok(Some(_)) if self.qmp_broken => return true,
+            Ok(Some(n)) => self.qmp_lines.push(&buf[..n]),
+        };
+        for line in lines {
+            if line.truncated {
+                self.qmp_protocol_error(&format!("a line longer than {QMP_LINE_MAX} bytes"));
+                return true;
+            }
+            match qmp_line(&mut self.qmp_state, line.text.trim()) {
+                QmpReply::Send(command) => {
+                    if let Err(e) = write_all(fd, qmp_command(command).as_bytes()) {
+                        log_warn!("QMP {command}: {e}");
+                    }
+                }
+                QmpReply::Running => {
+                    log_info!("guest running");
+                    self.events.push(BackendEvent::Running {
+                        pids: vec![self.qemu.as_raw() as u32],
+                    });
+                }
+                QmpReply::Shutdown(reason) => {
+                    log_info!("guest shutdown ({reason})");
+                    self.events.push(BackendEvent::Shutdown { reason });
+                }
+                QmpReply::Protocol(e) => {
+                    self.qmp_protocol_error(&e);
+                    return true;
+                }
+                QmpReply::Error(e) if self.qmp_state != QmpState::Running => {
+                    log_warn!("QMP: {e}; stopping QEMU");
+                    self.start_error
+                        .get_or_insert(start_reason(&format!("QEMU: {e}")));
+                    let _ = nix::sys::signal::kill(self.qemu, nix::sys::signal::Signal::SIGKILL);
+                }
+                QmpReply::Error(e) => log_warn!("QMP: {e}"),
+                QmpReply::Answer { id, error } => self.on_answer(&id, error),
+                QmpReply::Nothing => {}
+            }
+        }
+        if self.qmp_lines.overlong() {
+            self.qmp_protocol_error(&format!("a line longer than {QMP_LINE_MAX} bytes"));
+        }
+        true
+    }
+
+    /// QEMU broke the QMP protocol: it is misbehaving, so it is killed
+    /// (the VM then ends as when QEMU dies) and QMP only read to its end.
+    fn qmp_protocol_error(&mut self, what: &str) {
+        log_warn!("QMP: {what} from QEMU; stopping QEMU");
+        self.qmp_broken = true;
+        self.qmp_lines = LineBuffer::new(QMP_LINE_MAX);
+        let _ = nix::sys::signal::kill(self.qemu, nix::sys::signal::Signal::SIGKILL);
+    }
+
+    fn on_stderr(&mut self, buf: &mut [u8]) {
+        while self.stderr_read(buf) {}
+    }
+
+    /// Reads QEMU's stderr once and logs its complete lines; false once
+    /// there is nothing more to read now.
+    fn stderr_read(&mut self, buf: &mut [u8]) -> bool {
+        let Some(fd) = self.stderr.as_ref().map(|fd| fd.as_raw_fd()) else {
+            return false;
+        };
+        let lines = match read_some(fd, buf) {
+            Ok(None) => return false,
+            Ok(Some(0)) | Err(_) => {
+                self.stderr = None;
+                self.stderr_lines.finish().into_iter().collect()
+            }
+            Ok(Some(n)) => self.stderr_lines.push(&buf[..n]),
+        };
+        let now = Instant::now();
+        for line in lines {
+            let text = line.text.trim_end();
+            if text.is_empty() {
+                continue;
+            }
+            if self.qmp_state != QmpState::Running && self.start_error.is_none() {
+                self.start_error = qemu_error_reason(text);
+            }
+            let (dropped, admitted) = self.stderr_limit.admit(now);
+            if let Some(dropped) = dropped {
+                log_dropped(dropped);
+            }
+            if admitted {
+                let more = if line.truncated { " [truncated]" } else { "" };
+                log_warn!("qemu: {text}{more}");
+            }
+        }
+        if self.stderr.is_none() {
+            self.stderr_report_dropped();
+        }
+        true
+    }
+
+    /// Reports the stderr lines dropped and not reported yet.
+    fn stderr_report_dropped(&mut self) {
+        if let Some(dropped) = self.stderr_limit.flush() {
+            log_dropped(dropped);
+        }
+    }
+
+    /// QEMU closed QMP: say what it left on stderr, collect it.
+    fn finish(&mut self, wait_until: &mut dyn FnMut(Instant) -> bool) -> Ended {
+        let mut buf = vec![0u8; 4096];
+        // Its stderr closes when it is gone; read it to the end.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        self.on_stderr(&mut buf);
+        while self.stderr.is_some() && wait_until(deadline) {
+            self.on_stderr(&mut buf);
+        }
+        self.stderr_report_dropped();
+        let status = loop {
+            match waitpid(self.qemu, None) {
+                Err(Errno::EINTR) => continue,
+                other => break other,
+            }
+        };
+        let (clean, why) = match status {
+            Ok(WaitStatus::Exited(_, 0)) => (true, "exited".to_string()),
+            Ok(WaitStatus::Exited(_, code)) => (false, format!("exited with status {code}")),
+            Ok(WaitStatus::Signaled(_, sig, _)) => {
+                (false, format!("was killed by {}", sig.as_str()))
+            }
+            other => (false, format!("ended: {other:?}")),
+        };
+        log_debug!("QEMU {why}");
+        // The guest never ran: the start failed, and this is why.
+        let start_failed = (self.qmp_state != QmpState::Running).then(|| {
+            self.start_error
+                .take()
+                .unwrap_or_else(|| start_reason(&format!("QEMU {why} before the guest ran")))
+        });
+        Ended {
+            clean,
+            why: format!("QEMU {why}"),
+            start_failed,
+        }
+    }
+}
+
+/// The QMP command for a parent's command.
+fn vm_qmp_command(command: VmCommand) -> &'static str {
+    match command {
+        VmCommand::Pause => "stop",
+        VmCommand::Unpause => "cont",
+        VmCommand::Powerdown => "system_powerdown",
+    }
+}
+
+/// The QMP id its answer carries (and the word for logs).
+fn vm_command_id(command: VmCommand) -> &'static str {
+    match command {
+        VmCommand::Pause => "pause",
+        VmCommand::Unpause => "unpause",
+        VmCommand::Powerdown => "powerdown",
+    }
+}
+
+fn log_dropped(dropped: u64) {
+    log_warn!("qemu: ... {dropped} lines dropped");
+}
