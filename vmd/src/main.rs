@@ -5,6 +5,7 @@
 //! (see proc.rs).
 
 mod control;
+mod exec;
 mod log;
 mod parent;
 mod proc;

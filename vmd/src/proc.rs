@@ -7,6 +7,7 @@
 //! address space and then calls [`drop_privileges`], which does the drop
 //! in the one order that works (each step is impossible after the next).
 
+use crate::exec::{self, ExecPlan, ExecProgram};
 use crate::log::{self, log_debug, log_warn};
 use crate::seccomp;
 use common::imsg::{self, Channel, Frame, Message, Role};
@@ -14,9 +15,9 @@ use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::sys::wait::WaitStatus;
-use nix::unistd::{ForkResult, Gid, Pid, Uid};
+use nix::unistd::{Gid, Pid, Uid};
 use seccompiler::BpfProgram;
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -106,59 +107,39 @@ pub fn spawn(role: &str, args: &[String]) -> Result<(Pid, OwnedFd), ProcError> {
         err,
     })?;
     // Everything the child needs is built before fork: after it, only
-    // async-signal-safe calls.
+    // raw system calls (exec.rs).
     let mut argv: Vec<CString> = vec![CString::from(c"vmd")];
     argv.extend(args.iter().filter_map(|a| CString::new(a.as_str()).ok()));
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let envp: [*const libc::c_char; 1] = [std::ptr::null()];
-    let empty: &CStr = c"";
-
-    // SAFETY: the parent is single-threaded, and the child only makes raw
-    // system calls on data prepared above before it execs or _exits.
-    match unsafe { nix::unistd::fork() } {
+    let plan = ExecPlan {
+        program: ExecProgram::Fd(exe.as_raw_fd()),
+        argv: &argv_ptrs,
+        envp: &envp,
+        fail_prefix: b"vmd: ",
+        name: b"/proc/self/exe",
+        // The parent blocks the signals it reads from a signalfd.
+        clear_signal_mask: true,
+        new_session: false,
+        stdio: None,
+        pass: &[(theirs.as_raw_fd(), CHILD_FD)],
+        close_from: Some(CHILD_FD + 1),
+        namespaces: 0,
+        private_tmp: None,
+        identity: None,
+        die_with: None,
+        no_new_privs: false,
+    };
+    match exec::fork_exec(&plan) {
         Err(err) => Err(ProcError::Fork {
             role: role.to_string(),
             err,
         }),
-        Ok(ForkResult::Parent { child }) => {
+        Ok(child) => {
             drop(theirs);
             Ok((child, ours))
         }
-        Ok(ForkResult::Child) => unsafe {
-            // The parent blocks the signals it reads from a signalfd; the
-            // mask survives exec, so clear it.
-            let mut none: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut none);
-            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-            let fd = theirs.as_raw_fd();
-            if fd == CHILD_FD {
-                libc::fcntl(fd, libc::F_SETFD, 0);
-            } else {
-                libc::dup2(fd, CHILD_FD);
-            }
-            // Nothing else crosses the exec, whatever vmd inherited from
-            // whoever started it (CLOSE_RANGE_CLOEXEC keeps the exe fd
-            // open until the exec itself). Older kernels lack it: then
-            // only our own descriptors, all O_CLOEXEC, are closed.
-            libc::syscall(
-                libc::SYS_close_range,
-                CHILD_FD + 1,
-                libc::c_uint::MAX,
-                libc::CLOSE_RANGE_CLOEXEC,
-            );
-            libc::syscall(
-                libc::SYS_execveat,
-                exe.as_raw_fd(),
-                empty.as_ptr(),
-                argv_ptrs.as_ptr(),
-                envp.as_ptr(),
-                libc::AT_EMPTY_PATH,
-            );
-            let msg = b"vmd: cannot re-execute /proc/self/exe\n";
-            libc::write(2, msg.as_ptr().cast(), msg.len());
-            libc::_exit(127)
-        },
     }
 }
 

@@ -1,9 +1,10 @@
 //! QEMU's start: its own session, namespaces and uid.
 
 use super::*;
+use crate::exec::{fork_exec, ExecIdentity, ExecPlan, ExecProgram, PrivateTmp};
 use common::imsg::VmParams;
 use nix::unistd::Pid;
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 /// The directories QEMU gets as empty tmpfs of its own (those that
@@ -50,7 +51,6 @@ pub fn spawn(
         err,
     })?;
     let me = std::process::id() as libc::pid_t;
-    let err_fd = stderr.as_raw_fd();
     let c = |s: &str| CString::new(s).map_err(|_| QemuError::Nul);
     let (root, tmpfs, tmp_options) = (c("/")?, c("tmpfs")?, c(PRIVATE_TMP_OPTIONS)?);
     let private_tmp: Vec<CString> = PRIVATE_TMP
@@ -58,79 +58,36 @@ pub fn spawn(
         .filter(|dir| std::path::Path::new(dir).is_dir())
         .map(|dir| c(dir))
         .collect::<Result<_, _>>()?;
-
-    // SAFETY: the VM process is single-threaded; the child makes only raw
-    // system calls on data prepared above before it execs or _exits.
-    match unsafe { nix::unistd::fork() } {
-        Err(err) => {
-            let _ = nix::unistd::close(devnull);
-            Err(QemuError::Fork(err))
-        }
-        Ok(nix::unistd::ForkResult::Parent { child }) => {
-            let _ = nix::unistd::close(devnull);
-            Ok(child)
-        }
-        Ok(nix::unistd::ForkResult::Child) => unsafe {
-            let fail = |msg: &[u8]| -> ! {
-                libc::write(err_fd, msg.as_ptr().cast(), msg.len());
-                libc::_exit(127)
-            };
-            if libc::setsid() < 0 {
-                fail(b"setsid failed\n");
-            }
-            libc::dup2(devnull, 0);
-            libc::dup2(devnull, 1);
-            libc::dup2(err_fd, 2);
-            for fd in keep {
-                libc::fcntl(*fd, libc::F_SETFD, 0);
-            }
-            // Namespaces of its own, while it may still make them.
-            if libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWNS) != 0 {
-                fail(b"cannot enter new network, IPC and mount namespaces\n");
-            }
-            if libc::mount(
-                std::ptr::null(),
-                root.as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ) != 0
-            {
-                fail(b"cannot make the mounts private\n");
-            }
-            for dir in &private_tmp {
-                if libc::mount(
-                    tmpfs.as_ptr(),
-                    dir.as_ptr(),
-                    tmpfs.as_ptr(),
-                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                    tmp_options.as_ptr().cast(),
-                ) != 0
-                {
-                    fail(b"cannot mount a private tmpfs on /tmp or /dev/shm\n");
-                }
-            }
-            // The drop, in the order that works (raw calls: this thread is
-            // the only one).
-            if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0 {
-                fail(b"setgroups failed\n");
-            }
-            if libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0 {
-                fail(b"setresgid failed\n");
-            }
-            if libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0 {
-                fail(b"setresuid failed\n");
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0
-                || libc::getppid() != me
-            {
-                fail(b"the VM process went away\n");
-            }
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                fail(b"PR_SET_NO_NEW_PRIVS failed\n");
-            }
-            libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), envp.as_ptr());
-            fail(b"cannot execute /usr/bin/qemu-system-x86_64\n")
-        },
-    }
+    let tmp_dirs: Vec<&CStr> = private_tmp.iter().map(|d| d.as_c_str()).collect();
+    let pass: Vec<(RawFd, RawFd)> = keep.iter().map(|&fd| (fd, fd)).collect();
+    let plan = ExecPlan {
+        program: ExecProgram::Path(&path),
+        argv: &argv_ptrs,
+        envp: &envp,
+        fail_prefix: b"",
+        name: QEMU.as_bytes(),
+        clear_signal_mask: false,
+        new_session: true,
+        stdio: Some((devnull, stderr.as_raw_fd())),
+        pass: &pass,
+        close_from: None,
+        // Namespaces of its own, while it may still make them.
+        namespaces: libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWNS,
+        private_tmp: Some(PrivateTmp {
+            root: &root,
+            fstype: &tmpfs,
+            options: &tmp_options,
+            dirs: &tmp_dirs,
+        }),
+        identity: Some(ExecIdentity {
+            groups: &groups,
+            gid,
+            uid,
+        }),
+        die_with: Some(me),
+        no_new_privs: true,
+    };
+    let spawned = fork_exec(&plan).map_err(QemuError::Fork);
+    let _ = nix::unistd::close(devnull);
+    spawned
 }
