@@ -74,6 +74,15 @@ def confined(vmd):
                 raise Failure(f"{what} {cap} {st[cap]}")
         if st["NoNewPrivs"] != "1" or st["Seccomp"] != "2":
             raise Failure(f"{what} NoNewPrivs {st['NoNewPrivs']} Seccomp {st['Seccomp']}")
+    # Every thread of the VM process runs under a filter (each thread role
+    # has its own), not only the thread that installed the first one.
+    tasks = os.listdir(f"/proc/{vm_pid}/task")
+    if not tasks:
+        raise Failure(f"VM process {vm_pid} has no threads in /proc")
+    for tid in tasks:
+        st = status_of(f"{vm_pid}/task/{tid}")
+        if st is not None and (st["Seccomp"] != "2" or st["NoNewPrivs"] != "1"):
+            raise Failure(f"VM process thread {tid}: Seccomp {st['Seccomp']} NoNewPrivs {st['NoNewPrivs']}")
     if os.readlink(f"/proc/{vm_pid}/root") != EMPTY_DIR:
         raise Failure(f"VM process root is {os.readlink(f'/proc/{vm_pid}/root')}")
     if status_of(qemu)["Uid"] != status_of(vm_pid)["Uid"]:

@@ -9,7 +9,6 @@
 
 use common::imsg::{self, Message};
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
-#[cfg(debug_assertions)]
 use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -19,6 +18,23 @@ use thiserror::Error;
 
 /// A system call a role may make, and why.
 pub type Allowed = (i64, &'static str);
+
+/// A system call a role may make only when argument `arg` is one of
+/// `values` (compared as 64-bit values), and why.
+pub struct ArgRule {
+    pub nr: i64,
+    pub arg: u8,
+    pub values: &'static [u64],
+    pub why: &'static str,
+}
+
+/// What one thread role may call: calls with any arguments, and calls
+/// restricted by their arguments. Each role's lists live in its module.
+#[derive(Clone, Copy)]
+pub struct RoleFilter {
+    pub syscalls: &'static [Allowed],
+    pub with_args: &'static [ArgRule],
+}
 
 /// What every child's main loop does: wait for events, talk to the parent,
 /// allocate memory, exit.
@@ -80,6 +96,16 @@ pub enum SeccompError {
 
 /// Compiles a filter allowing `lists` and trapping everything else.
 pub fn compile(lists: &[&[Allowed]]) -> Result<BpfProgram, SeccompError> {
+    compile_with_args(lists, &[])
+}
+
+/// Compiles a filter allowing `lists` with any arguments, `arg_rules`
+/// only with their argument values, and trapping everything else. A call
+/// may not be in both (the unrestricted rule would win).
+pub fn compile_with_args(
+    lists: &[&[Allowed]],
+    arg_rules: &[&[ArgRule]],
+) -> Result<BpfProgram, SeccompError> {
     let arch = TargetArch::try_from(std::env::consts::ARCH)
         .map_err(|_| SeccompError::Arch(std::env::consts::ARCH.to_string()))?;
     let mut rules = BTreeMap::new();
@@ -91,6 +117,25 @@ pub fn compile(lists: &[&[Allowed]]) -> Result<BpfProgram, SeccompError> {
         }
         rules.insert(*nr, Vec::new());
     }
+    let mut restricted: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for rule in arg_rules.iter().flat_map(|list| list.iter()) {
+        if rules.contains_key(&rule.nr) || rule.nr == DEATH_SYSCALL {
+            return Err(SeccompError::Build(format!(
+                "system call {} ({}) is both restricted by its arguments and allowed with any",
+                syscall_name(rule.nr),
+                rule.why
+            )));
+        }
+        for value in rule.values {
+            let cond =
+                SeccompCondition::new(rule.arg, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, *value)
+                    .map_err(|e| SeccompError::Build(e.to_string()))?;
+            restricted.entry(rule.nr).or_default().push(
+                SeccompRule::new(vec![cond]).map_err(|e| SeccompError::Build(e.to_string()))?,
+            );
+        }
+    }
+    rules.extend(restricted);
     // Debug builds of Rust's std check a descriptor is open (F_GETFD)
     // before closing it; allow exactly that, in those builds only.
     #[cfg(debug_assertions)]
@@ -202,12 +247,22 @@ mod tests {
     fn compiles_every_role_and_keeps_the_death_call_refused() {
         assert!(compile(&[CHILD_SYSCALLS, crate::control::CONTROL_SYSCALLS]).is_ok());
         assert!(compile(&[CHILD_SYSCALLS]).is_ok());
-        assert!(compile(&[
-            CHILD_SYSCALLS,
-            crate::vm::VM_SYSCALLS,
-            crate::vm::qemu::QEMU_SYSCALLS
-        ])
+        assert!(compile_with_args(
+            &[
+                CHILD_SYSCALLS,
+                crate::vm::VM_SYSCALLS,
+                crate::vm::qemu::QEMU_SYSCALLS
+            ],
+            &[crate::vm::qemu::QEMU_ARG_RULES]
+        )
         .is_ok());
+        // A call restricted by its arguments cannot also be allowed with any.
+        let kill_any: &[Allowed] = &[(libc::SYS_kill, "any")];
+        assert!(compile_with_args(
+            &[CHILD_SYSCALLS, kill_any],
+            &[crate::vm::qemu::QEMU_ARG_RULES]
+        )
+        .is_err());
         assert!(compile(&[CHILD_SYSCALLS, &[(DEATH_SYSCALL, "no")]]).is_err());
     }
 
@@ -221,5 +276,63 @@ mod tests {
         {
             assert!(!why.is_empty(), "system call {nr} has no reason");
         }
+        for rule in crate::vm::qemu::QEMU_ARG_RULES {
+            assert!(
+                !rule.why.is_empty(),
+                "system call {} has no reason",
+                rule.nr
+            );
+            assert!(
+                !rule.values.is_empty(),
+                "system call {} allows no value",
+                rule.nr
+            );
+        }
+    }
+
+    /// Runs `call` in a forked child under a filter that allows kill only
+    /// with signal 0; returns how the child ended.
+    fn under_kill_filter(signal: libc::c_int) -> nix::sys::wait::WaitStatus {
+        const KILL_PROBE: &[ArgRule] = &[ArgRule {
+            nr: libc::SYS_kill,
+            arg: 1,
+            values: &[0],
+            why: "test: probe a pid only",
+        }];
+        let filter = compile_with_args(&[CHILD_SYSCALLS], &[KILL_PROBE]).expect("compile");
+        let me = std::process::id() as libc::pid_t;
+        // SAFETY: the child makes only raw system calls on the filter
+        // built above, then _exits.
+        match unsafe { nix::unistd::fork() }.expect("fork") {
+            nix::unistd::ForkResult::Child => unsafe {
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                if seccompiler::apply_filter(&filter).is_err() {
+                    libc::_exit(2);
+                }
+                // Signal 0 to our parent only checks it exists.
+                let rc = libc::syscall(libc::SYS_kill, me, signal);
+                libc::_exit(if rc == 0 { 0 } else { 1 })
+            },
+            nix::unistd::ForkResult::Parent { child } => {
+                nix::sys::wait::waitpid(child, None).expect("waitpid")
+            }
+        }
+    }
+
+    #[test]
+    fn argument_rules_allow_their_values_and_trap_the_others() {
+        use nix::sys::wait::WaitStatus;
+        let allowed = under_kill_filter(0);
+        assert!(matches!(allowed, WaitStatus::Exited(_, 0)), "{allowed:?}");
+        // SIGCONT to the test runner would be harmless, but the filter
+        // traps it before it is sent.
+        let refused = under_kill_filter(libc::SIGCONT);
+        assert!(
+            matches!(
+                refused,
+                WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGSYS, _)
+            ),
+            "{refused:?}"
+        );
     }
 }

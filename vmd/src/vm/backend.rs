@@ -11,7 +11,7 @@
 //! and tells what happened as [`BackendEvent`]s; when it has ended the
 //! loop asks it how ([`Ended`]) and reports that to the parent.
 
-use crate::seccomp::Allowed;
+use crate::seccomp::RoleFilter;
 use common::imsg::VmCommand;
 use mio::{Registry, Token};
 use std::time::Instant;
@@ -44,12 +44,20 @@ pub struct Ended {
     pub start_failed: Option<String>,
 }
 
+/// The threads of a VM process, each with its own filter. Our monitor
+/// (issue 24) adds one role per vCPU thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadRole {
+    /// The loop: parent, console relay, the backend's descriptors.
+    Main,
+}
+
 /// What runs a guest inside the VM process.
 pub trait Backend {
-    /// The system calls the VM process's main thread makes for this
-    /// backend, on top of [`crate::seccomp::CHILD_SYSCALLS`] and
-    /// [`super::VM_SYSCALLS`].
-    fn main_thread_syscalls(&self) -> &'static [Allowed];
+    /// The system calls a thread of `role` makes for this backend; for
+    /// [`ThreadRole::Main`] on top of [`crate::seccomp::CHILD_SYSCALLS`]
+    /// and [`super::VM_SYSCALLS`].
+    fn thread_filter(&self, role: ThreadRole) -> RoleFilter;
 
     /// After the drop: lets the guest run. Registers the backend's
     /// descriptors with `registry` under its tokens.

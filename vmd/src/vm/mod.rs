@@ -72,7 +72,7 @@ pub fn start_reason(text: &str) -> String {
 use crate::log::{log_debug, log_warn};
 use crate::proc::{self, ChildStart, Identity, CHILD_FD};
 use crate::seccomp::{self, Allowed};
-use backend::{Backend, BackendEvent};
+use backend::{Backend, BackendEvent, ThreadRole};
 use common::imsg::{self, Channel, Frame, Message, Role, VmFdKind, VmParams};
 use console::Console;
 use mio::unix::SourceFd;
@@ -89,7 +89,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 /// What the VM process's loop adds to every child's calls (its backend
-/// adds its own, [`Backend::main_thread_syscalls`]).
+/// adds its own, [`Backend::thread_filter`]).
 pub const VM_SYSCALLS: &[Allowed] = &[
     (
         libc::SYS_read,
@@ -347,11 +347,11 @@ fn vm_drop(start: &ChildStart, params: &VmParams, backend: &dyn Backend) -> Resu
         gid: Gid::from_raw(params.gid),
         groups: Vec::new(),
     };
-    let filter = seccomp::compile(&[
-        seccomp::CHILD_SYSCALLS,
-        VM_SYSCALLS,
-        backend.main_thread_syscalls(),
-    ])
+    let own = backend.thread_filter(ThreadRole::Main);
+    let filter = seccomp::compile_with_args(
+        &[seccomp::CHILD_SYSCALLS, VM_SYSCALLS, own.syscalls],
+        &[own.with_args],
+    )
     .map_err(|e| e.to_string())?;
     proc::drop_privileges(
         &id,

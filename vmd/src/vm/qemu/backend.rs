@@ -10,7 +10,8 @@
 use super::lines::{LineBuffer, RateLimit};
 use super::*;
 use crate::log::{log_debug, log_info, log_warn};
-use crate::seccomp::Allowed;
+use crate::seccomp::{Allowed, ArgRule, RoleFilter};
+use crate::vm::backend::ThreadRole;
 use crate::vm::backend::{Backend, BackendEvent, Ended, FIRST_BACKEND_TOKEN};
 use crate::vm::console::{read_some, write_all};
 use crate::vm::{set_nonblocking, sock_pair, StartFds, VmError};
@@ -24,10 +25,15 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 /// What the VM process's main thread adds for QEMU.
-pub const QEMU_SYSCALLS: &[Allowed] = &[
-    (libc::SYS_wait4, "collect QEMU's exit status"),
-    (libc::SYS_kill, "kill QEMU when the guest cannot be started"),
-];
+pub const QEMU_SYSCALLS: &[Allowed] = &[(libc::SYS_wait4, "collect QEMU's exit status")];
+
+/// ... and with these arguments only.
+pub const QEMU_ARG_RULES: &[ArgRule] = &[ArgRule {
+    nr: libc::SYS_kill,
+    arg: 1,
+    values: &[libc::SIGKILL as u64],
+    why: "kill QEMU (SIGKILL only) when the guest cannot be started or QMP breaks",
+}];
 
 /// The longest QMP line: QEMU's greeting, events and answers to our
 /// commands are a few hundred bytes; a longer line is a protocol error.
@@ -132,8 +138,15 @@ pub fn prepare(
 }
 
 impl Backend for QemuBackend {
-    fn main_thread_syscalls(&self) -> &'static [Allowed] {
-        QEMU_SYSCALLS
+    /// QEMU runs in its own process: the VM process has only its main
+    /// thread.
+    fn thread_filter(&self, role: ThreadRole) -> RoleFilter {
+        match role {
+            ThreadRole::Main => RoleFilter {
+                syscalls: QEMU_SYSCALLS,
+                with_args: QEMU_ARG_RULES,
+            },
+        }
     }
 
     /// Reads QMP from here on: the handshake ends with `cont`.

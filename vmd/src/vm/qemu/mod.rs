@@ -33,7 +33,7 @@ mod spawn;
 pub use args::*;
 pub use backend::prepare;
 #[cfg(test)]
-pub use backend::QEMU_SYSCALLS;
+pub use backend::{QEMU_ARG_RULES, QEMU_SYSCALLS};
 pub use qmp::*;
 pub use reason::*;
 pub use spawn::*;
