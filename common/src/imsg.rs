@@ -228,6 +228,36 @@ pub enum VmCommand {
     Powerdown,
 }
 
+impl VmCommand {
+    /// Every command, for lookups by name or id.
+    pub const ALL: [VmCommand; 3] = [VmCommand::Pause, VmCommand::Unpause, VmCommand::Powerdown];
+
+    /// How long the parent waits for the VM process's answer before it
+    /// tells vmctl the command timed out. Each command has its own (a
+    /// long one, as a migration will be, reports progress instead).
+    pub const fn reply_timeout(self) -> std::time::Duration {
+        match self {
+            VmCommand::Pause | VmCommand::Unpause | VmCommand::Powerdown => {
+                std::time::Duration::from_secs(10)
+            }
+        }
+    }
+
+    /// The longest [`VmCommand::reply_timeout`].
+    pub const fn longest_reply_timeout() -> std::time::Duration {
+        let mut longest = std::time::Duration::ZERO;
+        let mut i = 0;
+        while i < Self::ALL.len() {
+            let t = Self::ALL[i].reply_timeout();
+            if t.as_nanos() > longest.as_nanos() {
+                longest = t;
+            }
+            i += 1;
+        }
+        longest
+    }
+}
+
 /// Why the file-opening helper could not open a requester's file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileRefusal {

@@ -60,8 +60,9 @@ const RESTART_WINDOW: Duration = Duration::from_secs(60);
 const RESTART_BACKOFF: Duration = Duration::from_secs(10);
 /// How long children get to exit after SIGTERM before SIGKILL.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
-/// How long a pause or unpause waits for the VM process to confirm.
-const COMMAND_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the longest command waits for the VM process to confirm
+/// (each has its own, [`VmCommand::reply_timeout`]).
+const COMMAND_REPLY_TIMEOUT: Duration = VmCommand::longest_reply_timeout();
 // vmctl gives up on an answer after ANSWER_TIMEOUT (START_ANSWER_TIMEOUT
 // for a start): every deadline vmd keeps before it answers ends first.
 const _: () = assert!(
@@ -161,7 +162,7 @@ impl Held {
     /// VM process was launched).
     fn timeout(&self) -> Duration {
         match self {
-            Held::Command(_) => COMMAND_REPLY_TIMEOUT,
+            Held::Command(command) => command.reply_timeout(),
             Held::Start => VM_START_TIMEOUT,
         }
     }

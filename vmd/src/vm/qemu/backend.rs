@@ -244,10 +244,7 @@ impl QemuBackend {
             }
             return;
         }
-        let Some(command) = [VmCommand::Pause, VmCommand::Unpause, VmCommand::Powerdown]
-            .into_iter()
-            .find(|c| vm_command_id(*c) == id)
-        else {
+        let Some(command) = VmCommand::ALL.into_iter().find(|c| vm_command_id(*c) == id) else {
             log_warn!("QMP answer for unknown id {id}");
             return;
         };
