@@ -55,7 +55,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::{Gid, Group, Pid, Uid, User};
 use std::fs::OpenOptions;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -71,6 +71,8 @@ pub const FILES_TIMEOUT: Duration = Duration::from_secs(OPEN_TIMEOUT.as_secs() +
 /// At most this many processes of a guest are believed (the VM process
 /// names them).
 const MAX_GUEST_PIDS: usize = 16;
+/// The longest progress note of a VM process passed on to vmctl.
+const MAX_NOTE: usize = 200;
 /// How often a reaped VM's guest processes are looked for while they exit.
 const GONE_POLL: Duration = Duration::from_millis(10);
 /// How long a reaped VM's guest processes have to disappear before the
@@ -516,10 +518,12 @@ impl Launcher {
         true
     }
 
-    /// Asks VM `id`'s guest to pause, unpause or power down; false if it
-    /// does not run. The answer comes as a [`VmEvent::CommandDone`]. A
-    /// start still opening its files is powered down by giving it up.
-    fn command(&mut self, id: u32, command: VmCommand) -> bool {
+    /// Asks VM `id`'s guest to pause, unpause, power down, ... (with the
+    /// client's descriptor, made non-blocking so that the VM process's
+    /// loop never waits on it); false if it does not run. The answer comes
+    /// as a [`VmEvent::CommandDone`]. A start still opening its files is
+    /// powered down by giving it up.
+    fn command(&mut self, id: u32, command: VmCommand, fd: Option<OwnedFd>) -> bool {
         if command == VmCommand::Powerdown && self.cancel_start(id) {
             return true;
         }
@@ -529,10 +533,21 @@ impl Launcher {
         let Some(channel) = vm.channel.as_mut() else {
             return false;
         };
-        match channel.send(Frame::new(Message::VmCommand { command })) {
+        let name = command.name();
+        if let Some(fd) = &fd {
+            if let Err(e) = set_nonblocking(fd.as_fd()) {
+                log_warn!("vm {}: {name}: the client's descriptor: {e}", vm.name);
+                return false;
+            }
+        }
+        let frame = Frame {
+            fd,
+            ..Frame::new(Message::VmCommand { command })
+        };
+        match channel.send(frame) {
             Ok(_) => true,
             Err(e) => {
-                log_warn!("vm {}: sending {command:?}: {e}", vm.name);
+                log_warn!("vm {}: sending {name}: {e}", vm.name);
                 false
             }
         }
@@ -717,6 +732,12 @@ impl Launcher {
                 self.events.push(VmEvent::Running { id });
             }
             Message::VmShutdown { reason } => vm.guest_reason = Some(reason),
+            Message::VmCommandProgress { command, note } => {
+                let id = vm.id;
+                let note: String = note.chars().take(MAX_NOTE).collect();
+                self.events
+                    .push(VmEvent::CommandProgress { id, command, note })
+            }
             Message::VmCommandDone { command, error } => {
                 let id = vm.id;
                 self.events
@@ -924,8 +945,8 @@ impl Backend for Launcher {
         Launcher::force_stop(self, id)
     }
 
-    fn command(&mut self, id: u32, command: VmCommand) -> bool {
-        Launcher::command(self, id, command)
+    fn command(&mut self, id: u32, command: VmCommand, fd: Option<OwnedFd>) -> bool {
+        Launcher::command(self, id, command, fd)
     }
 
     fn discard_parked(&mut self, id: u32) {
@@ -1460,6 +1481,14 @@ fn process_rss(pid: u32, uid: u32) -> Option<u64> {
         .parse()
         .ok()?;
     Some(kb * 1024)
+}
+
+/// Adds O_NONBLOCK to `fd`'s open file description, keeping its other
+/// flags (a client's descriptor may be opened for appending).
+fn set_nonblocking(fd: BorrowedFd) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_retain(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(|_| ())
 }
 
 #[cfg(test)]

@@ -46,7 +46,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::io::ErrorKind;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -62,7 +62,7 @@ const RESTART_BACKOFF: Duration = Duration::from_secs(10);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// How long the longest command waits for the VM process to confirm
 /// (each has its own, [`VmCommand::reply_timeout`]).
-const COMMAND_REPLY_TIMEOUT: Duration = VmCommand::longest_reply_timeout();
+const COMMAND_REPLY_TIMEOUT: Duration = common::imsg::LONGEST_COMMAND_REPLY;
 // vmctl gives up on an answer after ANSWER_TIMEOUT (START_ANSWER_TIMEOUT
 // for a start): every deadline vmd keeps before it answers ends first.
 const _: () = assert!(
@@ -110,6 +110,27 @@ pub struct ParentOptions {
     pub defines: Vec<(String, String)>,
     /// The configuration as read at startup.
     pub config: Config,
+}
+
+/// The longest text a probe writes to its client's descriptor.
+const MAX_PROBE_TEXT: usize = 4096;
+
+/// Why a probe ([`CtlRequest::Probe`]) is refused: always, unless this
+/// vmd was built for the tests; a text longer than [`MAX_PROBE_TEXT`].
+fn probe_refusal(command: &VmCommand) -> Option<CtlError> {
+    if !cfg!(any(test, feature = "test-triggers")) {
+        return Some(CtlError::explained(
+            nix::errno::Errno::EINVAL,
+            "probe is a test command: this vmd was built without the test-triggers feature",
+        ));
+    }
+    match command {
+        VmCommand::Probe { text, .. } if text.len() > MAX_PROBE_TEXT => Some(CtlError::explained(
+            nix::errno::Errno::EINVAL,
+            format!("a probe's text is at most {MAX_PROBE_TEXT} bytes"),
+        )),
+        _ => None,
+    }
 }
 
 /// Keeps error lines within one frame: the first ones that fit, and a
@@ -465,6 +486,9 @@ impl Parent {
                 match event {
                     VmEvent::Running { id } => self.vm_running(id),
                     VmEvent::CommandDone(done) => self.vm_command_done(done),
+                    VmEvent::CommandProgress { id, command, note } => {
+                        self.vm_command_progress(id, command, note)
+                    }
                     VmEvent::Launched { id, pid, tty } => self.vm_launched(id, pid, tty),
                     VmEvent::Ended(ended) => self.vm_ended(ended),
                 }
@@ -605,7 +629,7 @@ impl Parent {
                 }
             }
             Message::CtlForward { creds, request } if role == Role::Control => {
-                self.dispatch_control(token, frame.peer_id, &creds, request)
+                self.dispatch_control(token, frame.peer_id, &creds, request, frame.fd)
             }
             Message::Log { level, text } => log::write_line(level, &format!("{name}: {text}")),
             Message::RefusedSyscall { nr, name: call } => {
@@ -615,13 +639,16 @@ impl Parent {
         }
     }
 
-    /// Answers one vmctl command forwarded by control for connection `peer`.
+    /// Answers one vmctl command forwarded by control for connection
+    /// `peer`, with the client's descriptor `fd` for a request that
+    /// [`takes_fd`](CtlRequest::takes_fd).
     fn dispatch_control(
         &mut self,
         token: Token,
         peer: u32,
         creds: &Credentials,
         request: CtlRequest,
+        fd: Option<OwnedFd>,
     ) {
         log_debug!(
             "{} from uid {} (connection {peer})",
@@ -655,6 +682,10 @@ impl Parent {
         // Control refuses these already; a second look costs nothing.
         if !creds.is_root() && !request.open_to_users() {
             self.send(token, fail(libc::EPERM, Vec::new()));
+            return;
+        }
+        if let Some(why) = common::ctl::fd_refusal(&request, fd.is_some()) {
+            self.send(token, fail(libc::EINVAL, vec![why]));
             return;
         }
         let answer = match request {
@@ -717,6 +748,25 @@ impl Parent {
                 self.set_verbosity(level);
                 reply(Message::CtlOk { lines: Vec::new() })
             }
+            CtlRequest::Probe {
+                target,
+                text,
+                steps,
+            } => {
+                let command = VmCommand::Probe { text, steps };
+                let result = match (probe_refusal(&command), fd) {
+                    (None, Some(fd)) => {
+                        self.registry
+                            .command_with_fd(&target, command.clone(), fd, creds)
+                    }
+                    // (no descriptor: fd_refusal said so already)
+                    (refusal, _) => Err(refusal.unwrap_or(CtlError::Errno(libc::EBADF))),
+                };
+                match self.hold_reply(result, Held::Command(command), token, peer) {
+                    Some(error) => vm_result(Err(error)),
+                    None => return,
+                }
+            }
         };
         self.send(token, answer);
     }
@@ -768,11 +818,38 @@ impl Parent {
     /// A VM process answered a command: the registry updates the VM, and
     /// the pause or unpause waiting for it gets its answer.
     fn vm_command_done(&mut self, done: CommandDone) {
+        let command = Held::Command(done.command.clone());
         let result = self
             .registry
             .command_done(done.id, done.command, done.error);
-        let command = Held::Command(done.command);
         self.answer_pending(done.id, |held| *held == command, result);
+    }
+
+    /// A VM process reports that a long command is under way: its client
+    /// hears how far, and its reply deadline starts again.
+    fn vm_command_progress(&mut self, vmid: u32, command: VmCommand, note: String) {
+        let deadline = Instant::now() + command.reply_timeout();
+        let held = Held::Command(command);
+        let mut clients = Vec::new();
+        for reply in &mut self.replies {
+            if reply.vmid == vmid && reply.held == held {
+                reply.deadline = deadline;
+                clients.push((reply.token, reply.peer));
+            }
+        }
+        for (token, peer) in clients {
+            let progress = Message::CtlProgress {
+                vmid,
+                note: note.clone(),
+            };
+            self.send(
+                token,
+                Frame {
+                    peer_id: peer,
+                    ..Frame::new(progress)
+                },
+            );
+        }
     }
 
     /// Answers the held replies of VM `vmid` that `which` selects.
