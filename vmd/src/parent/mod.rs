@@ -133,6 +133,27 @@ fn probe_refusal(command: &VmCommand) -> Option<CtlError> {
     }
 }
 
+/// VM `vmid`'s `command` made progress at `now`: the replies held for it
+/// get a new deadline (a command's reply timeout is the longest it may
+/// go without news). Their clients, to tell.
+fn progress_made(
+    replies: &mut [PendingReply],
+    vmid: u32,
+    command: VmCommand,
+    now: Instant,
+) -> Vec<(Token, u32)> {
+    let deadline = now + command.reply_timeout();
+    let held = Held::Command(command);
+    replies
+        .iter_mut()
+        .filter(|r| r.vmid == vmid && r.held == held)
+        .map(|r| {
+            r.deadline = deadline;
+            (r.token, r.peer)
+        })
+        .collect()
+}
+
 /// Keeps error lines within one frame: the first ones that fit, and a
 /// count of the rest.
 fn fit_lines(lines: Vec<String>) -> Vec<String> {
@@ -828,15 +849,7 @@ impl Parent {
     /// A VM process reports that a long command is under way: its client
     /// hears how far, and its reply deadline starts again.
     fn vm_command_progress(&mut self, vmid: u32, command: VmCommand, note: String) {
-        let deadline = Instant::now() + command.reply_timeout();
-        let held = Held::Command(command);
-        let mut clients = Vec::new();
-        for reply in &mut self.replies {
-            if reply.vmid == vmid && reply.held == held {
-                reply.deadline = deadline;
-                clients.push((reply.token, reply.peer));
-            }
-        }
+        let clients = progress_made(&mut self.replies, vmid, command, Instant::now());
         for (token, peer) in clients {
             let progress = Message::CtlProgress {
                 vmid,
@@ -1241,6 +1254,42 @@ impl Parent {
             if let Err(e) = std::fs::remove_file(path) {
                 log_warn!("cannot remove {}: {e}", path.display());
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_moves_only_its_commands_deadline() {
+        let t0 = Instant::now();
+        let probe = VmCommand::Probe {
+            text: String::new(),
+            steps: 1,
+        };
+        let held = |vmid, held, peer| PendingReply {
+            vmid,
+            held,
+            token: Token(1),
+            peer,
+            deadline: t0 + Duration::from_secs(1),
+        };
+        let mut replies = vec![
+            held(1, Held::Command(probe.clone()), 10),
+            held(1, Held::Command(VmCommand::Pause), 11),
+            held(2, Held::Command(probe.clone()), 12),
+            held(1, Held::Start, 13),
+        ];
+        let later = t0 + Duration::from_secs(5);
+        assert_eq!(
+            progress_made(&mut replies, 1, probe.clone(), later),
+            [(Token(1), 10)]
+        );
+        assert_eq!(replies[0].deadline, later + probe.reply_timeout());
+        for other in &replies[1..] {
+            assert_eq!(other.deadline, t0 + Duration::from_secs(1));
         }
     }
 }
