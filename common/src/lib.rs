@@ -8,6 +8,7 @@ pub mod disk;
 pub mod getopt;
 pub mod image;
 pub mod imsg;
+pub mod local;
 pub mod name;
 pub mod qcow2;
 pub mod size;
