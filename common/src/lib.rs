@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod ctl;
+pub mod dhcp;
 pub mod disk;
 pub mod getopt;
 pub mod image;
