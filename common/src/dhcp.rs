@@ -36,6 +36,7 @@
 //! end of the packet, or a message type or requested address of the wrong
 //! length, drops the request. A missing END option is tolerated.
 
+use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 use thiserror::Error;
 
@@ -81,7 +82,7 @@ const DHCPACK: u8 = 5;
 const DHCPNAK: u8 = 6;
 
 /// What the server knows about one local interface.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     /// The guest's MAC: the only source answered.
     pub guest_mac: [u8; 6],

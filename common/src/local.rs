@@ -12,7 +12,23 @@
 //! first interface is 100.64.1.2 (host) and 100.64.1.3 (guest).
 
 use crate::config::{Ipv4Prefix, Ipv6Prefix};
+use serde::{Deserialize, Serialize};
+use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
+
+/// One local interface: its VM's id and its index among the VM's
+/// interfaces. Names a DHCP port between the parent and the switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LocalPort {
+    pub vmid: u32,
+    pub index: u32,
+}
+
+impl fmt::Display for LocalPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "vm {} interface {}", self.vmid, self.index)
+    }
+}
 
 /// The netmask of every local interface's subnet (a /31).
 pub const LOCAL_NETMASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 254);
