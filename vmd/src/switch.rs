@@ -7,8 +7,10 @@
 //! lease; `SwitchStop` closes it. Each port's frames are answered through
 //! the same socket. Frames that get no answer are dropped and counted; a
 //! debug line per port says how many and the last reason, at most every
-//! DROP_LOG_INTERVAL. A socket that reads ENETDOWN (its interface is gone)
-//! is closed and the parent told (`SwitchPortGone`). When switch dies the
+//! DROP_LOG_INTERVAL. A socket that reads ENETDOWN because its interface
+//! is gone (the kernel unbound it) is closed and the parent told
+//! (`SwitchPortGone`); one whose interface is only down is kept (the
+//! kernel binds it again when the interface comes up). When switch dies the
 //! parent starts it again and sends every socket again.
 //!
 //! Starts from a fresh exec (no inherited filter), drops to _vmd in the
@@ -16,6 +18,7 @@
 //! [`seccomp::CHILD_SYSCALLS`](crate::seccomp::CHILD_SYSCALLS).
 
 use crate::log::{log_debug, log_warn};
+use crate::packet;
 use crate::proc;
 use crate::seccomp::Allowed;
 use common::config::format_lladdr;
@@ -24,8 +27,8 @@ use common::imsg::{Channel, Frame, Message, Role};
 use common::local::LocalPort;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token};
-use std::io::{self, ErrorKind};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::io::ErrorKind;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -36,6 +39,8 @@ const TRIGGER: Token = Token(2);
 const FIRST_PORT: usize = 16;
 /// At most one debug line about dropped frames per port this often.
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// How often a port that is down is checked for having vanished.
+const DOWN_CHECK: Duration = Duration::from_secs(1);
 /// At most this many frames read from one port per event, so that a
 /// flooding guest cannot starve the others (the socket stays readable:
 /// mio's edge is re-armed by reregistering).
@@ -50,6 +55,10 @@ const SWITCH_SYSCALLS: &[Allowed] = &[
     (
         libc::SYS_sendto,
         "send DHCP replies on a local interface's packet socket",
+    ),
+    (
+        libc::SYS_getsockname,
+        "after ENETDOWN, tell a vanished interface from one that is down",
     ),
 ];
 
@@ -66,6 +75,10 @@ struct Port {
     unlogged: u64,
     last_drop: Option<dhcp::Drop>,
     logged_at: Option<Instant>,
+    /// It read ENETDOWN while still bound: down, or on its way out (the
+    /// kernel reports the down before it unbinds a vanishing interface,
+    /// and nothing after). Checked every DOWN_CHECK until a frame comes.
+    down: bool,
 }
 
 impl Port {
@@ -146,7 +159,8 @@ pub fn switch_main(verbosity: u8) -> ExitCode {
     let mut events = Events::with_capacity(16);
     let mut buf = vec![0u8; dhcp::MAX_FRAME + 1];
     loop {
-        if let Err(e) = poll.poll(&mut events, None) {
+        let timeout = switch.ports.iter().any(|p| p.down).then_some(DOWN_CHECK);
+        if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == ErrorKind::Interrupted {
                 continue;
             }
@@ -165,6 +179,7 @@ pub fn switch_main(verbosity: u8) -> ExitCode {
                 token => switch.port_readable(poll.registry(), token, &mut buf),
             }
         }
+        switch.check_down(poll.registry());
     }
 }
 
@@ -216,6 +231,7 @@ impl Switch {
             unlogged: 0,
             last_drop: None,
             logged_at: None,
+            down: false,
         });
     }
 
@@ -241,6 +257,17 @@ impl Switch {
             .send(Frame::new(Message::SwitchPortGone { port }))
         {
             log_warn!("cannot tell the parent that {port} is gone: {e}");
+        }
+    }
+
+    /// Closes the ports that were down and whose interface is now gone.
+    fn check_down(&mut self, registry: &Registry) {
+        while let Some(index) = self
+            .ports
+            .iter()
+            .position(|p| p.down && packet::interface_gone(&p.fd))
+        {
+            self.gone(registry, index);
         }
     }
 
@@ -274,10 +301,21 @@ enum Drained {
 /// Reads and answers up to FRAMES_PER_EVENT frames.
 fn port_drain(p: &mut Port, buf: &mut [u8]) -> Drained {
     for _ in 0..FRAMES_PER_EVENT {
-        let received = match port_recv(p.fd.as_raw_fd(), buf) {
-            Ok(Some(received)) => received,
+        let received = match packet::recv(&p.fd, buf) {
+            Ok(Some(received)) => {
+                p.down = false;
+                received
+            }
             Ok(None) => return Drained::All,
-            Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) => return Drained::Gone,
+            Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) => {
+                if packet::interface_gone(&p.fd) {
+                    return Drained::Gone;
+                }
+                // Down (served again once it is up), or vanishing.
+                log_debug!("dhcp {}: the interface is down", p.port);
+                p.down = true;
+                continue;
+            }
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => {
                 log_warn!("dhcp {}: reading its socket: {e}", p.port);
@@ -294,95 +332,18 @@ fn port_drain(p: &mut Port, buf: &mut [u8]) -> Drained {
             dhcp::dhcp_reply(frame, received.csum_not_ready, &p.lease)
         };
         match reply {
-            Ok(reply) => match port_send(p.fd.as_raw_fd(), &reply) {
+            Ok(reply) => match packet::send(&p.fd, &reply) {
                 Ok(()) => p.answered += 1,
-                Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) => return Drained::Gone,
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENETDOWN)
+                        && packet::interface_gone(&p.fd) =>
+                {
+                    return Drained::Gone
+                }
                 Err(e) => log_debug!("dhcp {}: reply not sent: {e}", p.port),
             },
             Err(why) => p.drop_frame(why),
         }
     }
     Drained::More
-}
-
-/// One received frame: its length (beyond the buffer when truncated),
-/// whether its checksum was left to offload, whether we sent it.
-struct Received {
-    len: usize,
-    csum_not_ready: bool,
-    outgoing: bool,
-}
-
-/// Reads one frame with its PACKET_AUXDATA; None when none is queued.
-fn port_recv(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<Received>> {
-    // SAFETY: plain-data structures, all-zero is a valid value.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    // u64 for cmsghdr's alignment; room for one tpacket_auxdata.
-    let mut control = [0u64; 8];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: as above.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = (&mut addr as *mut libc::sockaddr_ll).cast();
-    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&control);
-    // SAFETY: msg points at live buffers of the sizes it gives, for the
-    // duration of the call.
-    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_TRUNC | libc::MSG_DONTWAIT) };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        return if e.kind() == ErrorKind::WouldBlock {
-            Ok(None)
-        } else {
-            Err(e)
-        };
-    }
-    let mut csum_not_ready = false;
-    // SAFETY: the CMSG_* macros walk the control buffer the kernel filled,
-    // bounded by msg_controllen; the auxdata is read unaligned.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_PACKET
-                && (*cmsg).cmsg_type == libc::PACKET_AUXDATA
-                && (*cmsg).cmsg_len as usize
-                    >= libc::CMSG_LEN(std::mem::size_of::<libc::tpacket_auxdata>() as u32) as usize
-            {
-                let aux: libc::tpacket_auxdata =
-                    std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
-                csum_not_ready = aux.tp_status & libc::TP_STATUS_CSUMNOTREADY != 0;
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-        }
-    }
-    Ok(Some(Received {
-        len: n as usize,
-        csum_not_ready,
-        outgoing: addr.sll_pkttype == libc::PACKET_OUTGOING,
-    }))
-}
-
-/// Sends one reply frame on the socket's interface.
-fn port_send(fd: RawFd, frame: &[u8]) -> io::Result<()> {
-    // SAFETY: sends from a live buffer of its length; the socket is bound,
-    // so no address is needed.
-    let n = unsafe {
-        libc::sendto(
-            fd,
-            frame.as_ptr().cast(),
-            frame.len(),
-            libc::MSG_DONTWAIT,
-            std::ptr::null(),
-            0,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
