@@ -367,34 +367,51 @@ fn build_reply(req: &[u8], reply_type: Option<u8>, lease: &Lease) -> Vec<u8> {
     } else {
         (lease.guest_mac, lease.guest)
     };
-    let udp_len = UDP_HDR + bootp.len();
+    let ends = Ends {
+        macs: (lease.host_mac, dst_mac),
+        ips: (lease.host, dst_ip),
+        ports: (SERVER_PORT, CLIENT_PORT),
+    };
+    // TOS low delay, as BOOTP servers send.
+    encode_udp(&ends, 0x10, &bootp)
+}
+
+/// The two ends of a datagram: (source, destination) each.
+struct Ends {
+    macs: ([u8; 6], [u8; 6]),
+    ips: (Ipv4Addr, Ipv4Addr),
+    ports: (u16, u16),
+}
+
+/// An Ethernet frame holding an IPv4 UDP datagram of `payload`, with its
+/// checksums.
+fn encode_udp(ends: &Ends, tos: u8, payload: &[u8]) -> Vec<u8> {
+    let udp_len = UDP_HDR + payload.len();
     let ip_len = IP_HDR + udp_len;
     let mut frame = Vec::with_capacity(ETHER_HDR + ip_len);
-    frame.extend_from_slice(&dst_mac);
-    frame.extend_from_slice(&lease.host_mac);
+    frame.extend_from_slice(&ends.macs.1);
+    frame.extend_from_slice(&ends.macs.0);
     frame.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
-    let ip_start = frame.len();
-    frame.extend_from_slice(&[0x45, 0x10]); // IPv4, 20 bytes; low delay
+    frame.extend_from_slice(&[0x45, tos]); // IPv4, 20-byte header
     frame.extend_from_slice(&(ip_len as u16).to_be_bytes());
     frame.extend_from_slice(&[0, 0, 0, 0, 64, 17, 0, 0]); // id, frag, ttl, UDP
-    frame.extend_from_slice(&lease.host.octets());
-    frame.extend_from_slice(&dst_ip.octets());
-    let ip_sum = !fold(ones_sum(0, &frame[ip_start..]));
-    frame[ip_start + 10..ip_start + 12].copy_from_slice(&ip_sum.to_be_bytes());
+    frame.extend_from_slice(&ends.ips.0.octets());
+    frame.extend_from_slice(&ends.ips.1.octets());
+    let ip_sum = !fold(ones_sum(0, &frame[ETHER_HDR..]));
+    frame[ETHER_HDR + 10..ETHER_HDR + 12].copy_from_slice(&ip_sum.to_be_bytes());
     let udp_start = frame.len();
-    frame.extend_from_slice(&SERVER_PORT.to_be_bytes());
-    frame.extend_from_slice(&CLIENT_PORT.to_be_bytes());
+    frame.extend_from_slice(&ends.ports.0.to_be_bytes());
+    frame.extend_from_slice(&ends.ports.1.to_be_bytes());
     frame.extend_from_slice(&(udp_len as u16).to_be_bytes());
     frame.extend_from_slice(&[0, 0]);
-    frame.extend_from_slice(&bootp);
-    let mut udp_sum = !fold(ones_sum(
-        pseudo_sum(lease.host, dst_ip, udp_len),
+    frame.extend_from_slice(payload);
+    let sum = !fold(ones_sum(
+        pseudo_sum(ends.ips.0, ends.ips.1, udp_len),
         &frame[udp_start..],
     ));
-    if udp_sum == 0 {
-        udp_sum = 0xffff;
-    }
-    frame[udp_start + 6..udp_start + 8].copy_from_slice(&udp_sum.to_be_bytes());
+    // 0 would mean "no checksum".
+    let sum = if sum == 0 { 0xffff } else { sum };
+    frame[udp_start + 6..udp_start + 8].copy_from_slice(&sum.to_be_bytes());
     frame
 }
 
@@ -490,30 +507,12 @@ pub fn build_request(mac: [u8; 6], xid: u32, options: Option<&[u8]>) -> Vec<u8> 
     if bootp.len() < BOOTP_MIN {
         bootp.resize(BOOTP_MIN, 0);
     }
-    let udp_len = UDP_HDR + bootp.len();
-    let ip_len = IP_HDR + udp_len;
-    let mut frame = Vec::with_capacity(ETHER_HDR + ip_len);
-    frame.extend_from_slice(&BROADCAST);
-    frame.extend_from_slice(&mac);
-    frame.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
-    frame.extend_from_slice(&[0x45, 0]);
-    frame.extend_from_slice(&(ip_len as u16).to_be_bytes());
-    frame.extend_from_slice(&[0, 0, 0, 0, 64, 17, 0, 0, 0, 0, 0, 0]);
-    frame.extend_from_slice(&Ipv4Addr::BROADCAST.octets());
-    let ip_sum = !fold(ones_sum(0, &frame[ETHER_HDR..]));
-    frame[ETHER_HDR + 10..ETHER_HDR + 12].copy_from_slice(&ip_sum.to_be_bytes());
-    let udp_start = frame.len();
-    frame.extend_from_slice(&CLIENT_PORT.to_be_bytes());
-    frame.extend_from_slice(&SERVER_PORT.to_be_bytes());
-    frame.extend_from_slice(&(udp_len as u16).to_be_bytes());
-    frame.extend_from_slice(&[0, 0]);
-    frame.extend_from_slice(&bootp);
-    let sum = !fold(ones_sum(
-        pseudo_sum(Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST, udp_len),
-        &frame[udp_start..],
-    ));
-    frame[udp_start + 6..udp_start + 8].copy_from_slice(&sum.to_be_bytes());
-    frame
+    let ends = Ends {
+        macs: (mac, BROADCAST),
+        ips: (Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST),
+        ports: (CLIENT_PORT, SERVER_PORT),
+    };
+    encode_udp(&ends, 0, &bootp)
 }
 
 /// Recomputes a request frame's IP and UDP checksums after a test changed

@@ -47,7 +47,7 @@ const DOWN_CHECK: Duration = Duration::from_secs(1);
 const FRAMES_PER_EVENT: usize = 64;
 
 /// What switch adds to the children's filter.
-const SWITCH_SYSCALLS: &[Allowed] = &[
+pub const SWITCH_SYSCALLS: &[Allowed] = &[
     (
         libc::SYS_epoll_ctl,
         "add and remove the packet sockets the parent passes at any time",

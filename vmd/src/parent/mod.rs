@@ -3,8 +3,10 @@
 //! the seam to what runs VMs (backend.rs) and the real backend, which
 //! launches VM processes (launch.rs), the forked helpers that do
 //! whatever could wait (helper.rs) and the rules that open VMs' files
-//! with the right user's rights (userfiles.rs); networking (net/) and a
-//! state file come later, each in its own file.
+//! with the right user's rights (userfiles.rs), the packet sockets of
+//! the DHCP server on local interfaces (dhcp.rs: `Parent::dhcp_serve`,
+//! `Parent::dhcp_stop`); networking (net/) and a state file come later,
+//! each in its own file.
 //!
 //! The loop starts control and switch, writes their log lines, restarts
 //! them when they die, and stops them on SIGTERM or SIGINT. It holds the
