@@ -254,7 +254,7 @@ impl Switch {
         self.close(registry, index);
         if let Err(e) = self
             .channel
-            .send(Frame::new(Message::SwitchPortGone { port }))
+            .send_whole(Frame::new(Message::SwitchPortGone { port }))
         {
             log_warn!("cannot tell the parent that {port} is gone: {e}");
         }
