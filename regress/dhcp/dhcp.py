@@ -288,6 +288,47 @@ def case_interface_down_and_gone():
             raise Failure(f"the restarted switch was sent the vanished interface: {vmd.log()}")
 
 
+# A client that sends its request through the kernel's UDP stack (not a
+# raw socket, as the DHCP clients do): on a veth the checksum is left to
+# offload, so switch sees TP_STATUS_CSUMNOTREADY and a partial checksum.
+# The broadcast flag brings the OFFER back to 255.255.255.255, where this
+# socket, bound to the interface and port 68, reads it (the kernel checks
+# the reply's UDP checksum on the way in).
+UDP_CLIENT = r'''
+import socket, struct, sys
+ifname, mac = sys.argv[1], bytes.fromhex(sys.argv[2].replace(":", ""))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+s.bind(("0.0.0.0", 68))
+s.settimeout(2)
+bootp = struct.pack("!BBBBIHH4s4s4s4s16s64s128s", 1, 1, 6, 0, 0x5eed, 0, 0x8000, bytes(4), bytes(4),
+                    bytes(4), bytes(4), mac, bytes(64), bytes(128))
+request = bootp + bytes([99, 130, 83, 99, 53, 1, 1, 255]) + bytes(52)
+for _ in range(10):
+    s.sendto(request, ("255.255.255.255", 67))
+    try:
+        reply, _ = s.recvfrom(2048)
+    except socket.timeout:
+        continue
+    if reply[4:8] == request[4:8]:
+        print("yiaddr=" + socket.inet_ntoa(reply[16:20]))
+        sys.exit(0)
+sys.exit("no offer")
+'''
+
+
+def case_offloaded_checksum():
+    with Net() as net:
+        mac = "fe:e1:bb:d1:00:01"
+        ns, ifname = net.link(mac)
+        vmd = net.start()
+        p = ns_run(ns, sys.executable, "-c", UDP_CLIENT, ifname, mac, timeout=WAIT_TIMEOUT + 30)
+        if p.returncode != 0 or "yiaddr=100.64.1.3" not in p.stdout:
+            raise Failure(f"no offer for a request with its checksum left to offload: "
+                          f"{p.stdout}{p.stderr}\n{vmd.log()[-1500:]}")
+
+
 def main():
     if not t.prepare(guest=False):
         return 1
@@ -300,6 +341,7 @@ def main():
     case("net boot lease names auto_install", case_net_boot)
     case("a client with another MAC gets no answer", case_other_mac)
     case("a killed switch is restarted and serves again", case_switch_restart)
+    case("a request whose checksum was left to offload is answered", case_offloaded_checksum)
     case("an interface down and up is served, a vanished one dropped", case_interface_down_and_gone)
     return t.summary()
 
