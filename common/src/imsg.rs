@@ -193,6 +193,21 @@ pub enum Message {
     HelperChunk { bytes: Vec<u8> },
     /// The helper's answer is complete.
     HelperEnd,
+
+    // --- the switch's DHCP server on local interfaces (parent <-> switch) ---
+    /// parent -> switch: serve BOOTP/DHCP for `lease` on the packet socket
+    /// sent with the frame (bound to the interface, PACKET_AUXDATA on, a
+    /// filter for IPv4 UDP to port 67). Sent again for every port when
+    /// switch restarts.
+    SwitchServe {
+        port: crate::local::LocalPort,
+        lease: crate::dhcp::Lease,
+    },
+    /// parent -> switch: stop serving `port` and close its socket.
+    SwitchStop { port: crate::local::LocalPort },
+    /// switch -> parent: `port`'s interface is gone (its socket read
+    /// ENETDOWN); the switch closed the socket.
+    SwitchPortGone { port: crate::local::LocalPort },
 }
 
 /// What a forked helper of the parent did, besides the files it sent.
@@ -397,6 +412,9 @@ impl Message {
             Message::UserFilesDone { .. } => (201, "USER_FILES_DONE"),
             Message::HelperChunk { .. } => (202, "HELPER_CHUNK"),
             Message::HelperEnd => (203, "HELPER_END"),
+            Message::SwitchServe { .. } => (300, "SWITCH_SERVE"),
+            Message::SwitchStop { .. } => (301, "SWITCH_STOP"),
+            Message::SwitchPortGone { .. } => (302, "SWITCH_PORT_GONE"),
         }
     }
 }
@@ -1035,6 +1053,23 @@ mod tests {
                 bytes: vec![1, 2, 3],
             },
             Message::HelperEnd,
+            Message::SwitchServe {
+                port: crate::local::LocalPort { vmid: 2, index: 1 },
+                lease: crate::dhcp::Lease {
+                    guest_mac: [0xfe, 0xe1, 0xbb, 0xd2, 0, 2],
+                    host_mac: [2, 0, 0, 0, 0, 1],
+                    guest: std::net::Ipv4Addr::new(100, 64, 2, 5),
+                    host: std::net::Ipv4Addr::new(100, 64, 2, 4),
+                    host_name: "web".into(),
+                    net_boot: true,
+                },
+            },
+            Message::SwitchStop {
+                port: crate::local::LocalPort { vmid: 2, index: 1 },
+            },
+            Message::SwitchPortGone {
+                port: crate::local::LocalPort { vmid: 2, index: 0 },
+            },
             Message::UserFilesDone {
                 refusal: Some(FileRefusal {
                     kind: VmFdKind::Disk {

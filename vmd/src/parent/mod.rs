@@ -3,8 +3,10 @@
 //! the seam to what runs VMs (backend.rs) and the real backend, which
 //! launches VM processes (launch.rs), the forked helpers that do
 //! whatever could wait (helper.rs) and the rules that open VMs' files
-//! with the right user's rights (userfiles.rs); networking (net/) and a
-//! state file come later, each in its own file.
+//! with the right user's rights (userfiles.rs), the packet sockets of
+//! the DHCP server on local interfaces (dhcp.rs: `Parent::dhcp_serve`,
+//! `Parent::dhcp_stop`); networking (net/) and a state file come later,
+//! each in its own file.
 //!
 //! The loop starts control and switch, writes their log lines, restarts
 //! them when they die, and stops them on SIGTERM or SIGINT. It holds the
@@ -24,6 +26,7 @@
 //! still exiting (at most GUEST_GONE_WAIT).
 
 pub mod backend;
+pub mod dhcp;
 pub mod helper;
 pub mod launch;
 pub mod registry;
@@ -31,6 +34,7 @@ pub mod userfiles;
 
 use crate::log::{self, log_debug, log_info, log_warn};
 use crate::parent::backend::{CommandDone, VmEnded, VmEvent};
+use crate::parent::dhcp::{DhcpError, LocalDhcp, LocalInterface};
 use crate::parent::helper::{Answered, Helper, HelperError};
 use crate::parent::launch::{Launcher, FILES_TIMEOUT};
 use crate::parent::registry::{Ended, Registry};
@@ -252,6 +256,8 @@ struct Parent {
     held_status: Vec<(Token, u32)>,
     /// Configuration files helpers are reading.
     loads: Vec<PendingLoad>,
+    /// Local interfaces switch serves DHCP on, with their sockets.
+    dhcp: LocalDhcp,
 }
 
 /// A configuration file a helper reads for `load`, `reload` or SIGHUP.
@@ -283,6 +289,8 @@ pub fn parent_main(opts: ParentOptions) -> ExitCode {
             parent.begin_shutdown(ExitCode::FAILURE);
         }
     }
+    #[cfg(feature = "test-triggers")]
+    parent.dhcp_serve_test_interfaces();
     parent.run()
 }
 
@@ -334,6 +342,7 @@ fn parent_init(opts: ParentOptions) -> Result<Parent, ParentError> {
         replies: Vec::new(),
         held_status: Vec::new(),
         loads: Vec::new(),
+        dhcp: LocalDhcp::default(),
     })
 }
 
@@ -647,10 +656,20 @@ impl Parent {
                         self.socket_bound = true;
                         self.set_socket_owner();
                     }
+                    if role == Role::Switch {
+                        // Started or restarted: every socket, again.
+                        for frame in self.dhcp.frames() {
+                            self.send(token, frame);
+                        }
+                    }
                 }
             }
             Message::CtlForward { creds, request } if role == Role::Control => {
                 self.dispatch_control(token, frame.peer_id, &creds, request, frame.fd)
+            }
+            Message::SwitchPortGone { port } if role == Role::Switch => {
+                log_debug!("dhcp {port}: its interface is gone");
+                self.dhcp.gone(port);
             }
             Message::Log { level, text } => log::write_line(level, &format!("{name}: {text}")),
             Message::RefusedSyscall { nr, name: call } => {
@@ -1117,6 +1136,86 @@ impl Parent {
                 .deregister(&mut SourceFd(&channel.sock.as_raw_fd()));
         }
         let _ = kill(child.pid, Signal::SIGKILL);
+    }
+
+    /// Starts serving DHCP on a local interface: opens its packet socket
+    /// and passes it to switch (now if switch is ready, else when it is).
+    /// The caller (the local tap's setup) gives the tap's ifindex and the
+    /// VM's name, id, interface index, MAC and whether it boots from the
+    /// network; the addresses come from `local prefix`.
+    #[cfg_attr(not(feature = "test-triggers"), allow(dead_code))] // until local taps call it
+    pub(crate) fn dhcp_serve(&mut self, nic: &LocalInterface) -> Result<(), DhcpError> {
+        let frame = self.dhcp.serve(self.registry.globals.local_prefix, nic)?;
+        if let Some(token) = self.switch_token() {
+            self.send(token, frame);
+        }
+        Ok(())
+    }
+
+    /// Stops serving VM `vmid`'s interface `index` (before its tap is
+    /// closed); nothing if it was not served.
+    #[allow(dead_code)] // called by the local taps' teardown (issue 20)
+    pub(crate) fn dhcp_stop(&mut self, vmid: u32, index: u32) {
+        let port = common::local::LocalPort { vmid, index };
+        if let Some(frame) = self.dhcp.stop(port) {
+            if let Some(token) = self.switch_token() {
+                self.send(token, frame);
+            }
+        }
+    }
+
+    /// The switch child, once it has dropped its privileges.
+    fn switch_token(&self) -> Option<Token> {
+        self.children
+            .iter()
+            .find(|c| c.role == Role::Switch && c.ready && c.channel.is_some())
+            .map(|c| c.token)
+    }
+
+    /// Test builds: serve the interfaces VMD_TEST_DHCP_SERVE names
+    /// (trigger.rs); one that cannot be served shuts vmd down.
+    #[cfg(feature = "test-triggers")]
+    fn dhcp_serve_test_interfaces(&mut self) {
+        let specs = match crate::trigger::dhcp_serve() {
+            Ok(specs) => specs,
+            Err(e) => {
+                log_warn!("{e}");
+                self.begin_shutdown(ExitCode::FAILURE);
+                return;
+            }
+        };
+        for spec in specs {
+            let name = std::ffi::CString::new(spec.ifname.as_str()).unwrap_or_default();
+            // SAFETY: reads a NUL-terminated name we own.
+            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            if ifindex == 0 {
+                let e = std::io::Error::last_os_error();
+                log_warn!("VMD_TEST_DHCP_SERVE: no interface {}: {e}", spec.ifname);
+                self.begin_shutdown(ExitCode::FAILURE);
+                return;
+            }
+            let nic = LocalInterface {
+                ifindex,
+                vm_name: &spec.vm_name,
+                vmid: spec.vmid,
+                index: spec.index,
+                mac: spec.mac,
+                net_boot: spec.net_boot,
+            };
+            match self.dhcp_serve(&nic) {
+                Ok(()) => log_debug!(
+                    "dhcp: serving {} as vm {} interface {}",
+                    spec.ifname,
+                    spec.vmid,
+                    spec.index
+                ),
+                Err(e) => {
+                    log_warn!("{e}");
+                    self.begin_shutdown(ExitCode::FAILURE);
+                    return;
+                }
+            }
+        }
     }
 
     /// Collects dead children, says why they died, restarts them.
