@@ -26,6 +26,7 @@
 pub mod backend;
 pub mod helper;
 pub mod launch;
+pub mod net;
 pub mod registry;
 pub mod userfiles;
 
