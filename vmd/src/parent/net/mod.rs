@@ -44,6 +44,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use tap::Tap;
 
+/// How many of the taps it made a daemon remembers (a few bytes each).
+const MADE_TAPS_KEPT: usize = 1 << 16;
+
 /// A VM's interface as the parent made it.
 struct VmTap {
     tap: Tap,
@@ -98,6 +101,10 @@ enum Job {
     },
     /// Configures VM `id`'s interface `tap` (a position in its taps).
     Vm { id: u32, tap: usize, stage: u8 },
+    /// Puts a running VM's tap `tap` (an ifindex) back on bridge
+    /// `bridge` (its switch was applied again: a bridge deleted by hand
+    /// and made again has lost its ports).
+    Attach { tap: u32, bridge: u32, stage: u8 },
 }
 
 /// What a job does next.
@@ -115,6 +122,10 @@ pub struct Net {
     state: State,
     switches: Vec<Switch>,
     vms: Vec<VmNet>,
+    /// The index of every tap this daemon made: a bridge's port that is
+    /// one of them is vmd's (a VM's tap outlives its release while its
+    /// QEMU exits).
+    made_taps: Vec<u32>,
     jobs: VecDeque<Job>,
     /// The job whose request is in flight.
     current: Option<Job>,
@@ -153,6 +164,7 @@ impl Net {
             },
             switches: Vec::new(),
             vms: Vec::new(),
+            made_taps: Vec::new(),
             jobs: VecDeque::new(),
             current: None,
             stopping: false,
@@ -296,6 +308,10 @@ impl Net {
                     .unwrap_or_default()
             );
             self.state.taps.push((t.tap.name.clone(), t.tap.ifindex));
+            self.made_taps.push(t.tap.ifindex);
+            if self.made_taps.len() > MADE_TAPS_KEPT {
+                self.made_taps.drain(..MADE_TAPS_KEPT / 2);
+            }
         }
         self.save();
         self.vms.push(VmNet {
@@ -377,15 +393,6 @@ impl Net {
                     .map_err(|e| format!("{}: {e}", t.tap.name))
             })
             .collect()
-    }
-
-    /// The names of VM `id`'s taps, by interface index.
-    pub fn vm_tap_names(&self, id: u32) -> Vec<String> {
-        self.vms
-            .iter()
-            .find(|v| v.id == id)
-            .map(|v| v.taps.iter().map(|t| t.tap.name.clone()).collect())
-            .unwrap_or_default()
     }
 
     /// VM `id` has ended (not for a reboot): its taps are closed, so they
@@ -500,6 +507,29 @@ impl Net {
                 stage,
             } => self.step_remove(name, index, ports, stage, reply),
             Job::Vm { id, tap, stage } => self.step_vm(id, tap, stage, reply),
+            Job::Attach { tap, bridge, stage } => {
+                let set = Request::SetLink {
+                    index: tap,
+                    alias: None,
+                    up: None,
+                    master: Some(bridge),
+                };
+                match (stage, reply) {
+                    (0, None) => Next::Send(
+                        Job::Attach {
+                            tap,
+                            bridge,
+                            stage: 1,
+                        },
+                        set,
+                    ),
+                    (_, Some(Reply::Ack)) => Next::Done,
+                    (_, other) => {
+                        log_warn!("tap {tap}: cannot put it on bridge {bridge}: {other:?}");
+                        Next::Done
+                    }
+                }
+            }
         }
     }
 
@@ -553,8 +583,26 @@ impl Net {
             }
             (2, Some(Reply::Ack)) => Next::Send(job(4), Request::LinkByName(bridge)),
             (3, Some(Reply::Ack)) => {
+                let mut bridge_index = None;
                 if let Some(sw) = self.switches.iter_mut().find(|s| s.name == name) {
                     sw.error = None;
+                    bridge_index = sw.ifindex;
+                }
+                // The running VMs' taps on this switch (again) on its bridge.
+                let ports: Vec<u32> = (self.vms.iter())
+                    .filter(|v| v.status == NetStatus::Ready)
+                    .flat_map(|v| v.taps.iter())
+                    .filter(|t| t.switch.as_deref() == Some(name.as_str()))
+                    .map(|t| t.tap.ifindex)
+                    .collect();
+                if let Some(bridge) = bridge_index {
+                    for tap in ports {
+                        self.jobs.push_back(Job::Attach {
+                            tap,
+                            bridge,
+                            stage: 0,
+                        });
+                    }
                 }
                 log_debug!(
                     "switch \"{name}\": bridge {bridge} {}",
@@ -594,10 +642,7 @@ impl Net {
             ports: ports.clone(),
             stage,
         };
-        let ours: Vec<u32> = self
-            .vms
-            .iter()
-            .flat_map(|v| v.taps.iter().map(|t| t.tap.ifindex))
+        let ours: Vec<u32> = (self.made_taps.iter().copied())
             .chain(ports.iter().copied())
             .collect();
         let next = match (stage, reply) {

@@ -222,11 +222,6 @@ impl Netlink {
         })
     }
 
-    /// Whether a request waits for its answer.
-    pub fn busy(&self) -> bool {
-        self.in_flight.is_some()
-    }
-
     /// Sends `req`; its answer comes from [`Netlink::receive`]. The kernel
     /// handles a request as it is sent: nothing here waits.
     pub fn send(&mut self, req: &Request) -> Result<(), Errno> {
