@@ -1226,6 +1226,17 @@ fn rotate_console_log_work(path: &Path, cap: u64) -> helper::Work {
 /// Refuses what a VM asks for that is not built yet, rather than
 /// ignoring it (at start, and as a warning of `vmd -n`).
 pub fn launch_check_built(vm: &VmConfig) -> Result<(), StartError> {
+    for iface in &vm.interfaces {
+        if iface.locked {
+            return Err(StartError::NotBuilt("locked lladdr is"));
+        }
+        if iface.group.is_some() {
+            return Err(StartError::NotBuilt("interface group is"));
+        }
+        if iface.rdomain.is_some() {
+            return Err(StartError::NotBuilt("rdomain is"));
+        }
+    }
     if vm.boot_device == Some(BootDevice::Net) {
         return Err(StartError::NotBuilt(
             "boot device net (-B net) arrives with networking and is",
