@@ -68,9 +68,6 @@ pub const VM_TOKEN_BASE: usize = 1 << 24;
 const HELPER_TOKEN_BASE: usize = VM_TOKEN_BASE + u32::MAX as usize + 1;
 /// The netlink socket's token (net/).
 const NET_TOKEN: Token = Token(VM_TOKEN_BASE - 1);
-/// How long a start waits for its interfaces' netlink steps after its
-/// files are open (the kernel answers at once; this only bounds a bug).
-const NET_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a start's helper has for everything: its own user helpers
 /// share OPEN_TIMEOUT of it, so their time-out is what vmctl reads.
 pub const FILES_TIMEOUT: Duration = Duration::from_secs(OPEN_TIMEOUT.as_secs() + 2);
@@ -222,7 +219,9 @@ struct PendingStart {
 }
 
 /// A start whose files are open, waiting for its interfaces' netlink
-/// steps (net/), until `until`.
+/// steps (net/), until `until`: its helper's deadline, so the start
+/// still ends within FILES_TIMEOUT (the kernel answers at once; this
+/// only bounds a bug).
 struct NetWait {
     pending: PendingStart,
     files: Vec<Opened>,
@@ -388,10 +387,10 @@ impl Launcher {
         };
         match self.net.vm_status(pending.id) {
             Some(NetStatus::Pending) => self.net_wait.push(NetWait {
+                until: pending.helper.deadline(),
                 pending,
                 files,
                 answer,
-                until: Instant::now() + NET_TIMEOUT,
             }),
             Some(NetStatus::Failed(why)) => {
                 let why = format!("vm {}: {why}", pending.vm.name);
