@@ -1247,6 +1247,39 @@ pub fn launch_check_built(vm: &VmConfig) -> Result<(), StartError> {
     Ok(())
 }
 
+/// Refuses an interface on a switch that is not configured, is
+/// disabled or asks for what is not built yet (OpenBSD starts the VM
+/// with the interface on no switch): the errno and the words (at start,
+/// and as a warning of `vmd -n`).
+pub fn launch_check_switches(
+    vm: &VmConfig,
+    switches: &[common::config::SwitchConfig],
+) -> Result<(), (Errno, String)> {
+    for name in vm.interfaces.iter().filter_map(|i| i.switch.as_ref()) {
+        let Some(sw) = switches.iter().find(|s| s.name == *name) else {
+            let why = format!("switch \"{name}\" not found: define it in vm.conf");
+            return Err((Errno::ENOENT, why));
+        };
+        if !sw.enabled {
+            return Err((Errno::ENETDOWN, format!("switch \"{name}\" is disabled")));
+        }
+        let unbuilt = if sw.locked_lladdr {
+            Some("locked lladdr")
+        } else if sw.group.is_some() {
+            Some("group")
+        } else if sw.rdomain.is_some() {
+            Some("rdomain")
+        } else {
+            None
+        };
+        if let Some(what) = unbuilt {
+            let why = format!("switch \"{name}\": {what} is not built yet");
+            return Err((Errno::EOPNOTSUPP, why));
+        }
+    }
+    Ok(())
+}
+
 /// Opens every file VM `vm` needs: its kernel or else the BIOS, initrd,
 /// disk chains and cdrom. The paths `requester` named are opened with its
 /// rights by the helper (userfiles.rs); the others (the configuration's,

@@ -911,31 +911,8 @@ impl Registry {
     /// starts the VM unattached) or is disabled.
     fn net_settings(&mut self, vmid: u32, mut settings: VmConfig) -> Result<VmConfig, CtlError> {
         settings.interfaces = settings.effective_interfaces();
-        for iface in &settings.interfaces {
-            let Some(name) = &iface.switch else { continue };
-            match self.switches.iter().find(|s| s.name == *name) {
-                None => {
-                    let why = format!("switch \"{name}\" not found: define it in vm.conf");
-                    return Err(explained(Errno::ENOENT, why));
-                }
-                Some(sw) if !sw.enabled => {
-                    let why = format!("switch \"{name}\" is disabled");
-                    return Err(explained(Errno::ENETDOWN, why));
-                }
-                Some(sw) if sw.locked_lladdr || sw.group.is_some() || sw.rdomain.is_some() => {
-                    let what = if sw.locked_lladdr {
-                        "locked lladdr"
-                    } else if sw.group.is_some() {
-                        "group"
-                    } else {
-                        "rdomain"
-                    };
-                    let why = format!("switch \"{name}\": {what} is not built yet");
-                    return Err(explained(Errno::EOPNOTSUPP, why));
-                }
-                Some(_) => {}
-            }
-        }
+        crate::parent::launch::launch_check_switches(&settings, &self.switches)
+            .map_err(|(e, why)| explained(e, why))?;
         let in_use: Vec<([u8; 6], String)> = self
             .vms
             .iter()
