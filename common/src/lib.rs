@@ -11,6 +11,7 @@ pub mod image;
 pub mod imsg;
 pub mod local;
 pub mod name;
+pub mod net;
 pub mod qcow2;
 pub mod size;
 pub mod status;

@@ -158,9 +158,28 @@ pub struct Registry {
     last_vmid: u32,
     pub switches: Vec<SwitchConfig>,
     pub globals: Globals,
+    /// The MACs vmd made up for each VM id's interfaces (those without
+    /// `lladdr`), so a VM keeps them across its restarts.
+    macs: Vec<(u32, Vec<[u8; 6]>)>,
     next_batch: Option<Instant>,
     /// What runs the VMs (None: nothing pretends to run).
     backend: Option<Box<dyn Backend>>,
+}
+
+/// Two random bytes (a generated MAC's last two), from getrandom(2),
+/// which does not wait once the system has booted.
+fn random_pair() -> [u8; 2] {
+    let mut bytes = [0u8; 2];
+    // SAFETY: getrandom writes at most two bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), 2, 0) };
+    if n != 2 {
+        // Never expected; the time still differs from call to call.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        bytes = [(nanos >> 8) as u8, nanos as u8];
+    }
+    bytes
 }
 
 fn errno(e: Errno) -> CtlError {
@@ -285,6 +304,9 @@ impl Registry {
                 self.switches.push(sw.clone());
             }
         }
+        if let Some(backend) = self.backend.as_mut() {
+            backend.set_switches(&self.switches, false);
+        }
         self.next_batch = Some(Instant::now());
         skipped
     }
@@ -314,7 +336,11 @@ impl Registry {
             self.next_batch = None;
         }
         if matches!(what, ResetWhat::All | ResetWhat::Switches) {
-            self.switches.clear();
+            // Every switch's settings again (a bridge deleted by hand is
+            // made again), as configured.
+            if let Some(backend) = self.backend.as_mut() {
+                backend.set_switches(&self.switches, true);
+            }
         }
     }
 
@@ -539,6 +565,17 @@ impl Registry {
         vm.last_start = Some(now);
         vm.state = VmState::Stopped;
         let vmid = vm.vmid;
+        let settings = match self.net_settings(vmid, settings) {
+            Ok(settings) => settings,
+            Err(e) => {
+                log_warn!(
+                    "{}: failed to start vm {vmid}: {}",
+                    self.vms[index].name(),
+                    e.describe()
+                );
+                return Err(e);
+            }
+        };
         match self.launch(vmid, &settings, uid, requester) {
             Ok(()) => {
                 let vm = &mut self.vms[index];
@@ -895,6 +932,67 @@ impl Registry {
         vm.running = None;
     }
 
+    /// VM `vmid`'s settings with every interface it gets (`interfaces
+    /// N` padded) and a MAC for each: its `lladdr`, else the one it had
+    /// before, else a new one in OpenBSD's scheme; no two running VMs
+    /// share one. Refuses a switch that is not configured (OpenBSD
+    /// starts the VM unattached) or is disabled.
+    fn net_settings(&mut self, vmid: u32, mut settings: VmConfig) -> Result<VmConfig, CtlError> {
+        settings.interfaces = settings.effective_interfaces();
+        crate::parent::launch::launch_check_switches(&settings, &self.switches)
+            .map_err(|(e, why)| explained(e, why))?;
+        let in_use: Vec<([u8; 6], String)> = self
+            .vms
+            .iter()
+            .filter(|vm| vm.vmid != vmid)
+            .filter_map(|vm| vm.running.as_ref())
+            .flat_map(|r| {
+                r.interfaces
+                    .iter()
+                    .filter_map(|i| i.lladdr)
+                    .map(|mac| (mac, r.name.clone()))
+            })
+            .collect();
+        let kept = self
+            .macs
+            .iter()
+            .find(|(id, _)| *id == vmid)
+            .map(|(_, macs)| macs.clone())
+            .unwrap_or_default();
+        let mut taken: Vec<[u8; 6]> = in_use.iter().map(|(mac, _)| *mac).collect();
+        taken.extend(settings.interfaces.iter().filter_map(|i| i.lladdr));
+        let mut made = Vec::new();
+        for (index, iface) in settings.interfaces.iter_mut().enumerate() {
+            if let Some(mac) = iface.lladdr {
+                if let Some((_, other)) = in_use.iter().find(|(m, _)| *m == mac) {
+                    let why = format!(
+                        "lladdr {} is in use by vm {other}",
+                        common::config::format_lladdr(&mac)
+                    );
+                    return Err(explained(Errno::EADDRINUSE, why));
+                }
+                made.push(mac);
+                continue;
+            }
+            let mac = kept
+                .get(index)
+                .copied()
+                .filter(|m| common::net::is_generated_for(m, index) && !taken.contains(m))
+                .unwrap_or_else(|| loop {
+                    let mac = common::net::generated_mac(index, random_pair());
+                    if !taken.contains(&mac) {
+                        break mac;
+                    }
+                });
+            taken.push(mac);
+            iface.lladdr = Some(mac);
+            made.push(mac);
+        }
+        self.macs.retain(|(id, _)| *id != vmid);
+        self.macs.push((vmid, made));
+        Ok(settings)
+    }
+
     // --- the VM backend's entry points ---
 
     /// Launches VM `vmid` with `settings` for user `uid`, opening its
@@ -1147,6 +1245,56 @@ mod tests {
             .into_iter()
             .find(|i| i.id == vmid)
             .map_or(VmState::Stopped, |i| i.state)
+    }
+
+    #[test]
+    fn macs_are_kept_per_vm_and_never_shared() {
+        let text = "switch \"sw\" { interface br0 }\n\
+            switch \"off\" { interface br1\n disable }\n\
+            vm \"a\" { disable\n boot \"/k\"\n interfaces 2\n interface { switch \"sw\" } }\n\
+            vm \"b\" { disable\n boot \"/k\"\n interface { lladdr fe:e1:bb:d1:00:01 } }\n\
+            vm \"c\" { disable\n boot \"/k\"\n interface { lladdr fe:e1:bb:d1:00:01 } }\n\
+            vm \"d\" { disable\n boot \"/k\"\n interface { switch \"nosuch\" } }\n\
+            vm \"e\" { disable\n boot \"/k\"\n interface { switch \"off\" } }\n";
+        let (mut r, state) = with_fake(text);
+        let root = user(0, 0, &[]);
+        let a = r.start(&start_req("a"), &root).expect("a starts");
+        let macs = |state: &Rc<RefCell<FakeState>>| -> Vec<[u8; 6]> {
+            let state = state.borrow();
+            let vm = &state.starts.last().expect("a start").1;
+            vm.interfaces
+                .iter()
+                .map(|i| i.lladdr.expect("a MAC"))
+                .collect()
+        };
+        let first = macs(&state);
+        // `interfaces 2` pads; each gets OpenBSD's fe:e1:bb:dN.
+        assert_eq!(first.len(), 2);
+        assert!(common::net::is_generated_for(&first[0], 0));
+        assert!(common::net::is_generated_for(&first[1], 1));
+        assert_ne!(first[0], first[1]);
+        // A reboot restarts it with the same MACs; so does a new start.
+        r.ended(&end(&state, a, Some("guest-reset")));
+        assert_eq!(macs(&state), first);
+        r.ended(&end(&state, a, None));
+        r.start(&start_req("a"), &root).expect("a starts again");
+        assert_eq!(macs(&state), first);
+        // A configured lladdr is used, but not by two running VMs.
+        r.start(&start_req("b"), &root).expect("b starts");
+        assert_eq!(macs(&state), [[0xfe, 0xe1, 0xbb, 0xd1, 0, 1]]);
+        let taken = r.start(&start_req("c"), &root).unwrap_err();
+        assert_eq!(
+            taken.describe(),
+            "lladdr fe:e1:bb:d1:00:01 is in use by vm b"
+        );
+        // Unknown and disabled switches refuse the start.
+        let unknown = r.start(&start_req("d"), &root).unwrap_err();
+        assert_eq!(
+            unknown.describe(),
+            "switch \"nosuch\" not found: define it in vm.conf"
+        );
+        let off = r.start(&start_req("e"), &root).unwrap_err();
+        assert_eq!(off.describe(), "switch \"off\" is disabled");
     }
 
     #[test]

@@ -180,6 +180,7 @@ mod tests {
             }),
             console_log_cap: 1 << 20,
             console_log_size: 0,
+            macs: Vec::new(),
             fd_count: 0,
         }
     }
@@ -200,6 +201,7 @@ mod tests {
                 cdrom: Some(null()),
                 qmp: null(),
                 serial: null(),
+                taps: Vec::new(),
             };
             let args = qemu_args(&params(boot_device), &files).join(" ");
             (args, files)
@@ -238,6 +240,7 @@ mod tests {
             cdrom: Some(null()),
             qmp: null(),
             serial: null(),
+            taps: Vec::new(),
         };
         let args = qemu_args(&params(Some(BootDevice::Cdrom)), &files).join(" ");
         assert!(args.contains("-kernel /proc/self/fd/"));
@@ -249,6 +252,26 @@ mod tests {
                 .map(read_memfd)
                 .expect("memfd"),
             vec![0xf8, 0x03]
+        );
+    }
+
+    #[test]
+    fn each_tap_is_a_virtio_net_device_with_its_mac() {
+        let (a, b) = (null(), null());
+        let (fa, fb) = (a.as_raw_fd(), b.as_raw_fd());
+        // Given out of order: the devices follow the interfaces' order.
+        let taps = vec![(1, b), (0, a)];
+        let macs = [
+            [0xfe, 0xe1, 0xbb, 0xd1, 0, 1],
+            [0xfe, 0xe1, 0xbb, 0xd2, 0xab, 0xcd],
+        ];
+        let args = args::net_args(&taps, &macs).join(" ");
+        assert_eq!(
+            args,
+            format!(
+                "-netdev tap,id=net0,fd={fa} -device virtio-net-pci,netdev=net0,mac=fe:e1:bb:d1:00:01,id=vio0 \
+                 -netdev tap,id=net1,fd={fb} -device virtio-net-pci,netdev=net1,mac=fe:e1:bb:d2:ab:cd,id=vio1"
+            )
         );
     }
 
