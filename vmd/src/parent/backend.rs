@@ -163,4 +163,24 @@ pub enum VmEvent {
     },
     /// VM `id` ended, or its start failed before it was launched.
     Ended(VmEnded),
+    /// VM `id` was launched with local interfaces, configured and up: the
+    /// DHCP server is to serve them.
+    LocalInterfaces {
+        id: u32,
+        name: String,
+        nics: Vec<LocalNic>,
+        /// `boot device net`: the leases carry `auto_install`.
+        net_boot: bool,
+    },
+    /// VM `id`'s taps are closed (it has ended, not for a reboot).
+    InterfacesClosed { id: u32 },
+}
+
+/// A local interface of a launched VM: its index in the VM, its tap's
+/// ifindex and the guest's MAC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalNic {
+    pub index: u32,
+    pub ifindex: u32,
+    pub mac: [u8; 6],
 }

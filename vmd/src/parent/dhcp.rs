@@ -9,10 +9,6 @@
 //! [`LocalDhcp::stop`] (Parent::dhcp_serve and Parent::dhcp_stop in
 //! mod.rs call them and send the frames to switch).
 
-// Until the local taps call it (issue 20), only test builds serve
-// (VMD_TEST_DHCP_SERVE, trigger.rs).
-#![cfg_attr(not(feature = "test-triggers"), allow(dead_code))]
-
 use crate::packet;
 use common::config::Ipv4Prefix;
 use common::dhcp::Lease;
@@ -102,12 +98,16 @@ impl LocalDhcp {
         frame.map_err(socket_error("dup"))
     }
 
-    /// Forgets the port and closes the parent's socket; the frame that
-    /// tells switch to close its own, if the port was served.
-    pub fn stop(&mut self, port: LocalPort) -> Option<Frame> {
-        let before = self.served.len();
-        self.served.retain(|s| s.port != port);
-        (self.served.len() < before).then(|| Frame::new(Message::SwitchStop { port }))
+    /// Forgets VM `vmid`'s ports and closes the parent's sockets; the
+    /// frames that tell switch to close its own.
+    pub fn stop_vm(&mut self, vmid: u32) -> Vec<Frame> {
+        let (gone, kept) = std::mem::take(&mut self.served)
+            .into_iter()
+            .partition(|s| s.port.vmid == vmid);
+        self.served = kept;
+        gone.into_iter()
+            .map(|s: Served| Frame::new(Message::SwitchStop { port: s.port }))
+            .collect()
     }
 
     /// Switch found the port's interface gone: forget it.

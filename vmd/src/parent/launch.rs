@@ -38,7 +38,9 @@
 //! root, mode 0600, when the VM ends.
 
 use crate::log::{self, log_debug, log_info, log_warn};
-use crate::parent::backend::{Backend, CommandDone, Requester, RunInfo, VmEnded, VmEvent};
+use crate::parent::backend::{
+    Backend, CommandDone, LocalNic, Requester, RunInfo, VmEnded, VmEvent,
+};
 use crate::parent::helper::{self, Answered, Helper, HelperError};
 use crate::parent::net::{Net, NetStatus};
 use crate::parent::userfiles::{self, Opened, UserFilesError, Want, OPEN_TIMEOUT};
@@ -99,6 +101,8 @@ pub enum StartError {
     AlreadyRunning(u32),
     #[error("{0} not built yet")]
     NotBuilt(&'static str),
+    #[error("boot device net needs a local interface (-L or `local interface`), whose DHCP lease names auto_install")]
+    NetBootWithoutLocal,
     #[error("vmm bios firmware file not found.")]
     BiosMissing,
     #[error("could not find specified iso image")]
@@ -444,7 +448,31 @@ impl Launcher {
         let id = pending.id;
         let name = pending.vm.name.clone();
         match launched {
-            Ok((pid, tty)) => self.events.push(VmEvent::Launched { id, pid, tty }),
+            Ok((pid, tty)) => {
+                self.events.push(VmEvent::Launched { id, pid, tty });
+                let interfaces = pending.vm.effective_interfaces();
+                let nics: Vec<LocalNic> = self
+                    .net
+                    .vm_local_taps(id)
+                    .into_iter()
+                    .map(|(index, ifindex)| LocalNic {
+                        index: index as u32,
+                        ifindex,
+                        mac: interfaces
+                            .get(index)
+                            .and_then(|i| i.lladdr)
+                            .unwrap_or_default(),
+                    })
+                    .collect();
+                if !nics.is_empty() {
+                    self.events.push(VmEvent::LocalInterfaces {
+                        id,
+                        name,
+                        nics,
+                        net_boot: pending.vm.boot_device == Some(BootDevice::Net),
+                    });
+                }
+            }
             Err(e) => {
                 log_debug!("vm {name} (vm {id}): not launched: {e}");
                 // A reboot's pty not taken up goes back to root.
@@ -1133,6 +1161,9 @@ impl Backend for Launcher {
     }
 
     fn take_events(&mut self) -> Vec<VmEvent> {
+        let closed = self.net.take_released().into_iter();
+        self.events
+            .extend(closed.map(|id| VmEvent::InterfacesClosed { id }));
         std::mem::take(&mut self.events)
     }
 
@@ -1257,10 +1288,12 @@ pub fn launch_check_built(vm: &VmConfig) -> Result<(), StartError> {
             return Err(StartError::NotBuilt("rdomain is"));
         }
     }
-    if vm.boot_device == Some(BootDevice::Net) {
-        return Err(StartError::NotBuilt(
-            "boot device net (-B net) arrives with networking and is",
-        ));
+    // As in OpenBSD, no PXE: the VM boots its kernel, and the DHCP lease
+    // of its local interface carries `auto_install`.
+    if vm.boot_device == Some(BootDevice::Net)
+        && !vm.effective_interfaces().iter().any(|i| i.local)
+    {
+        return Err(StartError::NetBootWithoutLocal);
     }
     if !crate::vm::backend_built(vm) {
         return Err(StartError::NotBuilt("backend kvm is"));

@@ -33,7 +33,7 @@ pub mod registry;
 pub mod userfiles;
 
 use crate::log::{self, log_debug, log_info, log_warn};
-use crate::parent::backend::{CommandDone, VmEnded, VmEvent};
+use crate::parent::backend::{CommandDone, LocalNic, VmEnded, VmEvent};
 use crate::parent::dhcp::{DhcpError, LocalDhcp, LocalInterface};
 use crate::parent::helper::{Answered, Helper, HelperError};
 use crate::parent::launch::{Launcher, FILES_TIMEOUT};
@@ -522,6 +522,13 @@ impl Parent {
                     }
                     VmEvent::Launched { id, pid, tty } => self.vm_launched(id, pid, tty),
                     VmEvent::Ended(ended) => self.vm_ended(ended),
+                    VmEvent::LocalInterfaces {
+                        id,
+                        name,
+                        nics,
+                        net_boot,
+                    } => self.dhcp_serve_vm(id, &name, &nics, net_boot),
+                    VmEvent::InterfacesClosed { id } => self.dhcp_stop_vm(id),
                 }
             }
         }
@@ -1144,7 +1151,6 @@ impl Parent {
     /// The caller (the local tap's setup) gives the tap's ifindex and the
     /// VM's name, id, interface index, MAC and whether it boots from the
     /// network; the addresses come from `local prefix`.
-    #[cfg_attr(not(feature = "test-triggers"), allow(dead_code))] // until local taps call it
     pub(crate) fn dhcp_serve(&mut self, nic: &LocalInterface) -> Result<(), DhcpError> {
         let frame = self.dhcp.serve(self.registry.globals.local_prefix, nic)?;
         if let Some(token) = self.switch_token() {
@@ -1153,12 +1159,29 @@ impl Parent {
         Ok(())
     }
 
-    /// Stops serving VM `vmid`'s interface `index` (before its tap is
-    /// closed); nothing if it was not served.
-    #[allow(dead_code)] // called by the local taps' teardown (issue 20)
-    pub(crate) fn dhcp_stop(&mut self, vmid: u32, index: u32) {
-        let port = common::local::LocalPort { vmid, index };
-        if let Some(frame) = self.dhcp.stop(port) {
+    /// VM `vmid` was launched with local interfaces: DHCP serves each (a
+    /// restart after a reboot serves them anew). One that cannot be
+    /// served is logged; the guest runs without its lease.
+    fn dhcp_serve_vm(&mut self, vmid: u32, name: &str, nics: &[LocalNic], net_boot: bool) {
+        for nic in nics {
+            let local = LocalInterface {
+                ifindex: nic.ifindex,
+                vm_name: name,
+                vmid,
+                index: nic.index,
+                mac: nic.mac,
+                net_boot,
+            };
+            match self.dhcp_serve(&local) {
+                Ok(()) => log_debug!("{name}: dhcp serves interface {}", nic.index),
+                Err(e) => log_warn!("{name}: no DHCP on interface {}: {e}", nic.index),
+            }
+        }
+    }
+
+    /// VM `vmid`'s taps are closed: its interfaces are served no more.
+    fn dhcp_stop_vm(&mut self, vmid: u32) {
+        for frame in self.dhcp.stop_vm(vmid) {
             if let Some(token) = self.switch_token() {
                 self.send(token, frame);
             }

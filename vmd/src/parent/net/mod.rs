@@ -133,6 +133,8 @@ pub struct Net {
     /// The daemon stops: remove the bridges once no VM holds a tap.
     stopping: bool,
     stop_queued: bool,
+    /// VMs whose taps were closed, for the DHCP server to forget.
+    released: Vec<u32>,
 }
 
 impl Net {
@@ -170,6 +172,7 @@ impl Net {
             current: None,
             stopping: false,
             stop_queued: false,
+            released: Vec::new(),
         };
         net.recover();
         net
@@ -392,6 +395,22 @@ impl Net {
             .collect()
     }
 
+    /// VM `id`'s local interfaces: (index in the VM, the tap's ifindex).
+    pub fn vm_local_taps(&self, id: u32) -> Vec<(usize, u32)> {
+        self.vms
+            .iter()
+            .filter(|v| v.id == id)
+            .flat_map(|v| v.taps.iter())
+            .filter(|t| t.host_addr.is_some())
+            .map(|t| (t.index, t.tap.ifindex))
+            .collect()
+    }
+
+    /// The VMs whose taps were closed since the last call.
+    pub fn take_released(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.released)
+    }
+
     /// VM `id` has ended (not for a reboot): its taps are closed, so they
     /// vanish with everything set on them.
     pub fn vm_release(&mut self, id: u32) {
@@ -399,6 +418,7 @@ impl Net {
             return;
         };
         let vm = self.vms.remove(index);
+        self.released.push(id);
         let names: Vec<&str> = vm.taps.iter().map(|t| t.tap.name.as_str()).collect();
         log_debug!("vm {id}: closing {}", names.join(", "));
         self.state
