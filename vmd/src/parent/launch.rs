@@ -345,7 +345,7 @@ impl Launcher {
         // Its taps now (a restart after a reboot finds them made); their
         // netlink steps run while the helper opens the files.
         self.net
-            .vm_start(id, vm, &globals.local_prefix)
+            .vm_start(id, vm, globals)
             .map_err(|e| StartError::Net(format!("vm {}: {e}", vm.name)))?;
         let console_log = Path::new(&globals.console_log_dir).join(format!("{}.console", vm.name));
         let taken = self.taken_uids();
