@@ -264,9 +264,10 @@ def oversized_boot_file(vmd):
 
 def unbuilt_options(vmd):
     # Interfaces work (regress/net tests them in a network namespace of
-    # their own); -B net and a switch vm.conf does not define are refused.
+    # their own); a switch vm.conf does not define, and -B net without a
+    # local interface (whose lease would name auto_install), are refused.
     for opts, why in ((("-n", "sw"), 'switch "sw" not found: define it in vm.conf'),
-                      (("-B", "net"), "boot device net (-B net) arrives with networking and is not built yet")):
+                      (("-B", "net"), "boot device net needs a local interface")):
         rc, out = vmd.vmctl("start", "u1", "-b", t.KERNEL, *opts)
         if rc == 0 or why not in out:
             raise Failure(f"start {' '.join(opts)}: exit {rc}, expected {why!r}: {out.strip()}")
