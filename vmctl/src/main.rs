@@ -203,11 +203,6 @@ fn find_command(word: &str) -> Result<&'static Command, String> {
 }
 
 fn main() -> ExitCode {
-    // As a C tool does: output to a closed pipe (`vmctl status | head -1`)
-    // ends vmctl quietly rather than in a panic. The control socket is
-    // written with MSG_NOSIGNAL, so a vmd that goes away is still an error.
-    // SAFETY: signal() with a constant disposition, before any thread.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args: Vec<String> = std::env::args().skip(1).collect();
     // Help asked for is no mistake: the usage on stdout, and success.
     if global_help(&args) {
