@@ -148,6 +148,58 @@ def own_namespaces(vmd):
         os.unlink(marker)
 
 
+def own_root(vmd):
+    """QEMU's root is its own: /usr read-only, a few devices, its own
+    processes only (hidepid, subset=pid), none of the host's /home, /etc,
+    /root, /var or /run, and the guest still boots and writes its disk."""
+    disk = os.path.join(vmd.dir, "root.img")
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)
+    vmid, _ = vmd.start("root1", "-d", disk, cmdline="console=ttyS0 quiet vmd.diskwrite=vda:OWN-ROOT")
+    other, _ = vmd.start("root2")
+    vm_pid, qemu = vmd.vm_pids(vmid)
+    _, other_qemu = vmd.vm_pids(other)
+    wait_for("the guest to write its disk", lambda: "VMD-GUEST: disk vda head OWN-ROOT" in vmd.console_log("root1"),
+             BOOT_TIMEOUT)
+    with open(disk, "rb") as f:
+        if f.read(8) != b"OWN-ROOT":
+            raise Failure("the guest's write did not reach the disk image")
+    root = f"/proc/{qemu}/root"
+    top = sorted(os.listdir(root))
+    want = {"dev", "etc", "proc", "tmp", "usr"}
+    if not want <= set(top) or set(top) - want - {"bin", "sbin", "lib", "lib32", "lib64", "libx32"}:
+        raise Failure(f"QEMU's / holds {top}")
+    if os.listdir(f"{root}/etc") != ["ld.so.cache"]:
+        raise Failure(f"QEMU's /etc holds {os.listdir(f'{root}/etc')}")
+    devices = set(os.listdir(f"{root}/dev"))
+    if devices != {"null", "zero", "full", "random", "urandom", "fd", "shm"}:
+        raise Failure(f"QEMU's /dev holds {sorted(devices)}")
+    with open(f"/proc/{qemu}/mountinfo") as f:
+        mounts = {line.split()[4]: line.split()[5].split(",") for line in f}
+    for path in ("/", "/usr"):
+        if "ro" not in mounts.get(path, []):
+            raise Failure(f"QEMU's {path} is mounted {mounts.get(path)}, want read-only")
+    # What QEMU's uid sees from inside: its own process and nothing else
+    # of /proc.
+    uid, gid = status_of(qemu)["Uid"].split()[0], status_of(qemu)["Gid"].split()[0]
+    seen = subprocess.run(["nsenter", "-t", str(qemu), "-m", "-r", "-w", "-S", uid, "-G", gid,
+                           "/usr/bin/ls", "-a", "/proc"], capture_output=True, text=True, timeout=WAIT_TIMEOUT)
+    if seen.returncode != 0:
+        raise Failure(f"ls /proc as QEMU: exit {seen.returncode}: {seen.stderr.strip()}")
+    pids = {int(e) for e in seen.stdout.split() if e.isdigit()}
+    others = set(seen.stdout.split()) - {str(p) for p in pids} - {".", "..", "self", "thread-self"}
+    # (ls itself runs as QEMU's uid, so it sees itself too.)
+    if qemu not in pids or other_qemu in pids or vmd.proc.pid in pids or vm_pid in pids or len(pids) > 2:
+        raise Failure(f"QEMU sees processes {sorted(pids)} (it is {qemu}; the other QEMU {other_qemu})")
+    if others:
+        raise Failure(f"QEMU's /proc holds {sorted(others)}")
+    for path in ("/etc/shadow", "/home", "/root", "/var", "/run"):
+        probe = subprocess.run(["nsenter", "-t", str(qemu), "-m", "-r", "-w", "-S", uid, "-G", gid,
+                                "/usr/bin/stat", path], capture_output=True, text=True, timeout=WAIT_TIMEOUT)
+        if probe.returncode == 0:
+            raise Failure(f"QEMU sees {path}: {probe.stdout.strip()}")
+
+
 def two_vms(vmd):
     a, _ = vmd.start("two1")
     b, _ = vmd.start("two2")
@@ -566,6 +618,7 @@ def main():
     case("boot-markers-reach-pty-and-log", with_vmd(boot))
     case("vm-process-and-qemu-confined", with_vmd(confined))
     case("qemu-in-namespaces-of-its-own", with_vmd(own_namespaces))
+    case("qemu-sees-a-root-of-its-own", with_vmd(own_root))
     case("two-vms-two-uids", with_vmd(two_vms))
     case("stop-force-and-uid-reuse", with_vmd(stop_force_and_uid_reuse))
     case("writable-disk-in-use-refused", with_vmd(disk_in_use))

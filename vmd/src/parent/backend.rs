@@ -173,7 +173,9 @@ pub enum VmEvent {
         net_boot: bool,
     },
     /// VM `id`'s taps are closed (it has ended, not for a reboot).
-    InterfacesClosed { id: u32 },
+    InterfacesClosed {
+        id: u32,
+    },
 }
 
 /// A local interface of a launched VM: its index in the VM, its tap's

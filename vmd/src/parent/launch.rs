@@ -1290,8 +1290,7 @@ pub fn launch_check_built(vm: &VmConfig) -> Result<(), StartError> {
     }
     // As in OpenBSD, no PXE: the VM boots its kernel, and the DHCP lease
     // of its local interface carries `auto_install`.
-    if vm.boot_device == Some(BootDevice::Net)
-        && !vm.effective_interfaces().iter().any(|i| i.local)
+    if vm.boot_device == Some(BootDevice::Net) && !vm.effective_interfaces().iter().any(|i| i.local)
     {
         return Err(StartError::NetBootWithoutLocal);
     }

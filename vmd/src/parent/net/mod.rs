@@ -359,8 +359,14 @@ impl Net {
             let addr6 = match (globals.local_inet6, globals.local_prefix6) {
                 (false, _) => None,
                 (true, prefix6) => Some(
-                    local_addr6(prefix, prefix6.unwrap_or(self.ula), id, index as u32, Side::Host)
-                        .map_err(local)?,
+                    local_addr6(
+                        prefix,
+                        prefix6.unwrap_or(self.ula),
+                        id,
+                        index as u32,
+                        Side::Host,
+                    )
+                    .map_err(local)?,
                 ),
             };
             let addr = local_addr4(prefix, id, index as u32, Side::Host).map_err(local)?;
@@ -816,7 +822,10 @@ impl Net {
                     2 => t.host_addr.map(|a| format!("{a}/{LOCAL_PREFIX_LEN}")),
                     _ => t.host_addr6.map(|a| format!("{a}/{LOCAL_PREFIX6_LEN}")),
                 };
-                failed(format!("cannot add address {}: {e}", addr.unwrap_or_default()))
+                failed(format!(
+                    "cannot add address {}: {e}",
+                    addr.unwrap_or_default()
+                ))
             }
             (_, other) => failed(format!("unexpected answer {other:?}")),
         };
