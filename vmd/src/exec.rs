@@ -445,6 +445,23 @@ mod tests {
         assert!(matches!(status, WaitStatus::Exited(_, 127)), "{status:?}");
         assert_eq!(out, "test: cannot execute the test program\n");
 
+        // A root step that fails names its path and errno.
+        let ops = [RootOp::Mkdir {
+            path: CString::new("/nonexistent/dir").expect("path"),
+            mode: 0o755,
+        }];
+        let mut rooted = plan(sh, &argv, &envp);
+        rooted.root = &ops;
+        let (status, out) = run(rooted);
+        assert!(matches!(status, WaitStatus::Exited(_, 127)), "{status:?}");
+        assert_eq!(
+            out,
+            format!(
+                "test: cannot set up its private root: /nonexistent/dir (errno {})\n",
+                libc::ENOENT
+            )
+        );
+
         // A step that fails: the process to die with is not the parent.
         let mut bad = plan(sh, &argv, &envp);
         bad.die_with = Some(1);
