@@ -23,7 +23,7 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
 import vmdregress as t  # noqa: E402
 from vmdregress import (BOOT_TIMEOUT, EMPTY_DIR, WAIT_TIMEOUT, Failure, Pty, TestUser, Vmd, case,  # noqa: E402
-                        children_of, cmdline, in_passwd, status_of, wait_for, with_vmd)
+                        children_of, cmdline, expect, in_passwd, status_of, wait_for, with_vmd)
 
 
 # --- cases
@@ -198,6 +198,49 @@ def own_root(vmd):
                                 "/usr/bin/stat", path], capture_output=True, text=True, timeout=WAIT_TIMEOUT)
         if probe.returncode == 0:
             raise Failure(f"QEMU sees {path}: {probe.stdout.strip()}")
+
+
+def uids_across_daemons():
+    """Two daemons with one `uid range` never give two VMs one uid, and
+    neither gives a VM a uid a process already runs as."""
+    first = 1879050100
+    # Five uids, one of them a running process's: four VMs fit.
+    conf = f"uid range {first}-{first + 4}\n"
+    squatter = subprocess.Popen(["setpriv", f"--reuid={first}", f"--regid={first}", "--clear-groups",
+                                 "sleep", "600"])
+    a = b = None
+    try:
+        a = t.Vmd(conf)
+        b = t.Vmd(conf)
+        uids = []
+        for vmd, names in ((a, ("ua1", "ua2")), (b, ("ub1", "ub2"))):
+            for name in names:
+                vmid, _ = vmd.start(name)
+                vm_pid, _ = vmd.vm_pids(vmid)
+                uids.append(int(status_of(vm_pid)["Uid"].split()[0]))
+        if len(set(uids)) != 4 or first in uids:
+            raise Failure(f"two daemons gave uids {uids} (uid {first} is a running process's)")
+        # The range is used up: the next start on either is refused.
+        rc, out = b.vmctl("start", "ub3", "-b", t.KERNEL, "--initrd", t.INITRD, "-m", "256M")
+        if rc == 0 or "no free uid" not in out:
+            raise Failure(f"a fifth VM in a range of four: exit {rc}: {out.strip()}")
+        # A VM of a's ends: its uid is free for b once its processes are gone.
+        freed = uids[0]
+        expect(a.vmctl("stop", "-f", "ua1"), 0, r"", "stop -f ua1")
+        def b_gets_it():
+            rc, out = b.vmctl("start", "ub3", "-b", t.KERNEL, "--initrd", t.INITRD, "-m", "256M")
+            return rc == 0 and out
+        wait_for("b to start a VM in a's freed uid", b_gets_it)
+        row = next(r for r in b.status() if r["NAME"] == "ub3")
+        got = int(status_of(int(b.vm_pids(int(row["ID"]))[0]))["Uid"].split()[0])
+        if got != freed:
+            raise Failure(f"ub3 runs as {got}, want the freed uid {freed}")
+    finally:
+        squatter.kill()
+        squatter.wait()
+        for vmd in (a, b):
+            if vmd:
+                vmd.stop()
 
 
 def two_vms(vmd):
@@ -620,6 +663,7 @@ def main():
     case("qemu-in-namespaces-of-its-own", with_vmd(own_namespaces))
     case("qemu-sees-a-root-of-its-own", with_vmd(own_root))
     case("two-vms-two-uids", with_vmd(two_vms))
+    case("two-daemons-one-uid-range-never-share-a-uid", uids_across_daemons)
     case("stop-force-and-uid-reuse", with_vmd(stop_force_and_uid_reuse))
     case("writable-disk-in-use-refused", with_vmd(disk_in_use))
     case("qcow2-chain-and-shared-base-lock", with_vmd(qcow2_chain))

@@ -43,6 +43,7 @@ use crate::parent::backend::{
 };
 use crate::parent::helper::{self, Answered, Helper, HelperError};
 use crate::parent::net::{Net, NetStatus};
+use crate::parent::uidlock::{UidLocks, UID_LOCK_DIR};
 use crate::parent::userfiles::{self, Opened, UserFilesError, Want, OPEN_TIMEOUT};
 use crate::proc;
 use common::config::{Accel, BootDevice, Globals, UidRange, VmConfig};
@@ -123,6 +124,8 @@ pub enum StartError {
     UserFiles(UserFilesError),
     #[error("could not open disk image(s): {0} is in use by another VM")]
     DiskInUse(String),
+    #[error("cannot reserve a uid for the VM: {0}")]
+    UidLock(String),
     #[error("no free uid in uid range {first}-{last}: stop a VM or widen `uid range` in vm.conf")]
     NoUid { first: u32, last: u32 },
     #[error("accel kvm: {0}")]
@@ -265,6 +268,9 @@ pub struct Launcher {
     /// (uid, pid) of guest processes of ended VMs that had not exited yet: their
     /// uids are not given to another VM until they have.
     lingering: Vec<(u32, u32)>,
+    /// The uids taken (running, ending, lingering), locked host-wide so
+    /// that no other vmd gives them to a VM.
+    uid_locks: UidLocks,
     /// Events for the parent's loop to collect.
     events: Vec<VmEvent>,
     next_helper: usize,
@@ -291,6 +297,7 @@ impl Launcher {
             logs: Vec::new(),
             ending: Vec::new(),
             lingering: Vec::new(),
+            uid_locks: UidLocks::new(Path::new(UID_LOCK_DIR)),
             events: Vec::new(),
             next_helper: HELPER_TOKEN_BASE,
         }
@@ -514,13 +521,22 @@ impl Launcher {
         };
         let (id, vm) = (pending.id, &pending.vm);
         let taken = self.taken_uids();
-        let uid = free_uids
-            .into_iter()
-            .find(|uid| !taken.contains(uid))
-            .ok_or(StartError::NoUid {
-                first: pending.uid_range.first,
-                last: pending.uid_range.last,
-            })?;
+        let mut uid = None;
+        for candidate in free_uids.into_iter().filter(|u| !taken.contains(u)) {
+            // Another vmd may hold it (same `uid range`): the next one.
+            if self
+                .uid_locks
+                .take(candidate)
+                .map_err(StartError::UidLock)?
+            {
+                uid = Some(candidate);
+                break;
+            }
+        }
+        let uid = uid.ok_or(StartError::NoUid {
+            first: pending.uid_range.first,
+            last: pending.uid_range.last,
+        })?;
         let pty = match pending.parked.take() {
             Some(parked) => reuse_pty(parked, pending.tty_owner, vm.owner.gid, tty_gid),
             None => open_pty(pending.tty_owner, vm.owner.gid, tty_gid),
@@ -1088,15 +1104,18 @@ impl Launcher {
     }
 
     /// The uids a new VM may not have: running VMs', and those of guest processes
-    /// of ended VMs still exiting.
+    /// of ended VMs still exiting. The locks of the others are let go.
     fn taken_uids(&mut self) -> Vec<u32> {
         self.lingering.retain(|&(uid, pid)| holds_files(pid, uid));
-        self.vms
+        let taken: Vec<u32> = self
+            .vms
             .iter()
             .map(|v| v.uid)
             .chain(self.lingering.iter().map(|&(uid, _)| uid))
             .chain(self.ending.iter().map(|e| e.uid))
-            .collect()
+            .collect();
+        self.uid_locks.keep_only(&taken);
+        taken
     }
 }
 
@@ -1141,7 +1160,9 @@ impl Backend for Launcher {
     }
 
     fn reaped(&mut self, pid: Pid, status: WaitStatus) {
-        Launcher::reaped(self, pid, status)
+        Launcher::reaped(self, pid, status);
+        // A VM whose processes are all gone lets its uid go.
+        self.taken_uids();
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -1153,7 +1174,8 @@ impl Backend for Launcher {
     }
 
     fn settle(&mut self) {
-        self.settle_ending(Instant::now())
+        self.settle_ending(Instant::now());
+        self.taken_uids();
     }
 
     fn is_ending(&self) -> bool {
@@ -1237,15 +1259,45 @@ fn launch_files_work(
 const FREE_UIDS: usize = 16;
 
 /// The first uids of `range` not `taken` that are neither a user nor a
-/// group in the system's databases (runs in a helper: lookups can hang).
+/// group in the system's databases and that no process runs as (runs in
+/// a helper: lookups can hang).
 fn free_uids(range: UidRange, taken: &[u32]) -> Vec<u32> {
+    let running = uids_of_processes();
     (range.first..=range.last)
-        .filter(|uid| !taken.contains(uid))
+        .filter(|uid| !taken.contains(uid) && !running.contains(uid))
         .filter(|&uid| {
             matches!(User::from_uid(Uid::from_raw(uid)), Ok(None))
                 && matches!(Group::from_gid(Gid::from_raw(uid)), Ok(None))
         })
         .take(FREE_UIDS)
+        .collect()
+}
+
+/// Every uid a live process has (real, effective, saved or file system),
+/// from /proc.
+fn uids_of_processes() -> std::collections::BTreeSet<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Default::default();
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
+        .filter_map(|status| {
+            let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+            Some(
+                line[4..]
+                    .split_whitespace()
+                    .filter_map(|u| u.parse::<u32>().ok())
+                    .collect::<Vec<u32>>(),
+            )
+        })
+        .flatten()
         .collect()
 }
 

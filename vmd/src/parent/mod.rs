@@ -30,6 +30,7 @@ pub mod helper;
 pub mod launch;
 pub mod net;
 pub mod registry;
+pub mod uidlock;
 pub mod userfiles;
 
 use crate::log::{self, log_debug, log_info, log_warn};
