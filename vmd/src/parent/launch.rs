@@ -1909,10 +1909,16 @@ mod tests {
         let vm = VmConfig::new("x");
         let mut net = vm.clone();
         net.boot_device = Some(BootDevice::Net);
+        // -B net needs a local interface, whose lease names auto_install.
         assert!(matches!(
             launch_check_built(&net),
-            Err(StartError::NotBuilt(_))
+            Err(StartError::NetBootWithoutLocal)
         ));
+        net.interfaces.push(common::config::Interface {
+            local: true,
+            ..Default::default()
+        });
+        assert!(launch_check_built(&net).is_ok());
         let mut cd = vm;
         cd.cdrom = Some("/x.iso".into());
         cd.boot_device = Some(BootDevice::Cdrom);
