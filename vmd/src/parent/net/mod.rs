@@ -26,6 +26,7 @@
 //!   interface that existed before vmd is never deleted.
 
 pub mod netlink;
+pub mod nft;
 pub mod state;
 pub mod tap;
 #[cfg(test)]
