@@ -8,6 +8,7 @@ pub mod disk;
 pub mod getopt;
 pub mod image;
 pub mod imsg;
+pub mod linkgroup;
 pub mod name;
 pub mod net;
 pub mod qcow2;
