@@ -25,6 +25,7 @@
 //!   addresses, which the kernel adds itself, do not count); an
 //!   interface that existed before vmd is never deleted.
 
+pub mod links;
 pub mod netlink;
 pub mod nft;
 pub mod state;
