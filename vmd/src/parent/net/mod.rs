@@ -32,6 +32,7 @@ pub mod state;
 pub mod tap;
 #[cfg(test)]
 mod testns;
+pub mod vhost;
 
 use crate::log::{log_debug, log_info, log_warn};
 use common::config::{Interface, Ipv4Prefix, SwitchConfig, VmConfig};
