@@ -342,15 +342,17 @@ fn transactions_run_in_order_and_fail_whole() {
         let mut poll = Poll::new().map_err(|e| e.to_string())?;
         let mut nft = new_nft(&poll, "order")?;
         let table = nft.table().to_string();
+        // Real taps: a kernel before 6.16 has no chain for a missing device.
+        let (tap0, tap1) = (tap_open(TAP_TEMPLATE)?, tap_open(TAP_TEMPLATE)?);
         let first = nft.submit(vec![NftOp::Lock {
-            tap: "tapx0".into(),
+            tap: tap0.name.clone(),
             mac: GOOD,
         }]);
         // A chain name longer than nft allows: refused, and nothing of
         // the transaction is applied.
         let second = nft.submit(vec![
             NftOp::Lock {
-                tap: "tapx1".into(),
+                tap: tap1.name.clone(),
                 mac: GOOD,
             },
             NftOp::Lock {
@@ -375,8 +377,8 @@ fn transactions_run_in_order_and_fail_whole() {
             "{why}"
         );
         assert!(why.len() < NFT_STDERR_MAX + 200, "{why}");
-        assert_eq!(counted(&table, "tapx0")?, 0);
-        assert!(counted(&table, "tapx1").is_err());
+        assert_eq!(counted(&table, &tap0.name)?, 0);
+        assert!(counted(&table, &tap1.name).is_err());
         apply(&mut nft, &mut poll, vec![NftOp::DropTable])?;
         Ok(())
     });
