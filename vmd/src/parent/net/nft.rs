@@ -25,10 +25,10 @@
 //! meets ENOENT, on old kernels as on new ones.
 //!
 //! Rulesets are built as nft's JSON ([`nft_ruleset`], pure) and applied
-//! by `nft -j -f -` run by a forked helper (helper.rs): the parent never
-//! waits for it. The helper's socket is one more descriptor in the
-//! parent's loop, its deadline one more timer, and its pid comes back
-//! from the loop's reaping; [`Nft`] runs one transaction at a time, in
+//! by `nft -j -f` (reading its standard input) run by a forked helper
+//! (helper.rs): the parent never waits for it. The helper's socket is
+//! one more descriptor in the parent's loop, its deadline one more
+//! timer, and its pid comes back from the loop's reaping; [`Nft`] runs one transaction at a time, in
 //! the order they were asked for, and reports each as an [`NftDone`].
 
 // Not called by Net yet (issue 19's building blocks): goes when it is.
@@ -159,13 +159,15 @@ pub fn nft_ruleset(table: &str, comment: &str, ops: &[NftOp]) -> Value {
     json!({ "nftables": cmds })
 }
 
-/// Runs `program -j -f -` with `input` on its standard input (in a
+/// Runs `program -j -f /proc/self/fd/0` with `input` on its standard input (in a
 /// helper: this waits). Err: why, in one line, with the start of nft's
 /// error output.
 pub fn nft_run(program: &Path, input: &[u8]) -> Result<(), String> {
     let mut command = Command::new(program);
     command
-        .args(["-j", "-f", "-"])
+        // `-f -` is /dev/stdin to nft, a link that a minimal /dev (a
+        // devtmpfs alone) lacks; /proc's name for it is always there.
+        .args(["-j", "-f", "/proc/self/fd/0"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
