@@ -236,6 +236,9 @@ pub enum HelperAnswer {
     },
     /// A configuration file could not be read or has errors: each a line.
     ConfigRefused { lines: Vec<String> },
+    /// The work was done and gives nothing back (a program it ran, such
+    /// as nft applying a ruleset, succeeded).
+    Done,
 }
 
 /// What the parent asks of a running guest. A command that

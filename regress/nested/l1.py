@@ -17,6 +17,7 @@ fails at once with the reason.
 
 import base64
 import ctypes
+import json
 import os
 import re
 import select
@@ -349,6 +350,35 @@ def nested_build():
     return m.group(1), m.group(2)
 
 
+UNIT_TESTS = os.path.join(ROOT, "target", "release", "vmd-unit-tests")
+
+
+def unit_tests_build():
+    """vmd's unit tests, built in release mode and copied to UNIT_TESTS
+    (their own name has a hash), for L1: its kernel has what this
+    machine's lacks."""
+    p = subprocess.run(["cargo", "test", "-q", "--release", "-p", "vmd", "--no-run",
+                        "--message-format=json"], cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise Failure(f"cargo test --release --no-run failed: {tail(p.stderr)}")
+    built = []
+    for line in p.stdout.splitlines():
+        try:
+            m = json.loads(line)
+        except ValueError:
+            continue
+        target = m.get("target", {})
+        if (m.get("reason") == "compiler-artifact" and m.get("executable")
+                and m.get("profile", {}).get("test") and target.get("name") == "vmd"
+                and target.get("kind") == ["bin"]):
+            built.append(m["executable"])
+    if len(built) != 1:
+        raise Failure(f"want one unit-test binary of vmd, cargo built {built}")
+    tmp = f"{UNIT_TESTS}.tmp"
+    shutil.copy2(built[0], tmp)
+    os.replace(tmp, UNIT_TESTS)
+
+
 def setup():
     """What a suite in L1 needs: root, QEMU, the release vmd and vmctl
     (built), L1 built and booted, and a KVM host. The running L1 (stop it
@@ -369,6 +399,7 @@ def setup():
     if p.returncode != 0:
         return failed(f"cargo build --release failed: {tail(p.stderr)}")
     try:
+        unit_tests_build()
         kernel, initrd = nested_build()
     except Failure as e:
         return failed(str(e))

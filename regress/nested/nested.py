@@ -186,6 +186,29 @@ def killed_vm_process(vmd):
         raise Failure("vmd did not log the VM process's death")
 
 
+def net_unit_tests(vmd):
+    """vmd's unit tests of what this machine's kernel lacks, on L1's
+    Debian 6.1 kernel: rdomain's VRF device with its table and a bridge in
+    it, vhost-net descriptors, locked-lladdr chains on a kernel before
+    6.16 (a chain goes with its device there). Each test makes its own
+    network namespace."""
+    l1 = vmd.l1
+    # L1 has what the tests must take the with-it branch for.
+    l1.check("ip link add vrfcheck type vrf table 1099 && ip link del vrfcheck")
+    l1.check("test -c /dev/vhost-net")
+    filters = "parent::net::links parent::net::vhost parent::net::nft"
+    out = l1.check(f"/usr/libexec/vmd-unit-tests --test-threads=1 {filters} 2>&1", timeout=600)
+    passed = [int(n) for n in re.findall(r"test result: ok\. (\d+) passed; 0 failed", out)]
+    if len(passed) != 1:
+        raise Failure(f"no clean test result: {out[-2000:]}")
+    if passed[0] < 10:
+        raise Failure(f"only {passed[0]} tests ran: {out[-2000:]}")
+    for name in ("a_vrf_or_the_reason_there_is_none", "the_device_opens_or_says_why",
+                 "a_locked_tap_drops_and_counts_foreign_frames"):
+        if not re.search(rf"{name} \.\.\. ok", out):
+            raise Failure(f"{name} did not pass: {out[-2000:]}")
+
+
 # (name, function, vm.conf lines); every case runs with its own vmd.
 CASES = [
     ("accel-kvm-guest-boots-on-kvm", guest_boots_on_kvm, "accel kvm\n"),
@@ -194,6 +217,7 @@ CASES = [
     ("pause-unpause-on-kvm", pause_unpause, "accel kvm\n"),
     ("graceful-stop-w-on-kvm", graceful_stop, "accel kvm\n"),
     ("sigkill-vm-process-leaves-nothing", killed_vm_process, "accel kvm\n" + config_vm("l2kill")),
+    ("net-unit-tests-vrf-vhost-nft-on-6.1", net_unit_tests, ""),
 ]
 # What `make test` runs (regress/run): every case while the suite takes
 # about 1.5 to 3 minutes; slow cases added later go to --all only

@@ -25,11 +25,14 @@
 //!   addresses, which the kernel adds itself, do not count); an
 //!   interface that existed before vmd is never deleted.
 
+pub mod links;
 pub mod netlink;
+pub mod nft;
 pub mod state;
 pub mod tap;
 #[cfg(test)]
 mod testns;
+pub mod vhost;
 
 use crate::log::{log_debug, log_info, log_warn};
 use common::config::{Globals, Interface, Ipv6Prefix, SwitchConfig, VmConfig};
