@@ -1,6 +1,6 @@
 """The harness of the regress suites written in Python (regress/vm,
 regress/lifecycle, regress/console, regress/boot, regress/privsep,
-regress/control, regress/guest, regress/tour): case selection and
+regress/control, regress/guest, regress/tour, regress/net): case selection and
 reporting, waiting, /proc inspection, setup, a test user of its own, a vmd
 of its own per case (Vmd) and a guest's pty.
 
@@ -274,10 +274,11 @@ class Vmd:
     `netns`, vmd runs in a network namespace of its own (`ip netns exec
     vmdreg-PID-N vmd -d ...`, lo up; vmctl still reaches its socket in the
     file system), so its taps and bridges live and die there; stop()
-    deletes the namespace."""
+    deletes the namespace. `before(vmd)` runs before vmd starts (to make
+    what should exist before it, e.g. with vmd.ip())."""
 
     def __init__(self, conf_extra="", *, conf=None, log_size=None, binary=VMD, verbose=True,
-                 env=None, cwd=None, dir_mode=0o700, netns=False):
+                 env=None, cwd=None, dir_mode=0o700, netns=False, before=None):
         self.dir = tempfile.mkdtemp(prefix="vmd-regress-")
         os.chmod(self.dir, dir_mode)
         self.sock = os.path.join(self.dir, "vmd.sock")
@@ -298,6 +299,8 @@ class Vmd:
         try:
             if netns:
                 self.netns = netns_add()
+            if before:
+                before(self)
             self.launch()
         except BaseException:
             self.stop()
