@@ -195,6 +195,8 @@ class L1Vmd(t.Vmd):
         self.conf = f"{self.dir}/vm.conf"
         self.tracked = set()
         self.names = []
+        # vmd runs in L1's own network namespace: L1 is the suite's alone.
+        self.netns = None
         conf = f'console log "{self.console_dir}"\n{conf_extra}'
         q = shlex.quote
         self.pid = int(l1.check(
@@ -226,6 +228,21 @@ class L1Vmd(t.Vmd):
         if rc == 128 + 9:
             raise Failure(f"vmctl {' '.join(args)} still ran after {timeout}s in L1")
         return rc, out
+
+    def ip(self, *args):
+        """iproute2's ip in L1 (regress/nested/build copies it in)."""
+        return self.l1.check(" ".join(shlex.quote(a) for a in ["ip", *args]))
+
+    def signal(self, pid, sig):
+        self.l1.check(f"kill -{signal.Signals(sig).name[3:]} {pid}")
+
+    def alive(self):
+        return self.proc_status(self.pid) is not None
+
+    def kill_daemon(self):
+        """SIGKILL to vmd's parent alone, as a crash would."""
+        self.signal(self.pid, signal.SIGKILL)
+        wait_for("vmd to die of its SIGKILL", lambda: not self.alive(), 60)
 
     def start(self, name, *extra, cmdline=GUEST_CMDLINE, memory="256M"):
         self.names.append(name)

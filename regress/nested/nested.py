@@ -4,7 +4,10 @@ hardware KVM (and CI's may be missing), so the suite boots a nested KVM
 host, L1 (regress/nested/build, l1.py: Debian's cloud kernel under TCG
 with `-cpu max`, which has AMD's SVM, and kvm_amd loaded), and runs the
 release vmd and vmctl inside it, where `accel kvm` is the real thing: the
-test guest (L2) runs under L1's KVM.
+test guest (L2) runs under L1's KVM. It also runs regress/net's cases
+that matter most on another kernel (two guests pinging through a switch,
+taps removed when a VM process, QEMU or vmd is killed) on L1's Debian
+6.1 kernel.
 
     regress/nested/run [--all] [CASE...]
 
@@ -20,12 +23,15 @@ the setup are in l1.py, for other suites to reuse.
 
 import os
 import re
+import signal
 import sys
 import time
 
 NESTED_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(NESTED_DIR), "lib"))
 sys.path.insert(0, NESTED_DIR)
+sys.path.insert(0, os.path.join(os.path.dirname(NESTED_DIR), "net"))
+import net  # noqa: E402
 from vmdregress import Failure, case, expect, summary, ticks, wait_for  # noqa: E402
 from l1 import (GUEST_CMDLINE, GUEST_INITRD, GUEST_KERNEL, L1, L2_BOOT_TIMEOUT,  # noqa: E402
                 check_kvm_host, in_l1, nested_build, setup)
@@ -186,6 +192,27 @@ def killed_vm_process(vmd):
         raise Failure("vmd did not log the VM process's death")
 
 
+def net_case(fn):
+    """A regress/net case in L1 (Debian's 6.1 kernel and its bridge and tun
+    modules), vmd in L1's own network namespace. Then vmd must exit by
+    itself on SIGTERM and leave L1 with no interface but lo; after a case
+    that SIGKILLed vmd (nothing could remove the bridge it made), only
+    that bridge may be left, and it is removed for the next case."""
+    def run(vmd):
+        fn(vmd)
+        if vmd.alive():
+            vmd.signal(vmd.pid, signal.SIGTERM)
+            wait_for("vmd to exit after SIGTERM", lambda: not vmd.alive(), 60)
+        elif net.BRIDGE in vmd.links():
+            vmd.ip("link", "delete", net.BRIDGE)
+        left = {n: link for n, link in vmd.links().items() if n != "lo"}
+        if left:
+            raise Failure(f"left in L1 after vmd's exit: {net.describe(left)}")
+    return run
+
+
+NET_CONF = "accel kvm\n" + net.switch_conf("sw", net.BRIDGE)
+
 # (name, function, vm.conf lines); every case runs with its own vmd.
 CASES = [
     ("accel-kvm-guest-boots-on-kvm", guest_boots_on_kvm, "accel kvm\n"),
@@ -194,11 +221,16 @@ CASES = [
     ("pause-unpause-on-kvm", pause_unpause, "accel kvm\n"),
     ("graceful-stop-w-on-kvm", graceful_stop, "accel kvm\n"),
     ("sigkill-vm-process-leaves-nothing", killed_vm_process, "accel kvm\n" + config_vm("l2kill")),
+    ("net-two-guests-on-a-switch-ping", net_case(net.two_guests_ping), NET_CONF),
+    ("net-sigkill-vm-process-removes-its-tap", net_case(net.tap_cleanup("vm")), NET_CONF),
+    ("net-sigkill-qemu-removes-its-tap", net_case(net.tap_cleanup("qemu")), NET_CONF),
+    ("net-sigkill-vmd-removes-taps", net_case(net.tap_cleanup("vmd")), NET_CONF),
 ]
-# What `make test` runs (regress/run): every case while the suite takes
-# about 1.5 to 3 minutes; slow cases added later go to --all only
-# (`make regress-nested`).
-DEFAULT = [name for name, _, _ in CASES]
+# What `make test` runs (regress/run): every case but the QEMU variant of
+# the tap cleanup (the VM-process and vmd variants cover the same path),
+# to keep the suite near 3 minutes; slow cases added later go to --all
+# only (`make regress-nested`).
+DEFAULT = [name for name, _, _ in CASES if name != "net-sigkill-qemu-removes-its-tap"]
 
 
 def main():

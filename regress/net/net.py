@@ -55,8 +55,13 @@ GENERATED_MAC = r"fe:e1:bb:d{}:[0-9a-f]{{2}}:[0-9a-f]{{2}}"
 NET_TIMEOUT = 60
 
 
+# Every VM name and interface name the cases use (ours()).
+OUR_VMS = set()
+
+
 def vm(name):
     """A VM name of this run's own."""
+    OUR_VMS.add(f"{name}{TAG}")
     return f"{name}{TAG}"
 
 
@@ -254,6 +259,16 @@ def tap_cleanup(which):
     return run
 
 
+def then_restart(fn):
+    """fn(vmd), which SIGKILLs vmd; then vmd again on the same socket and
+    vm.conf: it removes what its predecessor's state file lists and ends
+    normally, so the case leaves nothing, not even that file."""
+    def run(vmd):
+        fn(vmd)
+        vmd.restart()
+    return run
+
+
 def restart_after_sigkill(vmd):
     """vmd SIGKILLed leaves the bridge it made (nobody can remove it then);
     a vmd started again on the same socket, its vm.conf without any
@@ -354,9 +369,11 @@ def unknown_switch(vmd):
 
 
 def ours(link):
-    """Whether an interface is one this run's cases made or had vmd make."""
-    return (link["ifname"].endswith(TAG) or link["ifname"].endswith(TAG + "p")
-            or link.get("ifalias", "").endswith(TAG))
+    """Whether an interface is one this run's cases made or had vmd make:
+    a bridge or veth of its names, or a tap described for one of its VMs."""
+    names = {BRIDGE, BRIDGE2, BRIDGE3} | {f"{p}{TAG}{q}" for p in ("vp", "vq") for q in ("", "p")}
+    m = re.fullmatch(r"vm\d+-if\d+-(.+)", link.get("ifalias", ""))
+    return link["ifname"] in names or bool(m and m.group(1) in OUR_VMS)
 
 
 def everywhere():
@@ -421,7 +438,7 @@ def main():
     case("two-nics-i-2", net_case(two_nics))
     case("sigkill-vm-process-removes-its-tap", net_case(tap_cleanup("vm"), sw))
     case("sigkill-qemu-removes-its-tap", net_case(tap_cleanup("qemu"), sw))
-    case("sigkill-vmd-removes-taps", net_case(tap_cleanup("vmd"), sw))
+    case("sigkill-vmd-removes-taps", net_case(then_restart(tap_cleanup("vmd")), sw))
     case("restart-after-sigkill-removes-predecessors-bridge-only",
          net_case(restart_after_sigkill, sw + switch_conf("keep", BRIDGE2), before=before_restart,
                   keep=(BRIDGE2, BRIDGE3, f"vp{TAG}", f"vp{TAG}p")))
