@@ -230,8 +230,9 @@ class L1Vmd(t.Vmd):
         return rc, out
 
     def ip(self, *args):
-        """iproute2's ip in L1 (regress/nested/build copies it in)."""
-        return self.l1.check(" ".join(shlex.quote(a) for a in ["ip", *args]))
+        """iproute2's ip in L1 (regress/nested/build copies it in; by its
+        path, as L1's busybox sh would run its own applet for `ip`)."""
+        return self.l1.check(" ".join(shlex.quote(a) for a in ["/sbin/ip", *args]))
 
     def signal(self, pid, sig):
         self.l1.check(f"kill -{signal.Signals(sig).name[3:]} {pid}")
