@@ -297,6 +297,9 @@ pub struct VmParams {
     /// The console log's size cap and its size when sent.
     pub console_log_cap: u64,
     pub console_log_size: u64,
+    /// The MAC address of each network interface, in order (a `Tap`
+    /// descriptor each).
+    pub macs: Vec<[u8; 6]>,
     /// How many `VmFd` frames follow.
     pub fd_count: u32,
 }
@@ -343,6 +346,11 @@ pub enum VmFdKind {
     Cdrom,
     /// The BIOS image (SeaBIOS) of a VM that boots without a kernel.
     Bios,
+    /// The tap of network interface `index` (the parent keeps its own
+    /// copy for the VM's whole life).
+    Tap {
+        index: u8,
+    },
 }
 
 impl Message {

@@ -9,6 +9,7 @@ pub mod getopt;
 pub mod image;
 pub mod imsg;
 pub mod name;
+pub mod net;
 pub mod qcow2;
 pub mod size;
 pub mod status;

@@ -298,6 +298,9 @@ fn start_parse(args: &[String]) -> Result<(StartRequest, bool), ExitCode> {
         }
     }
     vm.interface_count = count;
+    // Local interfaces come first (vio0, eth0 in the guest), then those
+    // on switches, in the order given; `-i` adds default ones after.
+    vm.interfaces.sort_by_key(|i| !i.local);
     start_check(&vm, &target)?;
     Ok((StartRequest { target, vm }, autoconnect))
 }

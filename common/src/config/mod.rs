@@ -16,7 +16,9 @@ mod lexer;
 mod parser;
 mod types;
 
-pub use checks::{memory_size, memory_size_str, uid_range_free_here, MemoryError, ValueError};
+pub use checks::{
+    format_lladdr, memory_size, memory_size_str, uid_range_free_here, MemoryError, ValueError,
+};
 pub use types::*;
 
 use lexer::Lexer;

@@ -4,7 +4,7 @@
 //! guest runs: launch.rs is the real backend (VM processes), the
 //! registry's unit tests use a fake one.
 
-use common::config::{Globals, VmConfig};
+use common::config::{Globals, SwitchConfig, VmConfig};
 use common::ctl::CtlError;
 use common::imsg::VmCommand;
 use mio::Token;
@@ -40,6 +40,9 @@ pub trait Backend {
     fn discard_parked(&mut self, id: u32);
     /// What `status` shows of a running VM.
     fn info(&self, id: u32) -> Option<RunInfo>;
+    /// The configured switches, after a load or a reload; `reapply`
+    /// (`vmctl reset switches`) applies every one again.
+    fn set_switches(&mut self, _switches: &[SwitchConfig], _reapply: bool) {}
 
     // --- the parent's loop ---
     /// Whether an event of the loop's is the backend's.

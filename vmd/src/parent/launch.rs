@@ -40,6 +40,7 @@
 use crate::log::{self, log_debug, log_info, log_warn};
 use crate::parent::backend::{Backend, CommandDone, Requester, RunInfo, VmEnded, VmEvent};
 use crate::parent::helper::{self, Answered, Helper, HelperError};
+use crate::parent::net::{Net, NetStatus};
 use crate::parent::userfiles::{self, Opened, UserFilesError, Want, OPEN_TIMEOUT};
 use crate::proc;
 use common::config::{Accel, BootDevice, Globals, UidRange, VmConfig};
@@ -65,6 +66,11 @@ use thiserror::Error;
 /// + VM id, any u32), then from HELPER_TOKEN_BASE its helpers' sockets.
 pub const VM_TOKEN_BASE: usize = 1 << 24;
 const HELPER_TOKEN_BASE: usize = VM_TOKEN_BASE + u32::MAX as usize + 1;
+/// The netlink socket's token (net/).
+const NET_TOKEN: Token = Token(VM_TOKEN_BASE - 1);
+/// How long a start waits for its interfaces' netlink steps after its
+/// files are open (the kernel answers at once; this only bounds a bug).
+const NET_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a start's helper has for everything: its own user helpers
 /// share OPEN_TIMEOUT of it, so their time-out is what vmctl reads.
 pub const FILES_TIMEOUT: Duration = Duration::from_secs(OPEN_TIMEOUT.as_secs() + 2);
@@ -132,6 +138,8 @@ pub enum StartError {
     Spawn(String),
     #[error("opening the VM's files: {0}")]
     Helper(HelperError),
+    #[error("{0}")]
+    Net(String),
 }
 
 impl StartError {
@@ -213,6 +221,15 @@ struct PendingStart {
     helper: Helper,
 }
 
+/// A start whose files are open, waiting for its interfaces' netlink
+/// steps (net/), until `until`.
+struct NetWait {
+    pending: PendingStart,
+    files: Vec<Opened>,
+    answer: HelperAnswer,
+    until: Instant,
+}
+
 /// A console log a helper is rotating for VM `id`.
 struct PendingLog {
     id: u32,
@@ -235,6 +252,9 @@ pub struct Launcher {
     vms: Vec<VmProc>,
     parked: Vec<ParkedPty>,
     pending: Vec<PendingStart>,
+    net_wait: Vec<NetWait>,
+    /// The VMs' taps, the switches' bridges, netlink.
+    net: Net,
     logs: Vec<PendingLog>,
     ending: Vec<Ending>,
     /// (uid, pid) of guest processes of ended VMs that had not exited yet: their
@@ -246,14 +266,23 @@ pub struct Launcher {
 }
 
 impl Launcher {
-    /// `registry` is the parent loop's (a clone), for the VM channels
-    /// and the helpers' sockets.
-    pub fn new(registry: Registry) -> Launcher {
+    /// `registry` is the parent loop's (a clone), for the VM channels,
+    /// the helpers' sockets and netlink; `socket` is the control
+    /// socket's path, which names the state file (net/state.rs).
+    pub fn new(registry: Registry, socket: &Path) -> Launcher {
+        let net = Net::new(
+            &registry,
+            NET_TOKEN,
+            socket,
+            Path::new(crate::parent::net::state::STATE_DIR),
+        );
         Launcher {
             registry,
             vms: Vec::new(),
             parked: Vec::new(),
             pending: Vec::new(),
+            net_wait: Vec::new(),
+            net,
             logs: Vec::new(),
             ending: Vec::new(),
             lingering: Vec::new(),
@@ -263,7 +292,24 @@ impl Launcher {
     }
 
     fn is_empty(&self) -> bool {
-        self.vms.is_empty() && self.pending.is_empty() && self.ending.is_empty()
+        self.vms.is_empty()
+            && self.pending.is_empty()
+            && self.net_wait.is_empty()
+            && self.ending.is_empty()
+            && self.net.is_idle()
+    }
+
+    /// Whether VM `id` runs or is starting.
+    fn is_active(&self, id: u32) -> bool {
+        self.vms.iter().any(|v| v.id == id)
+            || self.pending.iter().any(|p| p.id == id)
+            || self.net_wait.iter().any(|w| w.pending.id == id)
+    }
+
+    /// The configured switches (after a load, a reload, `reset
+    /// switches`).
+    fn set_switches(&mut self, switches: &[common::config::SwitchConfig], reapply: bool) {
+        self.net.set_switches(switches, reapply);
     }
 
     fn helper_token(&mut self) -> Token {
@@ -286,11 +332,16 @@ impl Launcher {
         requester: &Requester,
         tty_owner: u32,
     ) -> Result<(), StartError> {
-        if self.vms.iter().any(|v| v.id == id) || self.pending.iter().any(|p| p.id == id) {
+        if self.is_active(id) {
             return Err(StartError::AlreadyRunning(id));
         }
         launch_check_built(vm)?;
         let accel = launch_accel(vm.accel_or(globals))?;
+        // Its taps now (a restart after a reboot finds them made); their
+        // netlink steps run while the helper opens the files.
+        self.net
+            .vm_start(id, vm, &globals.local_prefix)
+            .map_err(|e| StartError::Net(format!("vm {}: {e}", vm.name)))?;
         let console_log = Path::new(&globals.console_log_dir).join(format!("{}.console", vm.name));
         let taken = self.taken_uids();
         let range = globals.uid_range;
@@ -300,7 +351,10 @@ impl Launcher {
             Helper::spawn(&self.registry, token, FILES_TIMEOUT, move || {
                 launch_files_work(&vm, &requester, accel, range, &taken, &console_log)
             })
-            .map_err(StartError::Helper)?
+            .map_err(|e| {
+                self.net.vm_release(id);
+                StartError::Helper(e)
+            })?
         };
         log_debug!(
             "vm {} (vm {id}): opening its files (helper {})",
@@ -328,11 +382,66 @@ impl Launcher {
         mut pending: PendingStart,
         outcome: Result<Answered, HelperError>,
     ) {
+        let (files, answer) = match outcome {
+            Ok(answered) => answered,
+            Err(e) => return self.start_launched(pending, Err(StartError::Helper(e))),
+        };
+        match self.net.vm_status(pending.id) {
+            Some(NetStatus::Pending) => self.net_wait.push(NetWait {
+                pending,
+                files,
+                answer,
+                until: Instant::now() + NET_TIMEOUT,
+            }),
+            Some(NetStatus::Failed(why)) => {
+                let why = format!("vm {}: {why}", pending.vm.name);
+                self.start_launched(pending, Err(StartError::Net(why)))
+            }
+            Some(NetStatus::Ready) | None => {
+                let launched = self.launch(&mut pending, files, answer);
+                self.start_launched(pending, launched)
+            }
+        }
+    }
+
+    /// The starts waiting for their interfaces whose netlink steps are
+    /// done (or failed, or took too long) go on.
+    fn net_wait_check(&mut self) {
+        let now = Instant::now();
+        let mut index = 0;
+        while index < self.net_wait.len() {
+            let status = self.net.vm_status(self.net_wait[index].pending.id);
+            if status == Some(NetStatus::Pending) && self.net_wait[index].until > now {
+                index += 1;
+                continue;
+            }
+            let NetWait {
+                mut pending,
+                files,
+                answer,
+                ..
+            } = self.net_wait.remove(index);
+            let name = pending.vm.name.clone();
+            let launched = match status {
+                Some(NetStatus::Pending) => Err(StartError::Net(format!(
+                    "vm {name}: its interfaces were not configured in time"
+                ))),
+                Some(NetStatus::Failed(why)) => Err(StartError::Net(format!("vm {name}: {why}"))),
+                Some(NetStatus::Ready) | None => self.launch(&mut pending, files, answer),
+            };
+            self.start_launched(pending, launched);
+        }
+    }
+
+    /// A start launched its VM process, or failed (what it made is
+    /// released: its pty, its taps).
+    fn start_launched(
+        &mut self,
+        mut pending: PendingStart,
+        launched: Result<(u32, String), StartError>,
+    ) {
         let id = pending.id;
         let name = pending.vm.name.clone();
-        let launched = outcome
-            .map_err(StartError::Helper)
-            .and_then(|(files, answer)| self.launch(&mut pending, files, answer));
         match launched {
             Ok((pid, tty)) => self.events.push(VmEvent::Launched { id, pid, tty }),
             Err(e) => {
@@ -341,6 +450,7 @@ impl Launcher {
                 if let Some(parked) = pending.parked.take() {
                     release_pty(&parked.slave, &parked.tty);
                 }
+                self.net.vm_release(id);
                 self.events.push(VmEvent::Ended(VmEnded {
                     id,
                     name,
@@ -404,6 +514,14 @@ impl Launcher {
             files.into_iter().map(|o| (o.kind, o.file.into())).collect();
         fds.push((VmFdKind::PtyMaster, master));
         fds.push((VmFdKind::PtySlave, slave));
+        let taps = self
+            .net
+            .vm_taps(id)
+            .map_err(|e| release(StartError::Net(e)))?;
+        fds.extend(
+            taps.into_iter()
+                .map(|(index, fd)| (VmFdKind::Tap { index }, fd)),
+        );
         fds.extend(logs.into_iter().map(|o| (o.kind, o.file.into())));
         let params = VmParams {
             id,
@@ -415,6 +533,11 @@ impl Launcher {
             backend: crate::vm::backend_params(vm, kvm, groups),
             console_log_cap: pending.console_log_cap,
             console_log_size,
+            macs: vm
+                .effective_interfaces()
+                .iter()
+                .map(|i| i.lladdr.unwrap_or_default())
+                .collect(),
             fd_count: fds.len() as u32,
         };
 
@@ -481,11 +604,16 @@ impl Launcher {
     /// Gives up VM `id`'s start while its files are being opened: the
     /// helper is killed and the start ends; false if none is pending.
     fn cancel_start(&mut self, id: u32) -> bool {
-        let Some(index) = self.pending.iter().position(|p| p.id == id) else {
+        let mut pending = if let Some(index) = self.pending.iter().position(|p| p.id == id) {
+            let mut pending = self.pending.remove(index);
+            pending.helper.cancel(&self.registry);
+            pending
+        } else if let Some(index) = self.net_wait.iter().position(|w| w.pending.id == id) {
+            self.net_wait.remove(index).pending
+        } else {
             return false;
         };
-        let mut pending = self.pending.remove(index);
-        pending.helper.cancel(&self.registry);
+        self.net.vm_release(id);
         if let Some(parked) = pending.parked.take() {
             release_pty(&parked.slave, &parked.tty);
         }
@@ -543,11 +671,15 @@ impl Launcher {
         Some(self.parked.remove(index))
     }
 
-    /// Closes the pty kept for VM `id`'s restart, if it was not taken up.
+    /// Closes the pty and the taps kept for VM `id`'s restart, if it was
+    /// not taken up.
     fn discard_parked(&mut self, id: u32) {
         if let Some(parked) = self.take_parked(id) {
             release_pty(&parked.slave, &parked.tty);
             log_debug!("vm {id}: released {}", parked.tty);
+        }
+        if !self.is_active(id) {
+            self.net.vm_release(id);
         }
     }
 
@@ -565,6 +697,7 @@ impl Launcher {
     /// starts still opening their files are given up.
     fn stop_all(&mut self) {
         self.cancel_all();
+        self.net.stop();
         for vm in &self.vms {
             let _ = kill(vm.pid, Signal::SIGTERM);
         }
@@ -577,7 +710,9 @@ impl Launcher {
     }
 
     fn cancel_all(&mut self) {
-        let ids: Vec<u32> = self.pending.iter().map(|p| p.id).collect();
+        let ids: Vec<u32> = (self.pending.iter().map(|p| p.id))
+            .chain(self.net_wait.iter().map(|w| w.pending.id))
+            .collect();
         for id in ids {
             self.cancel_start(id);
         }
@@ -597,7 +732,8 @@ impl Launcher {
         // A VM whose guest process is still exiting is looked at again soon.
         let poll = Instant::now() + GONE_POLL;
         let ending = self.ending.iter().map(|e| e.until.min(poll));
-        helpers.chain(ending).min()
+        let net = self.net_wait.iter().map(|w| w.until);
+        helpers.chain(ending).chain(net).min()
     }
 
     /// Times out the helpers whose deadline passed, and reports the VMs
@@ -619,6 +755,7 @@ impl Launcher {
             let e = job.helper.expire(&self.registry);
             log_warn!("vm {}: rotating its console log: {e}", job.id);
         }
+        self.net_wait_check();
         self.settle_ending(now);
     }
 
@@ -652,6 +789,11 @@ impl Launcher {
 
     /// Reads a VM process's channel or a helper's socket.
     fn handle_event(&mut self, token: Token) {
+        if token == self.net.token() {
+            self.net.handle_event();
+            self.net_wait_check();
+            return;
+        }
         if let Some(index) = self.pending.iter().position(|p| p.helper.token() == token) {
             if let Some(outcome) = self.pending[index].helper.read(&self.registry) {
                 let pending = self.pending.remove(index);
@@ -875,6 +1017,8 @@ impl Launcher {
             });
         } else {
             release_pty(&vm.pty_slave, &vm.tty);
+            // Its taps go (QEMU's copies close as it exits).
+            self.net.vm_release(vm.id);
         }
         // Its guest's processes die with it (PDEATHSIG): the VM is
         // reported stopped once they have gone (its disks unlocked), or
@@ -937,7 +1081,11 @@ impl Backend for Launcher {
     }
 
     fn owns_token(&self, token: Token) -> bool {
-        token.0 >= VM_TOKEN_BASE
+        token.0 >= VM_TOKEN_BASE || token == NET_TOKEN
+    }
+
+    fn set_switches(&mut self, switches: &[common::config::SwitchConfig], reapply: bool) {
+        Launcher::set_switches(self, switches, reapply)
     }
 
     fn handle_event(&mut self, token: Token) {
@@ -1078,11 +1226,6 @@ fn rotate_console_log_work(path: &Path, cap: u64) -> helper::Work {
 /// Refuses what a VM asks for that is not built yet, rather than
 /// ignoring it (at start, and as a warning of `vmd -n`).
 pub fn launch_check_built(vm: &VmConfig) -> Result<(), StartError> {
-    if vm.interface_total() > 0 {
-        return Err(StartError::NotBuilt(
-            "network interfaces (-i, -L, -n, interface) are",
-        ));
-    }
     if vm.boot_device == Some(BootDevice::Net) {
         return Err(StartError::NotBuilt(
             "boot device net (-B net) arrives with networking and is",

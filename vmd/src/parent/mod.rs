@@ -3,8 +3,8 @@
 //! the seam to what runs VMs (backend.rs) and the real backend, which
 //! launches VM processes (launch.rs), the forked helpers that do
 //! whatever could wait (helper.rs) and the rules that open VMs' files
-//! with the right user's rights (userfiles.rs); networking (net/) and a
-//! state file come later, each in its own file.
+//! with the right user's rights (userfiles.rs), and guest networking:
+//! taps, switches' bridges over netlink, the state file (net/).
 //!
 //! The loop starts control and switch, writes their log lines, restarts
 //! them when they die, and stops them on SIGTERM or SIGINT. It holds the
@@ -26,6 +26,7 @@
 pub mod backend;
 pub mod helper;
 pub mod launch;
+pub mod net;
 pub mod registry;
 pub mod userfiles;
 
@@ -278,6 +279,7 @@ fn parent_init(opts: ParentOptions) -> Result<Parent, ParentError> {
         .registry()
         .try_clone()
         .map_err(ParentError::setup("share the event loop"))?;
+    let launcher = Launcher::new(vm_registry, &opts.socket);
     Ok(Parent {
         opts,
         poll,
@@ -288,7 +290,7 @@ fn parent_init(opts: ParentOptions) -> Result<Parent, ParentError> {
         respawns: Vec::new(),
         socket_bound: false,
         shutdown: None,
-        registry: Registry::with_backend(Box::new(Launcher::new(vm_registry))),
+        registry: Registry::with_backend(Box::new(launcher)),
         replies: Vec::new(),
         held_status: Vec::new(),
         loads: Vec::new(),

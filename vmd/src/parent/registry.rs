@@ -157,9 +157,28 @@ pub struct Registry {
     last_vmid: u32,
     pub switches: Vec<SwitchConfig>,
     pub globals: Globals,
+    /// The MACs vmd made up for each VM id's interfaces (those without
+    /// `lladdr`), so a VM keeps them across its restarts.
+    macs: Vec<(u32, Vec<[u8; 6]>)>,
     next_batch: Option<Instant>,
     /// What runs the VMs (None: nothing pretends to run).
     backend: Option<Box<dyn Backend>>,
+}
+
+/// Two random bytes (a generated MAC's last two), from getrandom(2),
+/// which does not wait once the system has booted.
+fn random_pair() -> [u8; 2] {
+    let mut bytes = [0u8; 2];
+    // SAFETY: getrandom writes at most two bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), 2, 0) };
+    if n != 2 {
+        // Never expected; the time still differs from call to call.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        bytes = [(nanos >> 8) as u8, nanos as u8];
+    }
+    bytes
 }
 
 fn errno(e: Errno) -> CtlError {
@@ -284,6 +303,9 @@ impl Registry {
                 self.switches.push(sw.clone());
             }
         }
+        if let Some(backend) = self.backend.as_mut() {
+            backend.set_switches(&self.switches, false);
+        }
         self.next_batch = Some(Instant::now());
         skipped
     }
@@ -313,7 +335,11 @@ impl Registry {
             self.next_batch = None;
         }
         if matches!(what, ResetWhat::All | ResetWhat::Switches) {
-            self.switches.clear();
+            // Every switch's settings again (a bridge deleted by hand is
+            // made again), as configured.
+            if let Some(backend) = self.backend.as_mut() {
+                backend.set_switches(&self.switches, true);
+            }
         }
     }
 
@@ -538,6 +564,17 @@ impl Registry {
         vm.last_start = Some(now);
         vm.state = VmState::Stopped;
         let vmid = vm.vmid;
+        let settings = match self.net_settings(vmid, settings) {
+            Ok(settings) => settings,
+            Err(e) => {
+                log_warn!(
+                    "{}: failed to start vm {vmid}: {}",
+                    self.vms[index].name(),
+                    e.describe()
+                );
+                return Err(e);
+            }
+        };
         match self.launch(vmid, &settings, uid, requester) {
             Ok(()) => {
                 let vm = &mut self.vms[index];
@@ -865,6 +902,79 @@ impl Registry {
         vm.stop_deadline = None;
         vm.timed_out = false;
         vm.running = None;
+    }
+
+    /// VM `vmid`'s settings with every interface it gets (`interfaces
+    /// N` padded) and a MAC for each: its `lladdr`, else the one it had
+    /// before, else a new one in OpenBSD's scheme; no two running VMs
+    /// share one. Refuses a switch that is not configured (OpenBSD
+    /// starts the VM unattached) or is disabled.
+    fn net_settings(&mut self, vmid: u32, mut settings: VmConfig) -> Result<VmConfig, CtlError> {
+        settings.interfaces = settings.effective_interfaces();
+        for iface in &settings.interfaces {
+            let Some(name) = &iface.switch else { continue };
+            match self.switches.iter().find(|s| s.name == *name) {
+                None => {
+                    let why = format!("switch \"{name}\" not found: define it in vm.conf");
+                    return Err(explained(Errno::ENOENT, why));
+                }
+                Some(sw) if !sw.enabled => {
+                    let why = format!("switch \"{name}\" is disabled");
+                    return Err(explained(Errno::ENETDOWN, why));
+                }
+                Some(_) => {}
+            }
+        }
+        let in_use: Vec<([u8; 6], String)> = self
+            .vms
+            .iter()
+            .filter(|vm| vm.vmid != vmid)
+            .filter_map(|vm| vm.running.as_ref())
+            .flat_map(|r| {
+                r.interfaces
+                    .iter()
+                    .filter_map(|i| i.lladdr)
+                    .map(|mac| (mac, r.name.clone()))
+            })
+            .collect();
+        let kept = self
+            .macs
+            .iter()
+            .find(|(id, _)| *id == vmid)
+            .map(|(_, macs)| macs.clone())
+            .unwrap_or_default();
+        let mut taken: Vec<[u8; 6]> = in_use.iter().map(|(mac, _)| *mac).collect();
+        taken.extend(settings.interfaces.iter().filter_map(|i| i.lladdr));
+        let mut made = Vec::new();
+        for (index, iface) in settings.interfaces.iter_mut().enumerate() {
+            if let Some(mac) = iface.lladdr {
+                if let Some((_, other)) = in_use.iter().find(|(m, _)| *m == mac) {
+                    let why = format!(
+                        "lladdr {} is in use by vm {other}",
+                        common::config::format_lladdr(&mac)
+                    );
+                    return Err(explained(Errno::EADDRINUSE, why));
+                }
+                made.push(mac);
+                continue;
+            }
+            let mac = kept
+                .get(index)
+                .copied()
+                .filter(|m| common::net::is_generated_for(m, index) && !taken.contains(m))
+                .unwrap_or_else(|| loop {
+                    let mac = common::net::generated_mac(index, random_pair());
+                    if !taken.contains(&mac) {
+                        break mac;
+                    }
+                });
+            taken.push(mac);
+            iface.lladdr = Some(mac);
+            made.push(mac);
+        }
+        self.macs.retain(|(id, _)| *id != vmid);
+        self.macs.push((vmid, made));
+        Ok(settings)
     }
 
     // --- the VM backend's entry points ---

@@ -134,6 +134,8 @@ pub struct StartFds {
     pub pty_slave: Option<OwnedFd>,
     pub console_log: Option<OwnedFd>,
     pub disks: Vec<DiskLayer>,
+    /// Each network interface's tap, by interface index.
+    pub taps: Vec<(u8, OwnedFd)>,
 }
 
 pub fn vm_main(verbosity: u8) -> ExitCode {
@@ -217,6 +219,10 @@ fn vm_receive_start(channel: &mut Channel) -> Result<(VmParams, StartFds), VmErr
                         VmFdKind::ConsoleLog => &mut fds.console_log,
                         VmFdKind::Bios => &mut fds.bios,
                         VmFdKind::Cdrom => &mut fds.cdrom,
+                        VmFdKind::Tap { index } => {
+                            fds.taps.push((index, fd));
+                            continue;
+                        }
                         VmFdKind::Disk {
                             disk,
                             layer,

@@ -102,6 +102,7 @@ pub fn prepare(
         cdrom: fds.cdrom.take(),
         qmp: qmp_qemu,
         serial,
+        taps: std::mem::take(&mut fds.taps),
     };
     let args = qemu_args(params, &files);
     let mut keep: Vec<RawFd> = vec![files.qmp.as_raw_fd(), files.serial.as_raw_fd()];
@@ -114,6 +115,7 @@ pub fn prepare(
     }
     keep.extend(files.disks.iter().map(|l| l.fd.as_raw_fd()));
     keep.extend(files.cdrom.as_ref().map(|fd| fd.as_raw_fd()));
+    keep.extend(files.taps.iter().map(|(_, fd)| fd.as_raw_fd()));
     for fd in [qmp.as_raw_fd(), stderr.as_raw_fd()] {
         set_nonblocking(fd)?;
     }

@@ -180,6 +180,7 @@ mod tests {
             }),
             console_log_cap: 1 << 20,
             console_log_size: 0,
+            macs: Vec::new(),
             fd_count: 0,
         }
     }
@@ -200,6 +201,7 @@ mod tests {
                 cdrom: Some(null()),
                 qmp: null(),
                 serial: null(),
+                taps: Vec::new(),
             };
             let args = qemu_args(&params(boot_device), &files).join(" ");
             (args, files)
@@ -238,6 +240,7 @@ mod tests {
             cdrom: Some(null()),
             qmp: null(),
             serial: null(),
+            taps: Vec::new(),
         };
         let args = qemu_args(&params(Some(BootDevice::Cdrom)), &files).join(" ");
         assert!(args.contains("-kernel /proc/self/fd/"));

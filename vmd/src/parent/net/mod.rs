@@ -1,0 +1,805 @@
+//! Guest networking, the parent's side: each VM's taps (tap.rs), the
+//! switches' bridges, links configured over netlink (netlink.rs), and
+//! the state file that lets a vmd started after a crash remove what its
+//! predecessor made (state.rs).
+//!
+//! Nothing here waits. Every netlink step is a pending state: [`Net`]
+//! keeps a queue of jobs (a switch to apply, a bridge to remove, a VM's
+//! interfaces to configure) and runs them one request at a time; the
+//! parent's loop hands it the socket's events ([`Net::handle_event`]).
+//! The kernel answers a request as it is sent, so a queue costs nothing
+//! and keeps the order: a bridge is there before a tap joins it.
+//!
+//! - A VM's taps are made at once when it starts ([`Net::vm_start`]) and
+//!   held here for its whole life, across guest reboots (the restart
+//!   finds them); the start goes on when [`Net::vm_status`] says they
+//!   are configured (ifalias `vm<ID>-if<N>-<NAME>`, up unless `down`,
+//!   the switch's bridge as master, a local interface's host address),
+//!   and fails with the reason if a step failed. [`Net::vm_release`]
+//!   closes them: a tap vanishes with its last descriptor, and with it
+//!   everything set on it.
+//! - Switches ([`Net::set_switches`]): a missing bridge is created and
+//!   recorded; an existing one is used as it is. A bridge vmd created
+//!   is deleted when its switch goes (reload, shutdown) only if it holds
+//!   no port and no address that vmd did not add (IPv6 link-local
+//!   addresses, which the kernel adds itself, do not count); an
+//!   interface that existed before vmd is never deleted.
+
+pub mod netlink;
+pub mod state;
+pub mod tap;
+#[cfg(test)]
+mod testns;
+
+use crate::log::{log_debug, log_info, log_warn};
+use common::config::{Interface, Ipv4Prefix, SwitchConfig, VmConfig};
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+use netlink::{Netlink, Reply, Request};
+use nix::errno::Errno;
+use state::State;
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use tap::Tap;
+
+/// How many of the taps it made a daemon remembers (a few bytes each).
+const MADE_TAPS_KEPT: usize = 1 << 16;
+
+/// A VM's interface as the parent made it.
+struct VmTap {
+    tap: Tap,
+    /// The interface's index in the VM (vioN, ethN in the guest).
+    index: usize,
+    alias: String,
+    switch: Option<String>,
+    up: bool,
+    /// A local interface: its host side's address.
+    host_addr: Option<std::net::Ipv4Addr>,
+}
+
+/// Where a VM's interfaces are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetStatus {
+    /// Being configured.
+    Pending,
+    Ready,
+    /// A step failed: why, for vmctl.
+    Failed(String),
+}
+
+struct VmNet {
+    id: u32,
+    taps: Vec<VmTap>,
+    status: NetStatus,
+}
+
+struct Switch {
+    name: String,
+    bridge: String,
+    up: bool,
+    /// The bridge's index once it is known to exist.
+    ifindex: Option<u32>,
+    /// Why the bridge cannot be used.
+    error: Option<String>,
+}
+
+/// A queued piece of work; `stage` is where it is.
+#[derive(Debug, Clone)]
+enum Job {
+    /// Applies switch `name`'s settings to its bridge, creating it if it
+    /// is missing.
+    Switch { name: String, stage: u8 },
+    /// Deletes bridge `name` (index `index`), which vmd created, unless
+    /// it holds a port besides `ports` (vmd's taps) or an address.
+    RemoveBridge {
+        name: String,
+        index: u32,
+        ports: Vec<u32>,
+        stage: u8,
+    },
+    /// Configures VM `id`'s interface `tap` (a position in its taps).
+    Vm { id: u32, tap: usize, stage: u8 },
+    /// Puts a running VM's tap `tap` (an ifindex) back on bridge
+    /// `bridge` (its switch was applied again: a bridge deleted by hand
+    /// and made again has lost its ports).
+    Attach { tap: u32, bridge: u32, stage: u8 },
+}
+
+/// What a job does next.
+enum Next {
+    Send(Job, Request),
+    Done,
+}
+
+pub struct Net {
+    nl: Option<Netlink>,
+    /// Why there is no netlink socket.
+    nl_error: String,
+    token: Token,
+    state_path: PathBuf,
+    state: State,
+    switches: Vec<Switch>,
+    vms: Vec<VmNet>,
+    /// The index of every tap this daemon made: a bridge's port that is
+    /// one of them is vmd's (a VM's tap outlives its release while its
+    /// QEMU exits).
+    made_taps: Vec<u32>,
+    jobs: VecDeque<Job>,
+    /// The job whose request is in flight.
+    current: Option<Job>,
+    /// The daemon stops: remove the bridges once no VM holds a tap.
+    stopping: bool,
+    stop_queued: bool,
+}
+
+impl Net {
+    /// Opens the netlink socket (registered under `token`) and reads
+    /// the state file of the daemon of `socket` in `state_dir`: what a
+    /// predecessor left is removed first, before any switch or VM.
+    pub fn new(registry: &Registry, token: Token, socket: &Path, state_dir: &Path) -> Net {
+        let (nl, nl_error) = match Netlink::open() {
+            Ok(nl) => {
+                match registry.register(&mut SourceFd(&nl.as_raw_fd()), token, Interest::READABLE) {
+                    Ok(()) => (Some(nl), String::new()),
+                    Err(e) => (None, e.to_string()),
+                }
+            }
+            Err(e) => (None, e.to_string()),
+        };
+        if nl.is_none() {
+            log_warn!("no netlink socket ({nl_error}): VMs with interfaces cannot start");
+        }
+        let state_path = state::state_path(state_dir, socket);
+        let mut net = Net {
+            nl,
+            nl_error,
+            token,
+            state_path,
+            state: State {
+                socket: socket.display().to_string(),
+                pid: std::process::id(),
+                ..State::default()
+            },
+            switches: Vec::new(),
+            vms: Vec::new(),
+            made_taps: Vec::new(),
+            jobs: VecDeque::new(),
+            current: None,
+            stopping: false,
+            stop_queued: false,
+        };
+        net.recover();
+        net
+    }
+
+    /// Removes what the daemon that had our socket before left, as its
+    /// state file lists it: its bridges (its taps vanished with it, and
+    /// count as its own ports).
+    fn recover(&mut self) {
+        let old = match state::state_load(&self.state_path) {
+            Ok(Some(old)) => old,
+            Ok(None) => return,
+            Err(e) => {
+                log_warn!(
+                    "{}: {e}; what an earlier vmd left is not removed",
+                    self.state_path.display()
+                );
+                return;
+            }
+        };
+        if !old.is_empty() {
+            log_info!(
+                "{}: removing what vmd (pid {}) left: {} tap(s), {} bridge(s)",
+                self.state_path.display(),
+                old.pid,
+                old.taps.len(),
+                old.bridges.len()
+            );
+        }
+        let ports: Vec<u32> = old.taps.iter().map(|(_, index)| *index).collect();
+        for (name, index) in &old.bridges {
+            self.jobs.push_back(Job::RemoveBridge {
+                name: name.clone(),
+                index: *index,
+                ports: ports.clone(),
+                stage: 0,
+            });
+        }
+        self.state.bridges = old.bridges;
+        self.save();
+        self.run();
+    }
+
+    pub fn token(&self) -> Token {
+        self.token
+    }
+
+    // --- switches ---
+
+    /// The configured switches (after a load, a reload or `reset
+    /// switches`): new ones and changed ones are applied, with `reapply`
+    /// every one; the bridges vmd created for switches that went are
+    /// removed (if nothing else uses them).
+    pub fn set_switches(&mut self, switches: &[SwitchConfig], reapply: bool) {
+        let wanted: Vec<&SwitchConfig> = switches.iter().filter(|s| s.enabled).collect();
+        let (kept, gone): (Vec<Switch>, Vec<Switch>) = std::mem::take(&mut self.switches)
+            .into_iter()
+            .partition(|s| wanted.iter().any(|w| w.name == s.name));
+        self.switches = kept;
+        for sw in gone {
+            let still_used = wanted.iter().any(|w| w.interface == sw.bridge);
+            if let Some(&(_, index)) = self.state.bridges.iter().find(|(b, _)| *b == sw.bridge) {
+                if !still_used {
+                    self.jobs.push_back(Job::RemoveBridge {
+                        name: sw.bridge.clone(),
+                        index,
+                        ports: Vec::new(),
+                        stage: 0,
+                    });
+                }
+            }
+        }
+        for w in wanted {
+            let known = self.switches.iter_mut().find(|s| s.name == w.name);
+            let changed = match known {
+                Some(s) if s.bridge == w.interface && s.up == w.up => reapply,
+                Some(s) => {
+                    s.bridge = w.interface.clone();
+                    s.up = w.up;
+                    s.ifindex = None;
+                    true
+                }
+                None => {
+                    self.switches.push(Switch {
+                        name: w.name.clone(),
+                        bridge: w.interface.clone(),
+                        up: w.up,
+                        ifindex: None,
+                        error: None,
+                    });
+                    true
+                }
+            };
+            if changed {
+                self.jobs.push_back(Job::Switch {
+                    name: w.name.clone(),
+                    stage: 0,
+                });
+            }
+        }
+        self.run();
+    }
+
+    // --- VMs ---
+
+    /// Makes VM `id`'s taps (`vm`'s interfaces, their MACs already
+    /// chosen) and queues their configuration; a restart after a reboot
+    /// finds its taps still here. Err: a tap could not be made (none is
+    /// kept).
+    pub fn vm_start(&mut self, id: u32, vm: &VmConfig, prefix: &Ipv4Prefix) -> Result<(), String> {
+        if self.vms.iter().any(|v| v.id == id) {
+            return Ok(());
+        }
+        let interfaces = vm.effective_interfaces();
+        if interfaces.is_empty() {
+            return Ok(());
+        }
+        if self.nl.is_none() {
+            return Err(format!(
+                "network interfaces need netlink, which failed: {}",
+                self.nl_error
+            ));
+        }
+        let mut taps = Vec::new();
+        for (index, iface) in interfaces.iter().enumerate() {
+            taps.push(self.vm_tap(id, &vm.name, index, iface, prefix)?);
+        }
+        for t in &taps {
+            log_info!(
+                "vm {} (vm {id}): interface {} is {}{}",
+                vm.name,
+                t.index,
+                t.tap.name,
+                t.switch
+                    .as_ref()
+                    .map(|s| format!(" on switch \"{s}\""))
+                    .unwrap_or_default()
+            );
+            self.state.taps.push((t.tap.name.clone(), t.tap.ifindex));
+            self.made_taps.push(t.tap.ifindex);
+            if self.made_taps.len() > MADE_TAPS_KEPT {
+                self.made_taps.drain(..MADE_TAPS_KEPT / 2);
+            }
+        }
+        self.save();
+        self.vms.push(VmNet {
+            id,
+            taps,
+            status: NetStatus::Pending,
+        });
+        self.jobs.push_back(Job::Vm {
+            id,
+            tap: 0,
+            stage: 0,
+        });
+        self.run();
+        Ok(())
+    }
+
+    fn vm_tap(
+        &self,
+        id: u32,
+        name: &str,
+        index: usize,
+        iface: &Interface,
+        prefix: &Ipv4Prefix,
+    ) -> Result<VmTap, String> {
+        if let Some(sw) = &iface.switch {
+            if !self.switches.iter().any(|s| s.name == *sw) {
+                return Err(format!("switch \"{sw}\" not found"));
+            }
+        }
+        let host_addr = if iface.local {
+            Some(
+                common::net::local_host_addr(prefix, id, index).ok_or_else(|| {
+                    format!(
+                        "local interface {index}: vm id {id} does not fit in local prefix {}/{}",
+                        prefix.addr, prefix.len
+                    )
+                })?,
+            )
+        } else {
+            None
+        };
+        let wanted = iface
+            .tap
+            .as_deref()
+            .filter(|t| *t != "tap")
+            .unwrap_or(tap::TAP_TEMPLATE);
+        let tap = tap::tap_open(wanted).map_err(|e| format!("interface {index}: {e}"))?;
+        Ok(VmTap {
+            alias: common::net::tap_description(id, index, name),
+            tap,
+            index,
+            switch: iface.switch.clone(),
+            up: iface.up,
+            host_addr,
+        })
+    }
+
+    /// Where VM `id`'s interfaces are; None if it has none.
+    pub fn vm_status(&self, id: u32) -> Option<NetStatus> {
+        self.vms
+            .iter()
+            .find(|v| v.id == id)
+            .map(|v| v.status.clone())
+    }
+
+    /// A copy of each of VM `id`'s tap descriptors, by interface index,
+    /// for its VM process (the parent keeps its own).
+    pub fn vm_taps(&self, id: u32) -> Result<Vec<(u8, OwnedFd)>, String> {
+        let Some(vm) = self.vms.iter().find(|v| v.id == id) else {
+            return Ok(Vec::new());
+        };
+        vm.taps
+            .iter()
+            .map(|t| {
+                t.tap
+                    .fd
+                    .try_clone()
+                    .map(|fd| (t.index as u8, fd))
+                    .map_err(|e| format!("{}: {e}", t.tap.name))
+            })
+            .collect()
+    }
+
+    /// VM `id` has ended (not for a reboot): its taps are closed, so they
+    /// vanish with everything set on them.
+    pub fn vm_release(&mut self, id: u32) {
+        let Some(index) = self.vms.iter().position(|v| v.id == id) else {
+            return;
+        };
+        let vm = self.vms.remove(index);
+        let names: Vec<&str> = vm.taps.iter().map(|t| t.tap.name.as_str()).collect();
+        log_debug!("vm {id}: closing {}", names.join(", "));
+        self.state
+            .taps
+            .retain(|(_, i)| !vm.taps.iter().any(|t| t.tap.ifindex == *i));
+        drop(vm);
+        self.save();
+        self.after_vm_gone();
+    }
+
+    // --- the daemon's end ---
+
+    /// The daemon stops: once no VM holds a tap, the bridges vmd created
+    /// are removed.
+    pub fn stop(&mut self) {
+        self.stopping = true;
+        self.after_vm_gone();
+    }
+
+    fn after_vm_gone(&mut self) {
+        if !self.stopping || self.stop_queued || !self.vms.is_empty() {
+            return;
+        }
+        self.stop_queued = true;
+        for (name, index) in self.state.bridges.clone() {
+            self.jobs.push_back(Job::RemoveBridge {
+                name,
+                index,
+                ports: Vec::new(),
+                stage: 0,
+            });
+        }
+        self.run();
+        self.save();
+    }
+
+    /// Nothing is queued or in flight (and, stopping, the bridges'
+    /// removal has run).
+    pub fn is_idle(&self) -> bool {
+        self.current.is_none()
+            && self.jobs.is_empty()
+            && (!self.stopping || self.stop_queued || self.vms.is_empty())
+    }
+
+    // --- the loop ---
+
+    /// The netlink socket is readable: the answer to the request in
+    /// flight moves its job on.
+    pub fn handle_event(&mut self) {
+        let Some(nl) = self.nl.as_mut() else {
+            return;
+        };
+        let reply = match nl.receive() {
+            Ok(Some(reply)) => reply,
+            Ok(None) => return,
+            Err(e) => {
+                log_warn!("{e}");
+                Reply::Failed(Errno::EIO)
+            }
+        };
+        if let Some(job) = self.current.take() {
+            self.advance(job, Some(reply));
+        }
+        self.run();
+    }
+
+    /// Starts queued jobs while nothing is in flight.
+    fn run(&mut self) {
+        while self.current.is_none() {
+            let Some(job) = self.jobs.pop_front() else {
+                return;
+            };
+            self.advance(job, None);
+        }
+    }
+
+    /// Moves `job` on with `reply` (None: it starts), sending its next
+    /// request; a request that cannot be sent is answered by its error.
+    fn advance(&mut self, job: Job, reply: Option<Reply>) {
+        let mut next = self.step(job, reply);
+        while let Next::Send(job, req) = next {
+            let Some(nl) = self.nl.as_mut() else {
+                next = self.step(job, Some(Reply::Failed(Errno::ENOTCONN)));
+                continue;
+            };
+            match nl.send(&req) {
+                Ok(()) => {
+                    self.current = Some(job);
+                    return;
+                }
+                Err(e) => next = self.step(job, Some(Reply::Failed(e))),
+            }
+        }
+    }
+
+    fn step(&mut self, job: Job, reply: Option<Reply>) -> Next {
+        match job {
+            Job::Switch { name, stage } => self.step_switch(name, stage, reply),
+            Job::RemoveBridge {
+                name,
+                index,
+                ports,
+                stage,
+            } => self.step_remove(name, index, ports, stage, reply),
+            Job::Vm { id, tap, stage } => self.step_vm(id, tap, stage, reply),
+            Job::Attach { tap, bridge, stage } => {
+                let set = Request::SetLink {
+                    index: tap,
+                    alias: None,
+                    up: None,
+                    master: Some(bridge),
+                };
+                match (stage, reply) {
+                    (0, None) => Next::Send(
+                        Job::Attach {
+                            tap,
+                            bridge,
+                            stage: 1,
+                        },
+                        set,
+                    ),
+                    (_, Some(Reply::Ack)) => Next::Done,
+                    (_, other) => {
+                        log_warn!("tap {tap}: cannot put it on bridge {bridge}: {other:?}");
+                        Next::Done
+                    }
+                }
+            }
+        }
+    }
+
+    fn step_switch(&mut self, name: String, stage: u8, reply: Option<Reply>) -> Next {
+        let Some(sw) = self.switches.iter().find(|s| s.name == name) else {
+            return Next::Done;
+        };
+        let bridge = sw.bridge.clone();
+        let up = sw.up;
+        let job = |stage| Job::Switch {
+            name: name.clone(),
+            stage,
+        };
+        let fail = |net: &mut Net, why: String| {
+            log_warn!("switch \"{name}\": {why}");
+            if let Some(sw) = net.switches.iter_mut().find(|s| s.name == name) {
+                sw.error = Some(why);
+                sw.ifindex = None;
+            }
+            Next::Done
+        };
+        match (stage, reply) {
+            (0, None) => Next::Send(job(1), Request::LinkByName(bridge)),
+            (1 | 4, Some(Reply::Link(link))) => {
+                if link.kind.as_deref() != Some("bridge") {
+                    return fail(self, format!("interface {bridge} is not a bridge"));
+                }
+                if stage == 4 {
+                    log_info!("switch \"{name}\": created bridge {bridge}");
+                    self.state.bridges.retain(|(b, _)| *b != bridge);
+                    self.state.bridges.push((bridge.clone(), link.index));
+                    self.save();
+                }
+                if let Some(sw) = self.switches.iter_mut().find(|s| s.name == name) {
+                    sw.ifindex = Some(link.index);
+                }
+                let set = Request::SetLink {
+                    index: link.index,
+                    alias: None,
+                    up: Some(up),
+                    master: None,
+                };
+                Next::Send(job(3), set)
+            }
+            (1, Some(Reply::Failed(Errno::ENODEV))) => {
+                Next::Send(job(2), Request::NewBridge(bridge))
+            }
+            // Made meanwhile by someone else: used as it is.
+            (2, Some(Reply::Failed(Errno::EEXIST))) => {
+                Next::Send(job(1), Request::LinkByName(bridge))
+            }
+            (2, Some(Reply::Ack)) => Next::Send(job(4), Request::LinkByName(bridge)),
+            (3, Some(Reply::Ack)) => {
+                let mut bridge_index = None;
+                if let Some(sw) = self.switches.iter_mut().find(|s| s.name == name) {
+                    sw.error = None;
+                    bridge_index = sw.ifindex;
+                }
+                // The running VMs' taps on this switch (again) on its bridge.
+                let ports: Vec<u32> = (self.vms.iter())
+                    .filter(|v| v.status == NetStatus::Ready)
+                    .flat_map(|v| v.taps.iter())
+                    .filter(|t| t.switch.as_deref() == Some(name.as_str()))
+                    .map(|t| t.tap.ifindex)
+                    .collect();
+                if let Some(bridge) = bridge_index {
+                    for tap in ports {
+                        self.jobs.push_back(Job::Attach {
+                            tap,
+                            bridge,
+                            stage: 0,
+                        });
+                    }
+                }
+                log_debug!(
+                    "switch \"{name}\": bridge {bridge} {}",
+                    if up { "up" } else { "down" }
+                );
+                Next::Done
+            }
+            (2, Some(Reply::Failed(e))) => {
+                fail(self, format!("cannot create bridge {bridge}: {e}"))
+            }
+            (3, Some(Reply::Failed(e))) => fail(
+                self,
+                format!(
+                    "cannot set bridge {bridge} {}: {e}",
+                    if up { "up" } else { "down" }
+                ),
+            ),
+            (_, Some(Reply::Failed(e))) => fail(self, format!("bridge {bridge}: {e}")),
+            (_, other) => fail(
+                self,
+                format!("bridge {bridge}: unexpected answer {other:?}"),
+            ),
+        }
+    }
+
+    fn step_remove(
+        &mut self,
+        name: String,
+        index: u32,
+        ports: Vec<u32>,
+        stage: u8,
+        reply: Option<Reply>,
+    ) -> Next {
+        let job = |stage, ports: &Vec<u32>| Job::RemoveBridge {
+            name: name.clone(),
+            index,
+            ports: ports.clone(),
+            stage,
+        };
+        let ours: Vec<u32> = (self.made_taps.iter().copied())
+            .chain(ports.iter().copied())
+            .collect();
+        let next = match (stage, reply) {
+            (0, None) => return Next::Send(job(1, &ports), Request::LinkByIndex(index)),
+            (1, Some(Reply::Link(link))) => {
+                if link.name == name && link.kind.as_deref() == Some("bridge") {
+                    return Next::Send(job(2, &ports), Request::Links);
+                }
+                log_debug!("bridge {name} (index {index}) is gone: nothing to remove");
+                Next::Done
+            }
+            (1, Some(Reply::Failed(Errno::ENODEV))) => {
+                log_debug!("bridge {name} (index {index}) is gone: nothing to remove");
+                Next::Done
+            }
+            (2, Some(Reply::Links(links))) => {
+                let foreign: Vec<&str> = links
+                    .iter()
+                    .filter(|l| l.master == Some(index) && !ours.contains(&l.index))
+                    .map(|l| l.name.as_str())
+                    .collect();
+                if foreign.is_empty() {
+                    return Next::Send(job(3, &ports), Request::Addresses);
+                }
+                log_info!(
+                    "bridge {name} keeps ports vmd did not add ({}): not deleted",
+                    foreign.join(", ")
+                );
+                Next::Done
+            }
+            (3, Some(Reply::Addresses(addrs))) => {
+                let foreign: Vec<String> = addrs
+                    .iter()
+                    .filter(|(i, a)| *i == index && !is_link_local(a))
+                    .map(|(_, a)| a.to_string())
+                    .collect();
+                if foreign.is_empty() {
+                    return Next::Send(job(4, &ports), Request::DelLink(index));
+                }
+                log_info!(
+                    "bridge {name} has addresses vmd did not add ({}): not deleted",
+                    foreign.join(", ")
+                );
+                Next::Done
+            }
+            (4, Some(Reply::Ack | Reply::Failed(Errno::ENODEV))) => {
+                log_info!("deleted bridge {name}, which vmd had created");
+                Next::Done
+            }
+            (_, Some(Reply::Failed(e))) => {
+                log_warn!("bridge {name}: cannot remove it: {e}");
+                Next::Done
+            }
+            (_, other) => {
+                log_warn!("bridge {name}: unexpected answer {other:?}");
+                Next::Done
+            }
+        };
+        // Removed, or left to whoever else uses it: no longer ours.
+        self.state
+            .bridges
+            .retain(|(b, i)| !(*b == name && *i == index));
+        for sw in self.switches.iter_mut().filter(|s| s.bridge == name) {
+            sw.ifindex = None;
+        }
+        self.save();
+        next
+    }
+
+    fn step_vm(&mut self, id: u32, tap: usize, stage: u8, reply: Option<Reply>) -> Next {
+        let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) else {
+            return Next::Done;
+        };
+        let Some(t) = vm.taps.get(tap) else {
+            vm.status = NetStatus::Ready;
+            return Next::Done;
+        };
+        let name = t.tap.name.clone();
+        let job = |tap, stage| Job::Vm { id, tap, stage };
+        let failed =
+            |why: String| NetStatus::Failed(format!("interface {} ({name}): {why}", t.index));
+        let status = match (stage, reply) {
+            (0, None) => {
+                let master = match &t.switch {
+                    None => None,
+                    Some(s) => match self.switches.iter().find(|sw| sw.name == *s) {
+                        Some(Switch {
+                            ifindex: Some(i), ..
+                        }) => Some(*i),
+                        Some(Switch { error: Some(e), .. }) => {
+                            vm.status = failed(format!("switch \"{s}\": {e}"));
+                            return Next::Done;
+                        }
+                        Some(sw) => {
+                            vm.status = failed(format!(
+                                "switch \"{s}\": bridge {} is not there",
+                                sw.bridge
+                            ));
+                            return Next::Done;
+                        }
+                        None => {
+                            vm.status = failed(format!("switch \"{s}\" not found"));
+                            return Next::Done;
+                        }
+                    },
+                };
+                let set = Request::SetLink {
+                    index: t.tap.ifindex,
+                    alias: Some(t.alias.clone()),
+                    up: Some(t.up),
+                    master,
+                };
+                return Next::Send(job(tap, 1), set);
+            }
+            (1, Some(Reply::Ack)) => match t.host_addr {
+                Some(addr) => {
+                    let add = Request::AddAddress {
+                        index: t.tap.ifindex,
+                        addr,
+                        prefix_len: 31,
+                    };
+                    return Next::Send(job(tap, 2), add);
+                }
+                None => return self.step_vm(id, tap + 1, 0, None),
+            },
+            (2, Some(Reply::Ack)) => return self.step_vm(id, tap + 1, 0, None),
+            (1, Some(Reply::Failed(e))) => failed(format!("cannot configure it: {e}")),
+            (2, Some(Reply::Failed(e))) => failed(format!(
+                "cannot add address {}/31: {e}",
+                t.host_addr.map(|a| a.to_string()).unwrap_or_default()
+            )),
+            (_, other) => failed(format!("unexpected answer {other:?}")),
+        };
+        vm.status = status;
+        Next::Done
+    }
+
+    /// Writes the state file (removes it once the daemon stops with
+    /// nothing left); a failure is logged: a crash would then leave
+    /// what the file misses.
+    fn save(&self) {
+        if self.stopping && self.state.is_empty() && self.current.is_none() && self.jobs.is_empty()
+        {
+            state::state_remove(&self.state_path);
+            return;
+        }
+        if let Err(e) = state::state_save(&self.state_path, &self.state) {
+            log_warn!("cannot write {}: {e}", self.state_path.display());
+        }
+    }
+}
+
+/// An IPv6 link-local address, which the kernel adds to an interface by
+/// itself.
+fn is_link_local(addr: &IpAddr) -> bool {
+    match addr {
+        IpAddr::V6(a) => (a.segments()[0] & 0xffc0) == 0xfe80,
+        IpAddr::V4(_) => false,
+    }
+}
