@@ -211,7 +211,7 @@ def net_case(fn):
     return run
 
 
-NET_CONF = "accel kvm\n" + net.switch_conf("sw", net.BRIDGE)
+NET_CONF = "accel kvm\n" + net.SW
 
 # (name, function, vm.conf lines); every case runs with its own vmd.
 CASES = [
@@ -225,12 +225,16 @@ CASES = [
     ("net-sigkill-vm-process-removes-its-tap", net_case(net.tap_cleanup("vm")), NET_CONF),
     ("net-sigkill-qemu-removes-its-tap", net_case(net.tap_cleanup("qemu")), NET_CONF),
     ("net-sigkill-vmd-removes-taps", net_case(net.tap_cleanup("vmd")), NET_CONF),
+    ("net-two-nics-i-2", net_case(net.two_nics), "accel kvm\n"),
+    ("net-reset-switches-recreates-deleted-bridges", net_case(net.reset_switches),
+     "accel kvm\n" + net.RESET_CONF),
 ]
-# What `make test` runs (regress/run): every case but the QEMU variant of
-# the tap cleanup (the VM-process and vmd variants cover the same path),
-# to keep the suite near 3 minutes; slow cases added later go to --all
-# only (`make regress-nested`).
-DEFAULT = [name for name, _, _ in CASES if name != "net-sigkill-qemu-removes-its-tap"]
+# What `make test` runs (regress/run): every case but these regress/net
+# cases, to keep the suite near 3 minutes (the QEMU variant of the tap
+# cleanup takes the same path as the VM process's); slow cases added later
+# go to --all only too (`make regress-nested`).
+ALL_ONLY = ["net-sigkill-qemu-removes-its-tap", "net-two-nics-i-2", "net-reset-switches-recreates-deleted-bridges"]
+DEFAULT = [name for name, _, _ in CASES if name not in ALL_ONLY]
 
 
 def main():

@@ -69,6 +69,11 @@ def switch_conf(name, bridge, extra=""):
     return f'switch "{name}" {{\n interface {bridge}\n{extra}}}\n'
 
 
+# The vm.conf of most cases, and of reset-switches.
+SW = switch_conf("sw", BRIDGE)
+RESET_CONF = SW + switch_conf("down", BRIDGE2, " down\n")
+
+
 def guest_cmdline(ip, ping=None):
     return f"{QUIET} vmd.ip={ip}" + (f" vmd.ping={ping}" if ping else "")
 
@@ -429,7 +434,7 @@ def main():
         if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode != 0:
             t.fail("setup", f"{tool} (iproute2) is missing: run sh regress/setup")
             return t.summary()
-    sw = switch_conf("sw", BRIDGE)
+    sw = SW
     case("two-guests-on-a-switch-ping", net_case(two_guests_ping, sw))
     lla = (f'vm "{vm("lla")}" {{\n disable\n boot "{t.KERNEL}"\n initrd "{t.INITRD}"\n'
            f' cmdline "{guest_cmdline("10.0.0.1/24", "10.0.0.2")}"\n memory 256M\n'
@@ -443,7 +448,7 @@ def main():
          net_case(restart_after_sigkill, sw + switch_conf("keep", BRIDGE2), before=before_restart,
                   keep=(BRIDGE2, BRIDGE3, f"vp{TAG}", f"vp{TAG}p")))
     case("reset-switches-recreates-deleted-bridges",
-         net_case(reset_switches, sw + switch_conf("down", BRIDGE2, " down\n")))
+         net_case(reset_switches, RESET_CONF))
     case("preexisting-bridge-and-foreign-port-survive-exit",
          net_case(survivors, switch_conf("pre", BRIDGE) + switch_conf("made", BRIDGE2)
                   + switch_conf("made2", BRIDGE3), before=before_survivors,
