@@ -343,6 +343,10 @@ class Vmd:
         with open(self.conf, "w") as f:
             f.write(text)
 
+    def read_config(self):
+        with open(self.conf) as f:
+            return f.read()
+
     def log(self):
         with open(self.log_path, errors="replace") as f:
             return f.read()

@@ -192,28 +192,35 @@ def killed_vm_process(vmd):
         raise Failure("vmd did not log the VM process's death")
 
 
-def net_case(fn):
+def net_case(fn, keep=(), after_exit=None):
     """A regress/net case in L1 (Debian's 6.1 kernel and its bridge and tun
     modules), vmd in L1's own network namespace. Then vmd must exit by
-    itself on SIGTERM and leave L1 with no interface but lo; after a case
-    that SIGKILLed vmd (nothing could remove the bridge it made), only
-    that bridge may be left, and it is removed for the next case."""
+    itself on SIGTERM and leave L1 with no interface but lo and `keep`
+    (what the case made), then `after_exit(vmd, links)`. Whatever is left
+    is removed for the next case."""
     def run(vmd):
         fn(vmd)
         if vmd.alive():
             vmd.signal(vmd.pid, signal.SIGTERM)
             wait_for("vmd to exit after SIGTERM", lambda: not vmd.alive(), 60)
-        elif net.BRIDGE in vmd.links():
-            vmd.ip("link", "delete", net.BRIDGE)
-        left = {n: link for n, link in vmd.links().items() if n != "lo"}
-        if left:
-            raise Failure(f"left in L1 after vmd's exit: {net.describe(left)}")
+        links = vmd.links()
+        left = {n: link for n, link in links.items() if n != "lo" and n not in keep}
+        try:
+            if left:
+                raise Failure(f"left in L1 after vmd's exit: {net.describe(left)}")
+            if after_exit:
+                after_exit(vmd, links)
+        finally:
+            for name, link in links.items():
+                if name != "lo" and name in vmd.links():
+                    vmd.ip("link", "delete", name)
     return run
 
 
 NET_CONF = "accel kvm\n" + net.SW
 
-# (name, function, vm.conf lines); every case runs with its own vmd.
+# (name, function, vm.conf lines[, what runs in L1 before vmd starts]);
+# every case runs with its own vmd.
 CASES = [
     ("accel-kvm-guest-boots-on-kvm", guest_boots_on_kvm, "accel kvm\n"),
     ("accel-auto-picks-kvm-guest-boots", guest_boots_on_kvm, "accel auto\n"),
@@ -224,22 +231,31 @@ CASES = [
     ("net-two-guests-on-a-switch-ping", net_case(net.two_guests_ping), NET_CONF),
     ("net-sigkill-vm-process-removes-its-tap", net_case(net.tap_cleanup("vm")), NET_CONF),
     ("net-sigkill-qemu-removes-its-tap", net_case(net.tap_cleanup("qemu")), NET_CONF),
-    ("net-sigkill-vmd-removes-taps", net_case(net.tap_cleanup("vmd")), NET_CONF),
+    ("net-sigkill-vmd-removes-taps", net_case(net.then_restart(net.tap_cleanup("vmd"))), NET_CONF),
     ("net-two-nics-i-2", net_case(net.two_nics), "accel kvm\n"),
     ("net-reset-switches-recreates-deleted-bridges", net_case(net.reset_switches),
      "accel kvm\n" + net.RESET_CONF),
+    ("net-restart-after-sigkill-removes-predecessors-bridge-only",
+     net_case(net.restart_after_sigkill, keep=net.RESTART_KEEP), "accel kvm\n" + net.RESTART_CONF,
+     net.before_restart),
+    ("net-preexisting-bridge-and-foreign-port-survive-exit",
+     net_case(net.survivors, keep=net.SURVIVORS_KEEP, after_exit=net.survivors_after_exit),
+     "accel kvm\n" + net.SURVIVORS_CONF, net.before_survivors),
 ]
 # What `make test` runs (regress/run): every case but these regress/net
 # cases, to keep the suite near 3 minutes (the QEMU variant of the tap
 # cleanup takes the same path as the VM process's); slow cases added later
 # go to --all only too (`make regress-nested`).
-ALL_ONLY = ["net-sigkill-qemu-removes-its-tap", "net-two-nics-i-2", "net-reset-switches-recreates-deleted-bridges"]
-DEFAULT = [name for name, _, _ in CASES if name not in ALL_ONLY]
+ALL_ONLY = [name for name, _, _, *_ in CASES
+            if name.startswith("net-") and name not in ("net-two-guests-on-a-switch-ping",
+                                                        "net-sigkill-vm-process-removes-its-tap",
+                                                        "net-sigkill-vmd-removes-taps")]
+DEFAULT = [name for name, _, _, *_ in CASES if name not in ALL_ONLY]
 
 
 def main():
     args = sys.argv[1:]
-    names = [n for n, _, _ in CASES]
+    names = [n for n, _, _, *_ in CASES]
     if "--all" in args:
         wanted = names
     elif args:
@@ -258,13 +274,13 @@ def main():
     times = [f"L1 boot {l1.boot_seconds:.1f}s"]
     hosts = [l1]
 
-    def in_a_live_l1(name, fn, conf):
+    def in_a_live_l1(name, fn, conf, before=None):
         """The case in L1; if L1 itself stops answering (TCG running nested
         KVM hung once in about ten runs, all of L1 with it), the case runs
         once more in a new L1, saying so. Any other failure stands."""
         def run():
             try:
-                in_l1(hosts[-1], fn, conf)()
+                in_l1(hosts[-1], fn, conf, before)()
             except Failure as e:
                 if not hosts[-1].dead:
                     raise
@@ -273,13 +289,13 @@ def main():
                 hosts[-1].stop()
                 hosts.append(L1.boot(*nested_build()))
                 check_kvm_host(hosts[-1])
-                in_l1(hosts[-1], fn, conf)()
+                in_l1(hosts[-1], fn, conf, before)()
         return run
     try:
-        for name, fn, conf in CASES:
+        for name, fn, conf, *before in CASES:
             if name in wanted:
                 start = time.monotonic()
-                case(name, in_a_live_l1(name, fn, conf))
+                case(name, in_a_live_l1(name, fn, conf, *before))
                 times.append(f"{name} {time.monotonic() - start:.1f}s")
     finally:
         hosts[-1].stop()

@@ -290,7 +290,7 @@ def restart_after_sigkill(vmd):
          lambda: not [link for link in vmd.links().values() if kind(link) == "tun"])
     if BRIDGE not in vmd.links():
         raise Failure(f"{BRIDGE} vanished while vmd was dead: {describe(vmd.links())}")
-    vmd.write_config(f'accel tcg\nconsole log "{vmd.console_dir}"\n')
+    vmd.write_config(re.sub(r'switch "[^"]*" \{[^}]*\}\n', "", vmd.read_config()))
     vmd.restart()
     gone(vmd, f"the restarted vmd to remove {BRIDGE}, which its predecessor made",
          lambda: BRIDGE not in vmd.links())
@@ -299,6 +299,10 @@ def restart_after_sigkill(vmd):
         if kind(links.get(name, {})) != "bridge":
             raise Failure(f"{name}, which vmd did not make, is gone: {describe(links)}")
     expect_port(vmd, links.get(f"vp{TAG}", {"ifname": f"vp{TAG}"}), BRIDGE2)
+
+
+RESTART_CONF = SW + switch_conf("keep", BRIDGE2)
+RESTART_KEEP = (BRIDGE2, BRIDGE3, f"vp{TAG}", f"vp{TAG}p")
 
 
 def make_bridge_with_port(vmd, bridge, veth):
@@ -345,6 +349,10 @@ def survivors(vmd):
     for name, switch, bridge in ((vm("sa"), "pre", BRIDGE), (vm("sb"), "made2", BRIDGE3)):
         vmid, _ = vmd.start(name, "-n", switch)
         expect_port(vmd, tap(vmd, name, vmid), bridge)
+
+
+SURVIVORS_CONF = switch_conf("pre", BRIDGE) + switch_conf("made", BRIDGE2) + switch_conf("made2", BRIDGE3)
+SURVIVORS_KEEP = (BRIDGE, BRIDGE2, f"vp{TAG}", f"vp{TAG}p", f"vq{TAG}", f"vq{TAG}p")
 
 
 def survivors_after_exit(vmd, links):
@@ -445,14 +453,11 @@ def main():
     case("sigkill-qemu-removes-its-tap", net_case(tap_cleanup("qemu"), sw))
     case("sigkill-vmd-removes-taps", net_case(then_restart(tap_cleanup("vmd")), sw))
     case("restart-after-sigkill-removes-predecessors-bridge-only",
-         net_case(restart_after_sigkill, sw + switch_conf("keep", BRIDGE2), before=before_restart,
-                  keep=(BRIDGE2, BRIDGE3, f"vp{TAG}", f"vp{TAG}p")))
+         net_case(restart_after_sigkill, RESTART_CONF, before=before_restart, keep=RESTART_KEEP))
     case("reset-switches-recreates-deleted-bridges",
          net_case(reset_switches, RESET_CONF))
     case("preexisting-bridge-and-foreign-port-survive-exit",
-         net_case(survivors, switch_conf("pre", BRIDGE) + switch_conf("made", BRIDGE2)
-                  + switch_conf("made2", BRIDGE3), before=before_survivors,
-                  keep=(BRIDGE, BRIDGE2, f"vp{TAG}", f"vp{TAG}p", f"vq{TAG}", f"vq{TAG}p"),
+         net_case(survivors, SURVIVORS_CONF, before=before_survivors, keep=SURVIVORS_KEEP,
                   after_exit=survivors_after_exit))
     case("unknown-switch-refused", net_case(unknown_switch, sw))
     return t.summary()
