@@ -14,7 +14,8 @@ What the cases take from vmd (vm.conf.5, vmctl.8): a tap per interface,
 named `tap%d` by the kernel unless vm.conf names it, its ifalias
 `vm<ID>-if<N>-<NAME>` (N from 0), up unless `down`, a port of its
 switch's bridge; the guest's MAC the interface's `lladdr`, else
-fe:e1:bb:dN:xx:xx with N = index + 1; a switch's bridge created when
+fe:e1:bb:dN:xx:xx with N = index + 1, the same when the VM starts again;
+a switch's bridge created when
 missing (at startup, on reload and on `vmctl reset switches`), up unless
 `down`, deleted at shutdown only if vmd made it and it holds nothing vmd
 did not add; a vmd started after a SIGKILLed one on the same socket
@@ -235,6 +236,37 @@ def two_nics(vmd):
         raise Failure(f"taps of {name}: {describe(vmd.links())}")
 
 
+def stable_macs_and_down(vmd):
+    """A vm.conf VM with two interfaces, the second `down`: its tap exists
+    but is not up (and on no bridge); stopped and started again, the guest
+    has the same generated MACs."""
+    name = vm("st")
+
+    def boot(n):
+        out = expect(vmd.vmctl("start", name), 0, r"^vmctl: started vm \d+ successfully", f"start {name}")
+        vmid = int(re.search(r"started vm (\d+)", out).group(1))
+        # The console log goes on across starts: wait for this boot's lines.
+        wait_for(f"boot {n} of {name} to list its NICs",
+                 lambda: len(re.findall(r"^VMD-GUEST: ready", vmd.console_log(name), re.M)) >= n, t.BOOT_TIMEOUT)
+        return vmid
+
+    vmid = boot(1)
+    expect_port(vmd, tap(vmd, name, vmid, 0), BRIDGE)
+    down = taps_of(vmd, name, vmid).get(1)
+    if not down or "UP" in down["flags"] or "master" in down:
+        raise Failure(f"{name}'s interface 1 (down, no switch): {describe(vmd.links())}")
+    expect(vmd.vmctl("stop", "-w", name), 0, rf"^stopping vm {name}: terminated vm {vmid}$", f"stop -w {name}")
+    gone(vmd, f"{name}'s taps to vanish", lambda: not taps_of(vmd, name, vmid))
+    vmid = boot(2)
+    macs = re.findall(r"^VMD-GUEST: nic (eth\d) (\S+)\r?$", vmd.console_log(name), re.M)
+    if len(macs) != 4 or macs[:2] != macs[2:]:
+        raise Failure(f"{name}'s NICs in its two boots: {macs}; want the same two twice")
+    for nic, mac in macs[:2]:
+        if not re.fullmatch(GENERATED_MAC.format(int(nic[3:]) + 1), mac):
+            raise Failure(f"{name}'s {nic} has {mac}, want fe:e1:bb:d{int(nic[3:]) + 1}:xx:xx")
+    tap(vmd, name, vmid, 0)
+
+
 def tap_cleanup(which):
     """SIGKILL of one VM's process or QEMU removes its tap and nothing
     else (the other VM's stays on the bridge); SIGKILL of vmd removes both
@@ -449,6 +481,9 @@ def main():
            f' interface tap7 {{ switch "sw" lladdr 52:54:00:12:34:56 }}\n}}\n')
     case("taps-ifalias-mac-bridge-ports", net_case(taps_ifalias_mac, sw + lla))
     case("two-nics-i-2", net_case(two_nics))
+    st = (f'vm "{vm("st")}" {{\n disable\n boot "{t.KERNEL}"\n initrd "{t.INITRD}"\n'
+          f' cmdline "{QUIET}"\n memory 256M\n interface {{ switch "sw" }}\n interface {{ down }}\n}}\n')
+    case("generated-macs-stable-across-restarts-down-tap", net_case(stable_macs_and_down, sw + st))
     case("sigkill-vm-process-removes-its-tap", net_case(tap_cleanup("vm"), sw))
     case("sigkill-qemu-removes-its-tap", net_case(tap_cleanup("qemu"), sw))
     case("sigkill-vmd-removes-taps", net_case(then_restart(tap_cleanup("vmd")), sw))
