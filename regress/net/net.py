@@ -16,10 +16,10 @@ named `tap%d` by the kernel unless vm.conf names it, its ifalias
 switch's bridge; the guest's MAC the interface's `lladdr`, else
 fe:e1:bb:dN:xx:xx with N = index + 1, the same when the VM starts again;
 a switch's bridge created when missing (at startup and on `vmctl reset
-switches`), up unless `down`, deleted at shutdown only if vmd made it and it holds nothing vmd
-did not add; a vmd started after a SIGKILLed one on the same socket
-removes the bridges its predecessor made and nothing else; a start on an
-unknown switch fails naming the switch.
+switches`), up unless `down`, deleted at shutdown only if vmd made it
+and it holds nothing vmd did not add; a vmd started after a SIGKILLed
+one on the same socket removes the bridges its predecessor made and
+nothing else; a start on an unknown switch fails naming the switch.
 
 After every case: once vmd has ended (SIGTERM) the namespace holds only
 lo and what the case made itself; then the namespace is deleted, and no
