@@ -301,8 +301,9 @@ def test_non_root_permissions():
         expect_equal("bob instance (not allowed: an invalid template for him)", as_bob("start", "inst3", "-t", "tmpl"),
                (1, "", "vmctl: invalid template\n"))
         expect_equal("bad template", vmd.vmctl_streams("start", "inst4", "-t", "nope"), (1, "", "vmctl: invalid template\n"))
-        expect_equal("root new vm", vmd.vmctl_streams("start", "fresh", "-b", "/dev/null", "-L"),
-               (1, "", "vmctl: start vm command failed: network interfaces (-i, -L, -n, interface) are not built yet\n"))
+        expect_equal("root new vm", vmd.vmctl_streams("start", "fresh", "-b", "/dev/null", "-B", "net"),
+               (1, "", "vmctl: start vm command failed: boot device net (-B net) arrives with networking "
+                       "and is not built yet\n"))
         # Failed starts of new VMs leave nothing behind.
         code, out, _ = vmd.vmctl_streams("status")
         expect_equal("vms after failed starts", [l.split()[-1] for l in out.splitlines()[1:]],
@@ -644,12 +645,13 @@ def test_messages_say_why():
         expect_equal("wait for a stopped vm by id", vmd.vmctl_streams("wait", "1"),
                (0, "", "waiting for vm: vm 1 is not running\n"))
         # A new VM whose start fails keeps its id for the next try.
-        refused = ("vmctl: start vm command failed: network interfaces (-i, -L, -n, interface) "
-                   "are not built yet\n")
+        refused = ("vmctl: start vm command failed: boot device net (-B net) arrives with networking "
+                   "and is not built yet\n")
         for _ in range(2):
-            expect_equal("failing ad hoc start", vmd.vmctl_streams("start", "adhoc", "-b", "/dev/null", "-L"),
-                   (1, "", refused))
-        expect_equal("another ad hoc start", vmd.vmctl_streams("start", "other", "-b", "/dev/null", "-L"), (1, "", refused))
+            expect_equal("failing ad hoc start",
+                         vmd.vmctl_streams("start", "adhoc", "-b", "/dev/null", "-B", "net"), (1, "", refused))
+        expect_equal("another ad hoc start",
+                     vmd.vmctl_streams("start", "other", "-b", "/dev/null", "-B", "net"), (1, "", refused))
         log = vmd.log()
         ids = [line.split("failed to start vm ")[1].split(":")[0]
                for line in log.splitlines() if "failed to start vm" in line]

@@ -89,7 +89,14 @@ fn check_config(opts: &Options) -> ExitCode {
             let config = &loaded.config;
             let mut unstartable = 0;
             for vm in &config.vms {
-                if let Err(e) = parent::launch::launch_check_built(&config.resolved_vm(vm)) {
+                let resolved = config.resolved_vm(vm);
+                let refused = parent::launch::launch_check_built(&resolved)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| {
+                        parent::launch::launch_check_switches(&resolved, &config.switches)
+                            .map_err(|(_, why)| why)
+                    });
+                if let Err(e) = refused {
                     eprintln!(
                         "{}: warning: vm \"{}\": {e}: vmd will not start it",
                         vm.source, vm.name

@@ -68,9 +68,6 @@ pub const VM_TOKEN_BASE: usize = 1 << 24;
 const HELPER_TOKEN_BASE: usize = VM_TOKEN_BASE + u32::MAX as usize + 1;
 /// The netlink socket's token (net/).
 const NET_TOKEN: Token = Token(VM_TOKEN_BASE - 1);
-/// How long a start waits for its interfaces' netlink steps after its
-/// files are open (the kernel answers at once; this only bounds a bug).
-const NET_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a start's helper has for everything: its own user helpers
 /// share OPEN_TIMEOUT of it, so their time-out is what vmctl reads.
 pub const FILES_TIMEOUT: Duration = Duration::from_secs(OPEN_TIMEOUT.as_secs() + 2);
@@ -222,7 +219,9 @@ struct PendingStart {
 }
 
 /// A start whose files are open, waiting for its interfaces' netlink
-/// steps (net/), until `until`.
+/// steps (net/), until `until`: its helper's deadline, so the start
+/// still ends within FILES_TIMEOUT (the kernel answers at once; this
+/// only bounds a bug).
 struct NetWait {
     pending: PendingStart,
     files: Vec<Opened>,
@@ -388,10 +387,10 @@ impl Launcher {
         };
         match self.net.vm_status(pending.id) {
             Some(NetStatus::Pending) => self.net_wait.push(NetWait {
+                until: pending.helper.deadline(),
                 pending,
                 files,
                 answer,
-                until: Instant::now() + NET_TIMEOUT,
             }),
             Some(NetStatus::Failed(why)) => {
                 let why = format!("vm {}: {why}", pending.vm.name);
@@ -1226,6 +1225,17 @@ fn rotate_console_log_work(path: &Path, cap: u64) -> helper::Work {
 /// Refuses what a VM asks for that is not built yet, rather than
 /// ignoring it (at start, and as a warning of `vmd -n`).
 pub fn launch_check_built(vm: &VmConfig) -> Result<(), StartError> {
+    for iface in &vm.interfaces {
+        if iface.locked {
+            return Err(StartError::NotBuilt("locked lladdr is"));
+        }
+        if iface.group.is_some() {
+            return Err(StartError::NotBuilt("interface group is"));
+        }
+        if iface.rdomain.is_some() {
+            return Err(StartError::NotBuilt("rdomain is"));
+        }
+    }
     if vm.boot_device == Some(BootDevice::Net) {
         return Err(StartError::NotBuilt(
             "boot device net (-B net) arrives with networking and is",
@@ -1233,6 +1243,39 @@ pub fn launch_check_built(vm: &VmConfig) -> Result<(), StartError> {
     }
     if !crate::vm::backend_built(vm) {
         return Err(StartError::NotBuilt("backend kvm is"));
+    }
+    Ok(())
+}
+
+/// Refuses an interface on a switch that is not configured, is
+/// disabled or asks for what is not built yet (OpenBSD starts the VM
+/// with the interface on no switch): the errno and the words (at start,
+/// and as a warning of `vmd -n`).
+pub fn launch_check_switches(
+    vm: &VmConfig,
+    switches: &[common::config::SwitchConfig],
+) -> Result<(), (Errno, String)> {
+    for name in vm.interfaces.iter().filter_map(|i| i.switch.as_ref()) {
+        let Some(sw) = switches.iter().find(|s| s.name == *name) else {
+            let why = format!("switch \"{name}\" not found: define it in vm.conf");
+            return Err((Errno::ENOENT, why));
+        };
+        if !sw.enabled {
+            return Err((Errno::ENETDOWN, format!("switch \"{name}\" is disabled")));
+        }
+        let unbuilt = if sw.locked_lladdr {
+            Some("locked lladdr")
+        } else if sw.group.is_some() {
+            Some("group")
+        } else if sw.rdomain.is_some() {
+            Some("rdomain")
+        } else {
+            None
+        };
+        if let Some(what) = unbuilt {
+            let why = format!("switch \"{name}\": {what} is not built yet");
+            return Err((Errno::EOPNOTSUPP, why));
+        }
     }
     Ok(())
 }

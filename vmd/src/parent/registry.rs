@@ -911,20 +911,8 @@ impl Registry {
     /// starts the VM unattached) or is disabled.
     fn net_settings(&mut self, vmid: u32, mut settings: VmConfig) -> Result<VmConfig, CtlError> {
         settings.interfaces = settings.effective_interfaces();
-        for iface in &settings.interfaces {
-            let Some(name) = &iface.switch else { continue };
-            match self.switches.iter().find(|s| s.name == *name) {
-                None => {
-                    let why = format!("switch \"{name}\" not found: define it in vm.conf");
-                    return Err(explained(Errno::ENOENT, why));
-                }
-                Some(sw) if !sw.enabled => {
-                    let why = format!("switch \"{name}\" is disabled");
-                    return Err(explained(Errno::ENETDOWN, why));
-                }
-                Some(_) => {}
-            }
-        }
+        crate::parent::launch::launch_check_switches(&settings, &self.switches)
+            .map_err(|(e, why)| explained(e, why))?;
         let in_use: Vec<([u8; 6], String)> = self
             .vms
             .iter()
@@ -1223,6 +1211,56 @@ mod tests {
             .into_iter()
             .find(|i| i.id == vmid)
             .map_or(VmState::Stopped, |i| i.state)
+    }
+
+    #[test]
+    fn macs_are_kept_per_vm_and_never_shared() {
+        let text = "switch \"sw\" { interface br0 }\n\
+            switch \"off\" { interface br1\n disable }\n\
+            vm \"a\" { disable\n boot \"/k\"\n interfaces 2\n interface { switch \"sw\" } }\n\
+            vm \"b\" { disable\n boot \"/k\"\n interface { lladdr fe:e1:bb:d1:00:01 } }\n\
+            vm \"c\" { disable\n boot \"/k\"\n interface { lladdr fe:e1:bb:d1:00:01 } }\n\
+            vm \"d\" { disable\n boot \"/k\"\n interface { switch \"nosuch\" } }\n\
+            vm \"e\" { disable\n boot \"/k\"\n interface { switch \"off\" } }\n";
+        let (mut r, state) = with_fake(text);
+        let root = user(0, 0, &[]);
+        let a = r.start(&start_req("a"), &root).expect("a starts");
+        let macs = |state: &Rc<RefCell<FakeState>>| -> Vec<[u8; 6]> {
+            let state = state.borrow();
+            let vm = &state.starts.last().expect("a start").1;
+            vm.interfaces
+                .iter()
+                .map(|i| i.lladdr.expect("a MAC"))
+                .collect()
+        };
+        let first = macs(&state);
+        // `interfaces 2` pads; each gets OpenBSD's fe:e1:bb:dN.
+        assert_eq!(first.len(), 2);
+        assert!(common::net::is_generated_for(&first[0], 0));
+        assert!(common::net::is_generated_for(&first[1], 1));
+        assert_ne!(first[0], first[1]);
+        // A reboot restarts it with the same MACs; so does a new start.
+        r.ended(&end(&state, a, Some("guest-reset")));
+        assert_eq!(macs(&state), first);
+        r.ended(&end(&state, a, None));
+        r.start(&start_req("a"), &root).expect("a starts again");
+        assert_eq!(macs(&state), first);
+        // A configured lladdr is used, but not by two running VMs.
+        r.start(&start_req("b"), &root).expect("b starts");
+        assert_eq!(macs(&state), [[0xfe, 0xe1, 0xbb, 0xd1, 0, 1]]);
+        let taken = r.start(&start_req("c"), &root).unwrap_err();
+        assert_eq!(
+            taken.describe(),
+            "lladdr fe:e1:bb:d1:00:01 is in use by vm b"
+        );
+        // Unknown and disabled switches refuse the start.
+        let unknown = r.start(&start_req("d"), &root).unwrap_err();
+        assert_eq!(
+            unknown.describe(),
+            "switch \"nosuch\" not found: define it in vm.conf"
+        );
+        let off = r.start(&start_req("e"), &root).unwrap_err();
+        assert_eq!(off.describe(), "switch \"off\" is disabled");
     }
 
     #[test]

@@ -803,3 +803,143 @@ fn is_link_local(addr: &IpAddr) -> bool {
         IpAddr::V4(_) => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::netlink::tests::ask;
+    use super::testns::in_new_netns;
+    use super::*;
+    use common::config::parse_str;
+    use std::time::{Duration, Instant};
+
+    /// Runs the loop until `net` has nothing in flight (tests only).
+    fn settle(poll: &mut mio::Poll, net: &mut Net) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut events = mio::Events::with_capacity(8);
+        while net.current.is_some() {
+            if Instant::now() > deadline {
+                return Err("netlink did not answer".into());
+            }
+            poll.poll(&mut events, Some(Duration::from_millis(100)))
+                .map_err(|e| e.to_string())?;
+            net.handle_event();
+        }
+        Ok(())
+    }
+
+    fn link(nl: &mut Netlink, name: &str) -> Result<Option<netlink::Link>, String> {
+        match ask(nl, &Request::LinkByName(name.into()))? {
+            Reply::Link(link) => Ok(Some(link)),
+            Reply::Failed(Errno::ENODEV) => Ok(None),
+            other => Err(format!("{name}: {other:?}")),
+        }
+    }
+
+    #[test]
+    fn switches_vms_and_recovery_in_a_netns() {
+        in_new_netns(|| {
+            let dir = std::env::temp_dir().join(format!("vmd-net-{}", std::process::id()));
+            let socket = Path::new("/tmp/vmd-net-test.sock");
+            let text = "switch \"sw\" { interface brt0 }\n\
+                switch \"pre\" { interface brpre }\n\
+                vm \"a\" { interface { switch \"sw\" }\n local interface\n interface vmtap9 { down } }\n";
+            let config = parse_str("t.conf", text, &[])
+                .map_err(|e| format!("{e:?}"))?
+                .config;
+            let mut check = Netlink::open().map_err(|e| e.to_string())?;
+            // A bridge that exists before vmd, with a port of its own.
+            assert_eq!(
+                ask(&mut check, &Request::NewBridge("brpre".into()))?,
+                Reply::Ack
+            );
+            let pre = link(&mut check, "brpre")?.ok_or("no brpre")?;
+            let own = tap::tap_open("own0")?;
+            let set = Request::SetLink {
+                index: own.ifindex,
+                alias: None,
+                up: None,
+                master: Some(pre.index),
+            };
+            assert_eq!(ask(&mut check, &set)?, Reply::Ack);
+
+            let mut poll = mio::Poll::new().map_err(|e| e.to_string())?;
+            let mut net = Net::new(poll.registry(), Token(1), socket, &dir);
+            net.set_switches(&config.switches, false);
+            settle(&mut poll, &mut net)?;
+            let bridge = link(&mut check, "brt0")?.ok_or("brt0 not made")?;
+            assert!(bridge.up);
+            let mut vm = config.vms[0].clone();
+            for (i, iface) in vm.interfaces.iter_mut().enumerate() {
+                iface.lladdr = Some(common::net::generated_mac(i, [1, 2]));
+            }
+            net.vm_start(7, &vm, &common::config::Globals::default().local_prefix)?;
+            settle(&mut poll, &mut net)?;
+            assert_eq!(net.vm_status(7), Some(NetStatus::Ready));
+            let Reply::Links(links) = ask(&mut check, &Request::Links)? else {
+                return Err("no links".into());
+            };
+            let by_alias = |alias: &str| {
+                links
+                    .iter()
+                    .find(|l| l.alias.as_deref() == Some(alias))
+                    .cloned()
+            };
+            let if0 = by_alias("vm7-if0-a").ok_or("no vm7-if0-a")?;
+            assert_eq!(
+                (if0.name.as_str(), if0.master, if0.up),
+                ("tap0", Some(bridge.index), true)
+            );
+            let if1 = by_alias("vm7-if1-a").ok_or("no vm7-if1-a")?;
+            assert_eq!((if1.name.as_str(), if1.master), ("tap1", None));
+            let if2 = by_alias("vm7-if2-a").ok_or("no vm7-if2-a")?;
+            assert_eq!((if2.name.as_str(), if2.up), ("vmtap9", false));
+            let Reply::Addresses(addrs) = ask(&mut check, &Request::Addresses)? else {
+                return Err("no addresses".into());
+            };
+            assert!(addrs.contains(&(if1.index, "100.64.7.4".parse().map_err(|_| "ip")?)));
+            assert_eq!(net.vm_taps(7)?.len(), 3);
+            let saved = state::state_load(&net.state_path)
+                .map_err(|e| e.to_string())?
+                .ok_or("no state")?;
+            assert_eq!(saved.taps.len(), 3);
+            assert_eq!(saved.bridges, vec![("brt0".to_string(), bridge.index)]);
+            // A tap name in use is refused, and nothing of the VM is kept.
+            let mut clash = vm.clone();
+            clash.interfaces[0].tap = Some("own0".into());
+            let refused = net.vm_start(8, &clash, &common::config::Globals::default().local_prefix);
+            assert_eq!(
+                refused,
+                Err("interface 0: interface own0 exists already".to_string())
+            );
+            assert_eq!(net.vm_status(8), None);
+
+            // vmd crashes: its taps die with it; the next one removes the
+            // bridge it made and leaves the one that existed before.
+            let Net { nl, .. } = net;
+            drop(nl);
+            let mut net = Net::new(poll.registry(), Token(2), socket, &dir);
+            settle(&mut poll, &mut net)?;
+            assert_eq!(link(&mut check, "brt0")?, None);
+            assert!(link(&mut check, "brpre")?.is_some());
+            // Its switches again: brt0 is made, brpre used as it is.
+            net.set_switches(&config.switches, false);
+            settle(&mut poll, &mut net)?;
+            assert!(link(&mut check, "brt0")?.is_some());
+            // Deleted by hand, made again by `reset switches`.
+            let brt0 = link(&mut check, "brt0")?.ok_or("brt0")?;
+            assert_eq!(ask(&mut check, &Request::DelLink(brt0.index))?, Reply::Ack);
+            net.set_switches(&config.switches, true);
+            settle(&mut poll, &mut net)?;
+            assert!(link(&mut check, "brt0")?.is_some());
+            // A clean stop removes brt0 and the state file, not brpre.
+            net.stop();
+            settle(&mut poll, &mut net)?;
+            assert!(net.is_idle());
+            assert_eq!(link(&mut check, "brt0")?, None);
+            assert!(link(&mut check, "brpre")?.is_some());
+            assert!(!net.state_path.exists());
+            let _ = std::fs::remove_dir_all(&dir);
+            Ok(())
+        });
+    }
+}

@@ -255,6 +255,26 @@ mod tests {
         );
     }
 
+    #[test]
+    fn each_tap_is_a_virtio_net_device_with_its_mac() {
+        let (a, b) = (null(), null());
+        let (fa, fb) = (a.as_raw_fd(), b.as_raw_fd());
+        // Given out of order: the devices follow the interfaces' order.
+        let taps = vec![(1, b), (0, a)];
+        let macs = [
+            [0xfe, 0xe1, 0xbb, 0xd1, 0, 1],
+            [0xfe, 0xe1, 0xbb, 0xd2, 0xab, 0xcd],
+        ];
+        let args = args::net_args(&taps, &macs).join(" ");
+        assert_eq!(
+            args,
+            format!(
+                "-netdev tap,id=net0,fd={fa} -device virtio-net-pci,netdev=net0,mac=fe:e1:bb:d1:00:01,id=vio0 \
+                 -netdev tap,id=net1,fd={fb} -device virtio-net-pci,netdev=net1,mac=fe:e1:bb:d2:ab:cd,id=vio1"
+            )
+        );
+    }
+
     fn read_memfd(fd: OwnedFd) -> Vec<u8> {
         let mut f = std::fs::File::from(fd);
         let mut buf = Vec::new();
