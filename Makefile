@@ -15,9 +15,12 @@ build:
 	$(CARGO) build --workspace
 
 # Install what the tests need (Debian packages, the _vmd user), then run
-# the unit tests and every regress suite.
+# the unit tests, the end-to-end tests of a vmd built with test-triggers
+# (into its own target directory, as regress/ builds it) and every
+# regress suite.
 test: setup build
 	$(CARGO) test --workspace
+	$(CARGO) test -p vmd --features test-triggers --target-dir target/test-triggers --test command_fd
 	$(MAKE) regress
 
 setup:

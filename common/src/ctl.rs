@@ -109,6 +109,14 @@ pub enum CtlRequest {
     Verbose {
         level: u8,
     },
+    /// A test of the path a client's descriptor takes (the frame carries
+    /// one) to VM `target`'s process: [`crate::imsg::VmCommand::Probe`].
+    /// Root's; a vmd built without the `test-triggers` feature refuses it.
+    Probe {
+        target: VmTarget,
+        text: String,
+        steps: u8,
+    },
 }
 
 /// How long vmctl waits for each answer from vmd before it gives up.
@@ -160,7 +168,26 @@ impl CtlRequest {
             CtlRequest::Reload => "reload",
             CtlRequest::Reset { .. } => "reset",
             CtlRequest::Verbose { .. } => "log",
+            CtlRequest::Probe { .. } => "probe",
         }
+    }
+
+    /// Whether its frame carries the client's descriptor (exactly one);
+    /// control refuses a descriptor with any other request, and this one
+    /// without.
+    pub fn takes_fd(&self) -> bool {
+        matches!(self, CtlRequest::Probe { .. })
+    }
+}
+
+/// Why a request is refused for the descriptor that came with it (or
+/// did not): control and the parent both ask, before anything else.
+pub fn fd_refusal(request: &CtlRequest, has_fd: bool) -> Option<String> {
+    let name = request.name();
+    match (request.takes_fd(), has_fd) {
+        (true, false) => Some(format!("{name} needs a descriptor and none came")),
+        (false, true) => Some(format!("a descriptor came with {name}, which takes none")),
+        _ => None,
     }
 }
 

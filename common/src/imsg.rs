@@ -132,6 +132,9 @@ pub enum Message {
     /// parent -> control -> vmctl: load, reload, reset or log done;
     /// `lines` are warnings to show (the VMs load skipped).
     CtlOk { lines: Vec<String> },
+    /// parent -> control -> vmctl: a long command on VM `vmid` is under
+    /// way (`note` says how far); the answer comes later.
+    CtlProgress { vmid: u32, note: String },
     /// parent or control -> vmctl: the command failed with `errno` (0 when
     /// no error number applies); `lines` say why (load's errors).
     CtlFail { errno: i32, lines: Vec<String> },
@@ -155,10 +158,14 @@ pub enum Message {
     /// vm -> parent: QEMU reported the guest's shutdown (QMP SHUTDOWN
     /// event: `guest-shutdown`, `guest-reset`, ...); the VM ends now.
     VmShutdown { reason: String },
-    /// parent -> vm: pause, unpause or power down the guest (QMP).
+    /// parent -> vm: a command for the guest (with the client's
+    /// descriptor when it [`takes_fd`](VmCommand::takes_fd)).
     VmCommand { command: VmCommand },
-    /// vm -> parent: QEMU's answer to a `VmCommand`; `error` is QEMU's
-    /// (or the VM process's) reason when it failed.
+    /// vm -> parent: a long command is under way (`note` says how far);
+    /// its reply deadline starts again.
+    VmCommandProgress { command: VmCommand, note: String },
+    /// vm -> parent: the backend's answer to a `VmCommand`; `error` is
+    /// QEMU's (or the VM process's) reason when it failed.
     VmCommandDone {
         command: VmCommand,
         error: Option<String>,
@@ -186,6 +193,21 @@ pub enum Message {
     HelperChunk { bytes: Vec<u8> },
     /// The helper's answer is complete.
     HelperEnd,
+
+    // --- the switch's DHCP server on local interfaces (parent <-> switch) ---
+    /// parent -> switch: serve BOOTP/DHCP for `lease` on the packet socket
+    /// sent with the frame (bound to the interface, PACKET_AUXDATA on, a
+    /// filter for IPv4 UDP to port 67). Sent again for every port when
+    /// switch restarts.
+    SwitchServe {
+        port: crate::local::LocalPort,
+        lease: crate::dhcp::Lease,
+    },
+    /// parent -> switch: stop serving `port` and close its socket.
+    SwitchStop { port: crate::local::LocalPort },
+    /// switch -> parent: `port`'s interface is gone (its socket read
+    /// ENETDOWN); the switch closed the socket.
+    SwitchPortGone { port: crate::local::LocalPort },
 }
 
 /// What a forked helper of the parent did, besides the files it sent.
@@ -216,8 +238,11 @@ pub enum HelperAnswer {
     ConfigRefused { lines: Vec<String> },
 }
 
-/// What the parent asks of a running guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// What the parent asks of a running guest. A command that
+/// [`takes_fd`](VmCommand::takes_fd) travels with the descriptor the
+/// client sent (vmctl -> control -> parent -> VM process, one frame each);
+/// every other one travels without.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VmCommand {
     /// QMP `stop`: the vCPUs stop.
     Pause,
@@ -226,37 +251,46 @@ pub enum VmCommand {
     /// QMP `system_powerdown` (the ACPI power button), after `cont` if
     /// the guest is paused.
     Powerdown,
+    /// A test of the path itself (`CtlRequest::Probe`; refused by a vmd
+    /// built without the `test-triggers` feature): the backend reports
+    /// `steps` progress notes, writes `text` to the descriptor and is done.
+    Probe { text: String, steps: u8 },
 }
 
 impl VmCommand {
-    /// Every command, for lookups by name or id.
-    pub const ALL: [VmCommand; 3] = [VmCommand::Pause, VmCommand::Unpause, VmCommand::Powerdown];
-
-    /// How long the parent waits for the VM process's answer before it
-    /// tells vmctl the command timed out. Each command has its own (a
-    /// long one, as a migration will be, reports progress instead).
-    pub const fn reply_timeout(self) -> std::time::Duration {
+    /// The word for logs and answers.
+    pub fn name(&self) -> &'static str {
         match self {
-            VmCommand::Pause | VmCommand::Unpause | VmCommand::Powerdown => {
-                std::time::Duration::from_secs(10)
-            }
+            VmCommand::Pause => "pause",
+            VmCommand::Unpause => "unpause",
+            VmCommand::Powerdown => "powerdown",
+            VmCommand::Probe { .. } => "probe",
         }
     }
 
-    /// The longest [`VmCommand::reply_timeout`].
-    pub const fn longest_reply_timeout() -> std::time::Duration {
-        let mut longest = std::time::Duration::ZERO;
-        let mut i = 0;
-        while i < Self::ALL.len() {
-            let t = Self::ALL[i].reply_timeout();
-            if t.as_nanos() > longest.as_nanos() {
-                longest = t;
-            }
-            i += 1;
+    /// Whether it comes with the client's descriptor (exactly one).
+    pub fn takes_fd(&self) -> bool {
+        matches!(self, VmCommand::Probe { .. })
+    }
+
+    /// How long the parent waits for the VM process's answer, or for its
+    /// next progress note ([`Message::VmCommandProgress`]), before it
+    /// tells vmctl the command timed out: at most
+    /// [`LONGEST_COMMAND_REPLY`]. A long command (a migration) reports
+    /// progress rather than having a long deadline.
+    pub fn reply_timeout(&self) -> std::time::Duration {
+        match self {
+            VmCommand::Pause
+            | VmCommand::Unpause
+            | VmCommand::Powerdown
+            | VmCommand::Probe { .. } => LONGEST_COMMAND_REPLY,
         }
-        longest
     }
 }
+
+/// The longest [`VmCommand::reply_timeout`] (vmd checks its other bounds
+/// against it at build time).
+pub const LONGEST_COMMAND_REPLY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Why the file-opening helper could not open a requester's file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -370,6 +404,7 @@ impl Message {
             Message::CtlTerminated { .. } => (10, "CTL_TERMINATED"),
             Message::CtlOk { .. } => (11, "CTL_OK"),
             Message::CtlFail { .. } => (12, "CTL_FAIL"),
+            Message::CtlProgress { .. } => (13, "CTL_PROGRESS"),
             Message::VmStart { .. } => (100, "VM_START"),
             Message::VmFd { .. } => (101, "VM_FD"),
             Message::VmRunning { .. } => (102, "VM_RUNNING"),
@@ -378,12 +413,16 @@ impl Message {
             Message::VmShutdown { .. } => (105, "VM_SHUTDOWN"),
             Message::VmCommand { .. } => (106, "VM_COMMAND"),
             Message::VmCommandDone { .. } => (107, "VM_COMMAND_DONE"),
+            Message::VmCommandProgress { .. } => (110, "VM_COMMAND_PROGRESS"),
             Message::VmGuestEnded { .. } => (108, "VM_GUEST_ENDED"),
             Message::VmStartFailed { .. } => (109, "VM_START_FAILED"),
             Message::UserFile { .. } => (200, "USER_FILE"),
             Message::UserFilesDone { .. } => (201, "USER_FILES_DONE"),
             Message::HelperChunk { .. } => (202, "HELPER_CHUNK"),
             Message::HelperEnd => (203, "HELPER_END"),
+            Message::SwitchServe { .. } => (300, "SWITCH_SERVE"),
+            Message::SwitchStop { .. } => (301, "SWITCH_STOP"),
+            Message::SwitchPortGone { .. } => (302, "SWITCH_PORT_GONE"),
         }
     }
 }
@@ -584,8 +623,14 @@ impl Reader {
     /// A reader for a peer that sends no descriptors: one that arrives
     /// anyway is closed and the read fails.
     pub fn without_fds() -> Reader {
+        Reader::with_fd_limit(0)
+    }
+
+    /// A reader that keeps at most `limit` descriptors waiting for their
+    /// frames; one more is closed and the read fails.
+    pub fn with_fd_limit(limit: usize) -> Reader {
         Reader {
-            fd_limit: 0,
+            fd_limit: limit,
             ..Reader::default()
         }
     }
@@ -870,8 +915,14 @@ impl Channel {
     /// A channel whose peer sends no descriptors (see
     /// [`Reader::without_fds`]).
     pub fn without_fds(sock: OwnedFd) -> Channel {
+        Channel::with_fd_limit(sock, 0)
+    }
+
+    /// A channel whose peer may have at most `limit` descriptors in
+    /// flight (see [`Reader::with_fd_limit`]).
+    pub fn with_fd_limit(sock: OwnedFd, limit: usize) -> Channel {
         Channel {
-            reader: Reader::without_fds(),
+            reader: Reader::with_fd_limit(limit),
             ..Channel::new(sock)
         }
     }
@@ -1010,6 +1061,23 @@ mod tests {
                 bytes: vec![1, 2, 3],
             },
             Message::HelperEnd,
+            Message::SwitchServe {
+                port: crate::local::LocalPort { vmid: 2, index: 1 },
+                lease: crate::dhcp::Lease {
+                    guest_mac: [0xfe, 0xe1, 0xbb, 0xd2, 0, 2],
+                    host_mac: [2, 0, 0, 0, 0, 1],
+                    guest: std::net::Ipv4Addr::new(100, 64, 2, 5),
+                    host: std::net::Ipv4Addr::new(100, 64, 2, 4),
+                    host_name: "web".into(),
+                    net_boot: true,
+                },
+            },
+            Message::SwitchStop {
+                port: crate::local::LocalPort { vmid: 2, index: 1 },
+            },
+            Message::SwitchPortGone {
+                port: crate::local::LocalPort { vmid: 2, index: 0 },
+            },
             Message::UserFilesDone {
                 refusal: Some(FileRefusal {
                     kind: VmFdKind::Disk {

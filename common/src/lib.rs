@@ -4,10 +4,12 @@
 
 pub mod config;
 pub mod ctl;
+pub mod dhcp;
 pub mod disk;
 pub mod getopt;
 pub mod image;
 pub mod imsg;
+pub mod local;
 pub mod name;
 pub mod net;
 pub mod qcow2;

@@ -394,8 +394,8 @@ def refusals(vmd, staging):
     disk = staging.path("disk.img")
     write_disk(disk, marker("NET"))
     out = refused(vmd, ["bnet", "-d", disk, "-B", "net"], "boot device net")
-    if "not built yet" not in out:
-        raise Failure(f"-B net is not refused as not built: {out!r}")
+    if "needs a local interface" not in out:
+        raise Failure(f"-B net without a local interface is not refused: {out!r}")
     refused(vmd, ["nocd"], "vmctl: could not find specified iso image")
     refused(vmd, ["dircd"], "vmctl: specified iso image is not a regular file")
     fifo = staging.path("fifo.iso")
@@ -715,7 +715,7 @@ def main():
     case("bios boots an El Torito iso given with -r", with_case(bios_boots_an_iso))
     case("boot order: cdrom first, -B disk, -B cdrom, vm.conf boot device",
          with_case(boot_order, boot_order_conf))
-    case("-B net, missing and non-regular iso images are refused", with_case(refusals, refusals_conf))
+    case("-B net without a local interface, missing and non-regular iso images are refused", with_case(refusals, refusals_conf))
     case("qcow2 images boot: on raw, converted (-i), on a converted qcow2, three layers, raw from qcow2",
          with_case(qcow2_shapes))
     case("a lone qcow2 from vmctl create -s 1G boots; what the guest writes a second boot reads back",

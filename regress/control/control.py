@@ -302,8 +302,8 @@ def test_non_root_permissions():
                (1, "", "vmctl: invalid template\n"))
         expect_equal("bad template", vmd.vmctl_streams("start", "inst4", "-t", "nope"), (1, "", "vmctl: invalid template\n"))
         expect_equal("root new vm", vmd.vmctl_streams("start", "fresh", "-b", "/dev/null", "-B", "net"),
-               (1, "", "vmctl: start vm command failed: boot device net (-B net) arrives with networking "
-                       "and is not built yet\n"))
+               (1, "", "vmctl: start vm command failed: boot device net needs a local interface "
+                       "(-L or `local interface`), whose DHCP lease names auto_install\n"))
         # Failed starts of new VMs leave nothing behind.
         code, out, _ = vmd.vmctl_streams("status")
         expect_equal("vms after failed starts", [l.split()[-1] for l in out.splitlines()[1:]],
@@ -645,8 +645,8 @@ def test_messages_say_why():
         expect_equal("wait for a stopped vm by id", vmd.vmctl_streams("wait", "1"),
                (0, "", "waiting for vm: vm 1 is not running\n"))
         # A new VM whose start fails keeps its id for the next try.
-        refused = ("vmctl: start vm command failed: boot device net (-B net) arrives with networking "
-                   "and is not built yet\n")
+        refused = ("vmctl: start vm command failed: boot device net needs a local interface "
+                   "(-L or `local interface`), whose DHCP lease names auto_install\n")
         for _ in range(2):
             expect_equal("failing ad hoc start",
                          vmd.vmctl_streams("start", "adhoc", "-b", "/dev/null", "-B", "net"), (1, "", refused))

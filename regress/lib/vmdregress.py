@@ -55,8 +55,9 @@ VMCTL_TIMEOUT = 150
 passed = 0
 failed = 0
 # The case names or shell patterns given to the suite (all cases when
-# none), and the names the suite has.
-SELECTED = sys.argv[1:]
+# none; options such as `--all` are the suite's own), and the names the
+# suite has.
+SELECTED = [a for a in sys.argv[1:] if not a.startswith("--")]
 known_cases = []
 # Set by prepare().
 KERNEL = INITRD = None

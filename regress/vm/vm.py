@@ -23,7 +23,7 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
 import vmdregress as t  # noqa: E402
 from vmdregress import (BOOT_TIMEOUT, EMPTY_DIR, WAIT_TIMEOUT, Failure, Pty, TestUser, Vmd, case,  # noqa: E402
-                        children_of, cmdline, in_passwd, status_of, wait_for, with_vmd)
+                        children_of, cmdline, expect, in_passwd, status_of, wait_for, with_vmd)
 
 
 # --- cases
@@ -148,6 +148,101 @@ def own_namespaces(vmd):
         os.unlink(marker)
 
 
+def own_root(vmd):
+    """QEMU's root is its own: /usr read-only, a few devices, its own
+    processes only (hidepid, subset=pid), none of the host's /home, /etc,
+    /root, /var or /run, and the guest still boots and writes its disk."""
+    disk = os.path.join(vmd.dir, "root.img")
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)
+    vmid, _ = vmd.start("root1", "-d", disk, cmdline="console=ttyS0 quiet vmd.diskwrite=vda:OWN-ROOT")
+    other, _ = vmd.start("root2")
+    vm_pid, qemu = vmd.vm_pids(vmid)
+    _, other_qemu = vmd.vm_pids(other)
+    wait_for("the guest to write its disk", lambda: "VMD-GUEST: disk vda head OWN-ROOT" in vmd.console_log("root1"),
+             BOOT_TIMEOUT)
+    with open(disk, "rb") as f:
+        if f.read(8) != b"OWN-ROOT":
+            raise Failure("the guest's write did not reach the disk image")
+    root = f"/proc/{qemu}/root"
+    top = sorted(os.listdir(root))
+    want = {"dev", "etc", "proc", "tmp", "usr"}
+    if not want <= set(top) or set(top) - want - {"bin", "sbin", "lib", "lib32", "lib64", "libx32"}:
+        raise Failure(f"QEMU's / holds {top}")
+    if os.listdir(f"{root}/etc") != ["ld.so.cache"]:
+        raise Failure(f"QEMU's /etc holds {os.listdir(f'{root}/etc')}")
+    devices = set(os.listdir(f"{root}/dev"))
+    if devices != {"null", "zero", "full", "random", "urandom", "fd", "shm"}:
+        raise Failure(f"QEMU's /dev holds {sorted(devices)}")
+    with open(f"/proc/{qemu}/mountinfo") as f:
+        mounts = {line.split()[4]: line.split()[5].split(",") for line in f}
+    for path in ("/", "/usr"):
+        if "ro" not in mounts.get(path, []):
+            raise Failure(f"QEMU's {path} is mounted {mounts.get(path)}, want read-only")
+    # What QEMU's uid sees from inside: its own process and nothing else
+    # of /proc.
+    uid, gid = status_of(qemu)["Uid"].split()[0], status_of(qemu)["Gid"].split()[0]
+    seen = subprocess.run(["nsenter", "-t", str(qemu), "-m", "-r", "-w", "-S", uid, "-G", gid,
+                           "/usr/bin/ls", "-a", "/proc"], capture_output=True, text=True, timeout=WAIT_TIMEOUT)
+    if seen.returncode != 0:
+        raise Failure(f"ls /proc as QEMU: exit {seen.returncode}: {seen.stderr.strip()}")
+    pids = {int(e) for e in seen.stdout.split() if e.isdigit()}
+    others = set(seen.stdout.split()) - {str(p) for p in pids} - {".", "..", "self", "thread-self"}
+    # (ls itself runs as QEMU's uid, so it sees itself too.)
+    if qemu not in pids or other_qemu in pids or vmd.proc.pid in pids or vm_pid in pids or len(pids) > 2:
+        raise Failure(f"QEMU sees processes {sorted(pids)} (it is {qemu}; the other QEMU {other_qemu})")
+    if others:
+        raise Failure(f"QEMU's /proc holds {sorted(others)}")
+    for path in ("/etc/shadow", "/home", "/root", "/var", "/run"):
+        probe = subprocess.run(["nsenter", "-t", str(qemu), "-m", "-r", "-w", "-S", uid, "-G", gid,
+                                "/usr/bin/stat", path], capture_output=True, text=True, timeout=WAIT_TIMEOUT)
+        if probe.returncode == 0:
+            raise Failure(f"QEMU sees {path}: {probe.stdout.strip()}")
+
+
+def uids_across_daemons():
+    """Two daemons with one `uid range` never give two VMs one uid, and
+    neither gives a VM a uid a process already runs as."""
+    first = 1879050100
+    # Five uids, one of them a running process's: four VMs fit.
+    conf = f"uid range {first}-{first + 4}\n"
+    squatter = subprocess.Popen(["setpriv", f"--reuid={first}", f"--regid={first}", "--clear-groups",
+                                 "sleep", "600"])
+    a = b = None
+    try:
+        a = t.Vmd(conf)
+        b = t.Vmd(conf)
+        uids = []
+        for vmd, names in ((a, ("ua1", "ua2")), (b, ("ub1", "ub2"))):
+            for name in names:
+                vmid, _ = vmd.start(name)
+                vm_pid, _ = vmd.vm_pids(vmid)
+                uids.append(int(status_of(vm_pid)["Uid"].split()[0]))
+        if len(set(uids)) != 4 or first in uids:
+            raise Failure(f"two daemons gave uids {uids} (uid {first} is a running process's)")
+        # The range is used up: the next start on either is refused.
+        rc, out = b.vmctl("start", "ub3", "-b", t.KERNEL, "--initrd", t.INITRD, "-m", "256M")
+        if rc == 0 or "no free uid" not in out:
+            raise Failure(f"a fifth VM in a range of four: exit {rc}: {out.strip()}")
+        # A VM of a's ends: its uid is free for b once its processes are gone.
+        freed = uids[0]
+        expect(a.vmctl("stop", "-f", "ua1"), 0, r"", "stop -f ua1")
+        def b_gets_it():
+            rc, out = b.vmctl("start", "ub3", "-b", t.KERNEL, "--initrd", t.INITRD, "-m", "256M")
+            return rc == 0 and out
+        wait_for("b to start a VM in a's freed uid", b_gets_it)
+        row = next(r for r in b.status() if r["NAME"] == "ub3")
+        got = int(status_of(int(b.vm_pids(int(row["ID"]))[0]))["Uid"].split()[0])
+        if got != freed:
+            raise Failure(f"ub3 runs as {got}, want the freed uid {freed}")
+    finally:
+        squatter.kill()
+        squatter.wait()
+        for vmd in (a, b):
+            if vmd:
+                vmd.stop()
+
+
 def two_vms(vmd):
     a, _ = vmd.start("two1")
     b, _ = vmd.start("two2")
@@ -264,9 +359,10 @@ def oversized_boot_file(vmd):
 
 def unbuilt_options(vmd):
     # Interfaces work (regress/net tests them in a network namespace of
-    # their own); -B net and a switch vm.conf does not define are refused.
+    # their own); a switch vm.conf does not define, and -B net without a
+    # local interface (whose lease would name auto_install), are refused.
     for opts, why in ((("-n", "sw"), 'switch "sw" not found: define it in vm.conf'),
-                      (("-B", "net"), "boot device net (-B net) arrives with networking and is not built yet")):
+                      (("-B", "net"), "boot device net needs a local interface")):
         rc, out = vmd.vmctl("start", "u1", "-b", t.KERNEL, *opts)
         if rc == 0 or why not in out:
             raise Failure(f"start {' '.join(opts)}: exit {rc}, expected {why!r}: {out.strip()}")
@@ -565,7 +661,9 @@ def main():
     case("boot-markers-reach-pty-and-log", with_vmd(boot))
     case("vm-process-and-qemu-confined", with_vmd(confined))
     case("qemu-in-namespaces-of-its-own", with_vmd(own_namespaces))
+    case("qemu-sees-a-root-of-its-own", with_vmd(own_root))
     case("two-vms-two-uids", with_vmd(two_vms))
+    case("two-daemons-one-uid-range-never-share-a-uid", uids_across_daemons)
     case("stop-force-and-uid-reuse", with_vmd(stop_force_and_uid_reuse))
     case("writable-disk-in-use-refused", with_vmd(disk_in_use))
     case("qcow2-chain-and-shared-base-lock", with_vmd(qcow2_chain))

@@ -235,12 +235,12 @@ fn write_all(fd: BorrowedFd, mut data: &[u8]) -> Result<(), Errno> {
 pub fn console_attach(tty: &str) -> Result<Ended, ConsoleError> {
     let pty = console_open(tty)?;
     let signals = console_signals()?;
-    eprintln!("Connected to {tty} (~. to leave, ~? for help)");
+    errln!("Connected to {tty} (~. to leave, ~? for help)");
     let raw = RawTerminal::enter()?;
     let ended = console_relay(&pty, &signals);
     drop(raw);
     if matches!(ended, Ok(Ended::Left)) {
-        eprintln!("\n[EOT]");
+        errln!("\n[EOT]");
     }
     ended
 }

@@ -64,21 +64,21 @@ pub fn run(global: &Global, args: &[String]) -> ExitCode {
         Ok(request) => request,
         Err(CreateError::Usage) => return crate::command_usage("create"),
         Err(e @ CreateError::MissingSize(_)) => {
-            eprintln!("{e}");
+            errln!("{e}");
             return crate::command_usage("create");
         }
         Err(e) => {
-            eprintln!("vmctl: {e}");
+            errln!("vmctl: {e}");
             return ExitCode::FAILURE;
         }
     };
     match create_image(&request, global) {
         Ok(()) => {
-            eprintln!("vmctl: {} imagefile created", request.format);
+            errln!("vmctl: {} imagefile created", request.format);
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("vmctl: {e}");
+            errln!("vmctl: {e}");
             ExitCode::FAILURE
         }
     }
@@ -100,7 +100,7 @@ fn create_parse(args: &[String]) -> Result<Request, CreateError> {
             Ok(Opt::Short('s', Some(text))) => size = Some(create_parse_size(&text)?),
             Ok(_) => return Err(CreateError::Usage),
             Err(e) => {
-                eprintln!("vmctl: {e}");
+                errln!("vmctl: {e}");
                 return Err(CreateError::Usage);
             }
         }
@@ -141,7 +141,7 @@ fn create_parse_size(text: &str) -> Result<u64, CreateError> {
     }
     let rounded = bytes / MEGABYTE * MEGABYTE;
     if rounded != bytes {
-        eprintln!(
+        errln!(
             "vmctl: disk size rounded to {}",
             common::size::format(rounded)
         );
@@ -175,7 +175,7 @@ fn create_image(request: &Request, global: &Global) -> Result<(), CreateError> {
         }
         let size = wanted.next_multiple_of(MEGABYTE);
         if size != wanted {
-            eprintln!(
+            errln!(
                 "vmctl: destination size rounded to {} megabytes",
                 size / MEGABYTE
             );
@@ -207,7 +207,7 @@ fn create_image(request: &Request, global: &Global) -> Result<(), CreateError> {
     if let Some(src) = source.as_mut() {
         let written = image::convert(src, &mut image).map_err(CreateError::Convert)?;
         if global.verbose > 0 {
-            eprintln!(
+            errln!(
                 "vmctl: {written} bytes of data copied from {}",
                 src.path().display()
             );

@@ -1,5 +1,23 @@
 //! vmctl(8): control the virtual machine daemon.
 
+/// `eprintln!` that never panics: a message vmctl cannot write (stderr a
+/// closed pipe or a full disk) is dropped, and the exit status still says
+/// what happened.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `eprint!` that never panics (see [`errln`]).
+macro_rules! err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod client;
 mod console;
 mod create;
@@ -126,13 +144,13 @@ fn command_usage_text(name: &str) -> String {
 
 /// The usage after a mistake: on stderr, and vmctl fails.
 fn usage() -> ExitCode {
-    eprint!("{}", usage_text());
+    err!("{}", usage_text());
     ExitCode::FAILURE
 }
 
 /// Prints a command's own usage line and fails.
 pub fn command_usage(name: &str) -> ExitCode {
-    eprint!("{}", command_usage_text(name));
+    err!("{}", command_usage_text(name));
     ExitCode::FAILURE
 }
 
@@ -182,7 +200,7 @@ pub fn write_stdout(text: &str) -> Result<(), ExitCode> {
             let why = e.raw_os_error().map_or(e.to_string(), |n| {
                 nix::errno::Errno::from_raw(n).desc().to_string()
             });
-            eprintln!("vmctl: stdout: {why}");
+            errln!("vmctl: stdout: {why}");
             Err(ExitCode::FAILURE)
         }
     }
@@ -218,7 +236,7 @@ fn main() -> ExitCode {
             Ok(Opt::Short('s', Some(path))) => socket = Some(path),
             Ok(_) => return usage(),
             Err(e) => {
-                eprintln!("vmctl: {e}");
+                errln!("vmctl: {e}");
                 return usage();
             }
         }
@@ -238,7 +256,7 @@ fn main() -> ExitCode {
         }
         Ok(command) => (command.run)(&global, rest),
         Err(message) => {
-            eprintln!("{message}");
+            errln!("{message}");
             usage()
         }
     }

@@ -24,7 +24,7 @@ const MEGABYTE: u64 = 1 << 20;
 
 /// Prints `vmctl: MESSAGE` and fails.
 fn fail(message: &str) -> ExitCode {
-    eprintln!("vmctl: {message}");
+    errln!("vmctl: {message}");
     ExitCode::FAILURE
 }
 
@@ -44,7 +44,7 @@ fn answer(client: &mut Client) -> Result<Message, ExitCode> {
     match client.receive().map_err(|e| fail(&e))? {
         Message::CtlFail { errno, lines } => {
             for line in lines {
-                eprintln!("{line}");
+                errln!("{line}");
             }
             Err(if errno != 0 {
                 fail(&format!("command failed: {}", strerror(errno)))
@@ -92,7 +92,7 @@ fn simple(global: &Global, req: CtlRequest) -> ExitCode {
     match answer(&mut client) {
         Ok(Message::CtlOk { lines }) => {
             for line in lines {
-                eprintln!("vmctl: {line}");
+                errln!("vmctl: {line}");
             }
             ExitCode::SUCCESS
         }
@@ -192,7 +192,7 @@ fn memory_size(word: &str) -> Result<u64, ExitCode> {
     }
     let rounded = bytes / MEGABYTE * MEGABYTE;
     if rounded != bytes {
-        eprintln!("vmctl: size rounded to {} megabytes", bytes / MEGABYTE);
+        errln!("vmctl: size rounded to {} megabytes", bytes / MEGABYTE);
     }
     Ok(rounded)
 }
@@ -292,7 +292,7 @@ fn start_parse(args: &[String]) -> Result<(StartRequest, bool), ExitCode> {
             }
             Ok(_) => return Err(command_usage("start")),
             Err(e) => {
-                eprintln!("vmctl: {e}");
+                errln!("vmctl: {e}");
                 return Err(command_usage("start"));
             }
         }
@@ -325,10 +325,10 @@ fn start_check(vm: &VmConfig, target: &VmTarget) -> Result<(), ExitCode> {
         // about a VM that may not be new.
         let boots = vm.boot.is_some() || !vm.disks.is_empty() || vm.cdrom.is_some();
         if boots && vm.boot.is_none() && vm.disks.is_empty() {
-            eprintln!("vmctl: starting without disks");
+            errln!("vmctl: starting without disks");
         }
         if boots && vm.boot.is_none() && nics == 0 {
-            eprintln!("vmctl: starting without network interfaces");
+            errln!("vmctl: starting without network interfaces");
         }
     }
     if let VmTarget::Name(name) = target {
@@ -360,7 +360,7 @@ pub fn start(global: &Global, args: &[String]) -> ExitCode {
         },
         Ok(Message::CtlVmResult { vmid, tty, .. }) => {
             let tty = tty.unwrap_or_default();
-            eprintln!("vmctl: started vm {vmid} successfully, tty {tty}");
+            errln!("vmctl: started vm {vmid} successfully, tty {tty}");
             if autoconnect {
                 // vmd's answer is in: nothing more comes on this socket.
                 drop(client);
@@ -398,9 +398,9 @@ fn stop_complete(client: &mut Client, asked: Asked) -> ExitCode {
             vmid, error: None, ..
         } => {
             if force && !wait {
-                eprintln!("forced to terminate vm {vmid}");
+                errln!("forced to terminate vm {vmid}");
             } else {
-                eprintln!("requested to shutdown vm {vmid}");
+                errln!("requested to shutdown vm {vmid}");
             }
             ExitCode::SUCCESS
         }
@@ -414,29 +414,29 @@ fn stop_complete(client: &mut Client, asked: Asked) -> ExitCode {
                         VmTarget::Name(name) => name.clone(),
                         VmTarget::Id(id) => id.to_string(),
                     };
-                    eprintln!("vm {vm} is not running");
+                    errln!("vm {vm} is not running");
                     return ExitCode::SUCCESS;
                 }
-                (CtlError::StopInvalid, _) => eprintln!("cannot stop vm that is not running"),
-                (CtlError::Errno(libc::ENOENT), _) => eprintln!("vm not found"),
-                (CtlError::Errno(libc::EINTR), _) => eprintln!("interrupted call"),
-                (CtlError::Explained { why, .. }, _) => eprintln!("{why}"),
-                (other, _) => eprintln!("failed: {}", other.describe()),
+                (CtlError::StopInvalid, _) => errln!("cannot stop vm that is not running"),
+                (CtlError::Errno(libc::ENOENT), _) => errln!("vm not found"),
+                (CtlError::Errno(libc::EINTR), _) => errln!("interrupted call"),
+                (CtlError::Explained { why, .. }, _) => errln!("{why}"),
+                (other, _) => errln!("failed: {}", other.describe()),
             }
             ExitCode::FAILURE
         }
         Message::CtlTerminated { vmid, timed_out } => {
             if timed_out {
-                eprintln!("forced to terminate vm {vmid} after the shutdown timeout");
+                errln!("forced to terminate vm {vmid} after the shutdown timeout");
             } else if wait {
-                eprintln!("terminated vm {vmid}");
+                errln!("terminated vm {vmid}");
             } else if force {
-                eprintln!("forced to terminate vm {vmid}");
+                errln!("forced to terminate vm {vmid}");
             }
             ExitCode::SUCCESS
         }
         _ => {
-            eprintln!("unexpected response received from vmd");
+            errln!("unexpected response received from vmd");
             ExitCode::FAILURE
         }
     }
@@ -444,8 +444,8 @@ fn stop_complete(client: &mut Client, asked: Asked) -> ExitCode {
 
 fn stop_one(client: &mut Client, target: VmTarget, force: bool, wait: bool) -> ExitCode {
     match &target {
-        VmTarget::Name(name) => eprint!("stopping vm {name}: "),
-        VmTarget::Id(_) => eprint!("stopping vm: "),
+        VmTarget::Name(name) => err!("stopping vm {name}: "),
+        VmTarget::Id(_) => err!("stopping vm: "),
     }
     if let Err(e) = client.send(CtlRequest::Stop {
         target,
@@ -545,8 +545,8 @@ pub fn wait(global: &Global, args: &[String]) -> ExitCode {
         Err(code) => return code,
     };
     match &target {
-        VmTarget::Name(name) => eprint!("waiting for vm {name}: "),
-        VmTarget::Id(_) => eprint!("waiting for vm: "),
+        VmTarget::Name(name) => err!("waiting for vm {name}: "),
+        VmTarget::Id(_) => err!("waiting for vm: "),
     }
     let request_target = target.clone();
     let mut client = match request(global, CtlRequest::Wait { target }) {
@@ -578,7 +578,7 @@ fn pause_or_unpause(global: &Global, args: &[String], pause: bool) -> ExitCode {
             error: Some(error), ..
         }) => fail(&format!("{name} vm command failed: {}", error.describe())),
         Ok(Message::CtlVmResult { vmid, .. }) => {
-            eprintln!("vmctl: {name}d vm {vmid} successfully");
+            errln!("vmctl: {name}d vm {vmid} successfully");
             ExitCode::SUCCESS
         }
         Ok(_) => unexpected(),
@@ -623,7 +623,7 @@ fn console_run(tty: &str) -> ExitCode {
     match console::console_attach(tty) {
         Ok(Ended::Left) => ExitCode::SUCCESS,
         Ok(Ended::VmStopped) => {
-            eprintln!("\r\nvmctl: the console closed: the vm stopped");
+            errln!("\r\nvmctl: the console closed: the vm stopped");
             ExitCode::SUCCESS
         }
         Ok(Ended::Signal(sig)) => fail(&format!("console left on {}", sig.as_str())),

@@ -19,11 +19,15 @@
 //! queue, which is bounded), and a client that does not read its replies
 //! is dropped once too much is queued for it.
 //!
-//! Descriptors: a client sends none (a descriptor that arrives anyway is
-//! closed at once, and so is the connection), so each connection holds
-//! exactly one and the connection limits below keep the table from
-//! filling: the last ROOT_RESERVED places stay root's whatever other
-//! users send.
+//! Descriptors: a client other than root sends none (a descriptor that
+//! arrives anyway is closed at once, and so is the connection), so each
+//! of their connections holds exactly one and the connection limits below
+//! keep the table from filling: the last ROOT_RESERVED places stay root's
+//! whatever other users send. Root's requests that take a descriptor
+//! ([`CtlRequest::takes_fd`], all root's) carry one, which goes on to the
+//! parent with the request (as OpenBSD's control.c forwards it); a root
+//! connection holds at most one besides its own (a second one queued
+//! closes it), and a descriptor with any other request is refused.
 
 use crate::log::{log_debug, log_info, log_warn};
 use crate::proc;
@@ -92,7 +96,9 @@ enum Pending {
 struct Conn {
     channel: Channel,
     creds: Credentials,
-    queued: VecDeque<CtlRequest>,
+    /// Requests waiting for the one at the parent, each with the
+    /// descriptor its frame carried (at most one of them has one).
+    queued: VecDeque<(CtlRequest, Option<OwnedFd>)>,
     pending: Option<Pending>,
 }
 
@@ -222,6 +228,7 @@ impl Control {
                 }
             }
             Message::CtlVm(info) => self.answer(id, Message::CtlVm(info), false),
+            m @ Message::CtlProgress { .. } => self.answer(id, m, false),
             Message::CtlVmResult { vmid, error, tty } => {
                 let Some(conn) = self.conns.get_mut(&id) else {
                     return;
@@ -315,10 +322,12 @@ impl Control {
                 creds.uid,
                 creds.gid
             );
+            // Only root's requests take a descriptor.
+            let fd_limit = usize::from(creds.is_root());
             self.conns.insert(
                 id,
                 Conn {
-                    channel: Channel::without_fds(sock),
+                    channel: Channel::with_fd_limit(sock, fd_limit),
                     creds,
                     queued: VecDeque::new(),
                     pending: None,
@@ -363,7 +372,11 @@ impl Control {
             let Some(conn) = self.conns.get_mut(&id) else {
                 return;
             };
-            conn.queued.push_back(request);
+            if frame.fd.is_some() && conn.queued.iter().any(|(_, fd)| fd.is_some()) {
+                self.close(id, "a second descriptor before the first was taken");
+                return;
+            }
+            conn.queued.push_back((request, frame.fd));
             if conn.queued.len() > MAX_QUEUED_REQUESTS {
                 self.close(id, "too many requests without reading answers");
                 return;
@@ -385,19 +398,25 @@ impl Control {
             if conn.pending.is_some() {
                 return;
             }
-            let Some(request) = conn.queued.pop_front() else {
+            let Some((request, fd)) = conn.queued.pop_front() else {
                 return;
             };
-            if !conn.creds.is_root() && !request.open_to_users() {
+            let refusal = if !conn.creds.is_root() && !request.open_to_users() {
                 log_warn!(
                     "denied {} from uid {}: only root may",
                     request.name(),
                     conn.creds.uid
                 );
-                let fail = Message::CtlFail {
-                    errno: libc::EPERM,
-                    lines: Vec::new(),
-                };
+                Some((libc::EPERM, Vec::new()))
+            } else {
+                common::ctl::fd_refusal(&request, fd.is_some()).map(|why| {
+                    log_debug!("connection {id}: {why}");
+                    (libc::EINVAL, vec![why])
+                })
+            };
+            if let Some((errno, lines)) = refusal {
+                // (the descriptor, if any, is closed here)
+                let fail = Message::CtlFail { errno, lines };
                 if let Err(e) = conn.channel.send(Frame::new(fail)) {
                     self.close(id, &format!("sending: {e}"));
                     return;
@@ -415,6 +434,7 @@ impl Control {
             });
             let forward = Frame {
                 peer_id: id,
+                fd,
                 ..Frame::new(Message::CtlForward {
                     creds: conn.creds.clone(),
                     request,

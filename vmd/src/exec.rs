@@ -9,7 +9,7 @@
 //! stderr (the parent's log, the VM process for QEMU) says why.
 
 use nix::unistd::{ForkResult, Pid};
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 use std::os::fd::RawFd;
 
 /// A step of the child between fork and exec, each with what the child
@@ -22,8 +22,7 @@ pub enum ExecStep {
     PassFd,
     CloseOthers,
     Namespaces,
-    PrivateMounts,
-    PrivateTmp,
+    PrivateRoot,
     Groups,
     Gid,
     Uid,
@@ -42,8 +41,7 @@ impl ExecStep {
             ExecStep::PassFd => b"cannot pass a descriptor across exec\n",
             ExecStep::CloseOthers => b"cannot close inherited descriptors\n",
             ExecStep::Namespaces => b"cannot enter new network, IPC and mount namespaces\n",
-            ExecStep::PrivateMounts => b"cannot make the mounts private\n",
-            ExecStep::PrivateTmp => b"cannot mount a private tmpfs on /tmp or /dev/shm\n",
+            ExecStep::PrivateRoot => b"cannot set up its private root: ",
             ExecStep::Groups => b"setgroups failed\n",
             ExecStep::Gid => b"setresgid failed\n",
             ExecStep::Uid => b"setresuid failed\n",
@@ -61,12 +59,99 @@ pub enum ExecProgram<'a> {
     Path(&'a CStr),
 }
 
-/// Fresh tmpfs mounted over directories, in a private mount namespace.
-pub struct PrivateTmp<'a> {
-    pub root: &'a CStr,
-    pub fstype: &'a CStr,
-    pub options: &'a CStr,
-    pub dirs: &'a [&'a CStr],
+/// One step of building a process's own view of the file system in its
+/// private mount namespace: one system call each, its strings prepared
+/// before the fork. A failed step names its path.
+pub enum RootOp {
+    /// mount(2); `None` for a null pointer.
+    Mount {
+        source: Option<CString>,
+        target: CString,
+        fstype: Option<CString>,
+        flags: libc::c_ulong,
+        data: Option<CString>,
+    },
+    Mkdir {
+        path: CString,
+        mode: libc::mode_t,
+    },
+    /// An empty regular file (to bind a device node or a file onto).
+    File {
+        path: CString,
+    },
+    Symlink {
+        target: CString,
+        path: CString,
+    },
+    /// pivot_root(2): `new` becomes `/`, the old root moves to `old`.
+    PivotRoot {
+        new: CString,
+        old: CString,
+    },
+    Chdir {
+        path: CString,
+    },
+    /// umount2(2) with MNT_DETACH.
+    Detach {
+        path: CString,
+    },
+    Rmdir {
+        path: CString,
+    },
+}
+
+impl RootOp {
+    /// The path a failure names.
+    fn path(&self) -> &CStr {
+        match self {
+            RootOp::Mount { target: path, .. }
+            | RootOp::Mkdir { path, .. }
+            | RootOp::File { path }
+            | RootOp::Symlink { path, .. }
+            | RootOp::PivotRoot { new: path, .. }
+            | RootOp::Chdir { path }
+            | RootOp::Detach { path }
+            | RootOp::Rmdir { path } => path,
+        }
+    }
+
+    /// Makes the step's one system call; false if it failed.
+    fn run(&self) -> bool {
+        let opt = |s: &Option<CString>| s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+        // SAFETY (every arm): the pointers are valid C strings that live
+        // until fork_exec returns, or null where the call allows it.
+        let rc = match self {
+            RootOp::Mount {
+                source,
+                target,
+                fstype,
+                flags,
+                data,
+            } => unsafe {
+                libc::mount(
+                    opt(source),
+                    target.as_ptr(),
+                    opt(fstype),
+                    *flags,
+                    opt(data).cast(),
+                )
+            },
+            RootOp::Mkdir { path, mode } => unsafe { libc::mkdir(path.as_ptr(), *mode) },
+            RootOp::File { path } => unsafe {
+                libc::mknod(path.as_ptr(), libc::S_IFREG | 0o600, 0)
+            },
+            RootOp::Symlink { target, path } => unsafe {
+                libc::symlink(target.as_ptr(), path.as_ptr())
+            },
+            RootOp::PivotRoot { new, old } => unsafe {
+                libc::syscall(libc::SYS_pivot_root, new.as_ptr(), old.as_ptr()) as libc::c_int
+            },
+            RootOp::Chdir { path } => unsafe { libc::chdir(path.as_ptr()) },
+            RootOp::Detach { path } => unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) },
+            RootOp::Rmdir { path } => unsafe { libc::rmdir(path.as_ptr()) },
+        };
+        rc == 0
+    }
 }
 
 /// The ids the child takes before exec.
@@ -101,7 +186,9 @@ pub struct ExecPlan<'a> {
     pub close_from: Option<RawFd>,
     /// CLONE_NEW* flags to unshare (0: none).
     pub namespaces: libc::c_int,
-    pub private_tmp: Option<PrivateTmp<'a>>,
+    /// Steps that build the process's own root (with CLONE_NEWNS), made
+    /// while it is still root.
+    pub root: &'a [RootOp],
     pub identity: Option<ExecIdentity<'a>>,
     /// Die with this process (PR_SET_PDEATHSIG), which must still be the
     /// parent then.
@@ -124,23 +211,47 @@ pub fn fork_exec(plan: &ExecPlan) -> Result<Pid, nix::errno::Errno> {
 /// Writes the step's message to stderr (fd 2, or the plan's stderr if it
 /// was not set up yet) and exits 127.
 fn fail(plan: &ExecPlan, step: ExecStep) -> ! {
+    fail_at(plan, step, &[])
+}
+
+/// As [`fail`], naming `path` and the error's number after the message
+/// (`... /usr (errno 2)`); the exec step names the program.
+fn fail_at(plan: &ExecPlan, step: ExecStep, path: &[u8]) -> ! {
+    let errno = nix::errno::Errno::last_raw();
     let err = plan.stdio.map_or(2, |(_, err)| err);
-    let msg = step.message();
-    // SAFETY: writes from buffers that live for the program's lifetime.
-    unsafe {
-        libc::write(
-            err,
-            plan.fail_prefix.as_ptr().cast(),
-            plan.fail_prefix.len(),
-        )
-    };
-    // SAFETY: as above.
-    unsafe { libc::write(err, msg.as_ptr().cast(), msg.len()) };
-    if step == ExecStep::Exec {
-        // SAFETY: as above.
-        unsafe { libc::write(err, plan.name.as_ptr().cast(), plan.name.len()) };
-        // SAFETY: as above.
-        unsafe { libc::write(err, b"\n".as_ptr().cast(), 1) };
+    // The errno in decimal, without allocating.
+    let mut digits = [0u8; 12];
+    let mut at = digits.len();
+    let mut n = errno.unsigned_abs();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let named = !path.is_empty();
+    let parts: [&[u8]; 7] = [
+        plan.fail_prefix,
+        step.message(),
+        if step == ExecStep::Exec {
+            plan.name
+        } else {
+            path
+        },
+        if named { b" (errno " } else { b"" },
+        if named { &digits[at..] } else { b"" },
+        if named { b")" } else { b"" },
+        if step == ExecStep::Exec || named {
+            b"\n"
+        } else {
+            b""
+        },
+    ];
+    for part in parts {
+        // SAFETY: writes from buffers that live until _exit.
+        unsafe { libc::write(err, part.as_ptr().cast(), part.len()) };
     }
     // SAFETY: ends the forked child without running the parent's atexit
     // handlers or destructors.
@@ -211,35 +322,9 @@ fn exec_child(plan: &ExecPlan) -> ! {
     if plan.namespaces != 0 && unsafe { libc::unshare(plan.namespaces) } != 0 {
         fail(plan, ExecStep::Namespaces);
     }
-    if let Some(tmp) = &plan.private_tmp {
-        // Nothing mounted here reaches the host.
-        // SAFETY: root is a valid C string; the other pointers may be null.
-        if unsafe {
-            libc::mount(
-                std::ptr::null(),
-                tmp.root.as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            )
-        } != 0
-        {
-            fail(plan, ExecStep::PrivateMounts);
-        }
-        for dir in tmp.dirs {
-            // SAFETY: every pointer is a valid C string.
-            if unsafe {
-                libc::mount(
-                    tmp.fstype.as_ptr(),
-                    dir.as_ptr(),
-                    tmp.fstype.as_ptr(),
-                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                    tmp.options.as_ptr().cast(),
-                )
-            } != 0
-            {
-                fail(plan, ExecStep::PrivateTmp);
-            }
+    for op in plan.root {
+        if !op.run() {
+            fail_at(plan, ExecStep::PrivateRoot, op.path().to_bytes());
         }
     }
     if let Some(id) = &plan.identity {
@@ -334,7 +419,7 @@ mod tests {
             pass: &[],
             close_from: Some(3),
             namespaces: 0,
-            private_tmp: None,
+            root: &[],
             identity: None,
             die_with: Some(std::process::id() as libc::pid_t),
             no_new_privs: true,
@@ -359,6 +444,23 @@ mod tests {
         let (status, out) = run(plan(missing, &argv, &envp));
         assert!(matches!(status, WaitStatus::Exited(_, 127)), "{status:?}");
         assert_eq!(out, "test: cannot execute the test program\n");
+
+        // A root step that fails names its path and errno.
+        let ops = [RootOp::Mkdir {
+            path: CString::new("/nonexistent/dir").expect("path"),
+            mode: 0o755,
+        }];
+        let mut rooted = plan(sh, &argv, &envp);
+        rooted.root = &ops;
+        let (status, out) = run(rooted);
+        assert!(matches!(status, WaitStatus::Exited(_, 127)), "{status:?}");
+        assert_eq!(
+            out,
+            format!(
+                "test: cannot set up its private root: /nonexistent/dir (errno {})\n",
+                libc::ENOENT
+            )
+        );
 
         // A step that fails: the process to die with is not the parent.
         let mut bad = plan(sh, &argv, &envp);

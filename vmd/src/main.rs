@@ -7,6 +7,7 @@
 mod control;
 mod exec;
 mod log;
+mod packet;
 mod parent;
 mod proc;
 mod seccomp;

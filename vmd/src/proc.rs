@@ -126,7 +126,7 @@ pub fn spawn(role: &str, args: &[String]) -> Result<(Pid, OwnedFd), ProcError> {
         pass: &[(theirs.as_raw_fd(), CHILD_FD)],
         close_from: Some(CHILD_FD + 1),
         namespaces: 0,
-        private_tmp: None,
+        root: &[],
         identity: None,
         die_with: None,
         no_new_privs: false,

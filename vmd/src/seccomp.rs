@@ -246,6 +246,7 @@ mod tests {
     #[test]
     fn compiles_every_role_and_keeps_the_death_call_refused() {
         assert!(compile(&[CHILD_SYSCALLS, crate::control::CONTROL_SYSCALLS]).is_ok());
+        assert!(compile(&[CHILD_SYSCALLS, crate::switch::SWITCH_SYSCALLS]).is_ok());
         assert!(compile(&[CHILD_SYSCALLS]).is_ok());
         assert!(compile_with_args(
             &[
@@ -271,6 +272,7 @@ mod tests {
         for (nr, why) in CHILD_SYSCALLS
             .iter()
             .chain(crate::control::CONTROL_SYSCALLS)
+            .chain(crate::switch::SWITCH_SYSCALLS)
             .chain(crate::vm::VM_SYSCALLS)
             .chain(crate::vm::qemu::QEMU_SYSCALLS)
         {

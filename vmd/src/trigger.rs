@@ -120,3 +120,45 @@ impl Trigger {
         }
     }
 }
+
+/// One interface a test build serves as a local interface from startup,
+/// as `VMD_TEST_DHCP_SERVE` names it.
+pub struct DhcpServe {
+    pub ifname: String,
+    pub vm_name: String,
+    pub vmid: u32,
+    pub index: u32,
+    pub mac: [u8; 6],
+    pub net_boot: bool,
+}
+
+/// `VMD_TEST_DHCP_SERVE=IFNAME,VMNAME,VMID,INDEX,MAC[,net][;...]` in the
+/// parent's environment: existing interfaces (one end of a veth pair) the
+/// parent serves DHCP on as it serves a local interface's tap, with that
+/// VM's name, id, interface index and MAC (regress/dhcp).
+pub fn dhcp_serve() -> Result<Vec<DhcpServe>, String> {
+    let Ok(text) = std::env::var("VMD_TEST_DHCP_SERVE") else {
+        return Ok(Vec::new());
+    };
+    text.split(';')
+        .map(|spec| {
+            let bad = || format!("VMD_TEST_DHCP_SERVE: bad entry {spec:?}");
+            let fields: Vec<&str> = spec.split(',').collect();
+            let (net_boot, fields) = match fields.as_slice() {
+                [rest @ .., "net"] => (true, rest),
+                all => (false, all),
+            };
+            let [ifname, vm_name, vmid, index, mac] = fields else {
+                return Err(bad());
+            };
+            Ok(DhcpServe {
+                ifname: ifname.to_string(),
+                vm_name: vm_name.to_string(),
+                vmid: vmid.parse().map_err(|_| bad())?,
+                index: index.parse().map_err(|_| bad())?,
+                mac: common::config::parse_lladdr(mac).ok_or_else(bad)?,
+                net_boot,
+            })
+        })
+        .collect()
+}

@@ -17,7 +17,8 @@ mod parser;
 mod types;
 
 pub use checks::{
-    format_lladdr, memory_size, memory_size_str, uid_range_free_here, MemoryError, ValueError,
+    format_lladdr, lladdr as parse_lladdr, memory_size, memory_size_str, uid_range_free_here,
+    MemoryError, ValueError,
 };
 pub use types::*;
 

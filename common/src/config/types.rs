@@ -505,8 +505,7 @@ impl VmConfig {
                 .lladdr
                 .filter(|mac| parent.interfaces.iter().any(|p| p.lladdr == Some(*mac)))
             {
-                let text: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
-                return Some(format!("lladdr {}", text.join(":")));
+                return Some(format!("lladdr {}", super::checks::format_lladdr(&mac)));
             }
             if let Some(tap) = nic
                 .tap

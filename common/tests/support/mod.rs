@@ -89,3 +89,49 @@ impl Rng {
         }
     }
 }
+
+/// The frames of a classic pcap file (as tcpdump -w writes them, either
+/// byte order, Ethernet link type), for the DHCP tests' captured requests.
+pub fn pcap_frames(data: &[u8]) -> Vec<Vec<u8>> {
+    let magic = u32::from_le_bytes(data[0..4].try_into().unwrap());
+    let swapped = match magic {
+        0xa1b2_c3d4 => false,
+        0xd4c3_b2a1 => true,
+        _ => panic!("not a pcap file (magic {magic:#x})"),
+    };
+    let word = |at: usize| {
+        let b: [u8; 4] = data[at..at + 4].try_into().unwrap();
+        if swapped {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        }
+    };
+    assert_eq!(word(20), 1, "pcap link type is not Ethernet");
+    let mut frames = Vec::new();
+    let mut at = 24;
+    while at + 16 <= data.len() {
+        let len = word(at + 8) as usize;
+        assert_eq!(
+            len,
+            word(at + 12) as usize,
+            "pcap frame truncated by the snap length"
+        );
+        frames.push(data[at + 16..at + 16 + len].to_vec());
+        at += 16 + len;
+    }
+    assert_eq!(at, data.len(), "pcap file ends inside a frame");
+    frames
+}
+
+/// The captured requests (regress/dhcp/capture-vectors): (client, frames).
+pub fn dhcp_vectors() -> Vec<(&'static str, Vec<Vec<u8>>)> {
+    vec![
+        ("udhcpc", pcap_frames(include_bytes!("../dhcp/udhcpc.pcap"))),
+        (
+            "dhclient",
+            pcap_frames(include_bytes!("../dhcp/dhclient.pcap")),
+        ),
+        ("dhcpcd", pcap_frames(include_bytes!("../dhcp/dhcpcd.pcap"))),
+    ]
+}

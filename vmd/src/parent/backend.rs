@@ -10,6 +10,7 @@ use common::imsg::VmCommand;
 use mio::Token;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
+use std::os::fd::OwnedFd;
 use std::time::Instant;
 
 /// What runs VMs. The registry starts, stops and commands VMs through
@@ -33,9 +34,12 @@ pub trait Backend {
     /// Ends VM `id` at once; false if it does not run. Its end comes as
     /// [`VmEvent::Ended`].
     fn force_stop(&mut self, id: u32) -> bool;
-    /// Asks VM `id`'s guest to pause, unpause or power down; false if it
-    /// does not run. The answer comes as [`VmEvent::CommandDone`].
-    fn command(&mut self, id: u32, command: VmCommand) -> bool;
+    /// Asks VM `id`'s guest to pause, unpause, power down, ... with the
+    /// client's descriptor for a command that
+    /// [`takes_fd`](VmCommand::takes_fd); false if it does not run. The
+    /// answer comes as [`VmEvent::CommandDone`], after any number of
+    /// [`VmEvent::CommandProgress`].
+    fn command(&mut self, id: u32, command: VmCommand, fd: Option<OwnedFd>) -> bool;
     /// Releases what was kept of VM `id` for a restart that did not come.
     fn discard_parked(&mut self, id: u32);
     /// What `status` shows of a running VM.
@@ -145,6 +149,12 @@ pub enum VmEvent {
         id: u32,
     },
     CommandDone(CommandDone),
+    /// VM `id`'s long command is under way (`note`: how far).
+    CommandProgress {
+        id: u32,
+        command: VmCommand,
+        note: String,
+    },
     /// VM `id`'s files are open and its VM process runs.
     Launched {
         id: u32,
@@ -153,4 +163,26 @@ pub enum VmEvent {
     },
     /// VM `id` ended, or its start failed before it was launched.
     Ended(VmEnded),
+    /// VM `id` was launched with local interfaces, configured and up: the
+    /// DHCP server is to serve them.
+    LocalInterfaces {
+        id: u32,
+        name: String,
+        nics: Vec<LocalNic>,
+        /// `boot device net`: the leases carry `auto_install`.
+        net_boot: bool,
+    },
+    /// VM `id`'s taps are closed (it has ended, not for a reboot).
+    InterfacesClosed {
+        id: u32,
+    },
+}
+
+/// A local interface of a launched VM: its index in the VM, its tap's
+/// ifindex and the guest's MAC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalNic {
+    pub index: u32,
+    pub ifindex: u32,
+    pub mac: [u8; 6],
 }

@@ -38,9 +38,12 @@
 //! root, mode 0600, when the VM ends.
 
 use crate::log::{self, log_debug, log_info, log_warn};
-use crate::parent::backend::{Backend, CommandDone, Requester, RunInfo, VmEnded, VmEvent};
+use crate::parent::backend::{
+    Backend, CommandDone, LocalNic, Requester, RunInfo, VmEnded, VmEvent,
+};
 use crate::parent::helper::{self, Answered, Helper, HelperError};
 use crate::parent::net::{Net, NetStatus};
+use crate::parent::uidlock::{UidLocks, UID_LOCK_DIR};
 use crate::parent::userfiles::{self, Opened, UserFilesError, Want, OPEN_TIMEOUT};
 use crate::proc;
 use common::config::{Accel, BootDevice, Globals, UidRange, VmConfig};
@@ -56,7 +59,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::{Gid, Group, Pid, Uid, User};
 use std::fs::OpenOptions;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -74,6 +77,8 @@ pub const FILES_TIMEOUT: Duration = Duration::from_secs(OPEN_TIMEOUT.as_secs() +
 /// At most this many processes of a guest are believed (the VM process
 /// names them).
 const MAX_GUEST_PIDS: usize = 16;
+/// The longest progress note of a VM process passed on to vmctl.
+const MAX_NOTE: usize = 200;
 /// How often a reaped VM's guest processes are looked for while they exit.
 const GONE_POLL: Duration = Duration::from_millis(10);
 /// How long a reaped VM's guest processes have to disappear before the
@@ -97,6 +102,8 @@ pub enum StartError {
     AlreadyRunning(u32),
     #[error("{0} not built yet")]
     NotBuilt(&'static str),
+    #[error("boot device net needs a local interface (-L or `local interface`), whose DHCP lease names auto_install")]
+    NetBootWithoutLocal,
     #[error("vmm bios firmware file not found.")]
     BiosMissing,
     #[error("could not find specified iso image")]
@@ -117,6 +124,8 @@ pub enum StartError {
     UserFiles(UserFilesError),
     #[error("could not open disk image(s): {0} is in use by another VM")]
     DiskInUse(String),
+    #[error("cannot reserve a uid for the VM: {0}")]
+    UidLock(String),
     #[error("no free uid in uid range {first}-{last}: stop a VM or widen `uid range` in vm.conf")]
     NoUid { first: u32, last: u32 },
     #[error("accel kvm: {0}")]
@@ -259,6 +268,9 @@ pub struct Launcher {
     /// (uid, pid) of guest processes of ended VMs that had not exited yet: their
     /// uids are not given to another VM until they have.
     lingering: Vec<(u32, u32)>,
+    /// The uids taken (running, ending, lingering), locked host-wide so
+    /// that no other vmd gives them to a VM.
+    uid_locks: UidLocks,
     /// Events for the parent's loop to collect.
     events: Vec<VmEvent>,
     next_helper: usize,
@@ -285,6 +297,7 @@ impl Launcher {
             logs: Vec::new(),
             ending: Vec::new(),
             lingering: Vec::new(),
+            uid_locks: UidLocks::new(Path::new(UID_LOCK_DIR)),
             events: Vec::new(),
             next_helper: HELPER_TOKEN_BASE,
         }
@@ -339,7 +352,7 @@ impl Launcher {
         // Its taps now (a restart after a reboot finds them made); their
         // netlink steps run while the helper opens the files.
         self.net
-            .vm_start(id, vm, &globals.local_prefix)
+            .vm_start(id, vm, globals)
             .map_err(|e| StartError::Net(format!("vm {}: {e}", vm.name)))?;
         let console_log = Path::new(&globals.console_log_dir).join(format!("{}.console", vm.name));
         let taken = self.taken_uids();
@@ -442,7 +455,31 @@ impl Launcher {
         let id = pending.id;
         let name = pending.vm.name.clone();
         match launched {
-            Ok((pid, tty)) => self.events.push(VmEvent::Launched { id, pid, tty }),
+            Ok((pid, tty)) => {
+                self.events.push(VmEvent::Launched { id, pid, tty });
+                let interfaces = pending.vm.effective_interfaces();
+                let nics: Vec<LocalNic> = self
+                    .net
+                    .vm_local_taps(id)
+                    .into_iter()
+                    .map(|(index, ifindex)| LocalNic {
+                        index: index as u32,
+                        ifindex,
+                        mac: interfaces
+                            .get(index)
+                            .and_then(|i| i.lladdr)
+                            .unwrap_or_default(),
+                    })
+                    .collect();
+                if !nics.is_empty() {
+                    self.events.push(VmEvent::LocalInterfaces {
+                        id,
+                        name,
+                        nics,
+                        net_boot: pending.vm.boot_device == Some(BootDevice::Net),
+                    });
+                }
+            }
             Err(e) => {
                 log_debug!("vm {name} (vm {id}): not launched: {e}");
                 // A reboot's pty not taken up goes back to root.
@@ -484,13 +521,22 @@ impl Launcher {
         };
         let (id, vm) = (pending.id, &pending.vm);
         let taken = self.taken_uids();
-        let uid = free_uids
-            .into_iter()
-            .find(|uid| !taken.contains(uid))
-            .ok_or(StartError::NoUid {
-                first: pending.uid_range.first,
-                last: pending.uid_range.last,
-            })?;
+        let mut uid = None;
+        for candidate in free_uids.into_iter().filter(|u| !taken.contains(u)) {
+            // Another vmd may hold it (same `uid range`): the next one.
+            if self
+                .uid_locks
+                .take(candidate)
+                .map_err(StartError::UidLock)?
+            {
+                uid = Some(candidate);
+                break;
+            }
+        }
+        let uid = uid.ok_or(StartError::NoUid {
+            first: pending.uid_range.first,
+            last: pending.uid_range.last,
+        })?;
         let pty = match pending.parked.take() {
             Some(parked) => reuse_pty(parked, pending.tty_owner, vm.owner.gid, tty_gid),
             None => open_pty(pending.tty_owner, vm.owner.gid, tty_gid),
@@ -643,10 +689,12 @@ impl Launcher {
         true
     }
 
-    /// Asks VM `id`'s guest to pause, unpause or power down; false if it
-    /// does not run. The answer comes as a [`VmEvent::CommandDone`]. A
-    /// start still opening its files is powered down by giving it up.
-    fn command(&mut self, id: u32, command: VmCommand) -> bool {
+    /// Asks VM `id`'s guest to pause, unpause, power down, ... (with the
+    /// client's descriptor, made non-blocking so that the VM process's
+    /// loop never waits on it); false if it does not run. The answer comes
+    /// as a [`VmEvent::CommandDone`]. A start still opening its files is
+    /// powered down by giving it up.
+    fn command(&mut self, id: u32, command: VmCommand, fd: Option<OwnedFd>) -> bool {
         if command == VmCommand::Powerdown && self.cancel_start(id) {
             return true;
         }
@@ -656,10 +704,21 @@ impl Launcher {
         let Some(channel) = vm.channel.as_mut() else {
             return false;
         };
-        match channel.send(Frame::new(Message::VmCommand { command })) {
+        let name = command.name();
+        if let Some(fd) = &fd {
+            if let Err(e) = set_nonblocking(fd.as_fd()) {
+                log_warn!("vm {}: {name}: the client's descriptor: {e}", vm.name);
+                return false;
+            }
+        }
+        let frame = Frame {
+            fd,
+            ..Frame::new(Message::VmCommand { command })
+        };
+        match channel.send(frame) {
             Ok(_) => true,
             Err(e) => {
-                log_warn!("vm {}: sending {command:?}: {e}", vm.name);
+                log_warn!("vm {}: sending {name}: {e}", vm.name);
                 false
             }
         }
@@ -858,6 +917,12 @@ impl Launcher {
                 self.events.push(VmEvent::Running { id });
             }
             Message::VmShutdown { reason } => vm.guest_reason = Some(reason),
+            Message::VmCommandProgress { command, note } => {
+                let id = vm.id;
+                let note: String = note.chars().take(MAX_NOTE).collect();
+                self.events
+                    .push(VmEvent::CommandProgress { id, command, note })
+            }
             Message::VmCommandDone { command, error } => {
                 let id = vm.id;
                 self.events
@@ -1039,15 +1104,18 @@ impl Launcher {
     }
 
     /// The uids a new VM may not have: running VMs', and those of guest processes
-    /// of ended VMs still exiting.
+    /// of ended VMs still exiting. The locks of the others are let go.
     fn taken_uids(&mut self) -> Vec<u32> {
         self.lingering.retain(|&(uid, pid)| holds_files(pid, uid));
-        self.vms
+        let taken: Vec<u32> = self
+            .vms
             .iter()
             .map(|v| v.uid)
             .chain(self.lingering.iter().map(|&(uid, _)| uid))
             .chain(self.ending.iter().map(|e| e.uid))
-            .collect()
+            .collect();
+        self.uid_locks.keep_only(&taken);
+        taken
     }
 }
 
@@ -1067,8 +1135,8 @@ impl Backend for Launcher {
         Launcher::force_stop(self, id)
     }
 
-    fn command(&mut self, id: u32, command: VmCommand) -> bool {
-        Launcher::command(self, id, command)
+    fn command(&mut self, id: u32, command: VmCommand, fd: Option<OwnedFd>) -> bool {
+        Launcher::command(self, id, command, fd)
     }
 
     fn discard_parked(&mut self, id: u32) {
@@ -1092,7 +1160,9 @@ impl Backend for Launcher {
     }
 
     fn reaped(&mut self, pid: Pid, status: WaitStatus) {
-        Launcher::reaped(self, pid, status)
+        Launcher::reaped(self, pid, status);
+        // A VM whose processes are all gone lets its uid go.
+        self.taken_uids();
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -1104,7 +1174,8 @@ impl Backend for Launcher {
     }
 
     fn settle(&mut self) {
-        self.settle_ending(Instant::now())
+        self.settle_ending(Instant::now());
+        self.taken_uids();
     }
 
     fn is_ending(&self) -> bool {
@@ -1112,6 +1183,9 @@ impl Backend for Launcher {
     }
 
     fn take_events(&mut self) -> Vec<VmEvent> {
+        let closed = self.net.take_released().into_iter();
+        self.events
+            .extend(closed.map(|id| VmEvent::InterfacesClosed { id }));
         std::mem::take(&mut self.events)
     }
 
@@ -1185,15 +1259,45 @@ fn launch_files_work(
 const FREE_UIDS: usize = 16;
 
 /// The first uids of `range` not `taken` that are neither a user nor a
-/// group in the system's databases (runs in a helper: lookups can hang).
+/// group in the system's databases and that no process runs as (runs in
+/// a helper: lookups can hang).
 fn free_uids(range: UidRange, taken: &[u32]) -> Vec<u32> {
+    let running = uids_of_processes();
     (range.first..=range.last)
-        .filter(|uid| !taken.contains(uid))
+        .filter(|uid| !taken.contains(uid) && !running.contains(uid))
         .filter(|&uid| {
             matches!(User::from_uid(Uid::from_raw(uid)), Ok(None))
                 && matches!(Group::from_gid(Gid::from_raw(uid)), Ok(None))
         })
         .take(FREE_UIDS)
+        .collect()
+}
+
+/// Every uid a live process has (real, effective, saved or file system),
+/// from /proc.
+fn uids_of_processes() -> std::collections::BTreeSet<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Default::default();
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
+        .filter_map(|status| {
+            let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+            Some(
+                line[4..]
+                    .split_whitespace()
+                    .filter_map(|u| u.parse::<u32>().ok())
+                    .collect::<Vec<u32>>(),
+            )
+        })
+        .flatten()
         .collect()
 }
 
@@ -1236,10 +1340,11 @@ pub fn launch_check_built(vm: &VmConfig) -> Result<(), StartError> {
             return Err(StartError::NotBuilt("rdomain is"));
         }
     }
-    if vm.boot_device == Some(BootDevice::Net) {
-        return Err(StartError::NotBuilt(
-            "boot device net (-B net) arrives with networking and is",
-        ));
+    // As in OpenBSD, no PXE: the VM boots its kernel, and the DHCP lease
+    // of its local interface carries `auto_install`.
+    if vm.boot_device == Some(BootDevice::Net) && !vm.effective_interfaces().iter().any(|i| i.local)
+    {
+        return Err(StartError::NetBootWithoutLocal);
     }
     if !crate::vm::backend_built(vm) {
         return Err(StartError::NotBuilt("backend kvm is"));
@@ -1646,6 +1751,14 @@ fn process_rss(pid: u32, uid: u32) -> Option<u64> {
         .parse()
         .ok()?;
     Some(kb * 1024)
+}
+
+/// Adds O_NONBLOCK to `fd`'s open file description, keeping its other
+/// flags (a client's descriptor may be opened for appending).
+fn set_nonblocking(fd: BorrowedFd) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_retain(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)).map(|_| ())
 }
 
 #[cfg(test)]

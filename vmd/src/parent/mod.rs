@@ -3,8 +3,9 @@
 //! the seam to what runs VMs (backend.rs) and the real backend, which
 //! launches VM processes (launch.rs), the forked helpers that do
 //! whatever could wait (helper.rs) and the rules that open VMs' files
-//! with the right user's rights (userfiles.rs), and guest networking:
-//! taps, switches' bridges over netlink, the state file (net/).
+//! with the right user's rights (userfiles.rs), guest networking: taps,
+//! switches' bridges over netlink, the state file (net/), and the packet
+//! sockets of the DHCP server on local interfaces (dhcp.rs).
 //!
 //! The loop starts control and switch, writes their log lines, restarts
 //! them when they die, and stops them on SIGTERM or SIGINT. It holds the
@@ -24,14 +25,17 @@
 //! still exiting (at most GUEST_GONE_WAIT).
 
 pub mod backend;
+pub mod dhcp;
 pub mod helper;
 pub mod launch;
 pub mod net;
 pub mod registry;
+pub mod uidlock;
 pub mod userfiles;
 
 use crate::log::{self, log_debug, log_info, log_warn};
-use crate::parent::backend::{CommandDone, VmEnded, VmEvent};
+use crate::parent::backend::{CommandDone, LocalNic, VmEnded, VmEvent};
+use crate::parent::dhcp::{DhcpError, LocalDhcp, LocalInterface};
 use crate::parent::helper::{Answered, Helper, HelperError};
 use crate::parent::launch::{Launcher, FILES_TIMEOUT};
 use crate::parent::registry::{Ended, Registry};
@@ -47,7 +51,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::io::ErrorKind;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -63,7 +67,7 @@ const RESTART_BACKOFF: Duration = Duration::from_secs(10);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// How long the longest command waits for the VM process to confirm
 /// (each has its own, [`VmCommand::reply_timeout`]).
-const COMMAND_REPLY_TIMEOUT: Duration = VmCommand::longest_reply_timeout();
+const COMMAND_REPLY_TIMEOUT: Duration = common::imsg::LONGEST_COMMAND_REPLY;
 // vmctl gives up on an answer after ANSWER_TIMEOUT (START_ANSWER_TIMEOUT
 // for a start): every deadline vmd keeps before it answers ends first.
 const _: () = assert!(
@@ -111,6 +115,48 @@ pub struct ParentOptions {
     pub defines: Vec<(String, String)>,
     /// The configuration as read at startup.
     pub config: Config,
+}
+
+/// The longest text a probe writes to its client's descriptor.
+const MAX_PROBE_TEXT: usize = 4096;
+
+/// Why a probe ([`CtlRequest::Probe`]) is refused: always, unless this
+/// vmd was built for the tests; a text longer than [`MAX_PROBE_TEXT`].
+fn probe_refusal(command: &VmCommand) -> Option<CtlError> {
+    if !cfg!(any(test, feature = "test-triggers")) {
+        return Some(CtlError::explained(
+            nix::errno::Errno::EINVAL,
+            "probe is a test command: this vmd was built without the test-triggers feature",
+        ));
+    }
+    match command {
+        VmCommand::Probe { text, .. } if text.len() > MAX_PROBE_TEXT => Some(CtlError::explained(
+            nix::errno::Errno::EINVAL,
+            format!("a probe's text is at most {MAX_PROBE_TEXT} bytes"),
+        )),
+        _ => None,
+    }
+}
+
+/// VM `vmid`'s `command` made progress at `now`: the replies held for it
+/// get a new deadline (a command's reply timeout is the longest it may
+/// go without news). Their clients, to tell.
+fn progress_made(
+    replies: &mut [PendingReply],
+    vmid: u32,
+    command: VmCommand,
+    now: Instant,
+) -> Vec<(Token, u32)> {
+    let deadline = now + command.reply_timeout();
+    let held = Held::Command(command);
+    replies
+        .iter_mut()
+        .filter(|r| r.vmid == vmid && r.held == held)
+        .map(|r| {
+            r.deadline = deadline;
+            (r.token, r.peer)
+        })
+        .collect()
 }
 
 /// Keeps error lines within one frame: the first ones that fit, and a
@@ -211,6 +257,8 @@ struct Parent {
     held_status: Vec<(Token, u32)>,
     /// Configuration files helpers are reading.
     loads: Vec<PendingLoad>,
+    /// Local interfaces switch serves DHCP on, with their sockets.
+    dhcp: LocalDhcp,
 }
 
 /// A configuration file a helper reads for `load`, `reload` or SIGHUP.
@@ -242,6 +290,8 @@ pub fn parent_main(opts: ParentOptions) -> ExitCode {
             parent.begin_shutdown(ExitCode::FAILURE);
         }
     }
+    #[cfg(feature = "test-triggers")]
+    parent.dhcp_serve_test_interfaces();
     parent.run()
 }
 
@@ -294,6 +344,7 @@ fn parent_init(opts: ParentOptions) -> Result<Parent, ParentError> {
         replies: Vec::new(),
         held_status: Vec::new(),
         loads: Vec::new(),
+        dhcp: LocalDhcp::default(),
     })
 }
 
@@ -467,8 +518,18 @@ impl Parent {
                 match event {
                     VmEvent::Running { id } => self.vm_running(id),
                     VmEvent::CommandDone(done) => self.vm_command_done(done),
+                    VmEvent::CommandProgress { id, command, note } => {
+                        self.vm_command_progress(id, command, note)
+                    }
                     VmEvent::Launched { id, pid, tty } => self.vm_launched(id, pid, tty),
                     VmEvent::Ended(ended) => self.vm_ended(ended),
+                    VmEvent::LocalInterfaces {
+                        id,
+                        name,
+                        nics,
+                        net_boot,
+                    } => self.dhcp_serve_vm(id, &name, &nics, net_boot),
+                    VmEvent::InterfacesClosed { id } => self.dhcp_stop_vm(id),
                 }
             }
         }
@@ -604,10 +665,20 @@ impl Parent {
                         self.socket_bound = true;
                         self.set_socket_owner();
                     }
+                    if role == Role::Switch {
+                        // Started or restarted: every socket, again.
+                        for frame in self.dhcp.frames() {
+                            self.send(token, frame);
+                        }
+                    }
                 }
             }
             Message::CtlForward { creds, request } if role == Role::Control => {
-                self.dispatch_control(token, frame.peer_id, &creds, request)
+                self.dispatch_control(token, frame.peer_id, &creds, request, frame.fd)
+            }
+            Message::SwitchPortGone { port } if role == Role::Switch => {
+                log_debug!("dhcp {port}: its interface is gone");
+                self.dhcp.gone(port);
             }
             Message::Log { level, text } => log::write_line(level, &format!("{name}: {text}")),
             Message::RefusedSyscall { nr, name: call } => {
@@ -617,13 +688,16 @@ impl Parent {
         }
     }
 
-    /// Answers one vmctl command forwarded by control for connection `peer`.
+    /// Answers one vmctl command forwarded by control for connection
+    /// `peer`, with the client's descriptor `fd` for a request that
+    /// [`takes_fd`](CtlRequest::takes_fd).
     fn dispatch_control(
         &mut self,
         token: Token,
         peer: u32,
         creds: &Credentials,
         request: CtlRequest,
+        fd: Option<OwnedFd>,
     ) {
         log_debug!(
             "{} from uid {} (connection {peer})",
@@ -657,6 +731,10 @@ impl Parent {
         // Control refuses these already; a second look costs nothing.
         if !creds.is_root() && !request.open_to_users() {
             self.send(token, fail(libc::EPERM, Vec::new()));
+            return;
+        }
+        if let Some(why) = common::ctl::fd_refusal(&request, fd.is_some()) {
+            self.send(token, fail(libc::EINVAL, vec![why]));
             return;
         }
         let answer = match request {
@@ -719,6 +797,25 @@ impl Parent {
                 self.set_verbosity(level);
                 reply(Message::CtlOk { lines: Vec::new() })
             }
+            CtlRequest::Probe {
+                target,
+                text,
+                steps,
+            } => {
+                let command = VmCommand::Probe { text, steps };
+                let result = match (probe_refusal(&command), fd) {
+                    (None, Some(fd)) => {
+                        self.registry
+                            .command_with_fd(&target, command.clone(), fd, creds)
+                    }
+                    // (no descriptor: fd_refusal said so already)
+                    (refusal, _) => Err(refusal.unwrap_or(CtlError::Errno(libc::EBADF))),
+                };
+                match self.hold_reply(result, Held::Command(command), token, peer) {
+                    Some(error) => vm_result(Err(error)),
+                    None => return,
+                }
+            }
         };
         self.send(token, answer);
     }
@@ -770,11 +867,30 @@ impl Parent {
     /// A VM process answered a command: the registry updates the VM, and
     /// the pause or unpause waiting for it gets its answer.
     fn vm_command_done(&mut self, done: CommandDone) {
+        let command = Held::Command(done.command.clone());
         let result = self
             .registry
             .command_done(done.id, done.command, done.error);
-        let command = Held::Command(done.command);
         self.answer_pending(done.id, |held| *held == command, result);
+    }
+
+    /// A VM process reports that a long command is under way: its client
+    /// hears how far, and its reply deadline starts again.
+    fn vm_command_progress(&mut self, vmid: u32, command: VmCommand, note: String) {
+        let clients = progress_made(&mut self.replies, vmid, command, Instant::now());
+        for (token, peer) in clients {
+            let progress = Message::CtlProgress {
+                vmid,
+                note: note.clone(),
+            };
+            self.send(
+                token,
+                Frame {
+                    peer_id: peer,
+                    ..Frame::new(progress)
+                },
+            );
+        }
     }
 
     /// Answers the held replies of VM `vmid` that `which` selects.
@@ -1031,6 +1147,102 @@ impl Parent {
         let _ = kill(child.pid, Signal::SIGKILL);
     }
 
+    /// Starts serving DHCP on a local interface: opens its packet socket
+    /// and passes it to switch (now if switch is ready, else when it is).
+    /// The caller (the local tap's setup) gives the tap's ifindex and the
+    /// VM's name, id, interface index, MAC and whether it boots from the
+    /// network; the addresses come from `local prefix`.
+    pub(crate) fn dhcp_serve(&mut self, nic: &LocalInterface) -> Result<(), DhcpError> {
+        let frame = self.dhcp.serve(self.registry.globals.local_prefix, nic)?;
+        if let Some(token) = self.switch_token() {
+            self.send(token, frame);
+        }
+        Ok(())
+    }
+
+    /// VM `vmid` was launched with local interfaces: DHCP serves each (a
+    /// restart after a reboot serves them anew). One that cannot be
+    /// served is logged; the guest runs without its lease.
+    fn dhcp_serve_vm(&mut self, vmid: u32, name: &str, nics: &[LocalNic], net_boot: bool) {
+        for nic in nics {
+            let local = LocalInterface {
+                ifindex: nic.ifindex,
+                vm_name: name,
+                vmid,
+                index: nic.index,
+                mac: nic.mac,
+                net_boot,
+            };
+            match self.dhcp_serve(&local) {
+                Ok(()) => log_debug!("{name}: dhcp serves interface {}", nic.index),
+                Err(e) => log_warn!("{name}: no DHCP on interface {}: {e}", nic.index),
+            }
+        }
+    }
+
+    /// VM `vmid`'s taps are closed: its interfaces are served no more.
+    fn dhcp_stop_vm(&mut self, vmid: u32) {
+        for frame in self.dhcp.stop_vm(vmid) {
+            if let Some(token) = self.switch_token() {
+                self.send(token, frame);
+            }
+        }
+    }
+
+    /// The switch child, once it has dropped its privileges.
+    fn switch_token(&self) -> Option<Token> {
+        self.children
+            .iter()
+            .find(|c| c.role == Role::Switch && c.ready && c.channel.is_some())
+            .map(|c| c.token)
+    }
+
+    /// Test builds: serve the interfaces VMD_TEST_DHCP_SERVE names
+    /// (trigger.rs); one that cannot be served shuts vmd down.
+    #[cfg(feature = "test-triggers")]
+    fn dhcp_serve_test_interfaces(&mut self) {
+        let specs = match crate::trigger::dhcp_serve() {
+            Ok(specs) => specs,
+            Err(e) => {
+                log_warn!("{e}");
+                self.begin_shutdown(ExitCode::FAILURE);
+                return;
+            }
+        };
+        for spec in specs {
+            let name = std::ffi::CString::new(spec.ifname.as_str()).unwrap_or_default();
+            // SAFETY: reads a NUL-terminated name we own.
+            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            if ifindex == 0 {
+                let e = std::io::Error::last_os_error();
+                log_warn!("VMD_TEST_DHCP_SERVE: no interface {}: {e}", spec.ifname);
+                self.begin_shutdown(ExitCode::FAILURE);
+                return;
+            }
+            let nic = LocalInterface {
+                ifindex,
+                vm_name: &spec.vm_name,
+                vmid: spec.vmid,
+                index: spec.index,
+                mac: spec.mac,
+                net_boot: spec.net_boot,
+            };
+            match self.dhcp_serve(&nic) {
+                Ok(()) => log_debug!(
+                    "dhcp: serving {} as vm {} interface {}",
+                    spec.ifname,
+                    spec.vmid,
+                    spec.index
+                ),
+                Err(e) => {
+                    log_warn!("{e}");
+                    self.begin_shutdown(ExitCode::FAILURE);
+                    return;
+                }
+            }
+        }
+    }
+
     /// Collects dead children, says why they died, restarts them.
     fn reap(&mut self) {
         loop {
@@ -1166,6 +1378,42 @@ impl Parent {
             if let Err(e) = std::fs::remove_file(path) {
                 log_warn!("cannot remove {}: {e}", path.display());
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_moves_only_its_commands_deadline() {
+        let t0 = Instant::now();
+        let probe = VmCommand::Probe {
+            text: String::new(),
+            steps: 1,
+        };
+        let held = |vmid, held, peer| PendingReply {
+            vmid,
+            held,
+            token: Token(1),
+            peer,
+            deadline: t0 + Duration::from_secs(1),
+        };
+        let mut replies = vec![
+            held(1, Held::Command(probe.clone()), 10),
+            held(1, Held::Command(VmCommand::Pause), 11),
+            held(2, Held::Command(probe.clone()), 12),
+            held(1, Held::Start, 13),
+        ];
+        let later = t0 + Duration::from_secs(5);
+        assert_eq!(
+            progress_made(&mut replies, 1, probe.clone(), later),
+            [(Token(1), 10)]
+        );
+        assert_eq!(replies[0].deadline, later + probe.reply_timeout());
+        for other in &replies[1..] {
+            assert_eq!(other.deadline, t0 + Duration::from_secs(1));
         }
     }
 }

@@ -35,6 +35,7 @@ use common::imsg::VmCommand;
 use common::name::check_vm_name;
 use common::status::{VmInfo, VmState};
 use nix::errno::Errno;
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 /// What start, stop, pause and unpause answer until the VM backend lands.
@@ -784,7 +785,7 @@ impl Registry {
         if let Some(refusal) = self.pause_refusal(index, true) {
             return Err(refusal);
         }
-        self.backend_command(index, VmCommand::Pause)?;
+        self.backend_command(index, VmCommand::Pause, None)?;
         Ok(self.vms[index].vmid)
     }
 
@@ -794,7 +795,28 @@ impl Registry {
         if let Some(refusal) = self.pause_refusal(index, false) {
             return Err(refusal);
         }
-        self.backend_command(index, VmCommand::Unpause)?;
+        self.backend_command(index, VmCommand::Unpause, None)?;
+        Ok(self.vms[index].vmid)
+    }
+
+    /// A command with the client's descriptor (`vmctl` -> control ->
+    /// here -> the VM process) for VM `target`, if it runs;
+    /// [`Registry::command_done`] has the answer.
+    pub fn command_with_fd(
+        &mut self,
+        target: &VmTarget,
+        command: VmCommand,
+        fd: OwnedFd,
+        creds: &Credentials,
+    ) -> Result<u32, CtlError> {
+        let index = self.find_permitted(target, creds)?;
+        if !matches!(self.vms[index].state, VmState::Running | VmState::Paused) {
+            return Err(explained(
+                Errno::EINVAL,
+                format!("vm {} is not running", self.vms[index].name()),
+            ));
+        }
+        self.backend_command(index, command, Some(fd))?;
         Ok(self.vms[index].vmid)
     }
 
@@ -817,6 +839,12 @@ impl Registry {
                     log_warn!("{}: vm {vmid}: the power button failed: {e}", vm.name());
                 }
                 return Ok(vmid);
+            }
+            VmCommand::Probe { .. } => {
+                return match error {
+                    Some(e) => Err(CtlError::Text(e)),
+                    None => Ok(vmid),
+                };
             }
         };
         if let Some(e) = error {
@@ -989,7 +1017,7 @@ impl Registry {
     /// kills it (`force`).
     fn backend_stop(&mut self, index: usize, force: bool) -> Result<(), CtlError> {
         if !force {
-            return self.backend_command(index, VmCommand::Powerdown);
+            return self.backend_command(index, VmCommand::Powerdown, None);
         }
         let vmid = self.vms[index].vmid;
         let Some(backend) = self.backend.as_mut() else {
@@ -1004,16 +1032,22 @@ impl Registry {
     }
 
     /// Sends the running VM at `index` a command for its guest.
-    fn backend_command(&mut self, index: usize, command: VmCommand) -> Result<(), CtlError> {
+    fn backend_command(
+        &mut self,
+        index: usize,
+        command: VmCommand,
+        fd: Option<OwnedFd>,
+    ) -> Result<(), CtlError> {
         let vmid = self.vms[index].vmid;
         let Some(backend) = self.backend.as_mut() else {
-            log_debug!("{command:?} vm {vmid}: no backend");
+            log_debug!("{} vm {vmid}: no backend", command.name());
             return Err(CtlError::Text(BACKEND_MISSING.into()));
         };
-        match (backend.command(vmid, command), command) {
+        let powerdown = command == VmCommand::Powerdown;
+        match (backend.command(vmid, command, fd), powerdown) {
             (true, _) => Ok(()),
             // The VM process is gone (its end is on the way).
-            (false, VmCommand::Powerdown) => Err(CtlError::StopInvalid),
+            (false, true) => Err(CtlError::StopInvalid),
             (false, _) => Err(explained(
                 Errno::EINVAL,
                 format!("vm {} is not running", self.vms[index].name()),
@@ -1141,7 +1175,7 @@ mod tests {
             state.force_stops.push(id);
             state.running.contains(&id)
         }
-        fn command(&mut self, id: u32, command: VmCommand) -> bool {
+        fn command(&mut self, id: u32, command: VmCommand, _fd: Option<OwnedFd>) -> bool {
             let mut state = self.0.borrow_mut();
             state.commands.push((id, command));
             state.running.contains(&id)

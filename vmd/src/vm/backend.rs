@@ -14,6 +14,7 @@
 use crate::seccomp::RoleFilter;
 use common::imsg::VmCommand;
 use mio::{Registry, Token};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Instant;
 
 /// Tokens below this are the VM process's own (parent, console).
@@ -26,6 +27,8 @@ pub enum BackendEvent {
     Running { pids: Vec<u32> },
     /// The guest powered off or reset (`reason` as the backend names it).
     Shutdown { reason: String },
+    /// A long command is under way (`note`: how far).
+    CommandProgress { command: VmCommand, note: String },
     /// A command from the parent is done (or refused, with why).
     CommandDone {
         command: VmCommand,
@@ -66,9 +69,11 @@ pub trait Backend {
     /// One of the backend's tokens is ready.
     fn on_ready(&mut self, token: Token, buf: &mut [u8]);
 
-    /// A command from the parent; its answer comes as
-    /// [`BackendEvent::CommandDone`].
-    fn command(&mut self, command: VmCommand);
+    /// A command from the parent, with the client's descriptor when it
+    /// [`takes_fd`](VmCommand::takes_fd) (the VM process checked); its
+    /// answer comes as [`BackendEvent::CommandDone`], after any number of
+    /// [`BackendEvent::CommandProgress`].
+    fn command(&mut self, command: VmCommand, fd: Option<OwnedFd>);
 
     /// What happened since the last call.
     fn take_events(&mut self) -> Vec<BackendEvent>;
@@ -88,4 +93,28 @@ pub trait Backend {
     /// Collects what is left and says how the backend ended. `wait_until`
     /// waits for events until a deadline (false once it has passed).
     fn finish(&mut self, wait_until: &mut dyn FnMut(Instant) -> bool) -> Ended;
+}
+
+/// [`VmCommand::Probe`], the same for every backend: `steps` progress
+/// notes, then `text` written to the client's descriptor.
+pub fn probe(command: &VmCommand, text: &str, steps: u8, fd: Option<OwnedFd>) -> Vec<BackendEvent> {
+    let mut events: Vec<BackendEvent> = (1..=steps)
+        .map(|step| BackendEvent::CommandProgress {
+            command: command.clone(),
+            note: format!("step {step} of {steps}"),
+        })
+        .collect();
+    let error = match fd {
+        None => Some("no descriptor came with the probe".to_string()),
+        // Never blocks the loop: the parent made the descriptor
+        // non-blocking, and what does not fit now is an error.
+        Some(fd) => super::console::write_all(fd.as_raw_fd(), text.as_bytes())
+            .err()
+            .map(|e| format!("writing to the client's descriptor: {e}")),
+    };
+    events.push(BackendEvent::CommandDone {
+        command: command.clone(),
+        error,
+    });
+    events
 }

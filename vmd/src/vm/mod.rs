@@ -466,6 +466,9 @@ impl Vm {
             let message = match event {
                 BackendEvent::Running { pids } => Message::VmRunning { pids },
                 BackendEvent::Shutdown { reason } => Message::VmShutdown { reason },
+                BackendEvent::CommandProgress { command, note } => {
+                    Message::VmCommandProgress { command, note }
+                }
                 BackendEvent::CommandDone { command, error } => {
                     Message::VmCommandDone { command, error }
                 }
@@ -501,7 +504,11 @@ impl Vm {
                     log_debug!("console log rotated");
                     self.console.replace_log(fd, size);
                 }
-                (Message::VmCommand { command }, None) => self.backend.command(command),
+                // The parent sends a descriptor with exactly the commands
+                // that take one; anything else is a broken parent.
+                (Message::VmCommand { command }, fd) if command.takes_fd() == fd.is_some() => {
+                    self.backend.command(command, fd)
+                }
                 (other, _) => {
                     log_warn!("unexpected message {} from the parent", other.type_code().1)
                 }

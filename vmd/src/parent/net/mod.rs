@@ -32,7 +32,10 @@ pub mod tap;
 mod testns;
 
 use crate::log::{log_debug, log_info, log_warn};
-use common::config::{Interface, Ipv4Prefix, SwitchConfig, VmConfig};
+use common::config::{Globals, Interface, Ipv6Prefix, SwitchConfig, VmConfig};
+use common::local::{
+    local_addr4, local_addr6, LocalAddrError, Side, LOCAL_PREFIX6_LEN, LOCAL_PREFIX_LEN,
+};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use netlink::{Netlink, Reply, Request};
@@ -55,8 +58,10 @@ struct VmTap {
     alias: String,
     switch: Option<String>,
     up: bool,
-    /// A local interface: its host side's address.
+    /// A local interface: its host side's address, and with `local
+    /// inet6` its IPv6 one.
     host_addr: Option<std::net::Ipv4Addr>,
+    host_addr6: Option<std::net::Ipv6Addr>,
 }
 
 /// Where a VM's interfaces are.
@@ -132,6 +137,11 @@ pub struct Net {
     /// The daemon stops: remove the bridges once no VM holds a tap.
     stopping: bool,
     stop_queued: bool,
+    /// VMs whose taps were closed, for the DHCP server to forget.
+    released: Vec<u32>,
+    /// `local inet6` without a prefix: this daemon's random ULA /48
+    /// (fd00::/8 and 40 random bits, RFC 4193).
+    ula: Ipv6Prefix,
 }
 
 impl Net {
@@ -169,6 +179,8 @@ impl Net {
             current: None,
             stopping: false,
             stop_queued: false,
+            released: Vec::new(),
+            ula: random_ula(),
         };
         net.recover();
         net
@@ -278,7 +290,7 @@ impl Net {
     /// chosen) and queues their configuration; a restart after a reboot
     /// finds its taps still here. Err: a tap could not be made (none is
     /// kept).
-    pub fn vm_start(&mut self, id: u32, vm: &VmConfig, prefix: &Ipv4Prefix) -> Result<(), String> {
+    pub fn vm_start(&mut self, id: u32, vm: &VmConfig, globals: &Globals) -> Result<(), String> {
         if self.vms.iter().any(|v| v.id == id) {
             return Ok(());
         }
@@ -294,7 +306,7 @@ impl Net {
         }
         let mut taps = Vec::new();
         for (index, iface) in interfaces.iter().enumerate() {
-            taps.push(self.vm_tap(id, &vm.name, index, iface, prefix)?);
+            taps.push(self.vm_tap(id, &vm.name, index, iface, globals)?);
         }
         for t in &taps {
             log_info!(
@@ -334,24 +346,33 @@ impl Net {
         name: &str,
         index: usize,
         iface: &Interface,
-        prefix: &Ipv4Prefix,
+        globals: &Globals,
     ) -> Result<VmTap, String> {
         if let Some(sw) = &iface.switch {
             if !self.switches.iter().any(|s| s.name == *sw) {
                 return Err(format!("switch \"{sw}\" not found"));
             }
         }
-        let host_addr = if iface.local {
-            Some(
-                common::net::local_host_addr(prefix, id, index).ok_or_else(|| {
-                    format!(
-                        "local interface {index}: vm id {id} does not fit in local prefix {}/{}",
-                        prefix.addr, prefix.len
+        let local = |e: LocalAddrError| format!("local interface {index}: {e}");
+        let prefix = globals.local_prefix;
+        let (host_addr, host_addr6) = if iface.local {
+            let addr6 = match (globals.local_inet6, globals.local_prefix6) {
+                (false, _) => None,
+                (true, prefix6) => Some(
+                    local_addr6(
+                        prefix,
+                        prefix6.unwrap_or(self.ula),
+                        id,
+                        index as u32,
+                        Side::Host,
                     )
-                })?,
-            )
+                    .map_err(local)?,
+                ),
+            };
+            let addr = local_addr4(prefix, id, index as u32, Side::Host).map_err(local)?;
+            (Some(addr), addr6)
         } else {
-            None
+            (None, None)
         };
         let wanted = iface
             .tap
@@ -366,6 +387,7 @@ impl Net {
             switch: iface.switch.clone(),
             up: iface.up,
             host_addr,
+            host_addr6,
         })
     }
 
@@ -395,6 +417,22 @@ impl Net {
             .collect()
     }
 
+    /// VM `id`'s local interfaces: (index in the VM, the tap's ifindex).
+    pub fn vm_local_taps(&self, id: u32) -> Vec<(usize, u32)> {
+        self.vms
+            .iter()
+            .filter(|v| v.id == id)
+            .flat_map(|v| v.taps.iter())
+            .filter(|t| t.host_addr.is_some())
+            .map(|t| (t.index, t.tap.ifindex))
+            .collect()
+    }
+
+    /// The VMs whose taps were closed since the last call.
+    pub fn take_released(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.released)
+    }
+
     /// VM `id` has ended (not for a reboot): its taps are closed, so they
     /// vanish with everything set on them.
     pub fn vm_release(&mut self, id: u32) {
@@ -402,6 +440,7 @@ impl Net {
             return;
         };
         let vm = self.vms.remove(index);
+        self.released.push(id);
         let names: Vec<&str> = vm.taps.iter().map(|t| t.tap.name.as_str()).collect();
         log_debug!("vm {id}: closing {}", names.join(", "));
         self.state
@@ -757,23 +796,37 @@ impl Net {
                 };
                 return Next::Send(job(tap, 1), set);
             }
-            (1, Some(Reply::Ack)) => match t.host_addr {
-                Some(addr) => {
-                    let add = Request::AddAddress {
-                        index: t.tap.ifindex,
-                        addr,
-                        prefix_len: 31,
-                    };
-                    return Next::Send(job(tap, 2), add);
+            // Its host addresses, one request each: IPv4, then IPv6.
+            (1 | 2, Some(Reply::Ack)) => {
+                let addrs = [
+                    t.host_addr.map(|a| (IpAddr::V4(a), LOCAL_PREFIX_LEN)),
+                    t.host_addr6.map(|a| (IpAddr::V6(a), LOCAL_PREFIX6_LEN)),
+                ];
+                match addrs[stage as usize - 1..].iter().flatten().next() {
+                    Some(&(addr, prefix_len)) => {
+                        let next = if addr.is_ipv4() { 2 } else { 3 };
+                        let add = Request::AddAddress {
+                            index: t.tap.ifindex,
+                            addr,
+                            prefix_len,
+                        };
+                        return Next::Send(job(tap, next), add);
+                    }
+                    None => return self.step_vm(id, tap + 1, 0, None),
                 }
-                None => return self.step_vm(id, tap + 1, 0, None),
-            },
-            (2, Some(Reply::Ack)) => return self.step_vm(id, tap + 1, 0, None),
+            }
+            (3, Some(Reply::Ack)) => return self.step_vm(id, tap + 1, 0, None),
             (1, Some(Reply::Failed(e))) => failed(format!("cannot configure it: {e}")),
-            (2, Some(Reply::Failed(e))) => failed(format!(
-                "cannot add address {}/31: {e}",
-                t.host_addr.map(|a| a.to_string()).unwrap_or_default()
-            )),
+            (2 | 3, Some(Reply::Failed(e))) => {
+                let addr = match stage {
+                    2 => t.host_addr.map(|a| format!("{a}/{LOCAL_PREFIX_LEN}")),
+                    _ => t.host_addr6.map(|a| format!("{a}/{LOCAL_PREFIX6_LEN}")),
+                };
+                failed(format!(
+                    "cannot add address {}: {e}",
+                    addr.unwrap_or_default()
+                ))
+            }
             (_, other) => failed(format!("unexpected answer {other:?}")),
         };
         vm.status = status;
@@ -801,6 +854,28 @@ fn is_link_local(addr: &IpAddr) -> bool {
     match addr {
         IpAddr::V6(a) => (a.segments()[0] & 0xffc0) == 0xfe80,
         IpAddr::V4(_) => false,
+    }
+}
+
+/// A random unique local IPv6 prefix (RFC 4193): fd00::/8 and a 40-bit
+/// random global id, a /48.
+fn random_ula() -> Ipv6Prefix {
+    let mut id = [0u8; 5];
+    // SAFETY: getrandom writes at most five bytes into the buffer we own.
+    if unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) } != id.len() as isize {
+        // Never expected; the pid and time still differ between daemons.
+        let seed = std::process::id() as u64
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+        id.copy_from_slice(&seed.to_le_bytes()[..5]);
+    }
+    let mut octets = [0u8; 16];
+    octets[0] = 0xfd;
+    octets[1..6].copy_from_slice(&id);
+    Ipv6Prefix {
+        addr: std::net::Ipv6Addr::from(octets),
+        len: 48,
     }
 }
 
@@ -872,7 +947,15 @@ mod tests {
             for (i, iface) in vm.interfaces.iter_mut().enumerate() {
                 iface.lladdr = Some(common::net::generated_mac(i, [1, 2]));
             }
-            net.vm_start(7, &vm, &common::config::Globals::default().local_prefix)?;
+            let globals = common::config::Globals {
+                local_inet6: true,
+                local_prefix6: Some(common::config::Ipv6Prefix {
+                    addr: "fd00:1:2::".parse().map_err(|_| "ip")?,
+                    len: 64,
+                }),
+                ..Default::default()
+            };
+            net.vm_start(7, &vm, &globals)?;
             settle(&mut poll, &mut net)?;
             assert_eq!(net.vm_status(7), Some(NetStatus::Ready));
             let Reply::Links(links) = ask(&mut check, &Request::Links)? else {
@@ -897,6 +980,10 @@ mod tests {
                 return Err("no addresses".into());
             };
             assert!(addrs.contains(&(if1.index, "100.64.7.4".parse().map_err(|_| "ip")?)));
+            // local inet6: the prefix with the guest's IPv4 address in
+            // bytes 8 to 11, the host ::1 of a /96.
+            let v6 = "fd00:1:2:0:6440:705::1".parse().map_err(|_| "ip")?;
+            assert!(addrs.contains(&(if1.index, v6)), "{addrs:?}");
             assert_eq!(net.vm_taps(7)?.len(), 3);
             let saved = state::state_load(&net.state_path)
                 .map_err(|e| e.to_string())?
@@ -906,7 +993,7 @@ mod tests {
             // A tap name in use is refused, and nothing of the VM is kept.
             let mut clash = vm.clone();
             clash.interfaces[0].tap = Some("own0".into());
-            let refused = net.vm_start(8, &clash, &common::config::Globals::default().local_prefix);
+            let refused = net.vm_start(8, &clash, &globals);
             assert_eq!(
                 refused,
                 Err("interface 0: interface own0 exists already".to_string())

@@ -9,12 +9,12 @@ use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
     NLM_F_REQUEST,
 };
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressMessage};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use nix::errno::Errno;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
 
 /// One request to the kernel.
@@ -38,9 +38,11 @@ pub enum Request {
     Links,
     /// Every address (a dump).
     Addresses,
+    /// An IPv4 or IPv6 address (IPv6 without duplicate address
+    /// detection: the address is vmd's own, and usable at once).
     AddAddress {
         index: u32,
-        addr: Ipv4Addr,
+        addr: IpAddr,
         prefix_len: u8,
     },
 }
@@ -144,13 +146,19 @@ pub fn nl_build(req: &Request, seq: u32) -> Vec<u8> {
         } => {
             flags |= NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
             let mut msg = AddressMessage::default();
-            msg.header.family = AddressFamily::Inet;
             msg.header.prefix_len = *prefix_len;
             msg.header.index = *index;
-            msg.attributes
-                .push(AddressAttribute::Local(IpAddr::V4(*addr)));
-            msg.attributes
-                .push(AddressAttribute::Address(IpAddr::V4(*addr)));
+            match addr {
+                IpAddr::V4(_) => {
+                    msg.header.family = AddressFamily::Inet;
+                    msg.attributes.push(AddressAttribute::Local(*addr));
+                }
+                IpAddr::V6(_) => {
+                    msg.header.family = AddressFamily::Inet6;
+                    msg.header.flags = AddressHeaderFlags::Nodad;
+                }
+            }
+            msg.attributes.push(AddressAttribute::Address(*addr));
             RouteNetlinkMessage::NewAddress(msg)
         }
     };
@@ -336,6 +344,7 @@ pub mod tests {
     use crate::parent::net::tap::{tap_open, TAP_TEMPLATE};
     use crate::parent::net::testns::in_new_netns;
     use netlink_packet_core::NetlinkBuffer;
+    use std::net::Ipv4Addr;
 
     /// Sends `req` and waits for its answer (tests only: the parent never
     /// waits).
@@ -431,7 +440,7 @@ pub mod tests {
             assert!(port.up);
             let addr = Request::AddAddress {
                 index: tap.ifindex,
-                addr: Ipv4Addr::new(100, 64, 1, 2),
+                addr: IpAddr::V4(Ipv4Addr::new(100, 64, 1, 2)),
                 prefix_len: 31,
             };
             assert_eq!(ask(&mut nl, &addr)?, Reply::Ack);

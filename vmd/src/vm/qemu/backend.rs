@@ -12,7 +12,7 @@ use super::*;
 use crate::log::{log_debug, log_info, log_warn};
 use crate::seccomp::{Allowed, ArgRule, RoleFilter};
 use crate::vm::backend::ThreadRole;
-use crate::vm::backend::{Backend, BackendEvent, Ended, FIRST_BACKEND_TOKEN};
+use crate::vm::backend::{probe, Backend, BackendEvent, Ended, FIRST_BACKEND_TOKEN};
 use crate::vm::console::{read_some, write_all};
 use crate::vm::{set_nonblocking, sock_pair, StartFds, VmError};
 use common::imsg::{VmCommand, VmParams};
@@ -57,6 +57,9 @@ pub struct QemuBackend {
     qmp_state: QmpState,
     /// QEMU confirmed a `stop` (and no `cont` since).
     paused: bool,
+    /// Commands sent to QMP and not answered yet (their QMP id is their
+    /// name).
+    sent: Vec<VmCommand>,
     stderr: Option<OwnedFd>,
     stderr_lines: LineBuffer,
     stderr_limit: RateLimit,
@@ -131,6 +134,7 @@ pub fn prepare(
         qmp_broken: false,
         qmp_state: QmpState::Greeting,
         paused: false,
+        sent: Vec::new(),
         stderr: Some(stderr),
         stderr_lines: LineBuffer::new(STDERR_LINE_MAX),
         stderr_limit: RateLimit::new(STDERR_LINES_PER_SECOND, Duration::from_secs(1)),
@@ -169,8 +173,8 @@ impl Backend for QemuBackend {
         }
     }
 
-    fn command(&mut self, command: VmCommand) {
-        self.on_command(command)
+    fn command(&mut self, command: VmCommand, fd: Option<OwnedFd>) {
+        self.on_command(command, fd)
     }
 
     fn take_events(&mut self) -> Vec<BackendEvent> {
@@ -205,33 +209,40 @@ impl Backend for QemuBackend {
 impl QemuBackend {
     /// A command from the parent: sent to QMP with an id; the answer
     /// comes back in [`QemuBackend::on_answer`].
-    fn on_command(&mut self, command: VmCommand) {
+    fn on_command(&mut self, command: VmCommand, client_fd: Option<OwnedFd>) {
         let Some(fd) = self.qmp.as_ref().map(|fd| fd.as_raw_fd()) else {
             return self.command_done(command, Some("QEMU is exiting".into()));
         };
         if self.qmp_state != QmpState::Running {
             return self.command_done(command, Some("the guest is not running yet".into()));
         }
+        let qmp = match &command {
+            VmCommand::Pause => "stop",
+            VmCommand::Unpause => "cont",
+            VmCommand::Powerdown => "system_powerdown",
+            VmCommand::Probe { text, steps } => {
+                let events = probe(&command, text, *steps, client_fd);
+                return self.events.extend(events);
+            }
+        };
         let mut lines = Vec::new();
         if command == VmCommand::Powerdown && self.paused {
             // A paused guest cannot see the power button.
             lines.push(qmp_command_with_id("cont", "resume"));
         }
-        lines.push(qmp_command_with_id(
-            vm_qmp_command(command),
-            vm_command_id(command),
-        ));
+        lines.push(qmp_command_with_id(qmp, command.name()));
         for line in lines {
             if let Err(e) = write_all(fd, line.as_bytes()) {
                 return self.command_done(command, Some(format!("writing to QMP: {e}")));
             }
         }
-        log_debug!("QMP {}", vm_qmp_command(command));
+        log_debug!("QMP {qmp}");
+        self.sent.push(command);
     }
 
     fn command_done(&mut self, command: VmCommand, error: Option<String>) {
         if let Some(e) = &error {
-            log_warn!("{}: {e}", vm_command_id(command));
+            log_warn!("{}: {e}", command.name());
         }
         self.events
             .push(BackendEvent::CommandDone { command, error });
@@ -246,15 +257,16 @@ impl QemuBackend {
             }
             return;
         }
-        let Some(command) = VmCommand::ALL.into_iter().find(|c| vm_command_id(*c) == id) else {
+        let Some(index) = self.sent.iter().position(|c| c.name() == id) else {
             log_warn!("QMP answer for unknown id {id}");
             return;
         };
+        let command = self.sent.remove(index);
         if error.is_none() {
             match command {
                 VmCommand::Pause => self.paused = true,
                 VmCommand::Unpause => self.paused = false,
-                VmCommand::Powerdown => {}
+                VmCommand::Powerdown | VmCommand::Probe { .. } => {}
             }
         }
         self.command_done(command, error);
@@ -416,24 +428,6 @@ impl QemuBackend {
             why: format!("QEMU {why}"),
             start_failed,
         }
-    }
-}
-
-/// The QMP command for a parent's command.
-fn vm_qmp_command(command: VmCommand) -> &'static str {
-    match command {
-        VmCommand::Pause => "stop",
-        VmCommand::Unpause => "cont",
-        VmCommand::Powerdown => "system_powerdown",
-    }
-}
-
-/// The QMP id its answer carries (and the word for logs).
-fn vm_command_id(command: VmCommand) -> &'static str {
-    match command {
-        VmCommand::Pause => "pause",
-        VmCommand::Unpause => "unpause",
-        VmCommand::Powerdown => "powerdown",
     }
 }
 

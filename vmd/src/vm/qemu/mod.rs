@@ -62,6 +62,8 @@ pub enum QemuError {
     Fork(Errno),
     #[error("a QEMU argument holds a NUL byte")]
     Nul,
+    #[error("cannot read {path} for QEMU's root: {err}")]
+    Root { path: String, err: std::io::Error },
 }
 
 #[cfg(test)]
