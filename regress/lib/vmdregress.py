@@ -272,10 +272,11 @@ class Vmd:
     and `conf_extra`. `binary` (VMD or TRIGGER_VMD), `verbose` (-v),
     `env` (added to the environment), `cwd` and `dir_mode` (of the temp
     dir: 0700, or 0755 for users who connect) as a case needs. With
-    `netns`, vmd runs in a network namespace of its own (`ip netns exec
-    vmdreg-PID-N vmd -d ...`, lo up; vmctl still reaches its socket in the
-    file system), so its taps and bridges live and die there; stop()
-    deletes the namespace. `before(vmd)` runs before vmd starts (to make
+    `netns=True`, vmd runs in a network namespace of its own (`ip netns
+    exec vmdreg-PID-N vmd -d ...`, lo up; vmctl still reaches its socket
+    in the file system), so its taps and bridges live and die there;
+    stop() deletes the namespace. `netns="NAME"` runs it in the caller's
+    namespace NAME, which the caller deletes. `before(vmd)` runs before vmd starts (to make
     what should exist before it, e.g. with vmd.ip())."""
 
     def __init__(self, conf_extra="", *, conf=None, log_size=None, binary=VMD, verbose=True,
@@ -294,12 +295,14 @@ class Vmd:
         # run in sessions of their own).
         self.tracked = set()
         self.proc = None
-        self.netns = None
+        self.netns = self.own_netns = None
         self.args = [binary, "-d", *(["-v"] if verbose else []), "-f", self.conf, "-s", self.sock]
         self.popen_kw = {"cwd": cwd, "env": {**os.environ, **(env or {})}}
         try:
-            if netns:
-                self.netns = netns_add()
+            if netns is True:
+                self.netns = self.own_netns = netns_add()
+            elif netns:
+                self.netns = netns
             if before:
                 before(self)
             self.launch()
@@ -510,8 +513,8 @@ class Vmd:
             self.end()
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
-            if self.netns:
-                netns_delete(self.netns)
+            if self.own_netns:
+                netns_delete(self.own_netns)
 
 
 def netns_add():
