@@ -277,6 +277,7 @@ def case_devices(files):
     def dhcp():
         g.wait_for(r"^VMD-GUEST: dhcp eth0 10\.0\.2\.15/24 router 10\.0\.2\.2$",
                    1)
+        g.wait_for(r"^VMD-GUEST: dhcp eth0 dns 10\.0\.2\.3 hostname none$", 1)
 
     def powerbutton():
         g.command("system_powerdown")
