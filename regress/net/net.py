@@ -19,7 +19,11 @@ a switch's bridge created when missing (at startup and on `vmctl reset
 switches`), up unless `down`, deleted at shutdown only if vmd made it
 and it holds nothing vmd did not add; a vmd started after a SIGKILLed
 one on the same socket removes the bridges its predecessor made and
-nothing else; a start on an unknown switch fails naming the switch.
+nothing else; a start on an unknown or disabled switch fails with
+vmctl.8's message. Local interfaces (issue 20): the host side of a `-L`
+tap has 100.64.N.(2i+2)/31 and the guest's DHCP client gets the next
+address, router and DNS the host side and the VM's name; local
+interfaces come first; a VM started again gets the same address.
 
 After every case: once vmd has ended (SIGTERM) the namespace holds only
 lo and what the case made itself; then the namespace is deleted, and no
@@ -396,17 +400,95 @@ def survivors_after_exit(vmd, links):
         expect_port(vmd, links.get(port, {"ifname": port}), bridge)
 
 
+# --- local interfaces (issue 20): vmd's own DHCP server on the tap
+
+
+def local_pair(vmid, index):
+    """(host side, guest side) of local interface `index` of VM `vmid`
+    with the default `local prefix` (vmctl.8 LOCAL INTERFACES; ids below
+    256)."""
+    return f"100.64.{vmid}.{2 * index + 2}", f"100.64.{vmid}.{2 * index + 3}"
+
+
+def expect_lease(vmd, name, vmid, nic, index):
+    """The guest's udhcpc got the guest side of local interface `index`
+    on `nic`, a /31 with router and DNS the host side and the VM's name;
+    the tap has the host side; the host pings the guest."""
+    host, guest = local_pair(vmid, index)
+    vmd.wait_console(name, f"VMD-GUEST: dhcp {nic} dns ")
+    log = vmd.console_log(name)
+    for want in (f"dhcp {nic} {guest}/31 router {host}", f"dhcp {nic} dns {host} hostname {name}"):
+        if not re.search(rf"^VMD-GUEST: {re.escape(want)}\r?$", log, re.M):
+            got = re.findall(r"VMD-GUEST: dhcp .*", log)
+            raise Failure(f"{name} has no `{want}` line; its DHCP lines: {got}")
+    link = tap(vmd, name, vmid, index)
+    addrs = json.loads(vmd.ip("-j", "addr", "show", "dev", link["ifname"]))
+    have = [f"{a['local']}/{a['prefixlen']}" for entry in addrs for a in entry.get("addr_info", [])
+            if a.get("family") == "inet"]
+    if have != [f"{host}/31"]:
+        raise Failure(f"{link['ifname']} has {have}, want [{host}/31]")
+    wait_for(f"{guest} to answer the host's ping",
+             lambda: subprocess.run(["ip", "netns", "exec", vmd.netns, "busybox", "ping", "-c", "1", "-W", "1",
+                                     guest], capture_output=True).returncode == 0, NET_TIMEOUT)
+
+
+def local_lease(vmd):
+    """-L: the guest's DHCP client gets 100.64.N.3/31, router and DNS
+    100.64.N.2 and its own name, with nothing configured on the host."""
+    name = vm("loc")
+    vmid, _ = vmd.start(name, "-L", cmdline=f"{QUIET} vmd.net=dhcp")
+    expect_lease(vmd, name, vmid, "eth0", 0)
+
+
+def two_local(vmd):
+    """-L -L: the second local interface gets the next pair."""
+    name = vm("loc2")
+    vmid, _ = vmd.start(name, "-L", "-L", cmdline=f"{QUIET} vmd.net=dhcp")
+    expect_lease(vmd, name, vmid, "eth0", 0)
+    expect_lease(vmd, name, vmid, "eth1", 1)
+
+
+def local_first(vmd):
+    """-i 2 -L: the local interface comes first, as eth0."""
+    name = vm("loci")
+    vmid, _ = vmd.start(name, "-i", "2", "-L", cmdline=f"{QUIET} vmd.net=dhcp:eth0")
+    expect_lease(vmd, name, vmid, "eth0", 0)
+
+
+def local_same_address(vmd):
+    """A vm.conf VM with a local interface, stopped and started again,
+    gets the same address."""
+    name = vm("locs")
+    leases = []
+    for n in (1, 2):
+        out = expect(vmd.vmctl("start", name), 0, r"^vmctl: started vm \d+ successfully", f"start {name}")
+        vmid = int(re.search(r"started vm (\d+)", out).group(1))
+        wait_for(f"boot {n} of {name} to get its lease",
+                 lambda: len(re.findall(r"^VMD-GUEST: dhcp eth0 dns ", vmd.console_log(name), re.M)) >= n,
+                 t.BOOT_TIMEOUT)
+        expect_lease(vmd, name, vmid, "eth0", 0)
+        leases.append(re.findall(r"^VMD-GUEST: dhcp eth0 (\S+) router", vmd.console_log(name), re.M)[-1])
+        if n == 1:
+            expect(vmd.vmctl("stop", "-w", name), 0, rf"^stopping vm {name}: terminated vm {vmid}$",
+                   f"stop -w {name}")
+    if leases[0] != leases[1]:
+        raise Failure(f"{name}'s leases: {leases}; want the same address twice")
+
+
 def unknown_switch(vmd):
-    """`-n nosuch` refuses the start, naming the switch; no VM, no tap."""
+    """`-n nosuch` and `-n off` (a disabled switch) refuse the start with
+    vmctl.8's messages; no VM runs, no tap is left."""
     name = vm("unk")
-    expect(vmd.vmctl("start", name, "-b", t.KERNEL, "--initrd", t.INITRD, "--cmdline", QUIET,
-                     "-m", "256M", "-n", "nosuch"),
-           1, r'^vmctl: start vm command failed: .*switch "?nosuch"?', "start on an unknown switch")
-    if [row for row in vmd.status() if row["NAME"] == name and row["STATE"] != "stopped"]:
-        raise Failure(f"status after the refused start: {vmd.status()}")
-    taps = [link["ifname"] for link in vmd.links().values() if kind(link) == "tun"]
-    if taps:
-        raise Failure(f"taps after the refused start: {describe(vmd.links())}")
+    for switch, why in (("nosuch", 'switch "nosuch" not found: define it in vm.conf'),
+                        ("off", 'switch "off" is disabled')):
+        expect(vmd.vmctl("start", name, "-b", t.KERNEL, "--initrd", t.INITRD, "--cmdline", QUIET,
+                         "-m", "256M", "-n", switch),
+               1, rf"^vmctl: start vm command failed: {re.escape(why)}$", f"start on switch {switch}")
+        if [row for row in vmd.status() if row["NAME"] == name and row["STATE"] != "stopped"]:
+            raise Failure(f"status after the refused start: {vmd.status()}")
+        taps = [link["ifname"] for link in vmd.links().values() if kind(link) == "tun"]
+        if taps:
+            raise Failure(f"taps after the refused start: {describe(vmd.links())}")
 
 
 # --- the leftovers check around every case
@@ -493,7 +575,14 @@ def main():
     case("preexisting-bridge-and-foreign-port-survive-exit",
          net_case(survivors, SURVIVORS_CONF, before=before_survivors, keep=SURVIVORS_KEEP,
                   after_exit=survivors_after_exit))
-    case("unknown-switch-refused", net_case(unknown_switch, sw))
+    case("unknown-or-disabled-switch-refused",
+         net_case(unknown_switch, sw + switch_conf("off", BRIDGE2, " disable\n")))
+    case("local-interface-dhcp-lease-host-pings", net_case(local_lease))
+    case("two-local-interfaces-next-pair", net_case(two_local))
+    case("i-2-L-local-interface-is-eth0", net_case(local_first))
+    locs = (f'vm "{vm("locs")}" {{\n disable\n boot "{t.KERNEL}"\n initrd "{t.INITRD}"\n'
+            f' cmdline "{QUIET} vmd.net=dhcp"\n memory 256M\n local interface\n}}\n')
+    case("local-interface-same-address-after-restart", net_case(local_same_address, locs))
     return t.summary()
 
 
