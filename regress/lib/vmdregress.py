@@ -480,6 +480,13 @@ class Vmd:
             raise Failure(f"{' '.join(argv)}: exit {p.returncode}: {p.stderr.strip()}")
         return p.stdout
 
+    def ping(self, addr):
+        """Whether `addr` answers one ping (1 s) from vmd's network
+        namespace (busybox's ping: Debian has no other by default)."""
+        argv = ["ip", "netns", "exec", self.netns] if self.netns else []
+        return subprocess.run([*argv, "busybox", "ping", "-c", "1", "-W", "1", addr],
+                              capture_output=True).returncode == 0
+
     def links(self):
         """{name: `ip -j -d link` entry} of every interface in vmd's
         network namespace: `ifalias`, `address`, `master`, `flags`,

@@ -235,6 +235,7 @@ CASES = [
     ("net-two-nics-i-2", net_case(net.two_nics), "accel kvm\n"),
     ("net-reset-switches-recreates-deleted-bridges", net_case(net.reset_switches),
      "accel kvm\n" + net.RESET_CONF),
+    ("net-local-interface-dhcp-lease-host-pings", net_case(net.local_lease), "accel kvm\n"),
     ("net-restart-after-sigkill-removes-predecessors-bridge-only",
      net_case(net.restart_after_sigkill, keep=net.RESTART_KEEP), "accel kvm\n" + net.RESTART_CONF,
      net.before_restart),

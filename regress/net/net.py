@@ -6,7 +6,8 @@ and what is left when VMs, QEMU or vmd end or crash.
 Runs as root. Each case starts its own vmd in a network namespace of its
 own (vmdregress's Vmd(netns=True): `ip netns exec vmdreg-PID-N vmd -d`),
 so taps and bridges live and die there and no packet leaves it. Black
-box: vmctl, vm.conf, `ip -n NS -j -d link`, `bridge -n NS fdb` and the
+box: vmctl, vm.conf, `ip -n NS -j -d link`, `bridge -n NS fdb`, busybox's
+ping from the namespace and the
 test guest's console (regress/guest/README.md: `vmd.ip=ADDR/PREFIX`,
 `vmd.ping=ADDR` -> `VMD-GUEST: ping ADDR ok`, `nic ethN MAC`).
 
@@ -30,9 +31,10 @@ lo and what the case made itself; then the namespace is deleted, and no
 interface of the case's (its bridge names, its taps' descriptions) exists
 in the machine's namespace or any named one.
 
-regress/nested runs two of these cases (two-guests-ping, tap-cleanup)
-with vmd inside the nested KVM host (Debian's 6.1 kernel): the functions
-here take any Vmd with start, links, signal, proc_status, kill_daemon.
+regress/nested runs the cases that need no host tool with vmd inside the
+nested KVM host (Debian's 6.1 kernel): the functions here take any Vmd
+with start, vmctl, links, ip, ping, signal, proc_status, kill_daemon,
+restart, read_config and write_config.
 """
 
 import json
@@ -427,9 +429,7 @@ def expect_lease(vmd, name, vmid, nic, index):
             if a.get("family") == "inet"]
     if have != [f"{host}/31"]:
         raise Failure(f"{link['ifname']} has {have}, want [{host}/31]")
-    wait_for(f"{guest} to answer the host's ping",
-             lambda: subprocess.run(["ip", "netns", "exec", vmd.netns, "busybox", "ping", "-c", "1", "-W", "1",
-                                     guest], capture_output=True).returncode == 0, NET_TIMEOUT)
+    wait_for(f"{guest} to answer the host's ping", lambda: vmd.ping(guest), NET_TIMEOUT)
 
 
 def local_lease(vmd):
