@@ -62,18 +62,46 @@ pub struct StartRequest {
 }
 
 impl StartRequest {
-    /// Whether the command line sets anything besides the boot image and
-    /// the boot device (which an existing VM may be started with).
+    /// Whether the request sets anything besides the boot image and the
+    /// boot device (which an existing VM may be started with): vmctl's
+    /// options, and what only a raw request can carry.
     pub fn sets_more_than_boot(&self) -> bool {
-        let vm = &self.vm;
-        vm.memory.is_some()
-            || !vm.disks.is_empty()
-            || !vm.interfaces.is_empty()
-            || vm.interface_count.is_some()
-            || vm.cdrom.is_some()
-            || vm.instance_of.is_some()
-            || vm.initrd.is_some()
-            || vm.cmdline.is_some()
+        // Every field, so that a new one is decided on here.
+        let crate::config::VmConfig {
+            name: _,
+            source: _,
+            enabled: _,
+            boot: _,
+            boot_device: _,
+            instance_of,
+            cdrom,
+            disks,
+            interfaces,
+            interface_count,
+            memory,
+            owner,
+            allow_instance,
+            initrd,
+            cmdline,
+            vcpus,
+            backend,
+            accel,
+            shutdown_timeout,
+        } = &self.vm;
+        memory.is_some()
+            || !disks.is_empty()
+            || !interfaces.is_empty()
+            || interface_count.is_some()
+            || cdrom.is_some()
+            || instance_of.is_some()
+            || initrd.is_some()
+            || cmdline.is_some()
+            || vcpus.is_some()
+            || backend.is_some()
+            || accel.is_some()
+            || shutdown_timeout.is_some()
+            || !allow_instance.is_empty()
+            || *owner != crate::config::Owner::default()
     }
 }
 

@@ -83,20 +83,12 @@ pub enum RootOp {
         target: CString,
         path: CString,
     },
-    /// pivot_root(2): `new` becomes `/`, the old root moves to `old`.
-    PivotRoot {
+    /// `new` becomes `/` ([`enter_root`]): the old root is put on
+    /// `put_old` (a directory in `new`), which is `old` once inside.
+    EnterRoot {
         new: CString,
+        put_old: CString,
         old: CString,
-    },
-    Chdir {
-        path: CString,
-    },
-    /// umount2(2) with MNT_DETACH.
-    Detach {
-        path: CString,
-    },
-    Rmdir {
-        path: CString,
     },
 }
 
@@ -108,10 +100,7 @@ impl RootOp {
             | RootOp::Mkdir { path, .. }
             | RootOp::File { path }
             | RootOp::Symlink { path, .. }
-            | RootOp::PivotRoot { new: path, .. }
-            | RootOp::Chdir { path }
-            | RootOp::Detach { path }
-            | RootOp::Rmdir { path } => path,
+            | RootOp::EnterRoot { new: path, .. } => path,
         }
     }
 
@@ -143,14 +132,41 @@ impl RootOp {
             RootOp::Symlink { target, path } => unsafe {
                 libc::symlink(target.as_ptr(), path.as_ptr())
             },
-            RootOp::PivotRoot { new, old } => unsafe {
-                libc::syscall(libc::SYS_pivot_root, new.as_ptr(), old.as_ptr()) as libc::c_int
-            },
-            RootOp::Chdir { path } => unsafe { libc::chdir(path.as_ptr()) },
-            RootOp::Detach { path } => unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) },
-            RootOp::Rmdir { path } => unsafe { libc::rmdir(path.as_ptr()) },
+            RootOp::EnterRoot { new, put_old, old } => return enter_root(new, put_old, old),
         };
         rc == 0
+    }
+}
+
+/// Makes `new` the root: pivot_root(2) into it with the old root on
+/// `put_old`, chdir to `/`, the old root (now `old`) detached
+/// (umount2 MNT_DETACH) and its directory removed. Where the old root is
+/// the initramfs, which cannot be pivoted (EINVAL), as switch_root(8)
+/// does: chdir to `new`, move its mount onto `/` (MS_MOVE) and chroot
+/// there, the old root then under it, out of reach without
+/// CAP_SYS_CHROOT. False at the first call that fails (errno set).
+fn enter_root(new: &CStr, put_old: &CStr, old: &CStr) -> bool {
+    // SAFETY (every call): valid C strings, or null where allowed.
+    unsafe {
+        if libc::syscall(libc::SYS_pivot_root, new.as_ptr(), put_old.as_ptr()) == 0 {
+            return libc::chdir(c"/".as_ptr()) == 0
+                && libc::umount2(old.as_ptr(), libc::MNT_DETACH) == 0
+                && libc::rmdir(old.as_ptr()) == 0;
+        }
+        if nix::errno::Errno::last_raw() != libc::EINVAL {
+            return false;
+        }
+        libc::rmdir(put_old.as_ptr()) == 0
+            && libc::chdir(new.as_ptr()) == 0
+            && libc::mount(
+                c".".as_ptr(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_MOVE,
+                std::ptr::null(),
+            ) == 0
+            && libc::chroot(c".".as_ptr()) == 0
+            && libc::chdir(c"/".as_ptr()) == 0
     }
 }
 

@@ -1065,37 +1065,76 @@ fn config_file(source: &str) -> &str {
 }
 
 /// What an instance sets that its parent's `allow instance` does not let
-/// a user change, if anything.
+/// a user change, if anything: every field a request carries is looked
+/// at, and what `allow instance` cannot permit may only repeat the
+/// parent's value.
 fn instance_forbidden_change(vm: &VmConfig, parent: &VmConfig) -> Option<&'static str> {
     let allow = &parent.allow_instance;
-    let nics = vm.interface_total();
+    // Every field, so that a new one is decided on here.
+    let VmConfig {
+        // The request's own: its name, where it came from, its parent.
+        name: _,
+        source: _,
+        instance_of: _,
+        // An instance is started now either way.
+        enabled: _,
+        // Set by start_instance to the requester.
+        owner: _,
+        boot,
+        boot_device,
+        cdrom,
+        disks,
+        interfaces,
+        interface_count,
+        memory,
+        allow_instance,
+        initrd,
+        cmdline,
+        vcpus,
+        backend,
+        accel,
+        shutdown_timeout,
+    } = vm;
     let changes = [
         (
-            vm.memory.is_some_and(|m| m != parent.memory_bytes()),
+            memory.is_some_and(|m| m != parent.memory_bytes()),
             allow.memory,
             "memory",
         ),
         (
-            vm.vcpus.is_some_and(|n| n != parent.vcpu_count()),
+            vcpus.is_some_and(|n| n != parent.vcpu_count()),
             false,
             "cpus",
         ),
-        (!vm.disks.is_empty(), allow.disk, "disks"),
+        (!disks.is_empty(), allow.disk, "disks"),
         (
-            nics > 0 && nics != parent.interface_total(),
+            !interfaces.is_empty()
+                || interface_count.is_some_and(|n| n != parent.interface_total()),
             allow.interface,
             "interfaces",
         ),
         (
-            vm.boot.is_some()
-                || vm.boot_device.is_some()
-                || vm.initrd.is_some()
-                || vm.cmdline.is_some(),
+            boot.is_some() || boot_device.is_some() || initrd.is_some() || cmdline.is_some(),
             allow.boot,
             "boot image",
         ),
-        (vm.cdrom.is_some(), allow.cdrom, "cdrom"),
-        (!vm.allow_instance.is_empty(), false, "instance permissions"),
+        (cdrom.is_some(), allow.cdrom, "cdrom"),
+        (!allow_instance.is_empty(), false, "instance permissions"),
+        (
+            backend.is_some_and(|b| Some(b) != parent.backend),
+            false,
+            "backend",
+        ),
+        (
+            accel.is_some_and(|a| Some(a) != parent.accel),
+            false,
+            "accel",
+        ),
+        (
+            shutdown_timeout.is_some_and(|t| Some(t) != parent.shutdown_timeout),
+            false,
+            "shutdown timeout",
+        ),
     ];
     changes
         .into_iter()
@@ -1531,6 +1570,18 @@ mod tests {
             |vm: &mut VmConfig| vm.cdrom = Some("/x.iso".into()),
             |vm: &mut VmConfig| vm.boot = Some("/home/u/k".into()),
             |vm: &mut VmConfig| vm.boot_device = Some(common::config::BootDevice::Disk),
+            // What only a raw request carries (the attack review's).
+            |vm: &mut VmConfig| vm.accel = Some(common::config::Accel::Kvm),
+            |vm: &mut VmConfig| vm.shutdown_timeout = Some(86400),
+            |vm: &mut VmConfig| vm.backend = Some(common::config::Backend::Kvm),
+            |vm: &mut VmConfig| vm.allow_instance.memory = true,
+            // An interface's settings at the parent's count of interfaces.
+            |vm: &mut VmConfig| {
+                vm.interfaces.push(common::config::Interface {
+                    switch: Some("uplink".into()),
+                    ..Default::default()
+                })
+            },
         ] {
             let mut vm = instance("u3");
             change(&mut vm);

@@ -168,13 +168,11 @@ pub fn qemu_root(kvm: bool) -> Result<Vec<RootOp>, QemuError> {
     )?);
     ops.push(mkdir("/old", 0o700)?);
     ops.extend([
-        RootOp::PivotRoot {
+        RootOp::EnterRoot {
             new: c(NEW_ROOT)?,
-            old: new("/old")?,
+            put_old: new("/old")?,
+            old: c("/old")?,
         },
-        RootOp::Chdir { path: c("/")? },
-        RootOp::Detach { path: c("/old")? },
-        RootOp::Rmdir { path: c("/old")? },
         // Its root, as the rest, read-only from now on.
         RootOp::Mount {
             source: None,
