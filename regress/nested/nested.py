@@ -199,11 +199,17 @@ def net_case(fn, keep=(), after_exit=None):
     (what the case made), then `after_exit(vmd, links)`. Whatever is left
     is removed for the next case."""
     def run(vmd):
-        fn(vmd)
-        if vmd.alive():
-            vmd.signal(vmd.pid, signal.SIGTERM)
-            wait_for("vmd to exit after SIGTERM", lambda: not vmd.alive(), 60)
-        links = vmd.links()
+        try:
+            fn(vmd)
+        finally:
+            # On failure too: the next case in this L1 starts clean.
+            if vmd.alive():
+                vmd.signal(vmd.pid, signal.SIGTERM)
+                wait_for("vmd to exit after SIGTERM", lambda: not vmd.alive(), 60)
+            links = vmd.links()
+            for name in links:
+                if name != "lo" and name not in keep and name in vmd.links():
+                    vmd.ip("link", "delete", name)
         left = {n: link for n, link in links.items() if n != "lo" and n not in keep}
         try:
             if left:
@@ -211,8 +217,8 @@ def net_case(fn, keep=(), after_exit=None):
             if after_exit:
                 after_exit(vmd, links)
         finally:
-            for name, link in links.items():
-                if name != "lo" and name in vmd.links():
+            for name in keep:
+                if name in vmd.links():
                     vmd.ip("link", "delete", name)
     return run
 
