@@ -480,6 +480,10 @@ class Vmd:
             raise Failure(f"{' '.join(argv)}: exit {p.returncode}: {p.stderr.strip()}")
         return p.stdout
 
+    def exists(self, path):
+        """Whether `path` exists where vmd runs (here; in L1 for L1Vmd)."""
+        return os.path.exists(path)
+
     def ping(self, addr):
         """Whether `addr` answers one ping (1 s) from vmd's network
         namespace (busybox's ping: Debian has no other by default)."""

@@ -252,6 +252,9 @@ class L1Vmd(t.Vmd):
         path, as L1's busybox sh would run its own applet for `ip`)."""
         return self.l1.check(" ".join(shlex.quote(a) for a in ["/sbin/ip", *args]))
 
+    def exists(self, path):
+        return self.l1.sh(f"test -e {shlex.quote(path)}")[0] == 0
+
     def ping(self, addr):
         return self.l1.sh(f"ping -c 1 -W 1 {shlex.quote(addr)}")[0] == 0
 

@@ -196,7 +196,7 @@ def net_case(fn, keep=(), after_exit=None):
     """A regress/net case in L1 (Debian's 6.1 kernel and its bridge and tun
     modules), vmd in L1's own network namespace. Then vmd must exit by
     itself on SIGTERM and leave L1 with no interface but lo and `keep`
-    (what the case made), then `after_exit(vmd, links)`. Whatever is left
+    (what the case made) and no state file, then `after_exit(vmd, links)`. Whatever is left
     is removed for the next case."""
     def run(vmd):
         try:
@@ -214,6 +214,8 @@ def net_case(fn, keep=(), after_exit=None):
         try:
             if left:
                 raise Failure(f"left in L1 after vmd's exit: {net.describe(left)}")
+            if vmd.exists(net.state_file(vmd.sock)):
+                raise Failure(f"vmd's state file {net.state_file(vmd.sock)} outlived it in L1")
             if after_exit:
                 after_exit(vmd, links)
         finally:

@@ -33,8 +33,8 @@ in the machine's namespace or any named one.
 
 regress/nested runs the cases that need no host tool with vmd inside the
 nested KVM host (Debian's 6.1 kernel): the functions here take any Vmd
-with start, vmctl, links, ip, ping, signal, proc_status, kill_daemon,
-restart, read_config and write_config.
+with start, vmctl, links, ip, ping, exists, signal, proc_status,
+kill_daemon, restart, read_config and write_config.
 """
 
 import json
@@ -327,6 +327,8 @@ def restart_after_sigkill(vmd):
          lambda: not [link for link in vmd.links().values() if kind(link) == "tun"])
     if BRIDGE not in vmd.links():
         raise Failure(f"{BRIDGE} vanished while vmd was dead: {describe(vmd.links())}")
+    if not vmd.exists(state_file(vmd.sock)):
+        raise Failure(f"no state file {state_file(vmd.sock)} after vmd's SIGKILL")
     vmd.write_config(re.sub(r'switch "[^"]*" \{[^}]*\}\n', "", vmd.read_config()))
     vmd.restart()
     gone(vmd, f"the restarted vmd to remove {BRIDGE}, which its predecessor made",
@@ -515,12 +517,22 @@ def everywhere():
     return found
 
 
+def state_file(sock):
+    """vmd.8's state file of the vmd of socket `sock`: /run/vmd/ and the
+    socket's path with `/` as `-` and other bytes but letters, digits, `.`
+    and `_` as %XX, then `.state`."""
+    name = "".join("-" if c == "/" else c if c.isascii() and (c.isalnum() or c in "._") else
+                   "".join(f"%{b:02X}" for b in c.encode()) for c in sock.lstrip("/"))
+    return f"/run/vmd/{name}.state"
+
+
 def net_case(fn, conf="", before=None, keep=(), after_exit=None):
     """fn(vmd) with a vmd of its own in a namespace of its own (vm.conf:
     `conf` after the usual lines); `before(vmd)` runs in the namespace
     before vmd starts. If vmd still runs at the end it is stopped with
     SIGTERM, must exit 0 by itself, and the namespace must then hold only
-    lo and `keep` (what the case made); then `after_exit(vmd, links)`. Then the namespace must be gone, and nothing of this run's
+    lo and `keep` (what the case made), its state file be gone; then
+    `after_exit(vmd, links)`. Then the namespace must be gone, and nothing of this run's
     left anywhere."""
     def run():
         vmd = Vmd(conf_extra=conf, netns=True, before=before)
@@ -535,6 +547,8 @@ def net_case(fn, conf="", before=None, keep=(), after_exit=None):
                 left = {n: link for n, link in links.items() if n != "lo" and n not in keep}
                 if left:
                     raise Failure(f"left in the namespace after vmd's exit: {describe(left)}")
+                if vmd.exists(state_file(vmd.sock)):
+                    raise Failure(f"vmd's state file {state_file(vmd.sock)} outlived it")
                 if after_exit:
                     after_exit(vmd, links)
         finally:
