@@ -46,7 +46,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
 import vmdregress as t  # noqa: E402
-from vmdregress import Failure, Vmd, case, expect, netns_list, wait_for  # noqa: E402
+from vmdregress import Failure, Vmd, case, expect, expect_equal, netns_list, wait_for  # noqa: E402
 
 QUIET = "console=ttyS0 quiet"
 # Names of this run's own: bridges (at most 15 characters) and VMs (in
@@ -61,7 +61,7 @@ GENERATED_MAC = r"fe:e1:bb:d{}:[0-9a-f]{{2}}:[0-9a-f]{{2}}"
 NET_TIMEOUT = 60
 
 
-# Every VM name and interface name the cases use (ours()).
+# Every VM name the cases use (ours()).
 OUR_VMS = set()
 
 
@@ -196,14 +196,12 @@ def taps_ifalias_mac(vmd):
     that tap once the guests ping each other."""
     lla, gen = vm("lla"), vm("gen")
     bridge_up(vmd, BRIDGE)
-    out = expect(vmd.vmctl("start", lla), 0, r"^vmctl: started vm \d+ successfully", f"start {lla}")
-    lla_id = int(re.search(r"started vm (\d+)", out).group(1))
+    lla_id, _ = vmd.start_with(lla)
     gen_id, _ = vmd.start(gen, "-n", "sw", cmdline=guest_cmdline("10.0.0.2/24", "10.0.0.1"))
     for name, other in ((lla, "10.0.0.2"), (gen, "10.0.0.1")):
         vmd.wait_console(name, f"VMD-GUEST: ping {other} ok")
 
     lla_tap, gen_tap = tap(vmd, lla, lla_id), tap(vmd, gen, gen_id)
-    expect_equal = t.expect_equal
     expect_equal(f"{lla}'s tap (vm.conf: interface tap7)", lla_tap["ifname"], "tap7")
     if not re.fullmatch(r"tap\d+", gen_tap["ifname"]):
         raise Failure(f"{gen}'s tap is {gen_tap['ifname']}, want tap%d")
@@ -248,8 +246,7 @@ def stable_macs_and_down(vmd):
     name = vm("st")
 
     def boot(n):
-        out = expect(vmd.vmctl("start", name), 0, r"^vmctl: started vm \d+ successfully", f"start {name}")
-        vmid = int(re.search(r"started vm (\d+)", out).group(1))
+        vmid, _ = vmd.start_with(name)
         # The console log goes on across starts: wait for this boot's lines.
         wait_for(f"boot {n} of {name} to list its NICs",
                  lambda: len(re.findall(r"^VMD-GUEST: ready", vmd.console_log(name), re.M)) >= n, t.BOOT_TIMEOUT)
@@ -463,8 +460,7 @@ def local_same_address(vmd):
     name = vm("locs")
     leases = []
     for n in (1, 2):
-        out = expect(vmd.vmctl("start", name), 0, r"^vmctl: started vm \d+ successfully", f"start {name}")
-        vmid = int(re.search(r"started vm (\d+)", out).group(1))
+        vmid, _ = vmd.start_with(name)
         wait_for(f"boot {n} of {name} to get its lease",
                  lambda: len(re.findall(r"^VMD-GUEST: dhcp eth0 dns ", vmd.console_log(name), re.M)) >= n,
                  t.BOOT_TIMEOUT)
