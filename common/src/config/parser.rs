@@ -571,6 +571,10 @@ impl Parser {
     fn group_name(&mut self) -> PResult<Option<String>> {
         let (group, pos) = self.string()?;
         if checks::valid_group(&group) {
+            // A Linux link group: its name must be iproute2's.
+            if let Err(e) = crate::linkgroup::linkgroup_check(&group) {
+                self.error(pos, &e);
+            }
             Ok(Some(group))
         } else {
             self.error(pos, &format!("invalid group name: {group}"));

@@ -71,7 +71,7 @@ vm "a" {
 	disk "/b.qcow2"
 	disk "/c" format "QCOW2"
 	local interface tap3 { switch "sw", locked lladdr fe:e1:ba:d0:00:01 }
-	interface { group vms
+	interface { group default
 		rdomain 7
 		down }
 	interfaces 3
@@ -105,7 +105,7 @@ vm "a" {
     let second = &vm.interfaces[1];
     assert_eq!(
         (second.group.as_deref(), second.rdomain, second.up),
-        (Some("vms"), Some(7), false)
+        (Some("default"), Some(7), false)
     );
     assert_eq!(vm.interface_total(), 3);
     assert_eq!(vm.effective_interfaces()[2], Interface::default());
@@ -167,10 +167,10 @@ shutdown timeout 90
 
 #[test]
 fn switch_options() {
-    let config = ok("switch \"s\" {\n\tinterface br0\n\tgroup vms\n\tlocked lladdr\n\trdomain 3\n\tdown\n\tdisable\n}\n").config;
+    let config = ok("switch \"s\" {\n\tinterface br0\n\tgroup default\n\tlocked lladdr\n\trdomain 3\n\tdown\n\tdisable\n}\n").config;
     let sw = config.switch("s").expect("switch s");
     assert_eq!(sw.interface, "br0");
-    assert_eq!(sw.group.as_deref(), Some("vms"));
+    assert_eq!(sw.group.as_deref(), Some("default"));
     assert!(sw.locked_lladdr && !sw.up && !sw.enabled);
     assert_eq!(sw.rdomain, Some(3));
 }
@@ -632,7 +632,7 @@ staggered start parallel 2 delay 9
 uid range 1879048192-1879048200
 switch "s w" {
 	interface br0
-	group vms
+	group default
 	locked lladdr
 	rdomain 2
 }

@@ -71,6 +71,8 @@ pub const VM_TOKEN_BASE: usize = 1 << 24;
 const HELPER_TOKEN_BASE: usize = VM_TOKEN_BASE + u32::MAX as usize + 1;
 /// The netlink socket's token (net/).
 const NET_TOKEN: Token = Token(VM_TOKEN_BASE - 1);
+/// nft's helper (net/nft.rs, locked lladdr).
+const NFT_TOKEN: Token = Token(VM_TOKEN_BASE - 2);
 /// How long a start's helper has for everything: its own user helpers
 /// share OPEN_TIMEOUT of it, so their time-out is what vmctl reads.
 pub const FILES_TIMEOUT: Duration = Duration::from_secs(OPEN_TIMEOUT.as_secs() + 2);
@@ -284,6 +286,7 @@ impl Launcher {
         let net = Net::new(
             &registry,
             NET_TOKEN,
+            NFT_TOKEN,
             socket,
             Path::new(crate::parent::net::state::STATE_DIR),
         );
@@ -791,7 +794,8 @@ impl Launcher {
         let poll = Instant::now() + GONE_POLL;
         let ending = self.ending.iter().map(|e| e.until.min(poll));
         let net = self.net_wait.iter().map(|w| w.until);
-        helpers.chain(ending).chain(net).min()
+        let nft = self.net.nft_deadline();
+        helpers.chain(ending).chain(net).chain(nft).min()
     }
 
     /// Times out the helpers whose deadline passed, and reports the VMs
@@ -813,6 +817,7 @@ impl Launcher {
             let e = job.helper.expire(&self.registry);
             log_warn!("vm {}: rotating its console log: {e}", job.id);
         }
+        self.net.nft_tick();
         self.net_wait_check();
         self.settle_ending(now);
     }
@@ -849,6 +854,11 @@ impl Launcher {
     fn handle_event(&mut self, token: Token) {
         if token == self.net.token() {
             self.net.handle_event();
+            self.net_wait_check();
+            return;
+        }
+        if token == NFT_TOKEN {
+            self.net.nft_event();
             self.net_wait_check();
             return;
         }
@@ -999,6 +1009,10 @@ impl Launcher {
     /// a VM process (the VM ended: everything it held is released, and
     /// the end is reported once its guest process has gone too).
     fn reaped(&mut self, pid: Pid, status: WaitStatus) {
+        if self.net.nft_reaped(pid) {
+            self.net_wait_check();
+            return;
+        }
         if let Some(index) = self.pending.iter().position(|p| p.helper.pid() == pid) {
             let outcome = self.pending[index].helper.reaped(&self.registry);
             let pending = self.pending.remove(index);
@@ -1148,7 +1162,7 @@ impl Backend for Launcher {
     }
 
     fn owns_token(&self, token: Token) -> bool {
-        token.0 >= VM_TOKEN_BASE || token == NET_TOKEN
+        token.0 >= VM_TOKEN_BASE || token == NET_TOKEN || token == NFT_TOKEN
     }
 
     fn set_switches(&mut self, switches: &[common::config::SwitchConfig], reapply: bool) {
@@ -1329,17 +1343,6 @@ fn rotate_console_log_work(path: &Path, cap: u64) -> helper::Work {
 /// Refuses what a VM asks for that is not built yet, rather than
 /// ignoring it (at start, and as a warning of `vmd -n`).
 pub fn launch_check_built(vm: &VmConfig) -> Result<(), StartError> {
-    for iface in &vm.interfaces {
-        if iface.locked {
-            return Err(StartError::NotBuilt("locked lladdr is"));
-        }
-        if iface.group.is_some() {
-            return Err(StartError::NotBuilt("interface group is"));
-        }
-        if iface.rdomain.is_some() {
-            return Err(StartError::NotBuilt("rdomain is"));
-        }
-    }
     // As in OpenBSD, no PXE: the VM boots its kernel, and the DHCP lease
     // of its local interface carries `auto_install`.
     if vm.boot_device == Some(BootDevice::Net) && !vm.effective_interfaces().iter().any(|i| i.local)
@@ -1352,8 +1355,8 @@ pub fn launch_check_built(vm: &VmConfig) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Refuses an interface on a switch that is not configured, is
-/// disabled or asks for what is not built yet (OpenBSD starts the VM
+/// Refuses an interface on a switch that is not configured or is
+/// disabled (OpenBSD starts the VM
 /// with the interface on no switch): the errno and the words (at start,
 /// and as a warning of `vmd -n`).
 pub fn launch_check_switches(
@@ -1367,19 +1370,6 @@ pub fn launch_check_switches(
         };
         if !sw.enabled {
             return Err((Errno::ENETDOWN, format!("switch \"{name}\" is disabled")));
-        }
-        let unbuilt = if sw.locked_lladdr {
-            Some("locked lladdr")
-        } else if sw.group.is_some() {
-            Some("group")
-        } else if sw.rdomain.is_some() {
-            Some("rdomain")
-        } else {
-            None
-        };
-        if let Some(what) = unbuilt {
-            let why = format!("switch \"{name}\": {what} is not built yet");
-            return Err((Errno::EOPNOTSUPP, why));
         }
     }
     Ok(())

@@ -19,7 +19,6 @@
 //! the creation with EOPNOTSUPP: [`links_error`] says so.
 
 // Not called by Net yet (issue 19's building blocks): goes when it is.
-#![allow(dead_code)]
 
 use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST};
 use netlink_packet_route::link::{

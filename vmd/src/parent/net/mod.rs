@@ -39,9 +39,11 @@ use common::config::{Globals, Interface, Ipv6Prefix, SwitchConfig, VmConfig};
 use common::local::{
     local_addr4, local_addr6, LocalAddrError, Side, LOCAL_PREFIX6_LEN, LOCAL_PREFIX_LEN,
 };
+use links::{links_error, rdomain_table, rdomain_vrf_name, LinkRequest};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use netlink::{Netlink, Reply, Request};
+use nft::{Nft, NftOp, NftTicket};
 use nix::errno::Errno;
 use state::State;
 use std::collections::VecDeque;
@@ -65,6 +67,15 @@ struct VmTap {
     /// inet6` its IPv6 one.
     host_addr: Option<std::net::Ipv4Addr>,
     host_addr6: Option<std::net::Ipv6Addr>,
+    /// `locked lladdr` (its own or its switch's): the only source MAC
+    /// let through (nft.rs).
+    locked: Option<[u8; 6]>,
+    /// Its link group (the interface's `group`; its switch's is the
+    /// bridge's: a Linux link has one).
+    group: Option<u32>,
+    /// The VRF of `rdomain N` it is enslaved to, on no switch (a port
+    /// routes in its bridge's).
+    rdomain: u32,
 }
 
 /// Where a VM's interfaces are.
@@ -81,12 +92,26 @@ struct VmNet {
     id: u32,
     taps: Vec<VmTap>,
     status: NetStatus,
+    /// The nftables run it waits for once its links are configured: its
+    /// taps' locks (true), or the removal of a predecessor's table.
+    nft_wait: Option<(NftTicket, bool)>,
+}
+
+/// The VRF device of `rdomain N` (links.rs): shared host-wide, created
+/// if missing and then recorded in the state file.
+struct Vrf {
+    rdomain: u32,
+    ifindex: Option<u32>,
+    error: Option<String>,
 }
 
 struct Switch {
     name: String,
     bridge: String,
     up: bool,
+    locked: bool,
+    group: Option<String>,
+    rdomain: u32,
     /// The bridge's index once it is known to exist.
     ifindex: Option<u32>,
     /// Why the bridge cannot be used.
@@ -99,14 +124,18 @@ enum Job {
     /// Applies switch `name`'s settings to its bridge, creating it if it
     /// is missing.
     Switch { name: String, stage: u8 },
-    /// Deletes bridge `name` (index `index`), which vmd created, unless
-    /// it holds a port besides `ports` (vmd's taps) or an address.
+    /// Deletes bridge `name` (index `index`), or VRF device with `vrf`,
+    /// which vmd created, unless it holds a port besides `ports` (vmd's
+    /// taps) or an address.
     RemoveBridge {
         name: String,
         index: u32,
         ports: Vec<u32>,
+        vrf: bool,
         stage: u8,
     },
+    /// Makes the VRF device of `rdomain N` if it is missing, and sets it up.
+    Vrf { rdomain: u32, stage: u8 },
     /// Configures VM `id`'s interface `tap` (a position in its taps).
     Vm { id: u32, tap: usize, stage: u8 },
     /// Puts a running VM's tap `tap` (an ifindex) back on bridge
@@ -145,13 +174,31 @@ pub struct Net {
     /// `local inet6` without a prefix: this daemon's random ULA /48
     /// (fd00::/8 and 40 random bits, RFC 4193).
     ula: Ipv6Prefix,
+    /// Runs nft for `locked lladdr`.
+    nft: Nft,
+    /// The removal of a predecessor's nftables table: VMs wait for it.
+    nft_startup: Option<NftTicket>,
+    /// The removal of this daemon's table at its end.
+    nft_drop: Option<NftTicket>,
+    /// Released VMs' locked taps, kept open (their names taken) until
+    /// their chains are gone: on Linux >= 6.16 a chain outlives its tap
+    /// and would filter the next tap of that name.
+    unlocking: Vec<(NftTicket, Vec<VmTap>)>,
+    vrfs: Vec<Vrf>,
 }
 
 impl Net {
     /// Opens the netlink socket (registered under `token`) and reads
     /// the state file of the daemon of `socket` in `state_dir`: what a
     /// predecessor left is removed first, before any switch or VM.
-    pub fn new(registry: &Registry, token: Token, socket: &Path, state_dir: &Path) -> Net {
+    /// nft's helpers are registered under `nft_token`.
+    pub fn new(
+        registry: &Registry,
+        token: Token,
+        nft_token: Token,
+        socket: &Path,
+        state_dir: &Path,
+    ) -> Net {
         let (nl, nl_error) = match Netlink::open() {
             Ok(nl) => {
                 match registry.register(&mut SourceFd(&nl.as_raw_fd()), token, Interest::READABLE) {
@@ -165,6 +212,11 @@ impl Net {
             log_warn!("no netlink socket ({nl_error}): VMs with interfaces cannot start");
         }
         let state_path = state::state_path(state_dir, socket);
+        let nft_registry = registry.try_clone().unwrap_or_else(|e| {
+            log_warn!("cannot clone the event registry for nft: {e}");
+            std::process::exit(1)
+        });
+        let nft = Nft::new(nft_registry, nft_token, &state_path, socket);
         let mut net = Net {
             nl,
             nl_error,
@@ -184,6 +236,11 @@ impl Net {
             stop_queued: false,
             released: Vec::new(),
             ula: random_ula(),
+            nft,
+            nft_startup: None,
+            nft_drop: None,
+            unlocking: Vec::new(),
+            vrfs: Vec::new(),
         };
         net.recover();
         net
@@ -214,15 +271,24 @@ impl Net {
             );
         }
         let ports: Vec<u32> = old.taps.iter().map(|(_, index)| *index).collect();
-        for (name, index) in &old.bridges {
+        // Bridges first: one vmd enslaved to a VRF leaves it.
+        let bridges = old.bridges.iter().map(|b| (b, false));
+        for ((name, index), vrf) in bridges.chain(old.vrfs.iter().map(|v| (v, true))) {
             self.jobs.push_back(Job::RemoveBridge {
                 name: name.clone(),
                 index: *index,
                 ports: ports.clone(),
+                vrf,
                 stage: 0,
             });
         }
+        if old.nft {
+            // Its chains would filter our taps of the same names.
+            self.nft_startup = Some(self.nft.submit(vec![NftOp::DropTable]));
+            self.state.nft = true;
+        }
         self.state.bridges = old.bridges;
+        self.state.vrfs = old.vrfs;
         self.save();
         self.run();
     }
@@ -251,33 +317,45 @@ impl Net {
                         name: sw.bridge.clone(),
                         index,
                         ports: Vec::new(),
+                        vrf: false,
                         stage: 0,
                     });
                 }
             }
         }
         for w in wanted {
+            let wanted_sw = Switch {
+                name: w.name.clone(),
+                bridge: w.interface.clone(),
+                up: w.up,
+                locked: w.locked_lladdr,
+                group: w.group.clone(),
+                rdomain: w.rdomain.unwrap_or(0),
+                ifindex: None,
+                error: None,
+            };
             let known = self.switches.iter_mut().find(|s| s.name == w.name);
             let changed = match known {
-                Some(s) if s.bridge == w.interface && s.up == w.up => reapply,
+                Some(s)
+                    if s.bridge == w.interface
+                        && s.up == w.up
+                        && s.group == wanted_sw.group
+                        && s.rdomain == wanted_sw.rdomain =>
+                {
+                    s.locked = w.locked_lladdr;
+                    reapply
+                }
                 Some(s) => {
-                    s.bridge = w.interface.clone();
-                    s.up = w.up;
-                    s.ifindex = None;
+                    *s = wanted_sw;
                     true
                 }
                 None => {
-                    self.switches.push(Switch {
-                        name: w.name.clone(),
-                        bridge: w.interface.clone(),
-                        up: w.up,
-                        ifindex: None,
-                        error: None,
-                    });
+                    self.switches.push(wanted_sw);
                     true
                 }
             };
             if changed {
+                self.vrf_want(w.rdomain.unwrap_or(0));
                 self.jobs.push_back(Job::Switch {
                     name: w.name.clone(),
                     stage: 0,
@@ -329,10 +407,16 @@ impl Net {
             }
         }
         self.save();
+        for t in &taps {
+            if t.switch.is_none() {
+                self.vrf_want(t.rdomain);
+            }
+        }
         self.vms.push(VmNet {
             id,
             taps,
             status: NetStatus::Pending,
+            nft_wait: None,
         });
         self.jobs.push_back(Job::Vm {
             id,
@@ -351,11 +435,45 @@ impl Net {
         iface: &Interface,
         globals: &Globals,
     ) -> Result<VmTap, String> {
-        if let Some(sw) = &iface.switch {
-            if !self.switches.iter().any(|s| s.name == *sw) {
-                return Err(format!("switch \"{sw}\" not found"));
+        let switch = match &iface.switch {
+            Some(sw) => match self.switches.iter().find(|s| s.name == *sw) {
+                Some(s) => Some(s),
+                None => return Err(format!("switch \"{sw}\" not found")),
+            },
+            None => None,
+        };
+        let rdomain = match (switch, iface.rdomain) {
+            (Some(s), Some(r)) if r != s.rdomain => {
+                return Err(format!(
+                    "interface {index}: rdomain {r}, but switch \"{}\" is in rdomain {}: \
+                     on Linux a bridge's port routes in its bridge's VRF \
+                     (set rdomain on the switch)",
+                    s.name, s.rdomain
+                ))
             }
-        }
+            (Some(_), _) => 0,
+            (None, r) => r.unwrap_or(0),
+        };
+        rdomain_table(rdomain).map_err(|e| format!("interface {index}: {e}"))?;
+        let locked = match (
+            iface.locked || switch.is_some_and(|s| s.locked),
+            iface.lladdr,
+        ) {
+            (false, _) => None,
+            (true, Some(mac)) => Some(mac),
+            (true, None) => {
+                return Err(format!(
+                    "interface {index}: locked lladdr without an address"
+                ))
+            }
+        };
+        let group = match &iface.group {
+            Some(g) => Some(
+                common::linkgroup::linkgroup_check(g)
+                    .map_err(|e| format!("interface {index}: {e}"))?,
+            ),
+            None => None,
+        };
         let local = |e: LocalAddrError| format!("local interface {index}: {e}");
         let prefix = globals.local_prefix;
         let (host_addr, host_addr6) = if iface.local {
@@ -391,7 +509,45 @@ impl Net {
             up: iface.up,
             host_addr,
             host_addr6,
+            locked,
+            group,
+            rdomain,
         })
+    }
+
+    /// Queues the making of rdomain `rdomain`'s VRF unless it is there
+    /// or on its way (0: none; one that failed is tried again).
+    fn vrf_want(&mut self, rdomain: u32) {
+        if rdomain == 0 {
+            return;
+        }
+        match self.vrfs.iter_mut().find(|v| v.rdomain == rdomain) {
+            Some(Vrf {
+                ifindex: Some(_), ..
+            }) => return,
+            Some(v) if v.error.is_some() => v.error = None,
+            Some(_) => return,
+            None => self.vrfs.push(Vrf {
+                rdomain,
+                ifindex: None,
+                error: None,
+            }),
+        }
+        self.jobs.push_back(Job::Vrf { rdomain, stage: 0 });
+    }
+
+    /// The VRF of `rdomain` to enslave a link to: its index, or why not.
+    fn vrf_master(&self, rdomain: u32) -> Result<Option<u32>, String> {
+        if rdomain == 0 {
+            return Ok(None);
+        }
+        match self.vrfs.iter().find(|v| v.rdomain == rdomain) {
+            Some(Vrf {
+                ifindex: Some(i), ..
+            }) => Ok(Some(*i)),
+            Some(Vrf { error: Some(e), .. }) => Err(e.clone()),
+            _ => Err(format!("VRF {} is not there", rdomain_vrf_name(rdomain))),
+        }
     }
 
     /// Where VM `id`'s interfaces are; None if it has none.
@@ -449,7 +605,17 @@ impl Net {
         self.state
             .taps
             .retain(|(_, i)| !vm.taps.iter().any(|t| t.tap.ifindex == *i));
-        drop(vm);
+        let (locked, unlocked): (Vec<VmTap>, Vec<VmTap>) =
+            vm.taps.into_iter().partition(|t| t.locked.is_some());
+        drop(unlocked);
+        if !locked.is_empty() {
+            let ops = (locked.iter())
+                .map(|t| NftOp::Unlock {
+                    tap: t.tap.name.clone(),
+                })
+                .collect();
+            self.unlocking.push((self.nft.submit(ops), locked));
+        }
         self.save();
         self.after_vm_gone();
     }
@@ -468,13 +634,19 @@ impl Net {
             return;
         }
         self.stop_queued = true;
-        for (name, index) in self.state.bridges.clone() {
+        let bridges = self.state.bridges.iter().map(|b| (b.clone(), false));
+        let vrfs = self.state.vrfs.iter().map(|v| (v.clone(), true));
+        for ((name, index), vrf) in bridges.chain(vrfs).collect::<Vec<_>>() {
             self.jobs.push_back(Job::RemoveBridge {
                 name,
                 index,
                 ports: Vec::new(),
+                vrf,
                 stage: 0,
             });
+        }
+        if self.state.nft {
+            self.nft_drop = Some(self.nft.submit(vec![NftOp::DropTable]));
         }
         self.run();
         self.save();
@@ -485,6 +657,8 @@ impl Net {
     pub fn is_idle(&self) -> bool {
         self.current.is_none()
             && self.jobs.is_empty()
+            && self.nft.is_idle()
+            && self.unlocking.is_empty()
             && (!self.stopping || self.stop_queued || self.vms.is_empty())
     }
 
@@ -546,8 +720,10 @@ impl Net {
                 name,
                 index,
                 ports,
+                vrf,
                 stage,
-            } => self.step_remove(name, index, ports, stage, reply),
+            } => self.step_remove(name, index, ports, vrf, stage, reply),
+            Job::Vrf { rdomain, stage } => self.step_vrf(rdomain, stage, reply),
             Job::Vm { id, tap, stage } => self.step_vm(id, tap, stage, reply),
             Job::Attach { tap, bridge, stage } => {
                 let set = Request::SetLink {
@@ -581,6 +757,7 @@ impl Net {
         };
         let bridge = sw.bridge.clone();
         let up = sw.up;
+        let (group, rdomain, ifindex) = (sw.group.clone(), sw.rdomain, sw.ifindex);
         let job = |stage| Job::Switch {
             name: name.clone(),
             stage,
@@ -624,7 +801,32 @@ impl Net {
                 Next::Send(job(1), Request::LinkByName(bridge))
             }
             (2, Some(Reply::Ack)) => Next::Send(job(4), Request::LinkByName(bridge)),
-            (3, Some(Reply::Ack)) => {
+            (3, Some(Reply::Ack)) if group.is_some() => {
+                let group = group.unwrap_or_default();
+                match common::linkgroup::linkgroup_check(&group) {
+                    Ok(group) => {
+                        let set = LinkRequest::SetGroup {
+                            index: ifindex.unwrap_or_default(),
+                            group,
+                        };
+                        Next::Send(job(5), Request::Link(set))
+                    }
+                    Err(e) => fail(self, format!("bridge {bridge}: {e}")),
+                }
+            }
+            (3 | 5, Some(Reply::Ack)) if rdomain != 0 => match self.vrf_master(rdomain) {
+                Ok(master) => {
+                    let set = Request::SetLink {
+                        index: ifindex.unwrap_or_default(),
+                        alias: None,
+                        up: None,
+                        master,
+                    };
+                    Next::Send(job(6), set)
+                }
+                Err(e) => fail(self, format!("bridge {bridge}: {e}")),
+            },
+            (3 | 5 | 6, Some(Reply::Ack)) => {
                 let mut bridge_index = None;
                 if let Some(sw) = self.switches.iter_mut().find(|s| s.name == name) {
                     sw.error = None;
@@ -662,6 +864,24 @@ impl Net {
                     if up { "up" } else { "down" }
                 ),
             ),
+            (5, Some(Reply::Failed(e))) => {
+                let set = LinkRequest::SetGroup {
+                    index: ifindex.unwrap_or_default(),
+                    group: 0,
+                };
+                let group = group.unwrap_or_default();
+                fail(
+                    self,
+                    format!("bridge {bridge}: group {group}: {}", links_error(&set, e)),
+                )
+            }
+            (6, Some(Reply::Failed(e))) => fail(
+                self,
+                format!(
+                    "cannot put bridge {bridge} in VRF {}: {e}",
+                    rdomain_vrf_name(rdomain)
+                ),
+            ),
             (_, Some(Reply::Failed(e))) => fail(self, format!("bridge {bridge}: {e}")),
             (_, other) => fail(
                 self,
@@ -675,6 +895,7 @@ impl Net {
         name: String,
         index: u32,
         ports: Vec<u32>,
+        vrf: bool,
         stage: u8,
         reply: Option<Reply>,
     ) -> Next {
@@ -682,7 +903,13 @@ impl Net {
             name: name.clone(),
             index,
             ports: ports.clone(),
+            vrf,
             stage,
+        };
+        let (kind, what) = if vrf {
+            ("vrf", "VRF")
+        } else {
+            ("bridge", "bridge")
         };
         let ours: Vec<u32> = (self.made_taps.iter().copied())
             .chain(ports.iter().copied())
@@ -690,14 +917,14 @@ impl Net {
         let next = match (stage, reply) {
             (0, None) => return Next::Send(job(1, &ports), Request::LinkByIndex(index)),
             (1, Some(Reply::Link(link))) => {
-                if link.name == name && link.kind.as_deref() == Some("bridge") {
+                if link.name == name && link.kind.as_deref() == Some(kind) {
                     return Next::Send(job(2, &ports), Request::Links);
                 }
-                log_debug!("bridge {name} (index {index}) is gone: nothing to remove");
+                log_debug!("{what} {name} (index {index}) is gone: nothing to remove");
                 Next::Done
             }
             (1, Some(Reply::Failed(Errno::ENODEV))) => {
-                log_debug!("bridge {name} (index {index}) is gone: nothing to remove");
+                log_debug!("{what} {name} (index {index}) is gone: nothing to remove");
                 Next::Done
             }
             (2, Some(Reply::Links(links))) => {
@@ -710,7 +937,7 @@ impl Net {
                     return Next::Send(job(3, &ports), Request::Addresses);
                 }
                 log_info!(
-                    "bridge {name} keeps ports vmd did not add ({}): not deleted",
+                    "{what} {name} keeps ports vmd did not add ({}): not deleted",
                     foreign.join(", ")
                 );
                 Next::Done
@@ -725,28 +952,34 @@ impl Net {
                     return Next::Send(job(4, &ports), Request::DelLink(index));
                 }
                 log_info!(
-                    "bridge {name} has addresses vmd did not add ({}): not deleted",
+                    "{what} {name} has addresses vmd did not add ({}): not deleted",
                     foreign.join(", ")
                 );
                 Next::Done
             }
             (4, Some(Reply::Ack | Reply::Failed(Errno::ENODEV))) => {
-                log_info!("deleted bridge {name}, which vmd had created");
+                log_info!("deleted {what} {name}, which vmd had created");
                 Next::Done
             }
             (_, Some(Reply::Failed(e))) => {
-                log_warn!("bridge {name}: cannot remove it: {e}");
+                log_warn!("{what} {name}: cannot remove it: {e}");
                 Next::Done
             }
             (_, other) => {
-                log_warn!("bridge {name}: unexpected answer {other:?}");
+                log_warn!("{what} {name}: unexpected answer {other:?}");
                 Next::Done
             }
         };
         // Removed, or left to whoever else uses it: no longer ours.
-        self.state
-            .bridges
-            .retain(|(b, i)| !(*b == name && *i == index));
+        let list = if vrf {
+            &mut self.state.vrfs
+        } else {
+            &mut self.state.bridges
+        };
+        list.retain(|(b, i)| !(*b == name && *i == index));
+        if vrf {
+            self.vrfs.retain(|v| v.ifindex != Some(index));
+        }
         for sw in self.switches.iter_mut().filter(|s| s.bridge == name) {
             sw.ifindex = None;
         }
@@ -755,12 +988,16 @@ impl Net {
     }
 
     fn step_vm(&mut self, id: u32, tap: usize, stage: u8, reply: Option<Reply>) -> Next {
+        let vrf_master = (self.vms.iter())
+            .find(|v| v.id == id)
+            .and_then(|v| v.taps.get(tap))
+            .filter(|t| t.switch.is_none())
+            .map(|t| self.vrf_master(t.rdomain));
         let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) else {
             return Next::Done;
         };
         let Some(t) = vm.taps.get(tap) else {
-            vm.status = NetStatus::Ready;
-            return Next::Done;
+            return self.vm_links_done(id);
         };
         let name = t.tap.name.clone();
         let job = |tap, stage| Job::Vm { id, tap, stage };
@@ -769,7 +1006,13 @@ impl Net {
         let status = match (stage, reply) {
             (0, None) => {
                 let master = match &t.switch {
-                    None => None,
+                    None => match vrf_master.unwrap_or(Ok(None)) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            vm.status = failed(format!("rdomain {}: {e}", t.rdomain));
+                            return Next::Done;
+                        }
+                    },
                     Some(s) => match self.switches.iter().find(|sw| sw.name == *s) {
                         Some(Switch {
                             ifindex: Some(i), ..
@@ -800,7 +1043,15 @@ impl Net {
                 return Next::Send(job(tap, 1), set);
             }
             // Its host addresses, one request each: IPv4, then IPv6.
-            (1 | 2, Some(Reply::Ack)) => {
+            (1, Some(Reply::Ack)) if t.group.is_some() => {
+                let set = LinkRequest::SetGroup {
+                    index: t.tap.ifindex,
+                    group: t.group.unwrap_or_default(),
+                };
+                return Next::Send(job(tap, 4), Request::Link(set));
+            }
+            (1 | 2 | 4, Some(Reply::Ack)) => {
+                let stage = if stage == 4 { 1 } else { stage };
                 let addrs = [
                     t.host_addr.map(|a| (IpAddr::V4(a), LOCAL_PREFIX_LEN)),
                     t.host_addr6.map(|a| (IpAddr::V6(a), LOCAL_PREFIX6_LEN)),
@@ -820,6 +1071,13 @@ impl Net {
             }
             (3, Some(Reply::Ack)) => return self.step_vm(id, tap + 1, 0, None),
             (1, Some(Reply::Failed(e))) => failed(format!("cannot configure it: {e}")),
+            (4, Some(Reply::Failed(e))) => {
+                let set = LinkRequest::SetGroup {
+                    index: t.tap.ifindex,
+                    group: t.group.unwrap_or_default(),
+                };
+                failed(links_error(&set, e))
+            }
             (2 | 3, Some(Reply::Failed(e))) => {
                 let addr = match stage {
                     2 => t.host_addr.map(|a| format!("{a}/{LOCAL_PREFIX_LEN}")),
@@ -839,6 +1097,164 @@ impl Net {
     /// Writes the state file (removes it once the daemon stops with
     /// nothing left); a failure is logged: a crash would then leave
     /// what the file misses.
+    /// VM `id`'s links are configured: its locks next, after a
+    /// predecessor's table is gone (nft runs in order).
+    fn vm_links_done(&mut self, id: u32) -> Next {
+        let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) else {
+            return Next::Done;
+        };
+        let locks: Vec<NftOp> = (vm.taps.iter())
+            .filter_map(|t| {
+                t.locked.map(|mac| NftOp::Lock {
+                    tap: t.tap.name.clone(),
+                    mac,
+                })
+            })
+            .collect();
+        if !locks.is_empty() {
+            vm.nft_wait = Some((self.nft.submit(locks), true));
+            if !self.state.nft {
+                self.state.nft = true;
+                self.save();
+            }
+        } else if let Some(startup) = self.nft_startup {
+            vm.nft_wait = Some((startup, false));
+        } else {
+            vm.status = NetStatus::Ready;
+        }
+        Next::Done
+    }
+
+    /// Makes rdomain `rdomain`'s VRF device (table 1000+N) if it is
+    /// missing, and sets it up; one that exists is used as it is.
+    fn step_vrf(&mut self, rdomain: u32, stage: u8, reply: Option<Reply>) -> Next {
+        let name = rdomain_vrf_name(rdomain);
+        let job = |stage| Job::Vrf { rdomain, stage };
+        let table = match rdomain_table(rdomain) {
+            Ok(Some(table)) => table,
+            Ok(None) => return Next::Done,
+            Err(e) => return self.vrf_failed(rdomain, e),
+        };
+        let new = LinkRequest::NewVrf {
+            name: name.clone(),
+            table,
+        };
+        match (stage, reply) {
+            (0, None) => Next::Send(job(1), Request::LinkByName(name)),
+            (1 | 4, Some(Reply::Link(link))) => {
+                if link.kind.as_deref() != Some("vrf") {
+                    let why = format!("interface {name} exists and is not a VRF");
+                    return self.vrf_failed(rdomain, why);
+                }
+                if stage == 4 {
+                    log_info!("rdomain {rdomain}: created VRF {name} (table {table})");
+                    self.state.vrfs.retain(|(v, _)| *v != name);
+                    self.state.vrfs.push((name.clone(), link.index));
+                    self.save();
+                }
+                if let Some(v) = self.vrfs.iter_mut().find(|v| v.rdomain == rdomain) {
+                    v.ifindex = Some(link.index);
+                }
+                let set = Request::SetLink {
+                    index: link.index,
+                    alias: None,
+                    up: Some(true),
+                    master: None,
+                };
+                Next::Send(job(3), set)
+            }
+            (1, Some(Reply::Failed(Errno::ENODEV))) => Next::Send(job(2), Request::Link(new)),
+            (2, Some(Reply::Failed(Errno::EEXIST))) => {
+                Next::Send(job(1), Request::LinkByName(name))
+            }
+            (2, Some(Reply::Ack)) => Next::Send(job(4), Request::LinkByName(name)),
+            (2, Some(Reply::Failed(e))) => self.vrf_failed(rdomain, links_error(&new, e)),
+            (3, Some(Reply::Ack)) => Next::Done,
+            (_, Some(Reply::Failed(e))) => self.vrf_failed(rdomain, format!("VRF {name}: {e}")),
+            (_, other) => {
+                self.vrf_failed(rdomain, format!("VRF {name}: unexpected answer {other:?}"))
+            }
+        }
+    }
+
+    fn vrf_failed(&mut self, rdomain: u32, why: String) -> Next {
+        log_warn!("rdomain {rdomain}: {why}");
+        if let Some(v) = self.vrfs.iter_mut().find(|v| v.rdomain == rdomain) {
+            v.ifindex = None;
+            v.error = Some(why);
+        }
+        Next::Done
+    }
+
+    /// nft's helper's socket is readable.
+    pub fn nft_event(&mut self) {
+        self.nft.handle_event();
+        self.nft_settle();
+    }
+
+    /// Whether `pid` was nft's helper (reaped by the parent's loop).
+    pub fn nft_reaped(&mut self, pid: nix::unistd::Pid) -> bool {
+        let ours = self.nft.reaped(pid);
+        self.nft_settle();
+        ours
+    }
+
+    pub fn nft_deadline(&self) -> Option<std::time::Instant> {
+        self.nft.next_deadline()
+    }
+
+    /// Times out an nft run that took too long.
+    pub fn nft_tick(&mut self) {
+        self.nft.tick();
+        self.nft_settle();
+    }
+
+    /// What finished nft runs mean: VMs locked (or failed), released
+    /// taps' chains gone (their taps close now), a table removed.
+    fn nft_settle(&mut self) {
+        for done in self.nft.take_done() {
+            if self.nft_startup == Some(done.ticket) {
+                self.nft_startup = None;
+                match &done.result {
+                    Ok(()) => self.state.nft = false,
+                    Err(e) => log_warn!("removing what an earlier vmd left: {e}"),
+                }
+                self.save();
+            }
+            if self.nft_drop == Some(done.ticket) {
+                self.nft_drop = None;
+                match &done.result {
+                    Ok(()) => self.state.nft = false,
+                    Err(e) => log_warn!("{e}"),
+                }
+                self.save();
+            }
+            for vm in self.vms.iter_mut() {
+                match vm.nft_wait {
+                    Some((ticket, locks)) if ticket == done.ticket => {
+                        vm.nft_wait = None;
+                        vm.status = match (&done.result, locks) {
+                            (Err(e), true) => NetStatus::Failed(format!("locked lladdr: {e}")),
+                            _ => NetStatus::Ready,
+                        };
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(i) = self.unlocking.iter().position(|(t, _)| *t == done.ticket) {
+                let (_, taps) = self.unlocking.remove(i);
+                if let Err(e) = &done.result {
+                    let names: Vec<&str> = taps.iter().map(|t| t.tap.name.as_str()).collect();
+                    log_warn!(
+                        "cannot remove the locked lladdr chains of {}: {e}",
+                        names.join(", ")
+                    );
+                }
+            }
+        }
+        self.after_vm_gone();
+    }
+
     fn save(&self) {
         if self.stopping && self.state.is_empty() && self.current.is_none() && self.jobs.is_empty()
         {
@@ -941,7 +1357,7 @@ mod tests {
             assert_eq!(ask(&mut check, &set)?, Reply::Ack);
 
             let mut poll = mio::Poll::new().map_err(|e| e.to_string())?;
-            let mut net = Net::new(poll.registry(), Token(1), socket, &dir);
+            let mut net = Net::new(poll.registry(), Token(1), Token(3), socket, &dir);
             net.set_switches(&config.switches, false);
             settle(&mut poll, &mut net)?;
             let bridge = link(&mut check, "brt0")?.ok_or("brt0 not made")?;
@@ -1007,7 +1423,7 @@ mod tests {
             // bridge it made and leaves the one that existed before.
             let Net { nl, .. } = net;
             drop(nl);
-            let mut net = Net::new(poll.registry(), Token(2), socket, &dir);
+            let mut net = Net::new(poll.registry(), Token(2), Token(4), socket, &dir);
             settle(&mut poll, &mut net)?;
             assert_eq!(link(&mut check, "brt0")?, None);
             assert!(link(&mut check, "brpre")?.is_some());

@@ -45,6 +45,8 @@ pub enum Request {
         addr: IpAddr,
         prefix_len: u8,
     },
+    /// A link group or a VRF (links.rs).
+    Link(super::links::LinkRequest),
 }
 
 impl Request {
@@ -160,6 +162,11 @@ pub fn nl_build(req: &Request, seq: u32) -> Vec<u8> {
             }
             msg.attributes.push(AddressAttribute::Address(*addr));
             RouteNetlinkMessage::NewAddress(msg)
+        }
+        Request::Link(r) => {
+            let (m, f) = super::links::links_message(r);
+            flags = f;
+            m
         }
     };
     let mut header = NetlinkHeader::default();

@@ -32,7 +32,6 @@
 //! the order they were asked for, and reports each as an [`NftDone`].
 
 // Not called by Net yet (issue 19's building blocks): goes when it is.
-#![allow(dead_code)]
 
 use crate::parent::helper::{Helper, HelperError};
 use common::ctl::CtlError;
@@ -269,6 +268,7 @@ impl Nft {
         }
     }
 
+    #[cfg(test)]
     /// Another program than nft, another timeout (tests).
     pub fn with_program(mut self, program: &Path, timeout: Duration) -> Nft {
         self.program = program.to_path_buf();
@@ -276,18 +276,20 @@ impl Nft {
         self
     }
 
+    #[cfg(test)]
+    pub fn token(&self) -> Token {
+        self.token
+    }
+
+    #[cfg(test)]
     pub fn table(&self) -> &str {
         &self.table
     }
 
+    #[cfg(test)]
     /// The running helper's pid.
     pub fn pid(&self) -> Option<Pid> {
         self.running.as_ref().map(|r| r.helper.pid())
-    }
-
-    /// The token of the running helper's socket.
-    pub fn token(&self) -> Token {
-        self.token
     }
 
     /// Nothing queued or running, nothing to take.

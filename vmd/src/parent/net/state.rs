@@ -35,6 +35,10 @@ pub struct State {
     pub pid: u32,
     pub taps: Vec<(String, u32)>,
     pub bridges: Vec<(String, u32)>,
+    /// The VRF devices (rdomains) this daemon created.
+    pub vrfs: Vec<(String, u32)>,
+    /// Its nftables table (locked lladdr, nft.rs) may exist.
+    pub nft: bool,
 }
 
 /// The state file of the daemon whose control socket is `socket` (an
@@ -76,6 +80,12 @@ impl State {
         for (name, index) in &self.bridges {
             text.push_str(&format!("bridge {name} {index}\n"));
         }
+        for (name, index) in &self.vrfs {
+            text.push_str(&format!("vrf {name} {index}\n"));
+        }
+        if self.nft {
+            text.push_str("nft\n");
+        }
         text
     }
 
@@ -96,6 +106,8 @@ impl State {
                 Some("pid") => state.pid = words.get(1).and_then(|p| p.parse().ok()).unwrap_or(0),
                 Some("tap") => state.taps.extend(entry(&words)),
                 Some("bridge") => state.bridges.extend(entry(&words)),
+                Some("vrf") => state.vrfs.extend(entry(&words)),
+                Some("nft") => state.nft = true,
                 _ => {}
             }
         }
@@ -103,7 +115,7 @@ impl State {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.taps.is_empty() && self.bridges.is_empty()
+        self.taps.is_empty() && self.bridges.is_empty() && self.vrfs.is_empty() && !self.nft
     }
 }
 
@@ -178,6 +190,8 @@ mod tests {
             pid: 42,
             taps: vec![("tap0".into(), 7), ("tap1".into(), 8)],
             bridges: vec![("br0".into(), 9)],
+            vrfs: vec![("rdomain5".into(), 11)],
+            nft: true,
         };
         let text = state.render();
         assert!(text.contains("\ntap tap0 7\n"));
@@ -185,6 +199,7 @@ mod tests {
         let back = State::parse(&text);
         assert_eq!(back.taps, state.taps);
         assert_eq!(back.bridges, state.bridges);
+        assert_eq!((back.vrfs, back.nft), (state.vrfs, true));
         assert_eq!(back.pid, 42);
         let odd = State::parse("bridge\nbridge x\nbridge ../x 3\nbridge br1 nine\nchain x\nbridge br2 4 5\nbridge br3 5\n");
         assert_eq!(odd.bridges, vec![("br3".to_string(), 5)]);
@@ -199,7 +214,7 @@ mod tests {
             socket: "/tmp/s".into(),
             pid: 1,
             taps: vec![("tap3".into(), 3)],
-            bridges: Vec::new(),
+            ..State::default()
         };
         state_save(&path, &state).expect("save");
         assert_eq!(

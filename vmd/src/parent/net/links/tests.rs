@@ -2,50 +2,22 @@ use super::*;
 use crate::parent::net::netlink::tests::ask;
 use crate::parent::net::netlink::{Netlink, Reply, Request};
 use crate::parent::net::testns::in_new_netns;
-use netlink_packet_core::{NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload};
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use netlink_packet_core::{NetlinkBuffer, NetlinkMessage, NetlinkPayload};
 use serde_json::Value;
 use std::process::Command;
 
 /// The bytes of `req` with sequence number `seq` (as nl_build makes them).
 pub fn links_build(req: &LinkRequest, seq: u32) -> Vec<u8> {
-    let (message, flags) = links_message(req);
-    let mut header = NetlinkHeader::default();
-    header.flags = flags;
-    header.sequence_number = seq;
-    let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(message));
-    packet.finalize();
-    let mut buf = vec![0; packet.header.length as usize];
-    packet.serialize(&mut buf);
-    buf
+    crate::parent::net::netlink::nl_build(&Request::Link(req.clone()), seq)
 }
 
-/// Sends `req` on a socket of its own and waits for the kernel's ACK or
-/// error (tests only).
+/// Sends `req` and waits for the kernel's ACK or error (tests only).
 fn ask_link(req: &LinkRequest) -> Result<Result<(), Errno>, String> {
-    let mut socket = Socket::new(NETLINK_ROUTE).map_err(|e| e.to_string())?;
-    socket.bind_auto().map_err(|e| e.to_string())?;
-    socket
-        .connect(&SocketAddr::new(0, 0))
-        .map_err(|e| e.to_string())?;
-    let bytes = links_build(req, 7);
-    socket.send(&bytes, 0).map_err(|e| format!("send: {e}"))?;
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = socket
-            .recv(&mut &mut buf[..], 0)
-            .map_err(|e| format!("recv: {e}"))?;
-        let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[..n])
-            .map_err(|e| format!("answer: {e}"))?;
-        if msg.header.sequence_number != 7 {
-            continue;
-        }
-        if let NetlinkPayload::Error(e) = msg.payload {
-            return Ok(match e.code {
-                None => Ok(()),
-                Some(code) => Err(Errno::from_raw(-code.get())),
-            });
-        }
+    let mut nl = Netlink::open().map_err(|e| e.to_string())?;
+    match ask(&mut nl, &Request::Link(req.clone()))? {
+        Reply::Ack => Ok(Ok(())),
+        Reply::Failed(e) => Ok(Err(e)),
+        other => Err(format!("unexpected answer {other:?}")),
     }
 }
 
