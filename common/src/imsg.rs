@@ -388,6 +388,11 @@ pub enum VmFdKind {
     Tap {
         index: u8,
     },
+    /// A /dev/vhost-net descriptor for interface `index`'s tap (hardware
+    /// KVM only): QEMU moves its packets in the kernel.
+    Vhost {
+        index: u8,
+    },
 }
 
 impl Message {

@@ -42,6 +42,7 @@ use crate::parent::backend::{
     Backend, CommandDone, LocalNic, Requester, RunInfo, VmEnded, VmEvent,
 };
 use crate::parent::helper::{self, Answered, Helper, HelperError};
+use crate::parent::net::vhost::{vhost_open_all, VHOST_NET};
 use crate::parent::net::{Net, NetStatus};
 use crate::parent::uidlock::{UidLocks, UID_LOCK_DIR};
 use crate::parent::userfiles::{self, Opened, UserFilesError, Want, OPEN_TIMEOUT};
@@ -1231,6 +1232,7 @@ fn launch_files_work(
     let work = || -> Result<(Vec<Opened>, HelperAnswer), StartError> {
         let (kvm, groups) = launch_kvm_groups(accel)?;
         let mut files = launch_open_files(vm, requester, deadline)?;
+        files.extend(launch_open_vhosts(vm, kvm));
         launch_lock_disks(&files)?;
         let (log, console_log_size) =
             open_console_log(console_log).map_err(|why| StartError::ConsoleLog {
@@ -1493,6 +1495,29 @@ fn kvm_group() -> Option<Gid> {
 /// Locks every disk's image chain: the top of a writable disk
 /// exclusively, the files below shared, so no other VM writes to a file
 /// this one reads or writes.
+/// A /dev/vhost-net descriptor per interface under hardware KVM (an
+/// open may wait on the driver: the helper's); without, the VM runs on
+/// QEMU's own tap path, and the log says why at debug level.
+fn launch_open_vhosts(vm: &VmConfig, kvm: bool) -> Vec<Opened> {
+    let count = vm.effective_interfaces().len();
+    if count == 0 {
+        return Vec::new();
+    }
+    match vhost_open_all(kvm, Path::new(VHOST_NET), count) {
+        Ok(fds) => (fds.into_iter().enumerate())
+            .map(|(index, fd)| Opened {
+                kind: VmFdKind::Vhost { index: index as u8 },
+                path: VHOST_NET.to_string(),
+                file: fd.into(),
+            })
+            .collect(),
+        Err(why) => {
+            log_debug!("vm {}: {why}", vm.name);
+            Vec::new()
+        }
+    }
+}
+
 fn launch_lock_disks(files: &[Opened]) -> Result<(), StartError> {
     for f in files {
         let VmFdKind::Disk { writable, .. } = f.kind else {

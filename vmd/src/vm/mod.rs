@@ -136,6 +136,8 @@ pub struct StartFds {
     pub disks: Vec<DiskLayer>,
     /// Each network interface's tap, by interface index.
     pub taps: Vec<(u8, OwnedFd)>,
+    /// Interfaces' vhost-net descriptors, by interface index.
+    pub vhosts: Vec<(u8, OwnedFd)>,
 }
 
 pub fn vm_main(verbosity: u8) -> ExitCode {
@@ -221,6 +223,10 @@ fn vm_receive_start(channel: &mut Channel) -> Result<(VmParams, StartFds), VmErr
                         VmFdKind::Cdrom => &mut fds.cdrom,
                         VmFdKind::Tap { index } => {
                             fds.taps.push((index, fd));
+                            continue;
+                        }
+                        VmFdKind::Vhost { index } => {
+                            fds.vhosts.push((index, fd));
                             continue;
                         }
                         VmFdKind::Disk {

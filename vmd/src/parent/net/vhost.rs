@@ -8,7 +8,6 @@
 //! [`vhost_open`] says why (for a debug line).
 
 // Not called by Net yet (issue 19's building blocks): goes when it is.
-#![allow(dead_code)]
 
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;

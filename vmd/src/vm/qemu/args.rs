@@ -49,6 +49,8 @@ pub struct QemuFiles {
     pub serial: OwnedFd,
     /// Each network interface's tap, by interface index.
     pub taps: Vec<(u8, OwnedFd)>,
+    /// The interfaces' vhost-net descriptors, where the parent opened them.
+    pub vhosts: Vec<(u8, OwnedFd)>,
 }
 
 /// A file QEMU loads by name, which the VM process copies into memory.
@@ -195,21 +197,27 @@ pub fn qemu_args(params: &VmParams, files: &QemuFiles) -> Vec<String> {
         let set = files.disks.len() + 1;
         args.extend(cdrom_args(cdrom.as_raw_fd(), set, cdrom_index));
     }
-    args.extend(net_args(&files.taps, &params.macs));
+    args.extend(net_args(&files.taps, &files.vhosts, &params.macs));
     args
 }
 
 /// One virtio-net device per interface on its tap's descriptor, in
 /// interface order (eth0 is interface 0), with its MAC. QEMU probes the
-/// tap's virtio-net header and sets its offloads itself.
-pub fn net_args(taps: &[(u8, OwnedFd)], macs: &[[u8; 6]]) -> Vec<String> {
+/// tap's virtio-net header and sets its offloads itself. An interface
+/// with a vhost-net descriptor has QEMU hand its packets to the kernel's
+/// vhost-net (`vhost=on`).
+pub fn net_args(taps: &[(u8, OwnedFd)], vhosts: &[(u8, OwnedFd)], macs: &[[u8; 6]]) -> Vec<String> {
     let mut sorted: Vec<&(u8, OwnedFd)> = taps.iter().collect();
     sorted.sort_by_key(|(index, _)| *index);
     let mut args = Vec::new();
     for (index, fd) in sorted {
         let mac = macs.get(usize::from(*index)).copied().unwrap_or_default();
         args.push("-netdev".to_string());
-        args.push(format!("tap,id=net{index},fd={}", fd.as_raw_fd()));
+        let vhost = match vhosts.iter().find(|(i, _)| i == index) {
+            Some((_, v)) => format!(",vhost=on,vhostfd={}", v.as_raw_fd()),
+            None => String::new(),
+        };
+        args.push(format!("tap,id=net{index},fd={}{vhost}", fd.as_raw_fd()));
         args.push("-device".to_string());
         args.push(format!(
             "virtio-net-pci,netdev=net{index},mac={},id=vio{index}",

@@ -106,6 +106,7 @@ pub fn prepare(
         qmp: qmp_qemu,
         serial,
         taps: std::mem::take(&mut fds.taps),
+        vhosts: std::mem::take(&mut fds.vhosts),
     };
     let args = qemu_args(params, &files);
     let mut keep: Vec<RawFd> = vec![files.qmp.as_raw_fd(), files.serial.as_raw_fd()];
@@ -119,6 +120,7 @@ pub fn prepare(
     keep.extend(files.disks.iter().map(|l| l.fd.as_raw_fd()));
     keep.extend(files.cdrom.as_ref().map(|fd| fd.as_raw_fd()));
     keep.extend(files.taps.iter().map(|(_, fd)| fd.as_raw_fd()));
+    keep.extend(files.vhosts.iter().map(|(_, fd)| fd.as_raw_fd()));
     for fd in [qmp.as_raw_fd(), stderr.as_raw_fd()] {
         set_nonblocking(fd)?;
     }

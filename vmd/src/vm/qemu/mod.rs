@@ -204,6 +204,7 @@ mod tests {
                 qmp: null(),
                 serial: null(),
                 taps: Vec::new(),
+                vhosts: Vec::new(),
             };
             let args = qemu_args(&params(boot_device), &files).join(" ");
             (args, files)
@@ -243,6 +244,7 @@ mod tests {
             qmp: null(),
             serial: null(),
             taps: Vec::new(),
+            vhosts: Vec::new(),
         };
         let args = qemu_args(&params(Some(BootDevice::Cdrom)), &files).join(" ");
         assert!(args.contains("-kernel /proc/self/fd/"));
@@ -267,13 +269,22 @@ mod tests {
             [0xfe, 0xe1, 0xbb, 0xd1, 0, 1],
             [0xfe, 0xe1, 0xbb, 0xd2, 0xab, 0xcd],
         ];
-        let args = args::net_args(&taps, &macs).join(" ");
+        let args = args::net_args(&taps, &[], &macs).join(" ");
         assert_eq!(
             args,
             format!(
                 "-netdev tap,id=net0,fd={fa} -device virtio-net-pci,netdev=net0,mac=fe:e1:bb:d1:00:01,id=vio0 \
                  -netdev tap,id=net1,fd={fb} -device virtio-net-pci,netdev=net1,mac=fe:e1:bb:d2:ab:cd,id=vio1"
             )
+        );
+        // Interface 1 with vhost-net: only its -netdev says so.
+        let v = null();
+        let fv = v.as_raw_fd();
+        let args = args::net_args(&taps, &[(1, v)], &macs).join(" ");
+        assert!(args.contains(&format!("tap,id=net0,fd={fa} ")), "{args}");
+        assert!(
+            args.contains(&format!("tap,id=net1,fd={fb},vhost=on,vhostfd={fv} ")),
+            "{args}"
         );
     }
 
