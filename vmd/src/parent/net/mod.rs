@@ -1448,4 +1448,159 @@ mod tests {
             Ok(())
         });
     }
+
+    /// Plays the parent's loop until `done(net)`: netlink (token 1), nft's
+    /// helper (token 3), its deadline and reaping its pid.
+    fn settle_all(
+        poll: &mut mio::Poll,
+        net: &mut Net,
+        done: impl Fn(&Net) -> bool,
+    ) -> Result<(), String> {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut events = mio::Events::with_capacity(8);
+        while !done(net) {
+            if Instant::now() > deadline {
+                return Err("netlink or nft did not finish within 60s".into());
+            }
+            poll.poll(&mut events, Some(Duration::from_millis(100)))
+                .map_err(|e| e.to_string())?;
+            for e in events.iter() {
+                match e.token() {
+                    Token(1) => net.handle_event(),
+                    Token(3) => net.nft_event(),
+                    _ => {}
+                }
+            }
+            net.nft_tick();
+            if let Some(pid) = net.nft.pid() {
+                if let Ok(status) = waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                    if status != WaitStatus::StillAlive {
+                        net.nft_reaped(pid);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn nft_json(args: &[&str]) -> Option<String> {
+        let out = std::process::Command::new(nft::NFT_PROGRAM)
+            .args(args)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    #[test]
+    fn locks_groups_and_rdomains_in_a_netns() {
+        in_new_netns(|| {
+            let dir = std::env::temp_dir().join(format!("vmd-net-lock-{}", std::process::id()));
+            let socket = Path::new("/tmp/vmd-net-lock-test.sock");
+            let text = "switch \"sw\" { interface brl0\n locked lladdr\n group default }\n\
+                vm \"a\" { interface { switch \"sw\" }\n interface { locked lladdr, group default } }\n\
+                vm \"b\" { interface { rdomain 5 } }\n\
+                vm \"c\" { interface { switch \"sw\", rdomain 6 } }\n";
+            let config = parse_str("t.conf", text, &[])
+                .map_err(|e| format!("{e:?}"))?
+                .config;
+            let mut poll = mio::Poll::new().map_err(|e| e.to_string())?;
+            let mut net = Net::new(poll.registry(), Token(1), Token(3), socket, &dir);
+            net.set_switches(&config.switches, false);
+            settle_all(&mut poll, &mut net, |n| n.is_idle())?;
+            let globals = Globals::default();
+            let with_macs = |vm: &VmConfig| {
+                let mut vm = vm.clone();
+                for (i, iface) in vm.interfaces.iter_mut().enumerate() {
+                    iface.lladdr = Some(common::net::generated_mac(i, [3, 4]));
+                }
+                vm
+            };
+            let a = with_macs(&config.vms[0]);
+            net.vm_start(7, &a, &globals)?;
+            settle_all(&mut poll, &mut net, |n| {
+                n.vm_status(7) != Some(NetStatus::Pending)
+            })?;
+            assert_eq!(net.vm_status(7), Some(NetStatus::Ready));
+            let taps: Vec<String> = net.vms[0].taps.iter().map(|t| t.tap.name.clone()).collect();
+            let table = net.nft.table().to_string();
+            for tap in &taps {
+                let chain = nft_json(&[
+                    "-j",
+                    "list",
+                    "chain",
+                    "netdev",
+                    &table,
+                    &format!("lock-{tap}"),
+                ])
+                .ok_or(format!("no chain lock-{tap}"))?;
+                let mac = if tap == &taps[0] {
+                    "fe:e1:bb:d1:03:04"
+                } else {
+                    "fe:e1:bb:d2:03:04"
+                };
+                assert!(chain.contains(mac), "{chain}");
+            }
+            assert!(
+                state::state_load(&net.state_path)
+                    .map_err(|e| e.to_string())?
+                    .ok_or("no state")?
+                    .nft
+            );
+            // An interface's rdomain other than its switch's is refused at once.
+            let refused = net.vm_start(9, &with_macs(&config.vms[2]), &globals);
+            assert!(
+                refused
+                    .as_ref()
+                    .is_err_and(|e| e.contains("rdomain 6, but switch \"sw\" is in rdomain 0")),
+                "{refused:?}"
+            );
+            // rdomain 5: a VRF with table 1005, or this kernel's reason.
+            net.vm_start(8, &with_macs(&config.vms[1]), &globals)?;
+            settle_all(&mut poll, &mut net, |n| {
+                n.vm_status(8) != Some(NetStatus::Pending)
+            })?;
+            let mut check = Netlink::open().map_err(|e| e.to_string())?;
+            match net.vm_status(8) {
+                Some(NetStatus::Ready) => {
+                    let vrf = link(&mut check, "rdomain5")?.ok_or("no rdomain5")?;
+                    assert_eq!(vrf.kind.as_deref(), Some("vrf"));
+                    let tap = net.vms[1].taps[0].tap.ifindex;
+                    let Reply::Link(tap) = ask(&mut check, &Request::LinkByIndex(tap))? else {
+                        return Err("no tap".into());
+                    };
+                    assert_eq!(tap.master, Some(vrf.index));
+                }
+                other => {
+                    let why = links_error(
+                        &LinkRequest::NewVrf {
+                            name: "rdomain5".into(),
+                            table: 1005,
+                        },
+                        Errno::EOPNOTSUPP,
+                    );
+                    assert!(
+                        matches!(&other, Some(NetStatus::Failed(e)) if e.contains(&why)),
+                        "{other:?}"
+                    );
+                    net.vm_release(8);
+                }
+            }
+            net.vm_release(7);
+            settle_all(&mut poll, &mut net, |n| n.is_idle())?;
+            for tap in &taps {
+                let chain = nft_json(&["list", "chain", "netdev", &table, &format!("lock-{tap}")]);
+                assert_eq!(chain, None, "lock-{tap} outlived its VM");
+            }
+            net.stop();
+            settle_all(&mut poll, &mut net, |n| n.is_idle())?;
+            assert_eq!(nft_json(&["list", "table", "netdev", &table]), None);
+            assert_eq!(link(&mut check, "rdomain5")?, None);
+            assert!(!net.state_path.exists());
+            let _ = std::fs::remove_dir_all(&dir);
+            Ok(())
+        });
+    }
 }
