@@ -202,7 +202,7 @@ def net_unit_tests(vmd):
     # L1 has what the tests must take the with-it branch for.
     l1.check("ip link add vrfcheck type vrf table 1099 && ip link del vrfcheck")
     l1.check("test -c /dev/vhost-net")
-    filters = "parent::net::links parent::net::vhost parent::net::nft"
+    filters = "parent::net::links parent::net::vhost parent::net::nft parent::net::tests"
     out = l1.check(f"/usr/libexec/vmd-unit-tests --test-threads=1 {filters} 2>&1", timeout=600)
     passed = [int(n) for n in re.findall(r"test result: ok\. (\d+) passed; 0 failed", out)]
     if len(passed) != 1:
@@ -210,7 +210,8 @@ def net_unit_tests(vmd):
     if passed[0] < 10:
         raise Failure(f"only {passed[0]} tests ran: {out[-2000:]}")
     for name in ("a_vrf_or_the_reason_there_is_none", "the_device_opens_or_says_why",
-                 "a_locked_tap_drops_and_counts_foreign_frames"):
+                 "a_locked_tap_drops_and_counts_foreign_frames",
+                 "locks_groups_and_rdomains_in_a_netns"):
         if not re.search(rf"{name} \.\.\. ok", out):
             raise Failure(f"{name} did not pass: {out[-2000:]}")
 
@@ -249,6 +250,34 @@ def net_case(fn, keep=(), after_exit=None):
 
 
 NET_CONF = "accel kvm\n" + net.SW
+VRF_CONF = "accel kvm\n" + net.switch_conf("sw", net.BRIDGE, " rdomain 5\n")
+
+
+def vrf_vhost_ping(vmd):
+    """A switch with `rdomain 5`: its bridge is a port of VRF rdomain5,
+    table 1005, which vmd made (and removes at its exit: net_case checks
+    L1 is left empty); two guests on it ping each other, and under KVM
+    each QEMU holds a /dev/vhost-net descriptor and has vhost=on on its
+    -netdev."""
+    net.bridge_up(vmd, net.BRIDGE)
+    started = net.ping_pair(vmd, (net.vm("va"), net.vm("vb")), "sw")
+    links = vmd.links()
+    vrf = links.get("rdomain5")
+    if not vrf or net.kind(vrf) != "vrf":
+        raise Failure(f"no VRF rdomain5: {net.describe(links)}")
+    table = vrf.get("linkinfo", {}).get("info_data", {}).get("table")
+    if table != 1005:
+        raise Failure(f"rdomain5's table is {table}, want 1005")
+    if links[net.BRIDGE].get("master") != "rdomain5":
+        raise Failure(f"{net.BRIDGE} is a port of {links[net.BRIDGE].get('master')}, want rdomain5")
+    for name, vmid in started:
+        _, qemu = vmd.vm_pids(vmid)
+        args = vmd.cmdline(qemu)
+        if not re.search(r"-netdev tap,id=net0,fd=\d+,vhost=on,vhostfd=\d+", args):
+            raise Failure(f"{name}'s QEMU has no vhost-net: {args}")
+        fds = vmd.l1.sh(f"ls -l /proc/{qemu}/fd")[1]
+        if "/dev/vhost-net" not in fds:
+            raise Failure(f"{name}'s QEMU holds no /dev/vhost-net: {fds}")
 
 # (name, function, vm.conf lines[, what runs in L1 before vmd starts]);
 # every case runs with its own vmd.
@@ -260,6 +289,7 @@ CASES = [
     ("graceful-stop-w-on-kvm", graceful_stop, "accel kvm\n"),
     ("sigkill-vm-process-leaves-nothing", killed_vm_process, "accel kvm\n" + config_vm("l2kill")),
     ("net-two-guests-on-a-switch-ping", net_case(net.two_guests_ping), NET_CONF),
+    ("net-rdomain-vrf-vhost-net-two-guests-ping", net_case(vrf_vhost_ping), VRF_CONF),
     ("net-sigkill-vm-process-removes-its-tap", net_case(net.tap_cleanup("vm")), NET_CONF),
     ("net-sigkill-qemu-removes-its-tap", net_case(net.tap_cleanup("qemu")), NET_CONF),
     ("net-sigkill-vmd-removes-taps", net_case(net.then_restart(net.tap_cleanup("vmd"))), NET_CONF),
@@ -282,7 +312,9 @@ CASES = [
 ALL_ONLY = [name for name, _, _, *_ in CASES
             if name.startswith("net-") and name not in ("net-two-guests-on-a-switch-ping",
                                                         "net-sigkill-vm-process-removes-its-tap",
-                                                        "net-sigkill-vmd-removes-taps")]
+                                                        "net-sigkill-vmd-removes-taps",
+                                                        "net-rdomain-vrf-vhost-net-two-guests-ping",
+                                                        "net-unit-tests-vrf-vhost-nft-on-6.1")]
 DEFAULT = [name for name, _, _, *_ in CASES if name not in ALL_ONLY]
 
 
