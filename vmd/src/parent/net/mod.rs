@@ -615,6 +615,8 @@ impl Net {
                 })
                 .collect();
             self.unlocking.push((self.nft.submit(ops), locked));
+            // Its run makes the table if it is missing: dropped at the end.
+            self.state.nft = true;
         }
         self.save();
         self.after_vm_gone();
@@ -778,20 +780,12 @@ impl Net {
                 }
                 if stage == 4 {
                     log_info!("switch \"{name}\": created bridge {bridge}");
-                    self.state.bridges.retain(|(b, _)| *b != bridge);
-                    self.state.bridges.push((bridge.clone(), link.index));
-                    self.save();
+                    self.record_made(false, &bridge, link.index);
                 }
                 if let Some(sw) = self.switches.iter_mut().find(|s| s.name == name) {
                     sw.ifindex = Some(link.index);
                 }
-                let set = Request::SetLink {
-                    index: link.index,
-                    alias: None,
-                    up: Some(up),
-                    master: None,
-                };
-                Next::Send(job(3), set)
+                Next::Send(job(3), set_up(link.index, up))
             }
             (1, Some(Reply::Failed(Errno::ENODEV))) => {
                 Next::Send(job(2), Request::NewBridge(bridge))
@@ -1148,20 +1142,12 @@ impl Net {
                 }
                 if stage == 4 {
                     log_info!("rdomain {rdomain}: created VRF {name} (table {table})");
-                    self.state.vrfs.retain(|(v, _)| *v != name);
-                    self.state.vrfs.push((name.clone(), link.index));
-                    self.save();
+                    self.record_made(true, &name, link.index);
                 }
                 if let Some(v) = self.vrfs.iter_mut().find(|v| v.rdomain == rdomain) {
                     v.ifindex = Some(link.index);
                 }
-                let set = Request::SetLink {
-                    index: link.index,
-                    alias: None,
-                    up: Some(true),
-                    master: None,
-                };
-                Next::Send(job(3), set)
+                Next::Send(job(3), set_up(link.index, true))
             }
             (1, Some(Reply::Failed(Errno::ENODEV))) => Next::Send(job(2), Request::Link(new)),
             (2, Some(Reply::Failed(Errno::EEXIST))) => {
@@ -1175,6 +1161,19 @@ impl Net {
                 self.vrf_failed(rdomain, format!("VRF {name}: unexpected answer {other:?}"))
             }
         }
+    }
+
+    /// A bridge (or with `vrf` a VRF) vmd just made: in the state file,
+    /// to be removed at the end or after a crash.
+    fn record_made(&mut self, vrf: bool, name: &str, index: u32) {
+        let list = if vrf {
+            &mut self.state.vrfs
+        } else {
+            &mut self.state.bridges
+        };
+        list.retain(|(b, _)| b != name);
+        list.push((name.to_string(), index));
+        self.save();
     }
 
     fn vrf_failed(&mut self, rdomain: u32, why: String) -> Next {
@@ -1269,6 +1268,16 @@ impl Net {
 
 /// An IPv6 link-local address, which the kernel adds to an interface by
 /// itself.
+/// Sets link `index` up or down.
+fn set_up(index: u32, up: bool) -> Request {
+    Request::SetLink {
+        index,
+        alias: None,
+        up: Some(up),
+        master: None,
+    }
+}
+
 fn is_link_local(addr: &IpAddr) -> bool {
     match addr {
         IpAddr::V6(a) => (a.segments()[0] & 0xffc0) == 0xfe80,
