@@ -1594,9 +1594,9 @@ mod tests {
                         matches!(&other, Some(NetStatus::Failed(e)) if e.contains(&why)),
                         "{other:?}"
                     );
-                    net.vm_release(8);
                 }
             }
+            net.vm_release(8);
             net.vm_release(7);
             settle_all(&mut poll, &mut net, |n| n.is_idle())?;
             for tap in &taps {
