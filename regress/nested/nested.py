@@ -212,8 +212,10 @@ def net_unit_tests(vmd):
     for name in ("a_vrf_or_the_reason_there_is_none", "the_device_opens_or_says_why",
                  "a_locked_tap_drops_and_counts_foreign_frames",
                  "locks_groups_and_rdomains_in_a_netns"):
-        if not re.search(rf"{name} \.\.\. ok", out):
-            raise Failure(f"{name} did not pass: {out[-2000:]}")
+        # Ran (its log lines may come between the name and its `ok`); the
+        # result line above says no test failed.
+        if not re.search(rf"^test \S*::{name} \.\.\. ", out, re.M):
+            raise Failure(f"{name} did not run: {out[-2000:]}")
 
 
 def net_case(fn, keep=(), after_exit=None):
