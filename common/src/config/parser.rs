@@ -283,6 +283,7 @@ impl Parser {
                         }
                     }
                     Some("uid") if !is_macro => self.global_uid_range()?,
+                    Some("limit") if !is_macro => self.global_limit()?,
                     _ => self.varset()?,
                 }
             }
@@ -472,6 +473,128 @@ impl Parser {
         match checked {
             Ok(range) => self.config.globals.uid_range = range,
             Err(e) => self.error(pos, &e.to_string()),
+        }
+        Ok(())
+    }
+
+    /// `limit users { KEY VALUE ... }` or `limit user NAME { ... }`: what
+    /// users may run at once (vms, memory, vcpus; each optional).
+    fn global_limit(&mut self) -> PResult<()> {
+        let start = self.bump().pos;
+        let word = self.peek().word().map(str::to_string);
+        let user = match word.as_deref() {
+            Some("users") => {
+                self.bump();
+                None
+            }
+            Some("user") => {
+                self.bump();
+                let token = self.peek().clone();
+                let owner = match &token.tok {
+                    Tok::Num(uid) => checks::owner_uid(*uid),
+                    Tok::Str { text, .. } if !text.contains(':') => checks::owner(text),
+                    Tok::Str { text, .. } => Err(checks::ValueError::UnknownUser(text.to_string())),
+                    _ => return Err(self.syntax_error()),
+                };
+                self.bump();
+                match owner {
+                    Ok(owner) => Some(Ok((owner, token.pos))),
+                    Err(e) => Some(Err((e, token.pos))),
+                }
+            }
+            _ => return Err(self.syntax_error()),
+        };
+        self.expect_punct(b'{')?;
+        let mut limits = Limits::default();
+        self.block(Sep::Loose, |p| p.limit_option(&mut limits))?;
+        match user {
+            None => {
+                let users = &mut self.config.globals.user_limits;
+                if *users != Limits::default() {
+                    self.error(start, "limit users specified more than once");
+                } else {
+                    *users = limits;
+                }
+            }
+            Some(Err((e, pos))) => self.error(pos, &e.to_string()),
+            Some(Ok((owner, pos))) => {
+                let user = owner.user.clone().unwrap_or_else(|| owner.uid.to_string());
+                let limits_of = &mut self.config.globals.limits;
+                if limits_of.iter().any(|l| l.uid == owner.uid) {
+                    self.error(
+                        pos,
+                        &format!("limit user \"{user}\" defined more than once"),
+                    );
+                } else {
+                    let source = self.source(start);
+                    self.config.globals.limits.push(UserLimit {
+                        uid: owner.uid,
+                        user,
+                        limits,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One `vms N`, `memory SIZE` or `vcpus N` of a limit block.
+    fn limit_option(&mut self, limits: &mut Limits) -> PResult<()> {
+        let token = self.peek().clone();
+        let key = match &token.tok {
+            Tok::Kw(Kw::Memory) => "memory",
+            Tok::Str {
+                quoted: false,
+                text,
+            } if text == "vms" => "vms",
+            Tok::Str {
+                quoted: false,
+                text,
+            } if text == "vcpus" => "vcpus",
+            _ => return Err(self.syntax_error()),
+        };
+        self.bump();
+        let set = match key {
+            "vms" => limits.vms.is_some(),
+            "vcpus" => limits.vcpus.is_some(),
+            _ => limits.memory.is_some(),
+        };
+        if key == "memory" {
+            let value = self.peek().clone();
+            let (parsed, shown) = match &value.tok {
+                Tok::Num(n) => (checks::memory_size(*n), n.to_string()),
+                Tok::Str { text, .. } => (checks::memory_size_str(text), text.clone()),
+                _ => return Err(self.syntax_error()),
+            };
+            self.bump();
+            if set {
+                self.error(value.pos, "limit memory specified more than once");
+                return Ok(());
+            }
+            match parsed {
+                Ok((bytes, note)) => {
+                    if let Some(note) = note {
+                        self.lex.note(note);
+                    }
+                    limits.memory = Some(bytes);
+                }
+                Err(e) => {
+                    self.lex.note(e.to_string());
+                    self.error(value.pos, &format!("failed to parse size: {shown}"));
+                }
+            }
+            return Ok(());
+        }
+        let (n, pos) = self.number()?;
+        if set {
+            self.error(pos, &format!("limit {key} specified more than once"));
+        } else if !(0..=MAX_LIMIT_COUNT).contains(&n) {
+            self.error(pos, &format!("invalid limit {key}: {n}"));
+        } else if key == "vms" {
+            limits.vms = Some(n as u32);
+        } else {
+            limits.vcpus = Some(n as u32);
         }
         Ok(())
     }
