@@ -231,7 +231,7 @@ pub enum HelperAnswer {
     ConsoleLog { size: u64 },
     /// A configuration file was read and parsed, with its warnings.
     Config {
-        config: crate::config::Config,
+        config: Box<crate::config::Config>,
         warnings: Vec<String>,
     },
     /// A configuration file could not be read or has errors: each a line.

@@ -999,7 +999,7 @@ impl Parent {
         let helper = Helper::spawn(self.poll.registry(), token, OPEN_TIMEOUT, move || {
             let answer = match config::load(&work_path, &defines, required) {
                 Ok(loaded) => HelperAnswer::Config {
-                    config: loaded.config,
+                    config: Box::new(loaded.config),
                     warnings: loaded.warnings,
                 },
                 Err(lines) => HelperAnswer::ConfigRefused { lines },
