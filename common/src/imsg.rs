@@ -234,6 +234,9 @@ pub enum HelperAnswer {
         config: Box<crate::config::Config>,
         warnings: Vec<String>,
     },
+    /// A removal of an ended VM's console log is done: a line for each
+    /// file it left (in use, or it failed).
+    Removed { kept: Vec<String> },
     /// A configuration file could not be read or has errors: each a line.
     ConfigRefused { lines: Vec<String> },
 }

@@ -1010,14 +1010,15 @@ impl Registry {
             backend.discard_parked(ended.id);
         }
         if outcome != Ended::Restarted {
-            self.terminated(ended.id);
+            self.terminated(ended.id, ended.console_log.as_deref());
         }
         outcome
     }
 
     /// VM `vmid` has ended: a configured VM is listed as stopped, a
-    /// vmctl-started one is removed.
-    fn terminated(&mut self, vmid: u32) {
+    /// vmctl-started one is removed, and with it its console log (a
+    /// configured VM's is kept: one per name in vm.conf).
+    fn terminated(&mut self, vmid: u32, console_log: Option<&std::path::Path>) {
         let Some(index) = self.vms.iter().position(|vm| vm.vmid == vmid) else {
             return;
         };
@@ -1025,6 +1026,9 @@ impl Registry {
         log_info!("{}: vm {vmid} terminated", vm.name());
         if !vm.from_config {
             self.vms.remove(index);
+            if let (Some(path), Some(backend)) = (console_log, self.backend.as_mut()) {
+                backend.remove_console_log(path);
+            }
             return;
         }
         vm.state = VmState::Stopped;
@@ -1289,6 +1293,8 @@ mod tests {
         commands: Vec<(u32, VmCommand)>,
         /// What the next starts are refused with.
         refuse: Option<CtlError>,
+        /// The console logs it was asked to remove.
+        removed_logs: Vec<std::path::PathBuf>,
     }
 
     /// A backend that runs nothing: it records what it is asked; the
@@ -1326,6 +1332,9 @@ mod tests {
             state.running.contains(&id)
         }
         fn discard_parked(&mut self, _id: u32) {}
+        fn remove_console_log(&mut self, path: &std::path::Path) {
+            self.0.borrow_mut().removed_logs.push(path.to_path_buf());
+        }
         fn info(&self, id: u32) -> Option<RunInfo> {
             self.0.borrow().running.contains(&id).then(|| RunInfo {
                 pid: 1000 + id,
@@ -1376,6 +1385,7 @@ mod tests {
             guest_reason: reason.map(String::from),
             start_failure: None,
             launch_error: None,
+            console_log: Some(format!("/logs/{id}.console").into()),
         }
     }
 
@@ -2022,6 +2032,30 @@ mod tests {
             refused.describe().contains("(vm.conf: limit users)"),
             "{}",
             refused.describe()
+        );
+    }
+
+    #[test]
+    fn an_ended_vmctl_vm_takes_its_console_log_along() {
+        let (mut r, state) = with_fake(&TEMPLATE.replace("alice-not-a-user-here", "root"));
+        let root = user(0, 0, &[]);
+        let conf = parse_str("test.conf", "vm \"c\" {\n disable\n boot \"/k\"\n}\n", &[])
+            .expect("config parses");
+        r.apply(&conf.config, false);
+        let inst = r
+            .start(&instance_req("i", 1 << 30, 1), &root)
+            .expect("instance");
+        let configured = r.start(&start_req("c"), &root).expect("configured vm");
+        // A reboot keeps it.
+        let rebooted = end(&state, inst, Some("guest-reset"));
+        assert_eq!(r.ended(&rebooted), Ended::Restarted);
+        assert!(state.borrow().removed_logs.is_empty());
+        r.ended(&end(&state, configured, None));
+        assert!(state.borrow().removed_logs.is_empty());
+        r.ended(&end(&state, inst, None));
+        assert_eq!(
+            state.borrow().removed_logs,
+            vec![std::path::PathBuf::from(format!("/logs/{inst}.console"))]
         );
     }
 }
