@@ -49,6 +49,8 @@ pub struct Parser {
     /// Closing braces that error recovery skipped and that the enclosing
     /// blocks still have to honour.
     pending_close: usize,
+    /// A `limit users` statement was read.
+    limit_users_seen: bool,
     pub config: Config,
 }
 
@@ -59,6 +61,7 @@ impl Parser {
             ahead: VecDeque::new(),
             last: Pos { file: 0, line: 1 },
             pending_close: 0,
+            limit_users_seen: false,
             config: Config::default(),
         }
     }
@@ -509,11 +512,11 @@ impl Parser {
         self.block(Sep::Loose, |p| p.limit_option(&mut limits))?;
         match user {
             None => {
-                let users = &mut self.config.globals.user_limits;
-                if *users != Limits::default() {
+                if self.limit_users_seen {
                     self.error(start, "limit users specified more than once");
                 } else {
-                    *users = limits;
+                    self.limit_users_seen = true;
+                    self.config.globals.user_limits = limits;
                 }
             }
             Some(Err((e, pos))) => self.error(pos, &e.to_string()),
