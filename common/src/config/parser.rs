@@ -564,28 +564,8 @@ impl Parser {
             _ => limits.memory.is_some(),
         };
         if key == "memory" {
-            let value = self.peek().clone();
-            let (parsed, shown) = match &value.tok {
-                Tok::Num(n) => (checks::memory_size(*n), n.to_string()),
-                Tok::Str { text, .. } => (checks::memory_size_str(text), text.clone()),
-                _ => return Err(self.syntax_error()),
-            };
-            self.bump();
-            if set {
-                self.error(value.pos, "limit memory specified more than once");
-                return Ok(());
-            }
-            match parsed {
-                Ok((bytes, note)) => {
-                    if let Some(note) = note {
-                        self.lex.note(note);
-                    }
-                    limits.memory = Some(bytes);
-                }
-                Err(e) => {
-                    self.lex.note(e.to_string());
-                    self.error(value.pos, &format!("failed to parse size: {shown}"));
-                }
+            if let Some(bytes) = self.memory_value(set, "limit memory")? {
+                limits.memory = Some(bytes);
             }
             return Ok(());
         }
@@ -888,6 +868,17 @@ impl Parser {
 
     fn vm_memory(&mut self, vm: &mut VmConfig) -> PResult<()> {
         self.bump();
+        if let Some(bytes) = self.memory_value(vm.memory.is_some(), "memory")? {
+            vm.memory = Some(bytes);
+        }
+        Ok(())
+    }
+
+    /// A memory size (a number of bytes or a scaled size): `None` once
+    /// it is reported, as given twice (`set`: `WHAT specified more than
+    /// once`) or not a size (its explanation, then `failed to parse
+    /// size`).
+    fn memory_value(&mut self, set: bool, what: &str) -> PResult<Option<u64>> {
         let token = self.peek().clone();
         let (parsed, shown): (Result<(u64, Option<String>), MemoryError>, String) = match &token.tok
         {
@@ -896,23 +887,23 @@ impl Parser {
             _ => return Err(self.syntax_error()),
         };
         self.bump();
-        if vm.memory.is_some() {
-            self.error(token.pos, "memory specified more than once");
-            return Ok(());
+        if set {
+            self.error(token.pos, &format!("{what} specified more than once"));
+            return Ok(None);
         }
         match parsed {
             Ok((bytes, note)) => {
                 if let Some(note) = note {
                     self.lex.note(note);
                 }
-                vm.memory = Some(bytes);
+                Ok(Some(bytes))
             }
             Err(e) => {
                 self.lex.note(e.to_string());
                 self.error(token.pos, &format!("failed to parse size: {shown}"));
+                Ok(None)
             }
         }
-        Ok(())
     }
 
     fn vm_interface(&mut self, build: &mut VmBuild) -> PResult<()> {
