@@ -267,12 +267,13 @@ class Vmd:
 
     The vm.conf is `conf` as given, or (the default, for the suites that
     boot guests) `accel tcg`, a console log directory (with `log_size`)
-    and `conf_extra`. `binary` (VMD or TRIGGER_VMD), `verbose` (-v),
+    (kept after their VMs end unless `keep_logs` is false) and
+    `conf_extra`. `binary` (VMD or TRIGGER_VMD), `verbose` (-v),
     `env` (added to the environment), `cwd` and `dir_mode` (of the temp
     dir: 0700, or 0755 for users who connect) as a case needs."""
 
-    def __init__(self, conf_extra="", *, conf=None, log_size=None, binary=VMD, verbose=True,
-                 env=None, cwd=None, dir_mode=0o700):
+    def __init__(self, conf_extra="", *, conf=None, log_size=None, keep_logs=True, binary=VMD,
+                 verbose=True, env=None, cwd=None, dir_mode=0o700):
         self.dir = tempfile.mkdtemp(prefix="vmd-regress-")
         os.chmod(self.dir, dir_mode)
         self.sock = os.path.join(self.dir, "vmd.sock")
@@ -281,7 +282,10 @@ class Vmd:
         self.conf = os.path.join(self.dir, "vm.conf")
         if conf is None:
             size = f" size {log_size}" if log_size else ""
-            conf = f'accel tcg\nconsole log "{self.console_dir}"{size}\n{conf_extra}'
+            # The cases read the logs of VMs that ended: kept unless a
+            # case checks their removal (keep_logs=False).
+            keep = "console log keep\n" if keep_logs else ""
+            conf = f'accel tcg\nconsole log "{self.console_dir}"{size}\n{keep}{conf_extra}'
         self.write_config(conf)
         # Processes to kill at the end: vmd's children and the VMs' (which
         # run in sessions of their own).

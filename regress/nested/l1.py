@@ -199,7 +199,8 @@ class L1Vmd(t.Vmd):
         self.conf = f"{self.dir}/vm.conf"
         self.tracked = set()
         self.names = []
-        conf = f'console log "{self.console_dir}"\n{conf_extra}'
+        # Kept: the cases read the logs of VMs that ended.
+        conf = f'console log "{self.console_dir}"\nconsole log keep\n{conf_extra}'
         q = shlex.quote
         self.pid = int(l1.check(
             f"printf %s {q(conf)} >{q(self.conf)}\n"

@@ -510,7 +510,7 @@ def limits_hold_for_a_user():
                     f'\tcmdline "console=ttyS0 quiet"\n'
                     f"\tallow instance {{ memory, owner {user.name} }}\n}}\n")
         limit = f'limit user "{user.name}" {{ vms 1 }}\n'
-        vmd = Vmd(conf_extra=limit + template, dir_mode=0o711)
+        vmd = Vmd(conf_extra=limit + template, keep_logs=False, dir_mode=0o711)
         with open("/proc/meminfo") as f:
             total_kb = int(re.search(r"^MemTotal:\s+(\d+) kB$", f.read(), re.M).group(1))
         # A little more than the host has: refused by vmd, as root too.

@@ -127,6 +127,9 @@ impl fmt::Display for Config {
             quote(&g.console_log_dir),
             exact_size(g.console_log_size)
         )?;
+        if g.console_log_keep {
+            writeln!(f, "console log keep")?;
+        }
         writeln!(f, "shutdown timeout {}", g.shutdown_timeout)?;
         writeln!(f, "uid range {}-{}", g.uid_range.first, g.uid_range.last)?;
         let users = Limits {

@@ -419,6 +419,12 @@ impl Parser {
     fn global_console_log(&mut self) -> PResult<()> {
         self.bump();
         self.expect_word("log")?;
+        // `console log keep` (a directory is an absolute path).
+        if self.peek().word() == Some("keep") {
+            self.bump();
+            self.config.globals.console_log_keep = true;
+            return Ok(());
+        }
         let (dir, pos) = self.string()?;
         if !dir.starts_with('/') {
             self.error(

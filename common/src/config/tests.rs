@@ -161,6 +161,19 @@ shutdown timeout 90
     assert_eq!(g.accel, Accel::Kvm);
     assert_eq!(g.console_log_dir, "/tmp/consoles");
     assert_eq!(g.console_log_size, 64 << 10);
+    assert!(!g.console_log_keep);
+    let kept = ok("console log \"/c\" size 2K\nconsole log keep\n")
+        .config
+        .globals;
+    assert_eq!(
+        (kept.console_log_size, kept.console_log_keep),
+        (2 << 10, true)
+    );
+    // A directory named keep is a path like any, quoted.
+    assert_eq!(
+        one_error("console log \"keep\"\n"),
+        "t.conf:1: console log directory must be an absolute path: keep"
+    );
     assert_eq!(g.shutdown_timeout, 90);
     assert_eq!(g.uid_range, DEFAULT_UID_RANGE);
 }
@@ -629,6 +642,7 @@ fn the_printed_configuration_reads_back_the_same() {
 local inet6
 socket owner root:root
 staggered start parallel 2 delay 9
+console log keep
 uid range 1879048192-1879048200
 limit users { vms 2 }
 limit user "daemon" { memory 2G, vcpus 3 }

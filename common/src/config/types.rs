@@ -126,6 +126,9 @@ pub struct Globals {
     /// `console log DIR size SIZE`: a log this large is rotated (one old
     /// copy kept).
     pub console_log_size: u64,
+    /// `console log DIR keep`: the logs of VMs started by vmctl stay
+    /// when they end (by default they are removed).
+    pub console_log_keep: bool,
     /// `shutdown timeout` in seconds (Linux extension).
     pub shutdown_timeout: u32,
     /// `uid range` for VM processes (Linux extension).
@@ -245,6 +248,7 @@ impl Default for Globals {
             accel: Accel::Auto,
             console_log_dir: DEFAULT_CONSOLE_LOG_DIR.to_string(),
             console_log_size: DEFAULT_CONSOLE_LOG_SIZE,
+            console_log_keep: false,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             uid_range: DEFAULT_UID_RANGE,
             user_limits: Limits::default(),

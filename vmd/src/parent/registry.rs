@@ -1016,8 +1016,9 @@ impl Registry {
     }
 
     /// VM `vmid` has ended: a configured VM is listed as stopped, a
-    /// vmctl-started one is removed, and with it its console log (a
-    /// configured VM's is kept: one per name in vm.conf).
+    /// vmctl-started one is removed, and with it its console log unless
+    /// `console log DIR keep` (a configured VM's is kept: one per name in
+    /// vm.conf).
     fn terminated(&mut self, vmid: u32, console_log: Option<&std::path::Path>) {
         let Some(index) = self.vms.iter().position(|vm| vm.vmid == vmid) else {
             return;
@@ -1026,7 +1027,8 @@ impl Registry {
         log_info!("{}: vm {vmid} terminated", vm.name());
         if !vm.from_config {
             self.vms.remove(index);
-            if let (Some(path), Some(backend)) = (console_log, self.backend.as_mut()) {
+            let keep = self.globals.console_log_keep;
+            if let (Some(path), Some(backend), false) = (console_log, self.backend.as_mut(), keep) {
                 backend.remove_console_log(path);
             }
             return;
@@ -2057,5 +2059,12 @@ mod tests {
             state.borrow().removed_logs,
             vec![std::path::PathBuf::from(format!("/logs/{inst}.console"))]
         );
+        // `console log DIR keep` keeps them.
+        r.globals.console_log_keep = true;
+        let kept = r
+            .start(&instance_req("k", 1 << 30, 1), &root)
+            .expect("instance");
+        r.ended(&end(&state, kept, None));
+        assert_eq!(state.borrow().removed_logs.len(), 1);
     }
 }
