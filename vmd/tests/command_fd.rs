@@ -56,7 +56,7 @@ impl Vmd {
         std::fs::write(
             &conf,
             format!(
-                "accel tcg\nvm \"probe\" {{\n disk \"{}\"\n memory 64M\n}}\n",
+                "accel tcg\nvm \"probe\" {{\n disable\n disk \"{}\"\n memory 64M\n}}\n",
                 disk.display()
             ),
         )
@@ -188,17 +188,19 @@ fn read_to_end(read: OwnedFd) -> String {
 fn a_descriptor_travels_to_the_vm_process_and_back() {
     let vmd = Vmd::start();
     let mut client = vmd.connect();
-    let deadline = Instant::now() + WAIT;
-    let vm_pid = loop {
-        if let Some((VmState::Running, Some(pid))) = client.vm("probe") {
-            break pid;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the VM never ran:\n{}",
-            vmd.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
+    // A start is answered once the guest runs (its QMP said so): only
+    // then does the backend take commands.
+    let start = common::ctl::StartRequest {
+        target: VmTarget::Name("probe".into()),
+        vm: common::config::VmConfig::new("probe"),
+    };
+    client.send(CtlRequest::Start(Box::new(start)), None);
+    match client.receive() {
+        Message::CtlVmResult { error: None, .. } => {}
+        other => panic!("the VM did not start: {other:?}\n{}", vmd.log()),
+    }
+    let Some((VmState::Running, Some(vm_pid))) = client.vm("probe") else {
+        panic!("the started VM is not running:\n{}", vmd.log());
     };
 
     // Every thread of the VM process runs under its filter.
