@@ -17,8 +17,9 @@
 - SIGKILL of vmd with VMs running, then a new vmd on the same socket: what
   the dead one left is removed and its VMs come up again;
 - the Debian package (`pkg/deb/build`): it builds, lintian reports no
-  error, and apt installs it, `vmd -n` passes, apt removes it (the _vmd
-  user survives).
+  error, and apt installs it, `vmd -n` passes, apt removes it (keeping
+  the conffile /etc/vm.conf) and purges it; the _vmd user survives.
+  Skipped where /usr/sbin/vmd or /etc/vm.conf already exist.
 
 Each case has its own vmd, temp dir and socket (regress/lib/vmdregress.py),
 and ends everything it started, even on failure.
@@ -370,7 +371,7 @@ def debian_package():
         if p.returncode != 0 or len(debs) != 1:
             raise Failure(f"pkg/deb/build: exit {p.returncode}: {p.stdout}{p.stderr}")
         deb = os.path.join(out, debs[0])
-        p = subprocess.run(["lintian", "--no-tag-display-limit", deb], capture_output=True, text=True)
+        p = subprocess.run(["lintian", "--tag-display-limit", "0", deb], capture_output=True, text=True)
         errors = [line for line in p.stdout.splitlines() if line.startswith("E:")]
         if errors or p.returncode not in (0, 1) or (p.returncode == 1 and not p.stdout):
             raise Failure(f"lintian: exit {p.returncode}: {p.stdout}{p.stderr}")
@@ -391,6 +392,11 @@ def debian_package():
                     raise Failure(f"{path} not installed")
             p = subprocess.run(["/usr/sbin/vmd", "-n"], capture_output=True, text=True)
             expect((p.returncode, p.stdout + p.stderr), 0, "configuration OK", "vmd -n")
+            p = subprocess.run([*apt, "remove", "vmd"], capture_output=True, text=True, env=env)
+            if p.returncode != 0:
+                raise Failure(f"apt-get remove: exit {p.returncode}: {p.stdout}{p.stderr}")
+            if os.path.exists("/usr/sbin/vmd") or not os.path.exists("/etc/vm.conf"):
+                raise Failure("after remove: /usr/sbin/vmd is left or the conffile /etc/vm.conf is gone")
             p = subprocess.run([*apt, "purge", "vmd"], capture_output=True, text=True, env=env)
             if p.returncode != 0:
                 raise Failure(f"apt-get purge: exit {p.returncode}: {p.stdout}{p.stderr}")

@@ -5,18 +5,22 @@
 //! whatever could wait (helper.rs) and the rules that open VMs' files
 //! with the right user's rights (userfiles.rs), guest networking: taps,
 //! switches' bridges over netlink, the state file (net/), and the packet
-//! sockets of the DHCP server on local interfaces (dhcp.rs).
+//! sockets of the DHCP server on local interfaces (dhcp.rs), and what
+//! the service manager is told (notify.rs).
 //!
-//! The loop starts control and switch, writes their log lines, restarts
-//! them when they die, and stops them on SIGTERM or SIGINT. It holds the
-//! VM registry and answers the commands control forwards; SIGHUP reloads
-//! the configuration.
+//! The loop starts control and switch, writes their log lines and
+//! restarts them when they die. It holds the VM registry and answers the
+//! commands control forwards; SIGHUP reloads the configuration. SIGTERM
+//! or SIGINT shut the daemon down ([`Shutdown`]): every VM's power
+//! button, each forced at its shutdown timeout, the network removed,
+//! then control and switch stopped.
 //!
 //! One mio loop, and nothing in it waits: a signalfd (SIGCHLD, SIGTERM,
 //! SIGINT, SIGHUP), one channel per child, the backend's descriptors
 //! (VM processes' channels, helpers' sockets), and a timeout for the
 //! next timer (a staggered start batch, a graceful stop to force, a held
-//! reply's deadline, a child's restart, the backend's own). A slow step
+//! reply's deadline, a child's restart, the shutdown's, the backend's
+//! own). A slow step
 //! is a pending state that an event or a timer ends, never a wait.
 //! Start, pause and unpause are held replies: a start is answered when
 //! its files were opened and the VM process reports that the guest runs
