@@ -10,6 +10,8 @@
 - the staggered start (`staggered start parallel 2 delay 2`) of three
   enabled VMs, a disabled one staying stopped; after a reload, a VM that
   cannot start is logged with its reason and the others still start;
+  six VMs loaded with `vmctl load` start in batches of three, and SIGTERM
+  presses all six power buttons before the first VM has ended;
 - SIGTERM: every guest sees its power button, vmd exits 0, and no QEMU,
   tap, bridge or socket is left (vmd runs in a network namespace of the
   case's own, `ip netns exec`); a guest that ignores the button is forced
@@ -205,6 +207,44 @@ def staggered_start():
             vmd.wait_console(name, "VMD-GUEST: ready")
         if vmd.console_log("st4"):
             raise Failure("the disabled VM has a console log")
+
+
+def many_vms_load_and_shutdown():
+    """`vmctl load` of six enabled VMs with `parallel 3 delay 1`: batches of
+    three (never another count running), all six run; SIGTERM then presses
+    every power button before any VM has ended (in parallel, not one after
+    another), and vmd exits 0 with every guest powered off."""
+    names = [f"mv{i}" for i in range(1, 7)]
+    with Vmd("staggered start parallel 3 delay 1\n") as vmd:
+        vmd.ready()
+        more = os.path.join(vmd.dir, "more.conf")
+        with open(more, "w") as f:
+            f.write("".join(config_vm(n) for n in names))
+        expect(vmd.vmctl("load", more), 0, "", "load")
+        seen = []
+
+        def running():
+            rows = {r["NAME"]: r["STATE"] for r in vmd.status()}
+            count = sum(rows.get(n) == "running" for n in names)
+            if not seen or seen[-1] != count:
+                seen.append(count)
+            return count == len(names)
+
+        wait_for("six VMs running", running, t.BOOT_TIMEOUT)
+        if seen != [0, 3, 6] and seen != [3, 6]:
+            raise Failure(f"running counts seen: {seen}; want batches of three")
+        for name in names:
+            vmd.wait_console(name, "VMD-GUEST: ready")
+        vmd.proc.send_signal(signal.SIGTERM)
+        expect_equal_rc(wait_exit(vmd, 120), vmd)
+        log = vmd.log()
+        asked = [m.start() for m in re.finditer(r"mv\d: vm \d+ requested to shut down", log)]
+        ended = [m.start() for m in re.finditer(r"mv\d: vm \d+ terminated", log)]
+        if len(asked) != 6 or len(ended) != 6 or max(asked) > min(ended):
+            raise Failure(f"want six power buttons before the first end: {log[-3000:]}")
+        for name in names:
+            if POWER_OFF not in vmd.console_log(name):
+                raise Failure(f"{name} did not see its power button")
 
 
 def reload_failed_start():
@@ -416,6 +456,7 @@ def main():
     case("notify-ready-reloading-stopping", notify_protocol)
     case("staggered-start-two-then-three-disabled-stopped", staggered_start)
     case("reload-starts-vms-failed-start-logged-others-run", reload_failed_start)
+    case("load-six-vms-batches-of-three-sigterm-all-at-once", many_vms_load_and_shutdown)
     case("sigterm-powers-down-exits-0-leaves-nothing", sigterm_graceful)
     case("sigterm-ignored-button-forced-at-timeout", ignored_button_forced)
     case("second-sigterm-forces-at-once", second_sigterm_forces)
