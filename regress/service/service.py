@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """regress/service: vmd as a system service, with real guests (QEMU, TCG).
 
-- the unit (etc/vmd.service) passes `systemd-analyze verify` and the init
-  script parses (PID 1 here is not systemd: the unit is not run);
+- the unit (etc/vmd.service) passes `systemd-analyze verify` (PID 1 here
+  is not systemd: the unit is not run); the init script starts, reloads
+  and stops this tree's vmd;
 - the notify protocol, heard on a NOTIFY_SOCKET datagram socket the test
   binds (an abstract `@` address): READY=1, then RELOADING=1 with
   MONOTONIC_USEC and READY=1 on SIGHUP, then STOPPING=1 with
@@ -121,6 +122,53 @@ def unit_verifies():
             raise Failure(f"systemd-analyze verify: exit {p.returncode}: {p.stdout}{p.stderr}")
     init = os.path.join(ROOT, "etc", "init.d", "vmd")
     expect((subprocess.run(["sh", "-n", init]).returncode, ""), 0, "", "sh -n etc/init.d/vmd")
+
+
+def init_script():
+    """etc/init.d/vmd start, status, reload, stop with this tree's vmd
+    (DAEMON, PIDFILE, LOGFILE and VMD_OPTS pointed at a temp dir)."""
+    d = tempfile.mkdtemp(prefix="vmd-svc-init-")
+    try:
+        sock, conf, log = (os.path.join(d, n) for n in ("vmd.sock", "vm.conf", "vmd.log"))
+        with open(conf, "w") as f:
+            f.write("accel tcg\n")
+        with open(os.path.join(ROOT, "etc", "init.d", "vmd")) as f:
+            script = f.read()
+        for var, value in (("DAEMON", VMD), ("PIDFILE", os.path.join(d, "vmd.pid")), ("LOGFILE", log),
+                           ("VMD_OPTS", f'"-f {conf} -s {sock}"')):
+            script, n = re.subn(rf"^{var}=.*$", f"{var}={value}", script, flags=re.M)
+            if n != 1:
+                raise Failure(f"etc/init.d/vmd: no {var}= line")
+        script = script.replace("/etc/default/vmd", os.path.join(d, "default"))
+        init = os.path.join(d, "vmd.init")
+        with open(init, "w") as f:
+            f.write(script)
+
+        def run(action, rc):
+            p = subprocess.run(["sh", init, action], capture_output=True, text=True, timeout=60,
+                               stdin=subprocess.DEVNULL)
+            if p.returncode != rc:
+                raise Failure(f"init script {action}: exit {p.returncode}, want {rc}: {p.stdout}{p.stderr}")
+            return p.stdout
+
+        def log_text():
+            with open(log, errors="replace") as f:
+                return f.read()
+
+        try:
+            run("start", 0)
+            wait_for("vmd to listen", lambda: os.path.exists(log) and "control: listening" in log_text())
+            pid = int(re.search(r"pid (\d+)", run("status", 0)).group(1))
+            run("reload", 0)
+            wait_for("the reload", lambda: "reloaded" in log_text())
+            run("stop", 0)
+            if status_of(pid) or os.path.exists(sock):
+                raise Failure(f"vmd (pid {pid}) or its socket left after stop: {log_text()}")
+            run("status", 3)
+        finally:
+            subprocess.run(["sh", init, "stop"], capture_output=True, timeout=60)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def notify_protocol():
@@ -453,6 +501,7 @@ def main():
     if not t.prepare():
         return 1
     case("unit-verifies-init-script-parses", unit_verifies)
+    case("init-script-start-status-reload-stop", init_script)
     case("notify-ready-reloading-stopping", notify_protocol)
     case("staggered-start-two-then-three-disabled-stopped", staggered_start)
     case("reload-starts-vms-failed-start-logged-others-run", reload_failed_start)
