@@ -247,15 +247,20 @@ def kill_pids(pids):
 
 
 def end_vmd(proc, pids=()):
-    """Ends a vmd started with Popen (SIGTERM, SIGKILL after 5s), then
-    SIGKILLs its children and `pids`, whatever happened."""
+    """Ends a vmd started with Popen (SIGTERM, a second SIGTERM after 2s
+    that forces its VMs, SIGKILL 5s later), then SIGKILLs its children and
+    `pids`, whatever happened."""
     pids = set(pids)
     if proc.poll() is None:
         pids.update(children_of(proc.pid))
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
+        for wait in (2, 5):
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+        else:
             proc.kill()
             proc.wait()
     kill_pids(pids)
@@ -422,15 +427,20 @@ class Vmd:
         wait_for(f"{text!r} in {name}'s console log", lambda: text in self.console_log(name), timeout)
 
     def stop(self):
-        """Ends vmd (SIGTERM, SIGKILL to its process group after 10s) and
-        kills every process it started, whatever happened."""
+        """Ends vmd (SIGTERM, a second SIGTERM after 2s that forces its
+        VMs, SIGKILL to its process group 10s later) and kills every
+        process it started, whatever happened."""
         if self.alive():
             self.tracked.update(children_of(self.proc.pid))
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
+            # The first SIGTERM powers the guests down, a second forces
+            # them: a case's end does not wait for shutdown timeouts.
+            for wait in (2, 10):
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:

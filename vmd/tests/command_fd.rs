@@ -102,17 +102,21 @@ impl Vmd {
 }
 
 impl Drop for Vmd {
-    /// SIGTERM (vmd stops its VMs), then SIGKILL if it lingers.
+    /// SIGTERM (vmd powers its VMs down), a second SIGTERM after 2s
+    /// (vmd forces them), then SIGKILL if it lingers.
     fn drop(&mut self) {
         use nix::sys::signal::{kill, Signal};
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = kill(pid, Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
+        'signals: for wait in [2, 30] {
+            let _ = kill(pid, Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(wait);
+            while Instant::now() < deadline {
+                // Reaped: its pid is no longer ours to signal.
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    break 'signals;
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();

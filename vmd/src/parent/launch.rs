@@ -751,14 +751,12 @@ impl Launcher {
         })
     }
 
-    /// The daemon stops: SIGTERM every VM process (its guest dies with it);
-    /// starts still opening their files are given up.
+    /// The daemon stops (the registry has asked every VM to power down):
+    /// starts still opening their files are given up, and the network
+    /// is removed once the last VM has ended.
     fn stop_all(&mut self) {
         self.cancel_all();
         self.net.stop();
-        for vm in &self.vms {
-            let _ = kill(vm.pid, Signal::SIGTERM);
-        }
     }
 
     /// The daemon stops and a VM did not: SIGKILL.
