@@ -239,6 +239,9 @@ pub enum HelperAnswer {
     Removed { kept: Vec<String> },
     /// A configuration file could not be read or has errors: each a line.
     ConfigRefused { lines: Vec<String> },
+    /// The work was done and gives nothing back (a program it ran, such
+    /// as nft applying a ruleset, succeeded).
+    Done,
 }
 
 /// What the parent asks of a running guest. A command that

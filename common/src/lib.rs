@@ -9,6 +9,7 @@ pub mod disk;
 pub mod getopt;
 pub mod image;
 pub mod imsg;
+pub mod linkgroup;
 pub mod local;
 pub mod name;
 pub mod net;

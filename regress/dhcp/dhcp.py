@@ -103,11 +103,8 @@ class Net:
     def start(self):
         """vmd in its namespace, serving every link; waits until switch
         serves them all."""
-        wrapper = os.path.join(self.dir, "vmd")
-        with open(wrapper, "w") as f:
-            f.write(f'#!/bin/sh\nexec ip netns exec {self.vmd_ns} {TRIGGER_VMD} "$@"\n')
-        os.chmod(wrapper, 0o755)
-        self.vmd = t.Vmd(conf="", binary=wrapper, env={"VMD_TEST_DHCP_SERVE": ";".join(self.served)})
+        self.vmd = t.Vmd(conf="", binary=TRIGGER_VMD, netns=self.vmd_ns,
+                         env={"VMD_TEST_DHCP_SERVE": ";".join(self.served)})
         self.vmd.ready()
         self.wait_serving(len(self.served))
         return self.vmd

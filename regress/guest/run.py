@@ -3,7 +3,8 @@
 
 Builds (or reuses) the cached guest with regress/guest/build, then boots it a
 few times and checks: the boot markers and the ticks, the disks and NICs it
-lists, DHCP on a user-mode NIC, the ACPI power button (QMP system_powerdown)
+lists, DHCP on a user-mode NIC, static addresses and ping between two guests
+on a unix stream socket, the ACPI power button (QMP system_powerdown)
 powering it off or being ignored, the self-reboot and self-poweroff hooks,
 and demo mode's shell with job control. Cases are checks on one boot each;
 naming a check (`run CHECK...`) runs its boot's checks. Reports through
@@ -276,6 +277,7 @@ def case_devices(files):
     def dhcp():
         g.wait_for(r"^VMD-GUEST: dhcp eth0 10\.0\.2\.15/24 router 10\.0\.2\.2$",
                    1)
+        g.wait_for(r"^VMD-GUEST: dhcp eth0 dns 10\.0\.2\.3 hostname none$", 1)
 
     def powerbutton():
         g.command("system_powerdown")
@@ -338,6 +340,45 @@ def case_ignore(files):
     finally:
         if g:
             g.kill()
+
+
+def case_ping(files):
+    """vmd.ip and vmd.ping: two guests joined by a unix stream socket
+    (QEMU's `-netdev stream`, no host network), each with a static address
+    (eth0 implied, and named), ping each other."""
+    sock = os.path.join(tmpdir, "ping.sock")
+    a = b = None
+
+    def run():
+        nonlocal a, b
+        # The server side first: its socket exists before the client connects.
+        a = Guest(files[0], files[1], "vmd.ip=10.0.0.1/24 vmd.ping=10.0.0.2", [
+            "-netdev", f"stream,id=n0,server=on,addr.type=unix,addr.path={sock}",
+            "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01"])
+        wait_for_file(sock)
+        b = Guest(files[0], files[1], "vmd.ip=eth0:10.0.0.2/24 vmd.ping=10.0.0.1", [
+            "-netdev", f"stream,id=n0,server=off,addr.type=unix,addr.path={sock}",
+            "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:02"])
+        for g, mine, other in ((a, "10.0.0.1", "10.0.0.2"), (b, "10.0.0.2", "10.0.0.1")):
+            g.wait_for(rf"^VMD-GUEST: ip eth0 {re.escape(mine)}/24$", BOOT_TIMEOUT)
+            g.wait_for(rf"^VMD-GUEST: ping {re.escape(other)} ok$", BOOT_TIMEOUT)
+
+    if not t.selected("static-ip-ping"):
+        return
+    try:
+        check("static-ip-ping", run)
+    finally:
+        for g in (a, b):
+            if g:
+                g.kill()
+
+
+def wait_for_file(path, timeout=STEP_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise CheckFailed(f"{path} did not appear within {timeout}s")
+        time.sleep(0.05)
 
 
 def case_action(files, action, no_reboot, name):
@@ -446,6 +487,7 @@ def main():
     if check("build", build):
         case_devices(files)
         case_ignore(files)
+        case_ping(files)
         case_action(files, "poweroff", True, "action-poweroff")
         case_action(files, "reboot", True, "action-reboot-no-reboot")
         case_action(files, "reboot", False, "action-reboot")

@@ -1,6 +1,6 @@
 """The harness of the regress suites written in Python (regress/vm,
 regress/lifecycle, regress/console, regress/boot, regress/privsep,
-regress/control, regress/guest, regress/tour): case selection and
+regress/control, regress/guest, regress/tour, regress/net): case selection and
 reporting, waiting, /proc inspection, setup, a test user of its own, a vmd
 of its own per case (Vmd) and a guest's pty.
 
@@ -15,12 +15,14 @@ a window or rate limit a case exercises is vmd's own (its log), or one the
 test build sets (VMD_TEST_START_RATE_WINDOW), never how fast a guest boots.
 
 Runs as root. The guest is regress/guest's (`build --print`). Each Vmd
-has its own temp dir, socket, vm.conf and console log directory, and
-stop() kills vmd and every VM process and QEMU it started, even after a
-failure.
+has its own temp dir, socket, vm.conf and console log directory (and,
+with netns=True, its own network namespace), and stop() kills vmd and
+every VM process and QEMU it started and deletes the namespace, even
+after a failure.
 """
 
 import fnmatch
+import json
 import os
 import pwd
 import random
@@ -247,15 +249,20 @@ def kill_pids(pids):
 
 
 def end_vmd(proc, pids=()):
-    """Ends a vmd started with Popen (SIGTERM, SIGKILL after 5s), then
-    SIGKILLs its children and `pids`, whatever happened."""
+    """Ends a vmd started with Popen (SIGTERM, a second SIGTERM after 2s
+    that forces its VMs, SIGKILL 5s later), then SIGKILLs its children and
+    `pids`, whatever happened."""
     pids = set(pids)
     if proc.poll() is None:
         pids.update(children_of(proc.pid))
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
+        for wait in (2, 5):
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+        else:
             proc.kill()
             proc.wait()
     kill_pids(pids)
@@ -270,10 +277,16 @@ class Vmd:
     (kept after their VMs end unless `keep_logs` is false) and
     `conf_extra`. `binary` (VMD or TRIGGER_VMD), `verbose` (-v),
     `env` (added to the environment), `cwd` and `dir_mode` (of the temp
-    dir: 0700, or 0755 for users who connect) as a case needs."""
+    dir: 0700, or 0755 for users who connect) as a case needs. With
+    `netns=True`, vmd runs in a network namespace of its own (`ip netns
+    exec vmdreg-PID-N vmd -d ...`, lo up; vmctl still reaches its socket
+    in the file system), so its taps and bridges live and die there;
+    stop() deletes the namespace. `netns="NAME"` runs it in the caller's
+    namespace NAME, which the caller deletes. `before(vmd)` runs before vmd starts (to make
+    what should exist before it, e.g. with vmd.ip())."""
 
     def __init__(self, conf_extra="", *, conf=None, log_size=None, keep_logs=True, binary=VMD,
-                 verbose=True, env=None, cwd=None, dir_mode=0o700):
+                 verbose=True, env=None, cwd=None, dir_mode=0o700, netns=False, before=None):
         self.dir = tempfile.mkdtemp(prefix="vmd-regress-")
         os.chmod(self.dir, dir_mode)
         self.sock = os.path.join(self.dir, "vmd.sock")
@@ -290,18 +303,48 @@ class Vmd:
         # Processes to kill at the end: vmd's children and the VMs' (which
         # run in sessions of their own).
         self.tracked = set()
-        args = [binary, "-d", *(["-v"] if verbose else []), "-f", self.conf, "-s", self.sock]
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         start_new_session=True, cwd=cwd, env={**os.environ, **(env or {})})
+        self.proc = None
+        self.netns = self.own_netns = None
+        self.args = [binary, "-d", *(["-v"] if verbose else []), "-f", self.conf, "-s", self.sock]
+        self.popen_kw = {"cwd": cwd, "env": {**os.environ, **(env or {})}}
         try:
-            wait_for("vmd to listen", lambda: "control: listening" in self.log() or not self.alive())
-            if not self.alive():
-                raise Failure(f"vmd exited at startup: {self.log()}")
-            self.tracked.update(children_of(self.proc.pid))
+            if netns is True:
+                self.netns = self.own_netns = netns_add()
+            elif netns:
+                self.netns = netns
+            if before:
+                before(self)
+            self.launch()
         except BaseException:
             self.stop()
             raise
+
+    def launch(self):
+        """Starts vmd (in its network namespace, if it has one) and waits
+        until it listens; its log goes on after what earlier runs wrote."""
+        args = ["ip", "netns", "exec", self.netns, *self.args] if self.netns else self.args
+        with open(self.log_path, "a") as log:
+            offset = log.tell()
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         start_new_session=True, **self.popen_kw)
+        wait_for("vmd to listen", lambda: "control: listening" in self.log()[offset:] or not self.alive())
+        if not self.alive():
+            raise Failure(f"vmd exited at startup: {self.log()[offset:]}")
+        self.tracked.update(children_of(self.proc.pid))
+
+    def restart(self):
+        """Starts vmd again, on the same socket, vm.conf, log and network
+        namespace, once the last one has ended (killed by the case)."""
+        if self.alive():
+            raise Failure("restart: vmd still runs")
+        self.launch()
+
+    def kill_daemon(self):
+        """SIGKILL to vmd's parent alone, as a crash would; its children
+        are left to notice."""
+        self.tracked.update(children_of(self.proc.pid))
+        self.proc.kill()
+        self.proc.wait()
 
     def __enter__(self):
         return self
@@ -312,6 +355,10 @@ class Vmd:
     def write_config(self, text):
         with open(self.conf, "w") as f:
             f.write(text)
+
+    def read_config(self):
+        with open(self.conf) as f:
+            return f.read()
 
     def log(self):
         with open(self.log_path, errors="replace") as f:
@@ -425,23 +472,107 @@ class Vmd:
         """Waits until `text` is in the VM's console log."""
         wait_for(f"{text!r} in {name}'s console log", lambda: text in self.console_log(name), timeout)
 
-    def stop(self):
-        """Ends vmd (SIGTERM, SIGKILL to its process group after 10s) and
-        kills every process it started, whatever happened."""
+    def signal(self, pid, sig):
+        """Sends `sig` to a process of this vmd's (local here; in L1 for
+        regress/nested's L1Vmd)."""
+        os.kill(pid, sig)
+
+    def proc_status(self, pid):
+        return status_of(pid)
+
+    def ip(self, *args):
+        """`ip ARGS` in vmd's network namespace (the machine's own without
+        one); its output, or Failure with ip's error."""
+        argv = ["ip", *(["-n", self.netns] if self.netns else []), *args]
+        p = subprocess.run(argv, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise Failure(f"{' '.join(argv)}: exit {p.returncode}: {p.stderr.strip()}")
+        return p.stdout
+
+    def exists(self, path):
+        """Whether `path` exists where vmd runs (here; in L1 for L1Vmd)."""
+        return os.path.exists(path)
+
+    def ping(self, addr):
+        """Whether `addr` answers one ping (1 s) from vmd's network
+        namespace (busybox's ping: Debian has no other by default)."""
+        argv = ["ip", "netns", "exec", self.netns] if self.netns else []
+        return subprocess.run([*argv, "busybox", "ping", "-c", "1", "-W", "1", addr],
+                              capture_output=True).returncode == 0
+
+    def links(self):
+        """{name: `ip -j -d link` entry} of every interface in vmd's
+        network namespace: `ifalias`, `address`, `master`, `flags`,
+        `linkinfo.info_kind` (tun, bridge, veth...)."""
+        return {link["ifname"]: link for link in json.loads(self.ip("-j", "-d", "link", "show") or "[]")}
+
+    def end(self):
+        """Ends vmd (SIGTERM, a second SIGTERM after 2s that forces its
+        VMs, SIGKILL to its process group 10s later) and kills every
+        process it started, whatever happened; the network namespace stays
+        (a case may look at what vmd left in it)."""
+        if self.proc is None:
+            return
         if self.alive():
             self.tracked.update(children_of(self.proc.pid))
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
+            # The first SIGTERM powers the guests down, a second forces
+            # them: a case's end does not wait for shutdown timeouts.
+            for wait in (2, 10):
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.proc.wait()
         kill_pids(self.tracked)
-        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def stop(self):
+        """end(), then removes the temp dir and the network namespace,
+        whatever happened."""
+        try:
+            self.end()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            if self.own_netns:
+                netns_delete(self.own_netns)
+
+
+def netns_add():
+    """A network namespace of the caller's own, `vmdreg-PID-N`, with lo
+    up; a stale one of that name (a dead run's pid) is replaced."""
+    global netns_count
+    netns_count += 1
+    name = f"vmdreg-{os.getpid()}-{netns_count}"
+    if name in netns_list():
+        netns_delete(name)
+    for argv in (["ip", "netns", "add", name], ["ip", "-n", name, "link", "set", "lo", "up"]):
+        p = subprocess.run(argv, capture_output=True, text=True)
+        if p.returncode != 0:
+            netns_delete(name)
+            raise Failure(f"{' '.join(argv)}: exit {p.returncode}: {p.stderr.strip()}")
+    return name
+
+
+def netns_list():
+    """The names of the named network namespaces (`ip netns list`)."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def netns_delete(name):
+    """Deletes a namespace (its interfaces go with it once no process is
+    left in it: Vmd.end() killed them); Failure if it is still listed."""
+    subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+    if name in netns_list():
+        raise Failure(f"network namespace {name} still exists after ip netns delete")
+
+
+netns_count = 0
 
 
 def build_triggers():

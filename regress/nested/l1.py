@@ -17,6 +17,7 @@ fails at once with the reason.
 
 import base64
 import ctypes
+import json
 import os
 import re
 import select
@@ -43,7 +44,7 @@ L2_BOOT_TIMEOUT = 300
 # vmctl commands that wait for a guest (stop -w) get as long.
 VMCTL_TIMEOUT = 300
 # Modules L1 must have loaded besides kvm (kernel-dependent suites use them).
-L1_MODULES = ["tun", "bridge", "vrf", "vhost_net", "nf_tables"]
+L1_MODULES = ["tun", "bridge", "veth", "vrf", "vhost_net", "nf_tables"]
 
 # TCG L1 is slow and this machine is shared: generous bounds. A plain
 # command (no vmctl, which has its own) answers within seconds even under
@@ -190,7 +191,7 @@ class L1Vmd(t.Vmd):
     """vmdregress.Vmd's vmd, inside L1: the same status parsing, starts and
     console waits, with vmctl, files and processes reached through L1."""
 
-    def __init__(self, l1, conf_extra=""):
+    def __init__(self, l1, conf_extra="", before=None):
         self.l1 = l1
         self.dir = l1.check("mktemp -d /tmp/vmd-regress-XXXXXX").strip()
         self.sock = f"{self.dir}/vmd.sock"
@@ -199,22 +200,38 @@ class L1Vmd(t.Vmd):
         self.conf = f"{self.dir}/vm.conf"
         self.tracked = set()
         self.names = []
-        # Kept: the cases read the logs of VMs that ended.
-        conf = f'console log "{self.console_dir}"\nconsole log keep\n{conf_extra}'
-        q = shlex.quote
-        self.pid = int(l1.check(
-            f"printf %s {q(conf)} >{q(self.conf)}\n"
-            f"setsid vmd -d -v -f {q(self.conf)} -s {q(self.sock)} </dev/null >{q(self.log_path)} 2>&1 &\n"
-            "echo $!").strip())
-        self.tracked.add(self.pid)
+        self.pid = None
+        # vmd runs in L1's own network namespace: L1 is the suite's alone.
+        self.netns = None
         try:
-            wait_for("vmd's control socket in L1",
-                     lambda: l1.sh(f"test -S {q(self.sock)} || ! kill -0 {self.pid}")[0] == 0, 60)
-            if not self.proc_status(self.pid):
-                raise Failure(f"vmd exited at startup: {self.log()}")
+            # Kept: the cases read the logs of VMs that ended.
+            self.write_config(f'console log "{self.console_dir}"\nconsole log keep\n{conf_extra}')
+            if before:
+                before(self)
+            self.launch()
         except Failure:
             self.stop()
             raise
+
+    def launch(self):
+        """Starts vmd in L1 and waits until it listens (its log goes on
+        after what earlier runs wrote; a killed one's socket file stays)."""
+        q = shlex.quote
+        offset = len(self.log())
+        self.pid = int(self.l1.check(
+            f"setsid vmd -d -v -f {q(self.conf)} -s {q(self.sock)} </dev/null >>{q(self.log_path)} 2>&1 &\n"
+            "echo $!").strip())
+        self.tracked.add(self.pid)
+        wait_for("vmd to listen in L1", lambda: "control: listening" in self.log()[offset:] or not self.alive(), 60)
+        if not self.alive():
+            raise Failure(f"vmd exited at startup: {self.log()[offset:]}")
+
+    def write_config(self, text):
+        q = shlex.quote
+        self.l1.check(f"printf %s {q(text)} >{q(self.conf)}")
+
+    def read_config(self):
+        return self.l1.read(self.conf)
 
     # --- what vmdregress.Vmd does locally, through L1
 
@@ -231,6 +248,28 @@ class L1Vmd(t.Vmd):
         if rc == 128 + 9:
             raise Failure(f"vmctl {' '.join(args)} still ran after {timeout}s in L1")
         return rc, out
+
+    def ip(self, *args):
+        """iproute2's ip in L1 (regress/nested/build copies it in; by its
+        path, as L1's busybox sh would run its own applet for `ip`)."""
+        return self.l1.check(" ".join(shlex.quote(a) for a in ["/sbin/ip", *args]))
+
+    def exists(self, path):
+        return self.l1.sh(f"test -e {shlex.quote(path)}")[0] == 0
+
+    def ping(self, addr):
+        return self.l1.sh(f"ping -c 1 -W 1 {shlex.quote(addr)}")[0] == 0
+
+    def signal(self, pid, sig):
+        self.l1.check(f"kill -{signal.Signals(sig).name[3:]} {pid}")
+
+    def alive(self):
+        return self.proc_status(self.pid) is not None
+
+    def kill_daemon(self):
+        """SIGKILL to vmd's parent alone, as a crash would."""
+        self.signal(self.pid, signal.SIGKILL)
+        wait_for("vmd to die of its SIGKILL", lambda: not self.alive(), 60)
 
     def start(self, name, *extra, cmdline=GUEST_CMDLINE, memory="256M"):
         self.names.append(name)
@@ -286,6 +325,9 @@ class L1Vmd(t.Vmd):
         once L1 is gone."""
         if self.l1.dead:
             return
+        if self.pid is None:
+            self.l1.sh(f"rm -rf {shlex.quote(self.dir)}")
+            return
         pids = " ".join(str(p) for p in sorted(self.tracked))
         self.l1.sh(f"""
             kill -TERM {self.pid} 2>/dev/null
@@ -304,11 +346,11 @@ class L1Vmd(t.Vmd):
         return "\n".join(parts)
 
 
-def in_l1(l1, fn, conf):
-    """A case with its own vmd in L1; a failure carries the tails of the
-    VMs' consoles and of vmd's log."""
+def in_l1(l1, fn, conf, before=None):
+    """A case with its own vmd in L1 (`before(vmd)` runs before vmd starts);
+    a failure carries the tails of the VMs' consoles and of vmd's log."""
     def run():
-        vmd = L1Vmd(l1, conf)
+        vmd = L1Vmd(l1, conf, before)
         try:
             fn(vmd)
         except Exception as e:
@@ -350,6 +392,35 @@ def nested_build():
     return m.group(1), m.group(2)
 
 
+UNIT_TESTS = os.path.join(ROOT, "target", "release", "vmd-unit-tests")
+
+
+def unit_tests_build():
+    """vmd's unit tests, built in release mode and copied to UNIT_TESTS
+    (their own name has a hash), for L1: its kernel has what this
+    machine's lacks."""
+    p = subprocess.run(["cargo", "test", "-q", "--release", "-p", "vmd", "--no-run",
+                        "--message-format=json"], cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise Failure(f"cargo test --release --no-run failed: {tail(p.stderr)}")
+    built = []
+    for line in p.stdout.splitlines():
+        try:
+            m = json.loads(line)
+        except ValueError:
+            continue
+        target = m.get("target", {})
+        if (m.get("reason") == "compiler-artifact" and m.get("executable")
+                and m.get("profile", {}).get("test") and target.get("name") == "vmd"
+                and target.get("kind") == ["bin"]):
+            built.append(m["executable"])
+    if len(built) != 1:
+        raise Failure(f"want one unit-test binary of vmd, cargo built {built}")
+    tmp = f"{UNIT_TESTS}.tmp"
+    shutil.copy2(built[0], tmp)
+    os.replace(tmp, UNIT_TESTS)
+
+
 def setup():
     """What a suite in L1 needs: root, QEMU, the release vmd and vmctl
     (built), L1 built and booted, and a KVM host. The running L1 (stop it
@@ -370,6 +441,7 @@ def setup():
     if p.returncode != 0:
         return failed(f"cargo build --release failed: {tail(p.stderr)}")
     try:
+        unit_tests_build()
         kernel, initrd = nested_build()
     except Failure as e:
         return failed(str(e))

@@ -4,7 +4,10 @@ hardware KVM (and CI's may be missing), so the suite boots a nested KVM
 host, L1 (regress/nested/build, l1.py: Debian's cloud kernel under TCG
 with `-cpu max`, which has AMD's SVM, and kvm_amd loaded), and runs the
 release vmd and vmctl inside it, where `accel kvm` is the real thing: the
-test guest (L2) runs under L1's KVM.
+test guest (L2) runs under L1's KVM. It also runs regress/net's cases
+that matter most on another kernel (two guests pinging through a switch,
+taps removed when a VM process, QEMU or vmd is killed) on L1's Debian
+6.1 kernel.
 
     regress/nested/run [--all] [CASE...]
 
@@ -20,12 +23,15 @@ the setup are in l1.py, for other suites to reuse.
 
 import os
 import re
+import signal
 import sys
 import time
 
 NESTED_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(NESTED_DIR), "lib"))
 sys.path.insert(0, NESTED_DIR)
+sys.path.insert(0, os.path.join(os.path.dirname(NESTED_DIR), "net"))
+import net  # noqa: E402
 from vmdregress import Failure, case, expect, summary, ticks, wait_for  # noqa: E402
 from l1 import (GUEST_CMDLINE, GUEST_INITRD, GUEST_KERNEL, L1, L2_BOOT_TIMEOUT,  # noqa: E402
                 check_kvm_host, in_l1, nested_build, setup)
@@ -186,7 +192,66 @@ def killed_vm_process(vmd):
         raise Failure("vmd did not log the VM process's death")
 
 
-# (name, function, vm.conf lines); every case runs with its own vmd.
+def net_unit_tests(vmd):
+    """vmd's unit tests of what this machine's kernel lacks, on L1's
+    Debian 6.1 kernel: rdomain's VRF device with its table and a bridge in
+    it, vhost-net descriptors, locked-lladdr chains on a kernel before
+    6.16 (a chain goes with its device there). Each test makes its own
+    network namespace."""
+    l1 = vmd.l1
+    # L1 has what the tests must take the with-it branch for.
+    l1.check("ip link add vrfcheck type vrf table 1099 && ip link del vrfcheck")
+    l1.check("test -c /dev/vhost-net")
+    filters = "parent::net::links parent::net::vhost parent::net::nft"
+    out = l1.check(f"/usr/libexec/vmd-unit-tests --test-threads=1 {filters} 2>&1", timeout=600)
+    passed = [int(n) for n in re.findall(r"test result: ok\. (\d+) passed; 0 failed", out)]
+    if len(passed) != 1:
+        raise Failure(f"no clean test result: {out[-2000:]}")
+    if passed[0] < 10:
+        raise Failure(f"only {passed[0]} tests ran: {out[-2000:]}")
+    for name in ("a_vrf_or_the_reason_there_is_none", "the_device_opens_or_says_why",
+                 "a_locked_tap_drops_and_counts_foreign_frames"):
+        if not re.search(rf"{name} \.\.\. ok", out):
+            raise Failure(f"{name} did not pass: {out[-2000:]}")
+
+
+def net_case(fn, keep=(), after_exit=None):
+    """A regress/net case in L1 (Debian's 6.1 kernel and its bridge and tun
+    modules), vmd in L1's own network namespace. Then vmd must exit by
+    itself on SIGTERM and leave L1 with no interface but lo and `keep`
+    (what the case made) and no state file, then `after_exit(vmd, links)`. Whatever is left
+    is removed for the next case."""
+    def run(vmd):
+        try:
+            fn(vmd)
+        finally:
+            # On failure too: the next case in this L1 starts clean.
+            if vmd.alive():
+                vmd.signal(vmd.pid, signal.SIGTERM)
+                wait_for("vmd to exit after SIGTERM", lambda: not vmd.alive(), 60)
+            links = vmd.links()
+            for name in links:
+                if name != "lo" and name not in keep and name in vmd.links():
+                    vmd.ip("link", "delete", name)
+        left = {n: link for n, link in links.items() if n != "lo" and n not in keep}
+        try:
+            if left:
+                raise Failure(f"left in L1 after vmd's exit: {net.describe(left)}")
+            if vmd.exists(net.state_file(vmd.sock)):
+                raise Failure(f"vmd's state file {net.state_file(vmd.sock)} outlived it in L1")
+            if after_exit:
+                after_exit(vmd, links)
+        finally:
+            for name in keep:
+                if name in vmd.links():
+                    vmd.ip("link", "delete", name)
+    return run
+
+
+NET_CONF = "accel kvm\n" + net.SW
+
+# (name, function, vm.conf lines[, what runs in L1 before vmd starts]);
+# every case runs with its own vmd.
 CASES = [
     ("accel-kvm-guest-boots-on-kvm", guest_boots_on_kvm, "accel kvm\n"),
     ("accel-auto-picks-kvm-guest-boots", guest_boots_on_kvm, "accel auto\n"),
@@ -194,16 +259,37 @@ CASES = [
     ("pause-unpause-on-kvm", pause_unpause, "accel kvm\n"),
     ("graceful-stop-w-on-kvm", graceful_stop, "accel kvm\n"),
     ("sigkill-vm-process-leaves-nothing", killed_vm_process, "accel kvm\n" + config_vm("l2kill")),
+    ("net-two-guests-on-a-switch-ping", net_case(net.two_guests_ping), NET_CONF),
+    ("net-sigkill-vm-process-removes-its-tap", net_case(net.tap_cleanup("vm")), NET_CONF),
+    ("net-sigkill-qemu-removes-its-tap", net_case(net.tap_cleanup("qemu")), NET_CONF),
+    ("net-sigkill-vmd-removes-taps", net_case(net.then_restart(net.tap_cleanup("vmd"))), NET_CONF),
+    ("net-two-nics-i-2", net_case(net.two_nics), "accel kvm\n"),
+    ("net-reset-switches-recreates-deleted-bridges", net_case(net.reset_switches),
+     "accel kvm\n" + net.RESET_CONF),
+    ("net-local-interface-dhcp-lease-host-pings", net_case(net.local_lease), "accel kvm\n"),
+    ("net-restart-after-sigkill-removes-predecessors-bridge-only",
+     net_case(net.restart_after_sigkill, keep=net.RESTART_KEEP), "accel kvm\n" + net.RESTART_CONF,
+     net.before_restart),
+    ("net-preexisting-bridge-and-foreign-port-survive-exit",
+     net_case(net.survivors, keep=net.SURVIVORS_KEEP, after_exit=net.survivors_after_exit),
+     "accel kvm\n" + net.SURVIVORS_CONF, net.before_survivors),
+    ("net-unit-tests-vrf-vhost-nft-on-6.1", net_unit_tests, ""),
 ]
-# What `make test` runs (regress/run): every case while the suite takes
-# about 1.5 to 3 minutes; slow cases added later go to --all only
-# (`make regress-nested`).
-DEFAULT = [name for name, _, _ in CASES]
+# What `make test` runs (regress/run): every case but these regress/net
+# cases, to keep the suite near 3 minutes (the QEMU variant of the tap
+# cleanup takes the same path as the VM process's); slow cases added later
+# go to --all only too (`make regress-nested`).
+ALL_ONLY = [name for name, _, _, *_ in CASES
+            if name.startswith("net-") and name not in ("net-two-guests-on-a-switch-ping",
+                                                        "net-sigkill-vm-process-removes-its-tap",
+                                                        "net-sigkill-vmd-removes-taps",
+                                                        "net-unit-tests-vrf-vhost-nft-on-6.1")]
+DEFAULT = [name for name, _, _, *_ in CASES if name not in ALL_ONLY]
 
 
 def main():
     args = sys.argv[1:]
-    names = [n for n, _, _ in CASES]
+    names = [n for n, _, _, *_ in CASES]
     if "--all" in args:
         wanted = names
     elif args:
@@ -222,13 +308,13 @@ def main():
     times = [f"L1 boot {l1.boot_seconds:.1f}s"]
     hosts = [l1]
 
-    def in_a_live_l1(name, fn, conf):
+    def in_a_live_l1(name, fn, conf, before=None):
         """The case in L1; if L1 itself stops answering (TCG running nested
         KVM hung once in about ten runs, all of L1 with it), the case runs
         once more in a new L1, saying so. Any other failure stands."""
         def run():
             try:
-                in_l1(hosts[-1], fn, conf)()
+                in_l1(hosts[-1], fn, conf, before)()
             except Failure as e:
                 if not hosts[-1].dead:
                     raise
@@ -237,13 +323,13 @@ def main():
                 hosts[-1].stop()
                 hosts.append(L1.boot(*nested_build()))
                 check_kvm_host(hosts[-1])
-                in_l1(hosts[-1], fn, conf)()
+                in_l1(hosts[-1], fn, conf, before)()
         return run
     try:
-        for name, fn, conf in CASES:
+        for name, fn, conf, *before in CASES:
             if name in wanted:
                 start = time.monotonic()
-                case(name, in_a_live_l1(name, fn, conf))
+                case(name, in_a_live_l1(name, fn, conf, *before))
                 times.append(f"{name} {time.monotonic() - start:.1f}s")
     finally:
         hosts[-1].stop()

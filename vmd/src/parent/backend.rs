@@ -71,8 +71,11 @@ pub trait Backend {
     fn take_events(&mut self) -> Vec<VmEvent>;
     /// Nothing runs and nothing is pending.
     fn is_empty(&self) -> bool;
-    /// The daemon stops: every VM is asked to end, then killed.
+    /// The daemon stops (the registry has asked every VM to power down):
+    /// starts not yet launched are given up, and what the daemon made on
+    /// the host is removed once the last VM has ended.
     fn stop_all(&mut self);
+    /// Every VM ends at once.
     fn kill_all(&mut self);
 }
 

@@ -761,14 +761,12 @@ impl Launcher {
         })
     }
 
-    /// The daemon stops: SIGTERM every VM process (its guest dies with it);
-    /// starts still opening their files are given up.
+    /// The daemon stops (the registry has asked every VM to power down):
+    /// starts still opening their files are given up, and the network
+    /// is removed once the last VM has ended.
     fn stop_all(&mut self) {
         self.cancel_all();
         self.net.stop();
-        for vm in &self.vms {
-            let _ = kill(vm.pid, Signal::SIGTERM);
-        }
     }
 
     /// The daemon stops and a VM did not: SIGKILL.
@@ -2082,10 +2080,16 @@ mod tests {
         let vm = VmConfig::new("x");
         let mut net = vm.clone();
         net.boot_device = Some(BootDevice::Net);
+        // -B net needs a local interface, whose lease names auto_install.
         assert!(matches!(
             launch_check_built(&net),
-            Err(StartError::NotBuilt(_))
+            Err(StartError::NetBootWithoutLocal)
         ));
+        net.interfaces.push(common::config::Interface {
+            local: true,
+            ..Default::default()
+        });
+        assert!(launch_check_built(&net).is_ok());
         let mut cd = vm;
         cd.cdrom = Some("/x.iso".into());
         cd.boot_device = Some(BootDevice::Cdrom);

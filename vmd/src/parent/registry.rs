@@ -754,13 +754,18 @@ impl Registry {
                 self.next_batch = Some(Instant::now() + Duration::from_secs(delay.into()));
                 return;
             }
-            started += 1;
             let settings = self.vms[index].config.clone();
             let owner = settings.owner.uid;
-            // start_vm logs a failure; the VM stays listed as stopped. The
-            // configuration is root's: its files are opened as root where
-            // root alone controls them, else with the VM owner's rights.
-            let _ = self.start_vm(index, settings, owner, &Requester::root());
+            // start_vm logs a failure; the VM stays listed as stopped and
+            // takes no place in the batch. The configuration is root's:
+            // its files are opened as root where root alone controls
+            // them, else with the VM owner's rights.
+            if self
+                .start_vm(index, settings, owner, &Requester::root())
+                .is_ok()
+            {
+                started += 1;
+            }
         }
     }
 
@@ -832,6 +837,11 @@ impl Registry {
     /// The earliest time a graceful stop must be forced, if any.
     pub fn next_stop_deadline(&self) -> Option<Instant> {
         self.vms.iter().filter_map(|vm| vm.stop_deadline).min()
+    }
+
+    /// The latest time a graceful stop must be forced, if any.
+    pub fn last_stop_deadline(&self) -> Option<Instant> {
+        self.vms.iter().filter_map(|vm| vm.stop_deadline).max()
     }
 
     /// Forces every VM whose graceful stop has run out of time.

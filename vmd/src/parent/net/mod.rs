@@ -25,11 +25,14 @@
 //!   addresses, which the kernel adds itself, do not count); an
 //!   interface that existed before vmd is never deleted.
 
+pub mod links;
 pub mod netlink;
+pub mod nft;
 pub mod state;
 pub mod tap;
 #[cfg(test)]
 mod testns;
+pub mod vhost;
 
 use crate::log::{log_debug, log_info, log_warn};
 use common::config::{Globals, Interface, Ipv6Prefix, SwitchConfig, VmConfig};
@@ -465,16 +468,27 @@ impl Net {
             return;
         }
         self.stop_queued = true;
-        for (name, index) in self.state.bridges.clone() {
-            self.jobs.push_back(Job::RemoveBridge {
+        let jobs = self.stop_jobs();
+        self.jobs.extend(jobs);
+        self.run();
+        self.save();
+    }
+
+    /// What the daemon's shutdown removes once its last VM has ended (its
+    /// taps are gone with their descriptors): the bridges it made. Every
+    /// other thing the state file lists that outlives a tap (nftables
+    /// chains) is removed by a job added here; [`Net::is_idle`] holds the
+    /// exit until the last one is done.
+    fn stop_jobs(&self) -> Vec<Job> {
+        let bridges = self.state.bridges.iter().cloned();
+        bridges
+            .map(|(name, index)| Job::RemoveBridge {
                 name,
                 index,
                 ports: Vec::new(),
                 stage: 0,
-            });
-        }
-        self.run();
-        self.save();
+            })
+            .collect()
     }
 
     /// Nothing is queued or in flight (and, stopping, the bridges'
