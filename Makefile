@@ -4,9 +4,11 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 SBINDIR = $(DESTDIR)$(PREFIX)/sbin
 MANDIR = $(DESTDIR)$(PREFIX)/share/man
+UNITDIR = $(DESTDIR)/etc/systemd/system
+INITDIR = $(DESTDIR)/etc/init.d
 CARGO ?= cargo
 
-.PHONY: all build test regress regress-nested install demo bench bench-nested setup setup-bench clean
+.PHONY: all build test regress regress-nested install deb demo bench bench-nested setup setup-bench clean
 
 all:
 	$(CARGO) build --release --workspace
@@ -54,12 +56,24 @@ bench-nested: setup all
 demo: setup all
 	sh examples/demo target/release
 
+# The binaries, the man pages, the systemd unit and the init script
+# (both naming $(PREFIX)/sbin/vmd); neither is enabled. An existing
+# /etc/init.d/vmd is kept.
 install: all
-	install -d $(SBINDIR) $(MANDIR)/man5 $(MANDIR)/man8
+	install -d $(SBINDIR) $(MANDIR)/man5 $(MANDIR)/man8 $(UNITDIR) $(INITDIR)
 	install -m 0555 target/release/vmd target/release/vmctl $(SBINDIR)
 	install -m 0444 vm.conf.5 $(MANDIR)/man5
 	install -m 0444 vmctl.8 vmd/vmd.8 $(MANDIR)/man8
+	sed 's|/usr/sbin/vmd|$(PREFIX)/sbin/vmd|g' etc/vmd.service >$(UNITDIR)/vmd.service
+	chmod 0644 $(UNITDIR)/vmd.service
+	[ -e $(INITDIR)/vmd ] || { sed 's|^DAEMON=/usr/sbin/vmd$$|DAEMON=$(PREFIX)/sbin/vmd|' \
+		etc/init.d/vmd >$(INITDIR)/vmd && chmod 0755 $(INITDIR)/vmd; }
 	sh regress/setup --user-only
+
+# A Debian package of the release build: target/deb/vmd_VERSION_ARCH.deb
+# (pkg/deb/build, dpkg-deb). Install it with apt install ./target/deb/vmd_*.deb.
+deb: all
+	sh pkg/deb/build target/release target/deb
 
 clean:
 	$(CARGO) clean

@@ -231,9 +231,12 @@ pub enum HelperAnswer {
     ConsoleLog { size: u64 },
     /// A configuration file was read and parsed, with its warnings.
     Config {
-        config: crate::config::Config,
+        config: Box<crate::config::Config>,
         warnings: Vec<String>,
     },
+    /// A removal of an ended VM's console log is done: a line for each
+    /// file it left (in use, or it failed).
+    Removed { kept: Vec<String> },
     /// A configuration file could not be read or has errors: each a line.
     ConfigRefused { lines: Vec<String> },
     /// The work was done and gives nothing back (a program it ran, such

@@ -249,15 +249,20 @@ def kill_pids(pids):
 
 
 def end_vmd(proc, pids=()):
-    """Ends a vmd started with Popen (SIGTERM, SIGKILL after 5s), then
-    SIGKILLs its children and `pids`, whatever happened."""
+    """Ends a vmd started with Popen (SIGTERM, a second SIGTERM after 2s
+    that forces its VMs, SIGKILL 5s later), then SIGKILLs its children and
+    `pids`, whatever happened."""
     pids = set(pids)
     if proc.poll() is None:
         pids.update(children_of(proc.pid))
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
+        for wait in (2, 5):
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+        else:
             proc.kill()
             proc.wait()
     kill_pids(pids)
@@ -269,7 +274,8 @@ class Vmd:
 
     The vm.conf is `conf` as given, or (the default, for the suites that
     boot guests) `accel tcg`, a console log directory (with `log_size`)
-    and `conf_extra`. `binary` (VMD or TRIGGER_VMD), `verbose` (-v),
+    (kept after their VMs end unless `keep_logs` is false) and
+    `conf_extra`. `binary` (VMD or TRIGGER_VMD), `verbose` (-v),
     `env` (added to the environment), `cwd` and `dir_mode` (of the temp
     dir: 0700, or 0755 for users who connect) as a case needs. With
     `netns=True`, vmd runs in a network namespace of its own (`ip netns
@@ -279,8 +285,8 @@ class Vmd:
     namespace NAME, which the caller deletes. `before(vmd)` runs before vmd starts (to make
     what should exist before it, e.g. with vmd.ip())."""
 
-    def __init__(self, conf_extra="", *, conf=None, log_size=None, binary=VMD, verbose=True,
-                 env=None, cwd=None, dir_mode=0o700, netns=False, before=None):
+    def __init__(self, conf_extra="", *, conf=None, log_size=None, keep_logs=True, binary=VMD,
+                 verbose=True, env=None, cwd=None, dir_mode=0o700, netns=False, before=None):
         self.dir = tempfile.mkdtemp(prefix="vmd-regress-")
         os.chmod(self.dir, dir_mode)
         self.sock = os.path.join(self.dir, "vmd.sock")
@@ -289,7 +295,10 @@ class Vmd:
         self.conf = os.path.join(self.dir, "vm.conf")
         if conf is None:
             size = f" size {log_size}" if log_size else ""
-            conf = f'accel tcg\nconsole log "{self.console_dir}"{size}\n{conf_extra}'
+            # The cases read the logs of VMs that ended: kept unless a
+            # case checks their removal (keep_logs=False).
+            keep = "console log keep\n" if keep_logs else ""
+            conf = f'accel tcg\nconsole log "{self.console_dir}"{size}\n{keep}{conf_extra}'
         self.write_config(conf)
         # Processes to kill at the end: vmd's children and the VMs' (which
         # run in sessions of their own).
@@ -498,18 +507,23 @@ class Vmd:
         return {link["ifname"]: link for link in json.loads(self.ip("-j", "-d", "link", "show") or "[]")}
 
     def end(self):
-        """Ends vmd (SIGTERM, SIGKILL to its process group after 10s) and
-        kills every process it started, whatever happened; the network
-        namespace stays (a case may look at what vmd left in it)."""
+        """Ends vmd (SIGTERM, a second SIGTERM after 2s that forces its
+        VMs, SIGKILL to its process group 10s later) and kills every
+        process it started, whatever happened; the network namespace stays
+        (a case may look at what vmd left in it)."""
         if self.proc is None:
             return
         if self.alive():
             self.tracked.update(children_of(self.proc.pid))
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
+            # The first SIGTERM powers the guests down, a second forces
+            # them: a case's end does not wait for shutdown timeouts.
+            for wait in (2, 10):
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -204,7 +204,8 @@ class L1Vmd(t.Vmd):
         # vmd runs in L1's own network namespace: L1 is the suite's alone.
         self.netns = None
         try:
-            self.write_config(f'console log "{self.console_dir}"\n{conf_extra}')
+            # Kept: the cases read the logs of VMs that ended.
+            self.write_config(f'console log "{self.console_dir}"\nconsole log keep\n{conf_extra}')
             if before:
                 before(self)
             self.launch()

@@ -411,14 +411,16 @@ def local_pair(vmid, index):
     return f"100.64.{vmid}.{2 * index + 2}", f"100.64.{vmid}.{2 * index + 3}"
 
 
-def expect_lease(vmd, name, vmid, nic, index):
+def expect_lease(vmd, name, vmid, nic, index, bootfile="none"):
     """The guest's udhcpc got the guest side of local interface `index`
     on `nic`, a /31 with router and DNS the host side and the VM's name;
-    the tap has the host side; the host pings the guest."""
+    the tap has the host side; the host pings the guest. The lease's
+    boot file is `bootfile` (`none`; auto_install with -B net)."""
     host, guest = local_pair(vmid, index)
-    vmd.wait_console(name, f"VMD-GUEST: dhcp {nic} dns ")
+    vmd.wait_console(name, f"VMD-GUEST: dhcp {nic} bootfile ")
     log = vmd.console_log(name)
-    for want in (f"dhcp {nic} {guest}/31 router {host}", f"dhcp {nic} dns {host} hostname {name}"):
+    for want in (f"dhcp {nic} {guest}/31 router {host}", f"dhcp {nic} dns {host} hostname {name}",
+                 f"dhcp {nic} bootfile {bootfile}"):
         if not re.search(rf"^VMD-GUEST: {re.escape(want)}\r?$", log, re.M):
             got = re.findall(r"VMD-GUEST: dhcp .*", log)
             raise Failure(f"{name} has no `{want}` line; its DHCP lines: {got}")
@@ -437,6 +439,14 @@ def local_lease(vmd):
     name = vm("loc")
     vmid, _ = vmd.start(name, "-L", cmdline=f"{QUIET} vmd.net=dhcp")
     expect_lease(vmd, name, vmid, "eth0", 0)
+
+
+def net_boot_lease(vmd):
+    """-B net: the VM boots its kernel and its local interface's lease
+    names auto_install (OpenBSD's simulated network boot)."""
+    name = vm("nbt")
+    vmid, _ = vmd.start(name, "-L", "-B", "net", cmdline=f"{QUIET} vmd.net=dhcp")
+    expect_lease(vmd, name, vmid, "eth0", 0, bootfile="auto_install")
 
 
 def two_local(vmd):
@@ -588,6 +598,7 @@ def main():
     case("unknown-or-disabled-switch-refused",
          net_case(unknown_switch, sw + switch_conf("off", BRIDGE2, " disable\n")))
     case("local-interface-dhcp-lease-host-pings", net_case(local_lease))
+    case("net-boot-lease-names-auto-install", net_case(net_boot_lease))
     case("two-local-interfaces-next-pair", net_case(two_local))
     case("i-2-L-local-interface-is-eth0", net_case(local_first))
     locs = (f'vm "{vm("locs")}" {{\n disable\n boot "{t.KERNEL}"\n initrd "{t.INITRD}"\n'

@@ -109,7 +109,7 @@ switch "uplink" {{
         p = subprocess.run([VMD, "-n", "-f", conf_path], capture_output=True, text=True)
         expect_equal("vmd -n", (p.returncode, p.stderr), (0, "configuration OK\n"))
 
-        vmd = Vmd(conf_extra=conf)
+        vmd = Vmd(conf_extra=conf, netns=True)
         os.chmod(vmd.dir, 0o755)
         gid = alice.groups[0]
         t.wait_for("the socket's group", lambda: os.stat(vmd.sock).st_gid == gid)

@@ -408,6 +408,13 @@ def corrupt_qcow2(path, owner=None):
         os.chmod(path, 0o600)
 
 
+# vmd's refusal of memory beyond what the host allows VMs (its sizes
+# as common/src/size.rs formats them).
+SIZE = r"\d+(\.\d)?[BKMGT]"
+HOST_RULE = (rf"1\.0T of memory and {SIZE} running exceed what this host allows VMs "
+             rf"\({SIZE} of {SIZE}; see vm\.conf\(5\) LIMITS\)$")
+
+
 def start_failures(vmd, files, user=None, template=()):
     """Each start QEMU refuses fails with exit 1 and QEMU's reason on
     vmctl's stderr (which a user who cannot read vmd's log needs), never
@@ -415,23 +422,20 @@ def start_failures(vmd, files, user=None, template=()):
     listed."""
     kernel, initrd, disk = files
     boot = ("-b", kernel, "--initrd", initrd)
-    failures = (
+    qemu = (
         ("fdisk", (*boot, "-m", "256M", "-d", disk),
          "disk 1: qcow2: Image is corrupt; cannot be opened read/write"),
         ("fmem", (*boot, "-m", "1500K"), "initrd is too large"),
         ("finitrd", ("-b", initrd, "--initrd", initrd, "-m", "256M"),
          "linux kernel too old to load a ram disk"),
-        ("fhuge", (*boot, "-m", "1T"), "cannot set up guest memory 'pc.ram'"),
-        ("fconsole", ("-c", *boot, "-m", "1T"), "cannot set up guest memory 'pc.ram'"),
     )
-    with open("/proc/sys/vm/overcommit_memory") as f:
-        if f.read().strip() == "1":
-            # QEMU then reserves 1T and the guest runs: nothing to refuse.
-            print("# -m 1T not checked: vm.overcommit_memory=1 lets QEMU have it")
-            failures = [f for f in failures if "-m" not in f[1] or "1T" not in f[1]]
+    failures = [(name, args, rf"vm {name}: QEMU: {re.escape(reason)}") for name, args, reason in qemu]
+    # More memory than the host has never reaches QEMU (vm.conf(5) LIMITS).
+    failures += [(name, (*opt, *boot, "-m", "1T"), rf"vm {name}: {HOST_RULE}")
+                 for name, opt in (("fhuge", ()), ("fconsole", ("-c",)))]
     for name, args, reason in failures:
         rc, out = vmd.vmctl("start", name, *template, *args, user=user)
-        want = rf"^vmctl: start vm command failed: vm {name}: QEMU: {re.escape(reason)}"
+        want = rf"^vmctl: start vm command failed: {reason}"
         if rc != 1 or not re.search(want, out, re.M) or "started" in out or "Connected" in out:
             raise Failure(f"start {name}: exit {rc}, want 1 and {reason!r}: {out.strip()!r}")
         if name in {row["NAME"] for row in vmd.status()}:
@@ -487,6 +491,68 @@ def start_failures_as_a_user():
         disk = os.path.join(files, "corrupt.qcow2")
         corrupt_qcow2(disk, owner=user)
         start_failures(vmd, (kernel, initrd, disk), user=user.name, template=("-t", "tpl"))
+    finally:
+        if vmd:
+            vmd.stop()
+        user.remove()
+
+
+def limits_hold_for_a_user():
+    """vm.conf(5) LIMITS: memory beyond what the host allows VMs is
+    refused with what was asked, what runs and what the host allows;
+    a user's `limit user` holds (VMs, then memory after a reload) while
+    root goes past it; an ended instance's console log is removed."""
+    user = TestUser("vmdlimit")
+    vmd = None
+    try:
+        template = (f'socket owner :{user.name}\n'
+                    f'vm "tpl" {{\n\tdisable\n\tmemory 256M\n\tboot "{t.KERNEL}"\n\tinitrd "{t.INITRD}"\n'
+                    f'\tcmdline "console=ttyS0 quiet"\n'
+                    f"\tallow instance {{ memory, owner {user.name} }}\n}}\n")
+        limit = f'limit user "{user.name}" {{ vms 1 }}\n'
+        vmd = Vmd(conf_extra=limit + template, keep_logs=False, dir_mode=0o711)
+        with open("/proc/meminfo") as f:
+            total_kb = int(re.search(r"^MemTotal:\s+(\d+) kB$", f.read(), re.M).group(1))
+        # A little more than the host has: refused by vmd, as root too.
+        asked_g = total_kb // (1 << 20) + 1
+        rc, out = vmd.vmctl("start", "big", "-t", "tpl", "-m", f"{asked_g}G")
+        want = (rf"^vmctl: start vm command failed: vm big: {asked_g}\.0G of memory and 0B running exceed "
+                rf"what this host allows VMs \({SIZE} of {SIZE}; see vm\.conf\(5\) LIMITS\)$")
+        if rc != 1 or not re.search(want, out, re.M):
+            raise Failure(f"start big: exit {rc}, want 1 and {want!r}: {out.strip()!r}")
+        if "big" in {row["NAME"] for row in vmd.status()}:
+            raise Failure(f"big is listed after its refusal: {vmd.status()}")
+        # The user's one VM runs; a second is refused by its limit.
+        vmd.start_with("u1", "-t", "tpl", user=user.name)
+        rc, out = vmd.vmctl("start", "u2", "-t", "tpl", user=user.name)
+        want = f'vmctl: start vm command failed: vm u2: user {user.name} may run at most 1 VMs (vm.conf: limit user "{user.name}")'
+        if rc != 1 or want not in out:
+            raise Failure(f"start u2 as {user.name}: exit {rc}, want 1 and {want!r}: {out.strip()!r}")
+        # A reload: two VMs but 384M in all; u1 runs 256M.
+        vmd.write_config(f'accel tcg\nconsole log "{vmd.console_dir}"\n'
+                         f'limit user "{user.name}" {{ vms 2, memory 384M }}\n{template}')
+        rc, out = vmd.vmctl("reload")
+        if rc != 0:
+            raise Failure(f"reload: exit {rc}: {out.strip()}")
+        rc, out = vmd.vmctl("start", "u2", "-t", "tpl", user=user.name)
+        want = (f"vm u2: user {user.name} may use at most 384M of memory, 256M running "
+                f'(vm.conf: limit user "{user.name}")')
+        if rc != 1 or want not in out:
+            raise Failure(f"start u2 after the reload: exit {rc}, want 1 and {want!r}: {out.strip()!r}")
+        # Root is not limited by the user's VMs.
+        vmd.start_with("r1", "-t", "tpl")
+        # The user's instance ends: it leaves the list, and its console
+        # log goes with it; root's runs on with its own.
+        log = os.path.join(vmd.console_dir, "u1.console")
+        if not os.path.exists(log):
+            raise Failure(f"{log} missing while u1 runs")
+        rc, out = vmd.vmctl("stop", "-f", "u1", user=user.name)
+        if rc != 0:
+            raise Failure(f"stop -f u1: exit {rc}: {out.strip()}")
+        wait_for("u1 to be gone", lambda: "u1" not in {r["NAME"] for r in vmd.status()})
+        wait_for("u1's console log to be removed", lambda: not os.path.exists(log))
+        if not os.path.exists(os.path.join(vmd.console_dir, "r1.console")):
+            raise Failure("r1's console log is gone while r1 runs")
     finally:
         if vmd:
             vmd.stop()
@@ -677,6 +743,7 @@ def main():
     case("start-refused-by-qemu-says-why-to-a-user", start_failures_as_a_user)
     case("start-not-running-in-time-times-out-and-stops", with_vmd(start_timeout_stops_the_vm))
     case("hung-file-system-stalls-only-its-start", hung_file_system_stalls_only_its_start)
+    case("limits-of-the-host-and-of-a-user", limits_hold_for_a_user)
     return t.summary()
 
 

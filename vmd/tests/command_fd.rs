@@ -56,7 +56,7 @@ impl Vmd {
         std::fs::write(
             &conf,
             format!(
-                "accel tcg\nvm \"probe\" {{\n disk \"{}\"\n memory 64M\n}}\n",
+                "accel tcg\nvm \"probe\" {{\n disable\n disk \"{}\"\n memory 64M\n}}\n",
                 disk.display()
             ),
         )
@@ -102,17 +102,21 @@ impl Vmd {
 }
 
 impl Drop for Vmd {
-    /// SIGTERM (vmd stops its VMs), then SIGKILL if it lingers.
+    /// SIGTERM (vmd powers its VMs down), a second SIGTERM after 2s
+    /// (vmd forces them), then SIGKILL if it lingers.
     fn drop(&mut self) {
         use nix::sys::signal::{kill, Signal};
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = kill(pid, Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
+        'signals: for wait in [2, 30] {
+            let _ = kill(pid, Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(wait);
+            while Instant::now() < deadline {
+                // Reaped: its pid is no longer ours to signal.
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    break 'signals;
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -188,17 +192,19 @@ fn read_to_end(read: OwnedFd) -> String {
 fn a_descriptor_travels_to_the_vm_process_and_back() {
     let vmd = Vmd::start();
     let mut client = vmd.connect();
-    let deadline = Instant::now() + WAIT;
-    let vm_pid = loop {
-        if let Some((VmState::Running, Some(pid))) = client.vm("probe") {
-            break pid;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the VM never ran:\n{}",
-            vmd.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
+    // A start is answered once the guest runs (its QMP said so): only
+    // then does the backend take commands.
+    let start = common::ctl::StartRequest {
+        target: VmTarget::Name("probe".into()),
+        vm: common::config::VmConfig::new("probe"),
+    };
+    client.send(CtlRequest::Start(Box::new(start)), None);
+    match client.receive() {
+        Message::CtlVmResult { error: None, .. } => {}
+        other => panic!("the VM did not start: {other:?}\n{}", vmd.log()),
+    }
+    let Some((VmState::Running, Some(vm_pid))) = client.vm("probe") else {
+        panic!("the started VM is not running:\n{}", vmd.log());
     };
 
     // Every thread of the VM process runs under its filter.

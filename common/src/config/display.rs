@@ -70,6 +70,21 @@ fn allow_instance(allow: &AllowInstance) -> String {
     format!("allow instance {{ {} }}", flags.join(", "))
 }
 
+/// A limit block's keys: `{ vms 4 memory 8192M vcpus 8 }`.
+fn limits(l: &Limits) -> String {
+    let mut keys = Vec::new();
+    if let Some(vms) = l.vms {
+        keys.push(format!("vms {vms}"));
+    }
+    if let Some(memory) = l.memory {
+        keys.push(format!("memory {}M", memory >> 20));
+    }
+    if let Some(vcpus) = l.vcpus {
+        keys.push(format!("vcpus {vcpus}"));
+    }
+    format!("{{ {} }}", keys.join(" "))
+}
+
 fn staggered(globals: &Globals) -> StaggeredStart {
     globals.staggered_start.unwrap_or_else(|| StaggeredStart {
         parallel: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
@@ -112,8 +127,25 @@ impl fmt::Display for Config {
             quote(&g.console_log_dir),
             exact_size(g.console_log_size)
         )?;
+        if g.console_log_keep {
+            writeln!(f, "console log keep")?;
+        }
         writeln!(f, "shutdown timeout {}", g.shutdown_timeout)?;
         writeln!(f, "uid range {}-{}", g.uid_range.first, g.uid_range.last)?;
+        let users = Limits {
+            vms: g.user_limits.vms.or(Some(DEFAULT_USER_VMS)),
+            memory: g.user_limits.memory.or(Some(DEFAULT_USER_MEMORY)),
+            vcpus: g.user_limits.vcpus.or(Some(DEFAULT_USER_VCPUS)),
+        };
+        writeln!(f, "limit users {}", limits(&users))?;
+        for l in &g.limits {
+            let user = if l.user.bytes().all(|b| b.is_ascii_digit()) {
+                l.user.clone()
+            } else {
+                quote(&l.user)
+            };
+            writeln!(f, "limit user {user} {}", limits(&l.limits))?;
+        }
 
         for sw in &self.switches {
             writeln!(f, "\nswitch {} {{", quote(&sw.name))?;

@@ -49,6 +49,8 @@ pub struct Parser {
     /// Closing braces that error recovery skipped and that the enclosing
     /// blocks still have to honour.
     pending_close: usize,
+    /// A `limit users` statement was read.
+    limit_users_seen: bool,
     pub config: Config,
 }
 
@@ -59,6 +61,7 @@ impl Parser {
             ahead: VecDeque::new(),
             last: Pos { file: 0, line: 1 },
             pending_close: 0,
+            limit_users_seen: false,
             config: Config::default(),
         }
     }
@@ -283,6 +286,7 @@ impl Parser {
                         }
                     }
                     Some("uid") if !is_macro => self.global_uid_range()?,
+                    Some("limit") if !is_macro => self.global_limit()?,
                     _ => self.varset()?,
                 }
             }
@@ -415,6 +419,12 @@ impl Parser {
     fn global_console_log(&mut self) -> PResult<()> {
         self.bump();
         self.expect_word("log")?;
+        // `console log keep` (a directory is an absolute path).
+        if self.peek().word() == Some("keep") {
+            self.bump();
+            self.config.globals.console_log_keep = true;
+            return Ok(());
+        }
         let (dir, pos) = self.string()?;
         if !dir.starts_with('/') {
             self.error(
@@ -472,6 +482,108 @@ impl Parser {
         match checked {
             Ok(range) => self.config.globals.uid_range = range,
             Err(e) => self.error(pos, &e.to_string()),
+        }
+        Ok(())
+    }
+
+    /// `limit users { KEY VALUE ... }` or `limit user NAME { ... }`: what
+    /// users may run at once (vms, memory, vcpus; each optional).
+    fn global_limit(&mut self) -> PResult<()> {
+        let start = self.bump().pos;
+        let word = self.peek().word().map(str::to_string);
+        let user = match word.as_deref() {
+            Some("users") => {
+                self.bump();
+                None
+            }
+            Some("user") => {
+                self.bump();
+                let token = self.peek().clone();
+                let owner = match &token.tok {
+                    Tok::Num(uid) => checks::owner_uid(*uid),
+                    Tok::Str { text, .. } if !text.contains(':') => checks::owner(text),
+                    Tok::Str { text, .. } => Err(checks::ValueError::UnknownUser(text.to_string())),
+                    _ => return Err(self.syntax_error()),
+                };
+                self.bump();
+                match owner {
+                    Ok(owner) => Some(Ok((owner, token.pos))),
+                    Err(e) => Some(Err((e, token.pos))),
+                }
+            }
+            _ => return Err(self.syntax_error()),
+        };
+        self.expect_punct(b'{')?;
+        let mut limits = Limits::default();
+        self.block(Sep::Loose, |p| p.limit_option(&mut limits))?;
+        match user {
+            None => {
+                if self.limit_users_seen {
+                    self.error(start, "limit users specified more than once");
+                } else {
+                    self.limit_users_seen = true;
+                    self.config.globals.user_limits = limits;
+                }
+            }
+            Some(Err((e, pos))) => self.error(pos, &e.to_string()),
+            Some(Ok((owner, pos))) => {
+                let user = owner.user.clone().unwrap_or_else(|| owner.uid.to_string());
+                let limits_of = &mut self.config.globals.limits;
+                if limits_of.iter().any(|l| l.uid == owner.uid) {
+                    self.error(
+                        pos,
+                        &format!("limit user \"{user}\" defined more than once"),
+                    );
+                } else {
+                    let source = self.source(start);
+                    self.config.globals.limits.push(UserLimit {
+                        uid: owner.uid,
+                        user,
+                        limits,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One `vms N`, `memory SIZE` or `vcpus N` of a limit block.
+    fn limit_option(&mut self, limits: &mut Limits) -> PResult<()> {
+        let token = self.peek().clone();
+        let key = match &token.tok {
+            Tok::Kw(Kw::Memory) => "memory",
+            Tok::Str {
+                quoted: false,
+                text,
+            } if text == "vms" => "vms",
+            Tok::Str {
+                quoted: false,
+                text,
+            } if text == "vcpus" => "vcpus",
+            _ => return Err(self.syntax_error()),
+        };
+        self.bump();
+        let set = match key {
+            "vms" => limits.vms.is_some(),
+            "vcpus" => limits.vcpus.is_some(),
+            _ => limits.memory.is_some(),
+        };
+        if key == "memory" {
+            if let Some(bytes) = self.memory_value(set, "limit memory")? {
+                limits.memory = Some(bytes);
+            }
+            return Ok(());
+        }
+        let (n, pos) = self.number()?;
+        if set {
+            self.error(pos, &format!("limit {key} specified more than once"));
+        } else if !(0..=MAX_LIMIT_COUNT).contains(&n) {
+            self.error(pos, &format!("invalid limit {key}: {n}"));
+        } else if key == "vms" {
+            limits.vms = Some(n as u32);
+        } else {
+            limits.vcpus = Some(n as u32);
         }
         Ok(())
     }
@@ -766,6 +878,17 @@ impl Parser {
 
     fn vm_memory(&mut self, vm: &mut VmConfig) -> PResult<()> {
         self.bump();
+        if let Some(bytes) = self.memory_value(vm.memory.is_some(), "memory")? {
+            vm.memory = Some(bytes);
+        }
+        Ok(())
+    }
+
+    /// A memory size (a number of bytes or a scaled size): `None` once
+    /// it is reported, as given twice (`set`: `WHAT specified more than
+    /// once`) or not a size (its explanation, then `failed to parse
+    /// size`).
+    fn memory_value(&mut self, set: bool, what: &str) -> PResult<Option<u64>> {
         let token = self.peek().clone();
         let (parsed, shown): (Result<(u64, Option<String>), MemoryError>, String) = match &token.tok
         {
@@ -774,23 +897,23 @@ impl Parser {
             _ => return Err(self.syntax_error()),
         };
         self.bump();
-        if vm.memory.is_some() {
-            self.error(token.pos, "memory specified more than once");
-            return Ok(());
+        if set {
+            self.error(token.pos, &format!("{what} specified more than once"));
+            return Ok(None);
         }
         match parsed {
             Ok((bytes, note)) => {
                 if let Some(note) = note {
                     self.lex.note(note);
                 }
-                vm.memory = Some(bytes);
+                Ok(Some(bytes))
             }
             Err(e) => {
                 self.lex.note(e.to_string());
                 self.error(token.pos, &format!("failed to parse size: {shown}"));
+                Ok(None)
             }
         }
-        Ok(())
     }
 
     fn vm_interface(&mut self, build: &mut VmBuild) -> PResult<()> {

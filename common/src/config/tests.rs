@@ -161,6 +161,19 @@ shutdown timeout 90
     assert_eq!(g.accel, Accel::Kvm);
     assert_eq!(g.console_log_dir, "/tmp/consoles");
     assert_eq!(g.console_log_size, 64 << 10);
+    assert!(!g.console_log_keep);
+    let kept = ok("console log \"/c\" size 2K\nconsole log keep\n")
+        .config
+        .globals;
+    assert_eq!(
+        (kept.console_log_size, kept.console_log_keep),
+        (2 << 10, true)
+    );
+    // A directory named keep is a path like any, quoted.
+    assert_eq!(
+        one_error("console log \"keep\"\n"),
+        "t.conf:1: console log directory must be an absolute path: keep"
+    );
     assert_eq!(g.shutdown_timeout, 90);
     assert_eq!(g.uid_range, DEFAULT_UID_RANGE);
 }
@@ -629,7 +642,13 @@ fn the_printed_configuration_reads_back_the_same() {
 local inet6
 socket owner root:root
 staggered start parallel 2 delay 9
+console log keep
 uid range 1879048192-1879048200
+limit users { vms 2 }
+limit user "daemon" { memory 2G, vcpus 3 }
+limit user 4242 {
+	vms 0
+}
 switch "s w" {
 	interface br0
 	group default
@@ -658,6 +677,96 @@ vm "a" instance "b" {
         second.vm("a").map(|vm| vm.disks[0].path.clone()).as_deref(),
         Some("/a \"quoted\".img")
     );
+}
+
+#[test]
+fn limits_per_user_and_for_users() {
+    let g = ok("limit users { vms 2 memory 4G }\nlimit user \"daemon\" { vcpus 16\n}\nlimit user root { vms 1 }\n")
+        .config
+        .globals;
+    assert_eq!(
+        g.user_limits,
+        Limits {
+            vms: Some(2),
+            memory: Some(4 << 30),
+            vcpus: None
+        }
+    );
+    assert_eq!((g.limits[0].uid, g.limits[0].user.as_str()), (1, "daemon"));
+    assert_eq!(g.limits[0].source, "t.conf:2");
+    // daemon: its own vcpus, the others' vms and memory.
+    let daemon = g.limits_for(1);
+    assert_eq!(
+        daemon.vcpus.map(|l| (l.value, l.from)),
+        Some((16, "vm.conf: limit user \"daemon\"".to_string()))
+    );
+    assert_eq!(
+        daemon.vms.map(|l| (l.value, l.from)),
+        Some((2, "vm.conf: limit users".to_string()))
+    );
+    // Another user: limit users, then the default.
+    let other = g.limits_for(4321);
+    assert_eq!(other.user, "uid 4321");
+    assert_eq!(other.memory.map(|l| l.value), Some(4 << 30));
+    assert_eq!(
+        other.vcpus.map(|l| (l.value, l.from)),
+        Some((
+            DEFAULT_USER_VCPUS,
+            "the default for users; see vm.conf(5) LIMITS".to_string()
+        ))
+    );
+    // Root: what its own block sets, nothing else.
+    let root = g.limits_for(0);
+    assert_eq!(root.vms.map(|l| l.value), Some(1));
+    assert_eq!((root.memory, root.vcpus), (None, None));
+    // Without any limit statement: the defaults for users, none for root.
+    let defaults = Globals::default();
+    assert_eq!(
+        defaults.limits_for(1000).vms.map(|l| l.value),
+        Some(DEFAULT_USER_VMS)
+    );
+    assert_eq!(
+        defaults.limits_for(1000).memory.map(|l| l.value),
+        Some(DEFAULT_USER_MEMORY)
+    );
+    assert!(defaults.limits_for(0).vms.is_none());
+}
+
+#[test]
+fn limit_errors() {
+    assert_eq!(
+        one_error("limit user \"nosuchuser_q\" { vms 1 }\n"),
+        "t.conf:1: failed to get user: nosuchuser_q"
+    );
+    assert_eq!(
+        one_error("limit user daemon { vms 1 }\nlimit user daemon { vms 2 }\n"),
+        "t.conf:2: limit user \"daemon\" defined more than once"
+    );
+    assert_eq!(
+        one_error("limit users { vms 1 vms 2 }\n"),
+        "t.conf:1: limit vms specified more than once"
+    );
+    assert_eq!(
+        one_error("limit users { vcpus 70000 }\n"),
+        "t.conf:1: invalid limit vcpus: 70000"
+    );
+    assert_eq!(
+        one_error("limit users { disks 1 }\n"),
+        "t.conf:1: syntax error"
+    );
+    assert_eq!(
+        one_error("limit group { vms 1 }\n"),
+        "t.conf:1: syntax error"
+    );
+    assert_eq!(
+        errors("limit users { memory 0 }\n"),
+        vec![
+            "memory size must be at least 1MB".to_string(),
+            "t.conf:1: failed to parse size: 0".to_string()
+        ]
+    );
+    // `limit` stays usable as a macro name.
+    assert!(ok("limit = \"4\"\n").warnings.len() <= 1);
 }
 
 #[test]

@@ -66,6 +66,15 @@ pub const DEFAULT_UID_RANGE: UidRange = UidRange {
     last: 0x7000_0000 + 2047,
 };
 
+/// What a user other than root may run at once unless `limit users` or
+/// `limit user` says otherwise: VMs, memory and vCPUs in all (vm.conf(5)
+/// LIMITS). Root has no limit but the host's memory.
+pub const DEFAULT_USER_VMS: u32 = 4;
+pub const DEFAULT_USER_MEMORY: u64 = 8 << 30;
+pub const DEFAULT_USER_VCPUS: u32 = 8;
+/// The most `vms` and `vcpus` of a `limit` block accept.
+pub const MAX_LIMIT_COUNT: i64 = 65535;
+
 /// Everything one vm.conf (with its includes) configures.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Config {
@@ -117,10 +126,112 @@ pub struct Globals {
     /// `console log DIR size SIZE`: a log this large is rotated (one old
     /// copy kept).
     pub console_log_size: u64,
+    /// `console log DIR keep`: the logs of VMs started by vmctl stay
+    /// when they end (by default they are removed).
+    pub console_log_keep: bool,
     /// `shutdown timeout` in seconds (Linux extension).
     pub shutdown_timeout: u32,
     /// `uid range` for VM processes (Linux extension).
     pub uid_range: UidRange,
+    /// `limit users { ... }`: the limits of users other than root (each
+    /// `None`: the default). Linux extension.
+    pub user_limits: Limits,
+    /// `limit user NAME { ... }`, in file order, one per user.
+    pub limits: Vec<UserLimit>,
+}
+
+/// What one user may run at once, in all: `None` where a block does not
+/// say.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub vms: Option<u32>,
+    pub memory: Option<u64>,
+    pub vcpus: Option<u32>,
+}
+
+/// `limit user NAME { ... }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserLimit {
+    pub uid: u32,
+    /// The user as the file named it (a name, or a uid's digits).
+    pub user: String,
+    pub limits: Limits,
+    /// FILE:LINE of the block.
+    pub source: String,
+}
+
+/// One limit that holds for a user, and the statement it comes from
+/// (`limit user "joe"`, `limit users`, or the default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limit<T> {
+    pub value: T,
+    pub from: String,
+}
+
+/// The limits that hold for one user; `None`: no limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EffectiveLimits {
+    /// How the refusals name the user: `joe`, or `uid 1000`.
+    pub user: String,
+    pub vms: Option<Limit<u32>>,
+    pub memory: Option<Limit<u64>>,
+    pub vcpus: Option<Limit<u32>>,
+}
+
+impl Globals {
+    /// The limits that hold for `uid`: its `limit user` block's keys, then
+    /// (for users other than root) those of `limit users`, then the
+    /// defaults. Root has no limit that no `limit user` block sets.
+    pub fn limits_for(&self, uid: u32) -> EffectiveLimits {
+        let own = self.limits.iter().find(|l| l.uid == uid);
+        let named = |value: Option<u64>| {
+            let entry = own?;
+            value.map(|value| Limit {
+                value,
+                from: format!("vm.conf: limit user \"{}\"", entry.user),
+            })
+        };
+        let others = |value: Option<u64>, default: u64| {
+            if uid == 0 {
+                return None;
+            }
+            Some(match value {
+                Some(value) => Limit {
+                    value,
+                    from: "vm.conf: limit users".to_string(),
+                },
+                None => Limit {
+                    value: default,
+                    from: "the default for users; see vm.conf(5) LIMITS".to_string(),
+                },
+            })
+        };
+        let pick = |mine: Option<u64>, users: Option<u64>, default: u64| {
+            named(mine).or_else(|| others(users, default))
+        };
+        let own_limits = own.map(|l| l.limits).unwrap_or_default();
+        let users = self.user_limits;
+        let count = |l: Option<Limit<u64>>| {
+            l.map(|l| Limit {
+                value: u32::try_from(l.value).unwrap_or(u32::MAX),
+                from: l.from,
+            })
+        };
+        EffectiveLimits {
+            user: own.map_or_else(|| format!("uid {uid}"), |l| l.user.clone()),
+            vms: count(pick(
+                own_limits.vms.map(u64::from),
+                users.vms.map(u64::from),
+                DEFAULT_USER_VMS.into(),
+            )),
+            memory: pick(own_limits.memory, users.memory, DEFAULT_USER_MEMORY),
+            vcpus: count(pick(
+                own_limits.vcpus.map(u64::from),
+                users.vcpus.map(u64::from),
+                DEFAULT_USER_VCPUS.into(),
+            )),
+        }
+    }
 }
 
 impl Default for Globals {
@@ -137,8 +248,11 @@ impl Default for Globals {
             accel: Accel::Auto,
             console_log_dir: DEFAULT_CONSOLE_LOG_DIR.to_string(),
             console_log_size: DEFAULT_CONSOLE_LOG_SIZE,
+            console_log_keep: false,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             uid_range: DEFAULT_UID_RANGE,
+            user_limits: Limits::default(),
+            limits: Vec::new(),
         }
     }
 }

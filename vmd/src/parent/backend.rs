@@ -11,6 +11,7 @@ use mio::Token;
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// What runs VMs. The registry starts, stops and commands VMs through
@@ -42,6 +43,10 @@ pub trait Backend {
     fn command(&mut self, id: u32, command: VmCommand, fd: Option<OwnedFd>) -> bool;
     /// Releases what was kept of VM `id` for a restart that did not come.
     fn discard_parked(&mut self, id: u32);
+    /// Removes the console log (and its rotated `.0`) of a VM that ended
+    /// and is forgotten, unless a VM of the same name writes it again.
+    /// Done by a helper: removing a file can wait on its file system.
+    fn remove_console_log(&mut self, path: &Path);
     /// What `status` shows of a running VM.
     fn info(&self, id: u32) -> Option<RunInfo>;
     /// The configured switches, after a load or a reload; `reapply`
@@ -66,8 +71,11 @@ pub trait Backend {
     fn take_events(&mut self) -> Vec<VmEvent>;
     /// Nothing runs and nothing is pending.
     fn is_empty(&self) -> bool;
-    /// The daemon stops: every VM is asked to end, then killed.
+    /// The daemon stops (the registry has asked every VM to power down):
+    /// starts not yet launched are given up, and what the daemon made on
+    /// the host is removed once the last VM has ended.
     fn stop_all(&mut self);
+    /// Every VM ends at once.
     fn kill_all(&mut self);
 }
 
@@ -122,6 +130,9 @@ pub struct VmEnded {
     pub start_failure: Option<String>,
     /// It was never launched: the error vmctl is to be told.
     pub launch_error: Option<CtlError>,
+    /// The console log it was given (it may exist even if the launch
+    /// failed).
+    pub console_log: Option<PathBuf>,
 }
 
 impl VmEnded {

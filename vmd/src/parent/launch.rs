@@ -247,6 +247,12 @@ struct PendingLog {
     helper: Helper,
 }
 
+/// A console log (and its `.0`) a helper is removing.
+struct PendingRemoval {
+    path: PathBuf,
+    helper: Helper,
+}
+
 /// A VM whose process was reaped while its guest process was still
 /// exiting: reported once that has gone (its disks unlocked) or at
 /// `until`.
@@ -267,6 +273,7 @@ pub struct Launcher {
     /// The VMs' taps, the switches' bridges, netlink.
     net: Net,
     logs: Vec<PendingLog>,
+    removals: Vec<PendingRemoval>,
     ending: Vec<Ending>,
     /// (uid, pid) of guest processes of ended VMs that had not exited yet: their
     /// uids are not given to another VM until they have.
@@ -299,6 +306,7 @@ impl Launcher {
             net_wait: Vec::new(),
             net,
             logs: Vec::new(),
+            removals: Vec::new(),
             ending: Vec::new(),
             lingering: Vec::new(),
             uid_locks: UidLocks::new(Path::new(UID_LOCK_DIR)),
@@ -498,6 +506,7 @@ impl Launcher {
                     guest_reason: None,
                     start_failure: Some(e.to_string()),
                     launch_error: Some(e.to_ctl()),
+                    console_log: Some(pending.console_log.clone()),
                 }));
             }
         }
@@ -675,6 +684,7 @@ impl Launcher {
             guest_reason: None,
             start_failure: Some(why),
             launch_error: None,
+            console_log: Some(pending.console_log.clone()),
         }));
         true
     }
@@ -755,14 +765,12 @@ impl Launcher {
         })
     }
 
-    /// The daemon stops: SIGTERM every VM process (its guest dies with it);
-    /// starts still opening their files are given up.
+    /// The daemon stops (the registry has asked every VM to power down):
+    /// starts still opening their files are given up, and the network
+    /// is removed once the last VM has ended.
     fn stop_all(&mut self) {
         self.cancel_all();
         self.net.stop();
-        for vm in &self.vms {
-            let _ = kill(vm.pid, Signal::SIGTERM);
-        }
     }
 
     /// The daemon stops and a VM did not: SIGKILL.
@@ -782,6 +790,10 @@ impl Launcher {
             job.helper.cancel(&self.registry);
         }
         self.logs.clear();
+        for job in &mut self.removals {
+            job.helper.cancel(&self.registry);
+        }
+        self.removals.clear();
     }
 
     /// When [`Launcher::tick`] has something to do next.
@@ -790,7 +802,8 @@ impl Launcher {
             .pending
             .iter()
             .map(|p| p.helper.deadline())
-            .chain(self.logs.iter().map(|l| l.helper.deadline()));
+            .chain(self.logs.iter().map(|l| l.helper.deadline()))
+            .chain(self.removals.iter().map(|r| r.helper.deadline()));
         // A VM whose guest process is still exiting is looked at again soon.
         let poll = Instant::now() + GONE_POLL;
         let ending = self.ending.iter().map(|e| e.until.min(poll));
@@ -817,6 +830,15 @@ impl Launcher {
             let mut job = self.logs.remove(index);
             let e = job.helper.expire(&self.registry);
             log_warn!("vm {}: rotating its console log: {e}", job.id);
+        }
+        while let Some(index) = self
+            .removals
+            .iter()
+            .position(|r| r.helper.deadline() <= now)
+        {
+            let mut job = self.removals.remove(index);
+            let e = job.helper.expire(&self.registry);
+            log_warn!("removing {}: {e}", job.path.display());
         }
         self.net.nft_tick();
         self.net_wait_check();
@@ -874,6 +896,13 @@ impl Launcher {
             if let Some(outcome) = self.logs[index].helper.read(&self.registry) {
                 let job = self.logs.remove(index);
                 self.log_answered(job.id, outcome);
+            }
+            return;
+        }
+        if let Some(index) = self.removals.iter().position(|r| r.helper.token() == token) {
+            if let Some(outcome) = self.removals[index].helper.read(&self.registry) {
+                let job = self.removals.remove(index);
+                removal_answered(&job.path, outcome);
             }
             return;
         }
@@ -975,6 +1004,22 @@ impl Launcher {
         }
     }
 
+    /// Has a helper remove an ended VM's console log and its `.0`
+    /// ([`remove_console_log_work`]).
+    fn remove_console_log(&mut self, path: &Path) {
+        let token = self.helper_token();
+        let work_path = path.to_path_buf();
+        match Helper::spawn(&self.registry, token, FILES_TIMEOUT, move || {
+            remove_console_log_work(&work_path)
+        }) {
+            Ok(helper) => self.removals.push(PendingRemoval {
+                path: path.to_path_buf(),
+                helper,
+            }),
+            Err(e) => log_warn!("cannot remove {}: {e}", path.display()),
+        }
+    }
+
     /// A console log helper answered: the VM process gets the new file.
     fn log_answered(&mut self, id: u32, outcome: Result<Answered, HelperError>) {
         let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) else {
@@ -1024,6 +1069,12 @@ impl Launcher {
             let outcome = self.logs[index].helper.reaped(&self.registry);
             let job = self.logs.remove(index);
             self.log_answered(job.id, outcome);
+            return;
+        }
+        if let Some(index) = self.removals.iter().position(|r| r.helper.pid() == pid) {
+            let outcome = self.removals[index].helper.reaped(&self.registry);
+            let job = self.removals.remove(index);
+            removal_answered(&job.path, outcome);
             return;
         }
         // A guest's process reparented to us once its VM process died:
@@ -1086,6 +1137,7 @@ impl Launcher {
             guest_reason: vm.guest_reason,
             start_failure,
             launch_error: None,
+            console_log: Some(vm.console_log.clone()),
         };
         if ended.is_reboot() {
             self.parked.push(ParkedPty {
@@ -1144,6 +1196,10 @@ impl Backend for Launcher {
         tty_owner: u32,
     ) -> Result<(), CtlError> {
         Launcher::start(self, id, vm, globals, requester, tty_owner).map_err(|e| e.to_ctl())
+    }
+
+    fn remove_console_log(&mut self, path: &Path) {
+        Launcher::remove_console_log(self, path)
     }
 
     fn force_stop(&mut self, id: u32) -> bool {
@@ -1339,6 +1395,70 @@ fn rotate_console_log_work(path: &Path, cap: u64) -> helper::Work {
             Ok(HelperAnswer::ConsoleLog { size }),
         ),
         Err(why) => (Vec::new(), Err(CtlError::Text(why.to_string()))),
+    }
+}
+
+/// A console log removal's helper answered: what it left, and why.
+fn removal_answered(path: &Path, outcome: Result<Answered, HelperError>) {
+    match outcome {
+        Ok((_, HelperAnswer::Removed { kept })) => {
+            for line in kept {
+                log_info!("{line}");
+            }
+            log_debug!("removed {} of an ended vm", path.display());
+        }
+        Ok(_) => log_warn!(
+            "removing {}: the helper's answer is garbled",
+            path.display()
+        ),
+        Err(e) => log_warn!("removing {}: {e}", path.display()),
+    }
+}
+
+/// A console log removal's helper (runs in it): removes `path` and
+/// `path.0` unless a running VM holds one (its shared lock, taken by
+/// [`open_console_log`]): each is locked exclusively before it is
+/// unlinked, so a start that opened it meanwhile waits for the lock,
+/// finds it unlinked and creates a new one.
+fn remove_console_log_work(path: &Path) -> helper::Work {
+    let mut old = path.to_path_buf().into_os_string();
+    old.push(".0");
+    let mut kept = Vec::new();
+    for path in [path, Path::new(&old)] {
+        if let Err(why) = remove_unlocked(path) {
+            kept.push(format!("{} kept: {why}", path.display()));
+        }
+    }
+    (Vec::new(), Ok(HelperAnswer::Removed { kept }))
+}
+
+/// Unlinks `path` if no one holds a lock on it (a missing file is done).
+fn remove_unlocked(path: &Path) -> Result<(), String> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(common::qcow2::io_message(&e)),
+    };
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(match Errno::last() {
+            Errno::EWOULDBLOCK => "a running vm writes it".to_string(),
+            e => format!("cannot lock it: {}", e.desc()),
+        });
+    }
+    // The name still is the file locked (not a new one created since).
+    let opened = file.metadata().map_err(|e| common::qcow2::io_message(&e))?;
+    match std::fs::symlink_metadata(path) {
+        Ok(named) if named.ino() == opened.ino() && named.dev() == opened.dev() => {
+            std::fs::remove_file(path).map_err(|e| common::qcow2::io_message(&e))
+        }
+        Ok(_) => Err("replaced meanwhile".to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(common::qcow2::io_message(&e)),
     }
 }
 
@@ -1645,14 +1765,29 @@ fn open_console_log(path: &Path) -> Result<(OwnedFd, u64), ConsoleLogError> {
                 source,
             })?;
     }
-    let file = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY)
-        .open(path)
-        .map_err(ConsoleLogError::Open)?;
-    let meta = file.metadata().map_err(ConsoleLogError::Open)?;
+    // A shared lock, held while a VM writes it: a removal
+    // (remove_console_log_work) leaves it be. A file a removal unlinked
+    // while we waited for the lock is opened again, created anew.
+    let mut tries = 0;
+    let (file, meta) = loop {
+        tries += 1;
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY)
+            .open(path)
+            .map_err(ConsoleLogError::Open)?;
+        // SAFETY: flock on a descriptor we own (it waits only while a
+        // removal holds the file, in a helper).
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH) } != 0 {
+            return Err(ConsoleLogError::Open(std::io::Error::last_os_error()));
+        }
+        let meta = file.metadata().map_err(ConsoleLogError::Open)?;
+        if meta.nlink() > 0 || tries == 10 {
+            break (file, meta);
+        }
+    };
     if !meta.is_file() {
         return Err(ConsoleLogError::NotRegular);
     }
@@ -1839,6 +1974,42 @@ mod tests {
         let link = dir.join("link.console");
         std::os::unix::fs::symlink(&path, &link).expect("symlink");
         assert!(open_console_log(&link).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn console_log_removal_leaves_a_log_in_use() {
+        let dir = std::env::temp_dir().join(format!("vmd-logrm-test-{}", std::process::id()));
+        let path = dir.join("i.console");
+        let old = dir.join("i.console.0");
+        let kept = |work: helper::Work| match work.1 {
+            Ok(HelperAnswer::Removed { kept }) => kept,
+            other => panic!("unexpected answer {other:?}"),
+        };
+        // A running VM holds its log (the shared lock of open_console_log).
+        let (held, _) = open_console_log(&path).expect("open");
+        std::fs::write(&old, b"rotated").expect("write .0");
+        let lines = kept(remove_console_log_work(&path));
+        assert_eq!(
+            lines,
+            vec![format!("{} kept: a running vm writes it", path.display())]
+        );
+        assert!(path.exists() && !old.exists());
+        // Once it has ended, the log goes; nothing left is no error.
+        drop(held);
+        assert!(kept(remove_console_log_work(&path)).is_empty());
+        assert!(!path.exists());
+        assert!(kept(remove_console_log_work(&path)).is_empty());
+        // A start that opened the file before a removal unlinked it (it
+        // waits for the removal's lock) finds it unlinked and creates it
+        // anew: its log is never one that no longer has a name.
+        let file = std::fs::File::create(&path).expect("create");
+        // SAFETY: flock on a descriptor we own.
+        assert_eq!(unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) }, 0);
+        std::fs::remove_file(&path).expect("unlink");
+        drop(file);
+        let (fd, _) = open_console_log(&path).expect("open again");
+        assert!(File::from(fd).metadata().expect("stat").nlink() == 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

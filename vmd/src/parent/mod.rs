@@ -5,18 +5,22 @@
 //! whatever could wait (helper.rs) and the rules that open VMs' files
 //! with the right user's rights (userfiles.rs), guest networking: taps,
 //! switches' bridges over netlink, the state file (net/), and the packet
-//! sockets of the DHCP server on local interfaces (dhcp.rs).
+//! sockets of the DHCP server on local interfaces (dhcp.rs), and what
+//! the service manager is told (notify.rs).
 //!
-//! The loop starts control and switch, writes their log lines, restarts
-//! them when they die, and stops them on SIGTERM or SIGINT. It holds the
-//! VM registry and answers the commands control forwards; SIGHUP reloads
-//! the configuration.
+//! The loop starts control and switch, writes their log lines and
+//! restarts them when they die. It holds the VM registry and answers the
+//! commands control forwards; SIGHUP reloads the configuration. SIGTERM
+//! or SIGINT shut the daemon down ([`Shutdown`]): every VM's power
+//! button, each forced at its shutdown timeout, the network removed,
+//! then control and switch stopped.
 //!
 //! One mio loop, and nothing in it waits: a signalfd (SIGCHLD, SIGTERM,
 //! SIGINT, SIGHUP), one channel per child, the backend's descriptors
 //! (VM processes' channels, helpers' sockets), and a timeout for the
 //! next timer (a staggered start batch, a graceful stop to force, a held
-//! reply's deadline, a child's restart, the backend's own). A slow step
+//! reply's deadline, a child's restart, the shutdown's, the backend's
+//! own). A slow step
 //! is a pending state that an event or a timer ends, never a wait.
 //! Start, pause and unpause are held replies: a start is answered when
 //! its files were opened and the VM process reports that the guest runs
@@ -29,6 +33,7 @@ pub mod dhcp;
 pub mod helper;
 pub mod launch;
 pub mod net;
+pub mod notify;
 pub mod registry;
 pub mod uidlock;
 pub mod userfiles;
@@ -65,6 +70,9 @@ const RESTART_WINDOW: Duration = Duration::from_secs(60);
 const RESTART_BACKOFF: Duration = Duration::from_secs(10);
 /// How long children get to exit after SIGTERM before SIGKILL.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// How long VMs killed at shutdown get to end (their processes reaped,
+/// their taps and the bridges removed) before vmd exits without them.
+const SHUTDOWN_KILL_WAIT: Duration = Duration::from_secs(10);
 /// How long the longest command waits for the VM process to confirm
 /// (each has its own, [`VmCommand::reply_timeout`]).
 const COMMAND_REPLY_TIMEOUT: Duration = common::imsg::LONGEST_COMMAND_REPLY;
@@ -115,6 +123,15 @@ pub struct ParentOptions {
     pub defines: Vec<(String, String)>,
     /// The configuration as read at startup.
     pub config: Config,
+}
+
+/// Whether a request is refused while vmd shuts down: whatever would
+/// start a guest or change the configuration.
+fn shutdown_refuses(request: &CtlRequest) -> bool {
+    matches!(
+        request,
+        CtlRequest::Start(_) | CtlRequest::Load { .. } | CtlRequest::Reload
+    )
 }
 
 /// The longest text a probe writes to its client's descriptor.
@@ -249,8 +266,12 @@ struct Parent {
     respawns: Vec<(Role, Instant)>,
     /// Our control process bound the socket (so it is ours to remove).
     socket_bound: bool,
-    /// Set once shutting down: the exit code and when to stop waiting.
-    shutdown: Option<(ExitCode, Instant)>,
+    /// Set once shutting down: a state of the loop with its deadlines.
+    shutdown: Option<Shutdown>,
+    /// The service manager's socket (`$NOTIFY_SOCKET`), if any.
+    notify: Option<notify::Notify>,
+    /// READY=1 was sent (once control and switch first were ready).
+    ready_notified: bool,
     registry: Registry,
     replies: Vec<PendingReply>,
     /// `status` requests held while a VM ends: (control's token, peer).
@@ -259,6 +280,29 @@ struct Parent {
     loads: Vec<PendingLoad>,
     /// Local interfaces switch serves DHCP on, with their sockets.
     dhcp: LocalDhcp,
+}
+
+/// The daemon's shutdown (SIGTERM, SIGINT, or a child that could not
+/// start): every VM got its power button and is forced at its own
+/// `shutdown timeout` (the registry's stop deadlines, as for `vmctl
+/// stop`); once none is left and the network is removed, control and
+/// switch are stopped, then the socket is removed and vmd exits.
+struct Shutdown {
+    code: ExitCode,
+    /// A second SIGTERM or SIGINT forced every VM.
+    forced: bool,
+    /// Every VM was forced but some have not ended: when vmd stops
+    /// waiting for them.
+    vms_until: Option<Instant>,
+    /// Control and switch were sent SIGTERM: when they get SIGKILL.
+    children_until: Option<Instant>,
+}
+
+impl Shutdown {
+    /// When the loop must look at the shutdown again.
+    fn deadline(&self) -> Option<Instant> {
+        self.children_until.or(self.vms_until)
+    }
 }
 
 /// A configuration file a helper reads for `load`, `reload` or SIGHUP.
@@ -272,7 +316,9 @@ struct PendingLoad {
 
 pub fn parent_main(opts: ParentOptions) -> ExitCode {
     proc::set_title("vmd: parent");
-    let mut parent = match parent_init(opts) {
+    // Before any child or thread: the variable is removed.
+    let notify = notify::Notify::from_env();
+    let mut parent = match parent_init(opts, notify) {
         Ok(parent) => parent,
         Err(e) => {
             log_warn!("{e}");
@@ -295,7 +341,7 @@ pub fn parent_main(opts: ParentOptions) -> ExitCode {
     parent.run()
 }
 
-fn parent_init(opts: ParentOptions) -> Result<Parent, ParentError> {
+fn parent_init(opts: ParentOptions, notify: Option<notify::Notify>) -> Result<Parent, ParentError> {
     let mut mask = SigSet::empty();
     for sig in [
         Signal::SIGCHLD,
@@ -340,6 +386,8 @@ fn parent_init(opts: ParentOptions) -> Result<Parent, ParentError> {
         respawns: Vec::new(),
         socket_bound: false,
         shutdown: None,
+        notify,
+        ready_notified: false,
         registry: Registry::with_backend(Box::new(launcher)),
         replies: Vec::new(),
         held_status: Vec::new(),
@@ -384,44 +432,27 @@ impl Parent {
     fn run(&mut self) -> ExitCode {
         let mut events = Events::with_capacity(64);
         loop {
-            if let Some((code, deadline)) = &self.shutdown {
-                if self.children.is_empty()
-                    && self.registry.backend_ref().is_none_or(|b| b.is_empty())
-                {
-                    self.cleanup();
-                    log_info!("terminating");
-                    return *code;
-                }
-                if Instant::now() >= *deadline {
-                    for child in &self.children {
-                        log_warn!(
-                            "{} (pid {}) did not exit; killing it",
-                            child.role.name(),
-                            child.pid
-                        );
-                        let _ = kill(child.pid, Signal::SIGKILL);
-                    }
-                    if let Some(backend) = self.registry.backend() {
-                        backend.kill_all();
-                    }
-                    self.shutdown = Some((*code, Instant::now() + SHUTDOWN_GRACE));
-                }
+            if let Some(code) = self.shutdown_step() {
+                return code;
             }
-            let backend_due = self.registry.backend_ref().and_then(|b| b.next_deadline());
-            let deadline = match &self.shutdown {
-                Some((_, d)) => Some(*d).into_iter().chain(backend_due).min(),
-                None => [
-                    backend_due,
-                    self.loads.iter().map(|l| l.helper.deadline()).min(),
-                    self.registry.next_batch(),
-                    self.registry.next_stop_deadline(),
-                    self.replies.iter().map(|r| r.deadline).min(),
-                    self.respawns.iter().map(|(_, at)| *at).min(),
-                ]
-                .into_iter()
-                .flatten()
-                .min(),
-            };
+            let deadline = [
+                self.registry.backend_ref().and_then(|b| b.next_deadline()),
+                self.loads.iter().map(|l| l.helper.deadline()).min(),
+                self.registry
+                    .next_batch()
+                    .filter(|_| self.shutdown.is_none()),
+                self.registry.next_stop_deadline(),
+                self.replies.iter().map(|r| r.deadline).min(),
+                self.respawns
+                    .iter()
+                    .map(|(_, at)| *at)
+                    .min()
+                    .filter(|_| self.shutdown.is_none()),
+                self.shutdown.as_ref().and_then(Shutdown::deadline),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == ErrorKind::Interrupted {
@@ -584,6 +615,13 @@ impl Parent {
                     log_info!("received {}, shutting down", sig.as_str());
                     self.begin_shutdown(ExitCode::SUCCESS);
                 }
+                Ok(sig @ (Signal::SIGTERM | Signal::SIGINT)) => {
+                    log_info!("received {} again: forcing the VMs", sig.as_str());
+                    self.shutdown_force();
+                }
+                Ok(Signal::SIGHUP) if self.shutdown.is_some() => {
+                    log_info!("SIGHUP: shutting down, not reloading");
+                }
                 Ok(Signal::SIGHUP) => {
                     log_info!("SIGHUP: reloading {}", self.opts.config_path.display());
                     if let Err(lines) = self.load_start(None, None) {
@@ -671,6 +709,7 @@ impl Parent {
                             self.send(token, frame);
                         }
                     }
+                    self.notify_ready();
                 }
             }
             Message::CtlForward { creds, request } if role == Role::Control => {
@@ -735,6 +774,11 @@ impl Parent {
         }
         if let Some(why) = common::ctl::fd_refusal(&request, fd.is_some()) {
             self.send(token, fail(libc::EINVAL, vec![why]));
+            return;
+        }
+        if self.shutdown.is_some() && shutdown_refuses(&request) {
+            let why = format!("vmd is shutting down: {} refused", request.name());
+            self.send(token, fail(libc::ESHUTDOWN, vec![why]));
             return;
         }
         let answer = match request {
@@ -988,6 +1032,9 @@ impl Parent {
         reply: Option<(Token, u32)>,
     ) -> Result<(), Vec<String>> {
         let reload = file.is_none();
+        if reload {
+            self.notify_send(&notify::reloading_text());
+        }
         let (path, required) = match file {
             Some(path) => (path, true),
             None => (self.opts.config_path.clone(), self.opts.config_required),
@@ -999,7 +1046,7 @@ impl Parent {
         let helper = Helper::spawn(self.poll.registry(), token, OPEN_TIMEOUT, move || {
             let answer = match config::load(&work_path, &defines, required) {
                 Ok(loaded) => HelperAnswer::Config {
-                    config: loaded.config,
+                    config: Box::new(loaded.config),
                     warnings: loaded.warnings,
                 },
                 Err(lines) => HelperAnswer::ConfigRefused { lines },
@@ -1020,6 +1067,10 @@ impl Parent {
     /// changes nothing, the error lines come back, cut to what fits in
     /// one answer; else it is applied and its warnings come back.
     fn load_answered(&mut self, load: PendingLoad, outcome: Result<Answered, HelperError>) {
+        if load.reload {
+            // Reloaded or not, vmd runs on (RELOADING=1 was sent).
+            self.notify_send("READY=1");
+        }
         let path = load.path.display().to_string();
         let result = match outcome {
             Ok((_, HelperAnswer::Config { config, warnings })) => {
@@ -1345,17 +1396,135 @@ impl Parent {
         }
     }
 
+    /// Shuts the daemon down (a state of the loop, [`Shutdown`]): every
+    /// running VM gets its power button at once and is forced at its
+    /// `shutdown timeout` as a `vmctl stop` would be; VMs waiting for a
+    /// staggered start stay stopped, starts still opening their files are
+    /// given up, and the network is removed once the last VM has ended
+    /// ([`Parent::shutdown_step`] takes it from there).
     fn begin_shutdown(&mut self, code: ExitCode) {
         if self.shutdown.is_some() {
             return;
         }
-        for child in &self.children {
-            let _ = kill(child.pid, Signal::SIGTERM);
-        }
+        self.shutdown = Some(Shutdown {
+            code,
+            forced: false,
+            vms_until: None,
+            children_until: None,
+        });
+        self.shutdown_stop_vms(false);
         if let Some(backend) = self.registry.backend() {
             backend.stop_all();
         }
-        self.shutdown = Some((code, Instant::now() + SHUTDOWN_GRACE));
+        // systemd's stop timeout cannot know the longest shutdown timeout:
+        // vmd tells it how long it may take from now.
+        let left = self
+            .registry
+            .last_stop_deadline()
+            .map_or(Duration::ZERO, |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+        let margin = SHUTDOWN_KILL_WAIT + SHUTDOWN_GRACE * 2;
+        self.notify_send(&notify::stopping_text(left + margin));
+    }
+
+    /// Asks every running VM to power down (`force`: kills it); one
+    /// already stopping keeps its deadline unless forced.
+    fn shutdown_stop_vms(&mut self, force: bool) {
+        let root = Credentials::default();
+        for info in self.registry.status() {
+            if !info.state.is_active() {
+                continue;
+            }
+            match self
+                .registry
+                .stop(&VmTarget::Id(info.id), force, true, &root)
+            {
+                Ok(_) | Err(CtlError::StopInvalid) => {}
+                Err(e) => log_warn!("{}: cannot stop it: {}", info.name, e.describe()),
+            }
+        }
+    }
+
+    /// A second SIGTERM or SIGINT: every VM is forced at once.
+    fn shutdown_force(&mut self) {
+        match self.shutdown.as_mut() {
+            Some(shutdown) if !shutdown.forced => shutdown.forced = true,
+            _ => return,
+        }
+        self.shutdown_stop_vms(true);
+        if let Some(backend) = self.registry.backend() {
+            backend.kill_all();
+        }
+    }
+
+    /// Moves the shutdown on (called at each turn of the loop): once no
+    /// VM is left and the network is removed, control and switch get
+    /// SIGTERM, then SIGKILL after SHUTDOWN_GRACE; once they are gone the
+    /// socket is removed and the exit code returned. VMs forced that do
+    /// not end within SHUTDOWN_KILL_WAIT are given up on.
+    fn shutdown_step(&mut self) -> Option<ExitCode> {
+        let now = Instant::now();
+        let vms_left = self.registry.backend_ref().is_some_and(|b| !b.is_empty());
+        let stops_pending = self.registry.next_stop_deadline().is_some();
+        let shutdown = self.shutdown.as_mut()?;
+        if shutdown.children_until.is_none() {
+            let mut vms_done = !vms_left;
+            if vms_left && !stops_pending {
+                let until = *shutdown.vms_until.get_or_insert(now + SHUTDOWN_KILL_WAIT);
+                if now >= until {
+                    log_warn!(
+                        "VMs still ending {}s after they were killed; exiting without them",
+                        SHUTDOWN_KILL_WAIT.as_secs()
+                    );
+                    vms_done = true;
+                }
+            }
+            if !vms_done {
+                return None;
+            }
+            shutdown.children_until = Some(now + SHUTDOWN_GRACE);
+            for child in &self.children {
+                let _ = kill(child.pid, Signal::SIGTERM);
+            }
+        }
+        let code = shutdown.code;
+        if self.children.is_empty() {
+            self.cleanup();
+            log_info!("terminating");
+            return Some(code);
+        }
+        if shutdown.children_until.is_some_and(|until| now >= until) {
+            shutdown.children_until = Some(now + SHUTDOWN_GRACE);
+            for child in &self.children {
+                log_warn!(
+                    "{} (pid {}) did not exit; killing it",
+                    child.role.name(),
+                    child.pid
+                );
+                let _ = kill(child.pid, Signal::SIGKILL);
+            }
+        }
+        None
+    }
+
+    /// READY=1 to the service manager, once: control and switch are
+    /// ready (the configuration was loaded before they started).
+    fn notify_ready(&mut self) {
+        let all_ready = [Role::Control, Role::Switch]
+            .iter()
+            .all(|role| self.children.iter().any(|c| c.role == *role && c.ready));
+        if self.ready_notified || !all_ready || self.shutdown.is_some() {
+            return;
+        }
+        self.ready_notified = true;
+        self.notify_send("READY=1");
+    }
+
+    fn notify_send(&self, text: &str) {
+        if let Some(notify) = &self.notify {
+            notify.send(text);
+        }
     }
 
     fn kill_all(&mut self) {

@@ -33,6 +33,7 @@ use common::config::{Config, Globals, Owner, SwitchConfig, VmConfig, DEFAULT_STA
 use common::ctl::{Credentials, CtlError, ResetWhat, StartRequest, VmTarget};
 use common::imsg::VmCommand;
 use common::name::check_vm_name;
+use common::size;
 use common::status::{VmInfo, VmState};
 use nix::errno::Errno;
 use std::os::fd::OwnedFd;
@@ -164,6 +165,32 @@ pub struct Registry {
     next_batch: Option<Instant>,
     /// What runs the VMs (None: nothing pretends to run).
     backend: Option<Box<dyn Backend>>,
+    /// The host's MemTotal for the unit tests; `None` reads
+    /// /proc/meminfo at each start.
+    host_memory: Option<u64>,
+}
+
+/// The least memory kept for the host itself: VMs get MemTotal less an
+/// eighth of it, and less at least this.
+const HOST_RESERVE_MIN: u64 = 512 << 20;
+
+/// The host's MemTotal in bytes, from /proc/meminfo (procfs answers at
+/// once: reading it never waits).
+fn host_mem_total() -> Result<u64, String> {
+    let text = std::fs::read_to_string("/proc/meminfo")
+        .map_err(|e| format!("cannot read /proc/meminfo: {e}"))?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|kb| kb.trim().parse::<u64>().ok())
+        .map(|kb| kb.saturating_mul(1024))
+        .ok_or_else(|| "no MemTotal in /proc/meminfo".to_string())
+}
+
+/// What the host allows all VMs together: MemTotal less a reserve of an
+/// eighth of it, at least HOST_RESERVE_MIN.
+fn host_allows(total: u64) -> u64 {
+    total.saturating_sub((total / 8).max(HOST_RESERVE_MIN))
 }
 
 /// Two random bytes (a generated MAC's last two), from getrandom(2),
@@ -536,6 +563,83 @@ impl Registry {
         Ok(vm.inherit_from(parent))
     }
 
+    /// Refuses a start of VM `index` with `settings` by `uid` beyond what
+    /// the host allows VMs (all of this daemon's running VMs' memory) or
+    /// the limits of `uid` (vm.conf(5) LIMITS). The VM itself is not
+    /// counted as running (a reboot starts it again).
+    fn check_resources(&self, index: usize, settings: &VmConfig, uid: u32) -> Result<(), CtlError> {
+        let me = &self.vms[index];
+        let name = me.name();
+        let others: Vec<&VmConfig> = self
+            .vms
+            .iter()
+            .filter(|vm| vm.vmid != me.vmid)
+            .filter_map(|vm| vm.running.as_ref())
+            .collect();
+        let memory = settings.memory_bytes();
+        let running: u64 = others.iter().map(|vm| vm.memory_bytes()).sum();
+        let total = match self.host_memory {
+            Some(total) => total,
+            None => host_mem_total().map_err(|why| explained(Errno::EIO, why))?,
+        };
+        let allowed = host_allows(total);
+        if memory.saturating_add(running) > allowed {
+            let why = format!(
+                "vm {name}: {} of memory and {} running exceed what this host allows VMs ({} of {}; see vm.conf(5) LIMITS)",
+                size::format(memory),
+                size::format(running),
+                size::format(allowed),
+                size::format(total)
+            );
+            log_warn!("{why}");
+            return Err(explained(Errno::ENOMEM, why));
+        }
+        let limits = self.globals.limits_for(uid);
+        // What `uid` runs: the VMs it started, while they run.
+        let theirs: Vec<&VmConfig> = self
+            .vms
+            .iter()
+            .filter(|vm| vm.vmid != me.vmid && vm.started_by == Some(uid))
+            .filter_map(|vm| vm.running.as_ref())
+            .collect();
+        let user = &limits.user;
+        let used_memory: u64 = theirs.iter().map(|vm| vm.memory_bytes()).sum();
+        let used_vcpus: u32 = theirs.iter().map(|vm| vm.vcpu_count()).sum();
+        let refusal = if let Some(l) = limits.vms.filter(|l| theirs.len() >= l.value as usize) {
+            Some(format!(
+                "vm {name}: user {user} may run at most {} VMs ({})",
+                l.value, l.from
+            ))
+        } else if let Some(l) = limits
+            .memory
+            .filter(|l| used_memory.saturating_add(memory) > l.value)
+        {
+            Some(format!(
+                "vm {name}: user {user} may use at most {} of memory, {} running ({})",
+                size::format(l.value),
+                size::format(used_memory),
+                l.from
+            ))
+        } else if let Some(l) = limits
+            .vcpus
+            .filter(|l| used_vcpus.saturating_add(settings.vcpu_count()) > l.value)
+        {
+            Some(format!(
+                "vm {name}: user {user} may use at most {} vCPUs, {used_vcpus} running ({})",
+                l.value, l.from
+            ))
+        } else {
+            None
+        };
+        match refusal {
+            Some(why) => {
+                log_warn!("{why}");
+                Err(explained(Errno::EPERM, why))
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Applies the start rate limit, then launches: the VM runs from now
     /// on (its pid and tty come with [`Registry::launched`]; a launch
     /// that fails later ends it, [`Registry::ended`]).
@@ -548,6 +652,7 @@ impl Registry {
         uid: u32,
         requester: &Requester,
     ) -> Result<u32, CtlError> {
+        self.check_resources(index, &settings, uid)?;
         let now = Instant::now();
         let vm = &mut self.vms[index];
         if let Some(last) = vm.last_start {
@@ -649,13 +754,18 @@ impl Registry {
                 self.next_batch = Some(Instant::now() + Duration::from_secs(delay.into()));
                 return;
             }
-            started += 1;
             let settings = self.vms[index].config.clone();
             let owner = settings.owner.uid;
-            // start_vm logs a failure; the VM stays listed as stopped. The
-            // configuration is root's: its files are opened as root where
-            // root alone controls them, else with the VM owner's rights.
-            let _ = self.start_vm(index, settings, owner, &Requester::root());
+            // start_vm logs a failure; the VM stays listed as stopped and
+            // takes no place in the batch. The configuration is root's:
+            // its files are opened as root where root alone controls
+            // them, else with the VM owner's rights.
+            if self
+                .start_vm(index, settings, owner, &Requester::root())
+                .is_ok()
+            {
+                started += 1;
+            }
         }
     }
 
@@ -727,6 +837,11 @@ impl Registry {
     /// The earliest time a graceful stop must be forced, if any.
     pub fn next_stop_deadline(&self) -> Option<Instant> {
         self.vms.iter().filter_map(|vm| vm.stop_deadline).min()
+    }
+
+    /// The latest time a graceful stop must be forced, if any.
+    pub fn last_stop_deadline(&self) -> Option<Instant> {
+        self.vms.iter().filter_map(|vm| vm.stop_deadline).max()
     }
 
     /// Forces every VM whose graceful stop has run out of time.
@@ -905,14 +1020,16 @@ impl Registry {
             backend.discard_parked(ended.id);
         }
         if outcome != Ended::Restarted {
-            self.terminated(ended.id);
+            self.terminated(ended.id, ended.console_log.as_deref());
         }
         outcome
     }
 
     /// VM `vmid` has ended: a configured VM is listed as stopped, a
-    /// vmctl-started one is removed.
-    fn terminated(&mut self, vmid: u32) {
+    /// vmctl-started one is removed, and with it its console log unless
+    /// `console log DIR keep` (a configured VM's is kept: one per name in
+    /// vm.conf).
+    fn terminated(&mut self, vmid: u32, console_log: Option<&std::path::Path>) {
         let Some(index) = self.vms.iter().position(|vm| vm.vmid == vmid) else {
             return;
         };
@@ -920,6 +1037,10 @@ impl Registry {
         log_info!("{}: vm {vmid} terminated", vm.name());
         if !vm.from_config {
             self.vms.remove(index);
+            let keep = self.globals.console_log_keep;
+            if let (Some(path), Some(backend), false) = (console_log, self.backend.as_mut(), keep) {
+                backend.remove_console_log(path);
+            }
             return;
         }
         vm.state = VmState::Stopped;
@@ -1168,6 +1289,7 @@ mod tests {
     fn registry(text: &str) -> Registry {
         let loaded = parse_str("test.conf", text, &[]).expect("config parses");
         let mut r = Registry::new();
+        r.host_memory = Some(64 << 30);
         r.apply(&loaded.config, true);
         r
     }
@@ -1183,6 +1305,8 @@ mod tests {
         commands: Vec<(u32, VmCommand)>,
         /// What the next starts are refused with.
         refuse: Option<CtlError>,
+        /// The console logs it was asked to remove.
+        removed_logs: Vec<std::path::PathBuf>,
     }
 
     /// A backend that runs nothing: it records what it is asked; the
@@ -1220,6 +1344,9 @@ mod tests {
             state.running.contains(&id)
         }
         fn discard_parked(&mut self, _id: u32) {}
+        fn remove_console_log(&mut self, path: &std::path::Path) {
+            self.0.borrow_mut().removed_logs.push(path.to_path_buf());
+        }
         fn info(&self, id: u32) -> Option<RunInfo> {
             self.0.borrow().running.contains(&id).then(|| RunInfo {
                 pid: 1000 + id,
@@ -1254,6 +1381,7 @@ mod tests {
         let state = Rc::new(RefCell::new(FakeState::default()));
         let loaded = parse_str("test.conf", text, &[]).expect("config parses");
         let mut r = Registry::with_backend(Box::new(Fake(state.clone())));
+        r.host_memory = Some(64 << 30);
         r.apply(&loaded.config, true);
         (r, state)
     }
@@ -1269,6 +1397,7 @@ mod tests {
             guest_reason: reason.map(String::from),
             start_failure: None,
             launch_error: None,
+            console_log: Some(format!("/logs/{id}.console").into()),
         }
     }
 
@@ -1776,5 +1905,176 @@ mod tests {
         r.ended(&end(&fake, 1, Some("guest-reset")));
         assert!(r.status().is_empty());
         assert_eq!(fake.borrow().starts.len(), 1);
+    }
+
+    /// A start of `name` as an instance of tpl with `memory` and `vcpus`.
+    fn instance_req(name: &str, memory: u64, vcpus: u32) -> StartRequest {
+        let mut req = start_req(name);
+        req.vm = instance(name);
+        req.vm.memory = Some(memory);
+        req.vm.vcpus = Some(vcpus);
+        req
+    }
+
+    #[test]
+    fn memory_beyond_what_the_host_allows_is_refused() {
+        let (mut r, state) = with_fake(&TEMPLATE.replace("alice-not-a-user-here", "root"));
+        // MemTotal 8G: VMs get 7G (an eighth kept), 512M kept at least.
+        r.host_memory = Some(8 << 30);
+        assert_eq!(host_allows(8 << 30), 7 << 30);
+        assert_eq!(host_allows(2 << 30), (2 << 30) - (512 << 20));
+        let root = user(0, 0, &[]);
+        let first = r
+            .start(&instance_req("big", 4 << 30, 1), &root)
+            .expect("4G fits");
+        let refused = r
+            .start(&instance_req("more", 4 << 30, 1), &root)
+            .expect_err("4G more does not");
+        assert_eq!(refused.errno_code(), Some(libc::ENOMEM));
+        assert_eq!(
+            refused.describe().lines().last(),
+            Some("vm more: 4.0G of memory and 4.0G running exceed what this host allows VMs (7.0G of 8.0G; see vm.conf(5) LIMITS)"),
+            "{}",
+            refused.describe()
+        );
+        let refused = r
+            .start(&instance_req("huge", 1 << 40, 1), &root)
+            .expect_err("1T does not");
+        assert!(
+            refused.describe().contains("1.0T of memory"),
+            "{}",
+            refused.describe()
+        );
+        // Once the first has ended, 4G fits again; a reboot of a VM does
+        // not count the VM twice.
+        let ended = end(&state, first, None);
+        r.ended(&ended);
+        let again = r
+            .start(&instance_req("more", 4 << 30, 1), &root)
+            .expect("fits now");
+        assert_eq!(
+            r.start(&instance_req("small", 2 << 30, 1), &root)
+                .map(|_| ()),
+            Ok(())
+        );
+        let ended = end(&state, again, Some("guest-reset"));
+        assert_eq!(r.ended(&ended), Ended::Restarted);
+    }
+
+    #[test]
+    fn per_user_limits_hold_and_reload_changes_them() {
+        let text = TEMPLATE.replace("alice-not-a-user-here", ":daemon");
+        let text = format!("{text}vm \"v6\" {{\n disable\n boot \"/k\"\n vcpu 6\n owner 1000\n}}\nvm \"v3\" {{\n disable\n boot \"/k\"\n vcpu 3\n owner 1000\n}}\n");
+        let (mut r, state) = with_fake(&format!("limit user \"daemon\" {{ vms 2 }}\n{text}"));
+        let root = user(0, 0, &[]);
+        let daemon = user(1, 1, &[1]);
+        let other = user(1000, 1000, &[1]);
+        let a = r
+            .start(&instance_req("a", 1 << 30, 1), &daemon)
+            .expect("first");
+        r.start(&instance_req("b", 1 << 30, 1), &daemon)
+            .expect("second");
+        let refused = r
+            .start(&instance_req("c", 1 << 30, 1), &daemon)
+            .expect_err("third");
+        assert_eq!(
+            refused.describe().lines().last(),
+            Some("vm c: user daemon may run at most 2 VMs (vm.conf: limit user \"daemon\")"),
+            "{}",
+            refused.describe()
+        );
+        assert_eq!(refused.errno_code(), Some(libc::EPERM));
+        // Refused, c is not registered; root is not limited by daemon's
+        // VMs nor by limits of its own.
+        assert!(r.status().iter().all(|i| i.name != "c"));
+        for i in 0..6 {
+            r.start(&instance_req(&format!("r{i}"), 1 << 30, 4), &root)
+                .expect("root has no limit");
+        }
+        // Another user: the defaults (8G, 8 vCPUs, 4 VMs).
+        let refused = r
+            .start(&instance_req("o1", 9 << 30, 1), &other)
+            .expect_err("9G");
+        assert_eq!(
+            refused.describe().lines().last(),
+            Some("vm o1: user uid 1000 may use at most 8.0G of memory, 0B running (the default for users; see vm.conf(5) LIMITS)"),
+            "{}",
+            refused.describe()
+        );
+        r.start(&instance_req("o1", 1 << 30, 1), &other)
+            .expect("1G");
+        r.start(&start_req("v6"), &other).expect("7 vCPUs");
+        let refused = r.start(&start_req("v3"), &other).expect_err("10 vCPUs");
+        assert!(
+            refused
+                .describe()
+                .contains("vm v3: user uid 1000 may use at most 8 vCPUs, 7 running"),
+            "{}",
+            refused.describe()
+        );
+        // When a VM of daemon's ends, it may start another.
+        let ended = end(&state, a, None);
+        r.ended(&ended);
+        r.start(&instance_req("c", 1 << 30, 1), &daemon)
+            .expect("after an end");
+        // A reload applies new limits to later starts.
+        let tighter = parse_str(
+            "test.conf",
+            &format!("limit users {{ memory 1G }}\n{text}"),
+            &[],
+        )
+        .expect("config parses");
+        r.apply(&tighter.config, true);
+        let refused = r
+            .start(&instance_req("o2", 1 << 30, 1), &other)
+            .expect_err("over the reloaded limit");
+        assert!(
+            refused
+                .describe()
+                .contains("may use at most 1.0G of memory, 1.5G running (vm.conf: limit users)"),
+            "{}",
+            refused.describe()
+        );
+        // daemon has no block of its own any more: limit users and the
+        // default of 4 VMs.
+        let refused = r
+            .start(&instance_req("d", 1 << 30, 1), &daemon)
+            .expect_err("daemon runs 2G");
+        assert!(
+            refused.describe().contains("(vm.conf: limit users)"),
+            "{}",
+            refused.describe()
+        );
+    }
+
+    #[test]
+    fn an_ended_vmctl_vm_takes_its_console_log_along() {
+        let (mut r, state) = with_fake(&TEMPLATE.replace("alice-not-a-user-here", "root"));
+        let root = user(0, 0, &[]);
+        let conf = parse_str("test.conf", "vm \"c\" {\n disable\n boot \"/k\"\n}\n", &[])
+            .expect("config parses");
+        r.apply(&conf.config, false);
+        let inst = r
+            .start(&instance_req("i", 1 << 30, 1), &root)
+            .expect("instance");
+        let configured = r.start(&start_req("c"), &root).expect("configured vm");
+        // A reboot keeps it.
+        let rebooted = end(&state, inst, Some("guest-reset"));
+        assert_eq!(r.ended(&rebooted), Ended::Restarted);
+        assert!(state.borrow().removed_logs.is_empty());
+        r.ended(&end(&state, configured, None));
+        assert!(state.borrow().removed_logs.is_empty());
+        r.ended(&end(&state, inst, None));
+        assert_eq!(
+            state.borrow().removed_logs,
+            vec![std::path::PathBuf::from(format!("/logs/{inst}.console"))]
+        );
+        // `console log DIR keep` keeps them.
+        r.globals.console_log_keep = true;
+        let kept = r
+            .start(&instance_req("k", 1 << 30, 1), &root)
+            .expect("instance");
+        r.ended(&end(&state, kept, None));
+        assert_eq!(state.borrow().removed_logs.len(), 1);
     }
 }

@@ -636,22 +636,33 @@ impl Net {
             return;
         }
         self.stop_queued = true;
-        let bridges = self.state.bridges.iter().map(|b| (b.clone(), false));
-        let vrfs = self.state.vrfs.iter().map(|v| (v.clone(), true));
-        for ((name, index), vrf) in bridges.chain(vrfs).collect::<Vec<_>>() {
-            self.jobs.push_back(Job::RemoveBridge {
-                name,
-                index,
-                ports: Vec::new(),
-                vrf,
-                stage: 0,
-            });
-        }
+        let jobs = self.stop_jobs();
+        self.jobs.extend(jobs);
         if self.state.nft {
             self.nft_drop = Some(self.nft.submit(vec![NftOp::DropTable]));
         }
         self.run();
         self.save();
+    }
+
+    /// What the daemon's shutdown removes once its last VM has ended (its
+    /// taps are gone with their descriptors): the bridges it made, then
+    /// the VRFs it made (a bridge of ours leaves its VRF with it). Its
+    /// nftables table, which outlives a tap, is dropped by nft (nft.rs);
+    /// [`Net::is_idle`] holds the exit until the last one is done.
+    fn stop_jobs(&self) -> Vec<Job> {
+        let bridges = self.state.bridges.iter().map(|b| (b.clone(), false));
+        let vrfs = self.state.vrfs.iter().map(|v| (v.clone(), true));
+        bridges
+            .chain(vrfs)
+            .map(|((name, index), vrf)| Job::RemoveBridge {
+                name,
+                index,
+                ports: Vec::new(),
+                vrf,
+                stage: 0,
+            })
+            .collect()
     }
 
     /// Nothing is queued or in flight (and, stopping, the bridges'
