@@ -1977,6 +1977,17 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Waits (30 s at most) until `check` says a lock whose descriptor
+    /// this test closed is free: a child another test forked meanwhile
+    /// holds an inherited copy of it until it execs or exits.
+    fn released(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !check() {
+            assert!(Instant::now() < deadline, "{what} was never released");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     #[test]
     fn console_log_removal_leaves_a_log_in_use() {
         let dir = std::env::temp_dir().join(format!("vmd-logrm-test-{}", std::process::id()));
@@ -1997,7 +2008,9 @@ mod tests {
         assert!(path.exists() && !old.exists());
         // Once it has ended, the log goes; nothing left is no error.
         drop(held);
-        assert!(kept(remove_console_log_work(&path)).is_empty());
+        released("the log's lock", || {
+            kept(remove_console_log_work(&path)).is_empty()
+        });
         assert!(!path.exists());
         assert!(kept(remove_console_log_work(&path)).is_empty());
         // A start that opened the file before a removal unlinked it (it
@@ -2072,7 +2085,7 @@ mod tests {
             Err(StartError::DiskInUse(_))
         ));
         drop(first);
-        assert!(launch_lock_disks(&open()).is_ok());
+        released("the first lock", || launch_lock_disks(&open()).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
