@@ -15,7 +15,7 @@
   presses all six power buttons before the first VM has ended;
 - SIGTERM: every guest sees its power button, vmd exits 0, and no QEMU,
   tap, bridge or socket is left (vmd runs in a network namespace of the
-  case's own, `ip netns exec`); a guest that ignores the button is forced
+  case's own, Vmd(netns=True)); a guest that ignores the button is forced
   at its `shutdown timeout`; a second SIGTERM forces at once;
 - SIGKILL of vmd with VMs running, then a new vmd on the same socket: what
   the dead one left is removed and its VMs come up again;
@@ -72,28 +72,6 @@ def wait_exit(vmd, timeout):
         return vmd.proc.wait(timeout)
     except subprocess.TimeoutExpired:
         raise Failure(f"vmd still runs {timeout}s later: {vmd.log()[-2000:]}")
-
-
-class Netns:
-    """A network namespace of the case's own and a vmd wrapper that runs
-    in it (`ip netns exec` execs vmd in place: the pid is vmd's)."""
-
-    def __init__(self):
-        self.name = f"vmdsvc{os.getpid()}x{int(time.monotonic() * 1000) % 100000}"
-        subprocess.run(["ip", "netns", "add", self.name], check=True)
-        self.dir = tempfile.mkdtemp(prefix="vmd-svc-ns-")
-        self.vmd = os.path.join(self.dir, "vmd")
-        with open(self.vmd, "w") as f:
-            f.write(f'#!/bin/sh\nexec ip netns exec {self.name} {VMD} "$@"\n')
-        os.chmod(self.vmd, 0o755)
-
-    def links(self):
-        out = subprocess.run(["ip", "-n", self.name, "-o", "link"], capture_output=True, text=True).stdout
-        return sorted(re.findall(r"^\d+: ([^:@]+)", out, re.M))
-
-    def remove(self):
-        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # --- cases
@@ -321,39 +299,35 @@ def reload_failed_start():
 
 
 def sigterm_graceful():
-    ns = Netns()
-    try:
-        conf_extra = ('switch "up" {\n interface vmdsvcbr0\n}\n'
-                      + config_vm("gs1", extra=' interface { switch "up" }\n')
-                      + config_vm("gs2", extra=' interface { switch "up" }\n'))
-        with Vmd(conf_extra, binary=ns.vmd) as vmd:
-            wait_for("gs1 and gs2 running",
-                     lambda: [r["STATE"] for r in vmd.status()] == ["running"] * 2, t.BOOT_TIMEOUT)
-            for name in ("gs1", "gs2"):
-                vmd.wait_console(name, "VMD-GUEST: ready")
-            links = ns.links()
-            if "vmdsvcbr0" not in links or len([n for n in links if n.startswith("tap")]) != 2:
-                raise Failure(f"want the bridge and two taps in the namespace: {links}")
-            qemus = qemus_of(vmd)
-            if len(qemus) != 2:
-                raise Failure(f"want two QEMUs, found {qemus}")
-            pids = children_of(vmd.proc.pid) + qemus
-            vmd.proc.send_signal(signal.SIGTERM)
-            expect_equal_rc(wait_exit(vmd, 90), vmd)
-            for name in ("gs1", "gs2"):
-                if POWER_OFF not in vmd.console_log(name):
-                    raise Failure(f"{name} did not see its power button: {vmd.console_log(name)[-500:]}")
-            left = [p for p in pids if status_of(p)]
-            if left:
-                raise Failure(f"processes left: {[(p, cmdline(p)) for p in left]}")
-            if ns.links() != ["lo"]:
-                raise Failure(f"links left in the namespace: {ns.links()}")
-            if os.path.exists(vmd.sock):
-                raise Failure(f"{vmd.sock} is left")
-            if "forcing it" in vmd.log():
-                raise Failure(f"a guest was forced: {vmd.log()[-2000:]}")
-    finally:
-        ns.remove()
+    conf_extra = ('switch "up" {\n interface vmdsvcbr0\n}\n'
+                  + config_vm("gs1", extra=' interface { switch "up" }\n')
+                  + config_vm("gs2", extra=' interface { switch "up" }\n'))
+    with Vmd(conf_extra, netns=True) as vmd:
+        wait_for("gs1 and gs2 running",
+                 lambda: [r["STATE"] for r in vmd.status()] == ["running"] * 2, t.BOOT_TIMEOUT)
+        for name in ("gs1", "gs2"):
+            vmd.wait_console(name, "VMD-GUEST: ready")
+        links = sorted(vmd.links())
+        if "vmdsvcbr0" not in links or len([n for n in links if n.startswith("tap")]) != 2:
+            raise Failure(f"want the bridge and two taps in the namespace: {links}")
+        qemus = qemus_of(vmd)
+        if len(qemus) != 2:
+            raise Failure(f"want two QEMUs, found {qemus}")
+        pids = children_of(vmd.proc.pid) + qemus
+        vmd.proc.send_signal(signal.SIGTERM)
+        expect_equal_rc(wait_exit(vmd, 90), vmd)
+        for name in ("gs1", "gs2"):
+            if POWER_OFF not in vmd.console_log(name):
+                raise Failure(f"{name} did not see its power button: {vmd.console_log(name)[-500:]}")
+        left = [p for p in pids if status_of(p)]
+        if left:
+            raise Failure(f"processes left: {[(p, cmdline(p)) for p in left]}")
+        if sorted(vmd.links()) != ["lo"]:
+            raise Failure(f"links left in the namespace: {sorted(vmd.links())}")
+        if os.path.exists(vmd.sock):
+            raise Failure(f"{vmd.sock} is left")
+        if "forcing it" in vmd.log():
+            raise Failure(f"a guest was forced: {vmd.log()[-2000:]}")
 
 
 def ignored_button_forced():
@@ -403,44 +377,40 @@ def second_sigterm_forces():
 
 
 def sigkill_recovery():
-    ns = Netns()
-    try:
-        conf_extra = ('switch "up" {\n interface vmdsvcbr0\n}\n'
-                      + config_vm("kr1", extra=' interface { switch "up" }\n'))
-        with Vmd(conf_extra, binary=ns.vmd) as vmd:
-            wait_for("kr1 running", lambda: [r["STATE"] for r in vmd.status()] == ["running"], t.BOOT_TIMEOUT)
-            vmd.wait_console("kr1", "VMD-GUEST: ready")
-            old = children_of(vmd.proc.pid) + qemus_of(vmd)
-            old_taps = [n for n in ns.links() if n.startswith("tap")]
-            vmd.proc.kill()
-            vmd.proc.wait()
-            wait_for("the dead vmd's processes to end", lambda: not any(status_of(p) for p in old))
-            if not os.path.exists(vmd.sock):
-                raise Failure("the killed vmd's socket is gone already: nothing to recover")
-            if "vmdsvcbr0" not in ns.links():
-                raise Failure(f"the killed vmd's bridge is gone already: {ns.links()}")
-            with open(vmd.log_path, "a") as log:
-                vmd.proc = subprocess.Popen(vmd.proc.args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                            start_new_session=True)
-            wait_for("the new vmd to listen", lambda: vmd.log().count("control: listening") == 2)
-            vmd.tracked.update(children_of(vmd.proc.pid))
-            wait_for("its predecessor's leftovers to be removed",
-                     lambda: re.search(r"removing what vmd \(pid \d+\) left: \d+ tap\(s\), 1 bridge\(s\)",
-                                       vmd.log()))
-            wait_for("kr1 running again", lambda: [r["STATE"] for r in vmd.status()] == ["running"],
-                     t.BOOT_TIMEOUT)
-            wait_for("kr1's second boot", lambda: vmd.console_log("kr1").count("VMD-GUEST: ready") == 2,
-                     t.BOOT_TIMEOUT)
-            vmd.track(int(vmd.status()[0]["PID"]))
-            taps = [n for n in ns.links() if n.startswith("tap")]
-            if len(taps) != 1 or "vmdsvcbr0" not in ns.links():
-                raise Failure(f"want one tap (old ones: {old_taps}) and the bridge: {ns.links()}")
-            vmd.proc.send_signal(signal.SIGTERM)
-            expect_equal_rc(wait_exit(vmd, 90), vmd)
-            if ns.links() != ["lo"]:
-                raise Failure(f"links left: {ns.links()}")
-    finally:
-        ns.remove()
+    conf_extra = ('switch "up" {\n interface vmdsvcbr0\n}\n'
+                  + config_vm("kr1", extra=' interface { switch "up" }\n'))
+    with Vmd(conf_extra, netns=True) as vmd:
+        wait_for("kr1 running", lambda: [r["STATE"] for r in vmd.status()] == ["running"], t.BOOT_TIMEOUT)
+        vmd.wait_console("kr1", "VMD-GUEST: ready")
+        old = children_of(vmd.proc.pid) + qemus_of(vmd)
+        old_taps = [n for n in sorted(vmd.links()) if n.startswith("tap")]
+        vmd.proc.kill()
+        vmd.proc.wait()
+        wait_for("the dead vmd's processes to end", lambda: not any(status_of(p) for p in old))
+        if not os.path.exists(vmd.sock):
+            raise Failure("the killed vmd's socket is gone already: nothing to recover")
+        if "vmdsvcbr0" not in sorted(vmd.links()):
+            raise Failure(f"the killed vmd's bridge is gone already: {sorted(vmd.links())}")
+        with open(vmd.log_path, "a") as log:
+            vmd.proc = subprocess.Popen(vmd.proc.args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                        start_new_session=True)
+        wait_for("the new vmd to listen", lambda: vmd.log().count("control: listening") == 2)
+        vmd.tracked.update(children_of(vmd.proc.pid))
+        wait_for("its predecessor's leftovers to be removed",
+                 lambda: re.search(r"removing what vmd \(pid \d+\) left: \d+ tap\(s\), 1 bridge\(s\)",
+                                   vmd.log()))
+        wait_for("kr1 running again", lambda: [r["STATE"] for r in vmd.status()] == ["running"],
+                 t.BOOT_TIMEOUT)
+        wait_for("kr1's second boot", lambda: vmd.console_log("kr1").count("VMD-GUEST: ready") == 2,
+                 t.BOOT_TIMEOUT)
+        vmd.track(int(vmd.status()[0]["PID"]))
+        taps = [n for n in sorted(vmd.links()) if n.startswith("tap")]
+        if len(taps) != 1 or "vmdsvcbr0" not in sorted(vmd.links()):
+            raise Failure(f"want one tap (old ones: {old_taps}) and the bridge: {sorted(vmd.links())}")
+        vmd.proc.send_signal(signal.SIGTERM)
+        expect_equal_rc(wait_exit(vmd, 90), vmd)
+        if sorted(vmd.links()) != ["lo"]:
+            raise Failure(f"links left: {sorted(vmd.links())}")
 
 
 def debian_package():
