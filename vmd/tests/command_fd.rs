@@ -5,6 +5,8 @@
 //! travels client -> control -> parent -> VM process, whose backend
 //! reports progress (each note reaching the client) and writes the probe's
 //! text into it. Descriptors that come with the wrong requests are refused.
+//! And a raw start frame from a user (what vmctl cannot send) changes only
+//! what its template's `allow instance` permits.
 //!
 //! Needs root, the user _vmd, QEMU and SeaBIOS (`sh regress/setup`), as
 //! `make test` has. Run: cargo test -p vmd --features test-triggers
@@ -34,7 +36,9 @@ struct Vmd {
 }
 
 impl Vmd {
-    fn start() -> Vmd {
+    /// A vmd in a temp dir of this test's (`name`), its vm.conf the VM
+    /// `probe` and `extra` (`@DIR@` in it: the temp dir).
+    fn start(name: &str, extra: &str) -> Vmd {
         assert!(
             nix::unistd::geteuid().is_root(),
             "this test runs vmd and needs root (make test runs it as root)"
@@ -45,7 +49,7 @@ impl Vmd {
                 "{need} is missing: run sh regress/setup"
             );
         }
-        let dir = std::env::temp_dir().join(format!("vmd-command-fd-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("vmd-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir(&dir).expect("temp dir");
         let disk = dir.join("disk.img");
@@ -56,8 +60,9 @@ impl Vmd {
         std::fs::write(
             &conf,
             format!(
-                "accel tcg\nvm \"probe\" {{\n disable\n disk \"{}\"\n memory 64M\n}}\n",
-                disk.display()
+                "accel tcg\nvm \"probe\" {{\n disable\n disk \"{}\"\n memory 64M\n}}\n{}",
+                disk.display(),
+                extra.replace("@DIR@", &dir.display().to_string())
             ),
         )
         .expect("vm.conf");
@@ -190,7 +195,7 @@ fn read_to_end(read: OwnedFd) -> String {
 
 #[test]
 fn a_descriptor_travels_to_the_vm_process_and_back() {
-    let vmd = Vmd::start();
+    let vmd = Vmd::start("command-fd", "");
     let mut client = vmd.connect();
     // A start is answered once the guest runs (its QMP said so): only
     // then does the backend take commands.
@@ -279,4 +284,100 @@ fn a_descriptor_travels_to_the_vm_process_and_back() {
     }
     // Still running: nothing above disturbed the VM.
     assert_eq!(client.vm("probe").map(|v| v.0), Some(VmState::Running));
+}
+
+/// The attack review's raw start frame: an instance asking for settings
+/// its template's `allow instance` does not permit (accel, a shutdown
+/// timeout), from a user who may create instances, is refused; vmctl has
+/// no option for them, so only a raw frame carries them.
+#[test]
+fn a_raw_instance_request_changes_only_what_the_template_allows() {
+    const NOBODY: u32 = 65534;
+    let vmd = Vmd::start(
+        "raw-instance",
+        "socket owner nobody\n\
+         vm \"tpl\" {\n disable\n memory 64M\n allow instance { owner nobody }\n}\n",
+    );
+    // nobody reaches the socket in the test's directory.
+    std::fs::set_permissions(
+        &vmd.dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    // Our root connection first: vmd listens, the socket's owner is set.
+    let mut root = vmd.connect();
+    let deadline = Instant::now() + WAIT;
+    let sock = vmd.dir.join("vmd.sock");
+    let owner = |path: &Path| {
+        std::fs::metadata(path)
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+            .ok()
+    };
+    while owner(&sock) != Some(NOBODY) {
+        assert!(
+            Instant::now() < deadline,
+            "the socket never became nobody's"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (what, change) in [
+        (
+            "accel",
+            (|vm: &mut common::config::VmConfig| vm.accel = Some(common::config::Accel::Kvm))
+                as fn(&mut common::config::VmConfig),
+        ),
+        ("shutdown timeout", |vm| vm.shutdown_timeout = Some(86400)),
+    ] {
+        let mut vm = common::config::VmConfig::new("inst");
+        vm.instance_of = Some("tpl".into());
+        change(&mut vm);
+        let request = CtlRequest::Start(Box::new(common::ctl::StartRequest {
+            target: VmTarget::Name("inst".into()),
+            vm,
+        }));
+        let sock = sock.clone();
+        // A thread of our own that becomes nobody (raw calls change only
+        // the calling thread's credentials, which SO_PEERCRED reads).
+        let answer = std::thread::spawn(move || {
+            // SAFETY: raw set*id calls with integer arguments, on this
+            // thread only; it ends after the request.
+            unsafe {
+                assert_eq!(
+                    libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<u32>()),
+                    0
+                );
+                assert_eq!(
+                    libc::syscall(libc::SYS_setresgid, NOBODY, NOBODY, NOBODY),
+                    0
+                );
+                assert_eq!(
+                    libc::syscall(libc::SYS_setresuid, NOBODY, NOBODY, NOBODY),
+                    0
+                );
+            }
+            let stream = UnixStream::connect(&sock).expect("nobody connects");
+            let mut client = Client {
+                channel: Channel::new(OwnedFd::from(stream)),
+                queued: Default::default(),
+            };
+            client.send(request, None);
+            client.receive()
+        })
+        .join()
+        .expect("nobody's request");
+        match answer {
+            Message::CtlVmResult {
+                error: Some(error), ..
+            } => {
+                assert_eq!(error.errno_code(), Some(libc::EPERM), "{error:?}");
+                assert_eq!(
+                    error.describe(),
+                    format!("the template tpl does not allow changing {what}")
+                );
+            }
+            other => panic!("an instance with {what}: {other:?}\n{}", vmd.log()),
+        }
+    }
+    // Nothing of it is left: no instance listed.
+    assert_eq!(root.vm("inst"), None);
 }
