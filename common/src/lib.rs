@@ -16,3 +16,4 @@ pub mod net;
 pub mod qcow2;
 pub mod size;
 pub mod status;
+pub mod stream;
