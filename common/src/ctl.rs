@@ -145,6 +145,12 @@ pub enum CtlRequest {
         text: String,
         steps: u8,
     },
+    /// `send ID`: the frame carries vmctl's end of a socketpair, into
+    /// which the VM process writes the stream (common::stream) of VM
+    /// `target`, which ends once it is whole. Root's.
+    Send {
+        target: VmTarget,
+    },
 }
 
 /// How long vmctl waits for each answer from vmd before it gives up.
@@ -197,6 +203,7 @@ impl CtlRequest {
             CtlRequest::Reset { .. } => "reset",
             CtlRequest::Verbose { .. } => "log",
             CtlRequest::Probe { .. } => "probe",
+            CtlRequest::Send { .. } => "send",
         }
     }
 
@@ -204,7 +211,7 @@ impl CtlRequest {
     /// control refuses a descriptor with any other request, and this one
     /// without.
     pub fn takes_fd(&self) -> bool {
-        matches!(self, CtlRequest::Probe { .. })
+        matches!(self, CtlRequest::Probe { .. } | CtlRequest::Send { .. })
     }
 }
 

@@ -261,6 +261,13 @@ pub enum VmCommand {
     /// built without the `test-triggers` feature): the backend reports
     /// `steps` progress notes, writes `text` to the descriptor and is done.
     Probe { text: String, steps: u8 },
+    /// `vmctl send`: the guest paused, its state written as a stream
+    /// (common::stream) to the client's descriptor with `vm` in its
+    /// header (the parent's view: paths, owner; the backend adds its own
+    /// facts and the boot files' sizes), then the backend ends. Until the
+    /// stream is whole any failure resumes the guest. Reports progress at
+    /// least every few seconds while it runs.
+    Send { vm: Box<crate::stream::StreamVm> },
 }
 
 impl VmCommand {
@@ -271,12 +278,13 @@ impl VmCommand {
             VmCommand::Unpause => "unpause",
             VmCommand::Powerdown => "powerdown",
             VmCommand::Probe { .. } => "probe",
+            VmCommand::Send { .. } => "send",
         }
     }
 
     /// Whether it comes with the client's descriptor (exactly one).
     pub fn takes_fd(&self) -> bool {
-        matches!(self, VmCommand::Probe { .. })
+        matches!(self, VmCommand::Probe { .. } | VmCommand::Send { .. })
     }
 
     /// How long the parent waits for the VM process's answer, or for its
@@ -289,7 +297,8 @@ impl VmCommand {
             VmCommand::Pause
             | VmCommand::Unpause
             | VmCommand::Powerdown
-            | VmCommand::Probe { .. } => LONGEST_COMMAND_REPLY,
+            | VmCommand::Probe { .. }
+            | VmCommand::Send { .. } => LONGEST_COMMAND_REPLY,
         }
     }
 }

@@ -35,6 +35,9 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const HEADER_MAX: usize = 64 * 1024;
 /// The largest chunk of migration data.
 pub const CHUNK_MAX: usize = 1 << 20;
+/// What vmctl answers on the socket once it has written the whole
+/// stream (the sender resumes the guest without it).
+pub const ACK: u8 = b'k';
 const HASH_LEN: usize = 32;
 /// magic, format, length.
 const PREFIX_LEN: usize = 16;

@@ -102,6 +102,40 @@ impl Client {
             .map_err(|e| format!("write error: {e}"))
     }
 
+    /// Sends `request` with a descriptor (control passes root's on).
+    pub fn send_with_fd(
+        &mut self,
+        request: CtlRequest,
+        fd: std::os::fd::OwnedFd,
+    ) -> Result<(), String> {
+        self.patience = request.answer_timeout().map(client_bound);
+        let frame = Frame {
+            fd: Some(fd),
+            ..Frame::new(Message::Ctl(request))
+        };
+        imsg::send_blocking(self.channel.sock.as_fd(), frame)
+            .map_err(|e| format!("write error: {e}"))
+    }
+
+    /// The connection, for a caller that polls it with other descriptors.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.channel.sock.as_fd()
+    }
+
+    /// What vmd has sent that can be read now, without waiting; an error
+    /// when vmd closed the connection with nothing more to read.
+    pub fn receive_ready(&mut self) -> Result<Vec<Message>, String> {
+        let (frames, eof) = self
+            .channel
+            .receive()
+            .map_err(|e| format!("imsg_read error: {e}"))?;
+        self.frames.extend(frames);
+        if eof && self.frames.is_empty() {
+            return Err("pipe closed".into());
+        }
+        Ok(self.frames.drain(..).map(|f| f.message).collect())
+    }
+
     /// The next message from vmd, waiting for it as long as the request
     /// allows.
     pub fn receive(&mut self) -> Result<Message, String> {

@@ -21,6 +21,7 @@ macro_rules! err {
 mod client;
 mod console;
 mod create;
+mod send;
 mod vms;
 
 use common::getopt::{Getopt, Opt};
@@ -87,7 +88,7 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "send",
         usage: "id",
-        run: vms::send,
+        run: send::send,
     },
     Command {
         name: "show",

@@ -1,7 +1,7 @@
 //! The commands vmctl sends to vmd: status, start, stop, wait, pause,
 //! unpause, load, reload, reset and log, with OpenBSD vmctl's messages;
-//! console finds the VM's tty here and attaches in console.rs. send and
-//! receive check their arguments and say they are not built yet.
+//! console finds the VM's tty here and attaches in console.rs. send is
+//! in send.rs; receive checks its arguments and says it is not built yet.
 
 use crate::client::Client;
 use crate::console::{self, Ended};
@@ -23,7 +23,7 @@ use std::process::ExitCode;
 const MEGABYTE: u64 = 1 << 20;
 
 /// Prints `vmctl: MESSAGE` and fails.
-fn fail(message: &str) -> ExitCode {
+pub(crate) fn fail(message: &str) -> ExitCode {
     errln!("vmctl: {message}");
     ExitCode::FAILURE
 }
@@ -76,7 +76,7 @@ fn parse_vmid(word: &str) -> Result<VmTarget, String> {
 }
 
 /// The single `id` argument of console, pause, unpause, wait and send.
-fn one_vmid(name: &str, args: &[String]) -> Result<VmTarget, ExitCode> {
+pub(crate) fn one_vmid(name: &str, args: &[String]) -> Result<VmTarget, ExitCode> {
     match args {
         [word] => parse_vmid(word).map_err(|e| fail(&e)),
         _ => Err(command_usage(name)),
@@ -631,14 +631,7 @@ fn console_run(tty: &str) -> ExitCode {
     }
 }
 
-// --- not built yet ---
-
-pub fn send(_: &Global, args: &[String]) -> ExitCode {
-    match one_vmid("send", args) {
-        Ok(_) => fail("send is not built yet"),
-        Err(code) => code,
-    }
-}
+// --- not built yet (send is in send.rs) ---
 
 pub fn receive(_: &Global, args: &[String]) -> ExitCode {
     match args {

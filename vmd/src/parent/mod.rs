@@ -860,6 +860,23 @@ impl Parent {
                     None => return,
                 }
             }
+            CtlRequest::Send { target } => {
+                // Answered when the stream is whole or has failed.
+                let command = self.registry.send_command(&target, creds);
+                let result = match (command.clone(), fd) {
+                    (Ok(command), Some(fd)) => {
+                        self.registry.command_with_fd(&target, command, fd, creds)
+                    }
+                    (Err(error), _) => Err(error),
+                    // (no descriptor: fd_refusal said so already)
+                    (Ok(_), None) => Err(CtlError::Errno(libc::EBADF)),
+                };
+                let held = Held::Command(command.unwrap_or(VmCommand::Pause));
+                match self.hold_reply(result, held, token, peer) {
+                    Some(error) => vm_result(Err(error)),
+                    None => return,
+                }
+            }
         };
         self.send(token, answer);
     }

@@ -935,6 +935,20 @@ impl Registry {
         Ok(self.vms[index].vmid)
     }
 
+    /// `vmctl send` of VM `target`: the command for its VM process,
+    /// whose stream header names the VM as it runs (paths, not contents).
+    pub fn send_command(
+        &self,
+        target: &VmTarget,
+        creds: &Credentials,
+    ) -> Result<VmCommand, CtlError> {
+        let vm = &self.vms[self.find_permitted(target, creds)?];
+        let settings = vm.running.as_ref().unwrap_or(&vm.config);
+        Ok(VmCommand::Send {
+            vm: Box::new(stream_vm(settings)),
+        })
+    }
+
     /// The backend's answer to a pause or unpause of VM `vmid`: the VM's
     /// state follows what the guest did.
     pub fn command_done(
@@ -954,6 +968,18 @@ impl Registry {
                     log_warn!("{}: vm {vmid}: the power button failed: {e}", vm.name());
                 }
                 return Ok(vmid);
+            }
+            VmCommand::Send { .. } => {
+                return match error {
+                    Some(e) => {
+                        log_warn!("{}: vm {vmid} not sent: {e}", vm.name());
+                        Err(CtlError::Text(e))
+                    }
+                    None => {
+                        log_info!("{}: sent vm {vmid} successfully", vm.name());
+                        Ok(vmid)
+                    }
+                };
             }
             VmCommand::Probe { .. } => {
                 return match error {
@@ -1174,6 +1200,56 @@ impl Registry {
                 format!("vm {} is not running", self.vms[index].name()),
             )),
         }
+    }
+}
+
+/// What a stream's header says of a VM running with `settings`: what
+/// the receiving side must have (the backend adds its own facts and the
+/// boot files' sizes).
+fn stream_vm(settings: &VmConfig) -> common::stream::StreamVm {
+    use common::stream::{StreamDisk, StreamFile, StreamInterface, StreamVm};
+    let file = |path: &Option<String>| {
+        path.as_ref().map(|path| StreamFile {
+            path: path.clone(),
+            size: 0,
+        })
+    };
+    let kernel = file(&settings.boot);
+    StreamVm {
+        name: settings.name.clone(),
+        memory: settings.memory_bytes(),
+        vcpus: settings.vcpu_count(),
+        disks: settings
+            .disks
+            .iter()
+            .map(|d| StreamDisk {
+                path: d.path.clone(),
+                format: d.format,
+            })
+            .collect(),
+        cdrom: settings.cdrom.clone(),
+        interfaces: settings
+            .effective_interfaces()
+            .iter()
+            .map(|i| StreamInterface {
+                lladdr: i.lladdr.unwrap_or_default(),
+                switch: i.switch.clone(),
+                local: i.local,
+                locked: i.locked,
+            })
+            .collect(),
+        bios: kernel.is_none().then(|| StreamFile {
+            path: crate::parent::launch::BIOS_PATH.to_string(),
+            size: 0,
+        }),
+        kernel,
+        initrd: file(&settings.initrd),
+        cmdline: settings.cmdline.clone(),
+        boot_device: settings
+            .boot_device
+            .map(|d| format!("{d:?}").to_lowercase()),
+        owner_uid: settings.owner.uid,
+        owner_gid: settings.owner.gid,
     }
 }
 

@@ -66,6 +66,11 @@ pub trait Backend {
     /// descriptors with `registry` under its tokens.
     fn resume(&mut self, registry: &Registry) -> std::io::Result<()>;
 
+    /// Before the drop: the loop's registry (a clone), for descriptors
+    /// a command brings later (`vmctl send`'s). Backends without such
+    /// commands need not keep it.
+    fn keep_registry(&mut self, _registry: Registry) {}
+
     /// One of the backend's tokens is ready.
     fn on_ready(&mut self, token: Token, buf: &mut [u8]);
 

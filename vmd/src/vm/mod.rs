@@ -25,6 +25,7 @@
 pub mod backend;
 mod console;
 pub mod qemu;
+pub mod send;
 
 use common::config::VmConfig;
 use common::imsg::{BackendParams, QemuParams};
@@ -332,7 +333,12 @@ fn vm_launch(
         BackendParams::Qemu(_) => Box::new(qemu::prepare(params, &mut fds, serial_guest)?),
     };
 
+    // The registry's clone is a dup (fcntl), refused after the drop.
     let dropped = Poll::new()
+        .and_then(|poll| {
+            backend.keep_registry(poll.registry().try_clone()?);
+            Ok(poll)
+        })
         .map_err(|e| format!("cannot create the event loop: {e}"))
         .and_then(|poll| vm_drop(start, params, backend.as_ref()).map(|()| poll));
     match dropped {

@@ -7,6 +7,8 @@
 //! lines are cut at [`STDERR_LINE_MAX`] and logged at most
 //! [`STDERR_LINES_PER_SECOND`] a second.
 
+mod send;
+
 use super::lines::{LineBuffer, RateLimit};
 use super::*;
 use crate::log::{log_debug, log_info, log_warn};
@@ -14,6 +16,7 @@ use crate::seccomp::{Allowed, ArgRule, RoleFilter};
 use crate::vm::backend::ThreadRole;
 use crate::vm::backend::{probe, Backend, BackendEvent, Ended, FIRST_BACKEND_TOKEN};
 use crate::vm::console::{read_some, write_all};
+use crate::vm::send::{SEND_CLIENT, SEND_PIPE};
 use crate::vm::{set_nonblocking, sock_pair, StartFds, VmError};
 use common::imsg::{VmCommand, VmParams};
 use mio::unix::SourceFd;
@@ -25,7 +28,21 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 /// What the VM process's main thread adds for QEMU.
-pub const QEMU_SYSCALLS: &[Allowed] = &[(libc::SYS_wait4, "collect QEMU's exit status")];
+pub const QEMU_SYSCALLS: &[Allowed] = &[
+    (libc::SYS_wait4, "collect QEMU's exit status"),
+    (
+        libc::SYS_pipe2,
+        "vmctl send: the pipe QEMU migrates into (its write end goes to QEMU with getfd)",
+    ),
+    (
+        libc::SYS_shutdown,
+        "vmctl send: end the stream (its reader sees EOF and answers)",
+    ),
+    (
+        libc::SYS_recvfrom,
+        "vmctl send: the reader's answer once it wrote the whole stream",
+    ),
+];
 
 /// ... and with these arguments only.
 pub const QEMU_ARG_RULES: &[ArgRule] = &[ArgRule {
@@ -67,6 +84,29 @@ pub struct QemuBackend {
     /// guest ran (or a refused QMP command).
     start_error: Option<String>,
     events: Vec<BackendEvent>,
+    /// Hardware KVM (`-cpu host`), else TCG (QEMU's default CPU).
+    kvm: bool,
+    /// The sizes of the boot files QEMU got (a stream's header pins them).
+    boot_sizes: BootSizes,
+    /// The loop's registry, for the descriptors of a send.
+    registry: Option<Registry>,
+    /// A `vmctl send` under way.
+    sending: Option<send::SendJob>,
+}
+
+/// The kernel's, initrd's and BIOS's sizes, those QEMU got.
+#[derive(Debug, Default, Clone, Copy)]
+struct BootSizes {
+    kernel: Option<u64>,
+    initrd: Option<u64>,
+    bios: Option<u64>,
+}
+
+/// A memfd's size (None if it cannot be read).
+fn fd_size(fd: &OwnedFd) -> Option<u64> {
+    nix::sys::stat::fstat(fd.as_raw_fd())
+        .ok()
+        .map(|st| st.st_size as u64)
 }
 
 /// As root, before the drop: copies the boot files into memfds and
@@ -109,6 +149,17 @@ pub fn prepare(
         vhosts: std::mem::take(&mut fds.vhosts),
     };
     let args = qemu_args(params, &files);
+    let boot_sizes = match &files.boot {
+        Boot::Kernel { kernel, initrd } => BootSizes {
+            kernel: fd_size(kernel),
+            initrd: initrd.as_ref().and_then(fd_size),
+            bios: None,
+        },
+        Boot::Bios { bios, .. } => BootSizes {
+            bios: fd_size(bios),
+            ..BootSizes::default()
+        },
+    };
     let mut keep: Vec<RawFd> = vec![files.qmp.as_raw_fd(), files.serial.as_raw_fd()];
     match &files.boot {
         Boot::Kernel { kernel, initrd } => {
@@ -142,6 +193,10 @@ pub fn prepare(
         stderr_limit: RateLimit::new(STDERR_LINES_PER_SECOND, Duration::from_secs(1)),
         start_error: None,
         events: Vec::new(),
+        kvm: qemu_settings(params).kvm,
+        boot_sizes,
+        registry: None,
+        sending: None,
     })
 }
 
@@ -167,10 +222,15 @@ impl Backend for QemuBackend {
         Ok(())
     }
 
+    fn keep_registry(&mut self, registry: Registry) {
+        self.registry = Some(registry);
+    }
+
     fn on_ready(&mut self, token: Token, buf: &mut [u8]) {
         match token {
             QMP => self.on_qmp(buf),
             STDERR => self.on_stderr(buf),
+            SEND_PIPE | SEND_CLIENT => self.send_pump(),
             _ => {}
         }
     }
@@ -183,15 +243,21 @@ impl Backend for QemuBackend {
         std::mem::take(&mut self.events)
     }
 
-    /// When dropped stderr lines are due to be reported.
+    /// When dropped stderr lines are due to be reported, or a send's
+    /// next note.
     fn timer(&self) -> Option<Instant> {
-        self.stderr_limit.due()
+        let note = self.sending.as_ref().map(|job| job.next_note());
+        match (self.stderr_limit.due(), note) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn on_timer(&mut self, now: Instant) {
         if let Some(dropped) = self.stderr_limit.expire(now) {
             log_dropped(dropped);
         }
+        self.send_timer(now);
     }
 
     /// QEMU closed QMP: it is exiting.
@@ -226,6 +292,7 @@ impl QemuBackend {
                 let events = probe(&command, text, *steps, client_fd);
                 return self.events.extend(events);
             }
+            VmCommand::Send { .. } => return self.send_start(command, client_fd),
         };
         let mut lines = Vec::new();
         if command == VmCommand::Powerdown && self.paused {
@@ -251,7 +318,10 @@ impl QemuBackend {
     }
 
     /// QEMU answered a command sent with an id.
-    fn on_answer(&mut self, id: &str, error: Option<String>) {
+    fn on_answer(&mut self, id: &str, error: Option<String>, value: serde_json::Value) {
+        if let Some(step) = id.strip_prefix(send::ID_PREFIX) {
+            return self.send_answer(step, error, value);
+        }
         if id == "resume" {
             match error {
                 None => self.paused = false,
@@ -268,7 +338,7 @@ impl QemuBackend {
             match command {
                 VmCommand::Pause => self.paused = true,
                 VmCommand::Unpause => self.paused = false,
-                VmCommand::Powerdown | VmCommand::Probe { .. } => {}
+                VmCommand::Powerdown | VmCommand::Probe { .. } | VmCommand::Send { .. } => {}
             }
         }
         self.command_done(command, error);
@@ -289,6 +359,7 @@ impl QemuBackend {
             Ok(Some(0)) | Err(_) => {
                 // QEMU is exiting.
                 self.qmp = None;
+                self.send_abandon();
                 return false;
             }
             Ok(Some(_)) if self.qmp_broken => return true,
@@ -326,7 +397,8 @@ impl QemuBackend {
                     let _ = nix::sys::signal::kill(self.qemu, nix::sys::signal::Signal::SIGKILL);
                 }
                 QmpReply::Error(e) => log_warn!("QMP: {e}"),
-                QmpReply::Answer { id, error } => self.on_answer(&id, error),
+                QmpReply::Answer { id, error, value } => self.on_answer(&id, error, value),
+                QmpReply::Migration(status) => self.send_migration(status),
                 QmpReply::Nothing => {}
             }
         }

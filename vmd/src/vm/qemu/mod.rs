@@ -437,7 +437,8 @@ mod tests {
             qmp_line(&mut state, r#"{"return": {}, "id": "pause"}"#),
             QmpReply::Answer {
                 id: "pause".into(),
-                error: None
+                error: None,
+                value: serde_json::json!({})
             }
         );
         assert_eq!(
@@ -447,9 +448,20 @@ mod tests {
             ),
             QmpReply::Answer {
                 id: "unpause".into(),
-                error: Some("no".into())
+                error: Some("no".into()),
+                value: serde_json::Value::Null
             }
         );
+        assert_eq!(
+            qmp_line(
+                &mut state,
+                r#"{"event": "MIGRATION", "data": {"status": "completed"}}"#
+            ),
+            QmpReply::Migration("completed".into())
+        );
+        let line = qmp_command_with_args("getfd", serde_json::json!({"fdname": "x"}), "g");
+        let parsed: serde_json::Value = serde_json::from_str(line.trim()).expect("json");
+        assert_eq!(parsed["arguments"]["fdname"], "x");
         let line = qmp_command_with_id("system_powerdown", "powerdown");
         let parsed: serde_json::Value = serde_json::from_str(line.trim()).expect("json");
         assert_eq!(parsed["execute"], "system_powerdown");

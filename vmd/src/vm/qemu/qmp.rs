@@ -27,11 +27,15 @@ pub enum QmpReply {
     Error(String),
     /// QEMU broke the protocol (a line that is not JSON).
     Protocol(String),
-    /// QEMU answered the command sent with this id (`error` None: done).
+    /// QEMU answered the command sent with this id (`error` None: done,
+    /// with `value`, its `return`).
     Answer {
         id: String,
         error: Option<String>,
+        value: serde_json::Value,
     },
+    /// A MIGRATION event (with the `events` capability): its status.
+    Migration(String),
     Nothing,
 }
 
@@ -49,6 +53,10 @@ pub fn qmp_line(state: &mut QmpState, line: &str) -> QmpReply {
                 .unwrap_or("unknown");
             return QmpReply::Shutdown(reason.to_string());
         }
+        if event == "MIGRATION" {
+            let status = msg.pointer("/data/status").and_then(|s| s.as_str());
+            return QmpReply::Migration(status.unwrap_or("unknown").to_string());
+        }
         return QmpReply::Nothing;
     }
     let error = msg.get("error").map(|error| {
@@ -62,6 +70,7 @@ pub fn qmp_line(state: &mut QmpState, line: &str) -> QmpReply {
         return QmpReply::Answer {
             id: id.to_string(),
             error,
+            value: msg.get("return").cloned().unwrap_or_default(),
         };
     }
     if let Some(error) = error {
@@ -92,4 +101,10 @@ pub fn qmp_command(name: &str) -> String {
 /// A QMP command whose answer carries `id` (a plain word).
 pub fn qmp_command_with_id(name: &str, id: &str) -> String {
     format!("{{\"execute\": \"{name}\", \"id\": \"{id}\"}}\n")
+}
+
+/// A QMP command with arguments (a JSON object) whose answer carries `id`.
+pub fn qmp_command_with_args(name: &str, args: serde_json::Value, id: &str) -> String {
+    let command = serde_json::json!({"execute": name, "arguments": args, "id": id});
+    format!("{command}\n")
 }

@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""regress/send: `vmctl send` with real guests (QEMU, TCG).
+
+A ticking test guest (regress/guest, `VMD-GUEST: tick N` once a second)
+sent to a file: vmctl says so, the VM is gone (its QEMU and VM process
+too) and the file is a whole stream, checked here by a reader of the
+format of its own (common/src/stream.rs: header with its SHA-256, chunks,
+data length and trailing SHA-256) whose header names the VM's memory and
+disk. A send whose reader goes away midway, and one to a terminal, leave
+the VM running (its ticks go on); a user other than root is refused.
+
+Runs as root. Each case starts its own vmd (regress/lib/vmdregress.py)
+and kills vmd and every process it started at the end, even on failure.
+"""
+
+import hashlib
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
+import vmdregress as t  # noqa: E402
+from vmdregress import VMCTL, Failure, TestUser, case, expect, ticks, wait_for, with_vmd  # noqa: E402
+
+MAGIC = b"VMDSTRM\0"
+
+
+def read_stream(data):
+    """Checks a whole stream as common/src/stream.rs writes it; returns
+    (header body, migration data length)."""
+    if data[:8] != MAGIC:
+        raise Failure(f"the stream starts with {data[:8]!r}, not vmd's magic")
+    version, length = struct.unpack(">II", data[8:16])
+    body = data[16:16 + length]
+    if hashlib.sha256(data[:16 + length]).digest() != data[16 + length:48 + length]:
+        raise Failure("the stream's header checksum does not match")
+    if version != 1:
+        raise Failure(f"stream format {version}, want 1")
+    at, total = 48 + length, 0
+    while True:
+        (n,) = struct.unpack(">I", data[at:at + 4])
+        if n == 0:
+            break
+        if n > 1 << 20:
+            raise Failure(f"a chunk of {n} bytes")
+        total += n
+        at += 4 + n
+    (said,) = struct.unpack(">Q", data[at + 4:at + 12])
+    if said != total or hashlib.sha256(data[:at + 12]).digest() != data[at + 12:at + 44]:
+        raise Failure(f"the stream's end does not check out (says {said}, counted {total})")
+    if at + 44 != len(data):
+        raise Failure(f"{len(data) - at - 44} bytes after the stream's end")
+    return body, total
+
+
+def ticking(vmd, name):
+    """A running test guest with a disk that has ticked twice: (id, disk)."""
+    disk = os.path.join(vmd.dir, f"{name}.img")
+    with open(disk, "wb") as f:
+        f.truncate(16 << 20)
+    vmid, _ = vmd.start(name, "-d", disk)
+    vmd.wait_console(name, "VMD-GUEST: tick 2")
+    return vmid, disk
+
+
+def ticks_go_on(vmd, name):
+    seen = len(ticks(vmd.console_log(name)))
+    wait_for(f"{name} to tick on", lambda: len(ticks(vmd.console_log(name))) >= seen + 2)
+
+
+def gone(vmd, vmid, pids):
+    wait_for(f"vm {vmid} to be gone", lambda: vmd.state(vmid) == "gone")
+    wait_for("its processes to end", lambda: all(t.status_of(p) is None for p in pids))
+
+
+# --- cases
+
+
+def send_to_file(vmd):
+    vmid, disk = ticking(vmd, "send1")
+    pids = vmd.vm_pids(vmid)
+    path = os.path.join(vmd.dir, "send1.vm")
+    with open(path, "wb") as out:
+        p = subprocess.run([VMCTL, "-s", vmd.sock, "send", "send1"], stdout=out, stderr=subprocess.PIPE,
+                           text=True, timeout=t.VMCTL_TIMEOUT)
+    expect((p.returncode, p.stderr), 0, rf"^vmctl: sent vm {vmid} successfully$", "send to a file")
+    gone(vmd, vmid, pids)
+    with open(path, "rb") as f:
+        body, total = read_stream(f.read())
+    if total < 1 << 20:
+        raise Failure(f"only {total} bytes of state")
+    # The header names the VM's memory (256M, big-endian u64) and disk.
+    if struct.pack(">Q", 256 << 20) not in body or disk.encode() not in body:
+        raise Failure(f"the header lacks the VM's memory or disk: {body!r}")
+    if not re.search(rb"pc-i440fx-\d+\.\d+", body):
+        raise Failure(f"the header names no versioned machine type: {body!r}")
+    if f"sent vm {vmid} successfully" not in vmd.log():
+        raise Failure("vmd's log does not say the VM was sent")
+
+
+def reader_dies(vmd):
+    vmid, _ = ticking(vmd, "send2")
+    # head takes 64 KiB and exits: vmctl's stdout breaks midway.
+    p = subprocess.run(["bash", "-c", f"set -o pipefail; {VMCTL} -s {vmd.sock} send send2 | head -c 65536 >/dev/null"],
+                       capture_output=True, text=True, timeout=t.VMCTL_TIMEOUT)
+    expect((p.returncode, p.stderr), 1, r"^vmctl: send: writing the stream: .*[Bb]roken pipe.*the vm runs again",
+           "send into a reader that goes away")
+    wait_for("vm send2 to be running", lambda: vmd.state(vmid) == "running")
+    ticks_go_on(vmd, "send2")
+
+
+def to_terminal(vmd):
+    vmid, _ = ticking(vmd, "send3")
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.run([VMCTL, "-s", vmd.sock, "send", "send3"], stdout=slave, stderr=subprocess.PIPE,
+                           text=True, timeout=t.VMCTL_TIMEOUT)
+    finally:
+        os.close(slave)
+        os.close(master)
+    expect((p.returncode, p.stderr), 1, r"^vmctl: send: standard output is a terminal", "send to a terminal")
+    if vmd.state(vmid) != "running":
+        raise Failure(f"after a refused send: {vmd.status_row(vmid)}")
+    if "send:" in vmd.log():
+        raise Failure("the refused send reached vmd")
+    ticks_go_on(vmd, "send3")
+
+
+def not_root(vmd, user):
+    vmid, _ = ticking(vmd, "send4")
+    rc, out = vmd.vmctl("send", "send4", user=user.name)
+    expect((rc, out), 1, r"^vmctl: send vm command failed: Operation not permitted", "send by a user")
+    if vmd.state(vmid) != "running":
+        raise Failure(f"after a user's send: {vmd.status_row(vmid)}")
+
+
+def main():
+    if not t.prepare():
+        return 1
+    case("send-to-file", with_vmd(send_to_file))
+    case("send-reader-dies-vm-runs", with_vmd(reader_dies))
+    case("send-to-terminal-refused", with_vmd(to_terminal))
+    if t.selected("send-by-user-refused"):
+        user = TestUser("vmdsend")
+        try:
+            case("send-by-user-refused", with_vmd(lambda vmd: not_root(vmd, user), dir_mode=0o755,
+                                                  conf_extra=f"socket owner :{user.name}\n"))
+        finally:
+            user.remove()
+    return t.summary()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+//! `vmctl send ID`: as OpenBSD's vmctl does, vmctl hands vmd one end of
+//! a socketpair of its own and copies what comes out of the other end to
+//! its standard output itself, so no privileged process touches the
+//! user's file or terminal. The VM process writes the stream
+//! (common::stream) into it and shuts it down when it is whole; vmctl
+//! then answers one byte ([`common::stream::ACK`]) once it has written
+//! everything out, and only then does vmd terminate the VM. Without that
+//! answer (vmctl could not write: a full disk, a reader gone) vmd resumes
+//! the guest. Progress (bytes, rate, phase) goes to standard error when
+//! it is a terminal.
+
+use crate::client::Client;
+use crate::vms::{fail, one_vmid};
+use crate::Global;
+use common::ctl::{CtlRequest, ANSWER_TIMEOUT};
+use common::imsg::Message;
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// How often the progress line is redrawn.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+pub fn send(global: &Global, args: &[String]) -> ExitCode {
+    let target = match one_vmid("send", args) {
+        Ok(target) => target,
+        Err(code) => return code,
+    };
+    // vmd refuses anyone else (control drops a user's connection that
+    // carries a descriptor): say so plainly.
+    if !nix::unistd::geteuid().is_root() {
+        return fail("send vm command failed: Operation not permitted (send is root's)");
+    }
+    let stdout = std::io::stdout();
+    if nix::unistd::isatty(stdout.as_raw_fd()).unwrap_or(false) {
+        return fail("send: standard output is a terminal: redirect it to a file or a pipe");
+    }
+    let (ours, theirs) = match socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    ) {
+        Ok(pair) => pair,
+        Err(e) => return fail(&format!("send: socketpair: {}", e.desc())),
+    };
+    let mut client = match Client::connect(&global.socket) {
+        Ok(client) => client,
+        Err(e) => return fail(&e),
+    };
+    if let Err(e) = client.send_with_fd(CtlRequest::Send { target }, theirs) {
+        return fail(&e);
+    }
+    let mut copy = Copy {
+        stream: Some(ours),
+        out: stdout.lock(),
+        bytes: 0,
+        failed: None,
+        progress: nix::unistd::isatty(std::io::stderr().as_raw_fd())
+            .unwrap_or(false)
+            .then(Progress::new),
+    };
+    let result = copy.run(&mut client);
+    if let Some(progress) = copy.progress.as_mut() {
+        progress.clear();
+    }
+    match (result, copy.failed) {
+        (Ok(vmid), None) => {
+            errln!("vmctl: sent vm {vmid} successfully");
+            ExitCode::SUCCESS
+        }
+        (Ok(_), Some(why)) => fail(&format!("send: {why}")),
+        (Err(e), Some(why)) => fail(&format!("send: {why}; vmd: {e}")),
+        (Err(e), None) => fail(&format!("send vm command failed: {e}")),
+    }
+}
+
+struct Copy<W: Write> {
+    /// Our end of the socketpair, until the stream ends or we fail.
+    stream: Option<OwnedFd>,
+    out: W,
+    bytes: u64,
+    /// Why vmctl could not write the stream out.
+    failed: Option<String>,
+    progress: Option<Progress>,
+}
+
+impl<W: Write> Copy<W> {
+    /// Copies until vmd answers (and the stream has ended): the VM's id,
+    /// or vmd's reason.
+    fn run(&mut self, client: &mut Client) -> Result<u32, String> {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut answer: Option<Result<u32, String>> = None;
+        let mut heard = Instant::now();
+        loop {
+            if let Some(result) = &answer {
+                if result.is_err() || self.stream.is_none() {
+                    return result.clone();
+                }
+            }
+            if heard.elapsed() > ANSWER_TIMEOUT {
+                return Err(format!(
+                    "vmd said nothing for {}s; see vmd's log",
+                    ANSWER_TIMEOUT.as_secs()
+                ));
+            }
+            let mut fds = vec![PollFd::new(client.fd(), PollFlags::POLLIN)];
+            if let Some(stream) = &self.stream {
+                fds.push(PollFd::new(stream.as_fd(), PollFlags::POLLIN));
+            }
+            match poll(&mut fds, PollTimeout::from(1000u16)) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(format!("poll: {}", e.desc())),
+            }
+            let stream_ready = fds
+                .get(1)
+                .and_then(|f| f.revents())
+                .is_some_and(|r| !r.is_empty());
+            let client_ready = fds[0].revents().is_some_and(|r| !r.is_empty());
+            drop(fds);
+            if stream_ready {
+                heard = Instant::now();
+                self.copy_some(&mut buf);
+            }
+            if client_ready {
+                heard = Instant::now();
+                for message in client.receive_ready()? {
+                    match message {
+                        Message::CtlProgress { note, .. } => {
+                            if let Some(p) = self.progress.as_mut() {
+                                p.phase = note.split(':').next().unwrap_or("").to_string();
+                            }
+                        }
+                        Message::CtlVmResult {
+                            error: None, vmid, ..
+                        } => answer = Some(Ok(vmid)),
+                        Message::CtlVmResult {
+                            error: Some(error), ..
+                        } => answer = Some(Err(error.describe())),
+                        Message::CtlFail { errno, lines } => {
+                            let mut why = lines.join("; ");
+                            if why.is_empty() {
+                                why = Errno::from_raw(errno).desc().to_string();
+                            }
+                            answer = Some(Err(why));
+                        }
+                        _ => answer = Some(Err("unexpected response received from vmd".into())),
+                    }
+                }
+            }
+            if let Some(p) = self.progress.as_mut() {
+                p.show(self.bytes);
+            }
+        }
+    }
+
+    /// Reads what the stream has and writes it out; at its end, flushes
+    /// and answers vmd.
+    fn copy_some(&mut self, buf: &mut [u8]) {
+        let Some(stream) = &self.stream else {
+            return;
+        };
+        let n = match nix::unistd::read(stream.as_raw_fd(), buf) {
+            Ok(n) => n,
+            Err(Errno::EINTR | Errno::EAGAIN) => return,
+            Err(e) => {
+                self.failed = Some(format!("reading from vmd: {}", e.desc()));
+                self.stream = None;
+                return;
+            }
+        };
+        let written = if n == 0 {
+            self.out.flush()
+        } else {
+            self.out.write_all(&buf[..n])
+        };
+        if let Err(e) = written {
+            // Closing our end tells vmd: it resumes the guest.
+            self.failed = Some(format!("writing the stream: {e}"));
+            self.stream = None;
+            return;
+        }
+        self.bytes += n as u64;
+        if n == 0 {
+            // Unanswered (vmd is gone, or never sent), vmd's answer says
+            // what became of the VM.
+            let _ = nix::unistd::write(stream, &[common::stream::ACK]);
+            self.stream = None;
+        }
+    }
+}
+
+/// The progress line on a terminal: bytes, rate, phase.
+struct Progress {
+    started: Instant,
+    shown: Option<Instant>,
+    phase: String,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            started: Instant::now(),
+            shown: None,
+            phase: "starting".into(),
+        }
+    }
+
+    fn show(&mut self, bytes: u64) {
+        let now = Instant::now();
+        if self.shown.is_some_and(|t| now - t < PROGRESS_EVERY) {
+            return;
+        }
+        self.shown = Some(now);
+        let secs = (now - self.started).as_secs_f64().max(0.001);
+        let mib = bytes as f64 / (1 << 20) as f64;
+        err!(
+            "\r{}: {mib:.1} MiB, {:.1} MiB/s\x1b[K",
+            self.phase,
+            mib / secs
+        );
+    }
+
+    fn clear(&mut self) {
+        if self.shown.is_some() {
+            err!("\r\x1b[K");
+        }
+    }
+}
