@@ -151,6 +151,13 @@ pub enum CtlRequest {
     Send {
         target: VmTarget,
     },
+    /// `receive NAME`: a new VM NAME from a stream (common::stream) whose
+    /// header vmctl read (`header`: its bytes, checked again by vmd); the
+    /// frame carries vmctl's end of a socketpair with the rest. Root's.
+    Receive {
+        name: String,
+        header: Vec<u8>,
+    },
 }
 
 /// How long vmctl waits for each answer from vmd before it gives up.
@@ -170,7 +177,7 @@ impl CtlRequest {
     pub fn answer_timeout(&self) -> Option<std::time::Duration> {
         match self {
             CtlRequest::Wait { .. } | CtlRequest::Stop { wait: true, .. } => None,
-            CtlRequest::Start(_) => Some(START_ANSWER_TIMEOUT),
+            CtlRequest::Start(_) | CtlRequest::Receive { .. } => Some(START_ANSWER_TIMEOUT),
             _ => Some(ANSWER_TIMEOUT),
         }
     }
@@ -204,6 +211,7 @@ impl CtlRequest {
             CtlRequest::Verbose { .. } => "log",
             CtlRequest::Probe { .. } => "probe",
             CtlRequest::Send { .. } => "send",
+            CtlRequest::Receive { .. } => "receive",
         }
     }
 
@@ -211,7 +219,10 @@ impl CtlRequest {
     /// control refuses a descriptor with any other request, and this one
     /// without.
     pub fn takes_fd(&self) -> bool {
-        matches!(self, CtlRequest::Probe { .. } | CtlRequest::Send { .. })
+        matches!(
+            self,
+            CtlRequest::Probe { .. } | CtlRequest::Send { .. } | CtlRequest::Receive { .. }
+        )
     }
 }
 

@@ -349,6 +349,10 @@ pub struct VmParams {
     /// The MAC address of each network interface, in order (a `Tap`
     /// descriptor each).
     pub macs: Vec<[u8; 6]>,
+    /// `vmctl receive`: the stream's header bytes (common::stream); the
+    /// VM starts from the stream (a `Stream` descriptor) instead of
+    /// booting, and locks its disks itself once the stream is whole.
+    pub incoming: Option<Vec<u8>>,
     /// How many `VmFd` frames follow.
     pub fd_count: u32,
 }
@@ -405,6 +409,9 @@ pub enum VmFdKind {
     Vhost {
         index: u8,
     },
+    /// `vmctl receive`: vmctl's socket with the stream after its header
+    /// ([`VmParams::incoming`]).
+    Stream,
 }
 
 impl Message {

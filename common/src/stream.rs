@@ -238,6 +238,11 @@ impl Decoder {
         }
     }
 
+    /// The bytes taken so far (after [`Item::Header`]: the header's).
+    pub fn consumed(&self) -> u64 {
+        self.seen - self.buf.len() as u64
+    }
+
     pub fn push(&mut self, bytes: &[u8]) {
         self.seen += bytes.len() as u64;
         self.buf.extend_from_slice(bytes);
@@ -347,6 +352,30 @@ impl Decoder {
         }
         self.state = State::Done;
         Ok(Some(Item::End))
+    }
+}
+
+/// The header of a stream whose first bytes are `bytes`, exactly its
+/// header (what vmctl read and vmd checks again).
+pub fn decode_header(bytes: &[u8]) -> Result<StreamHeader, StreamError> {
+    let mut decoder = Decoder::new();
+    decoder.push(bytes);
+    match decoder.next_item()? {
+        Some(Item::Header(header)) if decoder.buf.is_empty() => Ok(*header),
+        Some(_) => Err(StreamError::HeaderDecode("bytes after it".into())),
+        None => decoder.finish().map(|()| unreachable_header()),
+    }
+}
+
+/// [`Decoder::finish`] before a header is always an error.
+fn unreachable_header() -> StreamHeader {
+    StreamHeader {
+        backend: String::new(),
+        qemu_version: String::new(),
+        machine: String::new(),
+        cpu: String::new(),
+        accel: String::new(),
+        vm: StreamVm::default(),
     }
 }
 

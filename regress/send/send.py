@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""regress/send: `vmctl send` with real guests (QEMU, TCG).
+"""regress/send: `vmctl send` and `vmctl receive` with real guests (QEMU,
+TCG).
 
 A ticking test guest (regress/guest, `VMD-GUEST: tick N` once a second)
 sent to a file: vmctl says so, the VM is gone (its QEMU and VM process
@@ -8,6 +9,12 @@ format of its own (common/src/stream.rs: header with its SHA-256, chunks,
 data length and trailing SHA-256) whose header names the VM's memory and
 disk. A send whose reader goes away midway, and one to a terminal, leave
 the VM running (its ticks go on); a user other than root is refused.
+Received under a new name, from the file or straight through a pipe,
+the guest counts on (no second `booted` marker) and its disk still holds
+what it wrote. A stream cut short, one with a byte flipped in its
+header, its middle or its last 200 bytes, random bytes and an empty
+input are each refused with nothing left: no VM listed, no VM process
+or QEMU, the disk not locked.
 
 Runs as root. Each case starts its own vmd (regress/lib/vmdregress.py)
 and kills vmd and every process it started at the end, even on failure.
@@ -57,12 +64,14 @@ def read_stream(data):
     return body, total
 
 
-def ticking(vmd, name):
-    """A running test guest with a disk that has ticked twice: (id, disk)."""
+def ticking(vmd, name, word=None):
+    """A running test guest with a disk that has ticked twice (having
+    written `word` at the start of its disk): (id, disk)."""
     disk = os.path.join(vmd.dir, f"{name}.img")
     with open(disk, "wb") as f:
         f.truncate(16 << 20)
-    vmid, _ = vmd.start(name, "-d", disk)
+    cmdline = "console=ttyS0 quiet" + (f" vmd.diskwrite=vda:{word}" if word else "")
+    vmid, _ = vmd.start(name, "-d", disk, cmdline=cmdline)
     vmd.wait_console(name, "VMD-GUEST: tick 2")
     return vmid, disk
 
@@ -138,12 +147,128 @@ def not_root(vmd, user):
         raise Failure(f"after a user's send: {vmd.status_row(vmid)}")
 
 
+def send_file(vmd, name, word=None):
+    """A ticking guest sent to a file: (id, disk, stream path)."""
+    vmid, disk = ticking(vmd, name, word)
+    pids = vmd.vm_pids(vmid)
+    path = os.path.join(vmd.dir, f"{name}.vm")
+    with open(path, "wb") as out:
+        p = subprocess.run([VMCTL, "-s", vmd.sock, "send", name], stdout=out, stderr=subprocess.PIPE,
+                           text=True, timeout=t.VMCTL_TIMEOUT)
+    expect((p.returncode, p.stderr), 0, rf"^vmctl: sent vm {vmid} successfully$", f"send {name}")
+    gone(vmd, vmid, pids)
+    return vmid, disk, path
+
+
+def receive_from(vmd, name, path):
+    """vmctl receive NAME < path: (exit status, output)."""
+    with open(path, "rb") as f:
+        p = subprocess.run([VMCTL, "-s", vmd.sock, "receive", name], stdin=f, capture_output=True,
+                           timeout=t.VMCTL_TIMEOUT)
+    return p.returncode, (p.stdout + p.stderr).decode(errors="replace")
+
+
+def counts_on(vmd, sent, received):
+    """`received` goes on counting where `sent` stopped, without booting."""
+    last = max(ticks(vmd.console_log(sent)))
+    wait_for(f"{received} to tick", lambda: len(ticks(vmd.console_log(received))) >= 2)
+    log = vmd.console_log(received)
+    first = ticks(log)[0]
+    if "VMD-GUEST: booted" in log:
+        raise Failure(f"{received} booted again: {log[:500]!r}")
+    if not last < first <= last + 3:
+        raise Failure(f"{received} counts from {first}; {sent} stopped at {last}")
+
+
+def track_received(vmd, out):
+    m = re.search(r"^vmctl: received vm (\d+) successfully, tty /dev/pts/\d+$", out, re.M)
+    vmid = int(m.group(1))
+    vmd.vm_pids(vmid)
+    return vmid
+
+
+def receive_file(vmd):
+    _, disk, path = send_file(vmd, "move1", word="MOVED-1")
+    out = expect(receive_from(vmd, "moved1", path), 0, r"^vmctl: received vm \d+ successfully, tty ",
+                 "receive from the file")
+    vmid = track_received(vmd, out)
+    counts_on(vmd, "move1", "moved1")
+    if vmd.state(vmid) != "running":
+        raise Failure(f"the received vm: {vmd.status_row(vmid)}")
+    with open(disk, "rb") as f:
+        if not f.read(32).startswith(b"MOVED-1"):
+            raise Failure("the disk lost what the guest wrote")
+    # The name is taken now: a second receive under it is refused.
+    expect(receive_from(vmd, "moved1", path), 1, r"^vmctl: receive vm command failed: vm moved1 exists",
+           "receive under a name in use")
+
+
+def through_pipe(vmd):
+    vmid, _ = ticking(vmd, "pipe1")
+    pids = vmd.vm_pids(vmid)
+    p = subprocess.run(["bash", "-c", f"set -o pipefail; {VMCTL} -s {vmd.sock} send pipe1 | "
+                        f"{VMCTL} -s {vmd.sock} receive piped1"],
+                       capture_output=True, text=True, timeout=t.VMCTL_TIMEOUT)
+    out = expect((p.returncode, p.stderr), 0, r"^vmctl: received vm \d+ successfully", "send | receive")
+    expect((p.returncode, p.stderr), 0, rf"^vmctl: sent vm {vmid} successfully$", "send | receive")
+    gone(vmd, vmid, pids)
+    track_received(vmd, out)
+    counts_on(vmd, "pipe1", "piped1")
+
+
+def nothing_left(vmd, name, disk):
+    if any(row["NAME"] == name for row in vmd.status()):
+        raise Failure(f"{name} is listed: {vmd.status()}")
+    procs = [p for p in t.children_of(vmd.proc.pid) if t.cmdline(p) == f"vmd: vm {name}"]
+    wait_for(f"{name}'s VM process to end", lambda: all(t.status_of(p) is None for p in procs))
+    qemus = subprocess.run(["pgrep", "-f", f"qemu-system.*-name {name} "], capture_output=True, text=True)
+    if qemus.stdout.strip():
+        raise Failure(f"QEMU of {name} still runs: {qemus.stdout}")
+    if subprocess.run(["flock", "-n", "-x", disk, "true"]).returncode != 0:
+        raise Failure(f"{disk} is still locked")
+
+
+def broken_streams(vmd):
+    _, disk, path = send_file(vmd, "good1")
+    with open(path, "rb") as f:
+        good = f.read()
+
+    def flipped(at):
+        data = bytearray(good)
+        data[at] ^= 0x20
+        return bytes(data)
+
+    variants = [
+        ("cut", good[:len(good) // 2], r"truncated|ended early"),
+        ("cut200", good[:-200], r"truncated|ended early"),
+        ("header", flipped(40), r"header is corrupt"),
+        ("middle", flipped(len(good) // 2), r"corrupt|QEMU|load"),
+        ("tail", flipped(len(good) - 100), r"trailing hash does not match"),
+        ("random", os.urandom(1 << 20), r"not a vmd stream"),
+        ("empty", b"", r"the stream is empty"),
+    ]
+    for tag, data, why in variants:
+        bad = os.path.join(vmd.dir, f"{tag}.vm")
+        with open(bad, "wb") as f:
+            f.write(data)
+        name = f"bad-{tag}"
+        expect(receive_from(vmd, name, bad), 1, rf"^vmctl: receive.*({why})", f"receive of the {tag} stream")
+        nothing_left(vmd, name, disk)
+    # What is left is whole: the good stream still starts the guest.
+    out = expect(receive_from(vmd, "good2", path), 0, r"received vm \d+ successfully", "receive after all")
+    track_received(vmd, out)
+    counts_on(vmd, "good1", "good2")
+
+
 def main():
     if not t.prepare():
         return 1
     case("send-to-file", with_vmd(send_to_file))
     case("send-reader-dies-vm-runs", with_vmd(reader_dies))
     case("send-to-terminal-refused", with_vmd(to_terminal))
+    case("receive-from-file-counts-on", with_vmd(receive_file))
+    case("send-pipe-receive", with_vmd(through_pipe))
+    case("receive-broken-streams-leave-nothing", with_vmd(broken_streams))
     if t.selected("send-by-user-refused"):
         user = TestUser("vmdsend")
         try:

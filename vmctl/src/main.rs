@@ -73,7 +73,7 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "receive",
         usage: "name",
-        run: vms::receive,
+        run: send::receive,
     },
     Command {
         name: "reload",

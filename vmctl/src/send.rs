@@ -1,4 +1,6 @@
-//! `vmctl send ID`: as OpenBSD's vmctl does, vmctl hands vmd one end of
+//! `vmctl send ID` and `vmctl receive NAME`.
+//!
+//! send: as OpenBSD's vmctl does, vmctl hands vmd one end of
 //! a socketpair of its own and copies what comes out of the other end to
 //! its standard output itself, so no privileged process touches the
 //! user's file or terminal. The VM process writes the stream
@@ -8,12 +10,20 @@
 //! answer (vmctl could not write: a full disk, a reader gone) vmd resumes
 //! the guest. Progress (bytes, rate, phase) goes to standard error when
 //! it is a terminal.
+//!
+//! receive: vmctl reads the stream's header from its standard input and
+//! checks it (common::stream) before it asks vmd for anything, sends it
+//! with one end of a socketpair, and copies the rest of its input into
+//! the other end. vmd checks the header again, starts the VM paused from
+//! the stream and lets it run once the stream's hash checks out; the
+//! answer is a start's.
 
 use crate::client::Client;
-use crate::vms::{fail, one_vmid};
+use crate::vms::{fail, one_vmid, parse_vmid};
 use crate::Global;
-use common::ctl::{CtlRequest, ANSWER_TIMEOUT};
+use common::ctl::{CtlRequest, VmTarget, ANSWER_TIMEOUT};
 use common::imsg::Message;
+use common::stream::{Decoder, Item};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
@@ -228,6 +238,210 @@ impl Progress {
     fn clear(&mut self) {
         if self.shown.is_some() {
             err!("\r\x1b[K");
+        }
+    }
+}
+
+pub fn receive(global: &Global, args: &[String]) -> ExitCode {
+    let name = match args {
+        [word] => match parse_vmid(word) {
+            Ok(VmTarget::Name(name)) => name,
+            Ok(VmTarget::Id(_)) => return fail(&format!("invalid vm name: {word}")),
+            Err(e) => return fail(&e),
+        },
+        _ => return crate::command_usage("receive"),
+    };
+    if !nix::unistd::geteuid().is_root() {
+        return fail("receive vm command failed: Operation not permitted (receive is root's)");
+    }
+    let mut stdin = std::io::stdin().lock();
+    let (header, rest) = match read_header(&mut stdin) {
+        Ok(read) => read,
+        Err(e) => return fail(&format!("receive: {e}")),
+    };
+    let (ours, theirs) = match socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+    ) {
+        Ok(pair) => pair,
+        Err(e) => return fail(&format!("receive: socketpair: {}", e.desc())),
+    };
+    let mut client = match Client::connect(&global.socket) {
+        Ok(client) => client,
+        Err(e) => return fail(&e),
+    };
+    if let Err(e) = client.send_with_fd(CtlRequest::Receive { name, header }, theirs) {
+        return fail(&e);
+    }
+    let mut feed = Feed {
+        stream: Some(ours),
+        pending: rest,
+        written: 0,
+        input_open: true,
+        bytes: 0,
+        progress: nix::unistd::isatty(std::io::stderr().as_raw_fd())
+            .unwrap_or(false)
+            .then(Progress::new),
+    };
+    let result = feed.run(&mut client, &mut stdin);
+    if let Some(progress) = feed.progress.as_mut() {
+        progress.clear();
+    }
+    match result {
+        Ok((vmid, tty)) => {
+            errln!("vmctl: received vm {vmid} successfully, tty {tty}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("receive vm command failed: {e}")),
+    }
+}
+
+/// Reads the stream's header from `input` and checks it: its bytes, and
+/// what came after them.
+fn read_header(input: &mut impl std::io::Read) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let mut decoder = Decoder::new();
+    let mut raw = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if let Some(Item::Header(_)) = decoder.next_item().map_err(|e| e.to_string())? {
+            let length = decoder.consumed() as usize;
+            let rest = raw.split_off(length);
+            return Ok((raw, rest));
+        }
+        let n = match input.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("reading standard input: {e}")),
+        };
+        if n == 0 {
+            decoder.finish().map_err(|e| e.to_string())?;
+            return Err("the stream ended in its header".into());
+        }
+        raw.extend_from_slice(&buf[..n]);
+        decoder.push(&buf[..n]);
+    }
+}
+
+/// Copies the rest of the stream from standard input into vmd's socket.
+struct Feed {
+    stream: Option<OwnedFd>,
+    pending: Vec<u8>,
+    written: usize,
+    input_open: bool,
+    bytes: u64,
+    progress: Option<Progress>,
+}
+
+impl Feed {
+    /// Until vmd answers: the VM's id and tty, or vmd's reason.
+    fn run(
+        &mut self,
+        client: &mut Client,
+        input: &mut impl std::io::Read,
+    ) -> Result<(u32, String), String> {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut heard = Instant::now();
+        loop {
+            if heard.elapsed() > common::ctl::START_ANSWER_TIMEOUT {
+                return Err(format!(
+                    "vmd did not answer within {}s; see vmd's log",
+                    common::ctl::START_ANSWER_TIMEOUT.as_secs()
+                ));
+            }
+            let want_input =
+                self.stream.is_some() && self.input_open && self.written >= self.pending.len();
+            let stdin = std::io::stdin();
+            let mut fds = vec![PollFd::new(client.fd(), PollFlags::POLLIN)];
+            if want_input {
+                fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
+            } else if let Some(stream) = self
+                .stream
+                .as_ref()
+                .filter(|_| self.written < self.pending.len())
+            {
+                fds.push(PollFd::new(stream.as_fd(), PollFlags::POLLOUT));
+            }
+            match poll(&mut fds, PollTimeout::from(1000u16)) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(format!("poll: {}", e.desc())),
+            }
+            let other_ready = fds
+                .get(1)
+                .and_then(|f| f.revents())
+                .is_some_and(|r| !r.is_empty());
+            let client_ready = fds[0].revents().is_some_and(|r| !r.is_empty());
+            drop(fds);
+            if other_ready && want_input {
+                match input.read(&mut buf) {
+                    Ok(0) => {
+                        self.input_open = false;
+                        if let Some(stream) = &self.stream {
+                            let _ = nix::sys::socket::shutdown(
+                                stream.as_raw_fd(),
+                                nix::sys::socket::Shutdown::Write,
+                            );
+                        }
+                    }
+                    Ok(n) => {
+                        self.pending = buf[..n].to_vec();
+                        self.written = 0;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("reading standard input: {e}")),
+                }
+            }
+            self.write_some();
+            if client_ready {
+                heard = Instant::now();
+                for message in client.receive_ready()? {
+                    match message {
+                        Message::CtlVmResult {
+                            error: None,
+                            vmid,
+                            tty,
+                        } => return Ok((vmid, tty.unwrap_or_default())),
+                        Message::CtlVmResult {
+                            error: Some(error), ..
+                        } => return Err(error.describe()),
+                        Message::CtlFail { errno, lines } => {
+                            let mut why = lines.join("; ");
+                            if why.is_empty() {
+                                why = Errno::from_raw(errno).desc().to_string();
+                            }
+                            return Err(why);
+                        }
+                        Message::CtlProgress { .. } => {}
+                        _ => return Err("unexpected response received from vmd".into()),
+                    }
+                }
+            }
+            if let Some(p) = self.progress.as_mut() {
+                p.show(self.bytes);
+            }
+        }
+    }
+
+    /// Writes what the socket takes; a closed socket ends the copy (vmd's
+    /// answer says why).
+    fn write_some(&mut self) {
+        let Some(stream) = &self.stream else {
+            return;
+        };
+        while self.written < self.pending.len() {
+            match nix::unistd::write(stream, &self.pending[self.written..]) {
+                Ok(n) => {
+                    self.written += n;
+                    self.bytes += n as u64;
+                }
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => return,
+                Err(_) => {
+                    self.stream = None;
+                    return;
+                }
+            }
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The commands vmctl sends to vmd: status, start, stop, wait, pause,
 //! unpause, load, reload, reset and log, with OpenBSD vmctl's messages;
-//! console finds the VM's tty here and attaches in console.rs. send is
-//! in send.rs; receive checks its arguments and says it is not built yet.
+//! console finds the VM's tty here and attaches in console.rs. send and
+//! receive are in send.rs.
 
 use crate::client::Client;
 use crate::console::{self, Ended};
@@ -62,7 +62,7 @@ fn unexpected() -> ExitCode {
 
 /// parse_vmid: a number is an id, anything else a name; a word starting
 /// with '-' is no id at all. The error is the one line vmctl prints.
-fn parse_vmid(word: &str) -> Result<VmTarget, String> {
+pub(crate) fn parse_vmid(word: &str) -> Result<VmTarget, String> {
     if word.starts_with('-') {
         return Err(format!("invalid id: {word}"));
     }
@@ -628,19 +628,6 @@ fn console_run(tty: &str) -> ExitCode {
         }
         Ok(Ended::Signal(sig)) => fail(&format!("console left on {}", sig.as_str())),
         Err(e) => fail(&e.to_string()),
-    }
-}
-
-// --- not built yet (send is in send.rs) ---
-
-pub fn receive(_: &Global, args: &[String]) -> ExitCode {
-    match args {
-        [word] => match parse_vmid(word) {
-            Ok(VmTarget::Name(_)) => fail("receive is not built yet"),
-            Ok(VmTarget::Id(_)) => fail(&format!("invalid vm name: {word}")),
-            Err(e) => fail(&e),
-        },
-        _ => command_usage("receive"),
     }
 }
 

@@ -32,6 +32,8 @@ pub trait Backend {
         requester: &Requester,
         tty_owner: u32,
     ) -> Result<(), CtlError>;
+    /// The next start of VM `id` is `vmctl receive`'s, from `incoming`.
+    fn set_incoming(&mut self, _id: u32, _incoming: Incoming) {}
     /// Ends VM `id` at once; false if it does not run. Its end comes as
     /// [`VmEvent::Ended`].
     fn force_stop(&mut self, id: u32) -> bool;
@@ -196,4 +198,12 @@ pub struct LocalNic {
     pub index: u32,
     pub ifindex: u32,
     pub mac: [u8; 6],
+}
+
+/// `vmctl receive`: the stream's header bytes and vmctl's socket with the
+/// rest, for the VM process of the VM's next start.
+#[derive(Debug)]
+pub struct Incoming {
+    pub header: Vec<u8>,
+    pub fd: OwnedFd,
 }

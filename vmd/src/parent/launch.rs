@@ -39,7 +39,7 @@
 
 use crate::log::{self, log_debug, log_info, log_warn};
 use crate::parent::backend::{
-    Backend, CommandDone, LocalNic, Requester, RunInfo, VmEnded, VmEvent,
+    Backend, CommandDone, Incoming, LocalNic, Requester, RunInfo, VmEnded, VmEvent,
 };
 use crate::parent::helper::{self, Answered, Helper, HelperError};
 use crate::parent::net::vhost::{vhost_open_all, VHOST_NET};
@@ -284,6 +284,9 @@ pub struct Launcher {
     /// Events for the parent's loop to collect.
     events: Vec<VmEvent>,
     next_helper: usize,
+    /// `vmctl receive`'s streams, by the VM they start (until its VM
+    /// process gets it, or its start ends).
+    incoming: Vec<(u32, Incoming)>,
 }
 
 impl Launcher {
@@ -312,6 +315,7 @@ impl Launcher {
             uid_locks: UidLocks::new(Path::new(UID_LOCK_DIR)),
             events: Vec::new(),
             next_helper: HELPER_TOKEN_BASE,
+            incoming: Vec::new(),
         }
     }
 
@@ -370,10 +374,14 @@ impl Launcher {
         let taken = self.taken_uids();
         let range = globals.uid_range;
         let token = self.helper_token();
+        // A received VM locks its disks once its stream is whole (the
+        // sender on this host may hold them until then).
+        let lock_disks = !self.incoming.iter().any(|(i, _)| *i == id);
         let helper = {
             let (vm, requester, console_log) = (vm.clone(), requester.clone(), console_log.clone());
             Helper::spawn(&self.registry, token, FILES_TIMEOUT, move || {
-                launch_files_work(&vm, &requester, accel, range, &taken, &console_log)
+                let log = &console_log;
+                launch_files_work(&vm, &requester, accel, range, &taken, log, lock_disks)
             })
             .map_err(|e| {
                 self.net.vm_release(id);
@@ -581,6 +589,15 @@ impl Launcher {
                 .map(|(index, fd)| (VmFdKind::Tap { index }, fd)),
         );
         fds.extend(logs.into_iter().map(|o| (o.kind, o.file.into())));
+        let incoming = self
+            .incoming
+            .iter()
+            .position(|(i, _)| *i == id)
+            .map(|at| self.incoming.remove(at).1);
+        let incoming = incoming.map(|incoming| {
+            fds.push((VmFdKind::Stream, incoming.fd));
+            incoming.header
+        });
         let params = VmParams {
             id,
             name: vm.name.clone(),
@@ -596,6 +613,7 @@ impl Launcher {
                 .iter()
                 .map(|i| i.lladdr.unwrap_or_default())
                 .collect(),
+            incoming,
             fd_count: fds.len() as u32,
         };
 
@@ -1187,6 +1205,19 @@ impl Launcher {
 }
 
 impl Backend for Launcher {
+    /// Kept until VM `id`'s process is launched; the streams of starts
+    /// that ended meanwhile go (vmctl sees its socket close).
+    fn set_incoming(&mut self, id: u32, incoming: Incoming) {
+        let live: Vec<u32> = self
+            .pending
+            .iter()
+            .map(|p| p.id)
+            .chain(self.net_wait.iter().map(|w| w.pending.id))
+            .collect();
+        self.incoming.retain(|(i, _)| live.contains(i));
+        self.incoming.push((id, incoming));
+    }
+
     fn start(
         &mut self,
         id: u32,
@@ -1283,13 +1314,16 @@ fn launch_files_work(
     range: UidRange,
     taken: &[u32],
     console_log: &Path,
+    lock_disks: bool,
 ) -> helper::Work {
     let deadline = Instant::now() + OPEN_TIMEOUT;
     let work = || -> Result<(Vec<Opened>, HelperAnswer), StartError> {
         let (kvm, groups) = launch_kvm_groups(accel)?;
         let mut files = launch_open_files(vm, requester, deadline)?;
         files.extend(launch_open_vhosts(vm, kvm));
-        launch_lock_disks(&files)?;
+        if lock_disks {
+            launch_lock_disks(&files)?;
+        }
         let (log, console_log_size) =
             open_console_log(console_log).map_err(|why| StartError::ConsoleLog {
                 path: console_log.display().to_string(),

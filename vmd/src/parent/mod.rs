@@ -877,6 +877,23 @@ impl Parent {
                     None => return,
                 }
             }
+            CtlRequest::Receive { name, header } => {
+                // Answered as a start: once the guest runs, resumed
+                // after the stream's hash checked out.
+                let result = match (registry::receive_request(&name, &header), fd) {
+                    (Ok(req), Some(fd)) => {
+                        let incoming = backend::Incoming { header, fd };
+                        self.registry.receive(&req, creds, incoming)
+                    }
+                    (Err(error), _) => Err(error),
+                    // (no descriptor: fd_refusal said so already)
+                    (Ok(_), None) => Err(CtlError::Errno(libc::EBADF)),
+                };
+                match self.hold_reply(result, Held::Start, token, peer) {
+                    Some(error) => vm_result(Err(error)),
+                    None => return,
+                }
+            }
         };
         self.send(token, answer);
     }

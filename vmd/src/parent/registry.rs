@@ -28,7 +28,7 @@
 //! the start rate limit refuses it.
 
 use crate::log::{log_debug, log_info, log_warn};
-use crate::parent::backend::{Backend, Requester, VmEnded};
+use crate::parent::backend::{Backend, Incoming, Requester, VmEnded};
 use common::config::{Config, Globals, Owner, SwitchConfig, VmConfig, DEFAULT_STAGGERED_DELAY};
 use common::ctl::{Credentials, CtlError, ResetWhat, StartRequest, VmTarget};
 use common::imsg::VmCommand;
@@ -165,6 +165,8 @@ pub struct Registry {
     next_batch: Option<Instant>,
     /// What runs the VMs (None: nothing pretends to run).
     backend: Option<Box<dyn Backend>>,
+    /// `vmctl receive`'s stream, for the launch of the VM it starts.
+    incoming: Option<Incoming>,
     /// The host's MemTotal for the unit tests; `None` reads
     /// /proc/meminfo at each start.
     host_memory: Option<u64>,
@@ -935,6 +937,28 @@ impl Registry {
         Ok(self.vms[index].vmid)
     }
 
+    /// `vmctl receive`: starts the new VM `req` describes (from the
+    /// stream's header, [`receive_request`]) from `incoming`. A name vmd
+    /// knows is refused: a received VM is always a new one.
+    pub fn receive(
+        &mut self,
+        req: &StartRequest,
+        creds: &Credentials,
+        incoming: Incoming,
+    ) -> Result<u32, CtlError> {
+        if let Some(index) = self.find(&req.target) {
+            let why = format!(
+                "vm {} exists: receive it under a new name",
+                self.vms[index].name()
+            );
+            return Err(explained(Errno::EALREADY, why));
+        }
+        self.incoming = Some(incoming);
+        let result = self.start(req, creds);
+        self.incoming = None;
+        result
+    }
+
     /// `vmctl send` of VM `target`: the command for its VM process,
     /// whose stream header names the VM as it runs (paths, not contents).
     pub fn send_command(
@@ -1157,6 +1181,9 @@ impl Registry {
             log_debug!("launch vm {vmid} ({}): no backend", settings.name);
             return Err(CtlError::Text(BACKEND_MISSING.into()));
         };
+        if let Some(incoming) = self.incoming.take() {
+            backend.set_incoming(vmid, incoming);
+        }
         backend.start(vmid, settings, &self.globals, requester, uid)
     }
 
@@ -1245,12 +1272,79 @@ fn stream_vm(settings: &VmConfig) -> common::stream::StreamVm {
         kernel,
         initrd: file(&settings.initrd),
         cmdline: settings.cmdline.clone(),
-        boot_device: settings
-            .boot_device
-            .map(|d| format!("{d:?}").to_lowercase()),
+        boot_device: settings.boot_device.map(|d| d.keyword().to_string()),
         owner_uid: settings.owner.uid,
         owner_gid: settings.owner.gid,
     }
+}
+
+/// `vmctl receive NAME`: the start of a new VM NAME as the stream's
+/// `header` (its bytes, checked here again) describes it, or why not.
+pub fn receive_request(name: &str, header: &[u8]) -> Result<StartRequest, CtlError> {
+    use common::config::{Accel, Disk, Interface, Owner};
+    let header = common::stream::decode_header(header)
+        .map_err(|e| explained(Errno::EINVAL, e.to_string()))?;
+    if header.backend != "qemu" {
+        let why = format!(
+            "the stream is from backend {}, which this vmd does not run",
+            header.backend
+        );
+        return Err(explained(Errno::EINVAL, why));
+    }
+    check_vm_name(name).map_err(|e| explained(Errno::EINVAL, e.to_string()))?;
+    let accel = match header.accel.as_str() {
+        "kvm" => Accel::Kvm,
+        "tcg" => Accel::Tcg,
+        other => {
+            let why = format!("the stream's guest ran with accel {other}, which vmd does not know");
+            return Err(explained(Errno::EINVAL, why));
+        }
+    };
+    let sent = header.vm;
+    let mut vm = VmConfig::new(name);
+    vm.memory = Some(sent.memory);
+    vm.vcpus = Some(sent.vcpus);
+    vm.accel = Some(accel);
+    vm.disks = sent
+        .disks
+        .into_iter()
+        .map(|d| Disk {
+            path: d.path,
+            format: d.format,
+        })
+        .collect();
+    vm.interfaces = sent
+        .interfaces
+        .into_iter()
+        .map(|i| Interface {
+            lladdr: Some(i.lladdr),
+            switch: i.switch,
+            local: i.local,
+            locked: i.locked,
+            ..Interface::default()
+        })
+        .collect();
+    vm.cdrom = sent.cdrom;
+    vm.boot = sent.kernel.map(|f| f.path);
+    vm.initrd = sent.initrd.map(|f| f.path);
+    vm.cmdline = sent.cmdline;
+    vm.boot_device = sent.boot_device.and_then(|word| {
+        use common::config::BootDevice;
+        [BootDevice::Cdrom, BootDevice::Disk, BootDevice::Net]
+            .into_iter()
+            .find(|d| d.keyword() == word)
+    });
+    vm.owner = Owner {
+        uid: sent.owner_uid,
+        gid: sent.owner_gid,
+        ..Owner::default()
+    };
+    vm.check_limits()
+        .map_err(|why| explained(Errno::EINVAL, format!("the stream's vm: {why}")))?;
+    Ok(StartRequest {
+        target: VmTarget::Name(name.to_string()),
+        vm,
+    })
 }
 
 /// The file a VM's `source` (`FILE:LINE`) names, for messages.

@@ -25,6 +25,7 @@
 pub mod backend;
 mod console;
 pub mod qemu;
+pub mod receive;
 pub mod send;
 
 use common::config::VmConfig;
@@ -139,6 +140,8 @@ pub struct StartFds {
     pub taps: Vec<(u8, OwnedFd)>,
     /// Interfaces' vhost-net descriptors, by interface index.
     pub vhosts: Vec<(u8, OwnedFd)>,
+    /// `vmctl receive`'s socket with the stream.
+    pub stream: Option<OwnedFd>,
 }
 
 pub fn vm_main(verbosity: u8) -> ExitCode {
@@ -222,6 +225,7 @@ fn vm_receive_start(channel: &mut Channel) -> Result<(VmParams, StartFds), VmErr
                         VmFdKind::ConsoleLog => &mut fds.console_log,
                         VmFdKind::Bios => &mut fds.bios,
                         VmFdKind::Cdrom => &mut fds.cdrom,
+                        VmFdKind::Stream => &mut fds.stream,
                         VmFdKind::Tap { index } => {
                             fds.taps.push((index, fd));
                             continue;

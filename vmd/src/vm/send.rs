@@ -176,7 +176,7 @@ impl StreamOut {
 }
 
 /// Writes what the non-blocking `fd` takes now (None: nothing).
-fn write_some(fd: &OwnedFd, data: &[u8]) -> Result<Option<usize>, Errno> {
+pub(super) fn write_some(fd: &OwnedFd, data: &[u8]) -> Result<Option<usize>, Errno> {
     let fd: BorrowedFd = std::os::fd::AsFd::as_fd(fd);
     loop {
         match nix::unistd::write(fd, data) {

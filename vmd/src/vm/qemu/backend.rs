@@ -7,6 +7,7 @@
 //! lines are cut at [`STDERR_LINE_MAX`] and logged at most
 //! [`STDERR_LINES_PER_SECOND`] a second.
 
+mod receive;
 mod send;
 
 use super::lines::{LineBuffer, RateLimit};
@@ -16,6 +17,7 @@ use crate::seccomp::{Allowed, ArgRule, RoleFilter};
 use crate::vm::backend::ThreadRole;
 use crate::vm::backend::{probe, Backend, BackendEvent, Ended, FIRST_BACKEND_TOKEN};
 use crate::vm::console::{read_some, write_all};
+use crate::vm::receive::{StreamIn, RECV_PIPE, RECV_STREAM};
 use crate::vm::send::{SEND_CLIENT, SEND_PIPE};
 use crate::vm::{set_nonblocking, sock_pair, StartFds, VmError};
 use common::imsg::{VmCommand, VmParams};
@@ -41,6 +43,10 @@ pub const QEMU_SYSCALLS: &[Allowed] = &[
     (
         libc::SYS_recvfrom,
         "vmctl send: the reader's answer once it wrote the whole stream",
+    ),
+    (
+        libc::SYS_flock,
+        "vmctl receive: lock the disks once the stream is whole (as the parent does at a start)",
     ),
 ];
 
@@ -92,6 +98,8 @@ pub struct QemuBackend {
     registry: Option<Registry>,
     /// A `vmctl send` under way.
     sending: Option<send::SendJob>,
+    /// A start from `vmctl receive`'s stream, until the guest may run.
+    receiving: Option<receive::RecvJob>,
 }
 
 /// The kernel's, initrd's and BIOS's sizes, those QEMU got.
@@ -148,7 +156,7 @@ pub fn prepare(
         taps: std::mem::take(&mut fds.taps),
         vhosts: std::mem::take(&mut fds.vhosts),
     };
-    let args = qemu_args(params, &files);
+    let mut args = qemu_args(params, &files);
     let boot_sizes = match &files.boot {
         Boot::Kernel { kernel, initrd } => BootSizes {
             kernel: fd_size(kernel),
@@ -175,6 +183,14 @@ pub fn prepare(
     for fd in [qmp.as_raw_fd(), stderr.as_raw_fd()] {
         set_nonblocking(fd)?;
     }
+    let receiving = match &params.incoming {
+        None => None,
+        Some(header) => {
+            let job = receive_prepare(header, fds.stream.take(), &files.disks, boot_sizes)?;
+            args.extend(receive::incoming_args(job.header()));
+            Some(job)
+        }
+    };
     let qemu_pid = spawn(params, &args, &keep, &stderr_qemu)?;
     log_debug!("QEMU (pid {qemu_pid}): {}", args.join(" "));
     // QEMU holds its own copies now (and so the disks' locks).
@@ -197,6 +213,7 @@ pub fn prepare(
         boot_sizes,
         registry: None,
         sending: None,
+        receiving,
     })
 }
 
@@ -231,6 +248,7 @@ impl Backend for QemuBackend {
             QMP => self.on_qmp(buf),
             STDERR => self.on_stderr(buf),
             SEND_PIPE | SEND_CLIENT => self.send_pump(),
+            RECV_STREAM | RECV_PIPE => self.recv_pump(),
             _ => {}
         }
     }
@@ -247,10 +265,11 @@ impl Backend for QemuBackend {
     /// next note.
     fn timer(&self) -> Option<Instant> {
         let note = self.sending.as_ref().map(|job| job.next_note());
-        match (self.stderr_limit.due(), note) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let retry = self.receiving.as_ref().and_then(|job| job.timer());
+        [self.stderr_limit.due(), note, retry]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn on_timer(&mut self, now: Instant) {
@@ -258,6 +277,7 @@ impl Backend for QemuBackend {
             log_dropped(dropped);
         }
         self.send_timer(now);
+        self.recv_timer(now);
     }
 
     /// QEMU closed QMP: it is exiting.
@@ -322,6 +342,9 @@ impl QemuBackend {
         if let Some(step) = id.strip_prefix(send::ID_PREFIX) {
             return self.send_answer(step, error, value);
         }
+        if let Some(step) = id.strip_prefix(receive::ID_PREFIX) {
+            return self.recv_answer(step, error, value);
+        }
         if id == "resume" {
             match error {
                 None => self.paused = false,
@@ -371,6 +394,7 @@ impl QemuBackend {
                 return true;
             }
             match qmp_line(&mut self.qmp_state, line.text.trim()) {
+                QmpReply::Send("cont") if self.recv_begin() => {}
                 QmpReply::Send(command) => {
                     if let Err(e) = write_all(fd, qmp_command(command).as_bytes()) {
                         log_warn!("QMP {command}: {e}");
@@ -398,7 +422,10 @@ impl QemuBackend {
                 }
                 QmpReply::Error(e) => log_warn!("QMP: {e}"),
                 QmpReply::Answer { id, error, value } => self.on_answer(&id, error, value),
-                QmpReply::Migration(status) => self.send_migration(status),
+                QmpReply::Migration(status) => {
+                    self.recv_migration(status.clone());
+                    self.send_migration(status);
+                }
                 QmpReply::Nothing => {}
             }
         }
@@ -503,6 +530,33 @@ impl QemuBackend {
             start_failed,
         }
     }
+}
+
+/// A start from a stream: its header checked against what this VM
+/// process got, the stream's socket non-blocking, copies of the disks'
+/// descriptors to lock them later.
+fn receive_prepare(
+    header: &[u8],
+    stream: Option<OwnedFd>,
+    disks: &[DiskLayer],
+    sizes: BootSizes,
+) -> Result<receive::RecvJob, VmError> {
+    let refused = |why: String| VmError::Receive(why);
+    let stream = stream.ok_or_else(|| refused("no stream descriptor".into()))?;
+    set_nonblocking(stream.as_raw_fd())?;
+    let (stream, header) = StreamIn::new(header, stream).map_err(|e| refused(e.to_string()))?;
+    let got = [
+        ("kernel", sizes.kernel),
+        ("initrd", sizes.initrd),
+        ("BIOS", sizes.bios),
+    ];
+    receive::check_boot_sizes(&header, got).map_err(refused)?;
+    let copies = disks
+        .iter()
+        .map(|layer| layer.fd.try_clone().map(|fd| (fd, layer.writable)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| refused(format!("cannot keep the disks' descriptors: {e}")))?;
+    Ok(receive::RecvJob::new(header, stream, copies))
 }
 
 fn log_dropped(dropped: u64) {
