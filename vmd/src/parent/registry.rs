@@ -2247,4 +2247,68 @@ mod tests {
         r.ended(&end(&state, kept, None));
         assert_eq!(state.borrow().removed_logs.len(), 1);
     }
+
+    /// A stream's header names the VM as it runs; receive starts a new
+    /// VM with the same settings under its new name, and refuses a
+    /// corrupt header, a foreign backend and a name in use.
+    #[test]
+    fn a_received_vm_is_the_sent_one_under_a_new_name() {
+        use common::stream::{Encoder, StreamHeader};
+        let r = registry(
+            "vm \"web\" {\n disable\n memory 300M\n boot \"/k\"\n initrd \"/i\"\n \
+             disk \"/d.qcow2\"\n interface { lladdr fe:e1:ba:d0:00:07 switch \"up\" }\n owner 1000\n}\n",
+        );
+        let vm = r.vms[0].config.clone();
+        let header = |backend: &str| StreamHeader {
+            backend: backend.into(),
+            qemu_version: "7.2.19".into(),
+            machine: "pc-i440fx-7.2".into(),
+            cpu: "qemu64".into(),
+            accel: "tcg".into(),
+            vm: stream_vm(&vm),
+        };
+        let bytes = |h: &StreamHeader| Encoder::new(h).expect("encodes").1;
+        let req = receive_request("copy", &bytes(&header("qemu"))).expect("a good header");
+        assert_eq!(req.target, VmTarget::Name("copy".into()));
+        assert_eq!(req.vm.name, "copy");
+        assert_eq!(req.vm.memory, Some(300 << 20));
+        assert_eq!(req.vm.boot.as_deref(), Some("/k"));
+        assert_eq!(req.vm.initrd.as_deref(), Some("/i"));
+        assert_eq!(req.vm.disks, vm.disks);
+        assert_eq!(
+            req.vm.interfaces[0].lladdr,
+            Some([0xfe, 0xe1, 0xba, 0xd0, 0, 7])
+        );
+        assert_eq!(req.vm.interfaces[0].switch.as_deref(), Some("up"));
+        assert_eq!(req.vm.owner.uid, 1000);
+        assert_eq!(req.vm.accel, Some(common::config::Accel::Tcg));
+
+        let mut corrupt = bytes(&header("qemu"));
+        corrupt[20] ^= 1;
+        let why = |e: CtlError| e.describe();
+        assert_eq!(
+            why(receive_request("copy", &corrupt).unwrap_err()),
+            "the stream's header is corrupt (its checksum does not match)"
+        );
+        assert_eq!(
+            why(receive_request("copy", &bytes(&header("kvm-own"))).unwrap_err()),
+            "the stream is from backend kvm-own, which this vmd does not run"
+        );
+        assert!(receive_request("-bad", &bytes(&header("qemu"))).is_err());
+
+        let mut r = r;
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        drop(b);
+        let incoming = Incoming {
+            header: bytes(&header("qemu")),
+            fd: a.into(),
+        };
+        let mut taken = receive_request("web", &incoming.header).expect("header");
+        taken.target = VmTarget::Name("web".into());
+        let root = user(0, 0, &[]);
+        assert_eq!(
+            why(r.receive(&taken, &root, incoming).unwrap_err()),
+            "vm web exists: receive it under a new name"
+        );
+    }
 }

@@ -183,6 +183,7 @@ mod tests {
             console_log_cap: 1 << 20,
             console_log_size: 0,
             macs: Vec::new(),
+            incoming: None,
             fd_count: 0,
         }
     }

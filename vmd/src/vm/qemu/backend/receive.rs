@@ -150,7 +150,7 @@ impl QemuBackend {
                         "the stream is from QEMU {}, this host runs QEMU {here}",
                         job.header.qemu_version
                     );
-                    return self.recv_failed(why);
+                    self.recv_failed(why);
                 }
             }
             ("caps", None) => self.recv_hand_pipe(),
