@@ -14,7 +14,9 @@ the guest counts on (no second `booted` marker) and its disk still holds
 what it wrote. A stream cut short, one with a byte flipped in its
 header, its middle or its last 200 bytes, random bytes and an empty
 input are each refused with nothing left: no VM listed, no VM process
-or QEMU, the disk not locked.
+or QEMU, the disk not locked; so are whole streams (their checksums made
+anew) from another QEMU version, for another machine type, memory size
+or kernel size, each with a message that says which.
 
 Runs as root. Each case starts its own vmd (regress/lib/vmdregress.py)
 and kills vmd and every process it started at the end, even on failure.
@@ -62,6 +64,23 @@ def read_stream(data):
     if at + 44 != len(data):
         raise Failure(f"{len(data) - at - 44} bytes after the stream's end")
     return body, total
+
+
+def rewrite(data, change):
+    """The stream `data` with its header body changed by change(body),
+    its checksum and trailing hash made anew (a foreign but whole stream)."""
+    (length,) = struct.unpack(">I", data[12:16])
+    body = change(data[16:16 + length])
+    head = data[:8] + data[8:12] + struct.pack(">I", len(body)) + body
+    head += hashlib.sha256(head).digest()
+    rest = data[48 + length:-44]
+    end = data[-44:-32]
+    whole = head + rest + end
+    return whole + hashlib.sha256(whole).digest()
+
+
+def bincode_str(text):
+    return struct.pack(">Q", len(text)) + text.encode()
 
 
 def ticking(vmd, name, word=None):
@@ -143,6 +162,8 @@ def not_root(vmd, user):
     vmid, _ = ticking(vmd, "send4")
     rc, out = vmd.vmctl("send", "send4", user=user.name)
     expect((rc, out), 1, r"^vmctl: send vm command failed: Operation not permitted", "send by a user")
+    rc, out = vmd.vmctl("receive", "recv4", user=user.name)
+    expect((rc, out), 1, r"^vmctl: receive vm command failed: Operation not permitted", "receive by a user")
     if vmd.state(vmid) != "running":
         raise Failure(f"after a user's send: {vmd.status_row(vmid)}")
 
@@ -260,6 +281,39 @@ def broken_streams(vmd):
     counts_on(vmd, "good1", "good2")
 
 
+def incompatible_streams(vmd):
+    _, disk, path = send_file(vmd, "orig1")
+    with open(path, "rb") as f:
+        good = f.read()
+    read_stream(good)
+    (length,) = struct.unpack(">I", good[12:16])
+    body = good[16:16 + length]
+    version = re.search(rb"\d+\.\d+\.\d+", body).group().decode()
+    machine = re.search(rb"pc-i440fx-\d+\.\d+", body).group().decode()
+    kernel_at = body.index(t.KERNEL.encode()) + len(t.KERNEL)
+    (kernel_size,) = struct.unpack(">Q", body[kernel_at:kernel_at + 8])
+    variants = [
+        ("qemu", lambda b: b.replace(bincode_str(version), bincode_str("1.2.3"), 1),
+         rf"the stream is from QEMU 1\.2\.3, this host runs QEMU {re.escape(version)}"),
+        ("machine", lambda b: b.replace(bincode_str(machine), bincode_str("pc-i440fx-0.1"), 1),
+         r"pc-i440fx-0\.1"),
+        ("memory", lambda b: b.replace(struct.pack(">Q", 256 << 20), struct.pack(">Q", 320 << 20), 1),
+         r"QEMU|load|[Ll]ength|mismatch"),
+        ("kernel", lambda b: b[:kernel_at] + struct.pack(">Q", kernel_size + 1) + b[kernel_at + 8:],
+         rf"the kernel {re.escape(t.KERNEL)} is {kernel_size} bytes, the sender's was {kernel_size + 1}"),
+    ]
+    for tag, change, why in variants:
+        data = rewrite(good, change)
+        read_stream(data)
+        other = os.path.join(vmd.dir, f"{tag}.vm")
+        with open(other, "wb") as f:
+            f.write(data)
+        name = f"other-{tag}"
+        expect(receive_from(vmd, name, other), 1, rf"^vmctl: receive vm command failed: .*({why})",
+               f"receive of a stream with another {tag}")
+        nothing_left(vmd, name, disk)
+
+
 def main():
     if not t.prepare():
         return 1
@@ -269,10 +323,11 @@ def main():
     case("receive-from-file-counts-on", with_vmd(receive_file))
     case("send-pipe-receive", with_vmd(through_pipe))
     case("receive-broken-streams-leave-nothing", with_vmd(broken_streams))
-    if t.selected("send-by-user-refused"):
+    case("receive-incompatible-streams-refused", with_vmd(incompatible_streams))
+    if t.selected("send-receive-by-user-refused"):
         user = TestUser("vmdsend")
         try:
-            case("send-by-user-refused", with_vmd(lambda vmd: not_root(vmd, user), dir_mode=0o755,
+            case("send-receive-by-user-refused", with_vmd(lambda vmd: not_root(vmd, user), dir_mode=0o755,
                                                   conf_extra=f"socket owner :{user.name}\n"))
         finally:
             user.remove()

@@ -100,6 +100,8 @@ pub struct QemuBackend {
     sending: Option<send::SendJob>,
     /// A start from `vmctl receive`'s stream, until the guest may run.
     receiving: Option<receive::RecvJob>,
+    /// The machine type of a start from a stream.
+    incoming_machine: Option<String>,
 }
 
 /// The kernel's, initrd's and BIOS's sizes, those QEMU got.
@@ -213,6 +215,7 @@ pub fn prepare(
         boot_sizes,
         registry: None,
         sending: None,
+        incoming_machine: receiving.as_ref().map(|job| job.header().machine.clone()),
         receiving,
     })
 }
@@ -520,9 +523,17 @@ impl QemuBackend {
         log_debug!("QEMU {why}");
         // The guest never ran: the start failed, and this is why.
         let start_failed = (self.qmp_state != QmpState::Running).then(|| {
-            self.start_error
+            let reason = self
+                .start_error
                 .take()
-                .unwrap_or_else(|| start_reason(&format!("QEMU {why} before the guest ran")))
+                .unwrap_or_else(|| start_reason(&format!("QEMU {why} before the guest ran")));
+            // QEMU does not say which machine type it refused.
+            match &self.incoming_machine {
+                Some(machine) if reason.contains("machine type") => {
+                    format!("{reason} (the stream's machine type is {machine})")
+                }
+                _ => reason,
+            }
         });
         Ended {
             clean,
