@@ -125,6 +125,13 @@ impl Client {
     /// What vmd has sent that can be read now, without waiting; an error
     /// when vmd closed the connection with nothing more to read.
     pub fn receive_ready(&mut self) -> Result<Vec<Message>, String> {
+        self.read_frames()?;
+        Ok(self.frames.drain(..).map(|f| f.message).collect())
+    }
+
+    /// Reads the frames available now; an error when vmd closed the
+    /// connection and none is left.
+    fn read_frames(&mut self) -> Result<(), String> {
         let (frames, eof) = self
             .channel
             .receive()
@@ -133,7 +140,7 @@ impl Client {
         if eof && self.frames.is_empty() {
             return Err("pipe closed".into());
         }
-        Ok(self.frames.drain(..).map(|f| f.message).collect())
+        Ok(())
     }
 
     /// The next message from vmd, waiting for it as long as the request
@@ -167,14 +174,7 @@ impl Client {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => return Err(format!("poll: {e}")),
             }
-            let (frames, eof) = self
-                .channel
-                .receive()
-                .map_err(|e| format!("imsg_read error: {e}"))?;
-            self.frames.extend(frames);
-            if eof && self.frames.is_empty() {
-                return Err("pipe closed".into());
-            }
+            self.read_frames()?;
         }
     }
 }

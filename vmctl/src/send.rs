@@ -118,20 +118,8 @@ impl<W: Write> Copy<W> {
                     ANSWER_TIMEOUT.as_secs()
                 ));
             }
-            let mut fds = vec![PollFd::new(client.fd(), PollFlags::POLLIN)];
-            if let Some(stream) = &self.stream {
-                fds.push(PollFd::new(stream.as_fd(), PollFlags::POLLIN));
-            }
-            match poll(&mut fds, PollTimeout::from(1000u16)) {
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(e) => return Err(format!("poll: {}", e.desc())),
-            }
-            let stream_ready = fds
-                .get(1)
-                .and_then(|f| f.revents())
-                .is_some_and(|r| !r.is_empty());
-            let client_ready = fds[0].revents().is_some_and(|r| !r.is_empty());
-            drop(fds);
+            let other = self.stream.as_ref().map(|s| (s.as_fd(), PollFlags::POLLIN));
+            let (client_ready, stream_ready) = wait_ready(client, other)?;
             if stream_ready {
                 heard = Instant::now();
                 self.copy_some(&mut buf);
@@ -139,26 +127,8 @@ impl<W: Write> Copy<W> {
             if client_ready {
                 heard = Instant::now();
                 for message in client.receive_ready()? {
-                    match message {
-                        Message::CtlProgress { note, .. } => {
-                            if let Some(p) = self.progress.as_mut() {
-                                p.phase = note.split(':').next().unwrap_or("").to_string();
-                            }
-                        }
-                        Message::CtlVmResult {
-                            error: None, vmid, ..
-                        } => answer = Some(Ok(vmid)),
-                        Message::CtlVmResult {
-                            error: Some(error), ..
-                        } => answer = Some(Err(error.describe())),
-                        Message::CtlFail { errno, lines } => {
-                            let mut why = lines.join("; ");
-                            if why.is_empty() {
-                                why = Errno::from_raw(errno).desc().to_string();
-                            }
-                            answer = Some(Err(why));
-                        }
-                        _ => answer = Some(Err("unexpected response received from vmd".into())),
+                    if let Some(result) = answer_of(message, &mut self.progress) {
+                        answer = Some(result.map(|(vmid, _)| vmid));
                     }
                 }
             }
@@ -202,6 +172,51 @@ impl<W: Write> Copy<W> {
             self.stream = None;
         }
     }
+}
+
+/// Waits up to a second for vmd's connection and `other` (polled for
+/// its flags): whether each is ready.
+fn wait_ready(
+    client: &Client,
+    other: Option<(std::os::fd::BorrowedFd, PollFlags)>,
+) -> Result<(bool, bool), String> {
+    let mut fds = vec![PollFd::new(client.fd(), PollFlags::POLLIN)];
+    fds.extend(other.map(|(fd, flags)| PollFd::new(fd, flags)));
+    match poll(&mut fds, PollTimeout::from(1000u16)) {
+        Ok(_) | Err(Errno::EINTR) => {}
+        Err(e) => return Err(format!("poll: {}", e.desc())),
+    }
+    let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+    Ok((ready(&fds[0]), fds.get(1).is_some_and(ready)))
+}
+
+/// vmd's answer in `message` (the VM's id and tty, or why it failed);
+/// None for a progress note, whose phase goes to `progress`.
+fn answer_of(
+    message: Message,
+    progress: &mut Option<Progress>,
+) -> Option<Result<(u32, String), String>> {
+    Some(match message {
+        Message::CtlProgress { note, .. } => {
+            if let Some(p) = progress.as_mut() {
+                p.phase = note.split(':').next().unwrap_or("").to_string();
+            }
+            return None;
+        }
+        Message::CtlVmResult {
+            error: None,
+            vmid,
+            tty,
+        } => Ok((vmid, tty.unwrap_or_default())),
+        Message::CtlVmResult {
+            error: Some(error), ..
+        } => Err(error.describe()),
+        Message::CtlFail { errno, lines } if lines.is_empty() => {
+            Err(Errno::from_raw(errno).desc().to_string())
+        }
+        Message::CtlFail { lines, .. } => Err(lines.join("; ")),
+        _ => Err("unexpected response received from vmd".into()),
+    })
 }
 
 /// The progress line on a terminal: bytes, rate, phase.
@@ -353,26 +368,14 @@ impl Feed {
             let want_input =
                 self.stream.is_some() && self.input_open && self.written >= self.pending.len();
             let stdin = std::io::stdin();
-            let mut fds = vec![PollFd::new(client.fd(), PollFlags::POLLIN)];
-            if want_input {
-                fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
-            } else if let Some(stream) = self
-                .stream
-                .as_ref()
-                .filter(|_| self.written < self.pending.len())
-            {
-                fds.push(PollFd::new(stream.as_fd(), PollFlags::POLLOUT));
-            }
-            match poll(&mut fds, PollTimeout::from(1000u16)) {
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(e) => return Err(format!("poll: {}", e.desc())),
-            }
-            let other_ready = fds
-                .get(1)
-                .and_then(|f| f.revents())
-                .is_some_and(|r| !r.is_empty());
-            let client_ready = fds[0].revents().is_some_and(|r| !r.is_empty());
-            drop(fds);
+            let other = if want_input {
+                Some((stdin.as_fd(), PollFlags::POLLIN))
+            } else {
+                let unwritten = self.written < self.pending.len();
+                let stream = self.stream.as_ref().filter(|_| unwritten);
+                stream.map(|s| (s.as_fd(), PollFlags::POLLOUT))
+            };
+            let (client_ready, other_ready) = wait_ready(client, other)?;
             if other_ready && want_input {
                 match input.read(&mut buf) {
                     Ok(0) => {
@@ -396,24 +399,8 @@ impl Feed {
             if client_ready {
                 heard = Instant::now();
                 for message in client.receive_ready()? {
-                    match message {
-                        Message::CtlVmResult {
-                            error: None,
-                            vmid,
-                            tty,
-                        } => return Ok((vmid, tty.unwrap_or_default())),
-                        Message::CtlVmResult {
-                            error: Some(error), ..
-                        } => return Err(error.describe()),
-                        Message::CtlFail { errno, lines } => {
-                            let mut why = lines.join("; ");
-                            if why.is_empty() {
-                                why = Errno::from_raw(errno).desc().to_string();
-                            }
-                            return Err(why);
-                        }
-                        Message::CtlProgress { .. } => {}
-                        _ => return Err("unexpected response received from vmd".into()),
+                    if let Some(result) = answer_of(message, &mut self.progress) {
+                        return result;
                     }
                 }
             }

@@ -207,17 +207,21 @@ mod tests {
         }
     }
 
-    /// A slow reader on a small socket: every byte of a 3 MiB migration
-    /// arrives framed, and the loop never blocks.
-    #[test]
-    fn a_stream_through_a_slow_reader_arrives_whole() {
-        let (client, reader) = socketpair(
+    fn nonblocking_pair() -> (OwnedFd, OwnedFd) {
+        socketpair(
             AddressFamily::Unix,
             SockType::Stream,
             None,
             SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    /// A slow reader on a small socket: every byte of a 3 MiB migration
+    /// arrives framed, and the loop never blocks.
+    #[test]
+    fn a_stream_through_a_slow_reader_arrives_whole() {
+        let (client, reader) = nonblocking_pair();
         let (pipe_r, pipe_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)
                 .unwrap();
@@ -282,13 +286,7 @@ mod tests {
 
     #[test]
     fn a_closed_reader_is_an_error_and_is_seen_while_idle() {
-        let (client, reader) = socketpair(
-            AddressFamily::Unix,
-            SockType::Stream,
-            None,
-            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap();
+        let (client, reader) = nonblocking_pair();
         let poll = Poll::new().unwrap();
         let mut out = StreamOut::new(client, &header(), poll.registry()).unwrap();
         assert!(!out.reader_gone());

@@ -543,6 +543,49 @@ impl QemuBackend {
     }
 }
 
+/// Which end of a migration pipe QEMU gets.
+enum PipeEnd {
+    /// It writes (send).
+    Write,
+    /// It reads (receive).
+    Read,
+}
+
+/// A migration pipe (non-blocking, close-on-exec) with QEMU's `end` of it
+/// handed over on `qmp` with `getfd` as `name` (QMP id `id`): our end.
+fn hand_pipe(qmp: RawFd, end: PipeEnd, name: &str, id: &str) -> Result<OwnedFd, String> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let flags = nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK;
+    let (read, write) =
+        nix::unistd::pipe2(flags).map_err(|e| format!("cannot create the migration pipe: {e}"))?;
+    let (theirs, ours) = match end {
+        PipeEnd::Write => (write, read),
+        PipeEnd::Read => (read, write),
+    };
+    let line = qmp_command_with_args("getfd", serde_json::json!({"fdname": name}), id);
+    let fds = [theirs.as_raw_fd()];
+    let iov = [std::io::IoSlice::new(line.as_bytes())];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    // QMP takes a line this short whole: it reads us always. Our copy of
+    // QEMU's end closes on return: QEMU holds its own.
+    match sendmsg::<()>(qmp, &iov, &cmsg, MsgFlags::empty(), None) {
+        Ok(n) if n == line.len() => Ok(ours),
+        Ok(_) => Err("getfd: QMP took part of the line".to_string()),
+        Err(e) => Err(format!("handing QEMU the migration pipe: {e}")),
+    }
+}
+
+impl QemuBackend {
+    /// Writes QMP lines (a send's or a receive's commands).
+    fn qmp_write(&self, lines: &[String]) -> Result<(), String> {
+        let fd = self.qmp.as_ref().map(|fd| fd.as_raw_fd());
+        let fd = fd.ok_or_else(|| "QEMU is exiting".to_string())?;
+        lines.iter().try_for_each(|line| {
+            write_all(fd, line.as_bytes()).map_err(|e| format!("writing to QMP: {e}"))
+        })
+    }
+}
+
 /// A start from a stream: its header checked against what this VM
 /// process got, the stream's socket non-blocking, copies of the disks'
 /// descriptors to lock them later.

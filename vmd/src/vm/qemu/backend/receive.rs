@@ -11,13 +11,11 @@
 //! is written) and only then `cont` lets the guest run. Any failure kills
 //! QEMU: the start fails with the reason and vmd releases everything.
 
-use super::QemuBackend;
+use super::{hand_pipe, PipeEnd, QemuBackend};
 use crate::log::{log_debug, log_info, log_warn};
-use crate::vm::console::write_all;
 use crate::vm::qemu::{qmp_command, qmp_command_with_args, qmp_command_with_id, start_reason};
 use crate::vm::receive::{Fed, StreamIn};
 use common::stream::{StreamFile, StreamHeader};
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use serde_json::{json, Value};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -126,13 +124,8 @@ impl QemuBackend {
     }
 
     fn recv_qmp(&mut self, lines: &[String]) {
-        let Some(fd) = self.qmp.as_ref().map(|fd| fd.as_raw_fd()) else {
-            return;
-        };
-        for line in lines {
-            if let Err(e) = write_all(fd, line.as_bytes()) {
-                return self.recv_failed(format!("writing to QMP: {e}"));
-            }
+        if let Err(e) = self.qmp_write(lines) {
+            self.recv_failed(e);
         }
     }
 
@@ -176,21 +169,8 @@ impl QemuBackend {
         ) else {
             return;
         };
-        let handed = (|| {
-            let flags = nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK;
-            let (read, write) = nix::unistd::pipe2(flags)
-                .map_err(|e| format!("cannot create the migration pipe: {e}"))?;
-            job.stream.attach_pipe(write, registry)?;
-            let line = qmp_command_with_args("getfd", json!({"fdname": FD_NAME}), "recv-getfd");
-            let fds = [read.as_raw_fd()];
-            let iov = [std::io::IoSlice::new(line.as_bytes())];
-            let cmsg = [ControlMessage::ScmRights(&fds)];
-            match sendmsg::<()>(qmp.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None) {
-                Ok(n) if n == line.len() => Ok(()),
-                Ok(_) => Err("getfd: QMP took part of the line".to_string()),
-                Err(e) => Err(format!("handing QEMU the migration pipe: {e}")),
-            }
-        })();
+        let handed = hand_pipe(qmp.as_raw_fd(), PipeEnd::Read, FD_NAME, "recv-getfd")
+            .and_then(|write| job.stream.attach_pipe(write, registry));
         if let Err(e) = handed {
             self.recv_failed(e);
         }

@@ -10,7 +10,7 @@
 //! cancels the migration, waits for QEMU to say it has ended and
 //! resumes the guest (`cont`, unless it was paused before the send).
 
-use super::QemuBackend;
+use super::{hand_pipe, PipeEnd, QemuBackend};
 use crate::log::{log_debug, log_info, log_warn};
 use crate::vm::backend::BackendEvent;
 use crate::vm::console::write_all;
@@ -18,7 +18,6 @@ use crate::vm::qemu::{qmp_command_with_args, qmp_command_with_id};
 use crate::vm::send::{Pumped, StreamOut};
 use common::imsg::VmCommand;
 use common::stream::StreamHeader;
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use serde_json::{json, Value};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -133,13 +132,8 @@ impl QemuBackend {
 
     /// Writes QMP lines for the send; a failure to write fails it.
     fn send_qmp(&mut self, lines: &[String]) {
-        let Some(fd) = self.qmp.as_ref().map(|fd| fd.as_raw_fd()) else {
-            return self.send_failed("QEMU is exiting".into());
-        };
-        for line in lines {
-            if let Err(e) = write_all(fd, line.as_bytes()) {
-                return self.send_failed(format!("writing to QMP: {e}"));
-            }
+        if let Err(e) = self.qmp_write(lines) {
+            self.send_failed(e);
         }
     }
 
@@ -216,21 +210,9 @@ impl QemuBackend {
             return;
         };
         let stream = StreamOut::new(client, &job.header, registry).and_then(|mut stream| {
-            let flags = nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK;
-            let (read, write) = nix::unistd::pipe2(flags)
-                .map_err(|e| format!("cannot create the migration pipe: {e}"))?;
+            let read = hand_pipe(qmp.as_raw_fd(), PipeEnd::Write, FD_NAME, "send-getfd")?;
             stream.attach_pipe(read, registry)?;
-            let line = qmp_command_with_args("getfd", json!({"fdname": FD_NAME}), "send-getfd");
-            let fds = [write.as_raw_fd()];
-            let iov = [std::io::IoSlice::new(line.as_bytes())];
-            let cmsg = [ControlMessage::ScmRights(&fds)];
-            // QMP takes a line this short whole: it reads us always.
-            match sendmsg::<()>(qmp.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None) {
-                Ok(n) if n == line.len() => Ok(stream),
-                Ok(_) => Err("getfd: QMP took part of the line".to_string()),
-                Err(e) => Err(format!("handing QEMU the migration pipe: {e}")),
-            }
-            // (our copy of the write end closes here: QEMU holds its own)
+            Ok(stream)
         });
         match stream {
             Ok(stream) => {
