@@ -4,7 +4,7 @@ in one run (regress/bench.d/README.md says how to read the table).
 
     regress/bench [--quick] [SECTION...]
 
-Sections: qcow2 control start (default: all). --quick takes one or two
+Sections: qcow2 control start send (default: all). --quick takes one or two
 runs per figure (for developing the bench, not for numbers). As root.
 
 Everything that could touch the host's network runs in a network
@@ -36,7 +36,7 @@ from common import CannotRun, Row, log  # noqa: E402
 sys.path.insert(0, os.path.join(c.REGRESS, "lib"))
 import vmdregress  # noqa: E402
 
-SECTIONS = ["qcow2", "control", "start"]
+SECTIONS = ["qcow2", "control", "start", "send"]
 # VMs defined on each side (vm.conf and libvirt); the "at once" rounds
 # start all of them.
 DEFINED = 10
@@ -57,6 +57,7 @@ class Plan:
         self.single_pairs = 1 if quick else 7
         self.ten_rounds = 1 if quick else 4
         self.qcow2_runs = 1 if quick else 5
+        self.send_runs = 1 if quick else 3
 
 
 # --- the network namespace
@@ -596,6 +597,96 @@ def section_start(plan, vmd, lv, work, kernel, initrd, cleanup):
     return rows
 
 
+SEND = "6 send/receive (TCG, 256 MiB guest): vmctl | cat (a file, or a pipe, of the same size)"
+# Random data in the guest's memory for the second kind of guest (MiB).
+FILL_MIB = 160
+
+
+def send_guest(vmd, name, kernel, initrd, extra=""):
+    """A test guest started with vmctl that has ticked twice."""
+    vmd.vmctl("start", name, "-b", kernel, "--initrd", initrd, "--cmdline", CMDLINE + extra,
+              "-m", f"{MEMORY_MIB}M")
+    console = vmd.console(name)
+    c.wait_for(f"{name} to tick", lambda: console.has("VMD-GUEST: tick 2"), BOOT_TIMEOUT)
+
+
+def timed(shell, what):
+    """Seconds a shell command line takes; it must succeed."""
+    t0 = time.monotonic()
+    p = subprocess.run(["bash", "-c", f"set -o pipefail; {shell}"], capture_output=True, text=True,
+                       timeout=BOOT_TIMEOUT)
+    if p.returncode != 0:
+        raise CannotRun(f"{what}: exit {p.returncode}: {p.stderr.strip()}")
+    return time.monotonic() - t0
+
+
+def last_tick_time(read, stop):
+    """Polls a console log until stop() is true: when its last tick came."""
+    seen, at = None, None
+    while not stop():
+        ticks = vmdregress.ticks(read())
+        if ticks and ticks[-1] != seen:
+            seen, at = ticks[-1], time.monotonic()
+        time.sleep(0.01)
+    return at
+
+
+def section_send(plan, vmd, work, kernel, initrd):
+    """vmctl send to a file and receive from it, for an idle guest and one
+    whose memory is full of random data, against cat of the same bytes;
+    send | receive through a pipe against cat | cat; and the guest's
+    downtime (last tick before to first tick after)."""
+    vmctl = " ".join(vmd.vmctl_argv())
+    rows, sizes = [], {}
+    for kind, extra in (("idle", ""), (f"{FILL_MIB} MiB random", f" vmd.fill={FILL_MIB}")):
+        size, send_s, recv_s, cat_s = [], [], [], []
+        for i in range(plan.send_runs):
+            name = f"s{os.getpid()}{kind[0]}{i}"
+            send_guest(vmd, name, kernel, initrd, extra)
+            path, copy = os.path.join(work, f"{name}.vm"), os.path.join(work, "copy.vm")
+            send_s.append(timed(f"{vmctl} send {name} >{path}", f"send {name}"))
+            size.append(os.path.getsize(path) / (1 << 20))
+            cat_s.append(timed(f"cat {path} >{copy}", "cat"))
+            recv_s.append(timed(f"{vmctl} receive r{name} <{path}", f"receive r{name}"))
+            vmd.vmctl("stop", "-f", "-w", f"r{name}")
+            os.unlink(path)
+            os.unlink(copy)
+        sizes[kind] = statistics.median(size)
+        rows.append(Row(SEND, f"{kind}: stream size | guest memory", "MiB", size, [MEMORY_MIB] * len(size)))
+        rows.append(Row(SEND, f"{kind}: send to a file | cat of the stream to a file", "s", send_s, cat_s))
+        rows.append(Row(SEND, f"{kind}: receive from the file, to running | cat", "s", recv_s, cat_s))
+    rate, cat_rate, down = [], [], []
+    mib = sizes["idle"]
+    blob = os.path.join(work, "blob")
+    with open(blob, "wb") as f:
+        f.write(os.urandom(int(mib * (1 << 20))))
+    for i in range(plan.send_runs):
+        name = f"p{os.getpid()}i{i}"
+        send_guest(vmd, name, kernel, initrd)
+        done = threading.Event()
+        last = {}
+        watch = threading.Thread(target=lambda: last.update(
+            at=last_tick_time(lambda: vmd.vmd.console_log(name), done.is_set)))
+        watch.start()
+        try:
+            secs = timed(f"{vmctl} send {name} | {vmctl} receive r{name}", f"send {name} | receive")
+        finally:
+            done.set()
+            watch.join()
+        console = vmd.console(f"r{name}")
+        c.wait_for(f"r{name} to tick", lambda: vmdregress.ticks(console.tail(5)), 60, interval=0.01)
+        down.append(time.monotonic() - last["at"])
+        rate.append(mib / secs)
+        cat_rate.append(mib / timed(f"cat {blob} | cat >/dev/null", "cat | cat"))
+        vmd.vmctl("stop", "-f", "-w", f"r{name}")
+    os.unlink(blob)
+    rows.append(Row(SEND, "idle: send | receive through a pipe | cat | cat (MiB of stream)", "MiB/s",
+                    rate, cat_rate, better="higher"))
+    rows.append(Row(SEND, "idle: guest downtime, last tick before to first after (ticks 1 s apart)", "s",
+                    down, []))
+    return rows
+
+
 def check_ready():
     """What the bench needs, or CannotRun saying what to do."""
     if os.geteuid() != 0:
@@ -636,16 +727,17 @@ def main():
         if "qcow2" in sections:
             log("qcow2: vmctl create against qemu-img")
             rows += section_qcow2(plan, work)
-        if "control" in sections or "start" in sections:
+        if any(s in sections for s in ("control", "start", "send")):
             kernel, initrd = c.guest_files()
             netns = Netns(cleanup)
             log(f"vmd in network namespace {netns.name}")
             vmd = OurVmd(work, netns, kernel, initrd, cleanup)
-            log(f"libvirtd in {netns.name}: defining {DEFINED} domains")
-            lv = Libvirt(work, netns, kernel, initrd, cleanup)
-            version = c.run(lv.virsh_argv("version")).strip().splitlines()
-            notes.append(f"libvirt: {'; '.join(v.strip() for v in version if v.strip())}; "
-                         f"{DEFINED} domains defined in {lv.define_seconds:.1f}s")
+            if "control" in sections or "start" in sections:
+                log(f"libvirtd in {netns.name}: defining {DEFINED} domains")
+                lv = Libvirt(work, netns, kernel, initrd, cleanup)
+                version = c.run(lv.virsh_argv("version")).strip().splitlines()
+                notes.append(f"libvirt: {'; '.join(v.strip() for v in version if v.strip())}; "
+                             f"{DEFINED} domains defined in {lv.define_seconds:.1f}s")
             if "control" in sections:
                 log("control plane: vmctl against virsh, idle daemons")
                 control_rows, base = section_control(plan, vmd, lv)
@@ -654,6 +746,9 @@ def main():
             if "start" in sections:
                 log("start to guest: vmd, bare QEMU and libvirt, alternating")
                 rows += section_start(plan, vmd, lv, work, kernel, initrd, cleanup)
+            if "send" in sections:
+                log("send and receive: to a file and through a pipe, against cat")
+                rows += section_send(plan, vmd, work, kernel, initrd)
     except CannotRun as e:
         print(f"regress/bench: cannot run: {e}", file=sys.stderr)
         return 1

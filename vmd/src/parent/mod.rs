@@ -863,15 +863,25 @@ impl Parent {
             CtlRequest::Send { target } => {
                 // Answered when the stream is whole or has failed.
                 let command = self.registry.send_command(&target, creds);
+                // One at a time: its answer goes to every send held for it.
+                let sending = |vmid: u32| {
+                    self.replies.iter().any(|r| {
+                        r.vmid == vmid && matches!(r.held, Held::Command(VmCommand::Send { .. }))
+                    })
+                };
                 let result = match (command.clone(), fd) {
-                    (Ok(command), Some(fd)) => {
+                    (Ok((vmid, _)), _) if sending(vmid) => Err(CtlError::explained(
+                        nix::errno::Errno::EBUSY,
+                        format!("a send of vm {vmid} is under way"),
+                    )),
+                    (Ok((_, command)), Some(fd)) => {
                         self.registry.command_with_fd(&target, command, fd, creds)
                     }
                     (Err(error), _) => Err(error),
                     // (no descriptor: fd_refusal said so already)
                     (Ok(_), None) => Err(CtlError::Errno(libc::EBADF)),
                 };
-                let held = Held::Command(command.unwrap_or(VmCommand::Pause));
+                let held = Held::Command(command.map_or(VmCommand::Pause, |(_, c)| c));
                 match self.hold_reply(result, held, token, peer) {
                     Some(error) => vm_result(Err(error)),
                     None => return,

@@ -965,12 +965,13 @@ impl Registry {
         &self,
         target: &VmTarget,
         creds: &Credentials,
-    ) -> Result<VmCommand, CtlError> {
+    ) -> Result<(u32, VmCommand), CtlError> {
         let vm = &self.vms[self.find_permitted(target, creds)?];
         let settings = vm.running.as_ref().unwrap_or(&vm.config);
-        Ok(VmCommand::Send {
+        let command = VmCommand::Send {
             vm: Box::new(stream_vm(settings)),
-        })
+        };
+        Ok((vm.vmid, command))
     }
 
     /// The backend's answer to a pause or unpause of VM `vmid`: the VM's
