@@ -27,6 +27,9 @@ use std::time::{Duration, Instant};
 const NOTE_EVERY: Duration = Duration::from_secs(2);
 /// QEMU's name for the pipe's write end.
 const FD_NAME: &str = "vmd-send";
+/// QEMU's migration bandwidth for a send, bytes a second (its own
+/// default is 128 MiB/s): no limit but the reader's.
+const MAX_BANDWIDTH: u64 = 1 << 40;
 /// The QMP ids of a send's commands start with this.
 pub const ID_PREFIX: &str = "send-";
 
@@ -114,7 +117,7 @@ impl QemuBackend {
             was_paused: self.paused,
             stopped: false,
             header,
-            facts_left: 3,
+            facts_left: 4,
             client: Some(client),
             stream: None,
             migration: None,
@@ -123,10 +126,14 @@ impl QemuBackend {
             started: now,
         });
         let caps = json!({"capabilities": [{"capability": "events", "state": true}]});
+        // QEMU throttles a migration to 128 MiB/s unless told otherwise:
+        // the guest is paused, so as fast as the reader takes it.
+        let unthrottled = json!({"max-bandwidth": MAX_BANDWIDTH});
         self.send_qmp(&[
             qmp_command_with_id("query-version", "send-version"),
             qmp_command_with_id("query-machines", "send-machines"),
             qmp_command_with_args("migrate-set-capabilities", caps, "send-caps"),
+            qmp_command_with_args("migrate-set-parameters", unthrottled, "send-params"),
         ]);
     }
 
@@ -167,7 +174,7 @@ impl QemuBackend {
                 }
                 None => self.send_failed("QEMU names no versioned machine type for pc".into()),
             },
-            ("caps", None) => self.send_fact(),
+            ("caps", None) | ("params", None) => self.send_fact(),
             ("stop", None) => {
                 job.stopped = true;
                 self.send_hand_pipe();
