@@ -164,6 +164,9 @@ pub enum Message {
     /// vm -> parent: a long command is under way (`note` says how far);
     /// its reply deadline starts again.
     VmCommandProgress { command: VmCommand, note: String },
+    /// vm -> parent: a start from a stream (`vmctl receive`) is under way
+    /// (`note` says how far); the start's deadline starts again.
+    VmStartProgress { note: String },
     /// vm -> parent: the backend's answer to a `VmCommand`; `error` is
     /// QEMU's (or the VM process's) reason when it failed.
     VmCommandDone {
@@ -441,6 +444,7 @@ impl Message {
             Message::VmCommand { .. } => (106, "VM_COMMAND"),
             Message::VmCommandDone { .. } => (107, "VM_COMMAND_DONE"),
             Message::VmCommandProgress { .. } => (110, "VM_COMMAND_PROGRESS"),
+            Message::VmStartProgress { .. } => (111, "VM_START_PROGRESS"),
             Message::VmGuestEnded { .. } => (108, "VM_GUEST_ENDED"),
             Message::VmStartFailed { .. } => (109, "VM_START_FAILED"),
             Message::UserFile { .. } => (200, "USER_FILE"),

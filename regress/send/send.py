@@ -314,6 +314,29 @@ def incompatible_streams(vmd):
         nothing_left(vmd, name, disk)
 
 
+# Longer than a start's 40 s deadline (common/src/ctl.rs VM_START_TIMEOUT).
+SLOW_SECONDS = 50
+
+
+def slow_stream(vmd):
+    """A stream that trickles in for longer than a start may take (as
+    over a slow ssh link): the receive goes on while data comes."""
+    _, _, path = send_file(vmd, "slow1")
+    size = os.path.getsize(path)
+    feeder = (f"import sys, time\nf = open({path!r}, 'rb')\nstep = {size // (SLOW_SECONDS * 10) + 1}\n"
+              "while True:\n    b = f.read(step)\n    if not b: break\n"
+              "    sys.stdout.buffer.write(b); sys.stdout.buffer.flush(); time.sleep(0.1)\n")
+    started = time.monotonic()
+    p = subprocess.run(["bash", "-c", f"set -o pipefail; python3 -c \"$FEED\" | {VMCTL} -s {vmd.sock} receive slowed1"],
+                       env={**os.environ, "FEED": feeder}, capture_output=True, text=True,
+                       timeout=t.VMCTL_TIMEOUT + SLOW_SECONDS)
+    out = expect((p.returncode, p.stderr), 0, r"^vmctl: received vm \d+ successfully", "a slow receive")
+    if time.monotonic() - started < 45:
+        raise Failure(f"the stream came in {time.monotonic() - started:.0f}s, not slowly")
+    track_received(vmd, out)
+    counts_on(vmd, "slow1", "slowed1")
+
+
 def main():
     if not t.prepare():
         return 1
@@ -324,6 +347,7 @@ def main():
     case("send-pipe-receive", with_vmd(through_pipe))
     case("receive-broken-streams-leave-nothing", with_vmd(broken_streams))
     case("receive-incompatible-streams-refused", with_vmd(incompatible_streams))
+    case("receive-slow-stream-past-the-start-deadline", with_vmd(slow_stream))
     if t.selected("send-receive-by-user-refused"):
         user = TestUser("vmdsend")
         try:

@@ -162,6 +162,11 @@ pub enum VmEvent {
         id: u32,
     },
     CommandDone(CommandDone),
+    /// VM `id`'s start from a stream is under way (`note`: how far).
+    StartProgress {
+        id: u32,
+        note: String,
+    },
     /// VM `id`'s long command is under way (`note`: how far).
     CommandProgress {
         id: u32,

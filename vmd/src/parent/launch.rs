@@ -975,6 +975,11 @@ impl Launcher {
                 self.events.push(VmEvent::Running { id });
             }
             Message::VmShutdown { reason } => vm.guest_reason = Some(reason),
+            Message::VmStartProgress { note } => {
+                let id = vm.id;
+                let note: String = note.chars().take(MAX_NOTE).collect();
+                self.events.push(VmEvent::StartProgress { id, note })
+            }
             Message::VmCommandProgress { command, note } => {
                 let id = vm.id;
                 let note: String = note.chars().take(MAX_NOTE).collect();

@@ -552,6 +552,7 @@ impl Parent {
                     VmEvent::CommandProgress { id, command, note } => {
                         self.vm_command_progress(id, command, note)
                     }
+                    VmEvent::StartProgress { id, note } => self.vm_start_progress(id, note),
                     VmEvent::Launched { id, pid, tty } => self.vm_launched(id, pid, tty),
                     VmEvent::Ended(ended) => self.vm_ended(ended),
                     VmEvent::LocalInterfaces {
@@ -943,6 +944,32 @@ impl Parent {
             if reply.vmid == vmid && reply.held.is_start() {
                 reply.deadline = deadline;
             }
+        }
+    }
+
+    /// VM `vmid`'s start from a stream makes progress: it has
+    /// VM_START_TIMEOUT from now again, and its client hears how far.
+    fn vm_start_progress(&mut self, vmid: u32, note: String) {
+        let deadline = Instant::now() + VM_START_TIMEOUT;
+        let mut clients = Vec::new();
+        for reply in &mut self.replies {
+            if reply.vmid == vmid && reply.held.is_start() {
+                reply.deadline = deadline;
+                clients.push((reply.token, reply.peer));
+            }
+        }
+        for (token, peer) in clients {
+            let progress = Message::CtlProgress {
+                vmid,
+                note: note.clone(),
+            };
+            self.send(
+                token,
+                Frame {
+                    peer_id: peer,
+                    ..Frame::new(progress)
+                },
+            );
         }
     }
 

@@ -27,6 +27,8 @@ pub enum BackendEvent {
     Running { pids: Vec<u32> },
     /// The guest powered off or reset (`reason` as the backend names it).
     Shutdown { reason: String },
+    /// A start from a stream is under way (`note`: how far).
+    StartProgress { note: String },
     /// A long command is under way (`note`: how far).
     CommandProgress { command: VmCommand, note: String },
     /// A command from the parent is done (or refused, with why).

@@ -482,6 +482,7 @@ impl Vm {
             let message = match event {
                 BackendEvent::Running { pids } => Message::VmRunning { pids },
                 BackendEvent::Shutdown { reason } => Message::VmShutdown { reason },
+                BackendEvent::StartProgress { note } => Message::VmStartProgress { note },
                 BackendEvent::CommandProgress { command, note } => {
                     Message::VmCommandProgress { command, note }
                 }

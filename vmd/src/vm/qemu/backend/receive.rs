@@ -13,6 +13,7 @@
 
 use super::{hand_pipe, PipeEnd, QemuBackend};
 use crate::log::{log_debug, log_info, log_warn};
+use crate::vm::backend::BackendEvent;
 use crate::vm::qemu::{qmp_command, qmp_command_with_args, qmp_command_with_id, start_reason};
 use crate::vm::receive::{Fed, StreamIn};
 use common::stream::{StreamFile, StreamHeader};
@@ -27,6 +28,9 @@ pub const ID_PREFIX: &str = "recv-";
 /// How long the disks' locks are tried once the stream is whole.
 const LOCK_WAIT: Duration = Duration::from_secs(20);
 const LOCK_RETRY: Duration = Duration::from_millis(100);
+/// How often a receive under way tells the parent (a slow stream, over
+/// ssh say, may take longer than a start's deadline).
+const NOTE_EVERY: Duration = Duration::from_secs(2);
 
 pub struct RecvJob {
     header: StreamHeader,
@@ -41,6 +45,10 @@ pub struct RecvJob {
     lock_until: Option<Instant>,
     next_try: Option<Instant>,
     began: Instant,
+    /// The next note to the parent (its start's deadline starts again),
+    /// and the bytes at the last: a stream that stalls gets none.
+    next_note: Instant,
+    noted: u64,
 }
 
 impl RecvJob {
@@ -61,11 +69,16 @@ impl RecvJob {
             lock_until: None,
             next_try: None,
             began: Instant::now(),
+            next_note: Instant::now() + NOTE_EVERY,
+            noted: 0,
         }
     }
 
     pub fn timer(&self) -> Option<Instant> {
-        self.next_try
+        Some(
+            self.next_try
+                .map_or(self.next_note, |at| at.min(self.next_note)),
+        )
     }
 
     pub fn header(&self) -> &StreamHeader {
@@ -238,6 +251,16 @@ impl QemuBackend {
     }
 
     pub(super) fn recv_timer(&mut self, now: Instant) {
+        if let Some(job) = self.receiving.as_mut() {
+            if now >= job.next_note {
+                job.next_note = now + NOTE_EVERY;
+                if job.stream.bytes > job.noted {
+                    job.noted = job.stream.bytes;
+                    let note = format!("receiving: {} bytes", job.stream.bytes);
+                    self.events.push(BackendEvent::StartProgress { note });
+                }
+            }
+        }
         if let Some(job) = self.receiving.as_mut() {
             if job.next_try.is_some_and(|at| now >= at) {
                 job.next_try = None;
