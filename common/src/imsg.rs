@@ -1065,6 +1065,22 @@ mod tests {
             Message::VmCommand {
                 command: VmCommand::Powerdown,
             },
+            Message::VmCommand {
+                command: VmCommand::Send {
+                    vm: Box::new(crate::stream::StreamVm {
+                        name: "web".into(),
+                        memory: 1 << 30,
+                        ..Default::default()
+                    }),
+                },
+            },
+            Message::VmStartProgress {
+                note: "receiving: 12 bytes".into(),
+            },
+            Message::Ctl(crate::ctl::CtlRequest::Receive {
+                name: "copy".into(),
+                header: vec![1, 2, 3],
+            }),
             Message::VmCommandDone {
                 command: VmCommand::Pause,
                 error: Some("not running".into()),
