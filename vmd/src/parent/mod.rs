@@ -951,17 +951,25 @@ impl Parent {
     /// VM_START_TIMEOUT from now again, and its client hears how far.
     fn vm_start_progress(&mut self, vmid: u32, note: String) {
         let deadline = Instant::now() + VM_START_TIMEOUT;
-        let mut clients = Vec::new();
-        for reply in &mut self.replies {
-            if reply.vmid == vmid && reply.held.is_start() {
-                reply.deadline = deadline;
-                clients.push((reply.token, reply.peer));
-            }
-        }
+        let clients = self
+            .replies
+            .iter_mut()
+            .filter(|r| r.vmid == vmid && r.held.is_start())
+            .map(|r| {
+                r.deadline = deadline;
+                (r.token, r.peer)
+            })
+            .collect();
+        self.tell_progress(clients, vmid, &note);
+    }
+
+    /// Tells `clients` (held replies' connections) how far VM `vmid`'s
+    /// request has come.
+    fn tell_progress(&mut self, clients: Vec<(Token, u32)>, vmid: u32, note: &str) {
         for (token, peer) in clients {
             let progress = Message::CtlProgress {
                 vmid,
-                note: note.clone(),
+                note: note.to_string(),
             };
             self.send(
                 token,
@@ -993,19 +1001,7 @@ impl Parent {
     /// hears how far, and its reply deadline starts again.
     fn vm_command_progress(&mut self, vmid: u32, command: VmCommand, note: String) {
         let clients = progress_made(&mut self.replies, vmid, command, Instant::now());
-        for (token, peer) in clients {
-            let progress = Message::CtlProgress {
-                vmid,
-                note: note.clone(),
-            };
-            self.send(
-                token,
-                Frame {
-                    peer_id: peer,
-                    ..Frame::new(progress)
-                },
-            );
-        }
+        self.tell_progress(clients, vmid, &note);
     }
 
     /// Answers the held replies of VM `vmid` that `which` selects.
