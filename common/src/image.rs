@@ -42,6 +42,8 @@ pub enum ImageError {
     },
     #[error("{}: raw image larger than the {size}-byte output", path.display())]
     TooSmall { path: PathBuf, size: u64 },
+    #[error("{}: discard needs a raw image", path.display())]
+    NoDiscard { path: PathBuf },
 }
 
 pub type Result<T> = std::result::Result<T, ImageError>;
@@ -439,12 +441,39 @@ impl Image {
         Ok((kind.unwrap_or(Extent::Zero), at - offset))
     }
 
-    /// Writes everything to stable storage.
+    /// Writes everything to stable storage (fdatasync: the data and what
+    /// reading it back needs, such as the file's length).
     pub fn flush(&self) -> Result<()> {
         match &self.body {
-            Body::Raw(file) => file.sync_all().map_err(|e| self.io_err(e)),
+            Body::Raw(file) => file.sync_data().map_err(|e| self.io_err(e)),
             Body::Qcow2(q) => q.flush().map_err(|e| self.q_err(e)),
         }
+    }
+
+    /// Frees `len` bytes at `offset` of a raw image (they read as zeros
+    /// afterwards); qcow2 images cannot free clusters yet.
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        let size = usize::try_from(len).map_err(|_| ImageError::OutOfRange {
+            path: self.path.clone(),
+            offset,
+            len,
+            size: self.size,
+        })?;
+        self.check_range(offset, size)?;
+        let Body::Raw(file) = &self.body else {
+            return Err(ImageError::NoDiscard {
+                path: self.path.clone(),
+            });
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        let flags = nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+            | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        // Both fit in i64: check_range bounded them by the file's size.
+        use std::os::fd::AsRawFd;
+        nix::fcntl::fallocate(file.as_raw_fd(), flags, offset as i64, len as i64)
+            .map_err(|e| self.io_err(e.into()))
     }
 }
 

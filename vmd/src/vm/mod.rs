@@ -24,6 +24,7 @@
 
 pub mod backend;
 mod console;
+pub mod kvm;
 pub mod qemu;
 
 use common::config::VmConfig;

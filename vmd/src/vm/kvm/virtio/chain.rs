@@ -1,0 +1,225 @@
+//! Descriptor chains, validated before a device touches them.
+//!
+//! virtio-queue's own chain iterator ends silently on a bad descriptor
+//! (a failed read, a nested indirect table), so a device could not tell a
+//! broken chain from a short one. [`Chain::walk`] reads the descriptors
+//! itself, through vm-memory's checked accessors, and refuses: an index
+//! outside the table, more than [`MAX_DESCRIPTORS`] descriptors (which
+//! also ends every loop), an indirect table inside an indirect table or
+//! with NEXT set or of a bad length, a buffer not wholly inside guest
+//! memory, a readable buffer after a writable one, and more bytes than
+//! the device allows. The result is a small list of (address, length)
+//! pairs; the device then reads and writes them with checked accessors.
+
+use super::Mem;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
+
+/// Most descriptors in one chain, indirect ones included. Linux's block
+/// driver uses seg_max + 2 ([`super::block::SEG_MAX`]); its net driver at
+/// most MAX_SKB_FRAGS + 2.
+pub const MAX_DESCRIPTORS: usize = 256;
+
+const DESC_SIZE: u64 = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    #[error("descriptor index {0} outside its table")]
+    Index(u16),
+    #[error("chain longer than {MAX_DESCRIPTORS} descriptors (or a loop)")]
+    TooLong,
+    #[error("descriptor table or buffer outside guest memory")]
+    Memory,
+    #[error("bad indirect descriptor")]
+    Indirect,
+    #[error("readable descriptor after a writable one")]
+    Order,
+    #[error("chain carries more bytes than the device accepts")]
+    TooLarge,
+}
+
+/// One buffer of a chain, inside guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub addr: GuestAddress,
+    pub len: u32,
+}
+
+/// A validated chain: its head (for the used ring), the buffers the
+/// device reads, then those it writes.
+#[derive(Debug, Default)]
+pub struct Chain {
+    pub head: u16,
+    pub readable: Vec<Segment>,
+    pub writable: Vec<Segment>,
+}
+
+impl Chain {
+    /// Walks the chain starting at `head` in the descriptor table at
+    /// `table` of `queue_size` entries; at most `max_bytes` in all.
+    pub fn walk(
+        mem: &Mem,
+        table: GuestAddress,
+        queue_size: u16,
+        head: u16,
+        max_bytes: u64,
+    ) -> Result<Chain, ChainError> {
+        let mut chain = Chain {
+            head,
+            ..Chain::default()
+        };
+        let mut table = table;
+        let mut table_len = u32::from(queue_size);
+        let mut index = head;
+        let mut indirect = false;
+        let mut count = 0usize;
+        let mut total = 0u64;
+        loop {
+            if u32::from(index) >= table_len {
+                return Err(ChainError::Index(index));
+            }
+            count += 1;
+            if count > MAX_DESCRIPTORS {
+                return Err(ChainError::TooLong);
+            }
+            let at = table
+                .checked_add(u64::from(index) * DESC_SIZE)
+                .ok_or(ChainError::Memory)?;
+            let desc: Descriptor = mem.read_obj(at).map_err(|_| ChainError::Memory)?;
+            let flags = u32::from(desc.flags());
+            if flags & VRING_DESC_F_INDIRECT != 0 {
+                // 2.7.5.3.1: one level only, not chained, whole entries.
+                let len = u64::from(desc.len());
+                if indirect
+                    || flags & VRING_DESC_F_NEXT != 0
+                    || len == 0
+                    || len % DESC_SIZE != 0
+                    || len / DESC_SIZE > u64::from(u16::MAX)
+                {
+                    return Err(ChainError::Indirect);
+                }
+                if !mem.check_range(desc.addr(), len as usize, Permissions::Read) {
+                    return Err(ChainError::Memory);
+                }
+                indirect = true;
+                table = desc.addr();
+                table_len = (len / DESC_SIZE) as u32;
+                index = 0;
+                continue;
+            }
+            let segment = Segment {
+                addr: desc.addr(),
+                len: desc.len(),
+            };
+            let write = flags & VRING_DESC_F_WRITE != 0;
+            let access = if write {
+                Permissions::Write
+            } else {
+                Permissions::Read
+            };
+            if !mem.check_range(segment.addr, segment.len as usize, access) {
+                return Err(ChainError::Memory);
+            }
+            total += u64::from(segment.len);
+            if total > max_bytes {
+                return Err(ChainError::TooLarge);
+            }
+            if write {
+                chain.writable.push(segment);
+            } else if chain.writable.is_empty() {
+                chain.readable.push(segment);
+            } else {
+                return Err(ChainError::Order);
+            }
+            if flags & VRING_DESC_F_NEXT == 0 {
+                return Ok(chain);
+            }
+            index = desc.next();
+        }
+    }
+
+    /// Bytes the device may write.
+    pub fn writable_len(&self) -> u64 {
+        self.writable.iter().map(|s| u64::from(s.len)).sum()
+    }
+
+    /// Bytes the device may read.
+    pub fn readable_len(&self) -> u64 {
+        self.readable.iter().map(|s| u64::from(s.len)).sum()
+    }
+}
+
+/// A cursor over a list of segments: copies between them and host
+/// buffers, in order, each copy through vm-memory's checked accessors.
+pub struct Cursor<'a> {
+    segments: &'a [Segment],
+    index: usize,
+    offset: u32,
+}
+
+impl<'a> Cursor<'a> {
+    pub fn new(segments: &'a [Segment]) -> Cursor<'a> {
+        Cursor {
+            segments,
+            index: 0,
+            offset: 0,
+        }
+    }
+
+    /// Bytes left.
+    pub fn remaining(&self) -> u64 {
+        let mut left: u64 = self
+            .segments
+            .iter()
+            .skip(self.index)
+            .map(|s| u64::from(s.len))
+            .sum();
+        left -= u64::from(self.offset).min(left);
+        left
+    }
+
+    /// Fills `buf` from guest memory; returns how many bytes it copied
+    /// (less than `buf.len()` at the end of the segments).
+    pub fn read(&mut self, mem: &Mem, buf: &mut [u8]) -> Result<usize, ChainError> {
+        self.each(buf.len(), |addr, range| {
+            mem.read_slice(&mut buf[range], addr)
+                .map_err(|_| ChainError::Memory)
+        })
+    }
+
+    /// Copies `buf` into guest memory; returns how many bytes it copied.
+    pub fn write(&mut self, mem: &Mem, buf: &[u8]) -> Result<usize, ChainError> {
+        self.each(buf.len(), |addr, range| {
+            mem.write_slice(&buf[range], addr)
+                .map_err(|_| ChainError::Memory)
+        })
+    }
+
+    fn each<F>(&mut self, want: usize, mut copy: F) -> Result<usize, ChainError>
+    where
+        F: FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), ChainError>,
+    {
+        let mut done = 0usize;
+        while done < want {
+            let Some(segment) = self.segments.get(self.index) else {
+                break;
+            };
+            let left = (segment.len - self.offset) as usize;
+            if left == 0 {
+                self.index += 1;
+                self.offset = 0;
+                continue;
+            }
+            let n = left.min(want - done);
+            let addr = segment
+                .addr
+                .checked_add(u64::from(self.offset))
+                .ok_or(ChainError::Memory)?;
+            copy(addr, done..done + n)?;
+            done += n;
+            self.offset += n as u32;
+        }
+        Ok(done)
+    }
+}

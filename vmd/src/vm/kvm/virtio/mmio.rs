@@ -1,0 +1,369 @@
+//! The virtio-mmio transport, virtio 1.x (4.2.2, register layout version
+//! 2), modern devices only: what a vCPU's MMIO exit reads and writes in a
+//! device's window.
+//!
+//! The monitor gives each device a [`MMIO_WINDOW`]-byte window and a GSI,
+//! describes both in the DSDT (a `LNRO0005` device with Memory32Fixed
+//! and an edge-triggered, active-high Interrupt: Debian's kernel ignores
+//! `virtio_mmio.device=`), routes the window's exits to
+//! [`MmioTransport::read`] / [`MmioTransport::write`] (offsets relative to
+//! the window), registers [`MmioTransport::queue_events`]`[i]` as an
+//! ioeventfd on window + [`QUEUE_NOTIFY`] with datamatch `i` (4 bytes),
+//! and the [`super::Interrupt`]'s EventFd as the irqfd of the GSI. The
+//! event loop waits on the same queue EventFds and calls the device's
+//! `process_queue`.
+//!
+//! Registers are 32-bit and aligned; any other access to them reads zeros
+//! and writes nothing. The configuration space (from [`CONFIG`]) is the
+//! device's, any width. Writes that the status does not allow (features
+//! after FEATURES_OK, queue setup after DRIVER_OK or on a ready queue)
+//! are ignored, as the specification lets a device do.
+
+use super::{Interrupt, Mem, VirtioDevice};
+use std::io;
+use std::sync::{Arc, Mutex, PoisonError};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Size of a device's window in guest physical memory (a page, as
+/// Firecracker and QEMU's microvm use).
+pub const MMIO_WINDOW: u64 = 0x1000;
+
+/// "virt" in little-endian.
+pub const MAGIC: u32 = 0x7472_6976;
+/// Register layout version 2: virtio 1.x.
+pub const VERSION: u32 = 2;
+/// Our vendor id: "VMD" (any value is valid; Linux only prints it).
+pub const VENDOR_ID: u32 = 0x0044_4d56;
+
+pub const MAGIC_VALUE: u64 = 0x000;
+pub const VERSION_REG: u64 = 0x004;
+pub const DEVICE_ID: u64 = 0x008;
+pub const VENDOR_ID_REG: u64 = 0x00c;
+pub const DEVICE_FEATURES: u64 = 0x010;
+pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+pub const DRIVER_FEATURES: u64 = 0x020;
+pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+pub const QUEUE_SEL: u64 = 0x030;
+pub const QUEUE_NUM_MAX: u64 = 0x034;
+pub const QUEUE_NUM: u64 = 0x038;
+pub const QUEUE_READY: u64 = 0x044;
+pub const QUEUE_NOTIFY: u64 = 0x050;
+pub const INTERRUPT_STATUS: u64 = 0x060;
+pub const INTERRUPT_ACK: u64 = 0x064;
+pub const STATUS: u64 = 0x070;
+pub const QUEUE_DESC_LOW: u64 = 0x080;
+pub const QUEUE_DESC_HIGH: u64 = 0x084;
+pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+pub const SHM_SEL: u64 = 0x0ac;
+pub const SHM_LEN_LOW: u64 = 0x0b0;
+pub const SHM_BASE_HIGH: u64 = 0x0bc;
+pub const CONFIG_GENERATION: u64 = 0x0fc;
+pub const CONFIG: u64 = 0x100;
+
+/// The transport of one device.
+pub struct MmioTransport {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    mem: Mem,
+    interrupt: Arc<Interrupt>,
+    queue_events: Vec<EventFd>,
+    queues: Vec<Queue>,
+    device_type: u32,
+    offered: u64,
+    features_select: u32,
+    driver_features_select: u32,
+    driver_features: u64,
+    queue_select: u32,
+    status: u32,
+    config_generation: u32,
+}
+
+fn lock<'a>(
+    device: &'a Mutex<dyn VirtioDevice + 'static>,
+) -> std::sync::MutexGuard<'a, dyn VirtioDevice + 'static> {
+    // A panic while holding the lock aborts (panic = "abort"); in tests
+    // the state is still the device's own.
+    device.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl MmioTransport {
+    /// The transport of `device` in the guest memory `mem`: one
+    /// notification EventFd per queue and the device's [`Interrupt`].
+    pub fn new(mem: Mem, device: Arc<Mutex<dyn VirtioDevice>>) -> io::Result<MmioTransport> {
+        let (device_type, offered, sizes) = {
+            let d = lock(&device);
+            (d.device_type(), d.features(), d.queue_max_sizes().to_vec())
+        };
+        let mut queues = Vec::with_capacity(sizes.len());
+        let mut queue_events = Vec::with_capacity(sizes.len());
+        for size in sizes {
+            queues.push(Queue::new(size).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("queue size {size}: {e}"),
+                )
+            })?);
+            queue_events.push(EventFd::new(EFD_NONBLOCK)?);
+        }
+        Ok(MmioTransport {
+            device,
+            mem,
+            interrupt: Interrupt::new()?,
+            queue_events,
+            queues,
+            device_type,
+            offered: offered | super::COMMON_FEATURES,
+            features_select: 0,
+            driver_features_select: 0,
+            driver_features: 0,
+            queue_select: 0,
+            status: 0,
+            config_generation: 0,
+        })
+    }
+
+    /// The device's interrupt (its EventFd is the irqfd).
+    pub fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
+    }
+
+    /// One EventFd per queue: ioeventfds on QueueNotify, and what the
+    /// event loop waits on.
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    /// The device status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    fn queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_select as usize)
+    }
+
+    /// A read of `data.len()` bytes at `offset` in the window.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG {
+            lock(&self.device).read_config(offset - CONFIG, data);
+            return;
+        }
+        data.fill(0);
+        if data.len() != 4 || offset % 4 != 0 {
+            return;
+        }
+        let value = match offset {
+            MAGIC_VALUE => MAGIC,
+            VERSION_REG => VERSION,
+            DEVICE_ID => self.device_type,
+            VENDOR_ID_REG => VENDOR_ID,
+            DEVICE_FEATURES => match self.features_select {
+                0 => self.offered as u32,
+                1 => (self.offered >> 32) as u32,
+                _ => 0,
+            },
+            QUEUE_NUM_MAX => self
+                .queues
+                .get(self.queue_select as usize)
+                .map_or(0, |q| u32::from(q.max_size())),
+            QUEUE_READY => self
+                .queues
+                .get(self.queue_select as usize)
+                .map_or(0, |q| u32::from(q.ready())),
+            INTERRUPT_STATUS => self.interrupt.status(),
+            STATUS => self.status,
+            // No shared memory regions: their length reads as all ones.
+            SHM_LEN_LOW..=SHM_BASE_HIGH => u32::MAX,
+            CONFIG_GENERATION => self.config_generation,
+            _ => 0,
+        };
+        data.copy_from_slice(&value.to_le_bytes());
+    }
+
+    /// A write of `data` at `offset` in the window.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG {
+            lock(&self.device).write_config(offset - CONFIG, data);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            return;
+        };
+        if offset % 4 != 0 {
+            return;
+        }
+        let value = u32::from_le_bytes(bytes);
+        match offset {
+            DEVICE_FEATURES_SEL => self.features_select = value,
+            DRIVER_FEATURES_SEL => self.driver_features_select = value,
+            DRIVER_FEATURES => self.set_driver_features(value),
+            QUEUE_SEL => self.queue_select = value,
+            QUEUE_NUM | QUEUE_READY | QUEUE_DESC_LOW..=QUEUE_DEVICE_HIGH => {
+                self.set_queue(offset, value)
+            }
+            QUEUE_NOTIFY => {
+                // Only without an ioeventfd (or in tests): the same path.
+                if let Some(event) = self.queue_events.get(value as usize) {
+                    let _ = event.write(1);
+                }
+            }
+            INTERRUPT_ACK => self.interrupt.ack(value),
+            STATUS => self.set_status(value),
+            SHM_SEL => {}
+            _ => {}
+        }
+    }
+
+    fn set_driver_features(&mut self, value: u32) {
+        let setting = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
+        if self.status & (setting | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_FAILED) != setting
+        {
+            return;
+        }
+        match self.driver_features_select {
+            0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
+            1 => {
+                self.driver_features =
+                    (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+            }
+            _ => {}
+        }
+    }
+
+    fn set_queue(&mut self, offset: u64, value: u32) {
+        let setting = VIRTIO_CONFIG_S_FEATURES_OK;
+        if self.status & (setting | VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_FAILED) != setting {
+            return;
+        }
+        let Some(queue) = self.queue() else {
+            return;
+        };
+        if offset == QUEUE_READY {
+            queue.set_ready(value == 1);
+            return;
+        }
+        if queue.ready() {
+            return;
+        }
+        match offset {
+            QUEUE_NUM => {
+                // Anything but a power of two up to the maximum is ignored.
+                if let Ok(size) = u16::try_from(value) {
+                    let _ = queue.try_set_size(size);
+                }
+            }
+            QUEUE_DESC_LOW => queue.set_desc_table_address(Some(value), None),
+            QUEUE_DESC_HIGH => queue.set_desc_table_address(None, Some(value)),
+            QUEUE_DRIVER_LOW => queue.set_avail_ring_address(Some(value), None),
+            QUEUE_DRIVER_HIGH => queue.set_avail_ring_address(None, Some(value)),
+            QUEUE_DEVICE_LOW => queue.set_used_ring_address(Some(value), None),
+            QUEUE_DEVICE_HIGH => queue.set_used_ring_address(None, Some(value)),
+            _ => {}
+        }
+    }
+
+    /// Status writes (3.1.1): 0 resets; otherwise bits are only added, in
+    /// the driver initialisation order. FEATURES_OK sticks only for a
+    /// subset of the offered features with VERSION_1; DRIVER_OK starts
+    /// the device, or sets DEVICE_NEEDS_RESET if its queues are unusable.
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        if value & self.status != self.status {
+            return; // clearing bits other than by a reset
+        }
+        let added = value & !self.status;
+        if added == VIRTIO_CONFIG_S_FAILED {
+            self.status = value;
+            return;
+        }
+        let step_ok = match added {
+            VIRTIO_CONFIG_S_ACKNOWLEDGE => self.status == 0,
+            VIRTIO_CONFIG_S_DRIVER => self.status == VIRTIO_CONFIG_S_ACKNOWLEDGE,
+            VIRTIO_CONFIG_S_FEATURES_OK => {
+                self.status == VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
+            }
+            VIRTIO_CONFIG_S_DRIVER_OK => {
+                self.status
+                    == VIRTIO_CONFIG_S_ACKNOWLEDGE
+                        | VIRTIO_CONFIG_S_DRIVER
+                        | VIRTIO_CONFIG_S_FEATURES_OK
+            }
+            _ => false,
+        };
+        if !step_ok {
+            return;
+        }
+        match added {
+            VIRTIO_CONFIG_S_FEATURES_OK => {
+                let acked = self.driver_features;
+                if acked & !self.offered != 0 || acked & (1 << VIRTIO_F_VERSION_1) == 0 {
+                    return;
+                }
+                lock(&self.device).set_acked_features(acked);
+                self.status = value;
+            }
+            VIRTIO_CONFIG_S_DRIVER_OK => {
+                self.status = value;
+                self.activate();
+            }
+            _ => self.status = value,
+        }
+    }
+
+    fn activate(&mut self) {
+        let usable = self
+            .queues
+            .iter()
+            .all(|q| q.ready() && q.is_valid(&self.mem));
+        // The device gets copies: the transport keeps answering
+        // QueueNumMax and QueueReady, and resets its own on a reset.
+        let copies: Result<Vec<Queue>, _> = self
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(q.state()))
+            .collect();
+        let result = if !usable {
+            Err("a queue is not ready or outside guest memory".to_string())
+        } else {
+            match copies {
+                Ok(queues) => lock(&self.device)
+                    .activate(self.mem.clone(), self.interrupt.clone(), queues)
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        if let Err(e) = result {
+            crate::log::log_warn!("virtio device {}: not started: {e}", self.device_type);
+            self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+            let _ = self.interrupt.signal_config_change();
+        }
+    }
+
+    fn reset(&mut self) {
+        lock(&self.device).reset();
+        for queue in &mut self.queues {
+            queue.reset();
+        }
+        self.features_select = 0;
+        self.driver_features_select = 0;
+        self.driver_features = 0;
+        self.queue_select = 0;
+        self.status = 0;
+        self.interrupt.clear();
+        // Drain notifications of the old queues: the device starts afresh.
+        for event in &self.queue_events {
+            let _ = event.read();
+        }
+    }
+}
