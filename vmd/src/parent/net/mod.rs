@@ -31,7 +31,7 @@ pub mod nft;
 pub mod state;
 pub mod tap;
 #[cfg(test)]
-mod testns;
+pub(crate) mod testns;
 pub mod vhost;
 
 use crate::log::{log_debug, log_info, log_warn};

@@ -376,3 +376,248 @@ pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     let n = (config.len() - start).min(data.len());
     data[..n].copy_from_slice(&config[start..start + n]);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::kvm::virtio::testdriver::{run, Driver, TempDir};
+    use common::disk::DiskFormat;
+    use common::image::{open_chain, open_file};
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    const ALL: u64 = u64::MAX;
+
+    fn device(path: &Path, format: DiskFormat, read_only: bool) -> Arc<Mutex<Block>> {
+        let layers = open_chain(path, format, !read_only, |p, _, w| open_file(p, w)).unwrap();
+        Arc::new(Mutex::new(
+            Block::new(layers, read_only, "vmd-disk-0").unwrap(),
+        ))
+    }
+
+    fn driver(dev: &Arc<Mutex<Block>>) -> Driver {
+        let mut d = Driver::new(dev.clone());
+        d.init(ALL, 128);
+        d
+    }
+
+    /// One request as Linux's virtio_blk builds it: header, data buffers
+    /// (`data`: bytes to write, or `in_len` bytes to read), status.
+    /// Returns the status, the used length and what was read.
+    fn request(
+        d: &mut Driver,
+        kind: u32,
+        sector: u64,
+        data: &[u8],
+        in_len: usize,
+    ) -> (u8, u32, Vec<u8>) {
+        let header = d.alloc(16, 16);
+        let mut raw = [0u8; 16];
+        raw[0..4].copy_from_slice(&kind.to_le_bytes());
+        raw[8..16].copy_from_slice(&sector.to_le_bytes());
+        d.write_mem(header, &raw);
+        let mut chain = vec![(header, 16u32, false)];
+        // Data in 4 KiB segments, as pages.
+        let len = data.len().max(in_len);
+        let buf = d.alloc(len.max(1) as u64, 4096);
+        if !data.is_empty() {
+            d.write_mem(buf, data);
+        }
+        for off in (0..len).step_by(4096) {
+            let n = (len - off).min(4096) as u32;
+            chain.push((buf + off as u64, n, in_len > 0));
+        }
+        let status = d.alloc(1, 1);
+        d.write_mem(status, &[0xff]);
+        chain.push((status, 1, true));
+        let head = d.add(0, &chain);
+        d.kick(0);
+        assert!(d.take_interrupt(), "no interrupt for the request");
+        let (id, used_len) = d.used(0).expect("request completed");
+        assert_eq!(id, u32::from(head));
+        (d.read_mem(status, 1)[0], used_len, d.read_mem(buf, in_len))
+    }
+
+    fn pattern(seed: u8, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| seed.wrapping_add((i / 512) as u8) ^ (i as u8))
+            .collect()
+    }
+
+    const OK: u8 = VIRTIO_BLK_S_OK as u8;
+    const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+    const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+    #[test]
+    fn virtio_blk_raw_read_write_flush_id_discard() {
+        let dir = TempDir::new("raw");
+        let path = dir.join("disk.raw");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(4 << 20)
+            .unwrap();
+        let dev = device(&path, DiskFormat::Raw, false);
+        let mut d = driver(&dev);
+        let features = d.features;
+        assert_ne!(features & (1 << VIRTIO_BLK_F_FLUSH), 0);
+        assert_ne!(features & (1 << VIRTIO_BLK_F_DISCARD), 0);
+        assert_eq!(features & (1 << VIRTIO_BLK_F_RO), 0);
+        // capacity in sectors, seg_max, discard limits.
+        assert_eq!(d.config(0, 8), (8192u64).to_le_bytes());
+        assert_eq!(d.config(12, 4), SEG_MAX.to_le_bytes());
+        assert_eq!(d.config(40, 4), MAX_DISCARD_SEG.to_le_bytes());
+
+        let data = pattern(7, 3 * 4096 + 512);
+        let (s, len, _) = request(&mut d, VIRTIO_BLK_T_OUT, 9, &data, 0);
+        assert_eq!((s, len), (OK, 1));
+        let (s, len, back) = request(&mut d, VIRTIO_BLK_T_IN, 9, &[], data.len());
+        assert_eq!((s, len as usize), (OK, data.len() + 1));
+        assert_eq!(back, data);
+        let (s, _, _) = request(&mut d, VIRTIO_BLK_T_FLUSH, 0, &[], 0);
+        assert_eq!(s, OK);
+        let (s, len, id) = request(&mut d, VIRTIO_BLK_T_GET_ID, 0, &[], 20);
+        assert_eq!((s, len), (OK, 21));
+        assert_eq!(&id[..10], b"vmd-disk-0");
+        assert!(id[10..].iter().all(|&b| b == 0));
+
+        // What the device wrote is in the file, as qemu-io reads it.
+        let file = std::fs::read(&path).unwrap();
+        assert_eq!(&file[9 * 512..9 * 512 + data.len()], &data[..]);
+        let p = path.to_str().unwrap();
+        run("qemu-io", &["-f", "raw", "-c", "read -P 0 0 4608", p]);
+
+        // Out of range, partial sectors, unknown types.
+        let (s, _, _) = request(&mut d, VIRTIO_BLK_T_IN, 8192, &[], 512);
+        assert_eq!(s, IOERR);
+        let (s, _, _) = request(&mut d, VIRTIO_BLK_T_IN, 8191, &[], 1024);
+        assert_eq!(s, IOERR);
+        let (s, _, _) = request(&mut d, VIRTIO_BLK_T_OUT, 0, &[1; 100], 0);
+        assert_eq!(s, IOERR);
+        let (s, _, _) = request(&mut d, VIRTIO_BLK_T_IN, u64::MAX, &[], 512);
+        assert_eq!(s, IOERR);
+        let (s, _, _) = request(&mut d, 99, 0, &[], 0);
+        assert_eq!(s, UNSUPP);
+
+        // Discard: sectors 9.. read as zeros, the blocks are freed.
+        let mut seg = [0u8; 16];
+        seg[0..8].copy_from_slice(&8u64.to_le_bytes());
+        seg[8..12].copy_from_slice(&256u32.to_le_bytes());
+        let blocks_before = std::fs::metadata(&path).map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.blocks()
+        });
+        let (s, _, _) = request(&mut d, VIRTIO_BLK_T_DISCARD, 0, &seg, 0);
+        assert_eq!(s, OK);
+        let (s, _, back) = request(&mut d, VIRTIO_BLK_T_IN, 9, &[], data.len());
+        assert_eq!(s, OK);
+        assert!(back.iter().all(|&b| b == 0));
+        let blocks_after = std::fs::metadata(&path).map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.blocks()
+        });
+        assert!(blocks_after.unwrap() < blocks_before.unwrap());
+        // A discard with flags, or past the end, is refused.
+        seg[12] = 1;
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_DISCARD, 0, &seg, 0).0, UNSUPP);
+        seg[12] = 0;
+        seg[0..8].copy_from_slice(&8190u64.to_le_bytes());
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_DISCARD, 0, &seg, 0).0, IOERR);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 << 20);
+        assert_eq!(dev.lock().unwrap().io_errors, 0);
+    }
+
+    #[test]
+    fn virtio_blk_read_only_refuses_writes() {
+        let dir = TempDir::new("ro");
+        let path = dir.join("disk.raw");
+        std::fs::write(&path, pattern(3, 1 << 20)).unwrap();
+        let dev = device(&path, DiskFormat::Raw, true);
+        let mut d = driver(&dev);
+        assert_ne!(d.features & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_eq!(d.features & (1 << VIRTIO_BLK_F_DISCARD), 0);
+        let (s, _, back) = request(&mut d, VIRTIO_BLK_T_IN, 0, &[], 8192);
+        assert_eq!(s, OK);
+        assert_eq!(back, pattern(3, 8192));
+        let (s, _, _) = request(&mut d, VIRTIO_BLK_T_OUT, 0, &[0; 512], 0);
+        assert_eq!(s, IOERR);
+        let seg = [0u8; 16];
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_DISCARD, 0, &seg, 0).0, IOERR);
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_FLUSH, 0, &[], 0).0, OK);
+        assert_eq!(std::fs::read(&path).unwrap(), pattern(3, 1 << 20));
+    }
+
+    #[test]
+    fn virtio_blk_qcow2_overlay_over_qcow2_base() {
+        let dir = TempDir::new("qcow2");
+        let base = dir.join("base.qcow2");
+        let top = dir.join("top.qcow2");
+        let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
+        run("qemu-img", &["create", "-q", "-f", "qcow2", b, "16M"]);
+        run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x11 0 2M", b]);
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                t,
+            ],
+        );
+        let dev = device(&top, DiskFormat::Qcow2, false);
+        let mut d = driver(&dev);
+        assert_eq!(d.features & (1 << VIRTIO_BLK_F_DISCARD), 0);
+        assert_eq!(d.config(0, 8), (32768u64).to_le_bytes());
+        // The base shows through.
+        let (s, _, back) = request(&mut d, VIRTIO_BLK_T_IN, 100, &[], 8192);
+        assert_eq!(s, OK);
+        assert!(back.iter().all(|&b| b == 0x11));
+        // Writes inside a base cluster (a partial one: the rest comes
+        // from the base), across clusters, and past the base's data.
+        let a = vec![0x22u8; 8192];
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_OUT, 101, &a, 0).0, OK);
+        let big = vec![0x33u8; 200 * 1024];
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_OUT, 4000, &big, 0).0, OK);
+        let c = vec![0x44u8; 4096];
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_OUT, 20000, &c, 0).0, OK);
+        assert_eq!(request(&mut d, VIRTIO_BLK_T_FLUSH, 0, &[], 0).0, OK);
+        let (s, _, back) = request(&mut d, VIRTIO_BLK_T_IN, 100, &[], 512 * 18);
+        assert_eq!(s, OK);
+        assert!(back[..512].iter().all(|&b| b == 0x11));
+        assert!(back[512..512 * 17].iter().all(|&b| b == 0x22));
+        assert!(back[512 * 17..].iter().all(|&b| b == 0x11));
+        // Discard is refused on qcow2.
+        assert_eq!(
+            request(&mut d, VIRTIO_BLK_T_DISCARD, 0, &[0; 16], 0).0,
+            UNSUPP
+        );
+        drop(d);
+        drop(dev);
+
+        // QEMU agrees: the image is clean and holds what was written; the
+        // base is untouched.
+        let check = run("qemu-img", &["check", t]);
+        assert!(check.contains("No errors were found"), "{check}");
+        let check = run("qemu-img", &["check", b]);
+        assert!(check.contains("No errors were found"), "{check}");
+        for cmd in [
+            "read -P 0x11 0 51200",
+            "read -P 0x22 51712 8192",
+            "read -P 0x11 59904 1988096",
+            "read -P 0x33 2048000 204800",
+            "read -P 0x44 10240000 4096",
+            "read -P 0 10244096 4096",
+        ] {
+            let out = run("qemu-io", &["-f", "qcow2", "-c", cmd, t]);
+            assert!(!out.contains("Pattern verification failed"), "{cmd}: {out}");
+        }
+        let out = run("qemu-io", &["-f", "qcow2", "-c", "read -P 0x11 0 2M", b]);
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+        let out = run("qemu-io", &["-f", "qcow2", "-c", "read -P 0 2M 14M", b]);
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+    }
+}
