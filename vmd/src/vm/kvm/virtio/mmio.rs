@@ -84,6 +84,9 @@ pub struct MmioTransport {
     queue_select: u32,
     status: u32,
     config_generation: u32,
+    /// Failed activations (a guest can cause many: only the first few are
+    /// logged).
+    activate_failures: u64,
 }
 
 fn lock<'a>(
@@ -127,6 +130,7 @@ impl MmioTransport {
             queue_select: 0,
             status: 0,
             config_generation: 0,
+            activate_failures: 0,
         })
     }
 
@@ -344,7 +348,10 @@ impl MmioTransport {
             }
         };
         if let Err(e) = result {
-            crate::log::log_warn!("virtio device {}: not started: {e}", self.device_type);
+            self.activate_failures += 1;
+            if self.activate_failures <= 3 {
+                crate::log::log_warn!("virtio device {}: not started: {e}", self.device_type);
+            }
             self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
             let _ = self.interrupt.signal_config_change();
         }
@@ -365,5 +372,167 @@ impl MmioTransport {
         for event in &self.queue_events {
             let _ = event.read();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::kvm::virtio::block::Block;
+    use crate::vm::kvm::virtio::testdriver::{Driver, TempDir};
+    use common::disk::DiskFormat;
+    use common::image::Image;
+    use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
+
+    const ACK_DRIVER: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
+    const FEATURES_OK: u32 = ACK_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK;
+
+    fn block(dir: &TempDir) -> Arc<Mutex<Block>> {
+        let path = dir.join("d.raw");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let image = Image::open(&path, DiskFormat::Raw, true).unwrap();
+        Arc::new(Mutex::new(Block::from_image(image, false, "id")))
+    }
+
+    fn activated(d: &Driver) -> bool {
+        d.device.lock().unwrap().is_activated()
+    }
+
+    #[test]
+    fn virtio_mmio_identity_and_access_widths() {
+        let dir = TempDir::new("mmio-id");
+        let mut d = Driver::new(block(&dir));
+        assert_eq!(d.r32(MAGIC_VALUE), MAGIC);
+        assert_eq!(d.r32(VERSION_REG), 2);
+        assert_eq!(d.r32(DEVICE_ID), crate::vm::kvm::virtio::TYPE_BLOCK);
+        assert_eq!(d.r32(VENDOR_ID_REG), VENDOR_ID);
+        assert_eq!(d.r32(SHM_LEN_LOW), u32::MAX);
+        // Registers are 32-bit and aligned: anything else reads zeros.
+        let mut two = [0xffu8; 2];
+        d.transport.read(MAGIC_VALUE, &mut two);
+        assert_eq!(two, [0, 0]);
+        let mut four = [0xffu8; 4];
+        d.transport.read(MAGIC_VALUE + 1, &mut four);
+        assert_eq!(four, [0; 4]);
+        let mut eight = [0xffu8; 8];
+        d.transport.read(MAGIC_VALUE, &mut eight);
+        assert_eq!(eight, [0; 8]);
+        // A 2-byte status write does nothing.
+        d.transport.write(STATUS, &[1, 0]);
+        assert_eq!(d.r32(STATUS), 0);
+        // Features: VERSION_1 always, none beyond the second word.
+        assert_ne!(d.device_features() & (1 << VIRTIO_F_VERSION_1), 0);
+        d.w32(DEVICE_FEATURES_SEL, 2);
+        assert_eq!(d.r32(DEVICE_FEATURES), 0);
+        // Configuration space: any width, zeros past its end.
+        assert_eq!(d.config(0, 8), 2048u64.to_le_bytes());
+        assert_eq!(d.config(1, 1), [8]);
+        assert_eq!(d.config(0x1000 - CONFIG - 4, 4), [0; 4]);
+        d.transport.write(CONFIG, &[1, 2, 3, 4]);
+        assert_eq!(d.config(0, 8), 2048u64.to_le_bytes());
+        // No queue past the device's: QueueNumMax 0, notify ignored.
+        d.w32(QUEUE_SEL, 5);
+        assert_eq!(d.r32(QUEUE_NUM_MAX), 0);
+        d.w32(QUEUE_NOTIFY, 5);
+        d.w32(QUEUE_NOTIFY, u32::MAX);
+    }
+
+    #[test]
+    fn virtio_mmio_feature_negotiation_and_status_order() {
+        let dir = TempDir::new("mmio-neg");
+        let mut d = Driver::new(block(&dir));
+        // Out of order: DRIVER before ACKNOWLEDGE, DRIVER_OK early.
+        d.w32(STATUS, VIRTIO_CONFIG_S_DRIVER);
+        assert_eq!(d.r32(STATUS), 0);
+        d.w32(STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        d.w32(STATUS, ACK_DRIVER);
+        d.w32(STATUS, ACK_DRIVER | VIRTIO_CONFIG_S_DRIVER_OK);
+        assert_eq!(d.r32(STATUS), ACK_DRIVER);
+        // Without VERSION_1 (a legacy driver): FEATURES_OK does not stick.
+        d.w32(DRIVER_FEATURES_SEL, 0);
+        d.w32(DRIVER_FEATURES, 1 << VIRTIO_BLK_F_FLUSH);
+        d.w32(STATUS, FEATURES_OK);
+        assert_eq!(d.r32(STATUS), ACK_DRIVER);
+        // A feature the device does not offer: refused too.
+        d.w32(DRIVER_FEATURES_SEL, 1);
+        d.w32(DRIVER_FEATURES, 1 | (1 << 20));
+        d.w32(STATUS, FEATURES_OK);
+        assert_eq!(d.r32(STATUS), ACK_DRIVER);
+        // A subset with VERSION_1: accepted.
+        d.w32(DRIVER_FEATURES, 1);
+        d.w32(STATUS, FEATURES_OK);
+        assert_eq!(d.r32(STATUS), FEATURES_OK);
+        // Clearing a bit other than by a reset is ignored.
+        d.w32(STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        assert_eq!(d.r32(STATUS), FEATURES_OK);
+        // Features are fixed after FEATURES_OK.
+        d.w32(DRIVER_FEATURES_SEL, 0);
+        d.w32(DRIVER_FEATURES, u32::MAX);
+        // DRIVER_OK without ready queues: DEVICE_NEEDS_RESET and a
+        // configuration interrupt; the device does not start.
+        d.w32(STATUS, FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK);
+        assert_eq!(
+            d.r32(STATUS),
+            FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_NEEDS_RESET
+        );
+        assert!(!activated(&d));
+        assert!(d.transport.interrupt().event().read().is_ok());
+        assert_eq!(d.r32(INTERRUPT_STATUS), 2);
+        d.w32(INTERRUPT_ACK, 2);
+        assert_eq!(d.r32(INTERRUPT_STATUS), 0);
+        // FAILED may be set at any time.
+        let s = d.r32(STATUS);
+        d.w32(STATUS, s | VIRTIO_CONFIG_S_FAILED);
+        assert_eq!(d.r32(STATUS), s | VIRTIO_CONFIG_S_FAILED);
+        // A reset clears everything, and a driver starts over.
+        d.w32(STATUS, 0);
+        assert_eq!(d.r32(STATUS), 0);
+        d.init(u64::MAX, 64);
+        assert!(activated(&d));
+    }
+
+    #[test]
+    fn virtio_mmio_queue_setup_rules_and_reset() {
+        let dir = TempDir::new("mmio-q");
+        let mut d = Driver::new(block(&dir));
+        // Queue registers before FEATURES_OK are ignored.
+        d.w32(QUEUE_SEL, 0);
+        d.w32(QUEUE_READY, 1);
+        assert_eq!(d.r32(QUEUE_READY), 0);
+        d.w32(STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+        d.w32(STATUS, ACK_DRIVER);
+        d.w32(DRIVER_FEATURES_SEL, 1);
+        d.w32(DRIVER_FEATURES, 1);
+        d.w32(STATUS, FEATURES_OK);
+        assert_eq!(d.r32(QUEUE_NUM_MAX), 256);
+        // Rings outside guest memory: DRIVER_OK fails cleanly.
+        d.w32(QUEUE_NUM, 100); // not a power of two: ignored
+        d.w32(QUEUE_NUM, 512); // above the maximum: ignored
+        d.w32(QUEUE_DESC_LOW, 0);
+        d.w32(QUEUE_DESC_HIGH, 0x10);
+        d.w32(QUEUE_DRIVER_LOW, 0x1000);
+        d.w32(QUEUE_DEVICE_LOW, 0x2000);
+        d.w32(QUEUE_READY, 1);
+        // A ready queue's addresses cannot change.
+        d.w32(QUEUE_DESC_HIGH, 0);
+        d.w32(STATUS, FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK);
+        assert_ne!(d.r32(STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        assert!(!activated(&d));
+        // Reset: queues back to not ready, the device idle.
+        d.w32(STATUS, 0);
+        assert_eq!(d.r32(QUEUE_READY), 0);
+        assert_eq!(d.r32(INTERRUPT_STATUS), 0);
+        d.init(u64::MAX, 256);
+        assert!(activated(&d));
+        // After DRIVER_OK the queue cannot be changed either.
+        d.w32(QUEUE_SEL, 0);
+        d.w32(QUEUE_READY, 0);
+        assert_eq!(d.r32(QUEUE_READY), 1);
+        d.w32(STATUS, 0);
+        assert!(!activated(&d));
+        assert_eq!(d.r32(QUEUE_READY), 0);
     }
 }
