@@ -112,6 +112,12 @@ impl Block {
         &self.image
     }
 
+    /// The bounce buffer's size (tests: it never grows).
+    #[cfg(test)]
+    pub fn bounce_len(&self) -> usize {
+        self.bounce.len()
+    }
+
     fn host_error(&mut self, what: &str, e: impl std::fmt::Display) -> u8 {
         self.io_errors += 1;
         if self.io_errors <= 10 {
@@ -152,7 +158,7 @@ impl Block {
     fn range(&self, sector: u64, len: u64) -> Option<u64> {
         let offset = sector.checked_mul(SECTOR)?;
         let end = offset.checked_add(len)?;
-        (len % SECTOR == 0 && end <= self.image.size()).then_some(offset)
+        (len.is_multiple_of(SECTOR) && end <= self.image.size()).then_some(offset)
     }
 
     fn read(&mut self, mem: &Mem, sector: u64, data: &[Segment]) -> (u8, u32) {
@@ -234,7 +240,7 @@ impl Block {
         }
         let len = data.remaining();
         if len == 0
-            || len % DISCARD_LEN as u64 != 0
+            || !len.is_multiple_of(DISCARD_LEN as u64)
             || len / DISCARD_LEN as u64 > MAX_DISCARD_SEG as u64
         {
             return VIRTIO_BLK_S_IOERR as u8;

@@ -161,7 +161,7 @@ impl MmioTransport {
             return;
         }
         data.fill(0);
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             return;
         }
         let value = match offset {
@@ -201,7 +201,7 @@ impl MmioTransport {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             return;
         }
         let value = u32::from_le_bytes(bytes);

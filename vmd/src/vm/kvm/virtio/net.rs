@@ -83,6 +83,8 @@ pub struct Net {
     pub bad_chains: u64,
     /// Frames the tap refused (other than EAGAIN).
     pub tx_refused: u64,
+    /// Frames handed to the tap.
+    pub tx_frames: u64,
 }
 
 /// TUNSETOFFLOAD flags for the receive features the guest accepted.
@@ -155,6 +157,7 @@ impl Net {
             rx_too_big: 0,
             bad_chains: 0,
             tx_refused: 0,
+            tx_frames: 0,
         })
     }
 
@@ -172,6 +175,13 @@ impl Net {
     /// Whether a transmit waits for the tap to be writable.
     pub fn tx_blocked(&self) -> bool {
         self.tx_blocked
+    }
+
+    /// The sizes of the receive and transmit buffers (tests: they never
+    /// grow).
+    #[cfg(test)]
+    pub fn buffer_lens(&self) -> (usize, usize) {
+        (self.rx_frame.len(), self.tx_frame.len())
     }
 
     /// The tap has frames: deliver them while the guest has buffers.
@@ -278,7 +288,7 @@ impl Net {
                 self.bad_chains += 1;
             } else {
                 match nix::unistd::write(&self.tap, &self.tx_frame[..len]) {
-                    Ok(_) => {}
+                    Ok(_) => self.tx_frames += 1,
                     Err(nix::errno::Errno::EAGAIN) => {
                         // Back into the ring until the tap is writable.
                         active.tx.go_to_previous_position();
@@ -367,7 +377,7 @@ impl VirtioDevice for Net {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::parent::net::netlink::tests::ask;
     use crate::parent::net::netlink::{Netlink, Reply, Request};
@@ -393,7 +403,7 @@ mod tests {
 
     /// A packet socket on the tap's host side: what the host stack sends
     /// to the guest, and sees from it.
-    fn packet_socket(ifindex: u32) -> Result<OwnedFd, String> {
+    pub(crate) fn packet_socket(ifindex: u32) -> Result<OwnedFd, String> {
         let proto = (libc::ETH_P_ALL as u16).to_be();
         // SAFETY: socket(2) takes no pointers.
         let fd = unsafe {
@@ -465,9 +475,7 @@ mod tests {
                 continue;
             }
             buf.truncate(n as usize);
-            if from.sll_pkttype != libc::PACKET_OUTGOING as u8
-                && buf.get(12..14) == Some(&ETHERTYPE)
-            {
+            if from.sll_pkttype != libc::PACKET_OUTGOING && buf.get(12..14) == Some(&ETHERTYPE) {
                 return Ok(buf);
             }
         }

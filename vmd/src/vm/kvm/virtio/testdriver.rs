@@ -83,6 +83,11 @@ impl Driver {
         u64::from(low) | (u64::from(high) << 32)
     }
 
+    /// Forgets every allocation (before a new driver set-up).
+    pub fn reset_alloc(&mut self) {
+        self.next = ALLOC_START;
+    }
+
     /// Bump allocation in guest memory, zeroed.
     pub fn alloc(&mut self, len: u64, align: u64) -> u64 {
         let at = self.next.div_ceil(align) * align;
