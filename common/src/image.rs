@@ -705,4 +705,50 @@ mod tests {
         assert!(buf.iter().all(|&b| b == 3));
         assert_eq!(dst.extent(4 << 20, 65536).unwrap(), (Extent::Zero, 65536));
     }
+
+    #[test]
+    fn discard_frees_raw_ranges_and_is_refused_on_qcow2() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = TempDir::new("discard");
+        let raw_path = dir.0.join("d.raw");
+        let mut raw = Image::create(
+            &raw_path,
+            new_file(&raw_path),
+            DiskFormat::Raw,
+            1 << 20,
+            16,
+            None,
+        )
+        .unwrap();
+        raw.write_at(&[0x77; 256 << 10], 0).unwrap();
+        raw.flush().unwrap();
+        let before = std::fs::metadata(&raw_path).unwrap().blocks();
+        raw.discard(64 << 10, 128 << 10).unwrap();
+        raw.discard(0, 0).unwrap();
+        let mut back = vec![0u8; 256 << 10];
+        raw.read_at(&mut back, 0).unwrap();
+        assert!(back[..64 << 10].iter().all(|&b| b == 0x77));
+        assert!(back[64 << 10..192 << 10].iter().all(|&b| b == 0));
+        assert!(back[192 << 10..].iter().all(|&b| b == 0x77));
+        assert!(std::fs::metadata(&raw_path).unwrap().blocks() < before);
+        assert_eq!(std::fs::metadata(&raw_path).unwrap().len(), 1 << 20);
+        assert!(matches!(
+            raw.discard(1 << 20, 512),
+            Err(ImageError::OutOfRange { .. })
+        ));
+        let q_path = dir.0.join("d.qcow2");
+        let mut q = Image::create(
+            &q_path,
+            new_file(&q_path),
+            DiskFormat::Qcow2,
+            1 << 20,
+            16,
+            None,
+        )
+        .unwrap();
+        assert!(matches!(
+            q.discard(0, 512),
+            Err(ImageError::NoDiscard { .. })
+        ));
+    }
 }

@@ -223,3 +223,123 @@ impl<'a> Cursor<'a> {
         Ok(done)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::kvm::virtio::testdriver::{new_mem, MEM_SIZE};
+
+    const TABLE: u64 = 0x1000;
+    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+    const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+    const INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
+
+    fn put(mem: &Mem, table: u64, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let d = Descriptor::new(addr, len, flags, next);
+        mem.write_obj(d, GuestAddress(table + 16 * u64::from(index)))
+            .unwrap();
+    }
+
+    fn walk(mem: &Mem, head: u16) -> Result<Chain, ChainError> {
+        Chain::walk(mem, GuestAddress(TABLE), 16, head, 1 << 20)
+    }
+
+    #[test]
+    fn virtio_chain_direct_and_indirect() {
+        let mem = new_mem();
+        put(&mem, TABLE, 0, 0x10000, 16, NEXT, 3);
+        put(&mem, TABLE, 3, 0x20000, 512, NEXT | WRITE, 5);
+        put(&mem, TABLE, 5, 0x30000, 1, WRITE, 0);
+        let c = walk(&mem, 0).unwrap();
+        assert_eq!(c.head, 0);
+        assert_eq!(c.readable.len(), 1);
+        assert_eq!(c.writable.len(), 2);
+        assert_eq!((c.readable_len(), c.writable_len()), (16, 513));
+        // An indirect table of two descriptors.
+        let ind = 0x8000;
+        put(&mem, ind, 0, 0x11000, 100, NEXT, 1);
+        put(&mem, ind, 1, 0x12000, 200, WRITE, 0);
+        put(&mem, TABLE, 7, ind, 32, INDIRECT, 0);
+        let c = walk(&mem, 7).unwrap();
+        assert_eq!((c.readable_len(), c.writable_len()), (100, 200));
+    }
+
+    #[test]
+    fn virtio_chain_refuses_what_a_hostile_guest_makes() {
+        let mem = new_mem();
+        // A loop: 0 -> 1 -> 0.
+        put(&mem, TABLE, 0, 0x10000, 1, NEXT, 1);
+        put(&mem, TABLE, 1, 0x10000, 1, NEXT, 0);
+        assert_eq!(walk(&mem, 0).unwrap_err(), ChainError::TooLong);
+        // A self loop.
+        put(&mem, TABLE, 2, 0x10000, 1, NEXT, 2);
+        assert_eq!(walk(&mem, 2).unwrap_err(), ChainError::TooLong);
+        // Next outside the table; a head outside it.
+        put(&mem, TABLE, 3, 0x10000, 1, NEXT, 16);
+        assert_eq!(walk(&mem, 3).unwrap_err(), ChainError::Index(16));
+        assert_eq!(walk(&mem, 400).unwrap_err(), ChainError::Index(400));
+        // A buffer past the end of guest memory, or wrapping around.
+        put(&mem, TABLE, 4, MEM_SIZE as u64 - 10, 11, 0, 0);
+        assert_eq!(walk(&mem, 4).unwrap_err(), ChainError::Memory);
+        put(&mem, TABLE, 4, u64::MAX - 5, 100, 0, 0);
+        assert_eq!(walk(&mem, 4).unwrap_err(), ChainError::Memory);
+        put(&mem, TABLE, 4, MEM_SIZE as u64 - 10, 10, 0, 0);
+        assert!(walk(&mem, 4).is_ok());
+        // A readable buffer after a writable one.
+        put(&mem, TABLE, 5, 0x10000, 1, WRITE | NEXT, 6);
+        put(&mem, TABLE, 6, 0x10000, 1, 0, 0);
+        assert_eq!(walk(&mem, 5).unwrap_err(), ChainError::Order);
+        // More bytes than the device takes.
+        put(&mem, TABLE, 7, 0x10000, (1 << 20) + 1, 0, 0);
+        assert_eq!(walk(&mem, 7).unwrap_err(), ChainError::TooLarge);
+        // Indirect tables: nested, chained, of a bad size, outside memory,
+        // looping inside.
+        let ind = 0x8000;
+        put(&mem, ind, 0, ind, 16, INDIRECT, 0);
+        put(&mem, TABLE, 8, ind, 16, INDIRECT, 0);
+        assert_eq!(walk(&mem, 8).unwrap_err(), ChainError::Indirect);
+        put(&mem, ind, 0, 0x10000, 1, 0, 0);
+        put(&mem, TABLE, 8, ind, 16, INDIRECT | NEXT, 9);
+        assert_eq!(walk(&mem, 8).unwrap_err(), ChainError::Indirect);
+        put(&mem, TABLE, 8, ind, 24, INDIRECT, 0);
+        assert_eq!(walk(&mem, 8).unwrap_err(), ChainError::Indirect);
+        put(&mem, TABLE, 8, ind, 0, INDIRECT, 0);
+        assert_eq!(walk(&mem, 8).unwrap_err(), ChainError::Indirect);
+        put(&mem, TABLE, 8, MEM_SIZE as u64 - 16, 32, INDIRECT, 0);
+        assert_eq!(walk(&mem, 8).unwrap_err(), ChainError::Memory);
+        put(&mem, ind, 0, 0x10000, 1, NEXT, 0);
+        put(&mem, TABLE, 8, ind, 0xfff0, INDIRECT, 0);
+        assert_eq!(walk(&mem, 8).unwrap_err(), ChainError::TooLong);
+        // A descriptor table outside guest memory.
+        let far = Chain::walk(&mem, GuestAddress(u64::MAX - 20), 16, 1, 100);
+        assert_eq!(far.unwrap_err(), ChainError::Memory);
+    }
+
+    #[test]
+    fn virtio_chain_cursor_copies_across_segments() {
+        let mem = new_mem();
+        let segs = [
+            Segment {
+                addr: GuestAddress(0x1000),
+                len: 3,
+            },
+            Segment {
+                addr: GuestAddress(0x2000),
+                len: 0,
+            },
+            Segment {
+                addr: GuestAddress(0x3000),
+                len: 5,
+            },
+        ];
+        let mut c = Cursor::new(&segs);
+        assert_eq!(c.remaining(), 8);
+        assert_eq!(c.write(&mem, &[1, 2, 3, 4]).unwrap(), 4);
+        assert_eq!(c.remaining(), 4);
+        assert_eq!(c.write(&mem, &[5, 6, 7, 8, 9, 10]).unwrap(), 4);
+        assert_eq!(c.remaining(), 0);
+        let mut back = [0u8; 8];
+        assert_eq!(Cursor::new(&segs).read(&mem, &mut back).unwrap(), 8);
+        assert_eq!(back, [1, 2, 3, 4, 5, 6, 7, 8]);
+    }
+}

@@ -347,6 +347,15 @@ impl MmioTransport {
                 Err(e) => Err(e.to_string()),
             }
         };
+        if result.is_ok() {
+            // One notification on every queue: the event loop then runs
+            // each queue once on its own thread (a net device reads the
+            // frames that waited in its tap before the driver was ready;
+            // the vCPU that wrote DRIVER_OK does no I/O).
+            for event in &self.queue_events {
+                let _ = event.write(1);
+            }
+        }
         if let Err(e) = result {
             self.activate_failures += 1;
             if self.activate_failures <= 3 {
