@@ -360,21 +360,8 @@ fn virtio_fuzz_block_hostile_guest() {
 fn virtio_fuzz_net_hostile_guest() {
     crate::parent::net::testns::in_new_netns(|| {
         let seed = seed() ^ 0x6e6574;
-        let tap = crate::parent::net::tap::tap_open("vfuzz0")?;
-        let _ = std::fs::write(
-            format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tap.name),
-            "1",
-        );
-        let mut nl = crate::parent::net::netlink::Netlink::open().map_err(|e| e.to_string())?;
-        let up = crate::parent::net::netlink::Request::SetLink {
-            index: tap.ifindex,
-            alias: None,
-            up: Some(true),
-            master: None,
-        };
-        crate::parent::net::netlink::tests::ask(&mut nl, &up)?;
-        let pkt = super::net::tests::packet_socket(tap.ifindex)?;
-        let dev = Arc::new(Mutex::new(Net::new(tap.fd, [2, 0, 0, 0, 0, 1])?));
+        let (tap, pkt) = super::net::tests::tap_and_socket()?;
+        let dev = Arc::new(Mutex::new(Net::new(tap, [2, 0, 0, 0, 0, 1])?));
         let mut d = Driver::new(dev.clone());
         let mut rng = Rng(seed);
         let peak = peak_kib();

@@ -381,10 +381,11 @@ pub(crate) mod tests {
     use super::*;
     use crate::parent::net::netlink::tests::ask;
     use crate::parent::net::netlink::{Netlink, Reply, Request};
+    use crate::parent::net::nft::tests::packet_socket;
     use crate::parent::net::tap::tap_open;
     use crate::parent::net::testns::in_new_netns;
     use crate::vm::kvm::virtio::testdriver::Driver;
-    use std::os::fd::{AsFd, FromRawFd};
+    use std::os::fd::AsFd;
     use std::sync::Mutex;
 
     const MAC: [u8; 6] = [0xfe, 0xe1, 0xba, 0xd0, 0x00, 0x01];
@@ -399,45 +400,6 @@ pub(crate) mod tests {
         f.extend_from_slice(&ETHERTYPE);
         f.extend((0..200).map(|i: u16| (i as u8) ^ n));
         f
-    }
-
-    /// A packet socket on the tap's host side: what the host stack sends
-    /// to the guest, and sees from it.
-    pub(crate) fn packet_socket(ifindex: u32) -> Result<OwnedFd, String> {
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: socket(2) takes no pointers.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                i32::from(proto),
-            )
-        };
-        if fd < 0 {
-            return Err(format!("packet socket: {}", io::Error::last_os_error()));
-        }
-        // SAFETY: socket just returned this descriptor.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sockaddr_ll is plain data; zeroes are valid.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = proto;
-        sll.sll_ifindex = ifindex as i32;
-        // SAFETY: bind reads the sockaddr_ll we own, of the size given.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if r < 0 {
-            return Err(format!(
-                "bind packet socket: {}",
-                io::Error::last_os_error()
-            ));
-        }
-        Ok(fd)
     }
 
     fn wait_readable(fd: &OwnedFd) -> Result<(), String> {
@@ -490,7 +452,7 @@ pub(crate) mod tests {
     /// A tap in the test's namespace, up, without IPv6 (whose router and
     /// listener solicitations would reach the guest), and a packet
     /// socket on it.
-    fn tap_and_socket() -> Result<(OwnedFd, OwnedFd), String> {
+    pub(crate) fn tap_and_socket() -> Result<(OwnedFd, OwnedFd), String> {
         let tap = tap_open("vtnet0")?;
         let _ = std::fs::write(
             format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tap.name),
