@@ -104,8 +104,6 @@ impl Interrupt {
 pub enum ActivateError {
     #[error("the driver set up {got} queues, the device needs {want}")]
     Queues { got: usize, want: usize },
-    #[error("{0}")]
-    Host(String),
 }
 
 /// One kind of virtio device. The transport calls everything but

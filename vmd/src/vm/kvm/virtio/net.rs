@@ -77,6 +77,9 @@ pub struct Net {
     rx_pending: Option<usize>,
     tx_frame: Vec<u8>,
     tx_blocked: bool,
+    /// TUNSETOFFLOAD flags for the driver just activated, set before the
+    /// tap is next read or written.
+    offload_pending: Option<u32>,
     /// Frames no buffer of the guest could hold (see the module text).
     pub rx_too_big: u64,
     /// Chains the guest made that were returned unused.
@@ -154,6 +157,7 @@ impl Net {
             rx_pending: None,
             tx_frame: vec![0; MAX_FRAME],
             tx_blocked: false,
+            offload_pending: None,
             rx_too_big: 0,
             bad_chains: 0,
             tx_refused: 0,
@@ -209,10 +213,19 @@ impl Net {
         }
     }
 
+    fn apply_offloads(&mut self) {
+        if let Some(flags) = self.offload_pending.take() {
+            if let Err(e) = set_offload(&self.tap, flags) {
+                crate::log::log_warn!("virtio-net: tap: cannot set offloads {flags:#x}: {e}");
+            }
+        }
+    }
+
     fn receive(&mut self) {
         let Some(mut active) = self.active.take() else {
             return;
         };
+        self.apply_offloads();
         let mem = active.mem.clone();
         let mut used = false;
         loop {
@@ -269,6 +282,7 @@ impl Net {
         let Some(mut active) = self.active.take() else {
             return;
         };
+        self.apply_offloads();
         let mem = active.mem.clone();
         let mut used = false;
         while !self.tx_blocked {
@@ -342,8 +356,9 @@ impl VirtioDevice for Net {
         let Ok([rx, tx]) = <[Queue; 2]>::try_from(queues) else {
             return Err(ActivateError::Queues { got, want: 2 });
         };
-        set_offload(&self.tap, tap_offloads(self.acked))
-            .map_err(|e| ActivateError::Host(format!("tap: cannot set offloads: {e}")))?;
+        // Applied by the event loop's first run (the notification every
+        // queue gets on activation): no ioctl on the vCPU thread.
+        self.offload_pending = Some(tap_offloads(self.acked));
         self.active = Some(Active {
             mem,
             interrupt,
@@ -371,6 +386,7 @@ impl VirtioDevice for Net {
         self.active = None;
         self.acked = 0;
         self.tx_blocked = false;
+        self.offload_pending = None;
         // A frame read and not delivered stays for the next driver: it was
         // taken from the tap, and nothing is dropped inside the monitor.
     }
@@ -392,6 +408,40 @@ pub(crate) mod tests {
     /// IEEE 802 local experimental ethertype: nothing else sends it.
     const ETHERTYPE: [u8; 2] = [0x88, 0xb5];
     const RX_BUF: u32 = 2048;
+    const TAP: &str = "vtnet0";
+
+    /// A legacy ethtool "get" (ETHTOOL_GTSO, ETHTOOL_GTXCSUM) on `name`:
+    /// what the tap's features say of the offloads.
+    fn ethtool_get(name: &str, cmd: u32) -> Result<u32, String> {
+        let sock = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Inet,
+            nix::sys::socket::SockType::Datagram,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(|e| format!("socket: {e}"))?;
+        let mut value = [cmd, 0u32];
+        // SAFETY: ifreq is plain data; all zeroes is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        req.ifr_ifru.ifru_data = value.as_mut_ptr() as *mut libc::c_char;
+        // SAFETY: SIOCETHTOOL reads the ifreq and the ethtool_value it
+        // points to, both ours and alive for the call, and writes the
+        // value's data word.
+        let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut req) };
+        if r < 0 {
+            return Err(format!(
+                "SIOCETHTOOL {cmd:#x}: {}",
+                io::Error::last_os_error()
+            ));
+        }
+        Ok(value[1])
+    }
+
+    const ETHTOOL_GTXCSUM: u32 = 0x16;
+    const ETHTOOL_GTSO: u32 = 0x1e;
 
     fn frame(dst: [u8; 6], src: [u8; 6], n: u8) -> Vec<u8> {
         let mut f = Vec::new();
@@ -453,7 +503,7 @@ pub(crate) mod tests {
     /// listener solicitations would reach the guest), and a packet
     /// socket on it.
     pub(crate) fn tap_and_socket() -> Result<(OwnedFd, OwnedFd), String> {
-        let tap = tap_open("vtnet0")?;
+        let tap = tap_open(TAP)?;
         let _ = std::fs::write(
             format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tap.name),
             "1",
@@ -579,6 +629,23 @@ pub(crate) mod tests {
                 .map_err(|e| format!("no notification on activation: {e}"))?;
             dev.lock().unwrap().process_queue(RX);
             assert_eq!(guest_receive(&mut d, &mut posted), Some(last));
+
+            // The offloads follow what each driver accepted.
+            assert_eq!(ethtool_get(TAP, ETHTOOL_GTSO)?, 1);
+            assert_eq!(ethtool_get(TAP, ETHTOOL_GTXCSUM)?, 1);
+            d.w32(crate::vm::kvm::virtio::mmio::STATUS, 0);
+            d.reset_alloc();
+            let plain = !((1 << VIRTIO_NET_F_GUEST_CSUM)
+                | (1 << VIRTIO_NET_F_GUEST_TSO4)
+                | (1 << VIRTIO_NET_F_GUEST_TSO6));
+            d.init(plain, 64);
+            assert_eq!(d.features & (1 << VIRTIO_NET_F_GUEST_CSUM), 0);
+            d.transport.queue_events()[RX]
+                .read()
+                .map_err(|e| e.to_string())?;
+            dev.lock().unwrap().process_queue(RX);
+            assert_eq!(ethtool_get(TAP, ETHTOOL_GTSO)?, 0);
+            assert_eq!(ethtool_get(TAP, ETHTOOL_GTXCSUM)?, 0);
             Ok(())
         });
     }
