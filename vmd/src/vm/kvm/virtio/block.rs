@@ -66,6 +66,8 @@ pub struct Block {
     bounce: Vec<u8>,
     /// Host I/O errors so far (each is also logged, the first few).
     pub io_errors: u64,
+    /// Requests answered VIRTIO_BLK_S_OK.
+    pub served: u64,
 }
 
 impl Block {
@@ -104,6 +106,7 @@ impl Block {
             active: None,
             bounce: vec![0; BOUNCE_BYTES],
             io_errors: 0,
+            served: 0,
         }
     }
 
@@ -150,6 +153,9 @@ impl Block {
             }
         };
         mem.write_obj(status, status_at).ok()?;
+        if status == VIRTIO_BLK_S_OK as u8 {
+            self.served += 1;
+        }
         Some(written + 1)
     }
 
