@@ -11,7 +11,22 @@
 //! ioeventfd on window + [`QUEUE_NOTIFY`] with datamatch `i` (4 bytes),
 //! and the [`super::Interrupt`]'s EventFd as the irqfd of the GSI. The
 //! event loop waits on the same queue EventFds and calls the device's
-//! `process_queue`.
+//! `process_queue`. The DSDT entry of device N, in ASL:
+//!
+//! ```text
+//! Device (VR0N) {
+//!     Name (_HID, "LNRO0005")
+//!     Name (_UID, N)
+//!     Name (_CRS, ResourceTemplate () {
+//!         Memory32Fixed (ReadWrite, <window base>, 0x1000)
+//!         Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { <GSI> }
+//!     })
+//! }
+//! ```
+//!
+//! On DRIVER_OK the transport writes every queue's EventFd once, so the
+//! event loop (not the vCPU) runs each queue first; a vCPU thread only
+//! ever writes EventFds (and logs a failed activation).
 //!
 //! Registers are 32-bit and aligned; any other access to them reads zeros
 //! and writes nothing. The configuration space (from [`CONFIG`]) is the
