@@ -153,9 +153,9 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 }
 
-/// Puts a chain in the used ring and interrupts the guest if it asked to
-/// be told. Errors are the guest's (a used ring outside its memory): the
-/// queue stays as it is.
+/// Puts a chain in the used ring with the bytes written into it; false if
+/// the guest's used ring cannot take it (the queue stays as it was). The
+/// interrupt comes once per batch, from [`notify`].
 pub(crate) fn complete(queue: &mut Queue, mem: &Mem, head: u16, len: u32) -> bool {
     use virtio_queue::QueueT;
     queue.add_used(mem, head, len).is_ok()
