@@ -21,18 +21,22 @@ macro_rules! err {
 mod client;
 mod console;
 mod create;
+mod json;
 mod vms;
+mod watch;
 
 use common::getopt::{Getopt, Opt};
 use std::io::{ErrorKind, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage:\tvmctl [-v] [-s socket] command [arg ...]";
+const USAGE: &str = "usage:\tvmctl [-jv] [-s socket] command [arg ...]";
 
 /// Global options that apply to every command.
 pub struct Global {
     pub verbose: u8,
+    /// `-j`: status, stats and events print JSON, one object a line.
+    pub json: bool,
     /// vmd's control socket: `-s PATH`, `$VMD_SOCKET` or the default.
     pub socket: PathBuf,
 }
@@ -53,6 +57,11 @@ const COMMANDS: &[Command] = &[
         name: "create",
         usage: create::USAGE,
         run: create::run,
+    },
+    Command {
+        name: "events",
+        usage: "[-1] [id]",
+        run: watch::events,
     },
     Command {
         name: "load",
@@ -100,6 +109,11 @@ const COMMANDS: &[Command] = &[
                 \t\t[-m size] [-n switch] [-r path] [-t name]\n\
                 \t\t[--initrd path] [--cmdline string]",
         run: vms::start,
+    },
+    Command {
+        name: "stats",
+        usage: "[-w seconds] [id]",
+        run: watch::stats,
     },
     Command {
         name: "status",
@@ -206,8 +220,16 @@ pub fn write_stdout(text: &str) -> Result<(), ExitCode> {
     }
 }
 
+/// Abbreviations that a later command made ambiguous and that keep
+/// meaning what they meant before it (`stat`: `status`, not `stats`).
+const KEPT_ABBREVIATIONS: &[(&str, &str)] = &[("stat", "status")];
+
 /// The command that `word` names or uniquely abbreviates.
 fn find_command(word: &str) -> Result<&'static Command, String> {
+    let kept = KEPT_ABBREVIATIONS.iter().find(|(short, _)| *short == word);
+    if let Some(command) = kept.and_then(|(_, name)| COMMANDS.iter().find(|c| c.name == *name)) {
+        return Ok(command);
+    }
     let mut matches = COMMANDS.iter().filter(|c| c.name.starts_with(word));
     match (matches.next(), matches.next()) {
         _ if word.is_empty() => Err(format!("unknown argument: {word}")),
@@ -228,10 +250,12 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let mut verbose = 0u8;
+    let mut json = false;
     let mut socket = None;
-    let mut getopt = Getopt::new(&args, "vs:", &[]);
+    let mut getopt = Getopt::new(&args, "jvs:", &[]);
     for opt in getopt.by_ref() {
         match opt {
+            Ok(Opt::Short('j', _)) => json = true,
             Ok(Opt::Short('v', _)) => verbose = verbose.saturating_add(1),
             Ok(Opt::Short('s', Some(path))) => socket = Some(path),
             Ok(_) => return usage(),
@@ -243,6 +267,7 @@ fn main() -> ExitCode {
     }
     let global = Global {
         verbose,
+        json,
         socket: client::socket_path(socket.as_deref()),
     };
     let operands = getopt.operands();
@@ -281,6 +306,9 @@ mod tests {
     fn prefix_matching() {
         assert_eq!(find_command("cr").map(|c| c.name), Ok("create"));
         assert_eq!(find_command("stop").map(|c| c.name), Ok("stop"));
+        assert_eq!(find_command("stat").map(|c| c.name), Ok("status"));
+        assert_eq!(find_command("stats").map(|c| c.name), Ok("stats"));
+        assert_eq!(find_command("ev").map(|c| c.name), Ok("events"));
         assert_eq!(
             find_command("sta").err(),
             Some("ambiguous argument: sta".into())

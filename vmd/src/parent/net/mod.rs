@@ -577,6 +577,15 @@ impl Net {
     }
 
     /// VM `id`'s local interfaces: (index in the VM, the tap's ifindex).
+    pub fn vm_tap_names(&self, id: u32) -> Vec<String> {
+        self.vms
+            .iter()
+            .filter(|v| v.id == id)
+            .flat_map(|v| v.taps.iter())
+            .map(|t| t.tap.name.clone())
+            .collect()
+    }
+
     pub fn vm_local_taps(&self, id: u32) -> Vec<(usize, u32)> {
         self.vms
             .iter()
