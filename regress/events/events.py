@@ -233,7 +233,8 @@ def stats_grow(vmd):
 def two_listeners_see_the_life_in_order(vmd, user):
     """Root's listener of every event and another user's listener of one
     VM, both started before it, see its start, pause, unpause and stop in
-    order; `events -1` ends after the first event."""
+    order; `events -1` ends after the first event. The other user sees
+    the VM's stats too."""
     everything = Listener(vmd, "root")
     theirs = Listener(vmd, "user", "ev1", user=user)
     once = Listener(vmd, "once", "-1", "ev1", json_out=False)
@@ -241,6 +242,10 @@ def two_listeners_see_the_life_in_order(vmd, user):
         vmid, _ = vmd.start("ev1")
         other, _ = vmd.start("ev2")
         vmd.wait_console("ev1", "VMD-GUEST: ready")
+        # The other user sees ev1's figures as it sees it in status.
+        [seen] = json_lines(vmd, "stats", "ev1", user=user.name)
+        if seen["state"] != "running" or seen["cpu_time"] is None or seen["console_log_size"] is None:
+            raise Failure(f"{user.name}'s stats of ev1: {seen}")
         expect(vmd.vmctl("pause", "ev1"), 0, r"paused vm \d+ successfully", "pause")
         expect(vmd.vmctl("unpause", "ev1"), 0, r"unpaused vm \d+ successfully", "unpause")
         expect(vmd.vmctl("stop", "-w", "ev1"), 0, rf"terminated vm {vmid}", "stop -w")
