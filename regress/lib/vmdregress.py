@@ -593,11 +593,12 @@ def with_vmd(fn, **kw):
 
 
 class TestUser:
-    """A user (and its group) of its own, removed at the end."""
+    """A user (and its group) of its own, removed at the end; with no
+    login shell unless given one."""
 
-    def __init__(self, prefix="vmdtest"):
+    def __init__(self, prefix="vmdtest", shell="/usr/sbin/nologin"):
         self.name = f"{prefix}{os.getpid() % 10000}{random.randrange(1000):03d}"
-        subprocess.run(["useradd", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin",
+        subprocess.run(["useradd", "--user-group", "--no-create-home", "--shell", shell,
                         self.name], check=True, capture_output=True)
         pw = pwd.getpwnam(self.name)
         self.uid, self.gid = pw.pw_uid, pw.pw_gid
