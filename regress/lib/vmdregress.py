@@ -113,6 +113,10 @@ def summary():
     """Prints the suite's last line; returns the exit status. A name given
     on the command line that matched no case is a failure."""
     for pattern in SELECTED:
+        # A suite split over files (regress/net) gives a pattern to each:
+        # its run script judges one that matched nothing in any.
+        if "--patterns-shared" in sys.argv and any(c in pattern for c in "*?["):
+            continue
         if not any(fnmatch.fnmatchcase(n, pattern) for n in known_cases):
             fail(pattern, f"no such case; this suite has: {', '.join(known_cases)}")
     print(f"{passed} passed, {failed} failed", flush=True)
