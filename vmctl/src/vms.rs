@@ -34,7 +34,7 @@ fn strerror(errno: i32) -> &'static str {
 
 /// Connects and sends one request.
 pub(crate) fn request(global: &Global, req: CtlRequest) -> Result<Client, ExitCode> {
-    let mut client = Client::connect(&global.socket).map_err(|e| fail(&e))?;
+    let mut client = Client::connect(global).map_err(|e| fail(&e))?;
     client.send(req).map_err(|e| fail(&e))?;
     Ok(client)
 }
@@ -501,9 +501,13 @@ pub fn stop(global: &Global, args: &[String]) -> ExitCode {
         return fail(&format!("invalid id: {first}"));
     }
     let Some(target) = target else {
+        // Which VMs are the user's is the remote user's question.
+        if let Some(host) = &global.remote {
+            return crate::remote::run_whole(global, host, "stop", args);
+        }
         return stop_all(global, force, wait);
     };
-    let mut client = match Client::connect(&global.socket) {
+    let mut client = match Client::connect(global) {
         Ok(client) => client,
         Err(e) => return fail(&e),
     };
@@ -530,7 +534,7 @@ fn stop_all(global: &Global, force: bool, wait: bool) -> ExitCode {
         Ok(vms) => vms,
         Err(code) => return code,
     };
-    let mut client = match Client::connect(&global.socket) {
+    let mut client = match Client::connect(global) {
         Ok(client) => client,
         Err(e) => return fail(&e),
     };
