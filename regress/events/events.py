@@ -2,7 +2,8 @@
 """regress/events: vmctl for scripts and dashboards, with real guests (QEMU,
 TCG): `vmctl -j status` against the table, `vmctl stats` of a running
 guest (CPU time, disk and network counters growing), `vmctl events` seen
-by two listeners of different users, and a listener that never reads.
+by two listeners of different users, the events of a reboot and of each
+way a VM ends, and a listener that never reads.
 
 Runs as root. Each case starts its own vmd (regress/lib/vmdregress.py)
 with its own temp dir, socket, vm.conf and console logs (and, for the
@@ -283,6 +284,34 @@ def two_listeners_see_the_life_in_order(vmd, user):
             listener.close()
 
 
+def restarts_and_ends(vmd):
+    """A guest that reboots is `restarted` and `running` again; `stop -f`
+    ends it `forced`; a VM process killed from outside ends it `killed`;
+    a guest that powers itself off ends `powered-off`."""
+    listener = Listener(vmd, "ends")
+    try:
+        vmid, _ = vmd.start("rb1", cmdline=f"{QUIET} vmd.action=reboot-after-1s")
+        wait_for("the restart", lambda: [o["event"] for o in listener.objects() if o["id"] == vmid][:4]
+                 == ["started", "running", "restarted", "running"])
+        expect(vmd.vmctl("stop", "-f", "rb1"), 0, r"rb1", "stop -f")
+        listener.wait_event(vmid, "stopped")
+        vmid, _ = vmd.start("kill1")
+        vm_pid, _ = vmd.vm_pids(vmid)
+        vmd.wait_console("kill1", "VMD-GUEST: ready")
+        os.kill(vm_pid, signal.SIGKILL)
+        listener.wait_event(vmid, "stopped")
+        off, _ = vmd.start("off1", cmdline=f"{QUIET} vmd.action=poweroff-after-1s")
+        listener.wait_event(off, "stopped")
+        ends = [(o["name"], o["event"], o.get("reason", o.get("forced"))) for o in listener.objects()
+                if o["event"] in ("stopping", "stopped")]
+        want = [("rb1", "stopping", True), ("rb1", "stopped", "forced"), ("kill1", "stopped", "killed"),
+                ("off1", "stopped", "powered-off")]
+        if ends != want:
+            raise Failure(f"the ends seen: {ends}, want {want}")
+    finally:
+        listener.close()
+
+
 def listeners(vmd_kw):
     def run():
         user = TestUser("vmdev")
@@ -349,6 +378,7 @@ def main():
     case("stats-cpu-disk-network-grow", with_vmd(stats_grow, netns=True, conf_extra=(
         f'vm "scfg" {{\n disable\n boot "{t.KERNEL}"\n}}\n')))
     case("two-users-listeners-see-start-pause-unpause-stop", listeners({}))
+    case("restarted-forced-killed-powered-off", with_vmd(restarts_and_ends))
     case("slow-listener-told-dropped-status-answered", with_vmd(slow_listener))
     return t.summary()
 
