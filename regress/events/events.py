@@ -231,6 +231,33 @@ def stats_grow(vmd):
         raise Failure(f"a stopped VM's stats: {cfg}")
 
 
+def stats_of_a_stuck_vm_process(vmd):
+    """A VM process that cannot answer (SIGSTOP) gets its VM's figures
+    sent without its backend's after vmd's bound (10 s), while another
+    request is answered at once; after SIGCONT they come again."""
+    vmid, _ = vmd.start("stuck1")
+    vm_pid, _ = vmd.vm_pids(vmid)
+    vmd.wait_console("stuck1", "VMD-GUEST: ready")
+    os.kill(vm_pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        slow = subprocess.Popen([VMCTL, "-s", vmd.sock, "-j", "stats", "stuck1"], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        rc, out = vmd.vmctl("status", timeout=30)
+        if rc != 0 or "stuck1" not in out or time.monotonic() - started > 8:
+            raise Failure(f"status while stats waits: {rc} {out!r}")
+        out, _ = slow.communicate(timeout=60)
+        took = time.monotonic() - started
+        [o] = [json.loads(line) for line in out.splitlines()]
+        if slow.returncode != 0 or o["state"] != "running" or o["cpu_time"] is None \
+                or o["console_log_size"] is not None or o["disks"] != [] or not 9 <= took < 30:
+            raise Failure(f"stats of a stuck VM process after {took:.1f}s: exit {slow.returncode}: {out!r}")
+    finally:
+        os.kill(vm_pid, signal.SIGCONT)
+    # It answers again (a late answer serves the next request waiting).
+    wait_for("the VM process's counters again", lambda: stats_of(vmd, "stuck1")["console_log_size"] is not None)
+
+
 def two_listeners_see_the_life_in_order(vmd, user):
     """Root's listener of every event and another user's listener of one
     VM, both started before it, see its start, pause, unpause and stop in
@@ -377,6 +404,7 @@ def main():
         f'vm "jcfg" {{\n disable\n boot "{t.KERNEL}"\n memory 128M\n owner root:root\n}}\n')))
     case("stats-cpu-disk-network-grow", with_vmd(stats_grow, netns=True, conf_extra=(
         f'vm "scfg" {{\n disable\n boot "{t.KERNEL}"\n}}\n')))
+    case("stats-of-a-stuck-vm-process-come-without-its-counters", with_vmd(stats_of_a_stuck_vm_process))
     case("two-users-listeners-see-start-pause-unpause-stop", listeners({}))
     case("restarted-forced-killed-powered-off", with_vmd(restarts_and_ends))
     case("slow-listener-told-dropped-status-answered", with_vmd(slow_listener))

@@ -563,7 +563,13 @@ impl Parent {
                         self.vm_command_progress(id, command, note)
                     }
                     VmEvent::Launched { id, pid, tty } => self.vm_launched(id, pid, tty),
-                    VmEvent::Ended(ended) => self.vm_ended(ended),
+                    VmEvent::Ended(ended) => {
+                        for pending in &mut self.stats {
+                            pending.forget(ended.id);
+                        }
+                        self.answer_stats();
+                        self.vm_ended(ended);
+                    }
                     VmEvent::LocalInterfaces {
                         id,
                         name,

@@ -94,7 +94,13 @@ impl PendingStats {
         }
     }
 
-    /// Every VM process asked has answered.
+    /// VM `id`'s process ended before it answered: its figures go out
+    /// without the backend's.
+    pub fn forget(&mut self, id: u32) {
+        self.waiting.retain(|&w| w != id);
+    }
+
+    /// Every VM process asked has answered (or ended).
     pub fn is_complete(&self) -> bool {
         self.waiting.is_empty()
     }
