@@ -1077,13 +1077,15 @@ mod tests {
             Message::VmStartFailed {
                 reason: "qemu: initrd is too large".into(),
             },
-            Message::CtlEvent(crate::event::Event::now(
-                3,
-                "web",
-                crate::event::EventKind::Stopped {
+            // A fixed time: samples() is called twice and compared.
+            Message::CtlEvent(crate::event::Event {
+                time_ms: 1_795_000_000_000,
+                vmid: 3,
+                name: "web".into(),
+                kind: crate::event::EventKind::Stopped {
                     why: crate::event::EndReason::Forced,
                 },
-            )),
+            }),
             Message::CtlEventsDropped { count: 44 },
             Message::CtlStats(Box::new(crate::stats::VmStats {
                 id: 3,
