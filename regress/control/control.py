@@ -343,7 +343,7 @@ def test_start_rate_limit():
 def test_vmctl_command_line():
     with control_vmd(THREE_VMS) as vmd:
         code, _, err = vmd.vmctl_streams("sta")
-        if code != 1 or not err.startswith("ambiguous argument: sta\nusage:\tvmctl [-v] [-s socket] command [arg ...]\n"):
+        if code != 1 or not err.startswith("ambiguous argument: sta\nusage:\tvmctl [-jv] [-H [user@]host] [-s socket] command [arg ...]\n"):
             raise Failure(f"sta: {code} {err!r}")
         code, _, err = vmd.vmctl_streams("frobnicate")
         if code != 1 or not err.startswith("unknown argument: frobnicate\nusage:\tvmctl"):
@@ -662,12 +662,12 @@ def test_messages_say_why():
 def test_help_and_usage():
     """--help and COMMAND -h are no mistakes; log needs its word."""
     p = subprocess.run([VMCTL, "--help"], capture_output=True, text=True)
-    if p.returncode != 0 or not p.stdout.startswith("usage:\tvmctl [-v] [-s socket] command [arg ...]\n") \
+    if p.returncode != 0 or not p.stdout.startswith("usage:\tvmctl [-jv] [-H [user@]host] [-s socket] command [arg ...]\n") \
             or "\tvmctl wait id\n" not in p.stdout or p.stderr:
         raise Failure(f"vmctl --help: {p.returncode} {p.stdout!r} {p.stderr!r}")
     p = subprocess.run([VMCTL, "-s", "/nonexistent/s", "-h"], capture_output=True, text=True)
     expect_equal("vmctl -s S -h", (p.returncode, p.stdout.splitlines()[:1], p.stderr),
-           (0, ["usage:\tvmctl [-v] [-s socket] command [arg ...]"], ""))
+           (0, ["usage:\tvmctl [-jv] [-H [user@]host] [-s socket] command [arg ...]"], ""))
     for cmd, line in (("stop", "usage:\tvmctl [-v] stop [id | -a] [-fw]\n"),
                       ("log", "usage:\tvmctl [-v] log brief | verbose\n"),
                       ("stat", "usage:\tvmctl [-v] status [-r] [id]\n")):

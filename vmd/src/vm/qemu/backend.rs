@@ -179,6 +179,24 @@ impl Backend for QemuBackend {
         self.on_command(command, fd)
     }
 
+    /// `query-blockstats`, answered in [`QmpReply::BlockStats`].
+    fn query_disks(&mut self) -> bool {
+        let Some(fd) = self.qmp.as_ref().map(|fd| fd.as_raw_fd()) else {
+            return false;
+        };
+        if self.qmp_state != QmpState::Running || self.qmp_broken {
+            return false;
+        }
+        let line = qmp_command_with_id("query-blockstats", BLOCKSTATS_ID);
+        match write_all(fd, line.as_bytes()) {
+            Ok(()) => true,
+            Err(e) => {
+                log_warn!("QMP query-blockstats: {e}");
+                false
+            }
+        }
+    }
+
     fn take_events(&mut self) -> Vec<BackendEvent> {
         std::mem::take(&mut self.events)
     }
@@ -327,6 +345,7 @@ impl QemuBackend {
                 }
                 QmpReply::Error(e) => log_warn!("QMP: {e}"),
                 QmpReply::Answer { id, error } => self.on_answer(&id, error),
+                QmpReply::BlockStats(disks) => self.events.push(BackendEvent::Disks(disks)),
                 QmpReply::Nothing => {}
             }
         }
