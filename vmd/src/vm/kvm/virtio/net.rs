@@ -201,10 +201,13 @@ impl Net {
         }
     }
 
+    /// The next frame from the tap: its length, Some(0) for a frame with
+    /// nothing after the vnet header (skipped), None when the tap is
+    /// empty (or failed: logged).
     fn read_tap(&mut self) -> Option<usize> {
         match nix::unistd::read(self.tap.as_raw_fd(), &mut self.rx_frame) {
             Ok(n) if n > VNET_HDR_LEN => Some(n),
-            Ok(_) => None,
+            Ok(_) => Some(0),
             Err(nix::errno::Errno::EAGAIN) => None,
             Err(e) => {
                 crate::log::log_warn!("virtio-net: reading the tap: {e}");
@@ -232,8 +235,9 @@ impl Net {
             let len = match self.rx_pending.take() {
                 Some(len) => len,
                 None => match self.read_tap() {
+                    // No frame to give; the next one may be.
+                    Some(0) => continue,
                     Some(len) => len,
-                    // Nothing read: try again, a zero-length read is no frame.
                     None => break,
                 },
             };
