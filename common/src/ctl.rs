@@ -158,6 +158,18 @@ pub enum CtlRequest {
         name: String,
         header: Vec<u8>,
     },
+    /// `events [id]`: every lifecycle event of the VMs `target` names
+    /// (None: all, and the configuration's), as it happens, one
+    /// `CtlEvent` frame each, until the client closes. Held by control
+    /// (see [`crate::event`]); visible as `status` is, to every client.
+    Events {
+        target: Option<VmTarget>,
+    },
+    /// `stats [id]`: one `CtlStats` frame per VM `target` names (None:
+    /// every VM), then `CtlVmEnd`; visible as `status` is.
+    Stats {
+        target: Option<VmTarget>,
+    },
 }
 
 /// How long vmctl waits for each answer from vmd before it gives up.
@@ -176,7 +188,9 @@ impl CtlRequest {
     /// bound only where the user asked to wait (`wait`, `stop -w`).
     pub fn answer_timeout(&self) -> Option<std::time::Duration> {
         match self {
-            CtlRequest::Wait { .. } | CtlRequest::Stop { wait: true, .. } => None,
+            CtlRequest::Wait { .. }
+            | CtlRequest::Stop { wait: true, .. }
+            | CtlRequest::Events { .. } => None,
             CtlRequest::Start(_) | CtlRequest::Receive { .. } => Some(START_ANSWER_TIMEOUT),
             _ => Some(ANSWER_TIMEOUT),
         }
@@ -193,6 +207,8 @@ impl CtlRequest {
                 | CtlRequest::Wait { .. }
                 | CtlRequest::Pause { .. }
                 | CtlRequest::Unpause { .. }
+                | CtlRequest::Events { .. }
+                | CtlRequest::Stats { .. }
         )
     }
 
@@ -212,6 +228,8 @@ impl CtlRequest {
             CtlRequest::Probe { .. } => "probe",
             CtlRequest::Send { .. } => "send",
             CtlRequest::Receive { .. } => "receive",
+            CtlRequest::Events { .. } => "events",
+            CtlRequest::Stats { .. } => "stats",
         }
     }
 

@@ -42,6 +42,8 @@ pub enum ImageError {
     },
     #[error("{}: raw image larger than the {size}-byte output", path.display())]
     TooSmall { path: PathBuf, size: u64 },
+    #[error("{}: discard needs a raw image", path.display())]
+    NoDiscard { path: PathBuf },
 }
 
 pub type Result<T> = std::result::Result<T, ImageError>;
@@ -439,12 +441,39 @@ impl Image {
         Ok((kind.unwrap_or(Extent::Zero), at - offset))
     }
 
-    /// Writes everything to stable storage.
+    /// Writes everything to stable storage (fdatasync: the data and what
+    /// reading it back needs, such as the file's length).
     pub fn flush(&self) -> Result<()> {
         match &self.body {
-            Body::Raw(file) => file.sync_all().map_err(|e| self.io_err(e)),
+            Body::Raw(file) => file.sync_data().map_err(|e| self.io_err(e)),
             Body::Qcow2(q) => q.flush().map_err(|e| self.q_err(e)),
         }
+    }
+
+    /// Frees `len` bytes at `offset` of a raw image (they read as zeros
+    /// afterwards); qcow2 images cannot free clusters yet.
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        let size = usize::try_from(len).map_err(|_| ImageError::OutOfRange {
+            path: self.path.clone(),
+            offset,
+            len,
+            size: self.size,
+        })?;
+        self.check_range(offset, size)?;
+        let Body::Raw(file) = &self.body else {
+            return Err(ImageError::NoDiscard {
+                path: self.path.clone(),
+            });
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        let flags = nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+            | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        // Both fit in i64: check_range bounded them by the file's size.
+        use std::os::fd::AsRawFd;
+        nix::fcntl::fallocate(file.as_raw_fd(), flags, offset as i64, len as i64)
+            .map_err(|e| self.io_err(e.into()))
     }
 }
 
@@ -675,5 +704,51 @@ mod tests {
         dst.read_at(&mut buf, 1 << 20).unwrap();
         assert!(buf.iter().all(|&b| b == 3));
         assert_eq!(dst.extent(4 << 20, 65536).unwrap(), (Extent::Zero, 65536));
+    }
+
+    #[test]
+    fn discard_frees_raw_ranges_and_is_refused_on_qcow2() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = TempDir::new("discard");
+        let raw_path = dir.0.join("d.raw");
+        let mut raw = Image::create(
+            &raw_path,
+            new_file(&raw_path),
+            DiskFormat::Raw,
+            1 << 20,
+            16,
+            None,
+        )
+        .unwrap();
+        raw.write_at(&[0x77; 256 << 10], 0).unwrap();
+        raw.flush().unwrap();
+        let before = std::fs::metadata(&raw_path).unwrap().blocks();
+        raw.discard(64 << 10, 128 << 10).unwrap();
+        raw.discard(0, 0).unwrap();
+        let mut back = vec![0u8; 256 << 10];
+        raw.read_at(&mut back, 0).unwrap();
+        assert!(back[..64 << 10].iter().all(|&b| b == 0x77));
+        assert!(back[64 << 10..192 << 10].iter().all(|&b| b == 0));
+        assert!(back[192 << 10..].iter().all(|&b| b == 0x77));
+        assert!(std::fs::metadata(&raw_path).unwrap().blocks() < before);
+        assert_eq!(std::fs::metadata(&raw_path).unwrap().len(), 1 << 20);
+        assert!(matches!(
+            raw.discard(1 << 20, 512),
+            Err(ImageError::OutOfRange { .. })
+        ));
+        let q_path = dir.0.join("d.qcow2");
+        let mut q = Image::create(
+            &q_path,
+            new_file(&q_path),
+            DiskFormat::Qcow2,
+            1 << 20,
+            16,
+            None,
+        )
+        .unwrap();
+        assert!(matches!(
+            q.discard(0, 512),
+            Err(ImageError::NoDiscard { .. })
+        ));
     }
 }

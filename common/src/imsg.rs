@@ -138,6 +138,15 @@ pub enum Message {
     /// parent or control -> vmctl: the command failed with `errno` (0 when
     /// no error number applies); `lines` say why (load's errors).
     CtlFail { errno: i32, lines: Vec<String> },
+    /// parent -> control (peer id 0) -> every listener it matches
+    /// (`events`): a VM's lifecycle event.
+    CtlEvent(crate::event::Event),
+    /// control -> vmctl (`events`): `count` events were dropped here, the
+    /// client having read too slowly.
+    CtlEventsDropped { count: u64 },
+    /// parent -> control -> vmctl: one VM of `stats` (`CtlVmEnd` ends
+    /// the list).
+    CtlStats(Box<crate::stats::VmStats>),
 
     // --- VM processes (parent <-> vm) ---
     /// parent -> vm, first thing: what to run. `fd_count` `VmFd` frames
@@ -180,6 +189,10 @@ pub enum Message {
     /// first error line, or the VM process's own error), for the vmctl
     /// waiting for the start.
     VmStartFailed { reason: String },
+    /// parent -> vm: report the backend's counters.
+    VmStatsQuery,
+    /// vm -> parent: the answer to `VmStatsQuery`.
+    VmStats(crate::stats::BackendStats),
 
     // --- the parent's file-opening helper (userfiles.rs) -> parent ---
     /// One file the helper opened as the requester (with the fd): what it
@@ -435,6 +448,9 @@ impl Message {
             Message::CtlOk { .. } => (11, "CTL_OK"),
             Message::CtlFail { .. } => (12, "CTL_FAIL"),
             Message::CtlProgress { .. } => (13, "CTL_PROGRESS"),
+            Message::CtlEvent(_) => (20, "CTL_EVENT"),
+            Message::CtlEventsDropped { .. } => (21, "CTL_EVENTS_DROPPED"),
+            Message::CtlStats(_) => (22, "CTL_STATS"),
             Message::VmStart { .. } => (100, "VM_START"),
             Message::VmFd { .. } => (101, "VM_FD"),
             Message::VmRunning { .. } => (102, "VM_RUNNING"),
@@ -447,6 +463,8 @@ impl Message {
             Message::VmStartProgress { .. } => (111, "VM_START_PROGRESS"),
             Message::VmGuestEnded { .. } => (108, "VM_GUEST_ENDED"),
             Message::VmStartFailed { .. } => (109, "VM_START_FAILED"),
+            Message::VmStatsQuery => (120, "VM_STATS_QUERY"),
+            Message::VmStats(_) => (121, "VM_STATS"),
             Message::UserFile { .. } => (200, "USER_FILE"),
             Message::UserFilesDone { .. } => (201, "USER_FILES_DONE"),
             Message::HelperChunk { .. } => (202, "HELPER_CHUNK"),
@@ -1095,6 +1113,31 @@ mod tests {
             Message::VmStartFailed {
                 reason: "qemu: initrd is too large".into(),
             },
+            // A fixed time: samples() is called twice and compared.
+            Message::CtlEvent(crate::event::Event {
+                time_ms: 1_795_000_000_000,
+                vmid: 3,
+                name: "web".into(),
+                kind: crate::event::EventKind::Stopped {
+                    why: crate::event::EndReason::Forced,
+                },
+            }),
+            Message::CtlEventsDropped { count: 44 },
+            Message::CtlStats(Box::new(crate::stats::VmStats {
+                id: 3,
+                name: "web".into(),
+                state: crate::status::VmState::Running,
+                uptime_ms: Some(1500),
+                cpu_time_ms: Some(700),
+                memory: Some(100 << 20),
+                backend: Some(crate::stats::BackendStats {
+                    disks: vec![crate::stats::DiskStats::default()],
+                    console_log_size: 12,
+                }),
+                nics: vec![crate::stats::NicStats::default()],
+            })),
+            Message::VmStatsQuery,
+            Message::VmStats(crate::stats::BackendStats::default()),
             Message::CtlFail {
                 errno: 0,
                 lines: vec!["x.conf:1: syntax error".into()],

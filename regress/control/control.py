@@ -343,7 +343,7 @@ def test_start_rate_limit():
 def test_vmctl_command_line():
     with control_vmd(THREE_VMS) as vmd:
         code, _, err = vmd.vmctl_streams("sta")
-        if code != 1 or not err.startswith("ambiguous argument: sta\nusage:\tvmctl [-v] [-s socket] command [arg ...]\n"):
+        if code != 1 or not err.startswith("ambiguous argument: sta\nusage:\tvmctl [-jv] [-H [user@]host] [-s socket] command [arg ...]\n"):
             raise Failure(f"sta: {code} {err!r}")
         code, _, err = vmd.vmctl_streams("frobnicate")
         if code != 1 or not err.startswith("unknown argument: frobnicate\nusage:\tvmctl"):
@@ -355,8 +355,10 @@ def test_vmctl_command_line():
         expect_equal("stop usage", vmd.vmctl_streams("stop"), (1, "", "usage:\tvmctl [-v] stop [id | -a] [-fw]\n"))
         expect_equal("stop id and -a", vmd.vmctl_streams("stop", "one", "-a"), (1, "", "vmctl: invalid id: one\n"))
         expect_equal("console", vmd.vmctl_streams("console", "one"), (1, "", "vmctl: console not found\n"))
-        expect_equal("send", vmd.vmctl_streams("send", "one"), (1, "", "vmctl: send is not built yet\n"))
-        expect_equal("receive", vmd.vmctl_streams("receive", "x"), (1, "", "vmctl: receive is not built yet\n"))
+        expect_equal("send", vmd.vmctl_streams("send", "one"),
+                     (1, "", "vmctl: send vm command failed: vm one is not running\n"))
+        expect_equal("receive", vmd.vmctl_streams("receive", "x"), (1, "", "vmctl: receive: the stream is empty\n"))
+        expect_equal("receive by id", vmd.vmctl_streams("receive", "3"), (1, "", "vmctl: invalid vm name: 3\n"))
         expect_equal("invalid name", vmd.vmctl_streams("start", "b@d", "-b", "/dev/null"),
                (1, "", "vmctl: invalid VM name\n"))
         expect_equal("start warnings", vmd.vmctl_streams("start", "x", "-r", "/dev/null"),
@@ -662,12 +664,12 @@ def test_messages_say_why():
 def test_help_and_usage():
     """--help and COMMAND -h are no mistakes; log needs its word."""
     p = subprocess.run([VMCTL, "--help"], capture_output=True, text=True)
-    if p.returncode != 0 or not p.stdout.startswith("usage:\tvmctl [-v] [-s socket] command [arg ...]\n") \
+    if p.returncode != 0 or not p.stdout.startswith("usage:\tvmctl [-jv] [-H [user@]host] [-s socket] command [arg ...]\n") \
             or "\tvmctl wait id\n" not in p.stdout or p.stderr:
         raise Failure(f"vmctl --help: {p.returncode} {p.stdout!r} {p.stderr!r}")
     p = subprocess.run([VMCTL, "-s", "/nonexistent/s", "-h"], capture_output=True, text=True)
     expect_equal("vmctl -s S -h", (p.returncode, p.stdout.splitlines()[:1], p.stderr),
-           (0, ["usage:\tvmctl [-v] [-s socket] command [arg ...]"], ""))
+           (0, ["usage:\tvmctl [-jv] [-H [user@]host] [-s socket] command [arg ...]"], ""))
     for cmd, line in (("stop", "usage:\tvmctl [-v] stop [id | -a] [-fw]\n"),
                       ("log", "usage:\tvmctl [-v] log brief | verbose\n"),
                       ("stat", "usage:\tvmctl [-v] status [-r] [id]\n")):

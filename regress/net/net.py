@@ -370,6 +370,43 @@ def reset_switches(vmd):
     expect_port(vmd, tap(vmd, name, vmid), BRIDGE)
 
 
+def reload_keeps_used_bridge(vmd):
+    """A reload that drops a switch leaves its bridge to the running
+    guests on it (their taps stay its ports, they keep pinging each
+    other) and removes it once they end; a bridge no VM used goes at
+    once."""
+    bridge_up(vmd, BRIDGE)
+    bridge_up(vmd, BRIDGE2)
+    started = ping_pair(vmd, (vm("ra"), vm("rb")), "sw")
+    vmd.write_config(vmd.read_config().replace(SW + switch_conf("idle", BRIDGE2), ""))
+    expect(vmd.vmctl("reload"), 0, r"^$", "reload")
+    gone(vmd, f"{BRIDGE2}, which no VM used, to go", lambda: BRIDGE2 not in vmd.links())
+    for name, vmid in started:
+        expect_port(vmd, tap(vmd, name, vmid), BRIDGE)
+    # Traffic still crosses the old bridge: it learns a MAC anew.
+    mac = guest_mac(vmd, started[1][0])
+    subprocess.run(["bridge", "-n", vmd.netns, "fdb", "flush", "dev", BRIDGE], capture_output=True)
+    wait_for(f"{BRIDGE} to learn {mac} again", lambda: fdb_port(vmd, BRIDGE, mac), NET_TIMEOUT)
+    for name, vmid in started:
+        expect(vmd.vmctl("stop", "-f", name), 0, r"forced to terminate", f"stop {name}")
+    gone(vmd, f"{BRIDGE} to go with its last guest", lambda: BRIDGE not in vmd.links())
+
+
+def reload_moves_switch(vmd):
+    """A reload that points a switch at another bridge moves its running
+    guests' taps there, and the old bridge, which vmd made, goes."""
+    bridge_up(vmd, BRIDGE)
+    name = vm("mv")
+    vmid, _ = vmd.start(name, "-n", "sw")
+    expect_port(vmd, tap(vmd, name, vmid), BRIDGE)
+    vmd.write_config(vmd.read_config().replace(SW, switch_conf("sw", BRIDGE3)))
+    expect(vmd.vmctl("reload"), 0, r"^$", "reload")
+    bridge_up(vmd, BRIDGE3)
+    wait_for(f"the tap to move to {BRIDGE3}",
+             lambda: tap(vmd, name, vmid).get("master") == BRIDGE3, NET_TIMEOUT)
+    gone(vmd, f"{BRIDGE}, which nothing uses now, to go", lambda: BRIDGE not in vmd.links())
+
+
 def before_survivors(vmd):
     make_bridge_with_port(vmd, BRIDGE, f"vp{TAG}")
 
@@ -592,6 +629,9 @@ def main():
          net_case(restart_after_sigkill, RESTART_CONF, before=before_restart, keep=RESTART_KEEP))
     case("reset-switches-recreates-deleted-bridges",
          net_case(reset_switches, RESET_CONF))
+    case("reload-keeps-a-used-bridge-until-its-vms-end",
+         net_case(reload_keeps_used_bridge, sw + switch_conf("idle", BRIDGE2)))
+    case("reload-moves-a-switch-to-another-bridge", net_case(reload_moves_switch, sw))
     case("preexisting-bridge-and-foreign-port-survive-exit",
          net_case(survivors, SURVIVORS_CONF, before=before_survivors, keep=SURVIVORS_KEEP,
                   after_exit=survivors_after_exit))

@@ -6,6 +6,8 @@
 //! [`CtlRequest::answer_timeout`], and vmd must take the connection
 //! within [`ANSWER_TIMEOUT`].
 
+use crate::remote::Tunnel;
+use crate::Global;
 use common::ctl::{CtlRequest, ANSWER_TIMEOUT};
 use common::imsg::{self, Channel, Frame, Message};
 use nix::errno::Errno;
@@ -13,7 +15,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, UnixAddr};
 use nix::sys::time::TimeVal;
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -51,55 +53,82 @@ pub struct Client {
     socket: PathBuf,
     /// How long the next answer may take; None: as long as it takes.
     patience: Option<Duration>,
+    /// The ssh connection to another host's vmd (`-H`).
+    tunnel: Option<Tunnel>,
+}
+
+/// Connects to the control socket at `path`, or says why not. Each write
+/// is bounded, so a vmd that does not take the connection ends the wait.
+pub fn connect_socket(path: &Path) -> Result<OwnedFd, String> {
+    let bound = client_bound(ANSWER_TIMEOUT);
+    let refused = |e: Errno| {
+        let why = match e {
+            // SO_SNDTIMEO ran out: connect waited in a full backlog.
+            Errno::EAGAIN => format!(
+                "vmd did not take the connection within {}s; see vmd's log",
+                bound.as_secs()
+            ),
+            e => e.desc().to_string(),
+        };
+        format!("connect: {}: {why}", path.display())
+    };
+    let sock = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(refused)?;
+    // Bounds connect (and later writes) on a UNIX socket.
+    let timeval = TimeVal::new(bound.as_secs() as _, bound.subsec_micros() as _);
+    socket::setsockopt(&sock, sockopt::SendTimeout, &timeval).map_err(refused)?;
+    let addr = UnixAddr::new(path).map_err(refused)?;
+    loop {
+        match socket::connect(sock.as_raw_fd(), &addr) {
+            Ok(()) => return Ok(sock),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(refused(e)),
+        }
+    }
 }
 
 impl Client {
-    /// Connects, or says why not (`vmctl: connect: PATH: reason`). A vmd
-    /// that does not take the connection in time is a reason too.
-    pub fn connect(path: &Path) -> Result<Client, String> {
-        let bound = client_bound(ANSWER_TIMEOUT);
-        let refused = |e: Errno| {
-            let why = match e {
-                // SO_SNDTIMEO ran out: connect waited in a full backlog.
-                Errno::EAGAIN => format!(
-                    "vmd did not take the connection within {}s; see vmd's log",
-                    bound.as_secs()
-                ),
-                e => e.desc().to_string(),
-            };
-            format!("connect: {}: {why}", path.display())
-        };
-        let sock = socket::socket(
-            AddressFamily::Unix,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(refused)?;
-        // Bounds connect (and later writes) on a UNIX socket.
-        let timeval = TimeVal::new(bound.as_secs() as _, bound.subsec_micros() as _);
-        socket::setsockopt(&sock, sockopt::SendTimeout, &timeval).map_err(refused)?;
-        let addr = UnixAddr::new(path).map_err(refused)?;
-        loop {
-            match socket::connect(sock.as_raw_fd(), &addr) {
-                Ok(()) => break,
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(refused(e)),
+    /// Connects to vmd: its socket here, or through `ssh HOST vmctl
+    /// proxy` with `-H HOST`; or says why not (`vmctl: connect: PATH:
+    /// reason`). A vmd that does not take the connection in time is a
+    /// reason too.
+    pub fn connect(global: &Global) -> Result<Client, String> {
+        let (sock, tunnel, socket) = match &global.remote {
+            Some(host) => {
+                let (sock, tunnel) = Tunnel::open(global, host)?;
+                let socket = global.remote_socket.as_deref().unwrap_or(DEFAULT_SOCKET);
+                (
+                    sock,
+                    Some(tunnel),
+                    PathBuf::from(format!("{host}:{socket}")),
+                )
             }
-        }
+            None => (connect_socket(&global.socket)?, None, global.socket.clone()),
+        };
         Ok(Client {
             channel: Channel::without_fds(sock),
             frames: VecDeque::new(),
-            socket: path.to_path_buf(),
-            patience: Some(bound),
+            socket,
+            patience: Some(client_bound(ANSWER_TIMEOUT)),
+            tunnel,
         })
     }
 
     /// Sends `request`; its answers may take as long as it allows.
     pub fn send(&mut self, request: CtlRequest) -> Result<(), String> {
         self.patience = request.answer_timeout().map(client_bound);
-        imsg::send_blocking(self.channel.sock.as_fd(), Frame::new(Message::Ctl(request)))
-            .map_err(|e| format!("write error: {e}"))
+        let sent =
+            imsg::send_blocking(self.channel.sock.as_fd(), Frame::new(Message::Ctl(request)));
+        match (sent, &mut self.tunnel) {
+            (Ok(()), _) => Ok(()),
+            (Err(_), Some(tunnel)) => Err(tunnel.closed()),
+            (Err(e), None) => Err(format!("write error: {e}")),
+        }
     }
 
     /// Sends `request` with a descriptor (control passes root's on).
@@ -132,13 +161,19 @@ impl Client {
     /// Reads the frames available now; an error when vmd closed the
     /// connection and none is left.
     fn read_frames(&mut self) -> Result<(), String> {
-        let (frames, eof) = self
-            .channel
-            .receive()
-            .map_err(|e| format!("imsg_read error: {e}"))?;
+        let (frames, eof) = match self.channel.receive() {
+            Ok(read) => read,
+            // ssh went with our request unread (ECONNRESET): its end
+            // says more than the socket's.
+            Err(_) if self.tunnel.is_some() => (Vec::new(), true),
+            Err(e) => return Err(format!("imsg_read error: {e}")),
+        };
         self.frames.extend(frames);
         if eof && self.frames.is_empty() {
-            return Err("pipe closed".into());
+            return Err(match &mut self.tunnel {
+                Some(tunnel) => tunnel.closed(),
+                None => "pipe closed".into(),
+            });
         }
         Ok(())
     }

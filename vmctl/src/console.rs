@@ -219,7 +219,7 @@ fn console_signals() -> Result<SignalFd, ConsoleError> {
 }
 
 /// Writes all of `data` to a blocking descriptor (the local terminal).
-fn write_all(fd: BorrowedFd, mut data: &[u8]) -> Result<(), Errno> {
+pub fn write_all(fd: BorrowedFd, mut data: &[u8]) -> Result<(), Errno> {
     while !data.is_empty() {
         match nix::unistd::write(fd, data) {
             Ok(n) => data = &data[n..],

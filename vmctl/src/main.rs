@@ -21,27 +21,39 @@ macro_rules! err {
 mod client;
 mod console;
 mod create;
+mod json;
+mod remote;
 mod send;
 mod vms;
+mod watch;
 
 use common::getopt::{Getopt, Opt};
 use std::io::{ErrorKind, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage:\tvmctl [-v] [-s socket] command [arg ...]";
+const USAGE: &str = "usage:\tvmctl [-jv] [-H [user@]host] [-s socket] command [arg ...]";
 
 /// Global options that apply to every command.
 pub struct Global {
     pub verbose: u8,
+    /// `-j`: status, stats and events print JSON, one object a line.
+    pub json: bool,
     /// vmd's control socket: `-s PATH`, `$VMD_SOCKET` or the default.
     pub socket: PathBuf,
+    /// `-H [user@]host`: vmd on that host, through ssh.
+    pub remote: Option<String>,
+    /// `-s PATH` with `-H`: the remote host's socket (else its default).
+    pub remote_socket: Option<String>,
 }
 
 struct Command {
     name: &'static str,
     usage: &'static str,
     run: fn(&Global, &[String]) -> ExitCode,
+    /// With `-H`, run as a whole on the remote host (it names files, a
+    /// terminal or a stream there) rather than through the proxy.
+    remote_whole: bool,
 }
 
 const COMMANDS: &[Command] = &[
@@ -49,51 +61,67 @@ const COMMANDS: &[Command] = &[
         name: "console",
         usage: "id",
         run: vms::console,
+        remote_whole: true,
     },
     Command {
         name: "create",
         usage: create::USAGE,
         run: create::run,
+        remote_whole: true,
+    },
+    Command {
+        name: "events",
+        usage: "[-1] [id]",
+        run: watch::events,
+        remote_whole: false,
     },
     Command {
         name: "load",
         usage: "filename",
         run: vms::load,
+        remote_whole: true,
     },
     Command {
         name: "log",
         usage: "brief | verbose",
         run: vms::log,
+        remote_whole: false,
     },
     Command {
         name: "pause",
         usage: "id",
         run: vms::pause,
+        remote_whole: false,
     },
     Command {
         name: "receive",
         usage: "name",
         run: send::receive,
+        remote_whole: true,
     },
     Command {
         name: "reload",
         usage: "",
         run: vms::reload,
+        remote_whole: false,
     },
     Command {
         name: "reset",
         usage: "[all | switches | vms]",
         run: vms::reset,
+        remote_whole: false,
     },
     Command {
         name: "send",
         usage: "id",
         run: send::send,
+        remote_whole: true,
     },
     Command {
         name: "show",
         usage: "[-r] [id]",
         run: vms::status,
+        remote_whole: false,
     },
     Command {
         name: "start",
@@ -101,26 +129,37 @@ const COMMANDS: &[Command] = &[
                 \t\t[-m size] [-n switch] [-r path] [-t name]\n\
                 \t\t[--initrd path] [--cmdline string]",
         run: vms::start,
+        remote_whole: true,
+    },
+    Command {
+        name: "stats",
+        usage: "[-w seconds] [id]",
+        run: watch::stats,
+        remote_whole: false,
     },
     Command {
         name: "status",
         usage: "[-r] [id]",
         run: vms::status,
+        remote_whole: false,
     },
     Command {
         name: "stop",
         usage: "[id | -a] [-fw]",
         run: vms::stop,
+        remote_whole: false,
     },
     Command {
         name: "unpause",
         usage: "id",
         run: vms::unpause,
+        remote_whole: false,
     },
     Command {
         name: "wait",
         usage: "id",
         run: vms::wait,
+        remote_whole: false,
     },
 ];
 
@@ -171,8 +210,8 @@ fn global_help(args: &[String]) -> bool {
         if word == "--" || !word.starts_with('-') || word == "-" {
             return false;
         }
-        // -s takes the next word unless its value is attached.
-        if word.ends_with('s') {
+        // -s and -H take the next word unless their value is attached.
+        if word.ends_with('s') || word.ends_with('H') {
             words.next();
         }
     }
@@ -207,8 +246,16 @@ pub fn write_stdout(text: &str) -> Result<(), ExitCode> {
     }
 }
 
+/// Abbreviations that a later command made ambiguous and that keep
+/// meaning what they meant before it (`stat`: `status`, not `stats`).
+const KEPT_ABBREVIATIONS: &[(&str, &str)] = &[("stat", "status")];
+
 /// The command that `word` names or uniquely abbreviates.
 fn find_command(word: &str) -> Result<&'static Command, String> {
+    let kept = KEPT_ABBREVIATIONS.iter().find(|(short, _)| *short == word);
+    if let Some(command) = kept.and_then(|(_, name)| COMMANDS.iter().find(|c| c.name == *name)) {
+        return Ok(command);
+    }
     let mut matches = COMMANDS.iter().filter(|c| c.name.starts_with(word));
     match (matches.next(), matches.next()) {
         _ if word.is_empty() => Err(format!("unknown argument: {word}")),
@@ -229,12 +276,16 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let mut verbose = 0u8;
+    let mut json = false;
     let mut socket = None;
-    let mut getopt = Getopt::new(&args, "vs:", &[]);
+    let mut remote = None;
+    let mut getopt = Getopt::new(&args, "jvH:s:", &[]);
     for opt in getopt.by_ref() {
         match opt {
+            Ok(Opt::Short('j', _)) => json = true,
             Ok(Opt::Short('v', _)) => verbose = verbose.saturating_add(1),
             Ok(Opt::Short('s', Some(path))) => socket = Some(path),
+            Ok(Opt::Short('H', Some(host))) => remote = Some(host),
             Ok(_) => return usage(),
             Err(e) => {
                 errln!("vmctl: {e}");
@@ -244,18 +295,33 @@ fn main() -> ExitCode {
     }
     let global = Global {
         verbose,
+        json,
         socket: client::socket_path(socket.as_deref()),
+        remote_socket: remote.is_some().then_some(socket).flatten(),
+        remote,
     };
     let operands = getopt.operands();
     let Some((word, rest)) = operands.split_first() else {
         return usage();
     };
+    // Hidden: what `-H` runs on the other host.
+    if word == "proxy" && global.remote.is_none() {
+        return match rest {
+            [] => remote::proxy(&global.socket),
+            _ => usage(),
+        };
+    }
     match find_command(word) {
         Ok(command) if rest.first().is_some_and(|a| asks_help(a)) => {
             print!("{}", command_usage_text(command.name));
             ExitCode::SUCCESS
         }
-        Ok(command) => (command.run)(&global, rest),
+        Ok(command) => match &global.remote {
+            Some(host) if command.remote_whole => {
+                remote::run_whole(&global, host, command.name, rest)
+            }
+            _ => (command.run)(&global, rest),
+        },
         Err(message) => {
             errln!("{message}");
             usage()
@@ -274,6 +340,8 @@ mod tests {
         assert!(global_help(&words(&["-s", "/s", "-h"])));
         assert!(global_help(&words(&["-vs", "/s", "--help"])));
         assert!(!global_help(&words(&["-s", "-h"])));
+        assert!(global_help(&words(&["-H", "host", "-h"])));
+        assert!(!global_help(&words(&["-H", "-h"])));
         assert!(!global_help(&words(&["status", "-h"])));
         assert!(!global_help(&words(&[])));
     }
@@ -282,6 +350,9 @@ mod tests {
     fn prefix_matching() {
         assert_eq!(find_command("cr").map(|c| c.name), Ok("create"));
         assert_eq!(find_command("stop").map(|c| c.name), Ok("stop"));
+        assert_eq!(find_command("stat").map(|c| c.name), Ok("status"));
+        assert_eq!(find_command("stats").map(|c| c.name), Ok("stats"));
+        assert_eq!(find_command("ev").map(|c| c.name), Ok("events"));
         assert_eq!(
             find_command("sta").err(),
             Some("ambiguous argument: sta".into())

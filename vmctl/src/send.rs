@@ -58,7 +58,7 @@ pub fn send(global: &Global, args: &[String]) -> ExitCode {
         Ok(pair) => pair,
         Err(e) => return fail(&format!("send: socketpair: {}", e.desc())),
     };
-    let mut client = match Client::connect(&global.socket) {
+    let mut client = match Client::connect(global) {
         Ok(client) => client,
         Err(e) => return fail(&e),
     };
@@ -283,7 +283,7 @@ pub fn receive(global: &Global, args: &[String]) -> ExitCode {
         Ok(pair) => pair,
         Err(e) => return fail(&format!("receive: socketpair: {}", e.desc())),
     };
-    let mut client = match Client::connect(&global.socket) {
+    let mut client = match Client::connect(global) {
         Ok(client) => client,
         Err(e) => return fail(&e),
     };

@@ -33,14 +33,14 @@ fn strerror(errno: i32) -> &'static str {
 }
 
 /// Connects and sends one request.
-fn request(global: &Global, req: CtlRequest) -> Result<Client, ExitCode> {
-    let mut client = Client::connect(&global.socket).map_err(|e| fail(&e))?;
+pub(crate) fn request(global: &Global, req: CtlRequest) -> Result<Client, ExitCode> {
+    let mut client = Client::connect(global).map_err(|e| fail(&e))?;
     client.send(req).map_err(|e| fail(&e))?;
     Ok(client)
 }
 
 /// The next answer; a connection error or a `CtlFail` ends vmctl.
-fn answer(client: &mut Client) -> Result<Message, ExitCode> {
+pub(crate) fn answer(client: &mut Client) -> Result<Message, ExitCode> {
     match client.receive().map_err(|e| fail(&e))? {
         Message::CtlFail { errno, lines } => {
             for line in lines {
@@ -56,7 +56,7 @@ fn answer(client: &mut Client) -> Result<Message, ExitCode> {
     }
 }
 
-fn unexpected() -> ExitCode {
+pub(crate) fn unexpected() -> ExitCode {
     fail("unexpected response received from vmd")
 }
 
@@ -116,7 +116,8 @@ fn vm_list(global: &Global) -> Result<Vec<VmInfo>, ExitCode> {
     }
 }
 
-/// `status [-r] [id]` (and `show`): the table; exit 1 when it has no rows.
+/// `status [-r] [id]` (and `show`): the table, or with `-j` one JSON
+/// object per VM; exit 1 when it has no rows.
 pub fn status(global: &Global, args: &[String]) -> ExitCode {
     let mut running_only = false;
     let mut getopt = Getopt::new(args, "r", &[]);
@@ -149,7 +150,14 @@ pub fn status(global: &Global, args: &[String]) -> ExitCode {
         .filter(|vm| !running_only || vm.state.is_active())
         .filter(|vm| target.as_ref().is_none_or(|t| t.matches(vm.id, &vm.name)))
         .collect();
-    if let Err(code) = crate::write_stdout(&status::format_table(&shown)) {
+    let text = match global.json {
+        true => shown
+            .iter()
+            .map(|vm| format!("{}\n", crate::json::status(vm)))
+            .collect(),
+        false => status::format_table(&shown),
+    };
+    if let Err(code) = crate::write_stdout(&text) {
         return code;
     }
     if shown.is_empty() {
@@ -493,9 +501,13 @@ pub fn stop(global: &Global, args: &[String]) -> ExitCode {
         return fail(&format!("invalid id: {first}"));
     }
     let Some(target) = target else {
+        // Which VMs are the user's is the remote user's question.
+        if let Some(host) = &global.remote {
+            return crate::remote::run_whole(global, host, "stop", args);
+        }
         return stop_all(global, force, wait);
     };
-    let mut client = match Client::connect(&global.socket) {
+    let mut client = match Client::connect(global) {
         Ok(client) => client,
         Err(e) => return fail(&e),
     };
@@ -522,7 +534,7 @@ fn stop_all(global: &Global, force: bool, wait: bool) -> ExitCode {
         Ok(vms) => vms,
         Err(code) => return code,
     };
-    let mut client = match Client::connect(&global.socket) {
+    let mut client = match Client::connect(global) {
         Ok(client) => client,
         Err(e) => return fail(&e),
     };

@@ -19,6 +19,13 @@
 //! queue, which is bounded), and a client that does not read its replies
 //! is dropped once too much is queued for it.
 //!
+//! An `events` request is held here too: the connection becomes a
+//! listener, and each event the parent reports (`CtlEvent`, peer id 0)
+//! goes to every listener it matches. A listener that does not read gets
+//! no more than its socket holds and [`LISTENER_QUEUE`] queued events;
+//! the rest are dropped and counted, and it is told how many
+//! (`CtlEventsDropped`) once it reads again. Nothing else waits for it.
+//!
 //! Descriptors: a client other than root sends none (a descriptor that
 //! arrives anyway is closed at once, and so is the connection), so each
 //! of their connections holds exactly one and the connection limits below
@@ -32,7 +39,8 @@
 use crate::log::{log_debug, log_info, log_warn};
 use crate::proc;
 use crate::seccomp::Allowed;
-use common::ctl::{Credentials, CtlRequest};
+use common::ctl::{Credentials, CtlRequest, VmTarget};
+use common::event::{Event, ListenerQueue, Queued, LISTENER_QUEUE};
 use common::imsg::{Channel, Frame, Message, Role};
 use mio::net::UnixListener;
 use mio::unix::SourceFd;
@@ -91,6 +99,16 @@ enum Pending {
     AskedToWait,
     /// Waiting for VM `vmid` to terminate.
     Waiting { vmid: u32 },
+    /// Listening for events (`Conn::listener`) until the client closes.
+    Listening,
+}
+
+/// An `events` connection: the VMs it asked for and what waits for it.
+struct Listener {
+    target: Option<VmTarget>,
+    queue: ListenerQueue,
+    /// Events are being dropped (logged once per gap).
+    dropping: bool,
 }
 
 struct Conn {
@@ -100,6 +118,7 @@ struct Conn {
     /// descriptor its frame carried (at most one of them has one).
     queued: VecDeque<(CtlRequest, Option<OwnedFd>)>,
     pending: Option<Pending>,
+    listener: Option<Listener>,
 }
 
 struct Control {
@@ -227,7 +246,9 @@ impl Control {
                     self.answer(id, Message::CtlTerminated { vmid, timed_out }, true);
                 }
             }
+            Message::CtlEvent(event) => self.deliver(event),
             Message::CtlVm(info) => self.answer(id, Message::CtlVm(info), false),
+            m @ Message::CtlStats(_) => self.answer(id, m, false),
             m @ Message::CtlProgress { .. } => self.answer(id, m, false),
             Message::CtlVmResult { vmid, error, tty } => {
                 let Some(conn) = self.conns.get_mut(&id) else {
@@ -263,6 +284,60 @@ impl Control {
         }
         if last {
             self.pump(id);
+        }
+    }
+
+    /// Queues `event` for every listener it matches and sends what their
+    /// sockets take.
+    fn deliver(&mut self, event: Event) {
+        let ids: Vec<u32> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.listener
+                    .as_ref()
+                    .is_some_and(|l| event.matches(l.target.as_ref()))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let Some(listener) = self.conns.get_mut(&id).and_then(|c| c.listener.as_mut()) else {
+                continue;
+            };
+            if !listener.queue.push(event.clone()) && !listener.dropping {
+                listener.dropping = true;
+                log_debug!("connection {id} does not read its events: dropping them");
+            }
+            self.drain_events(id);
+        }
+    }
+
+    /// Sends listener `id` its queued events while its socket takes them
+    /// whole (what it does not take waits in the queue, not in the
+    /// channel, so the queue's bound holds).
+    fn drain_events(&mut self, id: u32) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let Some(listener) = conn.listener.as_mut() else {
+            return;
+        };
+        while conn.channel.writer.is_empty() {
+            let Some(item) = listener.queue.pop() else {
+                return;
+            };
+            let message = match item {
+                Queued::Event(event) => Message::CtlEvent(event),
+                Queued::Dropped(count) => {
+                    listener.dropping = false;
+                    log_debug!("connection {id} reads again; {count} events were dropped");
+                    Message::CtlEventsDropped { count }
+                }
+            };
+            if let Err(e) = conn.channel.send(Frame::new(message)) {
+                self.close(id, &format!("sending: {e}"));
+                return;
+            }
         }
     }
 
@@ -331,6 +406,7 @@ impl Control {
                     creds,
                     queued: VecDeque::new(),
                     pending: None,
+                    listener: None,
                 },
             );
             // Frames may have arrived with the connection: edge-triggered
@@ -386,6 +462,7 @@ impl Control {
             self.close(id, "closed by the client");
             return;
         }
+        self.drain_events(id);
         self.pump(id);
     }
 
@@ -422,6 +499,17 @@ impl Control {
                     return;
                 }
                 continue;
+            }
+            if let CtlRequest::Events { target } = request {
+                // Held here: the parent sends every event to control.
+                log_debug!("connection {id} listens for events");
+                conn.pending = Some(Pending::Listening);
+                conn.listener = Some(Listener {
+                    target,
+                    queue: ListenerQueue::new(LISTENER_QUEUE),
+                    dropping: false,
+                });
+                return;
             }
             let waits = matches!(
                 request,

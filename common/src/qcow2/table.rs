@@ -218,9 +218,10 @@ impl Qcow2 {
         &self.file
     }
 
-    /// Writes everything to stable storage.
+    /// Writes everything to stable storage (fdatasync: data, tables and
+    /// the file's length).
     pub fn flush(&self) -> Result<()> {
-        Ok(self.file.sync_all()?)
+        Ok(self.file.sync_data()?)
     }
 
     fn l2_bits(&self) -> u32 {

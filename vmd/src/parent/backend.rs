@@ -51,6 +51,16 @@ pub trait Backend {
     fn remove_console_log(&mut self, path: &Path);
     /// What `status` shows of a running VM.
     fn info(&self, id: u32) -> Option<RunInfo>;
+    /// What `stats` shows of a running VM that the parent reads itself
+    /// (procfs answers at once).
+    fn usage(&self, _id: u32) -> Option<Usage> {
+        None
+    }
+    /// Asks VM `id` for its backend's counters; false if it cannot
+    /// answer. The answer comes as [`VmEvent::Stats`].
+    fn query_stats(&mut self, _id: u32) -> bool {
+        false
+    }
     /// The configured switches, after a load or a reload; `reapply`
     /// (`vmctl reset switches`) applies every one again.
     fn set_switches(&mut self, _switches: &[SwitchConfig], _reapply: bool) {}
@@ -116,6 +126,15 @@ pub struct RunInfo {
     pub tty: String,
     /// The guest processes' resident memory, once the guest runs.
     pub cur_memory: Option<u64>,
+}
+
+/// What `stats` shows of a running VM besides its backend's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// CPU time of the guest's processes (vCPUs and emulation).
+    pub cpu_time_ms: Option<u64>,
+    /// Its taps' counters, in the VM's interface order.
+    pub nics: Vec<common::stats::NicStats>,
 }
 
 /// A VM process ended; everything it held is released.
@@ -193,6 +212,11 @@ pub enum VmEvent {
     /// VM `id`'s taps are closed (it has ended, not for a reboot).
     InterfacesClosed {
         id: u32,
+    },
+    /// VM `id`'s answer to [`Backend::query_stats`].
+    Stats {
+        id: u32,
+        stats: common::stats::BackendStats,
     },
 }
 

@@ -39,7 +39,7 @@
 
 use crate::log::{self, log_debug, log_info, log_warn};
 use crate::parent::backend::{
-    Backend, CommandDone, Incoming, LocalNic, Requester, RunInfo, VmEnded, VmEvent,
+    Backend, CommandDone, Incoming, LocalNic, Requester, RunInfo, Usage, VmEnded, VmEvent,
 };
 use crate::parent::helper::{self, Answered, Helper, HelperError};
 use crate::parent::net::vhost::{vhost_open_all, VHOST_NET};
@@ -783,6 +783,53 @@ impl Launcher {
         })
     }
 
+    /// The CPU time of a running VM's guest processes and its taps'
+    /// counters (from /proc/net/dev: procfs answers at once, and reads
+    /// the network namespace vmd runs in).
+    fn usage(&self, id: u32) -> Option<Usage> {
+        let vm = self.vms.iter().find(|v| v.id == id)?;
+        let cpu_time_ms = vm
+            .guest_pids
+            .iter()
+            .filter_map(|&pid| process_cpu_ms(pid, vm.uid))
+            .reduce(|a, b| a + b);
+        let taps = self.net.vm_tap_names(id);
+        let counters = match taps.is_empty() {
+            true => Vec::new(),
+            false => std::fs::read_to_string("/proc/net/dev")
+                .map(|text| common::stats::parse_net_dev(&text))
+                .unwrap_or_default(),
+        };
+        let nics = taps
+            .iter()
+            .map(|tap| {
+                let host = counters
+                    .iter()
+                    .find(|(name, _)| name == tap)
+                    .map_or([0; 6], |(_, host)| *host);
+                common::stats::nic_from_tap(tap, host)
+            })
+            .collect();
+        Some(Usage { cpu_time_ms, nics })
+    }
+
+    /// Asks VM `id`'s process for its backend's counters.
+    fn query_stats(&mut self, id: u32) -> bool {
+        let Some(vm) = self.vms.iter_mut().find(|v| v.id == id) else {
+            return false;
+        };
+        let Some(channel) = vm.channel.as_mut() else {
+            return false;
+        };
+        match channel.send(Frame::new(Message::VmStatsQuery)) {
+            Ok(_) => true,
+            Err(e) => {
+                log_warn!("vm {}: asking for its counters: {e}", vm.name);
+                false
+            }
+        }
+    }
+
     /// The daemon stops (the registry has asked every VM to power down):
     /// starts still opening their files are given up, and the network
     /// is removed once the last VM has ended.
@@ -992,6 +1039,10 @@ impl Launcher {
                     .push(VmEvent::CommandDone(CommandDone { id, command, error }))
             }
             Message::VmGuestEnded { why } => vm.guest_end = Some(why),
+            Message::VmStats(stats) => {
+                let id = vm.id;
+                self.events.push(VmEvent::Stats { id, stats });
+            }
             Message::VmStartFailed { reason } => {
                 // The VM process is less trusted than we are: its text
                 // reaches the user bounded and on one line.
@@ -1252,6 +1303,14 @@ impl Backend for Launcher {
 
     fn info(&self, id: u32) -> Option<RunInfo> {
         Launcher::info(self, id)
+    }
+
+    fn usage(&self, id: u32) -> Option<Usage> {
+        Launcher::usage(self, id)
+    }
+
+    fn query_stats(&mut self, id: u32) -> bool {
+        Launcher::query_stats(self, id)
     }
 
     fn owns_token(&self, token: Token) -> bool {
@@ -1942,6 +2001,33 @@ fn process_rss(pid: u32, uid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The CPU time (user and system) a process has used, in milliseconds,
+/// if `pid` still runs as `uid`.
+fn process_cpu_ms(pid: u32, uid: u32) -> Option<u64> {
+    let (u, _) = proc_status(pid)?;
+    if u != uid {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let ticks = stat_cpu_ticks(&stat)?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|&hz| hz > 0)? as u64;
+    Some(ticks * 1000 / hz)
+}
+
+/// utime + stime (clock ticks) of a /proc/PID/stat line: fields 14 and
+/// 15, counted after the command name's closing parenthesis (the name
+/// may hold spaces and parentheses).
+fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
 /// Adds O_NONBLOCK to `fd`'s open file description, keeping its other
 /// flags (a client's descriptor may be opened for appending).
 fn set_nonblocking(fd: BorrowedFd) -> nix::Result<()> {
@@ -1954,6 +2040,13 @@ fn set_nonblocking(fd: BorrowedFd) -> nix::Result<()> {
 mod tests {
     use super::*;
     use std::fs::File;
+
+    #[test]
+    fn cpu_time_is_read_past_a_name_with_parentheses() {
+        let stat = "4242 (qemu (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0";
+        assert_eq!(stat_cpu_ticks(stat), Some(300));
+        assert_eq!(stat_cpu_ticks("garbage"), None);
+    }
 
     #[test]
     fn tcg_never_and_auto_only_with_hardware_modules() {

@@ -35,6 +35,7 @@ pub mod launch;
 pub mod net;
 pub mod notify;
 pub mod registry;
+pub mod stats;
 pub mod uidlock;
 pub mod userfiles;
 
@@ -44,10 +45,12 @@ use crate::parent::dhcp::{DhcpError, LocalDhcp, LocalInterface};
 use crate::parent::helper::{Answered, Helper, HelperError};
 use crate::parent::launch::{Launcher, FILES_TIMEOUT};
 use crate::parent::registry::{Ended, Registry};
+use crate::parent::stats::PendingStats;
 use crate::parent::userfiles::OPEN_TIMEOUT;
 use crate::proc;
 use common::config::{self, Config};
 use common::ctl::{Credentials, CtlError, CtlRequest, VmTarget, VM_START_TIMEOUT};
+use common::event::EventKind;
 use common::imsg::{Channel, Frame, HelperAnswer, Message, Role, VmCommand};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -276,6 +279,8 @@ struct Parent {
     replies: Vec<PendingReply>,
     /// `status` requests held while a VM ends: (control's token, peer).
     held_status: Vec<(Token, u32)>,
+    /// `stats` requests waiting for VM processes.
+    stats: Vec<PendingStats>,
     /// Configuration files helpers are reading.
     loads: Vec<PendingLoad>,
     /// Local interfaces switch serves DHCP on, with their sockets.
@@ -391,6 +396,7 @@ fn parent_init(opts: ParentOptions, notify: Option<notify::Notify>) -> Result<Pa
         registry: Registry::with_backend(Box::new(launcher)),
         replies: Vec::new(),
         held_status: Vec::new(),
+        stats: Vec::new(),
         loads: Vec::new(),
         dhcp: LocalDhcp::default(),
     })
@@ -443,6 +449,7 @@ impl Parent {
                     .filter(|_| self.shutdown.is_none()),
                 self.registry.next_stop_deadline(),
                 self.replies.iter().map(|r| r.deadline).min(),
+                self.stats.iter().map(|s| s.deadline).min(),
                 self.respawns
                     .iter()
                     .map(|(_, at)| *at)
@@ -486,6 +493,7 @@ impl Parent {
                 }
                 // Before the next event: a status must see a VM that ended.
                 self.backend_events();
+                self.send_events();
             }
             if let Some(backend) = self.registry.backend() {
                 backend.tick();
@@ -507,7 +515,9 @@ impl Parent {
                 self.registry.expire_stops();
             }
             self.expire_replies();
+            self.answer_stats();
             self.expire_loads();
+            self.send_events();
             if self.shutdown.is_none() {
                 self.respawn_due();
             }
@@ -554,7 +564,13 @@ impl Parent {
                     }
                     VmEvent::StartProgress { id, note } => self.vm_start_progress(id, note),
                     VmEvent::Launched { id, pid, tty } => self.vm_launched(id, pid, tty),
-                    VmEvent::Ended(ended) => self.vm_ended(ended),
+                    VmEvent::Ended(ended) => {
+                        for pending in &mut self.stats {
+                            pending.forget(ended.id);
+                        }
+                        self.answer_stats();
+                        self.vm_ended(ended);
+                    }
                     VmEvent::LocalInterfaces {
                         id,
                         name,
@@ -562,8 +578,55 @@ impl Parent {
                         net_boot,
                     } => self.dhcp_serve_vm(id, &name, &nics, net_boot),
                     VmEvent::InterfacesClosed { id } => self.dhcp_stop_vm(id),
+                    VmEvent::Stats { id, stats } => {
+                        if let Some(pending) = self.stats.iter_mut().find(|p| p.waits_for(id)) {
+                            pending.answered(id, &stats);
+                        }
+                        self.answer_stats();
+                    }
                 }
             }
+        }
+    }
+
+    /// Sends the `stats` answers that are complete or out of time.
+    fn answer_stats(&mut self) {
+        let now = Instant::now();
+        let (done, rest): (Vec<PendingStats>, Vec<PendingStats>) = std::mem::take(&mut self.stats)
+            .into_iter()
+            .partition(|p| p.is_complete() || p.deadline <= now);
+        self.stats = rest;
+        for pending in done {
+            let token = pending.token;
+            for frame in pending.frames() {
+                self.send(token, frame);
+            }
+        }
+    }
+
+    /// Sends the registry's lifecycle events to control, which hands
+    /// them to its `events` listeners (peer id 0: for all of them).
+    fn send_events(&mut self) {
+        let events = self.registry.take_events();
+        if events.is_empty() {
+            return;
+        }
+        let Some(token) = self
+            .children
+            .iter()
+            .find(|c| c.role == Role::Control)
+            .map(|c| c.token)
+        else {
+            return;
+        };
+        for event in events {
+            log_debug!(
+                "event: vm {} {}: {}",
+                event.vmid,
+                event.name,
+                event.kind.as_str()
+            );
+            self.send(token, Frame::new(Message::CtlEvent(event)));
         }
     }
 
@@ -834,6 +897,17 @@ impl Parent {
                 Ok(()) => return,
                 Err(lines) => fail(0, lines),
             },
+            // Control holds these itself; one that came here anyway is
+            // refused.
+            CtlRequest::Events { .. } => {
+                fail(libc::EINVAL, vec!["events: not for the parent".into()])
+            }
+            CtlRequest::Stats { target } => {
+                let pending = PendingStats::begin(&mut self.registry, target.as_ref(), token, peer);
+                self.stats.push(pending);
+                self.answer_stats();
+                return;
+            }
             CtlRequest::Reset { what } => {
                 self.registry.reset(what);
                 reply(Message::CtlOk { lines: Vec::new() })
@@ -1194,6 +1268,12 @@ impl Parent {
             if reload { "reloaded" } else { "loaded" },
             path.display()
         );
+        let path_text = path.display().to_string();
+        self.registry.daemon_event(if reload {
+            EventKind::ConfigReloaded { path: path_text }
+        } else {
+            EventKind::ConfigLoaded { path: path_text }
+        });
         if reload {
             self.set_socket_owner();
         }

@@ -26,11 +26,16 @@
 //! whose time is up. A guest that resets itself is started again (same
 //! vmid, settings, tty and console log) unless a stop was asked for or
 //! the start rate limit refuses it.
+//!
+//! Each change of a VM's life is also an [`Event`] for `vmctl events`,
+//! made where the change happens here and taken by the parent
+//! ([`Registry::take_events`]), which sends it to control.
 
 use crate::log::{log_debug, log_info, log_warn};
 use crate::parent::backend::{Backend, Incoming, Requester, VmEnded};
 use common::config::{Config, Globals, Owner, SwitchConfig, VmConfig, DEFAULT_STAGGERED_DELAY};
 use common::ctl::{Credentials, CtlError, ResetWhat, StartRequest, VmTarget};
+use common::event::{EndReason, Event, EventKind};
 use common::imsg::VmCommand;
 use common::name::check_vm_name;
 use common::size;
@@ -81,6 +86,10 @@ pub struct Vm {
     timed_out: bool,
     last_start: Option<Instant>,
     fast_starts: u32,
+    /// When it was launched, while it runs (for `stats`).
+    pub started_at: Option<Instant>,
+    /// vmd was asked to end it at once (`stop -f`, `reset`).
+    forced: bool,
 }
 
 impl Vm {
@@ -99,6 +108,8 @@ impl Vm {
             timed_out: false,
             last_start: None,
             fast_starts: 0,
+            started_at: None,
+            forced: false,
         }
     }
 
@@ -170,6 +181,8 @@ pub struct Registry {
     /// The host's MemTotal for the unit tests; `None` reads
     /// /proc/meminfo at each start.
     host_memory: Option<u64>,
+    /// Lifecycle events not yet taken by the parent.
+    events: Vec<Event>,
 }
 
 /// The least memory kept for the host itself: VMs get MemTotal less an
@@ -354,6 +367,10 @@ impl Registry {
                     vm.state = VmState::Stopping;
                     vm.stop_deadline = None;
                     vm.timed_out = false;
+                    vm.forced = true;
+                    let event =
+                        Event::now(vm.vmid, vm.name(), EventKind::Stopping { forced: true });
+                    self.events.push(event);
                 }
             }
             // A VM being terminated stays listed (its id taken) until its
@@ -371,6 +388,32 @@ impl Registry {
                 backend.set_switches(&self.switches, true);
             }
         }
+    }
+
+    // --- events ---
+
+    /// The lifecycle events since the last call, oldest first.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn event(&mut self, index: usize, kind: EventKind) {
+        let vm = &self.vms[index];
+        self.events.push(Event::now(vm.vmid, vm.name(), kind));
+    }
+
+    /// An event of vmd itself (the configuration's: no VM).
+    pub fn daemon_event(&mut self, kind: EventKind) {
+        self.events.push(Event::now(0, "", kind));
+    }
+
+    /// The VMs `target` names (None: all), as `status` lists them.
+    pub fn vms<'a>(&'a self, target: Option<&'a VmTarget>) -> impl Iterator<Item = &'a Vm> {
+        let active = self.vms.iter().filter(|vm| vm.state.is_active());
+        let rest = self.vms.iter().filter(|vm| !vm.state.is_active());
+        active
+            .chain(rest)
+            .filter(move |vm| target.is_none_or(|t| t.matches(vm.vmid, vm.name())))
     }
 
     // --- status ---
@@ -693,7 +736,10 @@ impl Registry {
                 vm.requester = Some(requester.clone());
                 vm.stop_deadline = None;
                 vm.timed_out = false;
+                vm.forced = false;
+                vm.started_at = Some(Instant::now());
                 vm.running = Some(settings);
+                self.event(index, EventKind::Started);
                 Ok(vmid)
             }
             Err(e) => {
@@ -725,9 +771,11 @@ impl Registry {
     /// VM `vmid`'s guest runs (its backend accepted its arguments and
     /// resumed it): its start, or its restart after a reboot, is done.
     pub fn guest_running(&mut self, vmid: u32) {
-        if let Some(vm) = self.vms.iter().find(|vm| vm.vmid == vmid) {
+        if let Some(index) = self.vms.iter().position(|vm| vm.vmid == vmid) {
+            let vm = &self.vms[index];
             let tty = vm.tty.as_deref().unwrap_or("-");
             log_info!("started {} (vm {vmid}) successfully, tty {tty}", vm.name());
+            self.event(index, EventKind::Running);
         }
     }
 
@@ -820,6 +868,10 @@ impl Registry {
         let globals = &self.globals;
         let vm = &mut self.vms[index];
         vm.state = VmState::Stopping;
+        vm.forced |= force;
+        let event = Event::now(vm.vmid, vm.name(), EventKind::Stopping { forced: force });
+        self.events.push(event);
+        let vm = &mut self.vms[index];
         if force {
             vm.stop_deadline = None;
             log_info!("{}: vm {} forced to stop", vm.name(), vm.vmid);
@@ -861,6 +913,7 @@ impl Registry {
                 vm.name(),
                 vm.vmid
             );
+            self.event(index, EventKind::Stopping { forced: true });
             if let Err(e) = self.backend_stop(index, true) {
                 log_warn!(
                     "{}: cannot force it: {}",
@@ -982,9 +1035,10 @@ impl Registry {
         command: VmCommand,
         error: Option<String>,
     ) -> Result<u32, CtlError> {
-        let Some(vm) = self.vms.iter_mut().find(|vm| vm.vmid == vmid) else {
+        let Some(index) = self.vms.iter().position(|vm| vm.vmid == vmid) else {
             return Err(CtlError::not_found());
         };
+        let vm = &mut self.vms[index];
         let (word, state) = match command {
             VmCommand::Pause => ("paused", VmState::Paused),
             VmCommand::Unpause => ("unpaused", VmState::Running),
@@ -1022,6 +1076,11 @@ impl Registry {
             vm.state = state;
         }
         log_info!("{}: {word} vm {vmid} successfully", vm.name());
+        let kind = match state {
+            VmState::Paused => EventKind::Paused,
+            _ => EventKind::Unpaused,
+        };
+        self.event(index, kind);
         Ok(vmid)
     }
 
@@ -1046,6 +1105,7 @@ impl Registry {
             );
         }
         let timed_out = vm.timed_out;
+        let why = end_reason(vm.forced || timed_out, ended);
         let restart = match (&vm.running, vm.started_by, &vm.requester) {
             (Some(settings), Some(uid), Some(req))
                 if ended.is_reboot() && vm.state != VmState::Stopping =>
@@ -1059,6 +1119,10 @@ impl Registry {
             log_info!("{}: vm {} rebooting", vm.name(), vm.vmid);
             if self.start_vm(index, settings, uid, &requester).is_ok() {
                 outcome = Ended::Restarted;
+                // start_vm said `started`: this start is a restart.
+                if let Some(event) = self.events.last_mut() {
+                    event.kind = EventKind::Restarted;
+                }
             } else {
                 log_warn!(
                     "{}: vm {} not restarted after its reboot",
@@ -1071,6 +1135,7 @@ impl Registry {
             backend.discard_parked(ended.id);
         }
         if outcome != Ended::Restarted {
+            self.event(index, EventKind::Stopped { why });
             self.terminated(ended.id, ended.console_log.as_deref());
         }
         outcome
@@ -1101,6 +1166,8 @@ impl Registry {
         vm.requester = None;
         vm.stop_deadline = None;
         vm.timed_out = false;
+        vm.forced = false;
+        vm.started_at = None;
         vm.running = None;
     }
 
@@ -1349,6 +1416,27 @@ pub fn receive_request(name: &str, header: &[u8]) -> Result<StartRequest, CtlErr
 }
 
 /// The file a VM's `source` (`FILE:LINE`) names, for messages.
+/// Why a VM ended, for its `stopped` event: `forced` if vmd ended it at
+/// once (asked to, or after its shutdown timeout).
+fn end_reason(forced: bool, ended: &VmEnded) -> EndReason {
+    if ended.launch_error.is_some() || ended.start_failure.is_some() {
+        return EndReason::Failed;
+    }
+    if forced {
+        return EndReason::Forced;
+    }
+    match ended.guest_reason.as_deref() {
+        Some("guest-panic") => EndReason::Crashed,
+        Some(_) => EndReason::PoweredOff,
+        // No word from the guest: its processes were killed (launch.rs
+        // and the VM process say `killed by SIGNAL`), or they failed.
+        None if ended.why.contains("killed by") && !ended.why.contains("SIGSYS") => {
+            EndReason::Killed
+        }
+        None => EndReason::Crashed,
+    }
+}
+
 fn config_file(source: &str) -> &str {
     match source.rsplit_once(':') {
         Some((file, line)) if line.bytes().all(|b| b.is_ascii_digit()) => file,
@@ -1962,6 +2050,77 @@ mod tests {
         );
         assert_eq!(state_of(&r, 1), VmState::Stopped);
         assert_eq!(fake.borrow().starts.len(), 2);
+    }
+
+    #[test]
+    fn each_change_of_a_vms_life_is_an_event_with_why_it_ended() {
+        let (mut r, fake) = with_fake(VM_A);
+        let root = user(0, 0, &[]);
+        let words = |r: &mut Registry| -> Vec<String> {
+            r.take_events()
+                .into_iter()
+                .map(|e| match e.kind.detail() {
+                    Some(d) => format!("{} {} {d}", e.vmid, e.kind.as_str()),
+                    None => format!("{} {}", e.vmid, e.kind.as_str()),
+                })
+                .collect()
+        };
+        assert_eq!(r.start(&start_req("a"), &root), Ok(1));
+        r.launched(1, 4242, "/dev/pts/9".into());
+        r.guest_running(1);
+        assert_eq!(r.pause(&VmTarget::Id(1), &root), Ok(1));
+        assert_eq!(r.command_done(1, VmCommand::Pause, None), Ok(1));
+        assert_eq!(r.unpause(&VmTarget::Id(1), &root), Ok(1));
+        assert_eq!(r.command_done(1, VmCommand::Unpause, None), Ok(1));
+        r.ended(&end(&fake, 1, Some("guest-reset")));
+        r.guest_running(1);
+        assert_eq!(r.stop(&VmTarget::Id(1), false, false, &root), Ok(1));
+        r.ended(&end(&fake, 1, Some("guest-shutdown")));
+        assert_eq!(
+            words(&mut r),
+            [
+                "1 started",
+                "1 running",
+                "1 paused",
+                "1 unpaused",
+                "1 restarted",
+                "1 running",
+                "1 stopping",
+                "1 stopped powered-off"
+            ]
+        );
+        // Forced, killed from outside, crashed, and a start that failed.
+        let ended = |reason: Option<&str>, why: &str, failure: Option<&str>| VmEnded {
+            why: why.into(),
+            start_failure: failure.map(String::from),
+            ..end(&fake, 1, reason)
+        };
+        let exited = "VM process exited";
+        let killed = "VM process exited, QEMU was killed by SIGKILL";
+        let sigsys = "VM process was killed by a refused system call (SIGSYS)";
+        let cases = [
+            (true, ended(None, killed, None), EndReason::Forced),
+            (
+                true,
+                ended(Some("guest-shutdown"), exited, None),
+                EndReason::Forced,
+            ),
+            (false, ended(None, killed, None), EndReason::Killed),
+            (false, ended(None, sigsys, None), EndReason::Crashed),
+            (
+                false,
+                ended(Some("guest-panic"), exited, None),
+                EndReason::Crashed,
+            ),
+            (
+                false,
+                ended(None, exited, Some("no kernel")),
+                EndReason::Failed,
+            ),
+        ];
+        for (forced, ended, want) in cases {
+            assert_eq!(end_reason(forced, &ended), want, "{ended:?}");
+        }
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub enum BackendEvent {
         command: VmCommand,
         error: Option<String>,
     },
+    /// The answer to [`Backend::query_disks`]: each disk's counters, in
+    /// disk order.
+    Disks(Vec<common::stats::DiskStats>),
 }
 
 /// How a backend ended.
@@ -81,6 +84,13 @@ pub trait Backend {
     /// answer comes as [`BackendEvent::CommandDone`], after any number of
     /// [`BackendEvent::CommandProgress`].
     fn command(&mut self, command: VmCommand, fd: Option<OwnedFd>);
+
+    /// Asks for the disks' counters (`vmctl stats`); they come as
+    /// [`BackendEvent::Disks`], one answer per query, in order. False:
+    /// none will come (the VM process answers without disks).
+    fn query_disks(&mut self) -> bool {
+        false
+    }
 
     /// What happened since the last call.
     fn take_events(&mut self) -> Vec<BackendEvent>;

@@ -119,6 +119,11 @@ impl Console {
         }
     }
 
+    /// Bytes in the console log (since its last rotation).
+    pub fn log_size(&self) -> u64 {
+        self.log.size
+    }
+
     /// The parent rotated the log: `fd` is the fresh file, `size` long.
     pub fn replace_log(&mut self, fd: OwnedFd, size: u64) {
         self.log.fd = fd;

@@ -24,6 +24,7 @@
 
 pub mod backend;
 mod console;
+pub mod kvm;
 pub mod qemu;
 pub mod receive;
 pub mod send;
@@ -489,6 +490,7 @@ impl Vm {
                 BackendEvent::CommandDone { command, error } => {
                     Message::VmCommandDone { command, error }
                 }
+                BackendEvent::Disks(disks) => self.stats_message(disks),
             };
             self.send(message);
         }
@@ -503,6 +505,14 @@ impl Vm {
         self.send_backend_events();
         self.finish_report(ended.start_failed, ended.why);
         ended.clean
+    }
+
+    /// The answer to the parent's `VmStatsQuery`.
+    fn stats_message(&self, disks: Vec<common::stats::DiskStats>) -> Message {
+        Message::VmStats(common::stats::BackendStats {
+            disks,
+            console_log_size: self.console.log_size(),
+        })
     }
 
     fn send(&mut self, message: Message) {
@@ -525,6 +535,14 @@ impl Vm {
                 // that take one; anything else is a broken parent.
                 (Message::VmCommand { command }, fd) if command.takes_fd() == fd.is_some() => {
                     self.backend.command(command, fd)
+                }
+                // Answered at once without disks if the backend cannot
+                // count them now, else with its answer.
+                (Message::VmStatsQuery, None) => {
+                    if !self.backend.query_disks() {
+                        let message = self.stats_message(Vec::new());
+                        self.send(message);
+                    }
                 }
                 (other, _) => {
                     log_warn!("unexpected message {} from the parent", other.type_code().1)

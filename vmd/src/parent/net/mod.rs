@@ -22,8 +22,9 @@
 //!   recorded; an existing one is used as it is. A bridge vmd created
 //!   is deleted when its switch goes (reload, shutdown) only if it holds
 //!   no port and no address that vmd did not add (IPv6 link-local
-//!   addresses, which the kernel adds itself, do not count); an
-//!   interface that existed before vmd is never deleted.
+//!   addresses, which the kernel adds itself, do not count), and after
+//!   a reload only once no running VM's tap is on it; an interface that
+//!   existed before vmd is never deleted.
 
 pub mod links;
 pub mod netlink;
@@ -31,7 +32,7 @@ pub mod nft;
 pub mod state;
 pub mod tap;
 #[cfg(test)]
-mod testns;
+pub(crate) mod testns;
 pub mod vhost;
 
 use crate::log::{log_debug, log_info, log_warn};
@@ -166,6 +167,10 @@ pub struct Net {
     jobs: VecDeque<Job>,
     /// The job whose request is in flight.
     current: Option<Job>,
+    /// Bridges whose switch went from the configuration (switch name,
+    /// bridge name): removed, if vmd made them, once no running VM's tap
+    /// is on them.
+    retired: Vec<(String, String)>,
     /// The daemon stops: remove the bridges once no VM holds a tap.
     stopping: bool,
     stop_queued: bool,
@@ -230,6 +235,7 @@ impl Net {
             switches: Vec::new(),
             vms: Vec::new(),
             made_taps: Vec::new(),
+            retired: Vec::new(),
             jobs: VecDeque::new(),
             current: None,
             stopping: false,
@@ -309,20 +315,21 @@ impl Net {
             .into_iter()
             .partition(|s| wanted.iter().any(|w| w.name == s.name));
         self.switches = kept;
-        for sw in gone {
-            let still_used = wanted.iter().any(|w| w.interface == sw.bridge);
-            if let Some(&(_, index)) = self.state.bridges.iter().find(|(b, _)| *b == sw.bridge) {
-                if !still_used {
-                    self.jobs.push_back(Job::RemoveBridge {
-                        name: sw.bridge.clone(),
-                        index,
-                        ports: Vec::new(),
-                        vrf: false,
-                        stage: 0,
-                    });
-                }
-            }
-        }
+        // A bridge a switch no longer names (the switch went, or names
+        // another interface now) is retired; a switch naming it again
+        // takes it back.
+        let moved = self.switches.iter().filter(|s| {
+            wanted
+                .iter()
+                .any(|w| w.name == s.name && w.interface != s.bridge)
+        });
+        let old: Vec<(String, String)> = (gone.iter().chain(moved))
+            .map(|s| (s.name.clone(), s.bridge.clone()))
+            .collect();
+        self.retired.extend(old);
+        self.retired
+            .retain(|(_, bridge)| !wanted.iter().any(|w| w.interface == *bridge));
+        self.remove_retired();
         for w in wanted {
             let wanted_sw = Switch {
                 name: w.name.clone(),
@@ -577,6 +584,15 @@ impl Net {
     }
 
     /// VM `id`'s local interfaces: (index in the VM, the tap's ifindex).
+    pub fn vm_tap_names(&self, id: u32) -> Vec<String> {
+        self.vms
+            .iter()
+            .filter(|v| v.id == id)
+            .flat_map(|v| v.taps.iter())
+            .map(|t| t.tap.name.clone())
+            .collect()
+    }
+
     pub fn vm_local_taps(&self, id: u32) -> Vec<(usize, u32)> {
         self.vms
             .iter()
@@ -619,7 +635,41 @@ impl Net {
             self.state.nft = true;
         }
         self.save();
+        self.remove_retired();
         self.after_vm_gone();
+    }
+
+    /// Queues the removal of the retired bridges no running VM uses: the
+    /// taps of a switch that went stay on its bridge until their VMs end
+    /// (a reload never cuts a running guest off); those of a switch that
+    /// names another bridge now move there with it.
+    fn remove_retired(&mut self) {
+        let (vms, switches) = (&self.vms, &self.switches);
+        let in_use = |switch: &str| {
+            !switches.iter().any(|s| s.name == switch)
+                && vms
+                    .iter()
+                    .any(|v| v.taps.iter().any(|t| t.switch.as_deref() == Some(switch)))
+        };
+        let (waiting, free): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retired)
+            .into_iter()
+            .partition(|(switch, _)| in_use(switch));
+        for (switch, bridge) in &waiting {
+            log_debug!("switch {switch} went: bridge {bridge} stays while vms use it");
+        }
+        self.retired = waiting;
+        for (_, bridge) in free {
+            if let Some(&(_, index)) = self.state.bridges.iter().find(|(b, _)| *b == bridge) {
+                self.jobs.push_back(Job::RemoveBridge {
+                    name: bridge,
+                    index,
+                    ports: Vec::new(),
+                    vrf: false,
+                    stage: 0,
+                });
+            }
+        }
+        self.run();
     }
 
     // --- the daemon's end ---

@@ -405,4 +405,4 @@ impl Drop for Nft {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -260,6 +260,24 @@ impl Backend for QemuBackend {
         self.on_command(command, fd)
     }
 
+    /// `query-blockstats`, answered in [`QmpReply::BlockStats`].
+    fn query_disks(&mut self) -> bool {
+        let Some(fd) = self.qmp.as_ref().map(|fd| fd.as_raw_fd()) else {
+            return false;
+        };
+        if self.qmp_state != QmpState::Running || self.qmp_broken {
+            return false;
+        }
+        let line = qmp_command_with_id("query-blockstats", BLOCKSTATS_ID);
+        match write_all(fd, line.as_bytes()) {
+            Ok(()) => true,
+            Err(e) => {
+                log_warn!("QMP query-blockstats: {e}");
+                false
+            }
+        }
+    }
+
     fn take_events(&mut self) -> Vec<BackendEvent> {
         std::mem::take(&mut self.events)
     }
@@ -429,6 +447,7 @@ impl QemuBackend {
                     self.recv_migration(status.clone());
                     self.send_migration(status);
                 }
+                QmpReply::BlockStats(disks) => self.events.push(BackendEvent::Disks(disks)),
                 QmpReply::Nothing => {}
             }
         }

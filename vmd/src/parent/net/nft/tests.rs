@@ -118,7 +118,7 @@ fn guest_sends(tap: &Tap, src: [u8; 6], marker: &[u8]) -> Result<(), String> {
 }
 
 /// An AF_PACKET socket that sees every frame on link `index`.
-fn packet_socket(index: u32) -> Result<OwnedFd, String> {
+pub(crate) fn packet_socket(index: u32) -> Result<OwnedFd, String> {
     let proto = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: socket() with integer arguments.
     let fd = unsafe {
