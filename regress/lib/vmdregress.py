@@ -1,6 +1,6 @@
 """The harness of the regress suites written in Python (regress/vm,
 regress/lifecycle, regress/console, regress/boot, regress/privsep,
-regress/control, regress/guest, regress/tour, regress/net): case selection and
+regress/control, regress/guest, regress/tour, regress/net, regress/send): case selection and
 reporting, waiting, /proc inspection, setup, a test user of its own, a vmd
 of its own per case (Vmd) and a guest's pty.
 
