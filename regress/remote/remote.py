@@ -257,6 +257,41 @@ def console_through_ssh(sshd, vmd):
         os.close(master)
 
 
+def send_receive_through_ssh(sshd, vmd):
+    """`vmctl -H a send web | vmctl -H b receive web2` (both this host):
+    the guest goes on counting under its new name without booting again;
+    a send whose standard output here is a terminal is refused before
+    anything crosses ssh, and the VM keeps running."""
+    vmid, _ = vmd.start("mv1", cmdline="console=ttyS0 quiet vmd.mode=test")
+    vmd.wait_console("mv1", "VMD-GUEST: tick 2")
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.run(["ip", "netns", "exec", sshd.netns, *sshd.vmctl_argv(vmd, "root", "send", "mv1")],
+                           stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE, text=True,
+                           env=sshd.env(), timeout=VMCTL_TIMEOUT)
+    finally:
+        os.close(master)
+        os.close(slave)
+    expect((p.returncode, p.stderr), 1, r"standard output is a terminal", "send -H to a terminal")
+    expect_equal("mv1 after the refused send", vmd.state(vmid), "running")
+    send = " ".join(sshd.vmctl_argv(vmd, "root", "send", "mv1"))
+    receive = " ".join(sshd.vmctl_argv(vmd, "root", "receive", "mv2"))
+    rc, out, err = sshd.run_as(None, ["sh", "-c", f"{send} | {receive}"])
+    out = out + err
+    expect((rc, out), 0, rf"sent vm {vmid} successfully", "send -H | receive -H")
+    m = re.search(r"^vmctl: received vm (\d+) successfully, tty /dev/pts/\d+$", out, re.M)
+    if not m:
+        raise Failure(f"no `received vm N successfully` from receive -H: {out.strip()!r}")
+    new_id = int(m.group(1))
+    vmd.track(int(vmd.status_row(new_id)["PID"]))
+    expect_equal("mv1 after it was sent", vmd.state(vmid), "gone")
+    last = max(ticks(vmd.console_log("mv1")))
+    wait_for("mv2 to tick on", lambda: ticks(vmd.console_log("mv2")), BOOT_TIMEOUT)
+    log = vmd.console_log("mv2")
+    if "VMD-GUEST: booted" in log or min(ticks(log)) <= last - 1:
+        raise Failure(f"mv2 booted again instead of going on from tick {last}: {log[:600]!r}")
+
+
 def users_through_ssh(sshd, vmd, member, outsider):
     """vmd sees the ssh user: a member of the socket's group may use it and
     stop only its own VM; a user the socket refuses is refused remotely."""
@@ -310,6 +345,7 @@ def main():
     case("status-through-proxy", remote_case(status_through_proxy))
     case("lifecycle-through-ssh", remote_case(lifecycle_through_ssh))
     case("console-through-ssh", remote_case(console_through_ssh))
+    case("send-receive-through-ssh", remote_case(send_receive_through_ssh))
     case("users-through-ssh", remote_case(users_through_ssh, users=2, conf_for=users_conf))
     case("failures", remote_case(failures))
     return vmdregress.summary()

@@ -83,6 +83,12 @@ pub fn run_whole(global: &Global, host: &str, name: &str, args: &[String]) -> Ex
         Ok(host) => host,
         Err(e) => return fail(&e),
     };
+    // The remote vmctl's output is ssh's pipe: it cannot see this one.
+    if name == "send" {
+        if let Some(refusal) = crate::send::stdout_refusal() {
+            return fail(refusal);
+        }
+    }
     let tty = matches!(name, "console" | "start") && std::io::stdin().is_terminal();
     let mut words = vec![name];
     words.extend(args.iter().map(String::as_str));

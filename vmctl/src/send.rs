@@ -27,6 +27,7 @@ use common::stream::{Decoder, Item};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use std::io::IsTerminal;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::ExitCode;
@@ -34,6 +35,14 @@ use std::time::{Duration, Instant};
 
 /// How often the progress line is redrawn.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// Why send may not write to this standard output: a terminal (here or,
+/// with `-H`, before the stream crosses ssh).
+pub fn stdout_refusal() -> Option<&'static str> {
+    std::io::stdout()
+        .is_terminal()
+        .then_some("send: standard output is a terminal: redirect it to a file or a pipe")
+}
 
 pub fn send(global: &Global, args: &[String]) -> ExitCode {
     let target = match one_vmid("send", args) {
@@ -46,8 +55,8 @@ pub fn send(global: &Global, args: &[String]) -> ExitCode {
         return fail("send vm command failed: Operation not permitted (send is root's)");
     }
     let stdout = std::io::stdout();
-    if nix::unistd::isatty(stdout.as_raw_fd()).unwrap_or(false) {
-        return fail("send: standard output is a terminal: redirect it to a file or a pipe");
+    if let Some(refusal) = stdout_refusal() {
+        return fail(refusal);
     }
     let (ours, theirs) = match socketpair(
         AddressFamily::Unix,
