@@ -144,7 +144,13 @@ class L1:
             raise Failure(f"L1 is gone: {self.dead}")
         self.seq += 1
         line = f"{self.seq} {base64.b64encode(script.encode()).decode()}\n"
-        self.sock.sendall(line.encode())
+        try:
+            self.sock.sendall(line.encode())
+        except OSError as e:
+            self.proc.poll()
+            self._gone(f"L1's command channel broke ({e}) before {script[:80]!r}; QEMU "
+                       f"{'exited ' + str(self.proc.returncode) if self.proc.returncode is not None else 'runs'}: "
+                       f"{self._qemu_output()} console: {self.console()[-1500:]}")
         self._read_until(re.compile(rb"^NESTED-L1 begin %d\r?\n" % self.seq, re.M), timeout,
                          f"command {script[:80]!r}")
         m = self._read_until(re.compile(rb"^NESTED-L1 end %d (\d+)\r?\n" % self.seq, re.M), timeout,
