@@ -242,10 +242,44 @@ def fd_count(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def start_time(pid):
+    """When process `pid` started (field 22 of /proc/PID/stat, in clock
+    ticks since boot), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class Processes(set):
+    """Pids a case tracks, each with its start time when it was added: pid
+    numbers come round again (pid_max is 32768 here), and a pid that ended
+    long ago may be another suite's process by the time the case ends."""
+
+    def __init__(self):
+        super().__init__()
+        self.started = {}
+
+    def add(self, pid):
+        self.started.setdefault(pid, start_time(pid))
+        super().add(pid)
+
+    def update(self, pids):
+        for pid in pids:
+            self.add(pid)
+
+    def same(self, pid):
+        """Whether `pid` is still the process that was added."""
+        return self.started.get(pid) is not None and start_time(pid) == self.started[pid]
+
+
 def kill_pids(pids):
-    """SIGKILLs each of `pids` that still runs."""
+    """SIGKILLs each of `pids` that still runs (for a Processes, only the
+    very processes that were added)."""
     for pid in pids:
-        if status_of(pid):
+        alive = pids.same(pid) if isinstance(pids, Processes) else status_of(pid)
+        if alive:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -306,7 +340,7 @@ class Vmd:
         self.write_config(conf)
         # Processes to kill at the end: vmd's children and the VMs' (which
         # run in sessions of their own).
-        self.tracked = set()
+        self.tracked = Processes()
         self.proc = None
         self.netns = self.own_netns = None
         self.args = [binary, "-d", *(["-v"] if verbose else []), "-f", self.conf, "-s", self.sock]
