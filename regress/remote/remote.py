@@ -177,8 +177,10 @@ def remote_case(fn, users=0, **kw):
 def status_through_proxy(sshd, vmd):
     """The table through ssh is the table here; the peer is the ssh user."""
     vmd.start("st1")
-    remote = sshd.vmctl(vmd, "status")
-    expect_equal("status through -H", remote, vmd.vmctl("status"))
+    # CURMEM moves while the guest boots: every other column is the same.
+    def table(rc_out):
+        return rc_out[0], [re.sub(r"^(\s*(?:\S+\s+){4})\S+", r"\1*", line) for line in rc_out[1].splitlines()]
+    expect_equal("status through -H", table(sshd.vmctl(vmd, "status")), table(vmd.vmctl("status")))
     rc, out = sshd.vmctl(vmd, "show", "st1")
     expect((rc, out), 0, r"^\s+1\s.*\sst1$", "show st1 through -H")
     rc, out = sshd.vmctl(vmd, "status", "nosuch")
