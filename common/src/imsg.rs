@@ -348,6 +348,15 @@ pub struct VmParams {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BackendParams {
     Qemu(QemuParams),
+    /// vmd's own monitor on /dev/kvm (`backend kvm`).
+    Kvm(KvmParams),
+}
+
+/// The settings of vmd's own monitor for one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvmParams {
+    /// The kernel command line.
+    pub cmdline: String,
 }
 
 /// QEMU's settings for one VM.
@@ -396,6 +405,8 @@ pub enum VmFdKind {
     Vhost {
         index: u8,
     },
+    /// /dev/kvm, for a VM of `backend kvm` (its VM process creates the VM).
+    Kvm,
 }
 
 impl Message {

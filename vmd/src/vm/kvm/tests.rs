@@ -1,0 +1,1 @@
+//! Tiny guests on this machine's /dev/kvm.
