@@ -243,6 +243,7 @@ pub const VCPU_SYSCALLS: &[Allowed] = &[
         "the thread's exit drops its signal stack",
     ),
     (libc::SYS_exit, "the thread's exit"),
+    (libc::SYS_close, "the thread's exit closes its vCPU"),
     (libc::SYS_exit_group, "a panic's exit"),
 ];
 
