@@ -94,6 +94,29 @@ fn io_error(what: &'static str) -> impl Fn(std::io::Error) -> KvmError {
     }
 }
 
+/// Masks every line of KVM's 8259 PICs, as a PC's firmware leaves them.
+/// A hardware-reduced guest never programs them (Linux bypasses the
+/// legacy PIC there), and KVM raises each ISA interrupt on the PIC as
+/// well as on the IOAPIC: unmasked, the PIC would hand the vCPU the same
+/// interrupt again as an ExtINT with a vector the guest never set up.
+fn mask_pic(vm: &VmFd) -> Result<(), KvmError> {
+    for chip_id in [
+        kvm_bindings::KVM_IRQCHIP_PIC_MASTER,
+        kvm_bindings::KVM_IRQCHIP_PIC_SLAVE,
+    ] {
+        let mut chip = kvm_bindings::kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut chip)
+            .map_err(KvmError::os("KVM_GET_IRQCHIP"))?;
+        chip.chip.pic.imr = 0xff;
+        vm.set_irqchip(&chip)
+            .map_err(KvmError::os("KVM_SET_IRQCHIP"))?;
+    }
+    Ok(())
+}
+
 /// A VM on /dev/kvm with its memory, buses and devices, and its vCPU.
 pub struct Machine {
     pub kvm: Kvm,
@@ -136,6 +159,7 @@ impl Machine {
         };
         vm.create_pit2(pit)
             .map_err(KvmError::os("KVM_CREATE_PIT2"))?;
+        mask_pic(&vm)?;
         let mem = boot::guest_memory(memory)?;
         for (slot, region) in mem.iter().enumerate() {
             let host = region

@@ -61,6 +61,12 @@ impl Tiny {
     /// Boots `code` at 1 MiB in 64-bit mode; the vCPU runs in a thread
     /// under the vCPU filter.
     fn start(name: &str, source: &str) -> Tiny {
+        Tiny::start_with(name, source, false)
+    }
+
+    /// [`Tiny::start`]; `apics`: the top GiB (IOAPIC, local APIC) mapped
+    /// too, uncached, by a second page directory at 0x5000.
+    fn start_with(name: &str, source: &str, apics: bool) -> Tiny {
         assert!(
             Path::new("/dev/kvm").exists(),
             "/dev/kvm is missing: the tiny guests need KVM (kvm_pvm will do)"
@@ -72,6 +78,21 @@ impl Tiny {
         let kvm = Kvm::new().expect("open /dev/kvm");
         let machine = Machine::new(kvm, MEMORY_MIN, guest).expect("machine");
         boot::write_boot_tables(&machine.mem).expect("boot tables");
+        if apics {
+            let pd = 0x5000u64;
+            machine
+                .mem
+                .write_obj(pd | 3, GuestAddress(boot::PDPTE_ADDR + 3 * 8))
+                .expect("pdpte");
+            for i in 0..512u64 {
+                // Present, writable, cache disabled, 2 MiB.
+                let entry = ((3u64 << 30) + (i << 21)) | 0x93;
+                machine
+                    .mem
+                    .write_obj(entry, GuestAddress(pd + i * 8))
+                    .expect("pde");
+            }
+        }
         machine
             .mem
             .write_slice(&code, GuestAddress(HIMEM_START))
@@ -273,4 +294,83 @@ empty: .word 0
     let mut tiny = Tiny::start("triple", &fault);
     tiny.wait_for("faulting\n");
     assert_eq!(tiny.end(), VcpuEnd::Reset);
+}
+
+/// IOAPIC pin 4 programmed as Linux does, the UART's THR-empty interrupt
+/// through the irqfd, woken from HLT: vector 0x24 and nothing else (an
+/// unmasked LINT0 with KVM's unprogrammed 8259 behind it delivered a
+/// stray ExtINT first, which stalled Linux's console).
+#[test]
+fn a_tiny_guest_gets_the_serial_interrupt_through_the_in_kernel_ioapic() {
+    let source = format!(
+        r#"{PUTS}
+    mov $0x8ff0, %rsp
+    # Every vector to `other`, then 0x24 to `handler`: an IDT at 0x3000.
+    mov $0x3000, %rbx
+    mov $256, %rcx
+fill:
+    lea other(%rip), %rax
+    mov %ax, (%rbx)
+    movw $8, 2(%rbx)
+    movw $0x8e00, 4(%rbx)
+    shr $16, %rax
+    mov %ax, 6(%rbx)
+    shr $16, %rax
+    mov %eax, 8(%rbx)
+    movl $0, 12(%rbx)
+    add $16, %rbx
+    dec %rcx
+    jnz fill
+    lea handler(%rip), %rax
+    mov $0x3240, %rbx
+    mov %ax, (%rbx)
+    movw $8, 2(%rbx)
+    movw $0x8e00, 4(%rbx)
+    shr $16, %rax
+    mov %ax, 6(%rbx)
+    shr $16, %rax
+    mov %eax, 8(%rbx)
+    movl $0, 12(%rbx)
+    lidt idtr(%rip)
+    # The local APIC on (spurious vector 0xff), IOAPIC pin 4 to vector
+    # 0x24 on APIC 0, edge, active high: ISA IRQ 4 as Linux sets it.
+    mov $0xfee000f0, %rdi
+    movl $0x1ff, (%rdi)
+    mov $0xfec00000, %rdi
+    movl $0x18, (%rdi)
+    movl $0x24, 0x10(%rdi)
+    movl $0x19, (%rdi)
+    movl $0, 0x10(%rdi)
+    PUTS ready
+    # THR empty interrupts on: the UART raises IRQ 4 at once.
+    mov $0x3f9, %dx
+    mov $2, %al
+    out %al, (%dx)
+    sti
+wait:
+    hlt
+    jmp wait
+other:
+    PUTS wrong
+1:  jmp 1b
+handler:
+    PUTS got
+    # End of interrupt, then ACPI S5.
+    mov $0xfee000b0, %rdi
+    movl $0, (%rdi)
+    mov $0x600, %dx
+    mov $0x34, %al
+    out %al, (%dx)
+    iretq
+{LIB}
+ready: .asciz "ready\n"
+got: .asciz "irq 4\n"
+wrong: .asciz "another vector\n"
+idtr: .word 0xfff
+    .quad 0x3000
+"#
+    );
+    let mut tiny = Tiny::start_with("irq", &source, true);
+    tiny.wait_for("ready\nirq 4\n");
+    assert_eq!(tiny.end(), VcpuEnd::PowerOff);
 }

@@ -95,6 +95,7 @@ const APIC_LVT0: usize = 0x350;
 const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 4;
 const APIC_MODE_EXTINT: u32 = 7;
+const APIC_LVT_MASKED: u32 = 1 << 16;
 
 fn lapic_reg(regs: &[std::os::raw::c_char], offset: usize) -> u32 {
     let bytes: [u8; 4] = std::array::from_fn(|i| regs[offset + i] as u8);
@@ -107,7 +108,10 @@ fn set_lapic_reg(regs: &mut [std::os::raw::c_char], offset: usize, value: u32) {
     }
 }
 
-/// LINT0 as ExtINT, LINT1 as NMI (a PC's wiring).
+/// LINT0 as ExtINT, LINT1 as NMI (a PC's wiring). LINT0 starts masked:
+/// Linux keeps it masked then and takes every interrupt from the IOAPIC;
+/// it would otherwise enable ExtINT on the boot CPU, and on a
+/// hardware-reduced platform it never programs the 8259 behind it.
 pub fn lint_delivery(lvt: u32, mode: u32) -> u32 {
     (lvt & !0x700) | (mode << 8)
 }
@@ -162,7 +166,7 @@ pub fn setup_vcpu(
     set_lapic_reg(
         &mut lapic.regs,
         APIC_LVT0,
-        lint_delivery(lvt0, APIC_MODE_EXTINT),
+        lint_delivery(lvt0, APIC_MODE_EXTINT) | APIC_LVT_MASKED,
     );
     let lvt1 = lapic_reg(&lapic.regs, APIC_LVT1);
     set_lapic_reg(
