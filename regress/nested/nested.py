@@ -74,8 +74,8 @@ def start_own(vmd, name):
 
 
 def check_own_monitor(vmd, vm_pid):
-    """The VM process runs the guest itself: no child (no QEMU), a uid of
-    vmd's range in all four, no capability in any set, no_new_privs, KVM's
+    """The VM process runs the guest itself: no child (no QEMU), chrooted, a
+    uid of vmd's range in all four, no capability in any set, no_new_privs, KVM's
     VM and vCPU descriptors, and `Seccomp: 2` on each of its threads (the
     monitor and vcpu0, each with its own filter)."""
     kids = [pid for pid, st in vmd.processes().items() if st.get("PPid") == str(vm_pid)]
@@ -92,6 +92,8 @@ def check_own_monitor(vmd, vm_pid):
             raise Failure(f"the VM process's {cap} is {st[cap]}")
     if st.get("NoNewPrivs") != "1":
         raise Failure(f"the VM process's NoNewPrivs is {st.get('NoNewPrivs')}")
+    if vmd.l1.sh(f"readlink /proc/{vm_pid}/root")[1].strip() == "/":
+        raise Failure("the VM process is not chrooted")
     fds = vmd.l1.sh(f"ls -l /proc/{vm_pid}/fd")[1]
     for want in ("anon_inode:kvm-vm", "anon_inode:kvm-vcpu:0"):
         if want not in fds:

@@ -14,6 +14,7 @@ use super::boot::{ACPI_END, APIC_ADDR, IOAPIC_ADDR, RSDP_ADDR};
 use super::devices::power::{
     RESET_REGISTER, RESET_VALUE, S5_SLEEP_TYPE, SLEEP_CONTROL, SLEEP_STATUS,
 };
+use super::devices::serial::SERIAL_IRQ;
 use super::KvmError;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -72,7 +73,8 @@ pub fn fadt(dsdt: u64) -> Vec<u8> {
     aml_bytes(&fadt.finalize())
 }
 
-/// The MADT: a local APIC per vCPU (APIC id = index) and the IOAPIC.
+/// The MADT: a local APIC per vCPU (APIC id = index), the IOAPIC, and
+/// the serial port's IRQ on its pin.
 pub fn madt(vcpus: u8) -> Vec<u8> {
     let mut madt = MADT::new(
         OEM_ID,
@@ -84,7 +86,27 @@ pub fn madt(vcpus: u8) -> Vec<u8> {
     for cpu in 0..vcpus {
         madt.add_structure(ProcessorLocalApic::new(cpu, cpu, EnabledStatus::Enabled));
     }
-    aml_bytes(&madt)
+    let mut bytes = aml_bytes(&madt);
+    // On a hardware-reduced platform Linux maps no ISA IRQ to an IOAPIC
+    // pin by itself (its legacy PIC has none): say that the serial
+    // port's IRQ 4 is pin 4, edge-triggered, active high (as ISA's).
+    bytes.extend_from_slice(&interrupt_override(SERIAL_IRQ as u8, SERIAL_IRQ));
+    let len = bytes.len() as u32;
+    bytes[4..8].copy_from_slice(&len.to_le_bytes());
+    bytes[9] = 0;
+    bytes[9] = 0u8.wrapping_sub(bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)));
+    bytes
+}
+
+/// A MADT Interrupt Source Override (type 2): ISA IRQ `source` is GSI
+/// `gsi`, with the ISA bus's polarity and trigger mode.
+fn interrupt_override(source: u8, gsi: u32) -> [u8; 10] {
+    let mut entry = [0u8; 10];
+    entry[0] = 2;
+    entry[1] = 10;
+    entry[3] = source;
+    entry[4..8].copy_from_slice(&gsi.to_le_bytes());
+    entry
 }
 
 /// Every table of a machine with `vcpus` vCPUs, placed.
@@ -180,7 +202,10 @@ mod tests {
         assert_eq!(&entries[12..14], &[0, 8]);
         assert_eq!(&entries[20..22], &[0, 8]);
         assert_eq!(entries[23], 1, "second CPU's APIC id");
-        assert_eq!(entries.len(), 12 + 2 * 8);
+        // ISA IRQ 4 is GSI 4.
+        assert_eq!(&entries[28..32], &[2, 10, 0, 4]);
+        assert_eq!(u32_at(entries, 32), 4);
+        assert_eq!(entries.len(), 12 + 2 * 8 + 10);
         assert!(tables
             .iter()
             .all(|t| t.addr + t.bytes.len() as u64 <= ACPI_END));
