@@ -14,7 +14,7 @@ use super::boot::{ACPI_END, APIC_ADDR, IOAPIC_ADDR, RSDP_ADDR};
 use super::devices::power::{
     RESET_REGISTER, RESET_VALUE, S5_SLEEP_TYPE, SLEEP_CONTROL, SLEEP_STATUS,
 };
-use super::devices::serial::SERIAL_IRQ;
+use super::devices::serial::{SERIAL_BASE, SERIAL_IRQ, SERIAL_LEN};
 use super::KvmError;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -42,11 +42,23 @@ fn aml_bytes(table: &dyn Aml) -> Vec<u8> {
     bytes
 }
 
-/// The DSDT: `\_S5` (the power-off sleep type).
+/// The DSDT: `\_S5` (the power-off sleep type) and COM1. On a
+/// hardware-reduced platform Linux gives the legacy serial port's IRQ 4
+/// no interrupt; the PNP0501 device with its GSI is what its 8250 driver
+/// then takes the port's interrupt from.
 pub fn dsdt() -> Vec<u8> {
     let s5_type = S5_SLEEP_TYPE;
     let package = aml::Package::new(vec![&s5_type, &aml::ZERO, &aml::ZERO, &aml::ZERO]);
-    let body = aml_bytes(&aml::Name::new("_S5_".into(), &package));
+    let mut body = aml_bytes(&aml::Name::new("_S5_".into(), &package));
+    let hid = aml::EISAName::new("PNP0501");
+    let irq = aml::Interrupt::new(true, true, false, false, SERIAL_IRQ);
+    let ports = aml::IO::new(SERIAL_BASE as u16, SERIAL_BASE as u16, 1, SERIAL_LEN as u8);
+    let resources = aml::ResourceTemplate::new(vec![&irq, &ports]);
+    let hid_name = aml::Name::new("_HID".into(), &hid);
+    let uid_name = aml::Name::new("_UID".into(), &aml::ZERO);
+    let crs_name = aml::Name::new("_CRS".into(), &resources);
+    let com1 = aml::Device::new("_SB_.COM1".into(), vec![&hid_name, &uid_name, &crs_name]);
+    body.extend(aml_bytes(&com1));
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"VMDDSDT ", OEM_REVISION);
     dsdt.append_slice(&body);
     dsdt.as_slice().to_vec()
@@ -212,12 +224,18 @@ mod tests {
     }
 
     #[test]
-    fn the_dsdt_names_s5() {
+    fn the_dsdt_names_s5_and_com1() {
         let dsdt = dsdt();
         let body = &dsdt[36..];
         // NameOp "_S5_" PackageOp
         assert_eq!(&body[..6], &[0x08, b'_', b'S', b'5', b'_', 0x12]);
         assert!(body.windows(2).any(|w| w == [0x0a, S5_SLEEP_TYPE]));
+        assert!(body.windows(4).any(|w| w == b"COM1"));
+        // PNP0501 as an EISA id, and the IO descriptor 0x3f8, 8 ports.
+        assert!(body.windows(4).any(|w| w == [0x41, 0xd0, 0x05, 0x01]));
+        assert!(body
+            .windows(8)
+            .any(|w| w == [0x47, 1, 0xf8, 3, 0xf8, 3, 1, 8]));
     }
 
     /// `iasl -d` (Debian's acpica-tools) disassembles every table without
