@@ -35,6 +35,15 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const RSDP_ADDR: u64 = 0xe_0000;
 pub const ACPI_END: u64 = HIMEM_START;
 
+/// Where a CPU starts after a reset, and where Linux jumps to reboot
+/// through the BIOS (`machine_real_restart`).
+pub const RESET_VECTOR: u64 = 0xffff0;
+/// What vmd puts there for lack of a BIOS, in 16-bit code: the ACPI reset
+/// (`mov $0x602, %dx; mov $1, %al; out %al, (%dx)`), then `hlt; jmp .-1`.
+/// Linux reboots that way on a hardware-reduced platform without EFI
+/// unless told `reboot=k`: it ends as a reset here too.
+pub const RESET_STUB: [u8; 9] = [0xba, 0x02, 0x06, 0xb0, 0x01, 0xee, 0xf4, 0xeb, 0xfd];
+
 pub const GDT_ADDR: u64 = 0x500;
 pub const IDT_ADDR: u64 = 0x520;
 pub const ZERO_PAGE: u64 = 0x7000;
@@ -262,14 +271,15 @@ const CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
-/// Writes the GDT, an empty IDT and identity page tables mapping the
-/// first GiB with 2 MiB pages.
+/// Writes the GDT, an empty IDT, the reset vector's stub and identity
+/// page tables mapping the first GiB with 2 MiB pages.
 pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), KvmError> {
     let wrote = (|| {
         for (i, entry) in BOOT_GDT.iter().enumerate() {
             mem.write_obj(*entry, GuestAddress(GDT_ADDR + 8 * i as u64))?;
         }
         mem.write_obj(0u64, GuestAddress(IDT_ADDR))?;
+        mem.write_slice(&RESET_STUB, GuestAddress(RESET_VECTOR))?;
         mem.write_obj(PDPTE_ADDR | 0x3, GuestAddress(PML4_ADDR))?;
         mem.write_obj(PDE_ADDR | 0x3, GuestAddress(PDPTE_ADDR))?;
         for i in 0..512u64 {
@@ -424,6 +434,11 @@ mod tests {
         assert_eq!(sregs.cr3, PML4_ADDR);
         assert_eq!(sregs.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
         assert_eq!(sregs.cr0 & (CR0_PE | CR0_PG), CR0_PE | CR0_PG);
+        let mut stub = [0u8; 9];
+        mem.read_slice(&mut stub, GuestAddress(RESET_VECTOR))
+            .expect("stub");
+        assert_eq!(stub, RESET_STUB);
+        assert!(RESET_VECTOR + RESET_STUB.len() as u64 <= HIMEM_START);
         let gdt: u64 = mem.read_obj(GuestAddress(GDT_ADDR + 8)).expect("gdt");
         assert_eq!(gdt, BOOT_GDT[1]);
         // Past the end of guest memory: an error, not a write elsewhere.

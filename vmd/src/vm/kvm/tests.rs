@@ -374,3 +374,39 @@ idtr: .word 0xfff
     tiny.wait_for("ready\nirq 4\n");
     assert_eq!(tiny.end(), VcpuEnd::PowerOff);
 }
+
+/// Linux's last resort on a hardware-reduced platform without EFI is a
+/// jump to the BIOS's reset vector in real mode: vmd's stub there resets
+/// through the ACPI reset register.
+#[test]
+fn a_vcpu_at_the_real_mode_reset_vector_resets() {
+    use super::devices::power::{RESET_REGISTER, RESET_VALUE};
+    assert_eq!(
+        u16::from_le_bytes([boot::RESET_STUB[1], boot::RESET_STUB[2]]) as u64,
+        RESET_REGISTER
+    );
+    assert_eq!(boot::RESET_STUB[4], RESET_VALUE);
+    let (_console, guest) = sock_pair("console").expect("socketpair");
+    set_nonblocking(guest.as_raw_fd()).expect("non-blocking");
+    let machine =
+        Machine::new(Kvm::new().expect("open /dev/kvm"), MEMORY_MIN, guest).expect("machine");
+    boot::write_boot_tables(&machine.mem).expect("boot tables");
+    let mut sregs = machine.vcpu.get_sregs().expect("sregs");
+    sregs.cs.base = 0xf0000;
+    sregs.cs.selector = 0xf000;
+    machine.vcpu.set_sregs(&sregs).expect("sregs");
+    let mut regs = machine.vcpu.get_regs().expect("regs");
+    regs.rip = 0xfff0;
+    machine.vcpu.set_regs(&regs).expect("regs");
+    let Machine {
+        mut vcpu,
+        pio,
+        mmio,
+        exit,
+        vm,
+        mem,
+        ..
+    } = machine;
+    assert_eq!(vcpu_run(&mut vcpu, &pio, &mmio, &exit), VcpuEnd::Reset);
+    drop((vm, mem));
+}
