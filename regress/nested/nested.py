@@ -4,7 +4,8 @@ hardware KVM (and CI's may be missing), so the suite boots a nested KVM
 host, L1 (regress/nested/build, l1.py: Debian's cloud kernel under TCG
 with `-cpu max`, which has AMD's SVM, and kvm_amd loaded), and runs the
 release vmd and vmctl inside it, where `accel kvm` is the real thing: the
-test guest (L2) runs under L1's KVM. It also runs regress/net's cases
+test guest (L2) runs under L1's KVM, under QEMU or under vmd's own monitor
+(`backend kvm`). It also runs regress/net's cases
 that matter most on another kernel (two guests pinging through a switch,
 taps removed when a VM process, QEMU or vmd is killed) on L1's Debian
 6.1 kernel.
