@@ -377,6 +377,15 @@ pub struct VmParams {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BackendParams {
     Qemu(QemuParams),
+    /// vmd's own monitor on /dev/kvm (`backend kvm`).
+    Kvm(KvmParams),
+}
+
+/// The settings of vmd's own monitor for one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvmParams {
+    /// The kernel command line.
+    pub cmdline: String,
 }
 
 /// QEMU's settings for one VM.
@@ -428,6 +437,8 @@ pub enum VmFdKind {
     /// `vmctl receive`: vmctl's socket with the stream after its header
     /// ([`VmParams::incoming`]).
     Stream,
+    /// /dev/kvm, for a VM of `backend kvm` (its VM process creates the VM).
+    Kvm,
 }
 
 impl Message {

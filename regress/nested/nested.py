@@ -4,7 +4,8 @@ hardware KVM (and CI's may be missing), so the suite boots a nested KVM
 host, L1 (regress/nested/build, l1.py: Debian's cloud kernel under TCG
 with `-cpu max`, which has AMD's SVM, and kvm_amd loaded), and runs the
 release vmd and vmctl inside it, where `accel kvm` is the real thing: the
-test guest (L2) runs under L1's KVM. It also runs regress/net's cases
+test guest (L2) runs under L1's KVM, under QEMU or under vmd's own monitor
+(`backend kvm`). It also runs regress/net's cases
 that matter most on another kernel (two guests pinging through a switch,
 taps removed when a VM process, QEMU or vmd is killed) on L1's Debian
 6.1 kernel.
@@ -44,6 +45,137 @@ def config_vm(name):
     """A disabled vm.conf VM running the test guest (listed when stopped)."""
     return (f'vm "{name}" {{\n disable\n boot "{GUEST_KERNEL}"\n initrd "{GUEST_INITRD}"\n'
             f' cmdline "{GUEST_CMDLINE}"\n memory 256M\n}}\n')
+
+
+def config_kvm_vm(name, cmdline=GUEST_CMDLINE):
+    """A disabled vm.conf VM running the test guest under vmd's own monitor
+    (`backend kvm`)."""
+    return (f'vm "{name}" {{\n disable\n boot "{GUEST_KERNEL}"\n initrd "{GUEST_INITRD}"\n'
+            f' cmdline "{cmdline}"\n memory 256M\n backend kvm\n}}\n')
+
+
+KVM_CONF = (config_kvm_vm("l2own") + config_kvm_vm("l2own-reboot", f"{GUEST_CMDLINE} vmd.action=reboot-after-2s")
+            + config_kvm_vm("l2own-off", f"{GUEST_CMDLINE} vmd.action=poweroff-after-2s")
+            + config_kvm_vm("l2own-shell", "console=ttyS0 quiet vmd.mode=demo"))
+
+
+def start_own(vmd, name):
+    """vmctl start of a backend kvm VM from vm.conf: (id, tty, VM process)."""
+    vmd.names.append(name)
+    rc, out = vmd.vmctl("start", name)
+    m = re.search(r"^vmctl: started vm (\d+) successfully, tty (/dev/pts/\d+)$", out, re.M)
+    if rc != 0 or not m:
+        raise Failure(f"start {name}: exit {rc}: {out.strip()}")
+    vmid, tty = int(m.group(1)), m.group(2)
+    row = vmd.status_row(vmid)
+    if not row or row["PID"] == "-":
+        raise Failure(f"vm {vmid} has no PID in status: {row}")
+    vmd.track(int(row["PID"]))
+    return vmid, tty, int(row["PID"])
+
+
+def check_own_monitor(vmd, vm_pid):
+    """The VM process runs the guest itself: no child (no QEMU), chrooted, a
+    uid of vmd's range in all four, no capability in any set, no_new_privs, KVM's
+    VM and vCPU descriptors, and `Seccomp: 2` on each of its threads (the
+    monitor and vcpu0, each with its own filter)."""
+    kids = [pid for pid, st in vmd.processes().items() if st.get("PPid") == str(vm_pid)]
+    if kids:
+        raise Failure(f"the VM process has children {kids}: backend kvm runs no QEMU")
+    st = vmd.proc_status(vm_pid)
+    uids = st["Uid"].split()
+    if len(set(uids)) != 1 or not UID_RANGE[0] <= int(uids[0]) <= UID_RANGE[1]:
+        raise Failure(f"the VM process's Uid {uids}; want one uid of vmd's range {UID_RANGE}")
+    if set(st["Gid"].split()) != {uids[0]} or st["Groups"].split():
+        raise Failure(f"the VM process's Gid {st['Gid']!r}, Groups {st['Groups']!r}")
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        if int(st[cap], 16) != 0:
+            raise Failure(f"the VM process's {cap} is {st[cap]}")
+    if st.get("NoNewPrivs") != "1":
+        raise Failure(f"the VM process's NoNewPrivs is {st.get('NoNewPrivs')}")
+    if vmd.l1.sh(f"readlink /proc/{vm_pid}/root")[1].strip() == "/":
+        raise Failure("the VM process is not chrooted")
+    fds = vmd.l1.sh(f"ls -l /proc/{vm_pid}/fd")[1]
+    for want in ("anon_inode:kvm-vm", "anon_inode:kvm-vcpu:0"):
+        if want not in fds:
+            raise Failure(f"the VM process holds no {want}: {fds}")
+    threads = vmd.l1.sh(f"grep -HE '^(Name|Uid|Cap(Prm|Eff|Bnd)|NoNewPrivs|Seccomp):' "
+                        f"/proc/{vm_pid}/task/*/status")[1]
+    fields = {}
+    for task, key, value in re.findall(r"^\S+/task/(\d+)/status:(\w+):\s+(.*)$", threads, re.M):
+        fields.setdefault(task, {})[key] = value.strip()
+    if len(fields) != 2 or [f.get("Name") for f in fields.values()].count("vcpu0") != 1:
+        raise Failure(f"want two threads, the monitor and vcpu0: {threads}")
+    for task, f in fields.items():
+        if (f.get("Seccomp") != "2" or f.get("NoNewPrivs") != "1" or f.get("Uid", "").split() != uids
+                or any(int(f.get(cap, "1"), 16) for cap in ("CapPrm", "CapEff", "CapBnd"))):
+            raise Failure(f"thread {task} ({f.get('Name')}) is not dropped and filtered: {f}")
+
+
+def own_monitor_boots(vmd):
+    """`backend kvm`: Debian's stock cloud kernel boots under vmd's own
+    monitor (no QEMU) to its markers and ticks; the console reaches the
+    console log, the pty and `vmctl console`; the VM process is dropped
+    and filtered on every thread."""
+    vmid, tty, vm_pid = start_own(vmd, "l2own")
+    vmd.wait_console("l2own", "VMD-GUEST: tick 2")
+    log = vmd.console_log("l2own")
+    for want in ("VMD-GUEST: booted", "VMD-GUEST: cpus 1", "VMD-GUEST: ready"):
+        if want not in log:
+            raise Failure(f"no {want!r} on the console")
+    if vmd.state(vmid) != "running":
+        raise Failure(f"status: {vmd.status_row(vmid)}")
+    check_own_monitor(vmd, vm_pid)
+    # The pty carries the console: a reader of the slave sees ticks.
+    out = vmd.l1.sh(f"timeout -s KILL 5 cat {tty}", 60)[1]
+    if not re.search(r"VMD-GUEST: tick \d+", out):
+        raise Failure(f"no tick on {tty} in 5 s: {out[-500:]!r}")
+    # vmctl console, its input open for 4 s.
+    rc, out = vmd.l1.sh(f"sleep 4 | timeout -s KILL 60 vmctl -s {vmd.sock} console l2own", 90)
+    if rc != 0 or not re.search(r"VMD-GUEST: tick \d+", out):
+        raise Failure(f"vmctl console: exit {rc}: {out[-500:]!r}")
+    expect(vmd.vmctl("stop", "-f", "l2own"), 0, r"forced to terminate", "stop -f")
+    wait_for("the VM process to go", lambda: vmd.proc_status(vm_pid) is None, 60)
+
+
+def own_monitor_console_input(vmd):
+    """Input typed on `vmctl console` reaches the guest's shell through the
+    8250's FIFO and interrupt, and its answer comes back."""
+    start_own(vmd, "l2own-shell")
+    vmd.wait_console("l2own-shell", "VMD-GUEST: ready")
+    rc, out = vmd.l1.sh("(sleep 5; echo 'echo sum-$((6*7))-done'; sleep 10) | "
+                        f"timeout -s KILL 60 vmctl -s {vmd.sock} console l2own-shell", 120)
+    if "sum-42-done" not in out:
+        raise Failure(f"the guest's shell did not answer: exit {rc}: {out[-800:]!r}")
+    expect(vmd.vmctl("stop", "-f", "l2own-shell"), 0, r"forced to terminate", "stop -f")
+
+
+def own_monitor_reboot(vmd):
+    """A guest reboot (`reboot -f`: the ACPI reset register) ends the VM
+    process and vmd restarts the VM on the same tty; both boots are in the
+    console log."""
+    vmid, tty, first = start_own(vmd, "l2own-reboot")
+    vmd.wait_console("l2own-reboot", "VMD-GUEST: action reboot now")
+    wait_for("the second boot", lambda: vmd.console_log("l2own-reboot").count("VMD-GUEST: booted") >= 2,
+             L2_BOOT_TIMEOUT)
+    row = vmd.status_row(vmid)
+    if not row or row["TTY"] != tty.replace("/dev/", "") or row["PID"] in ("-", str(first)):
+        raise Failure(f"after the reboot: {row}; want running on {tty} in a new VM process")
+    vmd.track(int(row["PID"]))
+    if f"vm {vmid} rebooting" not in vmd.log():
+        raise Failure("vmd did not log the reboot")
+    expect(vmd.vmctl("stop", "-f", "l2own-reboot"), 0, r"forced to terminate", "stop -f")
+
+
+def own_monitor_poweroff(vmd):
+    """A guest power-off (`poweroff -f`: ACPI S5 on the FADT's sleep
+    control register) ends the VM cleanly."""
+    vmid, _, vm_pid = start_own(vmd, "l2own-off")
+    vmd.wait_console("l2own-off", "VMD-GUEST: action poweroff now")
+    wait_for("the VM to stop", lambda: vmd.state(vmid) == "stopped", L2_BOOT_TIMEOUT)
+    wait_for("the VM process to go", lambda: vmd.proc_status(vm_pid) is None, 60)
+    if "guest: guest-shutdown" not in vmd.log():
+        raise Failure("vmd did not log the guest's power-off")
 
 
 def kvm_gid(l1):
@@ -290,6 +422,10 @@ CASES = [
     ("pause-unpause-on-kvm", pause_unpause, "accel kvm\n"),
     ("graceful-stop-w-on-kvm", graceful_stop, "accel kvm\n"),
     ("sigkill-vm-process-leaves-nothing", killed_vm_process, "accel kvm\n" + config_vm("l2kill")),
+    ("own-monitor-stock-kernel-boots-console-pty-privsep", own_monitor_boots, KVM_CONF),
+    ("own-monitor-console-input-reaches-the-shell", own_monitor_console_input, KVM_CONF),
+    ("own-monitor-guest-reboot-restarts-on-same-tty", own_monitor_reboot, KVM_CONF),
+    ("own-monitor-guest-poweroff-ends-the-vm", own_monitor_poweroff, KVM_CONF),
     ("net-two-guests-on-a-switch-ping", net_case(net.two_guests_ping), NET_CONF),
     ("net-rdomain-vrf-vhost-net-two-guests-ping", net_case(vrf_vhost_ping), VRF_CONF),
     ("net-sigkill-vm-process-removes-its-tap", net_case(net.tap_cleanup("vm")), NET_CONF),

@@ -28,6 +28,16 @@ pub struct ArgRule {
     pub why: &'static str,
 }
 
+/// A system call allowed when every `(argument, value)` of `args`
+/// matches, with values known only at run time (a descriptor the thread
+/// was given); several rules for one call are alternatives. Values that
+/// fit in 32 bits are compared as 32-bit values (descriptors are ints).
+pub struct MatchRule {
+    pub nr: i64,
+    pub args: Vec<(u8, u64)>,
+    pub why: &'static str,
+}
+
 /// What one thread role may call: calls with any arguments, and calls
 /// restricted by their arguments. Each role's lists live in its module.
 #[derive(Clone, Copy)]
@@ -106,6 +116,15 @@ pub fn compile_with_args(
     lists: &[&[Allowed]],
     arg_rules: &[&[ArgRule]],
 ) -> Result<BpfProgram, SeccompError> {
+    compile_matching(lists, arg_rules, &[])
+}
+
+/// [`compile_with_args`], and calls allowed by [`MatchRule`]s.
+pub fn compile_matching(
+    lists: &[&[Allowed]],
+    arg_rules: &[&[ArgRule]],
+    matches: &[MatchRule],
+) -> Result<BpfProgram, SeccompError> {
     let arch = TargetArch::try_from(std::env::consts::ARCH)
         .map_err(|_| SeccompError::Arch(std::env::consts::ARCH.to_string()))?;
     let mut rules = BTreeMap::new();
@@ -134,6 +153,32 @@ pub fn compile_with_args(
                 SeccompRule::new(vec![cond]).map_err(|e| SeccompError::Build(e.to_string()))?,
             );
         }
+    }
+    for rule in matches {
+        if rules.contains_key(&rule.nr) || rule.nr == DEATH_SYSCALL || rule.args.is_empty() {
+            return Err(SeccompError::Build(format!(
+                "system call {} ({}) is both restricted by its arguments and allowed with any",
+                syscall_name(rule.nr),
+                rule.why
+            )));
+        }
+        let conds = rule
+            .args
+            .iter()
+            .map(|&(arg, value)| {
+                let len = if value <= u32::MAX as u64 {
+                    SeccompCmpArgLen::Dword
+                } else {
+                    SeccompCmpArgLen::Qword
+                };
+                SeccompCondition::new(arg, len, SeccompCmpOp::Eq, value)
+                    .map_err(|e| SeccompError::Build(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        restricted
+            .entry(rule.nr)
+            .or_default()
+            .push(SeccompRule::new(conds).map_err(|e| SeccompError::Build(e.to_string()))?);
     }
     rules.extend(restricted);
     // Debug builds of Rust's std check a descriptor is open (F_GETFD)
@@ -257,6 +302,15 @@ mod tests {
             &[crate::vm::qemu::QEMU_ARG_RULES]
         )
         .is_ok());
+        assert!(compile_with_args(
+            &[
+                CHILD_SYSCALLS,
+                crate::vm::VM_SYSCALLS,
+                crate::vm::kvm::KVM_MAIN_SYSCALLS
+            ],
+            &[]
+        )
+        .is_ok());
         // A call restricted by its arguments cannot also be allowed with any.
         let kill_any: &[Allowed] = &[(libc::SYS_kill, "any")];
         assert!(compile_with_args(
@@ -275,6 +329,8 @@ mod tests {
             .chain(crate::switch::SWITCH_SYSCALLS)
             .chain(crate::vm::VM_SYSCALLS)
             .chain(crate::vm::qemu::QEMU_SYSCALLS)
+            .chain(crate::vm::kvm::KVM_MAIN_SYSCALLS)
+            .chain(crate::vm::kvm::vcpu::VCPU_SYSCALLS)
         {
             assert!(!why.is_empty(), "system call {nr} has no reason");
         }

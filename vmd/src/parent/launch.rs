@@ -103,8 +103,9 @@ struct ParkedPty {
 pub enum StartError {
     #[error("vm {0} is already running")]
     AlreadyRunning(u32),
-    #[error("{0} not built yet")]
-    NotBuilt(&'static str),
+    /// What the VM's backend cannot run yet (backend kvm), in words.
+    #[error("{0}")]
+    Unsupported(String),
     #[error("boot device net needs a local interface (-L or `local interface`), whose DHCP lease names auto_install")]
     NetBootWithoutLocal,
     #[error("vmm bios firmware file not found.")]
@@ -133,6 +134,8 @@ pub enum StartError {
     NoUid { first: u32, last: u32 },
     #[error("accel kvm: {0}")]
     Kvm(KvmMissing),
+    #[error("backend kvm: cannot open /dev/kvm: {0}")]
+    KvmDevice(String),
     #[error("{what} {path} is larger than {limit}, the most vmd loads")]
     TooLarge {
         what: &'static str,
@@ -1385,6 +1388,9 @@ fn launch_files_work(
         let (kvm, groups) = launch_kvm_groups(accel)?;
         let mut files = launch_open_files(vm, requester, deadline)?;
         files.extend(launch_open_vhosts(vm, kvm));
+        if crate::vm::backend_needs_kvm_device(vm) {
+            files.push(launch_open_kvm_device()?);
+        }
         if lock_disks {
             launch_lock_disks(&files)?;
         }
@@ -1569,8 +1575,8 @@ pub fn launch_check_built(vm: &VmConfig) -> Result<(), StartError> {
     {
         return Err(StartError::NetBootWithoutLocal);
     }
-    if !crate::vm::backend_built(vm) {
-        return Err(StartError::NotBuilt("backend kvm is"));
+    if let Some(why) = crate::vm::backend_unsupported(vm) {
+        return Err(StartError::Unsupported(why));
     }
     Ok(())
 }
@@ -1708,6 +1714,23 @@ fn hardware_kvm() -> bool {
 
 fn kvm_group() -> Option<Gid> {
     Group::from_name("kvm").ok().flatten().map(|g| g.gid)
+}
+
+/// /dev/kvm for a VM our own monitor runs (its VM process creates the
+/// VM with it after it was passed; it cannot open it once dropped). In
+/// the start's helper: opening a device may wait on its driver.
+fn launch_open_kvm_device() -> Result<Opened, StartError> {
+    const KVM_DEVICE: &str = "/dev/kvm";
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(KVM_DEVICE)
+        .map_err(|e| StartError::KvmDevice(common::qcow2::io_message(&e)))?;
+    Ok(Opened {
+        kind: VmFdKind::Kvm,
+        path: KVM_DEVICE.to_string(),
+        file,
+    })
 }
 
 /// Locks every disk's image chain: the top of a writable disk
@@ -2250,9 +2273,40 @@ mod tests {
             ..Default::default()
         });
         assert!(launch_check_built(&net).is_ok());
-        let mut cd = vm;
+        let mut cd = vm.clone();
         cd.cdrom = Some("/x.iso".into());
         cd.boot_device = Some(BootDevice::Cdrom);
         assert!(launch_check_built(&cd).is_ok());
+        // backend kvm: a kernel, no disks, no interfaces, one vCPU.
+        let mut direct = vm;
+        direct.backend = Some(common::config::Backend::Kvm);
+        direct.boot = Some("/k".into());
+        assert!(launch_check_built(&direct).is_ok());
+        let refused = |change: fn(&mut VmConfig)| {
+            let mut vm = direct.clone();
+            change(&mut vm);
+            launch_check_built(&vm).map_err(|e| e.to_string()).err()
+        };
+        let said = |what: &str| Some(format!("backend kvm does not support {what} yet"));
+        assert_eq!(
+            refused(|vm| vm.boot = None),
+            said("a BIOS or CD-ROM boot (it boots a Linux kernel, `boot`)")
+        );
+        assert_eq!(
+            refused(|vm| vm.cdrom = Some("/x.iso".into())),
+            said("a CD-ROM")
+        );
+        assert_eq!(refused(|vm| vm.vcpus = Some(2)), said("more than one vCPU"));
+        assert_eq!(
+            refused(|vm| vm.interfaces.push(Default::default())),
+            said("network interfaces")
+        );
+        assert_eq!(
+            refused(|vm| vm.disks.push(common::config::Disk {
+                path: "/d.img".into(),
+                format: common::disk::DiskFormat::Raw,
+            })),
+            said("disks")
+        );
     }
 }

@@ -29,8 +29,9 @@ pub mod qemu;
 pub mod receive;
 pub mod send;
 
+use common::config::Backend as BackendKind;
 use common::config::VmConfig;
-use common::imsg::{BackendParams, QemuParams};
+use common::imsg::{BackendParams, KvmParams, QemuParams};
 
 // --- what the parent asks of the VM side, in neutral terms ---
 
@@ -38,20 +39,32 @@ use common::imsg::{BackendParams, QemuParams};
 /// as the parent's helper found them (hardware KVM, and the groups that
 /// gives the guest's processes).
 pub fn backend_params(vm: &VmConfig, kvm: bool, groups: Vec<u32>) -> BackendParams {
-    BackendParams::Qemu(QemuParams {
-        cmdline: vm
-            .cmdline
-            .clone()
-            .unwrap_or_else(|| qemu::DEFAULT_CMDLINE.to_string()),
-        boot_device: vm.boot_device,
-        kvm,
-        groups,
-    })
+    let cmdline = vm
+        .cmdline
+        .clone()
+        .unwrap_or_else(|| qemu::DEFAULT_CMDLINE.to_string());
+    match vm.backend() {
+        BackendKind::Qemu => BackendParams::Qemu(QemuParams {
+            cmdline,
+            boot_device: vm.boot_device,
+            kvm,
+            groups,
+        }),
+        BackendKind::Kvm => BackendParams::Kvm(KvmParams { cmdline }),
+    }
 }
 
-/// Whether the backend `vm` asks for runs here.
-pub fn backend_built(vm: &VmConfig) -> bool {
-    vm.backend() == common::config::Backend::Qemu
+/// What of `vm` its backend cannot run yet, in words; None if it runs.
+pub fn backend_unsupported(vm: &VmConfig) -> Option<String> {
+    match vm.backend() {
+        BackendKind::Qemu => None,
+        BackendKind::Kvm => kvm::unsupported(vm),
+    }
+}
+
+/// Whether the VM process needs /dev/kvm passed (our own monitor).
+pub fn backend_needs_kvm_device(vm: &VmConfig) -> bool {
+    vm.backend() == BackendKind::Kvm
 }
 
 /// The largest kernel, initrd or BIOS a VM process loads, with the word
@@ -120,6 +133,8 @@ pub enum VmError {
     Receive(String),
     #[error("{0}")]
     Qemu(#[from] qemu::QemuError),
+    #[error("{0}")]
+    Kvm(#[from] kvm::KvmError),
     #[error("cannot create a {what}: {err}")]
     Create { what: &'static str, err: Errno },
     #[error("{0}")]
@@ -143,6 +158,8 @@ pub struct StartFds {
     pub vhosts: Vec<(u8, OwnedFd)>,
     /// `vmctl receive`'s socket with the stream.
     pub stream: Option<OwnedFd>,
+    /// /dev/kvm (backend kvm).
+    pub kvm: Option<OwnedFd>,
 }
 
 pub fn vm_main(verbosity: u8) -> ExitCode {
@@ -227,6 +244,7 @@ fn vm_receive_start(channel: &mut Channel) -> Result<(VmParams, StartFds), VmErr
                         VmFdKind::Bios => &mut fds.bios,
                         VmFdKind::Cdrom => &mut fds.cdrom,
                         VmFdKind::Stream => &mut fds.stream,
+                        VmFdKind::Kvm => &mut fds.kvm,
                         VmFdKind::Tap { index } => {
                             fds.taps.push((index, fd));
                             continue;
@@ -336,6 +354,7 @@ fn vm_launch(
     }
     let mut backend: Box<dyn Backend> = match &params.backend {
         BackendParams::Qemu(_) => Box::new(qemu::prepare(params, &mut fds, serial_guest)?),
+        BackendParams::Kvm(_) => Box::new(kvm::prepare(params, &mut fds, serial_guest)?),
     };
 
     // The registry's clone is a dup (fcntl), refused after the drop.

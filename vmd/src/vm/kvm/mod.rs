@@ -1,9 +1,253 @@
-//! The direct /dev/kvm backend (`backend kvm`).
+//! `backend kvm`: our own monitor on /dev/kvm, inside the VM process, no
+//! QEMU. A Firecracker-sized machine: one vCPU, guest memory through
+//! vm-memory, the Linux 64-bit boot protocol ([`boot`]), ACPI tables
+//! ([`acpi`]), the in-kernel irqchip and PIT, and legacy devices on the
+//! port bus ([`bus`], [`devices`]): the 8250 console, the i8042's reset
+//! line, the ACPI sleep and reset registers. Virtio devices (`virtio/`)
+//! attach to the MMIO bus.
 //!
-//! This file is a placeholder on the `virtio` branch: the kvm branch owns
-//! the real one (vCPUs, memory, boot, ACPI, serial, the bus) and adds the
-//! line below to it when the branches merge.
+//! The parent opens /dev/kvm and passes it; the VM process, still root,
+//! creates the VM, maps and fills its memory, creates the vCPU and its
+//! thread ([`prepare`]), then drops (chroot, the VM's uid, no
+//! capabilities) and installs its monitor thread's filter
+//! ([`KVM_MAIN_SYSCALLS`] on top of the VM process's); the vCPU thread
+//! installs its own ([`vcpu::vcpu_filter`]) before the guest runs
+//! ([`backend`]).
+//!
+//! What it cannot do yet is refused at start ([`unsupported`]), never
+//! ignored.
 
-// Wired in by the monitor (the kvm branch); until then nothing calls it.
+pub mod acpi;
+mod backend;
+pub mod boot;
+pub mod bus;
+pub mod devices;
+#[cfg(test)]
+mod tests;
+pub mod vcpu;
+// The virtio device layer, not wired into the machine yet (issues 26
+// and 27): only its tests call it.
 #[allow(dead_code)]
 pub mod virtio;
+
+pub use backend::prepare;
+#[cfg(test)]
+pub use backend::KVM_MAIN_SYSCALLS;
+
+use bus::Bus;
+use common::config::VmConfig;
+use devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use devices::power::{Power, POWER_BASE, POWER_LEN};
+use devices::serial::{Output, Serial, SERIAL_BASE, SERIAL_IRQ, SERIAL_LEN};
+use devices::GuestExit;
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use nix::errno::Errno;
+use std::fs::File;
+use std::os::fd::{OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+use thiserror::Error;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+#[derive(Debug, Error)]
+pub enum KvmError {
+    #[error("/dev/kvm: {what}: {}", err.desc())]
+    Kvm { what: &'static str, err: Errno },
+    #[error("{0}")]
+    Memory(String),
+    #[error("{0}")]
+    Boot(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+impl KvmError {
+    /// A failed KVM ioctl (or eventfd), named.
+    pub fn os(what: &'static str) -> impl Fn(vmm_sys_util::errno::Error) -> KvmError {
+        move |e| KvmError::Kvm {
+            what,
+            err: Errno::from_raw(e.errno()),
+        }
+    }
+}
+
+/// What `backend kvm` cannot run yet, in words for vmctl and `vmd -n`;
+/// None when it runs `vm`.
+pub fn unsupported(vm: &VmConfig) -> Option<String> {
+    let what = if vm.boot.is_none() {
+        "a BIOS or CD-ROM boot (it boots a Linux kernel, `boot`)"
+    } else if vm.cdrom.is_some() {
+        "a CD-ROM"
+    } else if !vm.disks.is_empty() {
+        "disks"
+    } else if !vm.effective_interfaces().is_empty() {
+        "network interfaces"
+    } else if vm.vcpu_count() > 1 {
+        "more than one vCPU"
+    } else {
+        return None;
+    };
+    Some(format!("backend kvm does not support {what} yet"))
+}
+
+fn io_error(what: &'static str) -> impl Fn(std::io::Error) -> KvmError {
+    move |e| KvmError::Kvm {
+        what,
+        err: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+    }
+}
+
+/// Masks every line of KVM's 8259 PICs, as a PC's firmware leaves them.
+/// A hardware-reduced guest never programs them (Linux bypasses the
+/// legacy PIC there), and KVM raises each ISA interrupt on the PIC as
+/// well as on the IOAPIC: unmasked, the PIC would hand the vCPU the same
+/// interrupt again as an ExtINT with a vector the guest never set up.
+fn mask_pic(vm: &VmFd) -> Result<(), KvmError> {
+    for chip_id in [
+        kvm_bindings::KVM_IRQCHIP_PIC_MASTER,
+        kvm_bindings::KVM_IRQCHIP_PIC_SLAVE,
+    ] {
+        let mut chip = kvm_bindings::kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut chip)
+            .map_err(KvmError::os("KVM_GET_IRQCHIP"))?;
+        chip.chip.pic.imr = 0xff;
+        vm.set_irqchip(&chip)
+            .map_err(KvmError::os("KVM_SET_IRQCHIP"))?;
+    }
+    Ok(())
+}
+
+/// A VM on /dev/kvm with its memory, buses and devices, and its vCPU.
+pub struct Machine {
+    pub kvm: Kvm,
+    pub vm: VmFd,
+    pub mem: GuestMemoryMmap,
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub exit: Arc<GuestExit>,
+    pub serial: Arc<Mutex<Serial>>,
+    /// Written when the guest has drained the serial input FIFO.
+    pub serial_room: EventFd,
+    /// What the vCPU thread writes to (its filter allows only these).
+    pub write_fds: Vec<RawFd>,
+    pub vcpu: VcpuFd,
+    /// Kept open: the irqfd and the serial's wake-up are these eventfds'
+    /// other ends.
+    _keep: Vec<EventFd>,
+}
+
+impl Machine {
+    /// A VM with `memory` bytes of RAM (empty), the in-kernel irqchip and
+    /// PIT, the legacy devices (the serial port writing to
+    /// `serial_output`, non-blocking) and one vCPU, not set up yet.
+    pub fn new(kvm: Kvm, memory: u64, serial_output: OwnedFd) -> Result<Machine, KvmError> {
+        const KVM_API_VERSION: i32 = 12;
+        if kvm.get_api_version() != KVM_API_VERSION {
+            return Err(KvmError::Config(format!(
+                "/dev/kvm speaks API version {}, not {KVM_API_VERSION}",
+                kvm.get_api_version()
+            )));
+        }
+        let vm = kvm.create_vm().map_err(KvmError::os("KVM_CREATE_VM"))?;
+        vm.set_tss_address(boot::KVM_TSS_ADDR)
+            .map_err(KvmError::os("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(KvmError::os("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(KvmError::os("KVM_CREATE_PIT2"))?;
+        mask_pic(&vm)?;
+        let mem = boot::guest_memory(memory)?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| KvmError::Memory(format!("guest memory: {e}")))?;
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is mapped by `mem`, which the machine
+            // keeps for as long as the VM exists (the VM process's life).
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(KvmError::os("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(io_error("eventfd"));
+        let exit = Arc::new(GuestExit::default());
+        let serial_irq = eventfd()?;
+        vm.register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(KvmError::os("KVM_IRQFD"))?;
+        let serial_room = eventfd()?;
+        let clone = |fd: &EventFd| fd.try_clone().map_err(io_error("eventfd"));
+        let serial = Serial::new(
+            clone(&serial_irq)?,
+            clone(&serial_room)?,
+            Output::new(serial_output),
+        );
+        // The descriptors the vCPU writes to are the device's own.
+        let write_fds = serial.write_fds();
+        let serial = Arc::new(Mutex::new(serial));
+        let mut pio = Bus::new();
+        let attach = |bus: &mut Bus, base, len, dev| {
+            bus.insert(base, len, dev)
+                .map_err(|e| KvmError::Config(e.to_string()))
+        };
+        attach(&mut pio, SERIAL_BASE, SERIAL_LEN, serial.clone())?;
+        attach(
+            &mut pio,
+            I8042_BASE,
+            I8042_LEN,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        )?;
+        attach(
+            &mut pio,
+            POWER_BASE,
+            POWER_LEN,
+            Arc::new(Mutex::new(Power::new(exit.clone()))),
+        )?;
+        let vcpu = vm.create_vcpu(0).map_err(KvmError::os("KVM_CREATE_VCPU"))?;
+        Ok(Machine {
+            kvm,
+            vm,
+            mem,
+            pio,
+            mmio: Bus::new(),
+            exit,
+            serial,
+            serial_room,
+            write_fds,
+            vcpu,
+            _keep: vec![serial_irq],
+        })
+    }
+
+    /// Loads a Linux bzImage, its initrd and command line, the boot
+    /// tables and ACPI, and sets the vCPU up at the kernel's 64-bit entry.
+    pub fn boot_linux(
+        &mut self,
+        kernel: &mut File,
+        initrd: Option<&mut File>,
+        cmdline: &str,
+        memory: u64,
+    ) -> Result<(), KvmError> {
+        let loaded = boot::load_kernel(&self.mem, kernel)?;
+        let initrd = initrd
+            .map(|f| boot::load_initrd(&self.mem, &loaded.header, memory, f))
+            .transpose()?;
+        let params = boot::boot_params(&loaded.header, cmdline, initrd, memory)?;
+        boot::write_boot_params(&self.mem, &params, cmdline)?;
+        boot::write_boot_tables(&self.mem)?;
+        acpi::write_tables(&self.mem, 1)?;
+        vcpu::setup_vcpu(&self.kvm, &self.vcpu, 0, loaded.entry)
+    }
+}

@@ -132,10 +132,18 @@ fn memfd(what: &'static str) -> Result<std::fs::File, QemuError> {
 }
 
 /// QEMU's arguments (after argv[0]) for `params` with `files`.
-/// QEMU's own settings in `params`.
+/// QEMU's own settings in `params` (the VM process runs QEMU only for
+/// QEMU's; any other backend's reads as QEMU's defaults, TCG).
 pub fn qemu_settings(params: &VmParams) -> &QemuParams {
+    static NONE: std::sync::LazyLock<QemuParams> = std::sync::LazyLock::new(|| QemuParams {
+        cmdline: super::DEFAULT_CMDLINE.to_string(),
+        boot_device: None,
+        kvm: false,
+        groups: Vec::new(),
+    });
     match &params.backend {
         BackendParams::Qemu(q) => q,
+        BackendParams::Kvm(_) => &NONE,
     }
 }
 

@@ -1,0 +1,344 @@
+//! The `backend kvm` side of the VM process's seam: the machine built as
+//! root ([`prepare`]), its vCPU thread started and waiting; after the
+//! drop, [`Backend::resume`] lets the thread install its filter and run
+//! the guest. The monitor thread (the VM process's loop) gives the guest
+//! its console input and hears from the vCPU thread through an eventfd:
+//! the guest runs, or it ended (reset, power-off, failure). A reset or a
+//! power-off ends the VM process cleanly with the reason QEMU's backend
+//! gives (`guest-reset`, `guest-shutdown`): the parent applies vmd's
+//! restart rules.
+
+use super::devices::serial::Serial;
+use super::vcpu::{vcpu_filter, vcpu_raw_fd, vcpu_run, VcpuEnd};
+use super::{KvmError, Machine};
+use crate::log::{log_debug, log_info, log_warn};
+use crate::seccomp::{Allowed, RoleFilter};
+use crate::vm::backend::{probe, Backend, BackendEvent, Ended, ThreadRole, FIRST_BACKEND_TOKEN};
+use crate::vm::console::read_some;
+use crate::vm::kvm::bus::lock;
+use crate::vm::{set_nonblocking, StartFds, VmError};
+use common::imsg::{BackendParams, VmCommand, VmParams};
+use kvm_ioctls::{Kvm, VmFd};
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// What the monitor thread adds to the VM process's calls.
+pub const KVM_MAIN_SYSCALLS: &[Allowed] = &[(
+    libc::SYS_futex,
+    "take the serial port's lock to give it input; start and join the vCPU thread",
+)];
+
+/// Console input held while the guest's FIFO is full; beyond it the
+/// console socket is left unread (the relay then drops what the pty
+/// brings, as with a guest that does not read).
+const INPUT_MAX: usize = 64 * 1024;
+
+const VCPU: Token = Token(FIRST_BACKEND_TOKEN);
+const SERIAL_IN: Token = Token(FIRST_BACKEND_TOKEN + 1);
+const SERIAL_ROOM: Token = Token(FIRST_BACKEND_TOKEN + 2);
+
+/// The vCPU thread's state, as the monitor thread reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum VcpuState {
+    Waiting,
+    Running,
+    Ended(VcpuEnd),
+}
+
+/// Shared by the vCPU thread and the monitor: the state and the eventfd
+/// that says it changed.
+struct VcpuShared {
+    state: Mutex<VcpuState>,
+    changed: EventFd,
+}
+
+impl VcpuShared {
+    fn set(&self, state: VcpuState) {
+        *lock(&self.state) = state;
+        let _ = self.changed.write(1);
+    }
+}
+
+pub struct KvmBackend {
+    /// Kept for the VM's life: the VM and its memory.
+    _vm: VmFd,
+    _mem: GuestMemoryMmap,
+    serial: Arc<Mutex<Serial>>,
+    /// The guest's end of the console socketpair, read for input.
+    serial_in: OwnedFd,
+    serial_room: EventFd,
+    input: VecDeque<u8>,
+    vcpu: Arc<VcpuShared>,
+    /// Tells the vCPU thread to go; dropped unused, it gives up.
+    go: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    running: bool,
+    end: Option<VcpuEnd>,
+    killed: bool,
+    events: Vec<BackendEvent>,
+}
+
+/// As root, before the drop: the machine, the kernel loaded, the vCPU
+/// thread waiting. `serial` is the guest's end of the console socketpair.
+pub fn prepare(
+    params: &VmParams,
+    fds: &mut StartFds,
+    serial: OwnedFd,
+) -> Result<KvmBackend, VmError> {
+    let BackendParams::Kvm(settings) = &params.backend else {
+        return Err(KvmError::Config("not a backend kvm VM".into()).into());
+    };
+    let missing = |what: &str| VmError::Receive(format!("no {what} descriptor"));
+    if params.vcpus != 1 {
+        return Err(KvmError::Config("backend kvm runs one vCPU".into()).into());
+    }
+    let kvm_fd = fds.kvm.take().ok_or_else(|| missing("/dev/kvm"))?;
+    // SAFETY: the parent opened /dev/kvm for us; Kvm owns it from here.
+    let kvm = unsafe { Kvm::from_raw_fd(kvm_fd.into_raw_fd()) };
+    let mut kernel = File::from(fds.kernel.take().ok_or_else(|| missing("kernel"))?);
+    let mut initrd = fds.initrd.take().map(File::from);
+    set_nonblocking(serial.as_raw_fd())?;
+    let serial_in = serial
+        .try_clone()
+        .map_err(|e| KvmError::Config(format!("duplicating the console socket: {e}")))?;
+
+    let mut machine = Machine::new(kvm, params.memory, serial)?;
+    machine.boot_linux(
+        &mut kernel,
+        initrd.as_mut(),
+        &settings.cmdline,
+        params.memory,
+    )?;
+    drop((kernel, initrd));
+
+    let changed = EventFd::new(EFD_NONBLOCK)
+        .map_err(|e| KvmError::Config(format!("creating an eventfd: {e}")))?;
+    let vcpu = Arc::new(VcpuShared {
+        state: Mutex::new(VcpuState::Waiting),
+        changed: changed
+            .try_clone()
+            .map_err(|e| KvmError::Config(format!("duplicating an eventfd: {e}")))?,
+    });
+    let mut write_fds = machine.write_fds.clone();
+    write_fds.push(vcpu.changed.as_raw_fd());
+    let filter = vcpu_filter(vcpu_raw_fd(&machine.vcpu), &write_fds)
+        .map_err(|e| KvmError::Config(format!("the vCPU filter: {e}")))?;
+    let Machine {
+        vm,
+        mem,
+        pio,
+        mmio,
+        exit,
+        serial: serial_dev,
+        serial_room,
+        vcpu: mut vcpu_fd,
+        ..
+    } = machine;
+    let (go, wait) = mpsc::channel::<()>();
+    let shared = vcpu.clone();
+    // Spawned now, while root: the drop (chroot, uids) covers the whole
+    // process, and this thread installs its own filter once it is done.
+    let thread = std::thread::Builder::new()
+        .name("vcpu0".into())
+        .spawn(move || {
+            // The monitor says go, or drops the sender: give up.
+            if wait.recv().is_err() {
+                return;
+            }
+            let end = match seccompiler::apply_filter(&filter) {
+                Err(e) => VcpuEnd::Failed(format!("installing the vCPU filter: {e}")),
+                Ok(()) => {
+                    shared.set(VcpuState::Running);
+                    vcpu_run(&mut vcpu_fd, &pio, &mmio, &exit)
+                }
+            };
+            shared.set(VcpuState::Ended(end));
+        })
+        .map_err(|e| KvmError::Config(format!("starting the vCPU thread: {e}")))?;
+    Ok(KvmBackend {
+        _vm: vm,
+        _mem: mem,
+        serial: serial_dev,
+        serial_in,
+        serial_room,
+        input: VecDeque::new(),
+        vcpu,
+        go: Some(go),
+        thread: Some(thread),
+        running: false,
+        end: None,
+        killed: false,
+        events: Vec::new(),
+    })
+}
+
+impl Backend for KvmBackend {
+    fn thread_filter(&self, role: ThreadRole) -> RoleFilter {
+        match role {
+            ThreadRole::Main => RoleFilter {
+                syscalls: KVM_MAIN_SYSCALLS,
+                with_args: &[],
+            },
+        }
+    }
+
+    fn resume(&mut self, registry: &Registry) -> std::io::Result<()> {
+        for (fd, token) in [
+            (self.vcpu.changed.as_raw_fd(), VCPU),
+            (self.serial_in.as_raw_fd(), SERIAL_IN),
+            (self.serial_room.as_raw_fd(), SERIAL_ROOM),
+        ] {
+            registry.register(&mut SourceFd(&fd), token, Interest::READABLE)?;
+        }
+        if let Some(go) = self.go.take() {
+            let _ = go.send(());
+        }
+        Ok(())
+    }
+
+    fn on_ready(&mut self, token: Token, buf: &mut [u8]) {
+        match token {
+            VCPU => self.on_vcpu(),
+            SERIAL_IN => self.on_serial_in(buf),
+            SERIAL_ROOM => {
+                let _ = self.serial_room.read();
+                self.feed();
+                self.on_serial_in(buf);
+            }
+            _ => {}
+        }
+    }
+
+    fn command(&mut self, command: VmCommand, fd: Option<OwnedFd>) {
+        let error = match &command {
+            VmCommand::Probe { text, steps } => {
+                let events = probe(&command, text, *steps, fd);
+                return self.events.extend(events);
+            }
+            VmCommand::Pause | VmCommand::Unpause => "backend kvm cannot pause a guest yet",
+            VmCommand::Powerdown => "backend kvm has no power button yet",
+            VmCommand::Send { .. } => "backend kvm cannot send a VM yet",
+        };
+        log_warn!("{}: {error}", command.name());
+        self.events.push(BackendEvent::CommandDone {
+            command,
+            error: Some(error.to_string()),
+        });
+    }
+
+    fn take_events(&mut self) -> Vec<BackendEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn timer(&self) -> Option<Instant> {
+        None
+    }
+
+    fn on_timer(&mut self, _now: Instant) {}
+
+    fn has_ended(&self) -> bool {
+        self.end.is_some() || self.killed
+    }
+
+    /// The process exits right after: a vCPU in KVM_RUN goes with it.
+    fn kill(&mut self) {
+        self.killed = true;
+        // A thread still waiting gives up.
+        self.go = None;
+    }
+
+    fn finish(&mut self, _wait_until: &mut dyn FnMut(Instant) -> bool) -> Ended {
+        if self.end.is_some() {
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
+        let (clean, why) = match &self.end {
+            Some(VcpuEnd::Reset) => (true, "the guest reset".to_string()),
+            Some(VcpuEnd::PowerOff) => (true, "the guest powered off".to_string()),
+            Some(VcpuEnd::Failed(why)) => (false, format!("the vCPU failed: {why}")),
+            None => (false, "the monitor was stopped".to_string()),
+        };
+        log_debug!("backend kvm: {why}");
+        Ended {
+            clean,
+            start_failed: (!self.running).then(|| crate::vm::start_reason(&why)),
+            why,
+        }
+    }
+}
+
+impl KvmBackend {
+    fn on_vcpu(&mut self) {
+        let _ = self.vcpu.changed.read();
+        let state = lock(&self.vcpu.state).clone();
+        match state {
+            VcpuState::Waiting => {}
+            VcpuState::Running => self.on_running(),
+            VcpuState::Ended(end) => {
+                let reason = match &end {
+                    VcpuEnd::Reset => Some("guest-reset"),
+                    VcpuEnd::PowerOff => Some("guest-shutdown"),
+                    VcpuEnd::Failed(why) => {
+                        log_warn!("the vCPU failed: {why}");
+                        None
+                    }
+                };
+                if let Some(reason) = reason {
+                    // It ran even if the monitor had not heard yet.
+                    self.on_running();
+                    log_info!("guest shutdown ({reason})");
+                    self.events.push(BackendEvent::Shutdown {
+                        reason: reason.to_string(),
+                    });
+                }
+                self.end = Some(end);
+            }
+        }
+    }
+
+    fn on_running(&mut self) {
+        if !self.running {
+            self.running = true;
+            log_info!("guest running");
+            self.events.push(BackendEvent::Running {
+                pids: vec![std::process::id()],
+            });
+        }
+    }
+
+    /// Reads console input while there is room to hold it.
+    fn on_serial_in(&mut self, buf: &mut [u8]) {
+        while self.input.len() < INPUT_MAX {
+            let room = buf.len().min(INPUT_MAX - self.input.len());
+            match read_some(self.serial_in.as_raw_fd(), &mut buf[..room]) {
+                Ok(Some(n)) if n > 0 => {
+                    self.input.extend(&buf[..n]);
+                    self.feed();
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Gives the guest what its FIFO takes.
+    fn feed(&mut self) {
+        if self.input.is_empty() {
+            return;
+        }
+        let mut serial = lock(&self.serial);
+        let (head, _) = self.input.as_slices();
+        let taken = serial.enqueue(head);
+        drop(serial);
+        self.input.drain(..taken);
+    }
+}
