@@ -178,6 +178,90 @@ def own_monitor_poweroff(vmd):
         raise Failure("vmd did not log the guest's power-off")
 
 
+def config_kvm_disks(name, disks, cmdline):
+    """A disabled backend kvm VM with `disks` (paths in order: vda, vdb...)."""
+    lines = "".join(f' disk "{d}"\n' for d in disks)
+    return config_kvm_vm(name, f"{GUEST_CMDLINE} {cmdline}").replace(" backend kvm\n", lines + " backend kvm\n")
+
+
+def image_head(vmd, path, fmt):
+    """The first 32 bytes of an image's guest view, read by qemu-img in L1."""
+    raw = f"{vmd.dir}/head-{os.path.basename(path)}.raw"
+    vmd.l1.check(f"qemu-img convert -f {fmt} -O raw {path} {raw}", 300)
+    head = vmd.l1.check(f"head -c 32 {raw} | tr -c 'A-Za-z0-9._-' .")
+    vmd.l1.check(f"rm -f {raw}")
+    return head.strip()
+
+
+def qemu_img_check(vmd, path):
+    rc, out = vmd.l1.sh(f"qemu-img check {path}", 300)
+    if rc != 0 or "No errors were found" not in out:
+        raise Failure(f"qemu-img check {path}: exit {rc}: {out.strip()[-500:]}")
+
+
+def run_to_poweroff(vmd, name):
+    """Starts a backend kvm VM whose guest powers off, and waits for its end."""
+    vmid, _, vm_pid = start_own(vmd, name)
+    wait_for(f"{name} to power off", lambda: vmd.state(vmid) == "stopped", L2_BOOT_TIMEOUT)
+    wait_for(f"{name}'s VM process to go", lambda: vmd.proc_status(vm_pid) is None, 60)
+    return vmd.console_log(name)
+
+
+def want_lines(name, log, *wants):
+    for want in wants:
+        if want not in log:
+            tail = "\n".join(line for line in log.splitlines() if "VMD-GUEST: " in line and " tick " not in line)
+            raise Failure(f"{name}: no {want!r} on the console: {tail[-1500:]}")
+
+
+def own_monitor_disks(vmd):
+    """`backend kvm` disks (virtio-blk on virtio-mmio): the guest writes a
+    qcow2 base; then it sees a raw disk with what the test wrote and a qcow2
+    overlay of that base, writes a marker to the overlay, which the host
+    reads back from the image (`qemu-img check` clean, the base untouched);
+    the data is there again after a reboot, in a new VM process."""
+    d = vmd.dir
+    vmd.l1.check(f"vmctl create -s 64M {d}/raw.img && vmctl create -s 64M {d}/base.qcow2 && "
+                 f"printf RAW-MARK-1 | dd of={d}/raw.img conv=notrunc 2>/dev/null")
+    off = "vmd.action=poweroff-after-2s"
+    vmd.write_config(vmd.read_config()
+                     + config_kvm_disks("l2base", [f"{d}/base.qcow2"], f"vmd.diskwrite=vda:BASE-MARK-2 {off}")
+                     + config_kvm_disks("l2disks", [f"{d}/raw.img", f"{d}/overlay.qcow2"],
+                                        f"vmd.diskwrite=vdb:OVL-MARK-3 {off}")
+                     + config_kvm_disks("l2again", [f"{d}/raw.img", f"{d}/overlay.qcow2"],
+                                        "vmd.action=reboot-after-2s"))
+    expect(vmd.vmctl("reload"), 0, r"", "reload")
+    log = run_to_poweroff(vmd, "l2base")
+    want_lines("l2base", log, "VMD-GUEST: disks vda", "VMD-GUEST: disk vda 67108864 bytes rw",
+               "VMD-GUEST: wrote vda BASE-MARK-2", "VMD-GUEST: disk vda head BASE-MARK-2")
+    qemu_img_check(vmd, f"{d}/base.qcow2")
+    vmd.l1.check(f"vmctl create -b {d}/base.qcow2 {d}/overlay.qcow2")
+    log = run_to_poweroff(vmd, "l2disks")
+    want_lines("l2disks", log, "VMD-GUEST: disks vda vdb", "VMD-GUEST: disk vda head RAW-MARK-1",
+               "VMD-GUEST: disk vdb 67108864 bytes rw", "VMD-GUEST: wrote vdb OVL-MARK-3",
+               "VMD-GUEST: disk vdb head OVL-MARK-3")
+    qemu_img_check(vmd, f"{d}/overlay.qcow2")
+    qemu_img_check(vmd, f"{d}/base.qcow2")
+    if not image_head(vmd, f"{d}/overlay.qcow2", "qcow2").startswith("OVL-MARK-3"):
+        raise Failure(f"the overlay does not hold the guest's marker: {image_head(vmd, f'{d}/overlay.qcow2', 'qcow2')!r}")
+    if not image_head(vmd, f"{d}/base.qcow2", "qcow2").startswith("BASE-MARK-2"):
+        raise Failure("the guest's write to the overlay reached the base")
+    # A reboot: the VM process ends and vmd starts another, which sees
+    # the same data.
+    vmid, _, _ = start_own(vmd, "l2again")
+    wait_for("the second boot", lambda: vmd.console_log("l2again").count("VMD-GUEST: booted") >= 2,
+             L2_BOOT_TIMEOUT)
+    vmd.wait_console("l2again", "VMD-GUEST: ready")
+    log = vmd.console_log("l2again")
+    for want in ("VMD-GUEST: disk vda head RAW-MARK-1", "VMD-GUEST: disk vdb head OVL-MARK-3"):
+        if log.count(want) < 2:
+            raise Failure(f"l2again: {want!r} not in both boots")
+    row = vmd.status_row(vmid)
+    if row and row["PID"] != "-":
+        vmd.track(int(row["PID"]))
+    expect(vmd.vmctl("stop", "-f", "l2again"), 0, r"forced to terminate", "stop -f")
+
+
 def kvm_gid(l1):
     for line in l1.read("/etc/group").splitlines():
         fields = line.split(":")
@@ -426,6 +510,7 @@ CASES = [
     ("own-monitor-console-input-reaches-the-shell", own_monitor_console_input, KVM_CONF),
     ("own-monitor-guest-reboot-restarts-on-same-tty", own_monitor_reboot, KVM_CONF),
     ("own-monitor-guest-poweroff-ends-the-vm", own_monitor_poweroff, KVM_CONF),
+    ("own-monitor-raw-and-qcow2-disks-survive-reboot", own_monitor_disks, ""),
     ("net-two-guests-on-a-switch-ping", net_case(net.two_guests_ping), NET_CONF),
     ("net-rdomain-vrf-vhost-net-two-guests-ping", net_case(vrf_vhost_ping), VRF_CONF),
     ("net-sigkill-vm-process-removes-its-tap", net_case(net.tap_cleanup("vm")), NET_CONF),

@@ -2277,7 +2277,7 @@ mod tests {
         cd.cdrom = Some("/x.iso".into());
         cd.boot_device = Some(BootDevice::Cdrom);
         assert!(launch_check_built(&cd).is_ok());
-        // backend kvm: a kernel, no disks, no interfaces, one vCPU.
+        // backend kvm: a kernel, disks, no interfaces, one vCPU.
         let mut direct = vm;
         direct.backend = Some(common::config::Backend::Kvm);
         direct.boot = Some("/k".into());
@@ -2301,12 +2301,19 @@ mod tests {
             refused(|vm| vm.interfaces.push(Default::default())),
             said("network interfaces")
         );
-        assert_eq!(
-            refused(|vm| vm.disks.push(common::config::Disk {
+        fn disk() -> common::config::Disk {
+            common::config::Disk {
                 path: "/d.img".into(),
                 format: common::disk::DiskFormat::Raw,
-            })),
-            said("disks")
+            }
+        }
+        assert_eq!(refused(|vm| vm.disks.push(disk())), None);
+        assert_eq!(
+            refused(|vm| {
+                vm.disks = vec![disk(), disk(), disk(), disk()];
+                vm.interfaces.push(Default::default());
+            }),
+            said("more than 4 disks and network interfaces together")
         );
     }
 }

@@ -42,11 +42,12 @@ fn aml_bytes(table: &dyn Aml) -> Vec<u8> {
     bytes
 }
 
-/// The DSDT: `\_S5` (the power-off sleep type) and COM1. On a
+/// The DSDT: `\_S5` (the power-off sleep type), COM1 and `virtio`
+/// virtio-mmio devices ([`super::virtio::attach::dsdt_entries`]). On a
 /// hardware-reduced platform Linux gives the legacy serial port's IRQ 4
 /// no interrupt; the PNP0501 device with its GSI is what its 8250 driver
 /// then takes the port's interrupt from.
-pub fn dsdt() -> Vec<u8> {
+pub fn dsdt(virtio: usize) -> Vec<u8> {
     let s5_type = S5_SLEEP_TYPE;
     let package = aml::Package::new(vec![&s5_type, &aml::ZERO, &aml::ZERO, &aml::ZERO]);
     let mut body = aml_bytes(&aml::Name::new("_S5_".into(), &package));
@@ -59,6 +60,7 @@ pub fn dsdt() -> Vec<u8> {
     let crs_name = aml::Name::new("_CRS".into(), &resources);
     let com1 = aml::Device::new("_SB_.COM1".into(), vec![&hid_name, &uid_name, &crs_name]);
     body.extend(aml_bytes(&com1));
+    body.extend(super::virtio::attach::dsdt_entries(virtio));
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"VMDDSDT ", OEM_REVISION);
     dsdt.append_slice(&body);
     dsdt.as_slice().to_vec()
@@ -121,8 +123,9 @@ fn interrupt_override(source: u8, gsi: u32) -> [u8; 10] {
     entry
 }
 
-/// Every table of a machine with `vcpus` vCPUs, placed.
-pub fn tables(vcpus: u8) -> Result<Vec<Table>, KvmError> {
+/// Every table of a machine with `vcpus` vCPUs and `virtio` virtio
+/// devices, placed.
+pub fn tables(vcpus: u8, virtio: usize) -> Result<Vec<Table>, KvmError> {
     let align = |addr: u64| (addr + 15) & !15;
     let mut next = align(RSDP_ADDR + Rsdp::len() as u64);
     let mut place = |bytes: Vec<u8>| {
@@ -130,7 +133,7 @@ pub fn tables(vcpus: u8) -> Result<Vec<Table>, KvmError> {
         next = align(next + table.bytes.len() as u64);
         table
     };
-    let dsdt = place(dsdt());
+    let dsdt = place(dsdt(virtio));
     let fadt = place(fadt(dsdt.addr));
     let madt = place(madt(vcpus));
     let mut xsdt = XSDT::new(OEM_ID, *b"VMDXSDT ", OEM_REVISION);
@@ -151,8 +154,8 @@ pub fn tables(vcpus: u8) -> Result<Vec<Table>, KvmError> {
 }
 
 /// Writes the tables into guest memory.
-pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<(), KvmError> {
-    for table in tables(vcpus)? {
+pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8, virtio: usize) -> Result<(), KvmError> {
+    for table in tables(vcpus, virtio)? {
         mem.write_slice(&table.bytes, GuestAddress(table.addr))
             .map_err(|e| KvmError::Boot(format!("writing the ACPI tables: {e}")))?;
     }
@@ -177,7 +180,7 @@ mod tests {
 
     #[test]
     fn every_table_checksums_to_zero_and_links_to_the_next() {
-        let tables = tables(2).expect("tables");
+        let tables = tables(2, 0).expect("tables");
         let rsdp = &tables[0].bytes;
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(sum(&rsdp[..20]), 0);
@@ -225,7 +228,7 @@ mod tests {
 
     #[test]
     fn the_dsdt_names_s5_and_com1() {
-        let dsdt = dsdt();
+        let dsdt = dsdt(0);
         let body = &dsdt[36..];
         // NameOp "_S5_" PackageOp
         assert_eq!(&body[..6], &[0x08, b'_', b'S', b'5', b'_', 0x12]);
@@ -249,7 +252,7 @@ mod tests {
         );
         let dir = std::env::temp_dir().join(format!("vmd-acpi-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        for table in tables(2).expect("tables").iter().skip(1) {
+        for table in tables(2, 2).expect("tables").iter().skip(1) {
             let name = String::from_utf8_lossy(&table.bytes[..4]).to_lowercase();
             let path = dir.join(format!("{name}.dat"));
             std::fs::write(&path, &table.bytes).expect("write");
@@ -268,6 +271,12 @@ mod tests {
                 !dsl.contains("Checksum mismatch") && !dsl.contains("Incorrect checksum"),
                 "{dsl}"
             );
+            if name == "dsdt" {
+                // Two virtio-mmio devices, their windows and GSIs 5 and 6.
+                assert_eq!(dsl.matches("\"LNRO0005\"").count(), 2, "{dsl}");
+                assert!(dsl.contains("0xD0001000"), "{dsl}");
+                assert!(dsl.contains("0x00000006"), "{dsl}");
+            }
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -10,6 +10,8 @@
 
 use super::devices::serial::Serial;
 use super::vcpu::{vcpu_filter, vcpu_raw_fd, vcpu_run, VcpuEnd};
+use super::virtio::attach::{block_devices, IoThread};
+use super::virtio::VirtioDevice;
 use super::{KvmError, Machine};
 use crate::log::{log_debug, log_info, log_warn};
 use crate::seccomp::{Allowed, RoleFilter};
@@ -80,6 +82,8 @@ pub struct KvmBackend {
     vcpu: Arc<VcpuShared>,
     /// Tells the vCPU thread to go; dropped unused, it gives up.
     go: Option<mpsc::Sender<()>>,
+    /// The virtio devices' I/O thread (if any), told to go with the vCPU.
+    io: Option<IoThread>,
     thread: Option<JoinHandle<()>>,
     running: bool,
     end: Option<VcpuEnd>,
@@ -112,6 +116,7 @@ pub fn prepare(
         .map_err(|e| KvmError::Config(format!("duplicating the console socket: {e}")))?;
 
     let mut machine = Machine::new(kvm, params.memory, serial)?;
+    let io = attach_virtio_devices(&mut machine, fds)?;
     machine.boot_linux(
         &mut kernel,
         initrd.as_mut(),
@@ -173,12 +178,26 @@ pub fn prepare(
         input: VecDeque::new(),
         vcpu,
         go: Some(go),
+        io,
         thread: Some(thread),
         running: false,
         end: None,
         killed: false,
         events: Vec::new(),
     })
+}
+
+/// The disks' block devices (the parent opened every layer, as for
+/// QEMU) on the MMIO bus, and their I/O thread.
+fn attach_virtio_devices(
+    machine: &mut Machine,
+    fds: &mut StartFds,
+) -> Result<Option<IoThread>, VmError> {
+    let mut devices: Vec<Arc<Mutex<dyn VirtioDevice>>> = Vec::new();
+    for block in block_devices(std::mem::take(&mut fds.disks))? {
+        devices.push(Arc::new(Mutex::new(block)));
+    }
+    Ok(machine.attach_virtio_devices(devices)?)
 }
 
 impl Backend for KvmBackend {
@@ -198,6 +217,9 @@ impl Backend for KvmBackend {
             (self.serial_room.as_raw_fd(), SERIAL_ROOM),
         ] {
             registry.register(&mut SourceFd(&fd), token, Interest::READABLE)?;
+        }
+        if let Some(io) = &mut self.io {
+            io.go();
         }
         if let Some(go) = self.go.take() {
             let _ = go.send(());

@@ -25,8 +25,7 @@ pub mod devices;
 #[cfg(test)]
 mod tests;
 pub mod vcpu;
-// The virtio device layer, not wired into the machine yet (issues 26
-// and 27): only its tests call it.
+// The virtio device layer; net is not wired in yet (issue 27).
 #[allow(dead_code)]
 pub mod virtio;
 
@@ -79,8 +78,9 @@ pub fn unsupported(vm: &VmConfig) -> Option<String> {
         "a BIOS or CD-ROM boot (it boots a Linux kernel, `boot`)"
     } else if vm.cdrom.is_some() {
         "a CD-ROM"
-    } else if !vm.disks.is_empty() {
-        "disks"
+    } else if vm.disks.len() + vm.effective_interfaces().len() > virtio::attach::MAX_VIRTIO_DEVICES
+    {
+        "more than 4 disks and network interfaces together"
     } else if !vm.effective_interfaces().is_empty() {
         "network interfaces"
     } else if vm.vcpu_count() > 1 {
@@ -135,6 +135,8 @@ pub struct Machine {
     /// What the vCPU thread writes to (its filter allows only these).
     pub write_fds: Vec<RawFd>,
     pub vcpu: VcpuFd,
+    /// How many virtio devices are on the MMIO bus (for the DSDT).
+    pub virtio_devices: usize,
     /// Kept open: the irqfd and the serial's wake-up are these eventfds'
     /// other ends.
     _keep: Vec<EventFd>,
@@ -227,6 +229,7 @@ impl Machine {
             serial_room,
             write_fds,
             vcpu,
+            virtio_devices: 0,
             _keep: vec![serial_irq],
         })
     }
@@ -247,7 +250,26 @@ impl Machine {
         let params = boot::boot_params(&loaded.header, cmdline, initrd, memory)?;
         boot::write_boot_params(&self.mem, &params, cmdline)?;
         boot::write_boot_tables(&self.mem)?;
-        acpi::write_tables(&self.mem, 1)?;
+        acpi::write_tables(&self.mem, 1, self.virtio_devices)?;
         vcpu::setup_vcpu(&self.kvm, &self.vcpu, 0, loaded.entry)
+    }
+
+    /// Puts `devices` (disks first, then interfaces) on the MMIO bus at
+    /// their windows and GSIs ([`virtio::attach`]), before
+    /// [`Self::boot_linux`] describes them in the DSDT; returns the I/O
+    /// thread, started and waiting for its go (none without devices).
+    pub fn attach_virtio_devices(
+        &mut self,
+        devices: Vec<Arc<Mutex<dyn virtio::VirtioDevice>>>,
+    ) -> Result<Option<virtio::attach::IoThread>, KvmError> {
+        let count = devices.len();
+        if count == 0 {
+            return Ok(None);
+        }
+        let (work, write_fds) =
+            virtio::attach::attach(&self.vm, &self.mem, &mut self.mmio, devices)?;
+        self.write_fds.extend(write_fds);
+        self.virtio_devices = count;
+        virtio::attach::IoThread::spawn(work).map(Some)
     }
 }

@@ -17,6 +17,7 @@
 //! checked accessors, and every buffer the monitor allocates for a guest
 //! is bounded by a constant.
 
+pub mod attach;
 pub mod block;
 pub mod chain;
 pub mod mmio;
