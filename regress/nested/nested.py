@@ -178,10 +178,15 @@ def own_monitor_poweroff(vmd):
         raise Failure("vmd did not log the guest's power-off")
 
 
+def config_kvm_with(name, lines, cmdline):
+    """A disabled backend kvm VM with more vm.conf `lines` and the test
+    guest's options `cmdline`."""
+    return config_kvm_vm(name, f"{GUEST_CMDLINE} {cmdline}").replace(" backend kvm\n", lines + " backend kvm\n")
+
+
 def config_kvm_disks(name, disks, cmdline):
     """A disabled backend kvm VM with `disks` (paths in order: vda, vdb...)."""
-    lines = "".join(f' disk "{d}"\n' for d in disks)
-    return config_kvm_vm(name, f"{GUEST_CMDLINE} {cmdline}").replace(" backend kvm\n", lines + " backend kvm\n")
+    return config_kvm_with(name, "".join(f' disk "{d}"\n' for d in disks), cmdline)
 
 
 def image_head(vmd, path, fmt):
@@ -248,7 +253,8 @@ def own_monitor_disks(vmd):
         raise Failure("the guest's write to the overlay reached the base")
     # A reboot: the VM process ends and vmd starts another, which sees
     # the same data.
-    vmid, _, _ = start_own(vmd, "l2again")
+    vmid, _, vm_pid = start_own(vmd, "l2again")
+    check_io_thread(vmd, vm_pid)
     wait_for("the second boot", lambda: vmd.console_log("l2again").count("VMD-GUEST: booted") >= 2,
              L2_BOOT_TIMEOUT)
     vmd.wait_console("l2again", "VMD-GUEST: ready")
@@ -260,6 +266,42 @@ def own_monitor_disks(vmd):
     if row and row["PID"] != "-":
         vmd.track(int(row["PID"]))
     expect(vmd.vmctl("stop", "-f", "l2again"), 0, r"forced to terminate", "stop -f")
+
+
+KVM_NET_CONF = ("accel kvm\n" + net.SW + config_kvm_with("l2kloc", " local interface\n", "vmd.net=dhcp")
+                + config_kvm_with("l2ka", ' interface { switch "sw" }\n', "vmd.ip=10.0.0.1/24 vmd.ping=10.0.0.2")
+                + config_kvm_with("l2kb", ' interface { switch "sw" }\n', "vmd.ip=10.0.0.2/24 vmd.ping=10.0.0.1"))
+
+
+def own_monitor_local_lease(vmd):
+    """`backend kvm` interfaces (virtio-net on the parent's tap): on a local
+    interface the guest's udhcpc gets its lease from vmd and the host
+    pings the guest."""
+    vmid, _, vm_pid = start_own(vmd, "l2kloc")
+    net.expect_lease(vmd, "l2kloc", vmid, "eth0", 0)
+    check_io_thread(vmd, vm_pid)
+    expect(vmd.vmctl("stop", "-f", "l2kloc"), 0, r"forced to terminate", "stop -f")
+
+
+def own_monitor_two_guests_ping(vmd):
+    """Two `backend kvm` guests on one switch ping each other through the
+    bridge; their taps are ports of it."""
+    net.bridge_up(vmd, net.BRIDGE)
+    started = [(name, start_own(vmd, name)[0]) for name in ("l2ka", "l2kb")]
+    for name, other in (("l2ka", "10.0.0.2"), ("l2kb", "10.0.0.1")):
+        vmd.wait_console(name, f"VMD-GUEST: ping {other} ok")
+    for name, vmid in started:
+        net.expect_port(vmd, net.tap(vmd, name, vmid), net.BRIDGE)
+    for name, _ in started:
+        expect(vmd.vmctl("stop", "-f", name), 0, r"forced to terminate", "stop -f")
+
+
+def check_io_thread(vmd, vm_pid):
+    """The VM process's virtio I/O thread runs under a filter of its own."""
+    threads = vmd.l1.sh(f"grep -HE '^(Name|Seccomp):' /proc/{vm_pid}/task/*/status")[1]
+    names = re.findall(r"Name:\s+(\S+)", threads)
+    if "virtio-io" not in names or len(re.findall(r"Seccomp:\s+2", threads)) != len(names):
+        raise Failure(f"want a filtered virtio-io thread beside the monitor and vcpu0: {threads}")
 
 
 def kvm_gid(l1):
@@ -511,6 +553,9 @@ CASES = [
     ("own-monitor-guest-reboot-restarts-on-same-tty", own_monitor_reboot, KVM_CONF),
     ("own-monitor-guest-poweroff-ends-the-vm", own_monitor_poweroff, KVM_CONF),
     ("own-monitor-raw-and-qcow2-disks-survive-reboot", own_monitor_disks, ""),
+    ("own-monitor-net-local-interface-dhcp-lease-host-pings", net_case(own_monitor_local_lease),
+     KVM_NET_CONF),
+    ("own-monitor-net-two-guests-on-a-switch-ping", net_case(own_monitor_two_guests_ping), KVM_NET_CONF),
     ("net-two-guests-on-a-switch-ping", net_case(net.two_guests_ping), NET_CONF),
     ("net-rdomain-vrf-vhost-net-two-guests-ping", net_case(vrf_vhost_ping), VRF_CONF),
     ("net-sigkill-vm-process-removes-its-tap", net_case(net.tap_cleanup("vm")), NET_CONF),

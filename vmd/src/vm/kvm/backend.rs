@@ -10,8 +10,7 @@
 
 use super::devices::serial::Serial;
 use super::vcpu::{vcpu_filter, vcpu_raw_fd, vcpu_run, VcpuEnd};
-use super::virtio::attach::{block_devices, IoThread};
-use super::virtio::VirtioDevice;
+use super::virtio::attach::{block_devices, net_devices, IoThread};
 use super::{KvmError, Machine};
 use crate::log::{log_debug, log_info, log_warn};
 use crate::seccomp::{Allowed, RoleFilter};
@@ -116,7 +115,7 @@ pub fn prepare(
         .map_err(|e| KvmError::Config(format!("duplicating the console socket: {e}")))?;
 
     let mut machine = Machine::new(kvm, params.memory, serial)?;
-    let io = attach_virtio_devices(&mut machine, fds)?;
+    let io = attach_virtio_devices(&mut machine, params, fds)?;
     machine.boot_linux(
         &mut kernel,
         initrd.as_mut(),
@@ -188,16 +187,18 @@ pub fn prepare(
 }
 
 /// The disks' block devices (the parent opened every layer, as for
-/// QEMU) on the MMIO bus, and their I/O thread.
+/// QEMU) and the interfaces' net devices (on the parent's taps; the
+/// vhost-net descriptors, QEMU's, are closed) on the MMIO bus, and their
+/// I/O thread.
 fn attach_virtio_devices(
     machine: &mut Machine,
+    params: &VmParams,
     fds: &mut StartFds,
 ) -> Result<Option<IoThread>, VmError> {
-    let mut devices: Vec<Arc<Mutex<dyn VirtioDevice>>> = Vec::new();
-    for block in block_devices(std::mem::take(&mut fds.disks))? {
-        devices.push(Arc::new(Mutex::new(block)));
-    }
-    Ok(machine.attach_virtio_devices(devices)?)
+    fds.vhosts.clear();
+    let blocks = block_devices(std::mem::take(&mut fds.disks))?;
+    let nets = net_devices(std::mem::take(&mut fds.taps), &params.macs)?;
+    Ok(machine.attach_virtio_devices(blocks, nets)?)
 }
 
 impl Backend for KvmBackend {

@@ -25,7 +25,7 @@ pub mod devices;
 #[cfg(test)]
 mod tests;
 pub mod vcpu;
-// The virtio device layer; net is not wired in yet (issue 27).
+// The virtio device layer (some accessors only its tests call).
 #[allow(dead_code)]
 pub mod virtio;
 
@@ -81,8 +81,6 @@ pub fn unsupported(vm: &VmConfig) -> Option<String> {
     } else if vm.disks.len() + vm.effective_interfaces().len() > virtio::attach::MAX_VIRTIO_DEVICES
     {
         "more than 4 disks and network interfaces together"
-    } else if !vm.effective_interfaces().is_empty() {
-        "network interfaces"
     } else if vm.vcpu_count() > 1 {
         "more than one vCPU"
     } else {
@@ -254,20 +252,21 @@ impl Machine {
         vcpu::setup_vcpu(&self.kvm, &self.vcpu, 0, loaded.entry)
     }
 
-    /// Puts `devices` (disks first, then interfaces) on the MMIO bus at
+    /// Puts `blocks`, then `nets` on the MMIO bus at
     /// their windows and GSIs ([`virtio::attach`]), before
     /// [`Self::boot_linux`] describes them in the DSDT; returns the I/O
     /// thread, started and waiting for its go (none without devices).
     pub fn attach_virtio_devices(
         &mut self,
-        devices: Vec<Arc<Mutex<dyn virtio::VirtioDevice>>>,
+        blocks: Vec<virtio::block::Block>,
+        nets: Vec<virtio::net::Net>,
     ) -> Result<Option<virtio::attach::IoThread>, KvmError> {
-        let count = devices.len();
+        let count = blocks.len() + nets.len();
         if count == 0 {
             return Ok(None);
         }
         let (work, write_fds) =
-            virtio::attach::attach(&self.vm, &self.mem, &mut self.mmio, devices)?;
+            virtio::attach::attach(&self.vm, &self.mem, &mut self.mmio, blocks, nets)?;
         self.write_fds.extend(write_fds);
         self.virtio_devices = count;
         virtio::attach::IoThread::spawn(work).map(Some)

@@ -7,8 +7,9 @@
 
 use super::block::Block;
 use super::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
+use super::net::Net;
 use super::{Mem, VirtioDevice};
-use crate::seccomp::{self, Allowed, MatchRule};
+use crate::seccomp::{self, Allowed, ArgRule, MatchRule};
 use crate::vm::kvm::bus::{lock, Bus, BusDevice};
 use crate::vm::kvm::KvmError;
 use crate::vm::qemu::DiskLayer;
@@ -16,7 +17,7 @@ use acpi_tables::{aml, Aml};
 use common::image::Layer;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -93,6 +94,21 @@ pub fn block_devices(mut layers: Vec<DiskLayer>) -> Result<Vec<Block>, KvmError>
         .collect()
 }
 
+/// The interfaces' net devices, on the taps the parent made (with
+/// IFF_VNET_HDR), in interface order, each with its MAC from `macs`.
+pub fn net_devices(mut taps: Vec<(u8, OwnedFd)>, macs: &[[u8; 6]]) -> Result<Vec<Net>, KvmError> {
+    taps.sort_by_key(|(index, _)| *index);
+    taps.into_iter()
+        .map(|(index, tap)| {
+            let mac = macs
+                .get(usize::from(index))
+                .copied()
+                .ok_or_else(|| KvmError::Config(format!("interface {index}: no MAC address")))?;
+            Net::new(tap, mac).map_err(|e| KvmError::Config(format!("interface {index}: {e}")))
+        })
+        .collect()
+}
+
 /// One queue's notification, as the I/O thread waits for it.
 struct QueueEvent {
     event: EventFd,
@@ -107,8 +123,23 @@ pub fn attach(
     vm: &VmFd,
     mem: &Mem,
     mmio: &mut Bus,
-    devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    blocks: Vec<Block>,
+    nets: Vec<Net>,
 ) -> Result<(IoWork, Vec<RawFd>), KvmError> {
+    let mut taps = Vec::new();
+    let mut devices: Vec<Arc<Mutex<dyn VirtioDevice>>> = Vec::new();
+    for block in blocks {
+        devices.push(Arc::new(Mutex::new(block)));
+    }
+    for net in nets {
+        let tap = net.tap().as_raw_fd();
+        let net = Arc::new(Mutex::new(net));
+        taps.push(TapEvent {
+            tap,
+            net: net.clone(),
+        });
+        devices.push(net);
+    }
     if devices.len() > MAX_VIRTIO_DEVICES {
         return Err(KvmError::Config(format!(
             "backend kvm has room for {MAX_VIRTIO_DEVICES} disks and interfaces together"
@@ -117,6 +148,7 @@ pub fn attach(
     let io = |what: &'static str| move |e: std::io::Error| KvmError::Config(format!("{what}: {e}"));
     let mut work = IoWork {
         queues: Vec::new(),
+        taps,
         keep: Vec::new(),
     };
     let mut write_fds = Vec::new();
@@ -149,9 +181,20 @@ pub fn attach(
     Ok((work, write_fds))
 }
 
-/// What the I/O thread serves: each queue's EventFd and its device.
+/// A net device's tap, as the I/O thread watches it (edge-triggered).
+struct TapEvent {
+    tap: RawFd,
+    net: Arc<Mutex<Net>>,
+}
+
+/// Epoll data of the taps: this plus the tap's index (queues: their index).
+const TAP_EVENT: u64 = 1 << 32;
+
+/// What the I/O thread serves: each queue's EventFd and its device, and
+/// the net devices' taps.
 pub struct IoWork {
     queues: Vec<QueueEvent>,
+    taps: Vec<TapEvent>,
     /// The interrupts stay alive with their irqfds.
     keep: Vec<Arc<super::Interrupt>>,
 }
@@ -163,8 +206,14 @@ pub const IO_SYSCALLS: &[Allowed] = &[
         libc::SYS_epoll_pwait,
         "wait for queue notifications (newer libc)",
     ),
-    (libc::SYS_read, "consume a queue's EventFd"),
-    (libc::SYS_write, "raise a device's interrupt; log a failure"),
+    (
+        libc::SYS_read,
+        "consume a queue's EventFd; receive frames from a tap",
+    ),
+    (
+        libc::SYS_write,
+        "raise a device's interrupt; send frames to a tap; log a failure",
+    ),
     (libc::SYS_pread64, "read a disk image"),
     (libc::SYS_pwrite64, "write a disk image"),
     (libc::SYS_fdatasync, "a guest's flush"),
@@ -186,15 +235,23 @@ pub const IO_SYSCALLS: &[Allowed] = &[
     (libc::SYS_exit_group, "a panic's exit"),
 ];
 
-/// The I/O thread's filter: [`IO_SYSCALLS`], sendmsg only to the parent
-/// (the SIGSYS handler's report).
+/// What the I/O thread calls only with these arguments.
+pub const IO_ARG_RULES: &[ArgRule] = &[ArgRule {
+    nr: libc::SYS_ioctl,
+    arg: 1,
+    values: &[libc::TUNSETOFFLOAD],
+    why: "a tap's offloads follow what the guest's driver accepted",
+}];
+
+/// The I/O thread's filter: [`IO_SYSCALLS`], [`IO_ARG_RULES`], sendmsg
+/// only to the parent (the SIGSYS handler's report).
 pub fn io_filter() -> Result<seccompiler::BpfProgram, String> {
     let rules = vec![MatchRule {
         nr: libc::SYS_sendmsg,
         args: vec![(0, crate::proc::CHILD_FD as u64)],
         why: "the SIGSYS handler reports a refused call to the parent",
     }];
-    seccomp::compile_matching(&[IO_SYSCALLS], &[], &rules).map_err(|e| e.to_string())
+    seccomp::compile_matching(&[IO_SYSCALLS], &[IO_ARG_RULES], &rules).map_err(|e| e.to_string())
 }
 
 /// The I/O thread: started as root before the drop, it waits for the
@@ -214,6 +271,18 @@ impl IoThread {
                     ControlOperation::Add,
                     q.event.as_raw_fd(),
                     EpollEvent::new(EventSet::IN, i as u64),
+                )
+                .map_err(|e| KvmError::Config(format!("epoll: {e}")))?;
+        }
+        for (i, t) in work.taps.iter().enumerate() {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    t.tap,
+                    EpollEvent::new(
+                        EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+                        TAP_EVENT + i as u64,
+                    ),
                 )
                 .map_err(|e| KvmError::Config(format!("epoll: {e}")))?;
         }
@@ -254,7 +323,22 @@ fn serve(epoll: &Epoll, work: &IoWork) {
             }
         };
         for event in &events[..n] {
-            let Some(q) = work.queues.get(event.data() as usize) else {
+            let data = event.data();
+            if data >= TAP_EVENT {
+                let Some(t) = work.taps.get((data - TAP_EVENT) as usize) else {
+                    continue;
+                };
+                let set = event.event_set();
+                let mut net = lock(&t.net);
+                if set.contains(EventSet::OUT) {
+                    net.on_tap_writable();
+                }
+                if set.intersects(EventSet::IN | EventSet::ERROR | EventSet::HANG_UP) {
+                    net.on_tap_readable();
+                }
+                continue;
+            }
+            let Some(q) = work.queues.get(data as usize) else {
                 continue;
             };
             let _ = q.event.read();
@@ -341,11 +425,9 @@ mod tests {
         let kvm = kvm_ioctls::Kvm::new().expect("open /dev/kvm");
         let mut machine = Machine::new(kvm, MEMORY_MIN, guest).expect("machine");
         let before = machine.write_fds.len();
-        let devices: Vec<Arc<Mutex<dyn VirtioDevice>>> = blocks
-            .into_iter()
-            .map(|b| Arc::new(Mutex::new(b)) as Arc<Mutex<dyn VirtioDevice>>)
-            .collect();
-        let io = machine.attach_virtio_devices(devices).expect("attach");
+        let io = machine
+            .attach_virtio_devices(blocks, Vec::new())
+            .expect("attach");
         assert!(io.is_some());
         assert_eq!(machine.virtio_devices, 2);
         // Each disk's one queue EventFd and its interrupt.
