@@ -47,16 +47,23 @@ def config_vm(name):
             f' cmdline "{GUEST_CMDLINE}"\n memory 256M\n}}\n')
 
 
-def config_kvm_vm(name, cmdline=GUEST_CMDLINE):
+def config_kvm_vm(name, cmdline=GUEST_CMDLINE, extra=""):
     """A disabled vm.conf VM running the test guest under vmd's own monitor
-    (`backend kvm`)."""
+    (`backend kvm`), with `extra` vm.conf lines."""
     return (f'vm "{name}" {{\n disable\n boot "{GUEST_KERNEL}"\n initrd "{GUEST_INITRD}"\n'
-            f' cmdline "{cmdline}"\n memory 256M\n backend kvm\n}}\n')
+            f' cmdline "{cmdline}"\n memory 256M\n backend kvm\n{extra}}}\n')
 
+
+# The shutdown timeout of the guest that ignores its power button: short,
+# so the case is quick; the guest has long been `ready` when it is pressed.
+OWN_IGNORE_TIMEOUT = 10
 
 KVM_CONF = (config_kvm_vm("l2own") + config_kvm_vm("l2own-reboot", f"{GUEST_CMDLINE} vmd.action=reboot-after-2s")
             + config_kvm_vm("l2own-off", f"{GUEST_CMDLINE} vmd.action=poweroff-after-2s")
-            + config_kvm_vm("l2own-shell", "console=ttyS0 quiet vmd.mode=demo"))
+            + config_kvm_vm("l2own-shell", "console=ttyS0 quiet vmd.mode=demo")
+            + config_kvm_vm("l2own-stop")
+            + config_kvm_vm("l2own-ignore", f"{GUEST_CMDLINE} vmd.powerbutton=ignore",
+                            f" shutdown timeout {OWN_IGNORE_TIMEOUT}\n"))
 
 
 def start_own(vmd, name):
@@ -176,6 +183,39 @@ def own_monitor_poweroff(vmd):
     wait_for("the VM process to go", lambda: vmd.proc_status(vm_pid) is None, 60)
     if "guest: guest-shutdown" not in vmd.log():
         raise Failure("vmd did not log the guest's power-off")
+
+
+def own_monitor_power_button(vmd):
+    """`stop -w` presses the power button (the GED's interrupt, _EVT's
+    Notify of the PNP0C0C device): the guest's `button` driver reports it,
+    its init powers off (ACPI S5) and the VM process ends cleanly."""
+    vmid, _, vm_pid = start_own(vmd, "l2own-stop")
+    vmd.wait_console("l2own-stop", "VMD-GUEST: ready")
+    out = expect(vmd.vmctl("stop", "-w", "l2own-stop"), 0, rf"terminated vm {vmid}$", "stop -w")
+    log = vmd.console_log("l2own-stop")
+    if "VMD-GUEST: power button, powering off" not in log:
+        raise Failure(f"the guest's power button path did not run: {log[-1500:]!r}")
+    if "forced" in out:
+        raise Failure(f"stop -w forced the guest: {out!r}")
+    wait_for("the VM process to go", lambda: vmd.proc_status(vm_pid) is None, 60)
+    if vmd.state(vmid) != "stopped":
+        raise Failure(f"status after stop -w: {vmd.status_row(vmid)}")
+
+
+def own_monitor_power_button_ignored(vmd):
+    """A guest that ignores its power button is forced off at its shutdown
+    timeout (not before), as with QEMU."""
+    vmid, _, vm_pid = start_own(vmd, "l2own-ignore")
+    vmd.wait_console("l2own-ignore", "VMD-GUEST: ready")
+    began = time.monotonic()
+    expect(vmd.vmctl("stop", "-w", "l2own-ignore"), 0,
+           rf"forced to terminate vm {vmid} after the shutdown timeout$", "stop -w")
+    took = time.monotonic() - began
+    if took < OWN_IGNORE_TIMEOUT - 1:
+        raise Failure(f"forced after {took:.1f}s, before the {OWN_IGNORE_TIMEOUT}s shutdown timeout")
+    if "VMD-GUEST: power button, ignored" not in vmd.console_log("l2own-ignore"):
+        raise Failure("the guest did not see its power button")
+    wait_for("the VM process to go", lambda: vmd.proc_status(vm_pid) is None, 60)
 
 
 def kvm_gid(l1):
@@ -426,6 +466,8 @@ CASES = [
     ("own-monitor-console-input-reaches-the-shell", own_monitor_console_input, KVM_CONF),
     ("own-monitor-guest-reboot-restarts-on-same-tty", own_monitor_reboot, KVM_CONF),
     ("own-monitor-guest-poweroff-ends-the-vm", own_monitor_poweroff, KVM_CONF),
+    ("own-monitor-stop-w-power-button-powers-off", own_monitor_power_button, KVM_CONF),
+    ("own-monitor-ignored-power-button-forced-at-timeout", own_monitor_power_button_ignored, KVM_CONF),
     ("net-two-guests-on-a-switch-ping", net_case(net.two_guests_ping), NET_CONF),
     ("net-rdomain-vrf-vhost-net-two-guests-ping", net_case(vrf_vhost_ping), VRF_CONF),
     ("net-sigkill-vm-process-removes-its-tap", net_case(net.tap_cleanup("vm")), NET_CONF),

@@ -8,6 +8,7 @@
 //! gives (`guest-reset`, `guest-shutdown`): the parent applies vmd's
 //! restart rules.
 
+use super::devices::ged::Ged;
 use super::devices::serial::Serial;
 use super::vcpu::{vcpu_filter, vcpu_raw_fd, vcpu_run, VcpuEnd};
 use super::{KvmError, Machine};
@@ -73,6 +74,7 @@ pub struct KvmBackend {
     _vm: VmFd,
     _mem: GuestMemoryMmap,
     serial: Arc<Mutex<Serial>>,
+    ged: Arc<Mutex<Ged>>,
     /// The guest's end of the console socketpair, read for input.
     serial_in: OwnedFd,
     serial_room: EventFd,
@@ -139,6 +141,7 @@ pub fn prepare(
         mmio,
         exit,
         serial: serial_dev,
+        ged,
         serial_room,
         vcpu: mut vcpu_fd,
         ..
@@ -168,6 +171,7 @@ pub fn prepare(
         _vm: vm,
         _mem: mem,
         serial: serial_dev,
+        ged,
         serial_in,
         serial_room,
         input: VecDeque::new(),
@@ -224,15 +228,16 @@ impl Backend for KvmBackend {
                 let events = probe(&command, text, *steps, fd);
                 return self.events.extend(events);
             }
-            VmCommand::Pause | VmCommand::Unpause => "backend kvm cannot pause a guest yet",
-            VmCommand::Powerdown => "backend kvm has no power button yet",
-            VmCommand::Send { .. } => "backend kvm cannot send a VM yet",
+            VmCommand::Pause | VmCommand::Unpause => {
+                "backend kvm cannot pause a guest yet".to_string()
+            }
+            VmCommand::Powerdown => match self.power_button() {
+                Ok(()) => return self.command_done(command, None),
+                Err(e) => e,
+            },
+            VmCommand::Send { .. } => "backend kvm cannot send a VM yet".to_string(),
         };
-        log_warn!("{}: {error}", command.name());
-        self.events.push(BackendEvent::CommandDone {
-            command,
-            error: Some(error.to_string()),
-        });
+        self.command_done(command, Some(error));
     }
 
     fn take_events(&mut self) -> Vec<BackendEvent> {
@@ -278,6 +283,28 @@ impl Backend for KvmBackend {
 }
 
 impl KvmBackend {
+    fn command_done(&mut self, command: VmCommand, error: Option<String>) {
+        if let Some(e) = &error {
+            log_warn!("{}: {e}", command.name());
+        }
+        self.events
+            .push(BackendEvent::CommandDone { command, error });
+    }
+
+    /// Presses the guest's power button (devices/ged.rs): what the guest
+    /// does then is its own; the parent forces it at the shutdown
+    /// timeout, as with QEMU's `system_powerdown`.
+    fn power_button(&mut self) -> Result<(), String> {
+        if !self.running {
+            return Err("the guest is not running yet".into());
+        }
+        lock(&self.ged)
+            .press_power_button()
+            .map_err(|e| format!("raising the power button's interrupt: {e}"))?;
+        log_debug!("power button pressed");
+        Ok(())
+    }
+
     fn on_vcpu(&mut self) {
         let _ = self.vcpu.changed.read();
         let state = lock(&self.vcpu.state).clone();

@@ -36,6 +36,7 @@ pub use backend::KVM_MAIN_SYSCALLS;
 
 use bus::Bus;
 use common::config::VmConfig;
+use devices::ged::{Ged, GED_GSI, GED_LEN, GED_PORT};
 use devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use devices::power::{Power, POWER_BASE, POWER_LEN};
 use devices::serial::{Output, Serial, SERIAL_BASE, SERIAL_IRQ, SERIAL_LEN};
@@ -130,6 +131,8 @@ pub struct Machine {
     pub mmio: Bus,
     pub exit: Arc<GuestExit>,
     pub serial: Arc<Mutex<Serial>>,
+    /// The power button's Generic Event Device.
+    pub ged: Arc<Mutex<Ged>>,
     /// Written when the guest has drained the serial input FIFO.
     pub serial_room: EventFd,
     /// What the vCPU thread writes to (its filter allows only these).
@@ -215,6 +218,11 @@ impl Machine {
             POWER_LEN,
             Arc::new(Mutex::new(Power::new(exit.clone()))),
         )?;
+        let ged_irq = eventfd()?;
+        vm.register_irqfd(&ged_irq, GED_GSI)
+            .map_err(KvmError::os("KVM_IRQFD"))?;
+        let ged = Arc::new(Mutex::new(Ged::new(clone(&ged_irq)?)));
+        attach(&mut pio, GED_PORT, GED_LEN, ged.clone())?;
         let vcpu = vm.create_vcpu(0).map_err(KvmError::os("KVM_CREATE_VCPU"))?;
         Ok(Machine {
             kvm,
@@ -224,10 +232,11 @@ impl Machine {
             mmio: Bus::new(),
             exit,
             serial,
+            ged,
             serial_room,
             write_fds,
             vcpu,
-            _keep: vec![serial_irq],
+            _keep: vec![serial_irq, ged_irq],
         })
     }
 
