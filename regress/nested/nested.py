@@ -61,7 +61,7 @@ OWN_IGNORE_TIMEOUT = 10
 KVM_CONF = (config_kvm_vm("l2own") + config_kvm_vm("l2own-reboot", f"{GUEST_CMDLINE} vmd.action=reboot-after-2s")
             + config_kvm_vm("l2own-off", f"{GUEST_CMDLINE} vmd.action=poweroff-after-2s")
             + config_kvm_vm("l2own-shell", "console=ttyS0 quiet vmd.mode=demo")
-            + config_kvm_vm("l2own-stop")
+            + config_kvm_vm("l2own-stop") + config_kvm_vm("l2own-pause")
             + config_kvm_vm("l2own-ignore", f"{GUEST_CMDLINE} vmd.powerbutton=ignore",
                             f" shutdown timeout {OWN_IGNORE_TIMEOUT}\n"))
 
@@ -218,6 +218,19 @@ def own_monitor_power_button_ignored(vmd):
     wait_for("the VM process to go", lambda: vmd.proc_status(vm_pid) is None, 60)
 
 
+def own_monitor_pause_unpause(vmd):
+    """`backend kvm`: pause parks the vCPU (kicked out of KVM_RUN) and the
+    ticks stop; unpause resumes them; a second pause is refused as with
+    QEMU."""
+    vmid, _, _ = start_own(vmd, "l2own-pause")
+    pause_unpause(vmd, "l2own-pause", vmid)
+    expect(vmd.vmctl("pause", "l2own-pause"), 0, rf"^vmctl: paused vm {vmid} successfully$", "pause")
+    expect(vmd.vmctl("pause", "l2own-pause"), 1, r"already paused", "a second pause")
+    expect(vmd.vmctl("unpause", "l2own-pause"), 0, rf"^vmctl: unpaused vm {vmid} successfully$", "unpause")
+    expect(vmd.vmctl("unpause", "l2own-pause"), 1, r"is not paused", "a second unpause")
+    expect(vmd.vmctl("stop", "-f", "l2own-pause"), 0, r"forced to terminate", "stop -f")
+
+
 def kvm_gid(l1):
     for line in l1.read("/etc/group").splitlines():
         fields = line.split(":")
@@ -295,29 +308,30 @@ def qemu_credentials(vmd):
         raise Failure(f"/dev/kvm is {dev}; the test needs 660 root kvm")
 
 
-def pause_unpause(vmd):
+def pause_unpause(vmd, name="l2pause", vmid=None):
     """Pause stops the guest's ticks for at least three tick intervals (as
     measured just before, so a slow machine only widens the window);
     unpause brings them back."""
-    vmid, _ = vmd.start("l2pause")
-    vmd.vm_pids(vmid)
-    vmd.wait_console("l2pause", "VMD-GUEST: tick 2")
+    if vmid is None:
+        vmid, _ = vmd.start(name)
+        vmd.vm_pids(vmid)
+    vmd.wait_console(name, "VMD-GUEST: tick 2")
     first = time.monotonic()
-    vmd.wait_console("l2pause", "VMD-GUEST: tick 3")
+    vmd.wait_console(name, "VMD-GUEST: tick 3")
     interval = time.monotonic() - first
-    expect(vmd.vmctl("pause", "l2pause"), 0, rf"^vmctl: paused vm {vmid} successfully$", "pause")
+    expect(vmd.vmctl("pause", name), 0, rf"^vmctl: paused vm {vmid} successfully$", "pause")
     if vmd.state(vmid) != "paused":
         raise Failure(f"status after pause: {vmd.status_row(vmid)}")
     # A tick already on its way out when the vCPU stopped may still arrive.
-    before = ticks(vmd.console_log("l2pause"))
+    before = ticks(vmd.console_log(name))
     time.sleep(max(3.0, 3 * interval))
-    after = ticks(vmd.console_log("l2pause"))
+    after = ticks(vmd.console_log(name))
     if len(after) > len(before) + 1:
         raise Failure(f"ticks while paused: {after[len(before):]} (interval {interval:.1f}s)")
-    expect(vmd.vmctl("unpause", "l2pause"), 0, rf"^vmctl: unpaused vm {vmid} successfully$", "unpause")
+    expect(vmd.vmctl("unpause", name), 0, rf"^vmctl: unpaused vm {vmid} successfully$", "unpause")
     if vmd.state(vmid) != "running":
         raise Failure(f"status after unpause: {vmd.status_row(vmid)}")
-    wait_for("ticks to resume", lambda: len(ticks(vmd.console_log("l2pause"))) >= len(after) + 2,
+    wait_for("ticks to resume", lambda: len(ticks(vmd.console_log(name))) >= len(after) + 2,
              L2_BOOT_TIMEOUT)
 
 
@@ -468,6 +482,7 @@ CASES = [
     ("own-monitor-guest-poweroff-ends-the-vm", own_monitor_poweroff, KVM_CONF),
     ("own-monitor-stop-w-power-button-powers-off", own_monitor_power_button, KVM_CONF),
     ("own-monitor-ignored-power-button-forced-at-timeout", own_monitor_power_button_ignored, KVM_CONF),
+    ("own-monitor-pause-stops-ticks-unpause-resumes", own_monitor_pause_unpause, KVM_CONF),
     ("net-two-guests-on-a-switch-ping", net_case(net.two_guests_ping), NET_CONF),
     ("net-rdomain-vrf-vhost-net-two-guests-ping", net_case(vrf_vhost_ping), VRF_CONF),
     ("net-sigkill-vm-process-removes-its-tap", net_case(net.tap_cleanup("vm")), NET_CONF),

@@ -10,7 +10,8 @@
 
 use super::devices::ged::Ged;
 use super::devices::serial::Serial;
-use super::vcpu::{vcpu_filter, vcpu_raw_fd, vcpu_run, VcpuEnd};
+use super::pause::{self, Pause};
+use super::vcpu::{vcpu_filter, vcpu_raw_fd, vcpu_run_pausable, VcpuEnd};
 use super::{KvmError, Machine};
 use crate::log::{log_debug, log_info, log_warn};
 use crate::seccomp::{Allowed, RoleFilter};
@@ -25,6 +26,7 @@ use mio::{Interest, Registry, Token};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -33,10 +35,16 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// What the monitor thread adds to the VM process's calls.
-pub const KVM_MAIN_SYSCALLS: &[Allowed] = &[(
-    libc::SYS_futex,
-    "take the serial port's lock to give it input; start and join the vCPU thread",
-)];
+pub const KVM_MAIN_SYSCALLS: &[Allowed] = &[
+    (
+        libc::SYS_futex,
+        "take the serial port's lock to give it input; start and join the vCPU thread",
+    ),
+    (
+        libc::SYS_tgkill,
+        "kick the vCPU thread out of KVM_RUN to pause it (vm/kvm/pause.rs)",
+    ),
+];
 
 /// Console input held while the guest's FIFO is full; beyond it the
 /// console socket is left unread (the relay then drops what the pty
@@ -52,6 +60,8 @@ const SERIAL_ROOM: Token = Token(FIRST_BACKEND_TOKEN + 2);
 enum VcpuState {
     Waiting,
     Running,
+    /// Parked by a pause (vm/kvm/pause.rs).
+    Paused,
     Ended(VcpuEnd),
 }
 
@@ -60,6 +70,9 @@ enum VcpuState {
 struct VcpuShared {
     state: Mutex<VcpuState>,
     changed: EventFd,
+    pause: Pause,
+    /// The vCPU thread's id, once it runs (0 before): what a pause kicks.
+    tid: std::sync::atomic::AtomicI32,
 }
 
 impl VcpuShared {
@@ -84,6 +97,10 @@ pub struct KvmBackend {
     go: Option<mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
     running: bool,
+    /// The vCPU is parked (a pause is done).
+    paused: bool,
+    /// A pause or unpause waiting for the vCPU to say it is done.
+    pausing: Option<VmCommand>,
     end: Option<VcpuEnd>,
     killed: bool,
     events: Vec<BackendEvent>,
@@ -129,7 +146,11 @@ pub fn prepare(
         changed: changed
             .try_clone()
             .map_err(|e| KvmError::Config(format!("duplicating an eventfd: {e}")))?,
+        pause: Pause::default(),
+        tid: std::sync::atomic::AtomicI32::new(0),
     });
+    pause::install_kick_handler()
+        .map_err(|e| KvmError::Config(format!("installing the pause signal's handler: {e}")))?;
     let mut write_fds = machine.write_fds.clone();
     write_fds.push(vcpu.changed.as_raw_fd());
     let filter = vcpu_filter(vcpu_raw_fd(&machine.vcpu), &write_fds)
@@ -157,11 +178,22 @@ pub fn prepare(
             if wait.recv().is_err() {
                 return;
             }
+            shared.tid.store(pause::thread_id(), Ordering::SeqCst);
             let end = match seccompiler::apply_filter(&filter) {
                 Err(e) => VcpuEnd::Failed(format!("installing the vCPU filter: {e}")),
                 Ok(()) => {
                     shared.set(VcpuState::Running);
-                    vcpu_run(&mut vcpu_fd, &pio, &mmio, &exit)
+                    let parked = |on: bool| {
+                        shared.set(if on {
+                            VcpuState::Paused
+                        } else {
+                            VcpuState::Running
+                        })
+                    };
+                    pause::with_immediate_exit(&mut vcpu_fd, |vcpu| {
+                        let pause: (&Pause, &dyn Fn(bool)) = (&shared.pause, &parked);
+                        vcpu_run_pausable(vcpu, &pio, &mmio, &exit, Some(pause))
+                    })
                 }
             };
             shared.set(VcpuState::Ended(end));
@@ -179,6 +211,8 @@ pub fn prepare(
         go: Some(go),
         thread: Some(thread),
         running: false,
+        paused: false,
+        pausing: None,
         end: None,
         killed: false,
         events: Vec::new(),
@@ -228,9 +262,10 @@ impl Backend for KvmBackend {
                 let events = probe(&command, text, *steps, fd);
                 return self.events.extend(events);
             }
-            VmCommand::Pause | VmCommand::Unpause => {
-                "backend kvm cannot pause a guest yet".to_string()
-            }
+            VmCommand::Pause | VmCommand::Unpause => match self.pause(&command) {
+                Ok(()) => return,
+                Err(e) => e,
+            },
             VmCommand::Powerdown => match self.power_button() {
                 Ok(()) => return self.command_done(command, None),
                 Err(e) => e,
@@ -291,12 +326,48 @@ impl KvmBackend {
             .push(BackendEvent::CommandDone { command, error });
     }
 
+    /// Asks the vCPU to park (kicked out of KVM_RUN) or to go on; the
+    /// answer comes when it has ([`KvmBackend::on_vcpu`]).
+    fn pause(&mut self, command: &VmCommand) -> Result<(), String> {
+        let pause = *command == VmCommand::Pause;
+        if !self.running || self.end.is_some() {
+            return Err("the guest is not running".into());
+        }
+        if self.pausing.is_some() {
+            return Err("a pause or unpause is under way".into());
+        }
+        match (self.paused, pause) {
+            (true, true) => return Err("the guest is already paused".into()),
+            (false, false) => return Err("the guest is not paused".into()),
+            _ => {}
+        }
+        self.vcpu.pause.ask(pause);
+        if pause {
+            let tid = self.vcpu.tid.load(Ordering::SeqCst);
+            if let Err(e) = pause::kick(std::process::id() as libc::pid_t, tid) {
+                self.vcpu.pause.ask(false);
+                return Err(format!("kicking the vCPU thread: {e}"));
+            }
+        }
+        self.pausing = Some(command.clone());
+        Ok(())
+    }
+
     /// Presses the guest's power button (devices/ged.rs): what the guest
     /// does then is its own; the parent forces it at the shutdown
     /// timeout, as with QEMU's `system_powerdown`.
     fn power_button(&mut self) -> Result<(), String> {
         if !self.running {
             return Err("the guest is not running yet".into());
+        }
+        if self.paused || self.pausing.is_some() {
+            // A parked guest cannot see its power button: it goes on, as
+            // QEMU's backend does.
+            self.vcpu.pause.ask(false);
+            if let Some(pausing) = self.pausing.take() {
+                let error = "the power button unpaused the guest".to_string();
+                self.command_done(pausing, Some(error));
+            }
         }
         lock(&self.ged)
             .press_power_button()
@@ -310,7 +381,11 @@ impl KvmBackend {
         let state = lock(&self.vcpu.state).clone();
         match state {
             VcpuState::Waiting => {}
-            VcpuState::Running => self.on_running(),
+            VcpuState::Running => {
+                self.on_running();
+                self.on_paused(false);
+            }
+            VcpuState::Paused => self.on_paused(true),
             VcpuState::Ended(end) => {
                 let reason = match &end {
                     VcpuEnd::Reset => Some("guest-reset"),
@@ -330,6 +405,24 @@ impl KvmBackend {
                 }
                 self.end = Some(end);
             }
+        }
+    }
+
+    /// The vCPU parked (`paused`) or went on: a pause or unpause waiting
+    /// for it is done.
+    fn on_paused(&mut self, paused: bool) {
+        if self.paused != paused {
+            self.paused = paused;
+            log_info!("guest {}", if paused { "paused" } else { "unpaused" });
+        }
+        let want = if paused {
+            VmCommand::Pause
+        } else {
+            VmCommand::Unpause
+        };
+        if self.pausing.as_ref() == Some(&want) {
+            self.pausing = None;
+            self.command_done(want, None);
         }
     }
 

@@ -22,6 +22,7 @@ mod backend;
 pub mod boot;
 pub mod bus;
 pub mod devices;
+pub mod pause;
 #[cfg(test)]
 mod tests;
 pub mod vcpu;
