@@ -62,6 +62,7 @@ KVM_CONF = (config_kvm_vm("l2own") + config_kvm_vm("l2own-reboot", f"{GUEST_CMDL
             + config_kvm_vm("l2own-off", f"{GUEST_CMDLINE} vmd.action=poweroff-after-2s")
             + config_kvm_vm("l2own-shell", "console=ttyS0 quiet vmd.mode=demo")
             + config_kvm_vm("l2own-stop") + config_kvm_vm("l2own-pause")
+            + config_kvm_vm("l2own-smp", extra=" vcpu 2\n")
             + config_kvm_vm("l2own-ignore", f"{GUEST_CMDLINE} vmd.powerbutton=ignore",
                             f" shutdown timeout {OWN_IGNORE_TIMEOUT}\n"))
 
@@ -229,6 +230,26 @@ def own_monitor_pause_unpause(vmd):
     expect(vmd.vmctl("unpause", "l2own-pause"), 0, rf"^vmctl: unpaused vm {vmid} successfully$", "unpause")
     expect(vmd.vmctl("unpause", "l2own-pause"), 1, r"is not paused", "a second unpause")
     expect(vmd.vmctl("stop", "-f", "l2own-pause"), 0, r"forced to terminate", "stop -f")
+
+
+def own_monitor_two_vcpus(vmd):
+    """`vcpu 2` under `backend kvm`: two vCPU threads (vcpu0, vcpu1), each
+    with its KVM vCPU, and the guest brings both CPUs up (MADT, CPUID's
+    APIC ids, INIT/SIPI through the in-kernel LAPIC); pause and unpause
+    park and resume both."""
+    vmid, _, vm_pid = start_own(vmd, "l2own-smp")
+    vmd.wait_console("l2own-smp", "VMD-GUEST: ready")
+    if "VMD-GUEST: cpus 2" not in vmd.console_log("l2own-smp"):
+        raise Failure(f"the guest did not see two CPUs: {vmd.console_log('l2own-smp')[-1500:]!r}")
+    names = vmd.l1.sh(f"cat /proc/{vm_pid}/task/*/comm")[1].split()
+    if sorted(n for n in names if n.startswith("vcpu")) != ["vcpu0", "vcpu1"]:
+        raise Failure(f"the VM process's threads are {names}; want vcpu0 and vcpu1")
+    fds = vmd.l1.sh(f"ls -l /proc/{vm_pid}/fd")[1]
+    for want in ("anon_inode:kvm-vcpu:0", "anon_inode:kvm-vcpu:1"):
+        if want not in fds:
+            raise Failure(f"the VM process holds no {want}: {fds}")
+    pause_unpause(vmd, "l2own-smp", vmid)
+    expect(vmd.vmctl("stop", "-f", "l2own-smp"), 0, r"forced to terminate", "stop -f")
 
 
 def kvm_gid(l1):
@@ -483,6 +504,7 @@ CASES = [
     ("own-monitor-stop-w-power-button-powers-off", own_monitor_power_button, KVM_CONF),
     ("own-monitor-ignored-power-button-forced-at-timeout", own_monitor_power_button_ignored, KVM_CONF),
     ("own-monitor-pause-stops-ticks-unpause-resumes", own_monitor_pause_unpause, KVM_CONF),
+    ("own-monitor-vcpu-2-guest-sees-two-cpus", own_monitor_two_vcpus, KVM_CONF),
     ("net-two-guests-on-a-switch-ping", net_case(net.two_guests_ping), NET_CONF),
     ("net-rdomain-vrf-vhost-net-two-guests-ping", net_case(vrf_vhost_ping), VRF_CONF),
     ("net-sigkill-vm-process-removes-its-tap", net_case(net.tap_cleanup("vm")), NET_CONF),

@@ -8,8 +8,10 @@
 //! gives (`guest-reset`, `guest-shutdown`): the parent applies vmd's
 //! restart rules.
 
+use super::bus::Bus;
 use super::devices::ged::Ged;
 use super::devices::serial::Serial;
+use super::devices::GuestExit;
 use super::pause::{self, Pause};
 use super::vcpu::{vcpu_filter, vcpu_raw_fd, vcpu_run_pausable, VcpuEnd};
 use super::{KvmError, Machine};
@@ -26,7 +28,7 @@ use mio::{Interest, Registry, Token};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -65,20 +67,39 @@ enum VcpuState {
     Ended(VcpuEnd),
 }
 
-/// Shared by the vCPU thread and the monitor: the state and the eventfd
-/// that says it changed.
+/// Shared by the vCPU threads and the monitor: each vCPU's state, the
+/// eventfd that says one changed, the pause they all obey.
 struct VcpuShared {
-    state: Mutex<VcpuState>,
+    states: Mutex<Vec<VcpuState>>,
     changed: EventFd,
     pause: Pause,
-    /// The vCPU thread's id, once it runs (0 before): what a pause kicks.
-    tid: std::sync::atomic::AtomicI32,
+    /// Each vCPU thread's id, once it runs (0 before): what a pause kicks.
+    tids: Vec<AtomicI32>,
 }
 
 impl VcpuShared {
-    fn set(&self, state: VcpuState) {
-        *lock(&self.state) = state;
+    fn set(&self, index: usize, state: VcpuState) {
+        if let Some(slot) = lock(&self.states).get_mut(index) {
+            *slot = state;
+        }
         let _ = self.changed.write(1);
+    }
+
+    /// What the machine is doing, from its vCPUs' states: the first
+    /// vCPU's end ends it; it is paused when every vCPU is parked.
+    fn machine_state(&self) -> VcpuState {
+        let states = lock(&self.states);
+        if let Some(end) = states.iter().find(|s| matches!(s, VcpuState::Ended(_))) {
+            return end.clone();
+        }
+        if states.iter().all(|s| *s == VcpuState::Paused) {
+            VcpuState::Paused
+        } else if states.iter().all(|s| *s == VcpuState::Running) {
+            VcpuState::Running
+        } else {
+            // Starting, or some parked and some not yet.
+            VcpuState::Waiting
+        }
     }
 }
 
@@ -93,9 +114,9 @@ pub struct KvmBackend {
     serial_room: EventFd,
     input: VecDeque<u8>,
     vcpu: Arc<VcpuShared>,
-    /// Tells the vCPU thread to go; dropped unused, it gives up.
-    go: Option<mpsc::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    /// Tell the vCPU threads to go; dropped unused, they give up.
+    go: Vec<mpsc::Sender<()>>,
+    threads: Vec<Option<JoinHandle<()>>>,
     running: bool,
     /// The vCPU is parked (a pause is done).
     paused: bool,
@@ -117,9 +138,8 @@ pub fn prepare(
         return Err(KvmError::Config("not a backend kvm VM".into()).into());
     };
     let missing = |what: &str| VmError::Receive(format!("no {what} descriptor"));
-    if params.vcpus != 1 {
-        return Err(KvmError::Config("backend kvm runs one vCPU".into()).into());
-    }
+    let vcpus = u8::try_from(params.vcpus)
+        .map_err(|_| KvmError::Config(format!("{} vCPUs is too many", params.vcpus)))?;
     let kvm_fd = fds.kvm.take().ok_or_else(|| missing("/dev/kvm"))?;
     // SAFETY: the parent opened /dev/kvm for us; Kvm owns it from here.
     let kvm = unsafe { Kvm::from_raw_fd(kvm_fd.into_raw_fd()) };
@@ -131,6 +151,7 @@ pub fn prepare(
         .map_err(|e| KvmError::Config(format!("duplicating the console socket: {e}")))?;
 
     let mut machine = Machine::new(kvm, params.memory, serial)?;
+    machine.add_aps(vcpus)?;
     machine.boot_linux(
         &mut kernel,
         initrd.as_mut(),
@@ -142,19 +163,17 @@ pub fn prepare(
     let changed = EventFd::new(EFD_NONBLOCK)
         .map_err(|e| KvmError::Config(format!("creating an eventfd: {e}")))?;
     let vcpu = Arc::new(VcpuShared {
-        state: Mutex::new(VcpuState::Waiting),
+        states: Mutex::new(vec![VcpuState::Waiting; vcpus as usize]),
         changed: changed
             .try_clone()
             .map_err(|e| KvmError::Config(format!("duplicating an eventfd: {e}")))?,
         pause: Pause::default(),
-        tid: std::sync::atomic::AtomicI32::new(0),
+        tids: (0..vcpus).map(|_| AtomicI32::new(0)).collect(),
     });
     pause::install_kick_handler()
         .map_err(|e| KvmError::Config(format!("installing the pause signal's handler: {e}")))?;
     let mut write_fds = machine.write_fds.clone();
     write_fds.push(vcpu.changed.as_raw_fd());
-    let filter = vcpu_filter(vcpu_raw_fd(&machine.vcpu), &write_fds)
-        .map_err(|e| KvmError::Config(format!("the vCPU filter: {e}")))?;
     let Machine {
         vm,
         mem,
@@ -164,41 +183,25 @@ pub fn prepare(
         serial: serial_dev,
         ged,
         serial_room,
-        vcpu: mut vcpu_fd,
+        vcpu: boot_vcpu,
+        aps,
         ..
     } = machine;
-    let (go, wait) = mpsc::channel::<()>();
-    let shared = vcpu.clone();
-    // Spawned now, while root: the drop (chroot, uids) covers the whole
-    // process, and this thread installs its own filter once it is done.
-    let thread = std::thread::Builder::new()
-        .name("vcpu0".into())
-        .spawn(move || {
-            // The monitor says go, or drops the sender: give up.
-            if wait.recv().is_err() {
-                return;
-            }
-            shared.tid.store(pause::thread_id(), Ordering::SeqCst);
-            let end = match seccompiler::apply_filter(&filter) {
-                Err(e) => VcpuEnd::Failed(format!("installing the vCPU filter: {e}")),
-                Ok(()) => {
-                    shared.set(VcpuState::Running);
-                    let parked = |on: bool| {
-                        shared.set(if on {
-                            VcpuState::Paused
-                        } else {
-                            VcpuState::Running
-                        })
-                    };
-                    pause::with_immediate_exit(&mut vcpu_fd, |vcpu| {
-                        let pause: (&Pause, &dyn Fn(bool)) = (&shared.pause, &parked);
-                        vcpu_run_pausable(vcpu, &pio, &mmio, &exit, Some(pause))
-                    })
-                }
-            };
-            shared.set(VcpuState::Ended(end));
-        })
-        .map_err(|e| KvmError::Config(format!("starting the vCPU thread: {e}")))?;
+    let buses = Arc::new((pio, mmio));
+    let mut go = Vec::new();
+    let mut threads = Vec::new();
+    for (index, fd) in std::iter::once(boot_vcpu).chain(aps).enumerate() {
+        let (sender, thread) = spawn_vcpu(
+            index,
+            fd,
+            &write_fds,
+            vcpu.clone(),
+            buses.clone(),
+            exit.clone(),
+        )?;
+        go.push(sender);
+        threads.push(Some(thread));
+    }
     Ok(KvmBackend {
         _vm: vm,
         _mem: mem,
@@ -208,8 +211,8 @@ pub fn prepare(
         serial_room,
         input: VecDeque::new(),
         vcpu,
-        go: Some(go),
-        thread: Some(thread),
+        go,
+        threads,
         running: false,
         paused: false,
         pausing: None,
@@ -217,6 +220,55 @@ pub fn prepare(
         killed: false,
         events: Vec::new(),
     })
+}
+
+/// Starts vCPU `index`'s thread (`vcpuN`), waiting for the go; then it
+/// installs its own filter (KVM_RUN on its own vCPU) and runs the guest.
+/// Spawned while root: the drop (chroot, uids) covers the whole process.
+fn spawn_vcpu(
+    index: usize,
+    mut fd: kvm_ioctls::VcpuFd,
+    write_fds: &[std::os::fd::RawFd],
+    shared: Arc<VcpuShared>,
+    buses: Arc<(Bus, Bus)>,
+    exit: Arc<GuestExit>,
+) -> Result<(mpsc::Sender<()>, JoinHandle<()>), KvmError> {
+    let filter = vcpu_filter(vcpu_raw_fd(&fd), write_fds)
+        .map_err(|e| KvmError::Config(format!("the vCPU filter: {e}")))?;
+    let (go, wait) = mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name(format!("vcpu{index}"))
+        .spawn(move || {
+            // The monitor says go, or drops the sender: give up.
+            if wait.recv().is_err() {
+                return;
+            }
+            if let Some(tid) = shared.tids.get(index) {
+                tid.store(pause::thread_id(), Ordering::SeqCst);
+            }
+            let end = match seccompiler::apply_filter(&filter) {
+                Err(e) => VcpuEnd::Failed(format!("installing the vCPU filter: {e}")),
+                Ok(()) => {
+                    shared.set(index, VcpuState::Running);
+                    let parked = |on: bool| {
+                        let state = if on {
+                            VcpuState::Paused
+                        } else {
+                            VcpuState::Running
+                        };
+                        shared.set(index, state)
+                    };
+                    let (pio, mmio) = &*buses;
+                    pause::with_immediate_exit(&mut fd, |vcpu| {
+                        let pause: (&Pause, &dyn Fn(bool)) = (&shared.pause, &parked);
+                        vcpu_run_pausable(vcpu, pio, mmio, &exit, Some(pause))
+                    })
+                }
+            };
+            shared.set(index, VcpuState::Ended(end));
+        })
+        .map_err(|e| KvmError::Config(format!("starting the vCPU thread: {e}")))?;
+    Ok((go, thread))
 }
 
 impl Backend for KvmBackend {
@@ -237,7 +289,7 @@ impl Backend for KvmBackend {
         ] {
             registry.register(&mut SourceFd(&fd), token, Interest::READABLE)?;
         }
-        if let Some(go) = self.go.take() {
+        for go in self.go.drain(..) {
             let _ = go.send(());
         }
         Ok(())
@@ -293,13 +345,19 @@ impl Backend for KvmBackend {
     fn kill(&mut self) {
         self.killed = true;
         // A thread still waiting gives up.
-        self.go = None;
+        self.go.clear();
     }
 
     fn finish(&mut self, _wait_until: &mut dyn FnMut(Instant) -> bool) -> Ended {
         if self.end.is_some() {
-            if let Some(thread) = self.thread.take() {
-                let _ = thread.join();
+            // The vCPUs that ended; the others go with the process.
+            let states = lock(&self.vcpu.states).clone();
+            for (thread, state) in self.threads.iter_mut().zip(states) {
+                if matches!(state, VcpuState::Ended(_)) {
+                    if let Some(thread) = thread.take() {
+                        let _ = thread.join();
+                    }
+                }
             }
         }
         let (clean, why) = match &self.end {
@@ -343,10 +401,12 @@ impl KvmBackend {
         }
         self.vcpu.pause.ask(pause);
         if pause {
-            let tid = self.vcpu.tid.load(Ordering::SeqCst);
-            if let Err(e) = pause::kick(std::process::id() as libc::pid_t, tid) {
-                self.vcpu.pause.ask(false);
-                return Err(format!("kicking the vCPU thread: {e}"));
+            let pid = std::process::id() as libc::pid_t;
+            for (index, tid) in self.vcpu.tids.iter().enumerate() {
+                if let Err(e) = pause::kick(pid, tid.load(Ordering::SeqCst)) {
+                    self.vcpu.pause.ask(false);
+                    return Err(format!("kicking vCPU {index}'s thread: {e}"));
+                }
             }
         }
         self.pausing = Some(command.clone());
@@ -378,7 +438,7 @@ impl KvmBackend {
 
     fn on_vcpu(&mut self) {
         let _ = self.vcpu.changed.read();
-        let state = lock(&self.vcpu.state).clone();
+        let state = self.vcpu.machine_state();
         match state {
             VcpuState::Waiting => {}
             VcpuState::Running => {
@@ -460,5 +520,43 @@ impl KvmBackend {
         let taken = serial.enqueue(head);
         drop(serial);
         self.input.drain(..taken);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(states: Vec<VcpuState>) -> VcpuShared {
+        VcpuShared {
+            tids: states.iter().map(|_| AtomicI32::new(0)).collect(),
+            states: Mutex::new(states),
+            changed: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+            pause: Pause::default(),
+        }
+    }
+
+    /// The machine runs when every vCPU does, is paused when every vCPU
+    /// is parked, and ends with its first vCPU's end.
+    #[test]
+    fn the_machine_state_follows_all_its_vcpus() {
+        use VcpuState::*;
+        let machine = shared(vec![Waiting, Waiting]);
+        assert_eq!(machine.machine_state(), Waiting);
+        machine.set(0, Running);
+        assert_eq!(machine.machine_state(), Waiting);
+        machine.set(1, Running);
+        assert_eq!(machine.machine_state(), Running);
+        assert_eq!(machine.changed.read().expect("told"), 2);
+        machine.set(1, Paused);
+        assert_eq!(machine.machine_state(), Waiting, "half parked");
+        machine.set(0, Paused);
+        assert_eq!(machine.machine_state(), Paused);
+        machine.set(0, Running);
+        assert_eq!(machine.machine_state(), Waiting, "half going on");
+        machine.set(1, Ended(VcpuEnd::PowerOff));
+        assert_eq!(machine.machine_state(), Ended(VcpuEnd::PowerOff));
+        machine.set(7, Running);
+        assert_eq!(machine.machine_state(), Ended(VcpuEnd::PowerOff));
     }
 }
