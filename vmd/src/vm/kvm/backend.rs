@@ -16,7 +16,7 @@ use super::pause::{self, Pause};
 use super::vcpu::{vcpu_filter, vcpu_raw_fd, vcpu_run_pausable, VcpuEnd};
 use super::{KvmError, Machine};
 use crate::log::{log_debug, log_info, log_warn};
-use crate::seccomp::{Allowed, RoleFilter};
+use crate::seccomp::{Allowed, ArgRule, RoleFilter};
 use crate::vm::backend::{probe, Backend, BackendEvent, Ended, ThreadRole, FIRST_BACKEND_TOKEN};
 use crate::vm::console::read_some;
 use crate::vm::kvm::bus::lock;
@@ -37,16 +37,18 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// What the monitor thread adds to the VM process's calls.
-pub const KVM_MAIN_SYSCALLS: &[Allowed] = &[
-    (
-        libc::SYS_futex,
-        "take the serial port's lock to give it input; start and join the vCPU thread",
-    ),
-    (
-        libc::SYS_tgkill,
-        "kick the vCPU thread out of KVM_RUN to pause it (vm/kvm/pause.rs)",
-    ),
-];
+pub const KVM_MAIN_SYSCALLS: &[Allowed] = &[(
+    libc::SYS_futex,
+    "take the serial port's lock to give it input; start and join the vCPU thread",
+)];
+
+/// The monitor thread's calls allowed with given arguments only.
+pub const KVM_MAIN_ARG_RULES: &[ArgRule] = &[ArgRule {
+    nr: libc::SYS_tgkill,
+    arg: 2,
+    values: &[pause::KICK_SIGNAL as u64],
+    why: "kick a vCPU thread out of KVM_RUN to pause it (vm/kvm/pause.rs), with that signal only",
+}];
 
 /// Console input held while the guest's FIFO is full; beyond it the
 /// console socket is left unread (the relay then drops what the pty
@@ -276,7 +278,7 @@ impl Backend for KvmBackend {
         match role {
             ThreadRole::Main => RoleFilter {
                 syscalls: KVM_MAIN_SYSCALLS,
-                with_args: &[],
+                with_args: KVM_MAIN_ARG_RULES,
             },
         }
     }

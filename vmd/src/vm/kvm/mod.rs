@@ -33,7 +33,7 @@ pub mod virtio;
 
 pub use backend::prepare;
 #[cfg(test)]
-pub use backend::KVM_MAIN_SYSCALLS;
+pub use backend::{KVM_MAIN_ARG_RULES, KVM_MAIN_SYSCALLS};
 
 use bus::Bus;
 use common::config::VmConfig;

@@ -14,11 +14,14 @@ use kvm_ioctls::VcpuFd;
 use std::cell::Cell;
 use std::sync::{Condvar, Mutex};
 
-/// The signal that kicks a vCPU thread out of KVM_RUN: SIGRTMIN, which
-/// nothing else in the VM process uses (the test triggers take
-/// SIGRTMIN+1 to +4).
-pub fn kick_signal() -> libc::c_int {
-    libc::SIGRTMIN()
+/// The signal that kicks a vCPU thread out of KVM_RUN: SIGRTMIN (34
+/// with glibc, a constant for the monitor's filter, which allows tgkill
+/// with this signal only), which nothing else in the VM process uses
+/// (the test triggers take SIGRTMIN+1 to +4).
+pub const KICK_SIGNAL: libc::c_int = 34;
+
+fn kick_signal() -> libc::c_int {
+    KICK_SIGNAL
 }
 
 thread_local! {
@@ -39,6 +42,12 @@ extern "C" fn on_kick(_: libc::c_int) {
 /// Installs the kick's handler (process-wide; before the filters: it
 /// takes rt_sigaction).
 pub fn install_kick_handler() -> std::io::Result<()> {
+    if libc::SIGRTMIN() != KICK_SIGNAL {
+        return Err(std::io::Error::other(format!(
+            "SIGRTMIN is {}, not {KICK_SIGNAL}",
+            libc::SIGRTMIN()
+        )));
+    }
     // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" one.
     let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
     action.sa_sigaction = on_kick as extern "C" fn(libc::c_int) as libc::sighandler_t;
