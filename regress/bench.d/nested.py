@@ -93,7 +93,7 @@ def overhead_mib(l1, vmd, name):
     if not row or row.get("PID", "-") == "-":
         raise CannotRun(f"{name} has no VM process in vmctl status: {row}")
     vm_pid = int(row["PID"])
-    pids = [vm_pid] + [int(p) for p in l1.check(f"pgrep -P {vm_pid} || true").split()]
+    pids = [vm_pid] + [int(pid) for pid, st in vmd.processes().items() if st.get("PPid") == str(vm_pid)]
     total_kib = 0
     for pid in pids:
         # smaps: "Size:" then "Rss:" per mapping; the largest mapping's Rss
@@ -179,7 +179,8 @@ def main():
                 "memory beyond the guest's: VM process | VM process + QEMU", "MiB",
                 own_mem, qemu_mem)]
     notes = [f"L1 booted in {l1.boot_seconds:.1f}s; times taken inside L1",
-             "each cell: median (min-max); n = runs vmd/alternative; ratio = vmd's median / bare QEMU's"]
+             "each cell: median (min-max); n = runs vmd/alternative; ratio = vmd's median / bare QEMU's",
+             "section 6: ratio = backend kvm's median / the QEMU backend's; L1 emulates all of it: ratios only"]
     if quick:
         notes.append("--quick: one run per side, not for comparison")
     notes.append(f"whole run: {time.monotonic() - started:.0f}s")
