@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """`make bench-nested`: start to the test guest's first console line with
 `accel kvm`, vmd against bare QEMU with the same arguments, inside the
-nested KVM host of regress/nested (L1: real KVM, emulated by TCG here).
+nested KVM host of regress/nested (L1: real KVM, emulated by TCG here);
+and vmd's own monitor (`backend kvm`) against vmd's QEMU backend (`accel
+kvm`): start to the first console line, and the memory the VM's processes
+hold beyond the guest's own (RSS minus the guest RAM mapping's RSS).
 
     regress/bench --nested [--quick]
 
@@ -81,6 +84,29 @@ kill -9 $qemu; wait $qemu
     return elapsed(out)
 
 
+def overhead_mib(l1, vmd, name):
+    """The memory VM `name`'s processes hold beyond what the guest
+    touched, MiB: the RSS of the VM process (and of its QEMU, if any)
+    minus the RSS of the guest's RAM, each process's largest mapping
+    (256M here: nothing else of a VM process or QEMU comes near)."""
+    row = next((r for r in vmd.status() if r.get("NAME") == name), None)
+    if not row or row.get("PID", "-") == "-":
+        raise CannotRun(f"{name} has no VM process in vmctl status: {row}")
+    vm_pid = int(row["PID"])
+    pids = [vm_pid] + [int(pid) for pid, st in vmd.processes().items() if st.get("PPid") == str(vm_pid)]
+    total_kib = 0
+    for pid in pids:
+        # smaps: "Size:" then "Rss:" per mapping; the largest mapping's Rss
+        # is the guest's, the rest the monitor's.
+        out = l1.check(f"awk '/^Size:/ {{s=$2}} /^Rss:/ {{print s, $2}}' /proc/{pid}/smaps")
+        maps = [tuple(int(x) for x in line.split()) for line in out.splitlines() if line.strip()]
+        if not maps:
+            raise CannotRun(f"no mappings in /proc/{pid}/smaps")
+        guest = max(maps)
+        total_kib += sum(rss for _, rss in maps) - guest[1]
+    return total_kib / 1024
+
+
 def qemu_argv(l1, vmd, name):
     """The arguments vmd gave the QEMU of VM `name` in L1."""
     rows = vmd.status()
@@ -107,26 +133,36 @@ def main():
     # Runs rotate over three VMs: vmd refuses a third start of one VM
     # within 6 s of the previous (its start rate limit).
     names = [f"bn{os.getpid()}v{i}" for i in range(3)]
+    own = [f"bn{os.getpid()}k{i}" for i in range(3)]
     try:
         conf = "accel kvm\n" + "".join(
             f'vm "{n}" {{\n  disable\n  memory 256M\n  boot "{L.GUEST_KERNEL}"\n'
-            f'  initrd "{L.GUEST_INITRD}"\n  cmdline "{L.GUEST_CMDLINE}"\n}}\n' for n in names)
+            f'  initrd "{L.GUEST_INITRD}"\n  cmdline "{L.GUEST_CMDLINE}"\n'
+            f'{"  backend kvm" + chr(10) if n in own else ""}}}\n' for n in names + own)
         try:
             vmd = L.L1Vmd(l1, conf)
         except L.Failure as e:
             raise CannotRun(f"vmd did not start in L1: {e}")
         ours, theirs = [], []
+        own_start, qemu_start, own_mem, qemu_mem = [], [], [], []
         template = None
         for i in range(pairs):
             log(f"run {i + 1} of {pairs}: vmd")
             name = names[i % len(names)]
             ours.append(run_vmd(l1, vmd, name))
+            qemu_start.append(ours[-1])
+            qemu_mem.append(overhead_mib(l1, vmd, name))
             if template is None:
                 template = qemu_argv(l1, vmd, name)
                 log("vmd's QEMU in L1: " + " ".join(template))
             vmd.vmctl("stop", "-a", "-f", "-w")
             log(f"run {i + 1} of {pairs}: bare QEMU")
             theirs.append(run_bare(l1, template))
+            log(f"run {i + 1} of {pairs}: vmd, backend kvm")
+            name = own[i % len(own)]
+            own_start.append(run_vmd(l1, vmd, name))
+            own_mem.append(overhead_mib(l1, vmd, name))
+            vmd.vmctl("stop", "-a", "-f", "-w")
     except (CannotRun, L.Failure) as e:
         print(f"regress/bench: cannot run: {e}", file=sys.stderr)
         return 1
@@ -135,9 +171,16 @@ def main():
             vmd.stop()
         l1.stop()
     rows = [Row("5 start to guest under KVM in L1 (first console line; L1 runs under TCG)",
-                "one VM: vmctl start (accel kvm) | qemu-system-x86_64 -accel kvm", "s", ours, theirs)]
+                "one VM: vmctl start (accel kvm) | qemu-system-x86_64 -accel kvm", "s", ours, theirs),
+            Row("6 vmd's own monitor against its QEMU backend in L1 (nested: ratios only)",
+                "start to first console line: backend kvm | backend qemu, accel kvm", "s",
+                own_start, qemu_start),
+            Row("6 vmd's own monitor against its QEMU backend in L1 (nested: ratios only)",
+                "memory beyond the guest's: VM process | VM process + QEMU", "MiB",
+                own_mem, qemu_mem)]
     notes = [f"L1 booted in {l1.boot_seconds:.1f}s; times taken inside L1",
-             "each cell: median (min-max); n = runs vmd/alternative; ratio = vmd's median / bare QEMU's"]
+             "each cell: median (min-max); n = runs vmd/alternative; ratio = vmd's median / bare QEMU's",
+             "section 6: ratio = backend kvm's median / the QEMU backend's; L1 emulates all of it: ratios only"]
     if quick:
         notes.append("--quick: one run per side, not for comparison")
     notes.append(f"whole run: {time.monotonic() - started:.0f}s")

@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
 import vmdregress as t  # noqa: E402
-from vmdregress import VMCTL, Failure, TestUser, Vmd, case, expect, wait_for, with_vmd  # noqa: E402
+from vmdregress import VMCTL, Listener, Failure, TestUser, Vmd, case, expect, wait_for, with_vmd  # noqa: E402
 
 QUIET = "console=ttyS0 quiet"
 UNITS = "BKMGTPE"
@@ -67,52 +67,6 @@ def stats_of(vmd, name):
     if len(objs) != 1 or objs[0]["name"] != name:
         raise Failure(f"stats {name}: {objs}")
     return objs[0]
-
-
-class Listener:
-    """`vmctl [-j] events ARGS` in the background (as `user`, if given),
-    its output in a file; started once control logs that it listens."""
-
-    def __init__(self, vmd, name, *args, user=None, json_out=True):
-        self.path = os.path.join(vmd.dir, f"events-{name}.out")
-        self.out = open(self.path, "w")
-        kw = {}
-        if user is not None:
-            kw = {"user": user.uid, "group": user.gid, "extra_groups": []}
-        before = len(re.findall(r"^control: connection \d+ listens for events$", vmd.log(), re.M))
-        argv = [VMCTL, "-s", vmd.sock, *(["-j"] if json_out else []), "events", *args]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.out,
-                                     stderr=subprocess.STDOUT, **kw)
-        wait_for(f"listener {name} to be held by control",
-                 lambda: len(re.findall(r"^control: connection \d+ listens for events$", vmd.log(),
-                                        re.M)) > before or self.proc.poll() is not None)
-        if self.proc.poll() is not None:
-            raise Failure(f"vmctl events {args} ended at once: {self.text()!r}")
-
-    def text(self):
-        with open(self.path) as f:
-            return f.read()
-
-    def objects(self):
-        text = self.text()
-        try:
-            return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
-        except ValueError as e:
-            raise Failure(f"events: not JSON lines ({e}): {text!r}")
-
-    def wait_event(self, vmid, event):
-        return wait_for(f"event {event} of vm {vmid} at the listener",
-                        lambda: any(o["id"] == vmid and o["event"] == event for o in self.objects()))
-
-    def close(self):
-        if self.proc.poll() is None:
-            try:
-                self.proc.send_signal(signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-            self.proc.kill()
-        self.proc.wait()
-        self.out.close()
 
 
 # --- cases

@@ -47,16 +47,24 @@ def config_vm(name):
             f' cmdline "{GUEST_CMDLINE}"\n memory 256M\n}}\n')
 
 
-def config_kvm_vm(name, cmdline=GUEST_CMDLINE):
+def config_kvm_vm(name, cmdline=GUEST_CMDLINE, extra=""):
     """A disabled vm.conf VM running the test guest under vmd's own monitor
-    (`backend kvm`)."""
+    (`backend kvm`), with `extra` vm.conf lines."""
     return (f'vm "{name}" {{\n disable\n boot "{GUEST_KERNEL}"\n initrd "{GUEST_INITRD}"\n'
-            f' cmdline "{cmdline}"\n memory 256M\n backend kvm\n}}\n')
+            f' cmdline "{cmdline}"\n memory 256M\n backend kvm\n{extra}}}\n')
 
+
+# The shutdown timeout of the guest that ignores its power button: short,
+# so the case is quick; the guest has long been `ready` when it is pressed.
+OWN_IGNORE_TIMEOUT = 10
 
 KVM_CONF = (config_kvm_vm("l2own") + config_kvm_vm("l2own-reboot", f"{GUEST_CMDLINE} vmd.action=reboot-after-2s")
             + config_kvm_vm("l2own-off", f"{GUEST_CMDLINE} vmd.action=poweroff-after-2s")
-            + config_kvm_vm("l2own-shell", "console=ttyS0 quiet vmd.mode=demo"))
+            + config_kvm_vm("l2own-shell", "console=ttyS0 quiet vmd.mode=demo")
+            + config_kvm_vm("l2own-stop") + config_kvm_vm("l2own-pause")
+            + config_kvm_vm("l2own-smp", extra=" vcpu 2\n")
+            + config_kvm_vm("l2own-ignore", f"{GUEST_CMDLINE} vmd.powerbutton=ignore",
+                            f" shutdown timeout {OWN_IGNORE_TIMEOUT}\n"))
 
 
 def start_own(vmd, name):
@@ -176,6 +184,72 @@ def own_monitor_poweroff(vmd):
     wait_for("the VM process to go", lambda: vmd.proc_status(vm_pid) is None, 60)
     if "guest: guest-shutdown" not in vmd.log():
         raise Failure("vmd did not log the guest's power-off")
+
+
+def own_monitor_power_button(vmd):
+    """`stop -w` presses the power button (the GED's interrupt, _EVT's
+    Notify of the PNP0C0C device): the guest's `button` driver reports it,
+    its init powers off (ACPI S5) and the VM process ends cleanly."""
+    vmid, _, vm_pid = start_own(vmd, "l2own-stop")
+    vmd.wait_console("l2own-stop", "VMD-GUEST: ready")
+    out = expect(vmd.vmctl("stop", "-w", "l2own-stop"), 0, rf"terminated vm {vmid}$", "stop -w")
+    log = vmd.console_log("l2own-stop")
+    if "VMD-GUEST: power button, powering off" not in log:
+        raise Failure(f"the guest's power button path did not run: {log[-1500:]!r}")
+    if "forced" in out:
+        raise Failure(f"stop -w forced the guest: {out!r}")
+    wait_for("the VM process to go", lambda: vmd.proc_status(vm_pid) is None, 60)
+    if vmd.state(vmid) != "stopped":
+        raise Failure(f"status after stop -w: {vmd.status_row(vmid)}")
+
+
+def own_monitor_power_button_ignored(vmd):
+    """A guest that ignores its power button is forced off at its shutdown
+    timeout (not before), as with QEMU."""
+    vmid, _, vm_pid = start_own(vmd, "l2own-ignore")
+    vmd.wait_console("l2own-ignore", "VMD-GUEST: ready")
+    began = time.monotonic()
+    expect(vmd.vmctl("stop", "-w", "l2own-ignore"), 0,
+           rf"forced to terminate vm {vmid} after the shutdown timeout$", "stop -w")
+    took = time.monotonic() - began
+    if took < OWN_IGNORE_TIMEOUT - 1:
+        raise Failure(f"forced after {took:.1f}s, before the {OWN_IGNORE_TIMEOUT}s shutdown timeout")
+    if "VMD-GUEST: power button, ignored" not in vmd.console_log("l2own-ignore"):
+        raise Failure("the guest did not see its power button")
+    wait_for("the VM process to go", lambda: vmd.proc_status(vm_pid) is None, 60)
+
+
+def own_monitor_pause_unpause(vmd):
+    """`backend kvm`: pause parks the vCPU (kicked out of KVM_RUN) and the
+    ticks stop; unpause resumes them; a second pause is refused as with
+    QEMU."""
+    vmid, _, _ = start_own(vmd, "l2own-pause")
+    pause_unpause(vmd, "l2own-pause", vmid)
+    expect(vmd.vmctl("pause", "l2own-pause"), 0, rf"^vmctl: paused vm {vmid} successfully$", "pause")
+    expect(vmd.vmctl("pause", "l2own-pause"), 1, r"already paused", "a second pause")
+    expect(vmd.vmctl("unpause", "l2own-pause"), 0, rf"^vmctl: unpaused vm {vmid} successfully$", "unpause")
+    expect(vmd.vmctl("unpause", "l2own-pause"), 1, r"is not paused", "a second unpause")
+    expect(vmd.vmctl("stop", "-f", "l2own-pause"), 0, r"forced to terminate", "stop -f")
+
+
+def own_monitor_two_vcpus(vmd):
+    """`vcpu 2` under `backend kvm`: two vCPU threads (vcpu0, vcpu1), each
+    with its KVM vCPU, and the guest brings both CPUs up (MADT, CPUID's
+    APIC ids, INIT/SIPI through the in-kernel LAPIC); pause and unpause
+    park and resume both."""
+    vmid, _, vm_pid = start_own(vmd, "l2own-smp")
+    vmd.wait_console("l2own-smp", "VMD-GUEST: ready")
+    if "VMD-GUEST: cpus 2" not in vmd.console_log("l2own-smp"):
+        raise Failure(f"the guest did not see two CPUs: {vmd.console_log('l2own-smp')[-1500:]!r}")
+    names = vmd.l1.sh(f"cat /proc/{vm_pid}/task/*/comm")[1].split()
+    if sorted(n for n in names if n.startswith("vcpu")) != ["vcpu0", "vcpu1"]:
+        raise Failure(f"the VM process's threads are {names}; want vcpu0 and vcpu1")
+    fds = vmd.l1.sh(f"ls -l /proc/{vm_pid}/fd")[1]
+    for want in ("anon_inode:kvm-vcpu:0", "anon_inode:kvm-vcpu:1"):
+        if want not in fds:
+            raise Failure(f"the VM process holds no {want}: {fds}")
+    pause_unpause(vmd, "l2own-smp", vmid)
+    expect(vmd.vmctl("stop", "-f", "l2own-smp"), 0, r"forced to terminate", "stop -f")
 
 
 def config_kvm_with(name, lines, cmdline):
@@ -381,29 +455,30 @@ def qemu_credentials(vmd):
         raise Failure(f"/dev/kvm is {dev}; the test needs 660 root kvm")
 
 
-def pause_unpause(vmd):
+def pause_unpause(vmd, name="l2pause", vmid=None):
     """Pause stops the guest's ticks for at least three tick intervals (as
     measured just before, so a slow machine only widens the window);
     unpause brings them back."""
-    vmid, _ = vmd.start("l2pause")
-    vmd.vm_pids(vmid)
-    vmd.wait_console("l2pause", "VMD-GUEST: tick 2")
+    if vmid is None:
+        vmid, _ = vmd.start(name)
+        vmd.vm_pids(vmid)
+    vmd.wait_console(name, "VMD-GUEST: tick 2")
     first = time.monotonic()
-    vmd.wait_console("l2pause", "VMD-GUEST: tick 3")
+    vmd.wait_console(name, "VMD-GUEST: tick 3")
     interval = time.monotonic() - first
-    expect(vmd.vmctl("pause", "l2pause"), 0, rf"^vmctl: paused vm {vmid} successfully$", "pause")
+    expect(vmd.vmctl("pause", name), 0, rf"^vmctl: paused vm {vmid} successfully$", "pause")
     if vmd.state(vmid) != "paused":
         raise Failure(f"status after pause: {vmd.status_row(vmid)}")
     # A tick already on its way out when the vCPU stopped may still arrive.
-    before = ticks(vmd.console_log("l2pause"))
+    before = ticks(vmd.console_log(name))
     time.sleep(max(3.0, 3 * interval))
-    after = ticks(vmd.console_log("l2pause"))
+    after = ticks(vmd.console_log(name))
     if len(after) > len(before) + 1:
         raise Failure(f"ticks while paused: {after[len(before):]} (interval {interval:.1f}s)")
-    expect(vmd.vmctl("unpause", "l2pause"), 0, rf"^vmctl: unpaused vm {vmid} successfully$", "unpause")
+    expect(vmd.vmctl("unpause", name), 0, rf"^vmctl: unpaused vm {vmid} successfully$", "unpause")
     if vmd.state(vmid) != "running":
         raise Failure(f"status after unpause: {vmd.status_row(vmid)}")
-    wait_for("ticks to resume", lambda: len(ticks(vmd.console_log("l2pause"))) >= len(after) + 2,
+    wait_for("ticks to resume", lambda: len(ticks(vmd.console_log(name))) >= len(after) + 2,
              L2_BOOT_TIMEOUT)
 
 
@@ -552,6 +627,10 @@ CASES = [
     ("own-monitor-console-input-reaches-the-shell", own_monitor_console_input, KVM_CONF),
     ("own-monitor-guest-reboot-restarts-on-same-tty", own_monitor_reboot, KVM_CONF),
     ("own-monitor-guest-poweroff-ends-the-vm", own_monitor_poweroff, KVM_CONF),
+    ("own-monitor-stop-w-power-button-powers-off", own_monitor_power_button, KVM_CONF),
+    ("own-monitor-ignored-power-button-forced-at-timeout", own_monitor_power_button_ignored, KVM_CONF),
+    ("own-monitor-pause-stops-ticks-unpause-resumes", own_monitor_pause_unpause, KVM_CONF),
+    ("own-monitor-vcpu-2-guest-sees-two-cpus", own_monitor_two_vcpus, KVM_CONF),
     ("own-monitor-raw-and-qcow2-disks-survive-reboot", own_monitor_disks, ""),
     ("own-monitor-net-local-interface-dhcp-lease-host-pings", net_case(own_monitor_local_lease),
      KVM_NET_CONF),

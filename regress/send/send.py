@@ -225,8 +225,24 @@ def receive_file(vmd):
 
 
 def through_pipe(vmd):
+    """send | receive; a `vmctl events` listener sees pipe1 sent, then
+    piped1 received and running."""
     vmid, _ = ticking(vmd, "pipe1")
     pids = vmd.vm_pids(vmid)
+    listener = t.Listener(vmd, "pipe", json_out=False)
+    try:
+        piped(vmd, vmid, pids)
+        wait_for("piped1 running at the listener", lambda: re.search(r" piped1 running$", listener.text(), re.M))
+        lines = [line.split(" ", 2)[2] for line in listener.text().splitlines() if line.count(" ") >= 2]
+    finally:
+        listener.close()
+    want = ["pipe1 sent", "piped1 received", "piped1 running"]
+    found = [lines.index(w) if w in lines else None for w in want]
+    if None in found or found != sorted(found):
+        raise Failure(f"want {want} in this order among the events: {lines}")
+
+
+def piped(vmd, vmid, pids):
     p = subprocess.run(["bash", "-c", f"set -o pipefail; {VMCTL} -s {vmd.sock} send pipe1 | "
                         f"{VMCTL} -s {vmd.sock} receive piped1"],
                        capture_output=True, text=True, timeout=t.VMCTL_TIMEOUT)

@@ -12,6 +12,7 @@
 //! descriptor (which cannot cross ssh) never has to.
 
 use crate::console::write_all;
+use crate::vms::fail;
 use crate::Global;
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -233,11 +234,6 @@ fn read_retrying(fd: BorrowedFd, buf: &mut [u8]) -> Result<usize, Errno> {
             other => return other,
         }
     }
-}
-
-fn fail(message: &str) -> ExitCode {
-    errln!("vmctl: {message}");
-    ExitCode::FAILURE
 }
 
 #[cfg(test)]

@@ -308,7 +308,7 @@ mod tests {
                 crate::vm::VM_SYSCALLS,
                 crate::vm::kvm::KVM_MAIN_SYSCALLS
             ],
-            &[]
+            &[crate::vm::kvm::KVM_MAIN_ARG_RULES]
         )
         .is_ok());
         // A call restricted by its arguments cannot also be allowed with any.

@@ -90,6 +90,9 @@ pub struct Vm {
     pub started_at: Option<Instant>,
     /// vmd was asked to end it at once (`stop -f`, `reset`).
     forced: bool,
+    /// Started by `vmctl receive` and not running yet: its first run is
+    /// announced as `received`.
+    received: bool,
 }
 
 impl Vm {
@@ -110,6 +113,7 @@ impl Vm {
             fast_starts: 0,
             started_at: None,
             forced: false,
+            received: false,
         }
     }
 
@@ -775,6 +779,10 @@ impl Registry {
             let vm = &self.vms[index];
             let tty = vm.tty.as_deref().unwrap_or("-");
             log_info!("started {} (vm {vmid}) successfully, tty {tty}", vm.name());
+            // A received guest's first run is its arrival.
+            if std::mem::take(&mut self.vms[index].received) {
+                self.event(index, EventKind::Received);
+            }
             self.event(index, EventKind::Running);
         }
     }
@@ -1009,6 +1017,11 @@ impl Registry {
         self.incoming = Some(incoming);
         let result = self.start(req, creds);
         self.incoming = None;
+        if let Ok(vmid) = result {
+            if let Some(vm) = self.vms.iter_mut().find(|vm| vm.vmid == vmid) {
+                vm.received = true;
+            }
+        }
         result
     }
 
@@ -1056,6 +1069,7 @@ impl Registry {
                     }
                     None => {
                         log_info!("{}: sent vm {vmid} successfully", vm.name());
+                        self.event(index, EventKind::Sent);
                         Ok(vmid)
                     }
                 };

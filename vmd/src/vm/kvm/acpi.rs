@@ -42,7 +42,8 @@ fn aml_bytes(table: &dyn Aml) -> Vec<u8> {
     bytes
 }
 
-/// The DSDT: `\_S5` (the power-off sleep type), COM1 and `virtio`
+/// The DSDT: `\_S5` (the power-off sleep type), COM1, the power
+/// button with its Generic Event Device (devices/ged.rs) and `virtio`
 /// virtio-mmio devices ([`super::virtio::attach::dsdt_entries`]). On a
 /// hardware-reduced platform Linux gives the legacy serial port's IRQ 4
 /// no interrupt; the PNP0501 device with its GSI is what its 8250 driver
@@ -60,6 +61,7 @@ pub fn dsdt(virtio: usize) -> Vec<u8> {
     let crs_name = aml::Name::new("_CRS".into(), &resources);
     let com1 = aml::Device::new("_SB_.COM1".into(), vec![&hid_name, &uid_name, &crs_name]);
     body.extend(aml_bytes(&com1));
+    body.extend(super::devices::ged::ged_aml());
     body.extend(super::virtio::attach::dsdt_entries(virtio));
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"VMDDSDT ", OEM_REVISION);
     dsdt.append_slice(&body);
@@ -276,6 +278,16 @@ mod tests {
                 assert_eq!(dsl.matches("\"LNRO0005\"").count(), 2, "{dsl}");
                 assert!(dsl.contains("0xD0001000"), "{dsl}");
                 assert!(dsl.contains("0x00000006"), "{dsl}");
+                // The power button and its GED (devices/ged.rs), whole.
+                for want in [
+                    "PNP0C0C",
+                    "\"ACPI0013\"",
+                    "SystemIO, 0x0610, One",
+                    "Method (_EVT, 1, Serialized)",
+                    "Notify (\\_SB.PWRB, 0x80)",
+                ] {
+                    assert!(dsl.contains(want), "no {want} in the DSDT: {dsl}");
+                }
             }
         }
         let _ = std::fs::remove_dir_all(&dir);

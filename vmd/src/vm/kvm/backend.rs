@@ -8,12 +8,16 @@
 //! gives (`guest-reset`, `guest-shutdown`): the parent applies vmd's
 //! restart rules.
 
+use super::bus::Bus;
+use super::devices::ged::Ged;
 use super::devices::serial::Serial;
-use super::vcpu::{vcpu_filter, vcpu_raw_fd, vcpu_run, VcpuEnd};
+use super::devices::GuestExit;
+use super::pause::{self, Pause};
+use super::vcpu::{vcpu_filter, vcpu_raw_fd, vcpu_run_pausable, VcpuEnd};
 use super::virtio::attach::{block_devices, net_devices, IoThread};
 use super::{KvmError, Machine};
 use crate::log::{log_debug, log_info, log_warn};
-use crate::seccomp::{Allowed, RoleFilter};
+use crate::seccomp::{Allowed, ArgRule, RoleFilter};
 use crate::vm::backend::{probe, Backend, BackendEvent, Ended, ThreadRole, FIRST_BACKEND_TOKEN};
 use crate::vm::console::read_some;
 use crate::vm::kvm::bus::lock;
@@ -25,6 +29,7 @@ use mio::{Interest, Registry, Token};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -37,6 +42,14 @@ pub const KVM_MAIN_SYSCALLS: &[Allowed] = &[(
     libc::SYS_futex,
     "take the serial port's lock to give it input; start and join the vCPU thread",
 )];
+
+/// The monitor thread's calls allowed with given arguments only.
+pub const KVM_MAIN_ARG_RULES: &[ArgRule] = &[ArgRule {
+    nr: libc::SYS_tgkill,
+    arg: 2,
+    values: &[pause::KICK_SIGNAL as u64],
+    why: "kick a vCPU thread out of KVM_RUN to pause it (vm/kvm/pause.rs), with that signal only",
+}];
 
 /// Console input held while the guest's FIFO is full; beyond it the
 /// console socket is left unread (the relay then drops what the pty
@@ -52,20 +65,44 @@ const SERIAL_ROOM: Token = Token(FIRST_BACKEND_TOKEN + 2);
 enum VcpuState {
     Waiting,
     Running,
+    /// Parked by a pause (vm/kvm/pause.rs).
+    Paused,
     Ended(VcpuEnd),
 }
 
-/// Shared by the vCPU thread and the monitor: the state and the eventfd
-/// that says it changed.
+/// Shared by the vCPU threads and the monitor: each vCPU's state, the
+/// eventfd that says one changed, the pause they all obey.
 struct VcpuShared {
-    state: Mutex<VcpuState>,
+    states: Mutex<Vec<VcpuState>>,
     changed: EventFd,
+    pause: Pause,
+    /// Each vCPU thread's id, once it runs (0 before): what a pause kicks.
+    tids: Vec<AtomicI32>,
 }
 
 impl VcpuShared {
-    fn set(&self, state: VcpuState) {
-        *lock(&self.state) = state;
+    fn set(&self, index: usize, state: VcpuState) {
+        if let Some(slot) = lock(&self.states).get_mut(index) {
+            *slot = state;
+        }
         let _ = self.changed.write(1);
+    }
+
+    /// What the machine is doing, from its vCPUs' states: the first
+    /// vCPU's end ends it; it is paused when every vCPU is parked.
+    fn machine_state(&self) -> VcpuState {
+        let states = lock(&self.states);
+        if let Some(end) = states.iter().find(|s| matches!(s, VcpuState::Ended(_))) {
+            return end.clone();
+        }
+        if states.iter().all(|s| *s == VcpuState::Paused) {
+            VcpuState::Paused
+        } else if states.iter().all(|s| *s == VcpuState::Running) {
+            VcpuState::Running
+        } else {
+            // Starting, or some parked and some not yet.
+            VcpuState::Waiting
+        }
     }
 }
 
@@ -74,17 +111,22 @@ pub struct KvmBackend {
     _vm: VmFd,
     _mem: GuestMemoryMmap,
     serial: Arc<Mutex<Serial>>,
+    ged: Arc<Mutex<Ged>>,
     /// The guest's end of the console socketpair, read for input.
     serial_in: OwnedFd,
     serial_room: EventFd,
     input: VecDeque<u8>,
     vcpu: Arc<VcpuShared>,
-    /// Tells the vCPU thread to go; dropped unused, it gives up.
-    go: Option<mpsc::Sender<()>>,
-    /// The virtio devices' I/O thread (if any), told to go with the vCPU.
+    /// Tell the vCPU threads to go; dropped unused, they give up.
+    go: Vec<mpsc::Sender<()>>,
+    threads: Vec<Option<JoinHandle<()>>>,
+    /// The virtio devices' I/O thread (if any), told to go with the vCPUs.
     io: Option<IoThread>,
-    thread: Option<JoinHandle<()>>,
     running: bool,
+    /// The vCPU is parked (a pause is done).
+    paused: bool,
+    /// A pause or unpause waiting for the vCPU to say it is done.
+    pausing: Option<VmCommand>,
     end: Option<VcpuEnd>,
     killed: bool,
     events: Vec<BackendEvent>,
@@ -101,9 +143,8 @@ pub fn prepare(
         return Err(KvmError::Config("not a backend kvm VM".into()).into());
     };
     let missing = |what: &str| VmError::Receive(format!("no {what} descriptor"));
-    if params.vcpus != 1 {
-        return Err(KvmError::Config("backend kvm runs one vCPU".into()).into());
-    }
+    let vcpus = u8::try_from(params.vcpus)
+        .map_err(|_| KvmError::Config(format!("{} vCPUs is too many", params.vcpus)))?;
     let kvm_fd = fds.kvm.take().ok_or_else(|| missing("/dev/kvm"))?;
     // SAFETY: the parent opened /dev/kvm for us; Kvm owns it from here.
     let kvm = unsafe { Kvm::from_raw_fd(kvm_fd.into_raw_fd()) };
@@ -115,6 +156,7 @@ pub fn prepare(
         .map_err(|e| KvmError::Config(format!("duplicating the console socket: {e}")))?;
 
     let mut machine = Machine::new(kvm, params.memory, serial)?;
+    machine.add_aps(vcpus)?;
     let io = attach_virtio_devices(&mut machine, params, fds)?;
     machine.boot_linux(
         &mut kernel,
@@ -127,15 +169,17 @@ pub fn prepare(
     let changed = EventFd::new(EFD_NONBLOCK)
         .map_err(|e| KvmError::Config(format!("creating an eventfd: {e}")))?;
     let vcpu = Arc::new(VcpuShared {
-        state: Mutex::new(VcpuState::Waiting),
+        states: Mutex::new(vec![VcpuState::Waiting; vcpus as usize]),
         changed: changed
             .try_clone()
             .map_err(|e| KvmError::Config(format!("duplicating an eventfd: {e}")))?,
+        pause: Pause::default(),
+        tids: (0..vcpus).map(|_| AtomicI32::new(0)).collect(),
     });
+    pause::install_kick_handler()
+        .map_err(|e| KvmError::Config(format!("installing the pause signal's handler: {e}")))?;
     let mut write_fds = machine.write_fds.clone();
     write_fds.push(vcpu.changed.as_raw_fd());
-    let filter = vcpu_filter(vcpu_raw_fd(&machine.vcpu), &write_fds)
-        .map_err(|e| KvmError::Config(format!("the vCPU filter: {e}")))?;
     let Machine {
         vm,
         mem,
@@ -143,47 +187,95 @@ pub fn prepare(
         mmio,
         exit,
         serial: serial_dev,
+        ged,
         serial_room,
-        vcpu: mut vcpu_fd,
+        vcpu: boot_vcpu,
+        aps,
         ..
     } = machine;
+    let buses = Arc::new((pio, mmio));
+    let mut go = Vec::new();
+    let mut threads = Vec::new();
+    for (index, fd) in std::iter::once(boot_vcpu).chain(aps).enumerate() {
+        let (sender, thread) = spawn_vcpu(
+            index,
+            fd,
+            &write_fds,
+            vcpu.clone(),
+            buses.clone(),
+            exit.clone(),
+        )?;
+        go.push(sender);
+        threads.push(Some(thread));
+    }
+    Ok(KvmBackend {
+        _vm: vm,
+        _mem: mem,
+        serial: serial_dev,
+        ged,
+        serial_in,
+        serial_room,
+        input: VecDeque::new(),
+        vcpu,
+        go,
+        io,
+        threads,
+        running: false,
+        paused: false,
+        pausing: None,
+        end: None,
+        killed: false,
+        events: Vec::new(),
+    })
+}
+
+/// Starts vCPU `index`'s thread (`vcpuN`), waiting for the go; then it
+/// installs its own filter (KVM_RUN on its own vCPU) and runs the guest.
+/// Spawned while root: the drop (chroot, uids) covers the whole process.
+fn spawn_vcpu(
+    index: usize,
+    mut fd: kvm_ioctls::VcpuFd,
+    write_fds: &[std::os::fd::RawFd],
+    shared: Arc<VcpuShared>,
+    buses: Arc<(Bus, Bus)>,
+    exit: Arc<GuestExit>,
+) -> Result<(mpsc::Sender<()>, JoinHandle<()>), KvmError> {
+    let filter = vcpu_filter(vcpu_raw_fd(&fd), write_fds)
+        .map_err(|e| KvmError::Config(format!("the vCPU filter: {e}")))?;
     let (go, wait) = mpsc::channel::<()>();
-    let shared = vcpu.clone();
-    // Spawned now, while root: the drop (chroot, uids) covers the whole
-    // process, and this thread installs its own filter once it is done.
     let thread = std::thread::Builder::new()
-        .name("vcpu0".into())
+        .name(format!("vcpu{index}"))
         .spawn(move || {
             // The monitor says go, or drops the sender: give up.
             if wait.recv().is_err() {
                 return;
             }
+            if let Some(tid) = shared.tids.get(index) {
+                tid.store(pause::thread_id(), Ordering::SeqCst);
+            }
             let end = match seccompiler::apply_filter(&filter) {
                 Err(e) => VcpuEnd::Failed(format!("installing the vCPU filter: {e}")),
                 Ok(()) => {
-                    shared.set(VcpuState::Running);
-                    vcpu_run(&mut vcpu_fd, &pio, &mmio, &exit)
+                    shared.set(index, VcpuState::Running);
+                    let parked = |on: bool| {
+                        let state = if on {
+                            VcpuState::Paused
+                        } else {
+                            VcpuState::Running
+                        };
+                        shared.set(index, state)
+                    };
+                    let (pio, mmio) = &*buses;
+                    pause::with_immediate_exit(&mut fd, |vcpu| {
+                        let pause: (&Pause, &dyn Fn(bool)) = (&shared.pause, &parked);
+                        vcpu_run_pausable(vcpu, pio, mmio, &exit, Some(pause))
+                    })
                 }
             };
-            shared.set(VcpuState::Ended(end));
+            shared.set(index, VcpuState::Ended(end));
         })
         .map_err(|e| KvmError::Config(format!("starting the vCPU thread: {e}")))?;
-    Ok(KvmBackend {
-        _vm: vm,
-        _mem: mem,
-        serial: serial_dev,
-        serial_in,
-        serial_room,
-        input: VecDeque::new(),
-        vcpu,
-        go: Some(go),
-        io,
-        thread: Some(thread),
-        running: false,
-        end: None,
-        killed: false,
-        events: Vec::new(),
-    })
+    Ok((go, thread))
 }
 
 /// The disks' block devices (the parent opened every layer, as for
@@ -206,7 +298,7 @@ impl Backend for KvmBackend {
         match role {
             ThreadRole::Main => RoleFilter {
                 syscalls: KVM_MAIN_SYSCALLS,
-                with_args: &[],
+                with_args: KVM_MAIN_ARG_RULES,
             },
         }
     }
@@ -222,7 +314,7 @@ impl Backend for KvmBackend {
         if let Some(io) = &mut self.io {
             io.go();
         }
-        if let Some(go) = self.go.take() {
+        for go in self.go.drain(..) {
             let _ = go.send(());
         }
         Ok(())
@@ -247,15 +339,17 @@ impl Backend for KvmBackend {
                 let events = probe(&command, text, *steps, fd);
                 return self.events.extend(events);
             }
-            VmCommand::Pause | VmCommand::Unpause => "backend kvm cannot pause a guest yet",
-            VmCommand::Powerdown => "backend kvm has no power button yet",
-            VmCommand::Send { .. } => "backend kvm cannot send a VM yet",
+            VmCommand::Pause | VmCommand::Unpause => match self.pause(&command) {
+                Ok(()) => return,
+                Err(e) => e,
+            },
+            VmCommand::Powerdown => match self.power_button() {
+                Ok(()) => return self.command_done(command, None),
+                Err(e) => e,
+            },
+            VmCommand::Send { .. } => "backend kvm cannot send a VM yet".to_string(),
         };
-        log_warn!("{}: {error}", command.name());
-        self.events.push(BackendEvent::CommandDone {
-            command,
-            error: Some(error.to_string()),
-        });
+        self.command_done(command, Some(error));
     }
 
     fn take_events(&mut self) -> Vec<BackendEvent> {
@@ -276,13 +370,19 @@ impl Backend for KvmBackend {
     fn kill(&mut self) {
         self.killed = true;
         // A thread still waiting gives up.
-        self.go = None;
+        self.go.clear();
     }
 
     fn finish(&mut self, _wait_until: &mut dyn FnMut(Instant) -> bool) -> Ended {
         if self.end.is_some() {
-            if let Some(thread) = self.thread.take() {
-                let _ = thread.join();
+            // The vCPUs that ended; the others go with the process.
+            let states = lock(&self.vcpu.states).clone();
+            for (thread, state) in self.threads.iter_mut().zip(states) {
+                if matches!(state, VcpuState::Ended(_)) {
+                    if let Some(thread) = thread.take() {
+                        let _ = thread.join();
+                    }
+                }
             }
         }
         let (clean, why) = match &self.end {
@@ -301,12 +401,76 @@ impl Backend for KvmBackend {
 }
 
 impl KvmBackend {
+    fn command_done(&mut self, command: VmCommand, error: Option<String>) {
+        if let Some(e) = &error {
+            log_warn!("{}: {e}", command.name());
+        }
+        self.events
+            .push(BackendEvent::CommandDone { command, error });
+    }
+
+    /// Asks the vCPU to park (kicked out of KVM_RUN) or to go on; the
+    /// answer comes when it has ([`KvmBackend::on_vcpu`]).
+    fn pause(&mut self, command: &VmCommand) -> Result<(), String> {
+        let pause = *command == VmCommand::Pause;
+        if !self.running || self.end.is_some() {
+            return Err("the guest is not running".into());
+        }
+        if self.pausing.is_some() {
+            return Err("a pause or unpause is under way".into());
+        }
+        match (self.paused, pause) {
+            (true, true) => return Err("the guest is already paused".into()),
+            (false, false) => return Err("the guest is not paused".into()),
+            _ => {}
+        }
+        self.vcpu.pause.ask(pause);
+        if pause {
+            let pid = std::process::id() as libc::pid_t;
+            for (index, tid) in self.vcpu.tids.iter().enumerate() {
+                if let Err(e) = pause::kick(pid, tid.load(Ordering::SeqCst)) {
+                    self.vcpu.pause.ask(false);
+                    return Err(format!("kicking vCPU {index}'s thread: {e}"));
+                }
+            }
+        }
+        self.pausing = Some(command.clone());
+        Ok(())
+    }
+
+    /// Presses the guest's power button (devices/ged.rs): what the guest
+    /// does then is its own; the parent forces it at the shutdown
+    /// timeout, as with QEMU's `system_powerdown`.
+    fn power_button(&mut self) -> Result<(), String> {
+        if !self.running {
+            return Err("the guest is not running yet".into());
+        }
+        if self.paused || self.pausing.is_some() {
+            // A parked guest cannot see its power button: it goes on, as
+            // QEMU's backend does.
+            self.vcpu.pause.ask(false);
+            if let Some(pausing) = self.pausing.take() {
+                let error = "the power button unpaused the guest".to_string();
+                self.command_done(pausing, Some(error));
+            }
+        }
+        lock(&self.ged)
+            .press_power_button()
+            .map_err(|e| format!("raising the power button's interrupt: {e}"))?;
+        log_debug!("power button pressed");
+        Ok(())
+    }
+
     fn on_vcpu(&mut self) {
         let _ = self.vcpu.changed.read();
-        let state = lock(&self.vcpu.state).clone();
+        let state = self.vcpu.machine_state();
         match state {
             VcpuState::Waiting => {}
-            VcpuState::Running => self.on_running(),
+            VcpuState::Running => {
+                self.on_running();
+                self.on_paused(false);
+            }
+            VcpuState::Paused => self.on_paused(true),
             VcpuState::Ended(end) => {
                 let reason = match &end {
                     VcpuEnd::Reset => Some("guest-reset"),
@@ -326,6 +490,24 @@ impl KvmBackend {
                 }
                 self.end = Some(end);
             }
+        }
+    }
+
+    /// The vCPU parked (`paused`) or went on: a pause or unpause waiting
+    /// for it is done.
+    fn on_paused(&mut self, paused: bool) {
+        if self.paused != paused {
+            self.paused = paused;
+            log_info!("guest {}", if paused { "paused" } else { "unpaused" });
+        }
+        let want = if paused {
+            VmCommand::Pause
+        } else {
+            VmCommand::Unpause
+        };
+        if self.pausing.as_ref() == Some(&want) {
+            self.pausing = None;
+            self.command_done(want, None);
         }
     }
 
@@ -363,5 +545,43 @@ impl KvmBackend {
         let taken = serial.enqueue(head);
         drop(serial);
         self.input.drain(..taken);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(states: Vec<VcpuState>) -> VcpuShared {
+        VcpuShared {
+            tids: states.iter().map(|_| AtomicI32::new(0)).collect(),
+            states: Mutex::new(states),
+            changed: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+            pause: Pause::default(),
+        }
+    }
+
+    /// The machine runs when every vCPU does, is paused when every vCPU
+    /// is parked, and ends with its first vCPU's end.
+    #[test]
+    fn the_machine_state_follows_all_its_vcpus() {
+        use VcpuState::*;
+        let machine = shared(vec![Waiting, Waiting]);
+        assert_eq!(machine.machine_state(), Waiting);
+        machine.set(0, Running);
+        assert_eq!(machine.machine_state(), Waiting);
+        machine.set(1, Running);
+        assert_eq!(machine.machine_state(), Running);
+        assert_eq!(machine.changed.read().expect("told"), 2);
+        machine.set(1, Paused);
+        assert_eq!(machine.machine_state(), Waiting, "half parked");
+        machine.set(0, Paused);
+        assert_eq!(machine.machine_state(), Paused);
+        machine.set(0, Running);
+        assert_eq!(machine.machine_state(), Waiting, "half going on");
+        machine.set(1, Ended(VcpuEnd::PowerOff));
+        assert_eq!(machine.machine_state(), Ended(VcpuEnd::PowerOff));
+        machine.set(7, Running);
+        assert_eq!(machine.machine_state(), Ended(VcpuEnd::PowerOff));
     }
 }

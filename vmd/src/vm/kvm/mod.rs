@@ -1,5 +1,5 @@
 //! `backend kvm`: our own monitor on /dev/kvm, inside the VM process, no
-//! QEMU. A Firecracker-sized machine: one vCPU, guest memory through
+//! QEMU. A Firecracker-sized machine: 1 to 64 vCPUs, guest memory through
 //! vm-memory, the Linux 64-bit boot protocol ([`boot`]), ACPI tables
 //! ([`acpi`]), the in-kernel irqchip and PIT, and legacy devices on the
 //! port bus ([`bus`], [`devices`]): the 8250 console, the i8042's reset
@@ -22,6 +22,7 @@ mod backend;
 pub mod boot;
 pub mod bus;
 pub mod devices;
+pub mod pause;
 #[cfg(test)]
 mod tests;
 pub mod vcpu;
@@ -31,10 +32,11 @@ pub mod virtio;
 
 pub use backend::prepare;
 #[cfg(test)]
-pub use backend::KVM_MAIN_SYSCALLS;
+pub use backend::{KVM_MAIN_ARG_RULES, KVM_MAIN_SYSCALLS};
 
 use bus::Bus;
 use common::config::VmConfig;
+use devices::ged::{Ged, GED_GSI, GED_LEN, GED_PORT};
 use devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use devices::power::{Power, POWER_BASE, POWER_LEN};
 use devices::serial::{Output, Serial, SERIAL_BASE, SERIAL_IRQ, SERIAL_LEN};
@@ -81,13 +83,15 @@ pub fn unsupported(vm: &VmConfig) -> Option<String> {
     } else if vm.disks.len() + vm.effective_interfaces().len() > virtio::attach::MAX_VIRTIO_DEVICES
     {
         "more than 4 disks and network interfaces together"
-    } else if vm.vcpu_count() > 1 {
-        "more than one vCPU"
     } else {
         return None;
     };
     Some(format!("backend kvm does not support {what} yet"))
 }
+
+/// The most vCPUs backend kvm runs: vm.conf's bound (APIC ids are one
+/// byte in the MADT and CPUID).
+pub const VCPU_MAX: u8 = 64;
 
 fn io_error(what: &'static str) -> impl Fn(std::io::Error) -> KvmError {
     move |e| KvmError::Kvm {
@@ -128,6 +132,8 @@ pub struct Machine {
     pub mmio: Bus,
     pub exit: Arc<GuestExit>,
     pub serial: Arc<Mutex<Serial>>,
+    /// The power button's Generic Event Device.
+    pub ged: Arc<Mutex<Ged>>,
     /// Written when the guest has drained the serial input FIFO.
     pub serial_room: EventFd,
     /// What the vCPU thread writes to (its filter allows only these).
@@ -135,6 +141,9 @@ pub struct Machine {
     pub vcpu: VcpuFd,
     /// How many virtio devices are on the MMIO bus (for the DSDT).
     pub virtio_devices: usize,
+    /// vCPUs 1 and up, the application processors ([`Machine::add_aps`]):
+    /// they wait for the boot vCPU's INIT and SIPI (the in-kernel LAPIC).
+    pub aps: Vec<VcpuFd>,
     /// Kept open: the irqfd and the serial's wake-up are these eventfds'
     /// other ends.
     _keep: Vec<EventFd>,
@@ -215,6 +224,11 @@ impl Machine {
             POWER_LEN,
             Arc::new(Mutex::new(Power::new(exit.clone()))),
         )?;
+        let ged_irq = eventfd()?;
+        vm.register_irqfd(&ged_irq, GED_GSI)
+            .map_err(KvmError::os("KVM_IRQFD"))?;
+        let ged = Arc::new(Mutex::new(Ged::new(clone(&ged_irq)?)));
+        attach(&mut pio, GED_PORT, GED_LEN, ged.clone())?;
         let vcpu = vm.create_vcpu(0).map_err(KvmError::os("KVM_CREATE_VCPU"))?;
         Ok(Machine {
             kvm,
@@ -224,12 +238,31 @@ impl Machine {
             mmio: Bus::new(),
             exit,
             serial,
+            ged,
             serial_room,
             write_fds,
             vcpu,
             virtio_devices: 0,
-            _keep: vec![serial_irq],
+            aps: Vec::new(),
+            _keep: vec![serial_irq, ged_irq],
         })
+    }
+
+    /// Creates vCPUs 1 to `vcpus - 1`, before [`Machine::boot_linux`].
+    pub fn add_aps(&mut self, vcpus: u8) -> Result<(), KvmError> {
+        if vcpus == 0 || vcpus > VCPU_MAX {
+            return Err(KvmError::Config(format!(
+                "backend kvm runs 1 to {VCPU_MAX} vCPUs, not {vcpus}"
+            )));
+        }
+        for id in self.aps.len() as u8 + 1..vcpus {
+            let ap = self
+                .vm
+                .create_vcpu(id as u64)
+                .map_err(KvmError::os("KVM_CREATE_VCPU"))?;
+            self.aps.push(ap);
+        }
+        Ok(())
     }
 
     /// Loads a Linux bzImage, its initrd and command line, the boot
@@ -248,7 +281,13 @@ impl Machine {
         let params = boot::boot_params(&loaded.header, cmdline, initrd, memory)?;
         boot::write_boot_params(&self.mem, &params, cmdline)?;
         boot::write_boot_tables(&self.mem)?;
-        acpi::write_tables(&self.mem, 1, self.virtio_devices)?;
+        acpi::write_tables(&self.mem, 1 + self.aps.len() as u8, self.virtio_devices)?;
+        // The application processors get the same setup (their CPUID
+        // with their own APIC id above all); the boot vCPU's INIT and
+        // SIPI reset the rest when Linux brings them up.
+        for (index, ap) in self.aps.iter().enumerate() {
+            vcpu::setup_vcpu(&self.kvm, ap, index as u8 + 1, loaded.entry)?;
+        }
         vcpu::setup_vcpu(&self.kvm, &self.vcpu, 0, loaded.entry)
     }
 

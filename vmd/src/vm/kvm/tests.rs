@@ -8,7 +8,9 @@
 use super::boot::{self, HIMEM_START, MEMORY_MIN};
 use super::bus::lock;
 use super::devices::serial::Serial;
-use super::vcpu::{setup_vcpu, vcpu_filter, vcpu_run, VcpuEnd};
+use super::devices::{ExitKind, GuestExit};
+use super::pause::{self, Pause};
+use super::vcpu::{setup_vcpu, vcpu_filter, vcpu_run, vcpu_run_pausable, VcpuEnd};
 use super::Machine;
 use crate::vm::{set_nonblocking, sock_pair};
 use kvm_ioctls::Kvm;
@@ -55,6 +57,12 @@ struct Tiny {
     serial: Arc<Mutex<Serial>>,
     vcpu: std::thread::JoinHandle<VcpuEnd>,
     output: Vec<u8>,
+    /// The vCPU's pause, its thread's id, and what it says when it
+    /// parks (true) or goes on (false).
+    pause: Arc<Pause>,
+    exit: Arc<GuestExit>,
+    tid: std::sync::mpsc::Receiver<libc::pid_t>,
+    parked: std::sync::mpsc::Receiver<bool>,
 }
 
 impl Tiny {
@@ -100,6 +108,12 @@ impl Tiny {
         setup_vcpu(&machine.kvm, &machine.vcpu, 0, GuestAddress(HIMEM_START)).expect("vcpu");
         let filter = vcpu_filter(machine.vcpu.as_raw_fd(), &machine.write_fds).expect("filter");
         let serial = machine.serial.clone();
+        pause::install_kick_handler().expect("the kick's handler");
+        let pause = Arc::new(Pause::default());
+        let (tid_tx, tid) = std::sync::mpsc::channel();
+        let (parked_tx, parked) = std::sync::mpsc::channel();
+        let vcpu_pause = pause.clone();
+        let guest_exit = machine.exit.clone();
         let vcpu = std::thread::spawn(move || {
             let Machine {
                 mut vcpu,
@@ -110,8 +124,15 @@ impl Tiny {
                 mem,
                 ..
             } = machine;
+            let _ = tid_tx.send(pause::thread_id());
             seccompiler::apply_filter(&filter).expect("the vCPU filter");
-            let end = vcpu_run(&mut vcpu, &pio, &mmio, &exit);
+            let report = |on: bool| {
+                let _ = parked_tx.send(on);
+            };
+            let end = pause::with_immediate_exit(&mut vcpu, |vcpu| {
+                let pause: (&Pause, &dyn Fn(bool)) = (&vcpu_pause, &report);
+                vcpu_run_pausable(vcpu, &pio, &mmio, &exit, Some(pause))
+            });
             drop((vm, mem));
             end
         });
@@ -120,6 +141,21 @@ impl Tiny {
             serial,
             vcpu,
             output: Vec::new(),
+            pause,
+            exit: guest_exit,
+            tid,
+            parked,
+        }
+    }
+
+    /// Reads what the console holds now, without waiting.
+    fn drain(&mut self) {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = nix::unistd::read(self.console.as_raw_fd(), &mut buf) {
+            if n == 0 {
+                break;
+            }
+            self.output.extend_from_slice(&buf[..n]);
         }
     }
 
@@ -207,6 +243,68 @@ done: .asciz "\ncounted\n"
     );
     let mut tiny = Tiny::start("count", &source);
     tiny.wait_for("tiny guest up\n0123456789\ncounted\n");
+    assert_eq!(tiny.end(), VcpuEnd::PowerOff);
+}
+
+#[test]
+fn a_tiny_guest_pauses_and_goes_on_where_it_was() {
+    // Counts 0 to 9 over and over, each digit after a busy loop: with
+    // no exit but its output, only the kick can take it out of KVM_RUN.
+    let source = r#"
+    mov $0x3f8, %dx
+    mov $'0', %bl
+count:
+    mov $200000, %rcx
+spin:
+    dec %rcx
+    jnz spin
+    mov %bl, %al
+    out %al, (%dx)
+    inc %bl
+    cmp $'9', %bl
+    jbe count
+    mov $'0', %bl
+    jmp count
+"#;
+    let mut tiny = Tiny::start("pause", source);
+    tiny.wait_for("0123");
+    let tid = tiny
+        .tid
+        .recv_timeout(PATIENCE)
+        .expect("the vCPU's thread id");
+    tiny.pause.ask(true);
+    pause::kick(std::process::id() as libc::pid_t, tid).expect("kick");
+    assert_eq!(tiny.parked.recv_timeout(PATIENCE), Ok(true), "parked");
+    // Parked: nothing more comes, however long we look.
+    tiny.drain();
+    let at_pause = tiny.output.len();
+    std::thread::sleep(Duration::from_millis(500));
+    tiny.drain();
+    assert_eq!(tiny.output.len(), at_pause, "output while paused");
+    tiny.pause.ask(false);
+    assert_eq!(tiny.parked.recv_timeout(PATIENCE), Ok(false), "went on");
+    // It goes on where it was: the next digit follows the last one.
+    let last = *tiny.output.last().expect("some output");
+    let next = if last == b'9' { b'0' } else { last + 1 };
+    let mut want = String::from_utf8_lossy(&tiny.output).to_string();
+    want.push(next as char);
+    tiny.wait_for(&want);
+    // Twice more, the second kick while it may sit in an exit.
+    for _ in 0..2 {
+        tiny.pause.ask(true);
+        pause::kick(std::process::id() as libc::pid_t, tid).expect("kick");
+        assert_eq!(tiny.parked.recv_timeout(PATIENCE), Ok(true));
+        tiny.pause.ask(false);
+        assert_eq!(tiny.parked.recv_timeout(PATIENCE), Ok(false));
+    }
+    tiny.drain();
+    let mut more = String::from_utf8_lossy(&tiny.output).to_string();
+    more.push_str("0123456789");
+    let more = more.split_off(more.len() - 10);
+    tiny.wait_for(&more);
+    // Ended from outside, as a power-off: asked, then kicked.
+    tiny.exit.request(ExitKind::PowerOff);
+    pause::kick(std::process::id() as libc::pid_t, tid).expect("kick");
     assert_eq!(tiny.end(), VcpuEnd::PowerOff);
 }
 

@@ -12,6 +12,7 @@
 use super::boot;
 use super::bus::Bus;
 use super::devices::{ExitKind, GuestExit};
+use super::pause::Pause;
 use super::KvmError;
 use crate::seccomp::{self, Allowed, MatchRule};
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
@@ -181,8 +182,24 @@ pub fn setup_vcpu(
 /// Runs the vCPU until the guest resets, powers off or fails. Port and
 /// MMIO exits go to `pio` and `mmio`; the devices' requests come through
 /// `exit`.
+#[cfg(test)]
 pub fn vcpu_run(vcpu: &mut VcpuFd, pio: &Bus, mmio: &Bus, exit: &GuestExit) -> VcpuEnd {
+    vcpu_run_pausable(vcpu, pio, mmio, exit, None)
+}
+
+/// [`vcpu_run`], parked between two KVM_RUNs while `pause` asks
+/// (vm/kvm/pause.rs), telling `parked(true)` then `parked(false)`.
+pub fn vcpu_run_pausable(
+    vcpu: &mut VcpuFd,
+    pio: &Bus,
+    mmio: &Bus,
+    exit: &GuestExit,
+    pause: Option<(&Pause, &dyn Fn(bool))>,
+) -> VcpuEnd {
     loop {
+        if let Some((pause, parked)) = pause {
+            pause.park_while_asked(vcpu, parked);
+        }
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 pio.read(port as u64, data);
@@ -249,6 +266,10 @@ pub const VCPU_SYSCALLS: &[Allowed] = &[
     (libc::SYS_exit, "the thread's exit"),
     (libc::SYS_close, "the thread's exit closes its vCPU"),
     (libc::SYS_exit_group, "a panic's exit"),
+    (
+        libc::SYS_rt_sigreturn,
+        "return from the pause kick's handler (vm/kvm/pause.rs)",
+    ),
 ];
 
 /// The vCPU thread's filter: [`VCPU_SYSCALLS`], KVM_RUN on `vcpu_fd`

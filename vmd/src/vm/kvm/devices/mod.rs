@@ -1,11 +1,13 @@
 //! The legacy devices of our monitor, one file each: the 8250 serial port
 //! (the console, [`serial`]), the i8042's CPU reset line ([`i8042`]) and
-//! the ACPI sleep and reset registers ([`power`]). Virtio devices live in
+//! the ACPI sleep and reset registers ([`power`]), the power button behind
+//! a Generic Event Device ([`ged`]). Virtio devices live in
 //! `vm/kvm/virtio/`.
 //!
 //! A device asks for the guest's end (a reset or a power-off) through
 //! [`GuestExit`], which the vCPU loop looks at after every exit.
 
+pub mod ged;
 pub mod i8042;
 pub mod power;
 pub mod serial;
