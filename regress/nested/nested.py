@@ -22,6 +22,7 @@ a shared machine and L2 under L1's emulated SVM. L1, its vmd harness and
 the setup are in l1.py, for other suites to reuse.
 """
 
+import json
 import os
 import re
 import signal
@@ -339,6 +340,12 @@ def own_monitor_disks(vmd):
     row = vmd.status_row(vmid)
     if row and row["PID"] != "-":
         vmd.track(int(row["PID"]))
+    # vmctl stats: the monitor's own disk counters (the guest read both
+    # disks' heads, and its partition scan, in this boot).
+    rc, out = vmd.vmctl("-j", "stats", "l2again")
+    disks = json.loads(out).get("disks", []) if rc == 0 else None
+    if not disks or len(disks) != 2 or not all(d["read_bytes"] > 0 and d["read_ops"] > 0 for d in disks):
+        raise Failure(f"vmctl -j stats l2again: exit {rc}: want two disks with reads: {out.strip()[-800:]}")
     expect(vmd.vmctl("stop", "-f", "l2again"), 0, r"forced to terminate", "stop -f")
 
 
@@ -368,6 +375,59 @@ def own_monitor_two_guests_ping(vmd):
         net.expect_port(vmd, net.tap(vmd, name, vmid), net.BRIDGE)
     for name, _ in started:
         expect(vmd.vmctl("stop", "-f", name), 0, r"forced to terminate", "stop -f")
+
+
+# The locked guest's changed MAC (locally administered, not vmd's) and
+# the host's address on the bridge.
+KVM_LOCK_MAC = "02:00:5e:00:00:0b"
+KVM_LOCK_HOST = "10.0.0.254"
+KVM_LOCK_CONF = ("accel kvm\n" + net.SW
+                 + config_kvm_with("l2klock", ' interface { switch "sw", locked lladdr }\n',
+                                   f"vmd.mac={KVM_LOCK_MAC} vmd.ip=10.0.0.1/24")
+                 + config_kvm_with("l2knb", ' interface { switch "sw", locked lladdr }\n',
+                                   f"vmd.ip=10.0.0.2/24 vmd.ping={KVM_LOCK_HOST}"))
+
+
+def lock_drops(vmd, tap):
+    """Packets vmd's lock chain of `tap` dropped (nft in L1), None without
+    the chain."""
+    out = vmd.l1.sh("nft -j list ruleset")[1]
+    for item in json.loads(out or "{}").get("nftables", []):
+        rule = item.get("rule")
+        if rule and rule.get("family") == "netdev" and rule.get("chain") == f"lock-{tap}":
+            return sum(e["counter"]["packets"] for e in rule.get("expr", []) if "counter" in e)
+    return None
+
+
+def own_monitor_locked_lladdr(vmd):
+    """`locked lladdr` under `backend kvm`: the host side enforces it as
+    for QEMU (vmd's nftables chain on the tap): a guest that changes its
+    MAC is cut off from the host, its locked neighbour with its own MAC
+    answers."""
+    net.bridge_up(vmd, net.BRIDGE)
+    vmd.ip("addr", "add", f"{KVM_LOCK_HOST}/24", "dev", net.BRIDGE)
+    try:
+        locked_id = start_own(vmd, "l2klock")[0]
+        start_own(vmd, "l2knb")
+        locked_tap = net.tap(vmd, "l2klock", locked_id)["ifname"]
+        vmd.wait_console("l2klock", f"VMD-GUEST: mac eth0 {KVM_LOCK_MAC}")
+        vmd.wait_console("l2klock", "VMD-GUEST: ready")
+        vmd.wait_console("l2knb", f"VMD-GUEST: ping {KVM_LOCK_HOST} ok")
+        answered = {"10.0.0.1": 0, "10.0.0.2": 0}
+        for _ in range(10):
+            for addr in answered:
+                answered[addr] += vmd.ping(addr)
+        if answered["10.0.0.2"] == 0:
+            raise Failure("the locked neighbour with its own MAC did not answer the host")
+        if answered["10.0.0.1"]:
+            raise Failure(f"the guest that changed its MAC answered {answered['10.0.0.1']} ping(s)")
+        if not lock_drops(vmd, locked_tap):
+            raise Failure(f"lock-{locked_tap} dropped nothing: {vmd.l1.sh('nft list ruleset')[1][-1500:]}")
+        for name in ("l2klock", "l2knb"):
+            expect(vmd.vmctl("stop", "-f", name), 0, r"forced to terminate", "stop -f")
+    finally:
+        # vmd keeps a bridge that holds an address it did not give.
+        vmd.ip("addr", "flush", "dev", net.BRIDGE)
 
 
 def check_io_thread(vmd, vm_pid):
@@ -635,6 +695,7 @@ CASES = [
     ("own-monitor-net-local-interface-dhcp-lease-host-pings", net_case(own_monitor_local_lease),
      KVM_NET_CONF),
     ("own-monitor-net-two-guests-on-a-switch-ping", net_case(own_monitor_two_guests_ping), KVM_NET_CONF),
+    ("own-monitor-net-locked-lladdr-cuts-off-a-changed-mac", net_case(own_monitor_locked_lladdr), KVM_LOCK_CONF),
     ("net-two-guests-on-a-switch-ping", net_case(net.two_guests_ping), NET_CONF),
     ("net-rdomain-vrf-vhost-net-two-guests-ping", net_case(vrf_vhost_ping), VRF_CONF),
     ("net-sigkill-vm-process-removes-its-tap", net_case(net.tap_cleanup("vm")), NET_CONF),

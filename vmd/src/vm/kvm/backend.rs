@@ -15,6 +15,7 @@ use super::devices::GuestExit;
 use super::pause::{self, Pause};
 use super::vcpu::{vcpu_filter, vcpu_raw_fd, vcpu_run_pausable, VcpuEnd};
 use super::virtio::attach::{block_devices, net_devices, IoThread};
+use super::virtio::block::DiskCounters;
 use super::{KvmError, Machine};
 use crate::log::{log_debug, log_info, log_warn};
 use crate::seccomp::{Allowed, ArgRule, RoleFilter};
@@ -122,6 +123,8 @@ pub struct KvmBackend {
     threads: Vec<Option<JoinHandle<()>>>,
     /// The virtio devices' I/O thread (if any), told to go with the vCPUs.
     io: Option<IoThread>,
+    /// Each disk's counters, in disk order (`vmctl stats`).
+    disks: Vec<Arc<DiskCounters>>,
     running: bool,
     /// The vCPU is parked (a pause is done).
     paused: bool,
@@ -157,7 +160,7 @@ pub fn prepare(
 
     let mut machine = Machine::new(kvm, params.memory, serial)?;
     machine.add_aps(vcpus)?;
-    let io = attach_virtio_devices(&mut machine, params, fds)?;
+    let (io, disks) = attach_virtio_devices(&mut machine, params, fds)?;
     machine.boot_linux(
         &mut kernel,
         initrd.as_mut(),
@@ -219,6 +222,7 @@ pub fn prepare(
         vcpu,
         go,
         io,
+        disks,
         threads,
         running: false,
         paused: false,
@@ -280,17 +284,18 @@ fn spawn_vcpu(
 
 /// The disks' block devices (the parent opened every layer, as for
 /// QEMU) and the interfaces' net devices (on the parent's taps; the
-/// vhost-net descriptors, QEMU's, are closed) on the MMIO bus, and their
-/// I/O thread.
+/// vhost-net descriptors, QEMU's, are closed) on the MMIO bus; their
+/// I/O thread and the disks' counters.
 fn attach_virtio_devices(
     machine: &mut Machine,
     params: &VmParams,
     fds: &mut StartFds,
-) -> Result<Option<IoThread>, VmError> {
+) -> Result<(Option<IoThread>, Vec<Arc<DiskCounters>>), VmError> {
     fds.vhosts.clear();
     let blocks = block_devices(std::mem::take(&mut fds.disks))?;
+    let counters = blocks.iter().map(|b| b.counters()).collect();
     let nets = net_devices(std::mem::take(&mut fds.taps), &params.macs)?;
-    Ok(machine.attach_virtio_devices(blocks, nets)?)
+    Ok((machine.attach_virtio_devices(blocks, nets)?, counters))
 }
 
 impl Backend for KvmBackend {
@@ -350,6 +355,14 @@ impl Backend for KvmBackend {
             VmCommand::Send { .. } => "backend kvm cannot send a VM yet".to_string(),
         };
         self.command_done(command, Some(error));
+    }
+
+    /// The disks' counters, answered at once: the I/O thread keeps them
+    /// in atomics.
+    fn query_disks(&mut self) -> bool {
+        let disks = self.disks.iter().map(|d| d.stats()).collect();
+        self.events.push(BackendEvent::Disks(disks));
+        true
     }
 
     fn take_events(&mut self) -> Vec<BackendEvent> {

@@ -224,7 +224,10 @@ pub const IO_SYSCALLS: &[Allowed] = &[
     (libc::SYS_mmap, "memory allocator: large blocks"),
     (libc::SYS_munmap, "memory allocator, and the thread's exit"),
     (libc::SYS_mremap, "memory allocator: grow large blocks"),
-    (libc::SYS_mprotect, "memory allocator: the thread's arena grows"),
+    (
+        libc::SYS_mprotect,
+        "memory allocator: the thread's arena grows",
+    ),
     (libc::SYS_brk, "memory allocator: heap"),
     (libc::SYS_madvise, "memory allocator, and the thread's exit"),
     (libc::SYS_rt_sigprocmask, "the thread's exit"),

@@ -17,6 +17,7 @@
 use super::chain::{Chain, Cursor, Segment};
 use super::{ActivateError, Interrupt, Mem, VirtioDevice, TYPE_BLOCK};
 use common::image::{Image, Layer};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
@@ -48,6 +49,33 @@ pub const CONFIG_LEN: usize = 60;
 const HEADER_LEN: usize = 16;
 const DISCARD_LEN: usize = 16;
 
+/// A disk's counters since the VM started, as `vmctl stats` shows them:
+/// requests answered VIRTIO_BLK_S_OK and their data bytes. Shared with
+/// the monitor thread, which reads them while the I/O thread serves.
+#[derive(Debug, Default)]
+pub struct DiskCounters {
+    read_bytes: AtomicU64,
+    written_bytes: AtomicU64,
+    read_ops: AtomicU64,
+    write_ops: AtomicU64,
+}
+
+impl DiskCounters {
+    pub fn stats(&self) -> common::stats::DiskStats {
+        common::stats::DiskStats {
+            read_bytes: self.read_bytes.load(Ordering::Relaxed),
+            written_bytes: self.written_bytes.load(Ordering::Relaxed),
+            read_ops: self.read_ops.load(Ordering::Relaxed),
+            write_ops: self.write_ops.load(Ordering::Relaxed),
+        }
+    }
+
+    fn count(&self, ops: &AtomicU64, bytes: &AtomicU64, n: u64) {
+        ops.fetch_add(1, Ordering::Relaxed);
+        bytes.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
 struct Active {
     mem: Mem,
     interrupt: Arc<Interrupt>,
@@ -68,6 +96,7 @@ pub struct Block {
     pub io_errors: u64,
     /// Requests answered VIRTIO_BLK_S_OK.
     pub served: u64,
+    counters: Arc<DiskCounters>,
 }
 
 impl Block {
@@ -107,7 +136,13 @@ impl Block {
             bounce: vec![0; BOUNCE_BYTES],
             io_errors: 0,
             served: 0,
+            counters: Arc::default(),
         }
+    }
+
+    /// The counters `vmctl stats` reads (the monitor keeps a clone).
+    pub fn counters(&self) -> Arc<DiskCounters> {
+        self.counters.clone()
     }
 
     /// The image (tests read it back; the monitor may report its path).
@@ -143,9 +178,23 @@ impl Block {
             let mut sector = [0u8; 8];
             sector.copy_from_slice(&header[8..16]);
             let sector = u64::from_le_bytes(sector);
+            let c = self.counters.clone();
             match kind {
-                VIRTIO_BLK_T_IN => self.read(mem, sector, &data_in),
-                VIRTIO_BLK_T_OUT => (self.write(mem, sector, &mut readable), 0),
+                VIRTIO_BLK_T_IN => {
+                    let (status, n) = self.read(mem, sector, &data_in);
+                    if status == VIRTIO_BLK_S_OK as u8 {
+                        c.count(&c.read_ops, &c.read_bytes, n.into());
+                    }
+                    (status, n)
+                }
+                VIRTIO_BLK_T_OUT => {
+                    let n = readable.remaining();
+                    let status = self.write(mem, sector, &mut readable);
+                    if status == VIRTIO_BLK_S_OK as u8 {
+                        c.count(&c.write_ops, &c.written_bytes, n);
+                    }
+                    (status, 0)
+                }
                 VIRTIO_BLK_T_FLUSH => (self.flush(), 0),
                 VIRTIO_BLK_T_GET_ID => self.get_id(mem, &data_in),
                 VIRTIO_BLK_T_DISCARD => (self.discard(mem, &mut readable), 0),
@@ -491,6 +540,19 @@ mod tests {
         assert_eq!((s, len), (OK, 21));
         assert_eq!(&id[..10], b"vmd-disk-0");
         assert!(id[10..].iter().all(|&b| b == 0));
+        // vmctl stats: the read and the write, with their data bytes;
+        // flush and get-id count as neither.
+        let stats = dev.lock().unwrap().counters().stats();
+        let n = data.len() as u64;
+        assert_eq!(
+            (
+                stats.read_ops,
+                stats.read_bytes,
+                stats.write_ops,
+                stats.written_bytes
+            ),
+            (1, n, 1, n)
+        );
 
         // What the device wrote is in the file, as qemu-io reads it.
         let file = std::fs::read(&path).unwrap();
