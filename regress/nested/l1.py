@@ -353,7 +353,8 @@ class L1Vmd(t.Vmd):
         # virtio I/O thread), and KVM's own counters twice, 2 s apart:
         # exits and injections that do not move mean no guest progress.
         parts.append("--- VM processes' threads (state, utime, stime, wchan) and KVM's counters:\n" + self.l1.sh(
-            "for p in $(pgrep -f '^vmd: vm '); do echo \"$p $(tr '\\0' ' ' </proc/$p/cmdline)\"; "
+            "for p in $(grep -l '^vmd: vm ' /proc/[0-9]*/cmdline | cut -d/ -f3); do "
+            "echo \"$p $(tr '\\0' ' ' </proc/$p/cmdline)\"; "
             "for t in /proc/$p/task/*; do echo \"  $(cat $t/comm) $(cut -d' ' -f3,14,15 $t/stat) $(cat $t/wchan)\"; done; done; "
             "k=/sys/kernel/debug/kvm; for i in 1 2; do echo \"kvm: $(for s in exits halt_exits halt_wakeup "
             "irq_injections io_exits mmio_exits irq_exits; do printf '%s=%s ' $s $(cat $k/$s 2>/dev/null); done)\"; "
