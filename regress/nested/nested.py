@@ -309,7 +309,8 @@ def own_monitor_disks(vmd):
                      + config_kvm_disks("l2disks", [f"{d}/raw.img", f"{d}/overlay.qcow2"],
                                         f"vmd.diskwrite=vdb:OVL-MARK-3 {off}")
                      + config_kvm_disks("l2again", [f"{d}/raw.img", f"{d}/overlay.qcow2"],
-                                        "vmd.action=reboot-after-2s"))
+                                        "vmd.action=reboot-after-2s")
+                     + config_kvm_disks("l2dup", [f"{d}/raw.img"], ""))
     expect(vmd.vmctl("reload"), 0, r"", "reload")
     log = run_to_poweroff(vmd, "l2base")
     want_lines("l2base", log, "VMD-GUEST: disks vda", "VMD-GUEST: disk vda 67108864 bytes rw",
@@ -340,6 +341,9 @@ def own_monitor_disks(vmd):
     row = vmd.status_row(vmid)
     if row and row["PID"] != "-":
         vmd.track(int(row["PID"]))
+    # The disks are locked as for QEMU: another VM cannot have one.
+    expect(vmd.vmctl("start", "l2dup"), 1, rf"{re.escape(d)}/raw.img is in use by another VM",
+           "start of a second VM on raw.img")
     # vmctl stats: the monitor's own disk counters (the guest read both
     # disks' heads, and its partition scan, in this boot).
     rc, out = vmd.vmctl("-j", "stats", "l2again")
