@@ -173,6 +173,12 @@ def ticks(text):
     return [int(n) for n in re.findall(r"^VMD-GUEST: tick (\d+)\r?$", text, re.M)]
 
 
+# How often wait_for checks. regress/nested's l1.py sets it higher: each
+# check there is a command L1 runs under TCG, and a flood of them keeps
+# L1 (and the nested guest under it) busy for nothing.
+POLL_INTERVAL = 0.05
+
+
 def wait_for(what, check, timeout=WAIT_TIMEOUT):
     """Waits until check() is true (returns it); fails after `timeout`."""
     deadline = time.monotonic() + timeout
@@ -182,7 +188,7 @@ def wait_for(what, check, timeout=WAIT_TIMEOUT):
             return result
         if time.monotonic() > deadline:
             raise Failure(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(POLL_INTERVAL)
 
 
 def wait_steady(what, get, quiet=1.0, timeout=WAIT_TIMEOUT):

@@ -53,6 +53,8 @@ L1_MODULES = ["tun", "bridge", "veth", "vrf", "vhost_net", "nf_tables"]
 # the case in a new L1 the sooner.
 L1_BOOT_TIMEOUT = 300
 COMMAND_TIMEOUT = 120
+# A wait's checks, half a second apart (see vmdregress.POLL_INTERVAL).
+t.POLL_INTERVAL = 0.5
 
 
 def die_with_parent():
@@ -78,6 +80,8 @@ class L1:
             "-append", f"console=ttyS0 panic=-1 {append}".strip(),
             "-chardev", f"file,id=console,path={self.console_path}", "-serial", "chardev:console",
             "-chardev", f"socket,id=commands,fd={theirs.fileno()}", "-serial", "chardev:commands",
+            # QEMU's monitor: what L1's CPU does when L1 stops answering.
+            "-monitor", f"unix:{self.dir}/monitor.sock,server=on,wait=off",
         ]
         self.started = time.monotonic()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -121,7 +125,8 @@ class L1:
             left = deadline - time.monotonic()
             if left <= 0:
                 self._gone(f"L1 gave no answer within {timeout}s for {what}; "
-                           f"its console ends: {self.console()[-1500:]}")
+                           f"its console ends: {self.console()[-1500:]}\n"
+                           f"its CPU (QEMU's monitor): {self.cpu_state()}")
             r, _, _ = select.select([self.sock], [], [], min(left, 1.0))
             if r:
                 data = self.sock.recv(65536)
@@ -132,6 +137,36 @@ class L1:
             elif self.proc.poll() is not None:
                 self._gone(f"L1's QEMU exited ({self.proc.returncode}) during {what}: "
                            f"{self._qemu_output()} console: {self.console()[-1500:]}")
+
+    def hmp(self, command, timeout=10):
+        """A command of L1's QEMU monitor: its answer."""
+        with socket.socket(socket.AF_UNIX) as mon:
+            mon.settimeout(timeout)
+            mon.connect(os.path.join(self.dir, "monitor.sock"))
+            got = b""
+            for send in (None, command):
+                if send:
+                    mon.sendall(send.encode() + b"\n")
+                    got = b""
+                while not got.endswith(b"(qemu) "):
+                    data = mon.recv(65536)
+                    if not data:
+                        break
+                    got += data
+        text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", got.decode(errors="replace"))
+        return text.replace("(qemu) ", "").strip()
+
+    def cpu_state(self):
+        """L1's vCPU as QEMU sees it: halted or running, its registers and
+        the code at RIP (an L1 that does not answer: is it halted with
+        interrupts off, in a nested guest, spinning?)."""
+        try:
+            text = "\n".join(self.hmp(c) for c in ("info cpus", "info registers", "x/6i $pc"))
+        except OSError as e:
+            return f"(no answer: {e})"
+        # Without the FPU and vector registers and the monitor's echo.
+        return "\n".join(line for line in text.splitlines()
+                         if not re.match(r"(FPR|YMM|XMM|FCW)|.*x/6i", line))
 
     def _qemu_output(self):
         if self.proc.poll() is None:
