@@ -330,7 +330,9 @@ mod tests {
             .chain(crate::vm::VM_SYSCALLS)
             .chain(crate::vm::qemu::QEMU_SYSCALLS)
             .chain(crate::vm::kvm::KVM_MAIN_SYSCALLS)
+            .chain(crate::vm::kvm::vcpu::THREAD_SYSCALLS)
             .chain(crate::vm::kvm::vcpu::VCPU_SYSCALLS)
+            .chain(crate::vm::kvm::virtio::attach::IO_SYSCALLS)
         {
             assert!(!why.is_empty(), "system call {nr} has no reason");
         }

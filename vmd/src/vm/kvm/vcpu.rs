@@ -242,17 +242,11 @@ pub fn vcpu_run_pausable(
     }
 }
 
-/// What a vCPU thread calls with any arguments, and why.
-pub const VCPU_SYSCALLS: &[Allowed] = &[
+/// What every thread of the monitor's own (the vCPUs, the virtio I/O
+/// thread) calls with any arguments: the memory allocator and the
+/// thread's exit.
+pub const THREAD_SYSCALLS: &[Allowed] = &[
     (libc::SYS_futex, "take a device's lock, wait for the start"),
-    (
-        libc::SYS_poll,
-        "wait a bounded time for room in the console socket",
-    ),
-    (
-        libc::SYS_ppoll,
-        "wait a bounded time for room in the console socket (newer libc)",
-    ),
     (libc::SYS_mmap, "memory allocator: large blocks"),
     (libc::SYS_munmap, "memory allocator, and the thread's exit"),
     (libc::SYS_mremap, "memory allocator: grow large blocks"),
@@ -264,8 +258,21 @@ pub const VCPU_SYSCALLS: &[Allowed] = &[
         "the thread's exit drops its signal stack",
     ),
     (libc::SYS_exit, "the thread's exit"),
-    (libc::SYS_close, "the thread's exit closes its vCPU"),
     (libc::SYS_exit_group, "a panic's exit"),
+];
+
+/// What a vCPU thread calls with any arguments beyond
+/// [`THREAD_SYSCALLS`], and why.
+pub const VCPU_SYSCALLS: &[Allowed] = &[
+    (
+        libc::SYS_poll,
+        "wait a bounded time for room in the console socket",
+    ),
+    (
+        libc::SYS_ppoll,
+        "wait a bounded time for room in the console socket (newer libc)",
+    ),
+    (libc::SYS_close, "the thread's exit closes its vCPU"),
     (
         libc::SYS_rt_sigreturn,
         "return from the pause kick's handler (vm/kvm/pause.rs)",
@@ -293,7 +300,8 @@ pub fn vcpu_filter(vcpu_fd: RawFd, write_fds: &[RawFd]) -> Result<seccompiler::B
         args: vec![(0, fd as u64)],
         why: "console output, interrupts and device notifications",
     }));
-    seccomp::compile_matching(&[VCPU_SYSCALLS], &[], &rules).map_err(|e| e.to_string())
+    seccomp::compile_matching(&[THREAD_SYSCALLS, VCPU_SYSCALLS], &[], &rules)
+        .map_err(|e| e.to_string())
 }
 
 /// The descriptor of a vCPU, for its filter.

@@ -11,6 +11,7 @@ use super::net::Net;
 use super::{Mem, VirtioDevice};
 use crate::seccomp::{self, Allowed, ArgRule, MatchRule};
 use crate::vm::kvm::bus::{lock, Bus, BusDevice};
+use crate::vm::kvm::vcpu::THREAD_SYSCALLS;
 use crate::vm::kvm::KvmError;
 use crate::vm::qemu::DiskLayer;
 use acpi_tables::{aml, Aml};
@@ -199,7 +200,8 @@ pub struct IoWork {
     keep: Vec<Arc<super::Interrupt>>,
 }
 
-/// What the I/O thread calls with any arguments, and why.
+/// What the I/O thread calls with any arguments beyond
+/// [`THREAD_SYSCALLS`], and why.
 pub const IO_SYSCALLS: &[Allowed] = &[
     (libc::SYS_epoll_wait, "wait for queue notifications"),
     (
@@ -220,23 +222,10 @@ pub const IO_SYSCALLS: &[Allowed] = &[
     (libc::SYS_fsync, "a guest's flush"),
     (libc::SYS_fallocate, "a guest's discard on a raw image"),
     (libc::SYS_ftruncate, "a qcow2 image grows its tables"),
-    (libc::SYS_futex, "take a device's lock, wait for the start"),
-    (libc::SYS_mmap, "memory allocator: large blocks"),
-    (libc::SYS_munmap, "memory allocator, and the thread's exit"),
-    (libc::SYS_mremap, "memory allocator: grow large blocks"),
     (
         libc::SYS_mprotect,
         "memory allocator: the thread's arena grows",
     ),
-    (libc::SYS_brk, "memory allocator: heap"),
-    (libc::SYS_madvise, "memory allocator, and the thread's exit"),
-    (libc::SYS_rt_sigprocmask, "the thread's exit"),
-    (
-        libc::SYS_sigaltstack,
-        "the thread's exit drops its signal stack",
-    ),
-    (libc::SYS_exit, "the thread's exit"),
-    (libc::SYS_exit_group, "a panic's exit"),
 ];
 
 /// What the I/O thread calls only with these arguments.
@@ -255,7 +244,8 @@ pub fn io_filter() -> Result<seccompiler::BpfProgram, String> {
         args: vec![(0, crate::proc::CHILD_FD as u64)],
         why: "the SIGSYS handler reports a refused call to the parent",
     }];
-    seccomp::compile_matching(&[IO_SYSCALLS], &[IO_ARG_RULES], &rules).map_err(|e| e.to_string())
+    seccomp::compile_matching(&[THREAD_SYSCALLS, IO_SYSCALLS], &[IO_ARG_RULES], &rules)
+        .map_err(|e| e.to_string())
 }
 
 /// The I/O thread: started as root before the drop, it waits for the
@@ -356,7 +346,7 @@ mod tests {
     use super::*;
     use crate::vm::kvm::boot::MEMORY_MIN;
     use crate::vm::kvm::virtio::mmio::{DEVICE_ID, MAGIC};
-    use crate::vm::kvm::virtio::testdriver::{run, TempDir};
+    use crate::vm::kvm::virtio::testdriver::{qcow2_overlay, run, TempDir};
     use crate::vm::kvm::Machine;
     use crate::vm::sock_pair;
     use common::disk::DiskFormat;
@@ -394,20 +384,7 @@ mod tests {
         let (base, top) = (dir.join("base.qcow2"), dir.join("top.qcow2"));
         let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
         run("qemu-img", &["create", "-q", "-f", "qcow2", b, "4M"]);
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-                t,
-            ],
-        );
+        qcow2_overlay(t);
         let layers = vec![
             layer(&base, 1, 1, DiskFormat::Qcow2, false),
             layer(&raw, 0, 0, DiskFormat::Raw, true),

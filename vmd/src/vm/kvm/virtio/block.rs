@@ -441,7 +441,7 @@ pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm::kvm::virtio::testdriver::{run, Driver, TempDir};
+    use crate::vm::kvm::virtio::testdriver::{qcow2_overlay, run, Driver, TempDir};
     use common::disk::DiskFormat;
     use common::image::{open_chain, open_file};
     use std::path::Path;
@@ -747,20 +747,7 @@ mod tests {
         let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
         run("qemu-img", &["create", "-q", "-f", "qcow2", b, "16M"]);
         run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x11 0 2M", b]);
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-                t,
-            ],
-        );
+        qcow2_overlay(t);
         let dev = device(&top, DiskFormat::Qcow2, false);
         let mut d = driver(&dev);
         assert_eq!(d.features & (1 << VIRTIO_BLK_F_DISCARD), 0);

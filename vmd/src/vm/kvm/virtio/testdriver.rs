@@ -279,6 +279,25 @@ impl Drop for TempDir {
 
 /// Runs a command the test needs (qemu-img, qemu-io); fails the test
 /// with its output if it cannot run or fails.
+/// `qemu-img create` of a qcow2 overlay `top` over the qcow2 `base.qcow2`
+/// beside it (named relative, as vmctl create -b writes it).
+pub fn qcow2_overlay(top: &str) {
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            top,
+        ],
+    );
+}
+
 pub fn run(program: &str, args: &[&str]) -> String {
     let out = std::process::Command::new(program)
         .args(args)
