@@ -75,7 +75,9 @@ before=$(count {q(marker)} {q(log_path)})
 t0=$(up)
 vmctl -s {q(vmd.sock)} start {q(name)} >/tmp/bench-start.out 2>&1 &
 while [ "$(count {q(marker)} {q(log_path)})" -le "$before" ]; do
-    if deadline; then echo "no {marker!r} after {TIMEOUT}s"; cat /tmp/bench-start.out; tail -20 {q(log_path)}; exit 1; fi
+    if deadline; then
+        echo "no {marker!r} after {TIMEOUT}s"; cat /tmp/bench-start.out; tail -20 {q(log_path)}; exit 1
+    fi
     sleep 0.02
 done
 t1=$(up)
@@ -306,7 +308,8 @@ def main():
     notes = [f"L1 booted in {l1.boot_seconds:.1f}s; times taken inside L1",
              "each cell: median (min-max); n = runs vmd/alternative; ratio = vmd's median / bare QEMU's",
              "sections 6-8: ratio = backend kvm's median / the QEMU backend's; L1 emulates all of it: ratios only",
-             "sections 7-8: MB/s = 10^6 bytes a second, timed by the guest (/proc/uptime); above 1, backend kvm is faster"]
+             "sections 7-8: MB/s = 10^6 bytes a second, timed by the guest (/proc/uptime); "
+             "above 1, backend kvm is faster"]
     if quick:
         notes.append("--quick: one run per side, not for comparison")
     notes.append(f"whole run: {time.monotonic() - started:.0f}s")
