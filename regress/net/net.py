@@ -166,6 +166,20 @@ def fdb_port(vmd, bridge, mac):
     return None
 
 
+def locked_off(vmd, locked, neighbour, tries):
+    """A `locked lladdr` check: the host pings the guest that changed its
+    MAC (`locked`) and its locked neighbour with its own MAC, in turns,
+    `tries` times each; the neighbour must answer, the other never."""
+    answered = {locked: 0, neighbour: 0}
+    for _ in range(tries):
+        for addr in answered:
+            answered[addr] += vmd.ping(addr)
+    if answered[neighbour] == 0:
+        raise Failure("the locked neighbour with its own MAC did not answer the host")
+    if answered[locked]:
+        raise Failure(f"the guest that changed its MAC answered {answered[locked]} ping(s)")
+
+
 def ping_pair(vmd, names, switch):
     """Starts two guests on `switch`, 10.0.0.1 and 10.0.0.2, each pinging
     the other; waits for both pings to answer. [(name, id)]."""
