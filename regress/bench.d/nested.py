@@ -207,14 +207,6 @@ cat {f}.count
         l1.sh(f"kill $(cat {f}.pids) 2>/dev/null; rm -f {f}.in {f}.out {f}.count {f}.pids")
 
 
-def vm_conf(name, own, cmdline=L.GUEST_CMDLINE, extra=""):
-    """A disabled VM of the test guest in vm.conf, under vmd's own monitor
-    (`backend kvm`) if `own`, with `extra` lines."""
-    return (f'vm "{name}" {{\n  disable\n  memory 256M\n  boot "{L.GUEST_KERNEL}"\n'
-            f'  initrd "{L.GUEST_INITRD}"\n  cmdline "{cmdline}"\n{extra}'
-            f'{"  backend kvm" + chr(10) if own else ""}}}\n')
-
-
 def main():
     quick = "--quick" in sys.argv[1:]
     pairs = 1 if quick else 5
@@ -236,10 +228,10 @@ def main():
         disk_cmdline = f"{L.GUEST_CMDLINE} vmd.bench=disk:vda:{DISK_MIB}"
         net_cmdline = f"{L.GUEST_CMDLINE} vmd.ip={GUEST_IP}/24 vmd.bench=net:{HOST_IP}:{NET_PORT}:{NET_MIB}"
         conf = ("accel kvm\n" + net.switch_conf("sw", net.BRIDGE)
-                + "".join(vm_conf(n, n in own) for n in names + own)
-                + "".join(vm_conf(n, n == k, disk_cmdline, f'  disk "{DISK_IMAGE}"\n')
+                + "".join(L.guest_vm_conf(n, backend_kvm=n in own) for n in names + own)
+                + "".join(L.guest_vm_conf(n, disk_cmdline, f' disk "{DISK_IMAGE}"\n', n == k)
                           for q, k in disks for n in (q, k))
-                + "".join(vm_conf(n, n == k, net_cmdline, NIC) for q, k in nets for n in (q, k)))
+                + "".join(L.guest_vm_conf(n, net_cmdline, NIC, n == k) for q, k in nets for n in (q, k)))
         # Written in full: neither side's first write pays for L1's tmpfs
         # allocating the image's pages.
         l1.check(f"dd if=/dev/zero of={DISK_IMAGE} bs=1M count={DISK_MIB} 2>&1", 600)

@@ -39,6 +39,17 @@ NESTED_BUILD = os.path.join(NESTED_DIR, "build")
 GUEST_KERNEL = "/guest/vmlinuz"
 GUEST_INITRD = "/guest/initramfs.gz"
 GUEST_CMDLINE = "console=ttyS0 quiet"
+
+
+def guest_vm_conf(name, cmdline=GUEST_CMDLINE, extra="", backend_kvm=False):
+    """A disabled vm.conf VM running the test guest (256M; listed when
+    stopped), under vmd's own monitor if `backend_kvm`, with `extra`
+    vm.conf lines."""
+    backend = " backend kvm\n" if backend_kvm else ""
+    return (f'vm "{name}" {{\n disable\n boot "{GUEST_KERNEL}"\n initrd "{GUEST_INITRD}"\n'
+            f' cmdline "{cmdline}"\n memory 256M\n{backend}{extra}}}\n')
+
+
 # L2 boots under L1's KVM, which TCG emulates: ~15 s on an idle machine.
 L2_BOOT_TIMEOUT = 300
 # vmctl commands that wait for a guest (stop -w) get as long.

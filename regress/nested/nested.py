@@ -36,23 +36,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(NESTED_DIR), "net"))
 import net  # noqa: E402
 from vmdregress import Failure, case, expect, summary, ticks, wait_for  # noqa: E402
 from l1 import (GUEST_CMDLINE, GUEST_INITRD, GUEST_KERNEL, L1, L2_BOOT_TIMEOUT,  # noqa: E402
-                check_kvm_host, in_l1, nested_build, setup)
+                check_kvm_host, guest_vm_conf, in_l1, nested_build, setup)
 
 # vm.conf's default `uid range` (vm.conf.5): the uids VMs run as.
 UID_RANGE = (0x70000000, 0x70000000 + 2047)
 
 
-def config_vm(name):
-    """A disabled vm.conf VM running the test guest (listed when stopped)."""
-    return (f'vm "{name}" {{\n disable\n boot "{GUEST_KERNEL}"\n initrd "{GUEST_INITRD}"\n'
-            f' cmdline "{GUEST_CMDLINE}"\n memory 256M\n}}\n')
-
-
 def config_kvm_vm(name, cmdline=GUEST_CMDLINE, extra=""):
     """A disabled vm.conf VM running the test guest under vmd's own monitor
     (`backend kvm`), with `extra` vm.conf lines."""
-    return (f'vm "{name}" {{\n disable\n boot "{GUEST_KERNEL}"\n initrd "{GUEST_INITRD}"\n'
-            f' cmdline "{cmdline}"\n memory 256M\n backend kvm\n{extra}}}\n')
+    return guest_vm_conf(name, cmdline, extra, backend_kvm=True)
 
 
 # The shutdown timeout of the guest that ignores its power button: short,
@@ -256,7 +249,7 @@ def own_monitor_two_vcpus(vmd):
 def config_kvm_with(name, lines, cmdline):
     """A disabled backend kvm VM with more vm.conf `lines` and the test
     guest's options `cmdline`."""
-    return config_kvm_vm(name, f"{GUEST_CMDLINE} {cmdline}").replace(" backend kvm\n", lines + " backend kvm\n")
+    return config_kvm_vm(name, f"{GUEST_CMDLINE} {cmdline}", lines)
 
 
 def config_kvm_disks(name, disks, cmdline):
@@ -679,7 +672,7 @@ CASES = [
     ("qemu-vm-uid-kvm-group-no-caps", qemu_credentials, "accel kvm\n"),
     ("pause-unpause-on-kvm", pause_unpause, "accel kvm\n"),
     ("graceful-stop-w-on-kvm", graceful_stop, "accel kvm\n"),
-    ("sigkill-vm-process-leaves-nothing", killed_vm_process, "accel kvm\n" + config_vm("l2kill")),
+    ("sigkill-vm-process-leaves-nothing", killed_vm_process, "accel kvm\n" + guest_vm_conf("l2kill")),
     ("own-monitor-stock-kernel-boots-console-pty-privsep", own_monitor_boots, KVM_CONF),
     ("own-monitor-console-input-reaches-the-shell", own_monitor_console_input, KVM_CONF),
     ("own-monitor-guest-reboot-restarts-on-same-tty", own_monitor_reboot, KVM_CONF),

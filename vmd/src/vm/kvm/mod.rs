@@ -76,13 +76,13 @@ impl KvmError {
 /// What `backend kvm` cannot run yet, in words for vmctl and `vmd -n`;
 /// None when it runs `vm`.
 pub fn unsupported(vm: &VmConfig) -> Option<String> {
+    let max = virtio::attach::MAX_VIRTIO_DEVICES;
     let what = if vm.boot.is_none() {
-        "a BIOS or CD-ROM boot (it boots a Linux kernel, `boot`)"
+        "a BIOS or CD-ROM boot (it boots a Linux kernel, `boot`)".into()
     } else if vm.cdrom.is_some() {
-        "a CD-ROM"
-    } else if vm.disks.len() + vm.effective_interfaces().len() > virtio::attach::MAX_VIRTIO_DEVICES
-    {
-        "more than 4 disks and network interfaces together"
+        "a CD-ROM".into()
+    } else if vm.disks.len() + vm.effective_interfaces().len() > max {
+        format!("more than {max} disks and network interfaces together")
     } else {
         return None;
     };
